@@ -1,0 +1,1 @@
+"""sgl_ray.deployments."""

@@ -1,0 +1,33 @@
+"""Attention backends, chosen by name through a lazy registry."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from sgl_ray.attention.base import AttentionBackend
+from sgl_ray.errors import InvalidRequestError
+
+_BACKENDS: dict[str, tuple[str, str]] = {
+    "torch": ("sgl_ray.attention.torch_backend", "TorchAttentionBackend"),
+}
+
+
+def default_backend_name(device: torch.device) -> str:
+    return "torch"
+
+
+def create_attention_backend(name: str | None, device: torch.device) -> AttentionBackend:
+    """Instantiate the backend registered as ``name`` (``None``: the device's default)."""
+    name = name or default_backend_name(device)
+    if name not in _BACKENDS:
+        raise InvalidRequestError(
+            f"attention_backend: unknown backend {name!r} (have: {sorted(_BACKENDS)})",
+            param="attention_backend",
+        )
+    module, cls = _BACKENDS[name]
+    return getattr(importlib.import_module(module), cls)(device)
+
+
+__all__ = ["AttentionBackend", "create_attention_backend", "default_backend_name"]

@@ -1,0 +1,32 @@
+"""The attention-backend seam.
+
+A backend computes attention for one layer of a batch whose requests each add ``extend_len`` new tokens on top of
+``prefix_len`` tokens already in the paged KV pool (decode is ``extend_len == 1``; a batch may mix both). Contract:
+
+* ``init_forward_metadata(batch)`` is called once per step before the model runs; it may precompute index
+  tensors from ``batch`` (``req_to_token`` rows, seq lens) and store them on ``batch.attn_metadata``.
+* ``forward(q, k, v, layer, batch)`` first stores the new tokens' ``k``/``v`` at ``batch.out_cache_loc`` in the
+  pool, then returns attention output ``[num_tokens, num_heads * head_dim]`` where token ``i`` of request ``r``
+  attends to request ``r``'s tokens ``0 .. prefix_len[r] + i`` (causal over new tokens, full over the prefix).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from sgl_ray.layers.attention import RadixAttention
+    from sgl_ray.runner.forward_batch import ForwardBatch
+
+
+class AttentionBackend(ABC):
+    @abstractmethod
+    def init_forward_metadata(self, batch: ForwardBatch) -> None: ...
+
+    @abstractmethod
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, batch: ForwardBatch
+    ) -> torch.Tensor: ...

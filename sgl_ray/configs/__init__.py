@@ -1,0 +1,6 @@
+"""Frozen configuration types."""
+
+from sgl_ray.configs.engine_args import EngineArgs
+from sgl_ray.configs.model_config import ModelConfig, resolve_dtype
+
+__all__ = ["EngineArgs", "ModelConfig", "resolve_dtype"]

@@ -1,0 +1,107 @@
+"""The user-facing engine configuration (one flat, frozen dataclass, like SGLang's ``ServerArgs``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import torch
+
+from sgl_ray.errors import InvalidRequestError
+
+SchedulePolicyName = Literal["fcfs", "lpm", "dfs-weight", "priority"]
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Every knob of an engine. ``None`` means "pick a sensible default for the device".
+
+    Example::
+
+        >>> args = EngineArgs(model_path="/models/smollm2", max_total_tokens=4096, schedule_policy="lpm")
+        >>> args.schedule_policy
+        'lpm'
+    """
+
+    model_path: str | None = field(
+        default=None, metadata={"help": "HF dir, hub id or .gguf; default SmolLM2"}
+    )
+    tokenizer_path: str | None = field(
+        default=None, metadata={"help": "tokenizer location (default: the model)"}
+    )
+    revision: str | None = field(default=None, metadata={"help": "hub revision"})
+    dtype: str = field(default="auto", metadata={"help": "auto|float32|bfloat16|float16"})
+    device: str = field(default="auto", metadata={"help": "auto|cpu|cuda|cuda:N"})
+    context_length: int | None = field(default=None, metadata={"help": "override the model's context length"})
+    page_size: int = field(default=1, metadata={"help": "tokens per KV page"})
+    max_total_tokens: int | None = field(default=None, metadata={"help": "KV pool size in tokens"})
+    mem_fraction_static: float | None = field(
+        default=None,
+        metadata={"help": "fraction of memory for weights+KV (GPU: of the card; CPU: of RAM for KV)"},
+    )
+    max_running_requests: int | None = field(
+        default=None, metadata={"help": "max concurrent requests in a batch"}
+    )
+    max_prefill_tokens: int = field(
+        default=16384, metadata={"help": "max new prompt tokens admitted per step"}
+    )
+    chunked_prefill_size: int | None = field(
+        default=None, metadata={"help": "prefill tokens per step per batch (-1 disables chunking)"}
+    )
+    schedule_policy: str = field(default="fcfs", metadata={"help": "fcfs|lpm|dfs-weight|priority"})
+    disable_radix_cache: bool = field(default=False, metadata={"help": "turn the prefix cache off"})
+    attention_backend: str | None = field(default=None, metadata={"help": "torch (CPU default)"})
+    random_seed: int | None = field(default=None, metadata={"help": "seed for requests that give none"})
+    skip_tokenizer_init: bool = field(default=False, metadata={"help": "token ids in and out only"})
+    num_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads on CPU"})
+
+    def __post_init__(self) -> None:
+        def bad(param: str, msg: str) -> InvalidRequestError:
+            return InvalidRequestError(f"{param}: {msg}", param=param)
+
+        if self.page_size < 1:
+            raise bad("page_size", "must be >= 1")
+        if self.max_total_tokens is not None and self.max_total_tokens < 2 * self.page_size:
+            raise bad("max_total_tokens", "must hold at least two pages")
+        if self.mem_fraction_static is not None and not (0.0 < self.mem_fraction_static < 1.0):
+            raise bad("mem_fraction_static", "must be in (0, 1)")
+        if self.max_running_requests is not None and self.max_running_requests < 1:
+            raise bad("max_running_requests", "must be >= 1")
+        if self.max_prefill_tokens < 1:
+            raise bad("max_prefill_tokens", "must be >= 1")
+        if self.chunked_prefill_size is not None and self.chunked_prefill_size == 0:
+            raise bad("chunked_prefill_size", "use -1 to disable chunking")
+        if self.schedule_policy not in get_args(SchedulePolicyName):
+            raise bad("schedule_policy", f"must be one of {get_args(SchedulePolicyName)}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def effective_chunked_prefill_size(self, device: torch.device) -> int | None:
+        """Prefill tokens per step, or None when chunking is off."""
+        if self.chunked_prefill_size is None:
+            return 8192 if device.type == "cuda" else 1024
+        return None if self.chunked_prefill_size < 0 else self.chunked_prefill_size
+
+    def replace(self, **changes: Any) -> EngineArgs:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        """Add ``--model-path``-style options for every field."""
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f.metadata.get("help", "")
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, action="store_true", default=f.default, help=help_text)
+                continue
+            kind = str if "str" in str(f.type) else float if "float" in str(f.type) else int
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})

@@ -1,0 +1,134 @@
+"""What the engine needs to know about a model, read once from its Hugging Face config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from sgl_ray.errors import InvalidRequestError
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device) -> torch.dtype:
+    """``auto`` keeps the checkpoint's floating dtype on GPU (fp16/bf16) and uses float32 on CPU.
+
+    Example::
+
+        >>> resolve_dtype("bfloat16", None, torch.device("cpu"))
+        torch.bfloat16
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        try:
+            return _DTYPES[dtype.lower()]
+        except KeyError:
+            raise InvalidRequestError(f"dtype: unknown dtype {dtype!r}", param="dtype") from None
+    if device.type == "cpu":
+        return torch.float32
+    cfg_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(cfg_dtype, str):
+        cfg_dtype = _DTYPES.get(cfg_dtype, torch.float32)
+    if cfg_dtype in (torch.float16, torch.bfloat16):
+        return cfg_dtype
+    return torch.bfloat16
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer's shape and quirks, normalized across transformers versions.
+
+    ``hf_config`` is the source of truth; derived values are cached properties.
+    """
+
+    hf_config: Any
+    dtype: torch.dtype
+    context_length_override: int | None = None
+
+    @cached_property
+    def architecture(self) -> str:
+        archs = getattr(self.hf_config, "architectures", None) or []
+        return archs[0] if archs else f"{type(self.hf_config).__name__.removesuffix('Config')}ForCausalLM"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hf_config.hidden_size
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.hf_config.intermediate_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.hf_config.num_attention_heads
+
+    @cached_property
+    def num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.num_heads
+
+    @cached_property
+    def head_dim(self) -> int:
+        return getattr(self.hf_config, "head_dim", None) or self.hidden_size // self.num_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    @property
+    def rms_norm_eps(self) -> float:
+        return getattr(self.hf_config, "rms_norm_eps", 1e-6)
+
+    @cached_property
+    def tie_word_embeddings(self) -> bool:
+        return bool(getattr(self.hf_config, "tie_word_embeddings", False))
+
+    @cached_property
+    def rope_parameters(self) -> dict[str, Any]:
+        """``{"rope_type", "rope_theta", ...scaling fields}`` whether the config uses ``rope_parameters`` (new) or
+        ``rope_theta`` + ``rope_scaling`` (old)."""
+        params = getattr(self.hf_config, "rope_parameters", None)
+        out: dict[str, Any] = dict(params) if isinstance(params, dict) else {}
+        scaling = getattr(self.hf_config, "rope_scaling", None)
+        if isinstance(scaling, dict):
+            out = {**scaling, **out}
+        if "rope_theta" not in out:
+            out["rope_theta"] = getattr(self.hf_config, "rope_theta", 10000.0)
+        out["rope_type"] = out.get("rope_type") or out.get("type") or "default"
+        return out
+
+    @cached_property
+    def context_length(self) -> int:
+        if self.context_length_override:
+            return self.context_length_override
+        return int(getattr(self.hf_config, "max_position_embeddings", 4096))
+
+    @cached_property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        eos = getattr(self.hf_config, "eos_token_id", None)
+        if eos is None:
+            return ()
+        return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+    def kv_bytes_per_token(self, tp_size: int = 1) -> int:
+        """Bytes of K and V one token occupies across all layers of one tensor-parallel shard."""
+        kv_heads = max(1, self.num_kv_heads // tp_size)
+        return (
+            2 * self.num_layers * kv_heads * self.head_dim * torch.tensor([], dtype=self.dtype).element_size()
+        )

@@ -1,0 +1,252 @@
+"""``sgl_ray.Engine``: the whole serving engine in this process (no Ray), SGLang's offline-engine API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import random
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from sgl_ray.configs.engine_args import EngineArgs
+from sgl_ray.configs.model_config import ModelConfig, resolve_dtype
+from sgl_ray.entrypoints.loop import EngineLoop
+from sgl_ray.entrypoints.requests import RequestSpec, ResultBuilder, normalize_batch, to_sampling_params
+from sgl_ray.errors import InvalidRequestError
+from sgl_ray.model_loader import (
+    default_model_path,
+    iter_weights,
+    load_hf_config,
+    load_tokenizer,
+    resolve_model,
+)
+from sgl_ray.runner.model_runner import ModelRunner
+from sgl_ray.sampling.params import SamplingParams
+from sgl_ray.scheduler.output import RequestOutput
+from sgl_ray.scheduler.request import Req
+from sgl_ray.scheduler.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+SamplingArg = SamplingParams | dict | None | Sequence[SamplingParams | dict]
+
+
+class Engine:
+    """An LLM engine with continuous batching, a paged KV cache and RadixAttention prefix caching.
+
+    Example::
+
+        >>> import sgl_ray
+        >>> with sgl_ray.Engine() as llm:  # the default SmolLM2-135M-Instruct model
+        ...     out = llm.generate("The capital of France is", {"temperature": 0, "max_new_tokens": 8})
+        ...     print(out["text"], out["meta_info"]["finish_reason"])
+
+    ``generate`` takes one prompt (or ``input_ids``) or a list of them, and ``sampling_params`` as a dict,
+    :class:`SamplingParams`, or a list matching the prompts. Each result is
+    ``{"text", "output_ids", "meta_info": {"id", "prompt_tokens", "completion_tokens", "cached_tokens",
+    "finish_reason", ...logprobs}}``; with ``n > 1`` the ``n`` samples of each prompt follow each other.
+    """
+
+    def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
+        self.args = EngineArgs(model_path=model_path, **kwargs)
+        args = self.args
+        path = args.model_path or str(default_model_path())
+        source = resolve_model(path, revision=args.revision)
+        hf_config = load_hf_config(source)
+        device = args.torch_device()
+        self.model_config = ModelConfig(
+            hf_config, resolve_dtype(args.dtype, hf_config, device), args.context_length
+        )
+        self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer_path)
+        self.runner = ModelRunner(args, self.model_config, iter_weights(source))
+        info = self.runner.info
+        self.eos_token_ids = self._eos_ids(info.eos_token_ids)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                num_slots=info.num_slots,
+                max_reqs=info.max_reqs,
+                context_length=info.context_length,
+                page_size=args.page_size,
+                max_running_requests=info.max_reqs,
+                max_prefill_tokens=args.max_prefill_tokens,
+                chunked_prefill_size=args.effective_chunked_prefill_size(device),
+                policy=args.schedule_policy,
+                enable_prefix_cache=not args.disable_radix_cache,
+            ),
+            self.tokenizer,
+        )
+        self._rng = random.Random(args.random_seed)
+        self._loop = EngineLoop(self.scheduler, self.runner.execute)
+        self.model_path = path
+
+    def _eos_ids(self, from_config: tuple[int, ...]) -> tuple[int, ...]:
+        ids = set(from_config)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return tuple(sorted(ids))
+
+    # --- requests ------------------------------------------------------------------------------------------------
+    def _specs(
+        self,
+        prompt: str | Sequence[str] | None,
+        sampling_params: SamplingArg,
+        input_ids: Sequence[int] | Sequence[Sequence[int]] | None,
+        return_logprob: bool,
+        logprob_start_len: int,
+        top_logprobs_num: int,
+        priority: int,
+    ) -> tuple[list[RequestSpec], bool]:
+        prompts, token_lists, is_batch = normalize_batch(prompt, input_ids)
+        if prompts is not None:
+            if self.tokenizer is None:
+                raise InvalidRequestError(
+                    "text prompts need a tokenizer (skip_tokenizer_init is set)", param="prompt"
+                )
+            token_lists = [self.tokenizer.encode(p) for p in prompts]
+        assert token_lists is not None
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(token_lists):
+                raise InvalidRequestError("sampling_params list must match the number of prompts")
+            params = [to_sampling_params(p) for p in sampling_params]
+        else:
+            params = [to_sampling_params(sampling_params)] * len(token_lists)
+        if self.tokenizer is None and any(p.stop for p in params):
+            raise InvalidRequestError(
+                "stop strings need a tokenizer (skip_tokenizer_init is set)", param="stop"
+            )
+        specs = [
+            RequestSpec(ids, p, return_logprob, logprob_start_len, top_logprobs_num, priority)
+            for ids, p in zip(token_lists, params, strict=True)
+        ]
+        return specs, is_batch
+
+    def _submit(self, specs: list[RequestSpec], sink) -> list[list[Req]]:
+        vocab = self.model_config.vocab_size
+        groups = [s.to_reqs(self.eos_token_ids, self._rng, vocab) for s in specs]
+        self._loop.add([r for g in groups for r in g], sink)
+        return groups
+
+    def generate(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        sampling_params: SamplingArg = None,
+        input_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
+        stream: bool = False,
+        priority: int = 0,
+    ) -> dict | list[dict] | Iterator[dict]:
+        """Generate completions (blocking). With ``stream=True`` returns an iterator of chunks whose ``text`` and
+        ``output_ids`` are deltas (several requests' chunks interleave; tell them apart by ``meta_info["id"]``)."""
+        specs, is_batch = self._specs(
+            prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num, priority
+        )
+        inbox: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
+        groups = self._submit(specs, inbox.put)
+        builders = {r.rid: ResultBuilder(r.rid, return_logprob) for g in groups for r in g}
+        if stream:
+            return self._stream(builders, inbox.get)
+        for _ in self._stream(builders, inbox.get):
+            pass
+        results = [builders[r.rid].result() for g in groups for r in g]
+        return results if is_batch or len(results) > 1 else results[0]
+
+    def _stream(self, builders: dict[str, ResultBuilder], get) -> Iterator[dict]:
+        pending = set(builders)
+        try:
+            while pending:
+                out = get()
+                if isinstance(out, BaseException):
+                    raise out
+                b = builders[out.rid]
+                b.add(out)
+                if out.finished:
+                    pending.discard(out.rid)
+                yield b.chunk(out)
+        finally:
+            for rid in pending:  # the caller stopped early: free the requests' KV
+                self._loop.abort(rid)
+
+    async def async_generate(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        sampling_params: SamplingArg = None,
+        input_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
+        stream: bool = False,
+        priority: int = 0,
+    ) -> dict | list[dict] | AsyncIterator[dict]:
+        """Async ``generate``; with ``stream=True`` returns an async iterator of delta chunks."""
+        specs, is_batch = self._specs(
+            prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num, priority
+        )
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        groups = self._submit(specs, lambda out: loop.call_soon_threadsafe(inbox.put_nowait, out))
+        builders = {r.rid: ResultBuilder(r.rid, return_logprob) for g in groups for r in g}
+        if stream:
+            return self._astream(builders, inbox)
+        async for _ in self._astream(builders, inbox):
+            pass
+        results = [builders[r.rid].result() for g in groups for r in g]
+        return results if is_batch or len(results) > 1 else results[0]
+
+    async def _astream(self, builders: dict[str, ResultBuilder], inbox: asyncio.Queue) -> AsyncIterator[dict]:
+        pending = set(builders)
+        try:
+            while pending:
+                out = await inbox.get()
+                if isinstance(out, BaseException):
+                    raise out
+                b = builders[out.rid]
+                b.add(out)
+                if out.finished:
+                    pending.discard(out.rid)
+                yield b.chunk(out)
+        finally:
+            for rid in pending:
+                self._loop.abort(rid)
+
+    def abort(self, rid: str) -> None:
+        """Abort a request by its ``meta_info["id"]``."""
+        self._loop.abort(rid)
+
+    # --- control -------------------------------------------------------------------------------------------------
+    def flush_cache(self) -> bool:
+        """Drop the prefix cache. Returns False (nothing done) while requests are running."""
+        return self._loop.call(lambda s: s.flush_cache())
+
+    def get_stats(self) -> dict[str, Any]:
+        """Scheduler counters: running/waiting requests, KV usage, prefix-cache size, preemptions."""
+
+        def stats(s: Scheduler) -> dict[str, Any]:
+            kv = s.kv
+            return {
+                "num_running": len(s.running),
+                "num_waiting": len(s.waiting),
+                "kv_capacity": kv.capacity,
+                "kv_free": kv.allocator.num_free_slots,
+                "cache_size": kv.cache.total_size if kv.cache else 0,
+                "num_preemptions": s.num_preemptions,
+            }
+
+        return self._loop.call(stats)
+
+    def shutdown(self) -> None:
+        """Stop the engine thread; pending requests fail with :class:`~sgl_ray.errors.EngineDeadError`."""
+        self._loop.stop()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        loop = getattr(self, "_loop", None)
+        if loop is not None:
+            loop.stop(timeout=1.0)

@@ -1,0 +1,156 @@
+"""The engine's background thread: feeds requests to the scheduler, runs steps, delivers outputs.
+
+Other threads talk to it only through :meth:`EngineLoop.submit` (a thread-safe inbox), so the scheduler and
+runner are touched by one thread only. Outputs go to the callback registered with each request.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sgl_ray.errors import EngineDeadError, SglRayError
+from sgl_ray.scheduler.output import RequestOutput
+from sgl_ray.scheduler.plan import StepOutput, StepPlan
+from sgl_ray.scheduler.request import Req
+from sgl_ray.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+OutputSink = Callable[[RequestOutput | BaseException], None]
+
+
+@dataclass
+class _Add:
+    reqs: list[Req]
+    sink: OutputSink
+
+
+@dataclass
+class _Abort:
+    rid: str
+
+
+@dataclass
+class _Call:
+    fn: Callable[[Scheduler], Any]
+    done: threading.Event
+    result: list[Any]
+
+
+_STOP = object()
+
+
+class EngineLoop:
+    def __init__(self, scheduler: Scheduler, execute: Callable[[StepPlan], StepOutput]) -> None:
+        self.scheduler = scheduler
+        self.execute = execute
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._sinks: dict[str, OutputSink] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sgl-ray-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def add(self, reqs: list[Req], sink: OutputSink) -> None:
+        if not self.alive:
+            raise EngineDeadError(
+                "the engine is shut down" if self._error is None else f"engine died: {self._error}"
+            )
+        self._inbox.put(_Add(reqs, sink))
+
+    def abort(self, rid: str) -> None:
+        self._inbox.put(_Abort(rid))
+
+    def call(self, fn: Callable[[Scheduler], Any], timeout: float | None = None) -> Any:
+        """Run ``fn(scheduler)`` on the loop thread between steps and return its result."""
+        if not self.alive:
+            raise EngineDeadError("the engine is shut down")
+        call = _Call(fn, threading.Event(), [])
+        self._inbox.put(call)
+        if not call.done.wait(timeout):
+            raise TimeoutError("the engine did not answer in time")
+        if isinstance(call.result[0], BaseException):
+            raise call.result[0]
+        return call.result[0]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.alive:
+            self._inbox.put(_STOP)
+            self._thread.join(timeout)
+
+    def _handle(self, msg: Any) -> bool:
+        sched = self.scheduler
+        if msg is _STOP:
+            return False
+        if isinstance(msg, _Add):
+            for i, req in enumerate(msg.reqs):
+                try:
+                    sched.add_request(req)
+                    self._sinks[req.rid] = msg.sink
+                except SglRayError as e:  # reject this request and the rest of its batch
+                    for r in msg.reqs[:i]:
+                        sched.abort(r.rid)
+                        self._sinks.pop(r.rid, None)
+                    msg.sink(e)
+                    break
+        elif isinstance(msg, _Abort):
+            sched.abort(msg.rid)
+        elif isinstance(msg, _Call):
+            try:
+                msg.result.append(msg.fn(sched))
+            except BaseException as e:  # handed back to the caller
+                msg.result.append(e)
+            msg.done.set()
+        return True
+
+    def _run(self) -> None:
+        sched = self.scheduler
+        try:
+            while True:
+                block = not sched.has_work
+                try:
+                    msg = self._inbox.get(timeout=None if block else 0) if block else self._inbox.get_nowait()
+                    if not self._handle(msg):
+                        break
+                    continue  # drain the inbox before stepping
+                except queue.Empty:
+                    pass
+                for out in sched.step(self.execute):
+                    sink = self._sinks.get(out.rid)
+                    if out.finished:
+                        self._sinks.pop(out.rid, None)
+                    if sink is not None:
+                        sink(out)
+        except BaseException as e:  # the runner or scheduler failed: fail every request, loudly
+            logger.exception("engine loop crashed")
+            self._error = e
+            err = EngineDeadError(f"engine died: {type(e).__name__}: {e}")
+            for sink in set(self._sinks.values()):
+                sink(err)
+            self._sinks.clear()
+        finally:
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        err = EngineDeadError("the engine is shut down")
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(msg, _Add):
+                msg.sink(err)
+            elif isinstance(msg, _Call):
+                msg.result.append(err)
+                msg.done.set()
+        for sink in set(self._sinks.values()):
+            sink(err)
+        self._sinks.clear()

@@ -1,0 +1,54 @@
+"""KV tensors: one key and one value buffer per layer, indexed by token slot.
+
+The slot layout (pages, which request owns which slot) is decided by the scheduler's allocator; this pool only
+stores tensors. Slot 0 belongs to the reserved page and is a harmless target for padding writes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVPool:
+    """``k_buffers[layer]`` and ``v_buffers[layer]`` are ``[num_slots, num_kv_heads, head_dim]``."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.num_slots = num_slots
+        self.dtype = dtype
+        self.device = device
+        shape = (num_slots, num_kv_heads, head_dim)
+        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``/``v`` ([T, num_kv_heads, head_dim]) at slots ``loc`` ([T])."""
+        self.k_buffers[layer_id][loc] = k.to(self.dtype)
+        self.v_buffers[layer_id][loc] = v.to(self.dtype)
+
+    def get_kv(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_buffers[layer_id], self.v_buffers[layer_id]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.k_buffers + self.v_buffers)
+
+
+class ReqToTokenTable:
+    """``table[req_pool_idx, pos]`` = KV slot of token ``pos`` of the request bound to ``req_pool_idx``.
+
+    The scheduler decides every entry and ships the writes with each step; the runner applies them here.
+    """
+
+    def __init__(self, max_reqs: int, max_context_len: int, device: torch.device) -> None:
+        self.table = torch.zeros((max_reqs, max_context_len), dtype=torch.int64, device=device)
+
+    def write(self, req_idx: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> None:
+        self.table[req_idx, pos] = slots

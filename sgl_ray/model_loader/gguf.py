@@ -1,0 +1,235 @@
+"""GGUF checkpoints: tensor names and layouts mapped to Hugging Face ones, metadata converted once to a cache dir.
+
+A GGUF file carries everything (hyper-parameters, tokenizer, quantized tensors) in llama.cpp's own vocabulary. The
+engine works in Hugging Face terms, so this module
+
+* streams tensors out of the file, dequantized to float32 and renamed (``blk.3.attn_q.weight`` →
+  ``model.layers.3.self_attn.q_proj.weight``), undoing the Q/K row permutation llama.cpp applies to llama models;
+* converts the metadata once into a directory with ``config.json``, tokenizer files and ``generation_config.json``
+  under ``<cache_dir>/gguf/<stem>-<key>``, because transformers' GGUF tokenizer conversion takes seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf.quants import dequantize
+
+from sgl_ray.errors import ModelLoadError, UnsupportedModelError
+
+GGUF_SUFFIX = ".gguf"
+_CONVERSION_VERSION = 1
+"""Bump when the converted directory's layout changes, so stale cache entries are not reused."""
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How one ``general.architecture`` value maps onto a Hugging Face model."""
+
+    permute_qk: bool
+    """llama.cpp's converter reorders Q/K rows (interleaved rotary pairs) for this family; undo it on load."""
+
+
+GGUF_ARCHS: dict[str, GGUFArch] = {
+    "llama": GGUFArch(permute_qk=True),  # also Mistral and SmolLM, which llama.cpp files as "llama"
+    "qwen2": GGUFArch(permute_qk=False),
+    "qwen3": GGUFArch(permute_qk=False),
+}
+"""GGUF architectures whose tensors :func:`iter_gguf_weights` can map."""
+
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_IGNORED = {
+    "rope_freqs"
+}  # llama3 rope factors precomputed by llama.cpp; the config's rope parameters carry them
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """The Hugging Face parameter name of a GGUF tensor, ``None`` for tensors with no HF counterpart.
+
+    >>> hf_tensor_name("blk.7.ffn_down.weight")
+    'model.layers.7.mlp.down_proj.weight'
+    >>> hf_tensor_name("token_embd.weight")
+    'model.embed_tokens.weight'
+    """
+    if match := _BLOCK_RE.fullmatch(gguf_name):
+        layer, part, kind = match.groups()
+        if part in _BLOCK_NAMES:
+            return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    elif match := _GLOBAL_RE.fullmatch(gguf_name):
+        base, kind = match.groups()
+        if base in _IGNORED:
+            return None
+        if base in _GLOBAL_NAMES:
+            return f"{_GLOBAL_NAMES[base]}.{kind}"
+    raise UnsupportedModelError(f"GGUF tensor {gguf_name!r} has no known Hugging Face name")
+
+
+class _PlainArrayReader(gguf.GGUFReader):
+    # GGUFReader slices its np.memmap once per metadata item; memmap slicing is slow (a tokenizer has ~100k items),
+    # so parse through a plain ndarray view of the same read-only mapping: 3.4 s -> 1.2 s on SmolLM2.
+    def _get(self, *args, **kwargs):
+        if isinstance(self.data, np.memmap):
+            self.data = self.data.view(np.ndarray)
+        return super()._get(*args, **kwargs)
+
+
+def _reader(path: Path) -> gguf.GGUFReader:
+    try:
+        return _PlainArrayReader(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read GGUF file {str(path)!r}: {exc}") from exc
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_architecture(path: Path, reader: gguf.GGUFReader | None = None) -> str:
+    """The file's ``general.architecture``, checked against :data:`GGUF_ARCHS`.
+
+    Raises :class:`UnsupportedModelError` for architectures this loader cannot map.
+    """
+    reader = reader or _reader(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise UnsupportedModelError(
+            f"GGUF architecture {arch!r} of {str(path)!r} is not supported (supported: {sorted(GGUF_ARCHS)})"
+        )
+    return arch
+
+
+def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    # llama.cpp stores each head's rows as [pairs, 2] where HF stores [2, pairs] (rotate-half layout):
+    # [num_heads * head_dim, ...] -> [num_heads, head_dim/2, 2, ...] -> swap -> [num_heads, 2, head_dim/2, ...]
+    rows = weight.shape[0]
+    split = weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+    return split.swapaxes(1, 2).reshape(weight.shape)
+
+
+def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, float32 tensor)`` for every tensor of a GGUF file, one dequantized tensor at a time.
+
+    Tied models have no ``output`` tensor, so no ``lm_head.weight`` is yielded for them.
+
+    >>> from sgl_ray.model_loader import default_model_path
+    >>> name, tensor = next(iter_gguf_weights(default_model_path()))
+    >>> name, tensor.dtype
+    ('model.embed_tokens.weight', torch.float32)
+    """
+    reader = _reader(path)
+    arch = gguf_architecture(path, reader)
+    num_heads = int(_field(reader, f"{arch}.attention.head_count"))
+    num_kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv", num_heads))
+    for tensor in reader.tensors:
+        name = hf_tensor_name(tensor.name)
+        if name is None:
+            continue
+        weight = dequantize(tensor.data, tensor.tensor_type)  # numpy order: reversed ggml dims
+        weight = weight.reshape([int(d) for d in reversed(tensor.shape)])
+        if GGUF_ARCHS[arch].permute_qk and ".self_attn.q_proj." in name:
+            weight = _unpermute(weight, num_heads)
+        elif GGUF_ARCHS[arch].permute_qk and ".self_attn.k_proj." in name:
+            weight = _unpermute(weight, num_kv_heads)
+        weight = np.ascontiguousarray(weight, dtype=np.float32)
+        if not weight.flags.writeable:
+            weight = weight.copy()  # a view into the read-only memory map (unquantized tensors)
+        yield name, torch.from_numpy(weight)
+
+
+def _gguf_dtype(reader: gguf.GGUFReader) -> str:
+    # Quantized files dequantize to float32 values; F16/BF16 files say what they were trained/exported in.
+    file_type = _field(reader, "general.file_type")
+    return {gguf.LlamaFileType.MOSTLY_F16: "float16", gguf.LlamaFileType.MOSTLY_BF16: "bfloat16"}.get(
+        file_type, "float32"
+    )
+
+
+def converted_dir_for(path: Path, cache_dir: Path) -> Path:
+    """Where :func:`convert_gguf_metadata` puts (or put) the converted files of ``path``.
+
+    The key hashes the file's size and mtime (not its content: GGUFs can be many GB) plus the transformers version
+    and the conversion format, so a changed file or a new converter gets a fresh directory.
+    """
+    import transformers
+
+    stat = path.stat()
+    raw = f"{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}:{_CONVERSION_VERSION}"
+    return cache_dir / "gguf" / f"{path.stem}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
+
+
+def convert_gguf_metadata(path: Path, cache_dir: Path) -> Path:
+    """Return a directory with ``config.json``, tokenizer files and ``generation_config.json`` for a GGUF file.
+
+    The first call converts through transformers' GGUF support (seconds); later calls return the cached directory
+    at once. The directory appears atomically (built in a temp dir, then renamed), so concurrent callers in several
+    processes never see a half-written one.
+
+    >>> from sgl_ray.envs import get_env
+    >>> from sgl_ray.model_loader import default_model_path
+    >>> (convert_gguf_metadata(default_model_path(), get_env().cache_dir) / "config.json").is_file()
+    True
+    """
+    target = converted_dir_for(path, cache_dir)
+    if (target / "config.json").is_file():
+        return target
+    reader = _reader(path)
+    gguf_architecture(path, reader)  # fail before the slow conversion
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _write_hf_files(path, staging, dtype=_gguf_dtype(reader))
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # lost a race to another process: theirs is as good
+                raise
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot convert GGUF metadata of {str(path)!r}: {exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _write_hf_files(path: Path, out_dir: Path, *, dtype: str) -> None:
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedModelError(
+            f"GGUF model type {config.model_type!r} of {str(path)!r} is not a causal LM"
+        )
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    config.dtype = dtype
+    config.save_pretrained(out_dir)
+    GenerationConfig.from_model_config(config).save_pretrained(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,175 @@
+"""Llama-family decoder (Llama 2/3, Mistral, SmolLM2) — also the base of Qwen2 and Qwen3.
+
+Families differ only in flags (:class:`DecoderFlags`): projection biases and per-head q/k RMSNorm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sgl_ray.configs.model_config import ModelConfig
+from sgl_ray.distributed import Communicator, SingleProcessCommunicator
+from sgl_ray.errors import UnsupportedModelError
+from sgl_ray.layers.activation import SiluAndMul
+from sgl_ray.layers.attention import RadixAttention
+from sgl_ray.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from sgl_ray.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from sgl_ray.layers.norm import RMSNorm
+from sgl_ray.layers.rotary import RotaryEmbedding
+from sgl_ray.models.loading import load_stacked_weights
+from sgl_ray.runner.forward_batch import ForwardBatch
+
+
+@dataclass(frozen=True)
+class DecoderFlags:
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+
+    @classmethod
+    def for_llama(cls, config: ModelConfig) -> DecoderFlags:
+        bias = bool(getattr(config.hf_config, "attention_bias", False))
+        return cls(qkv_bias=bias, o_bias=bias)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        rotary: RotaryEmbedding,
+        flags: DecoderFlags,
+        tp: Communicator,
+    ) -> None:
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, flags.qkv_bias, tp
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_heads * config.head_dim, config.hidden_size, flags.o_bias, tp
+        )
+        self.rotary = rotary
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if flags.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if flags.qk_norm else None
+        qkv = self.qkv_proj
+        self.attn = RadixAttention(
+            qkv.num_heads, qkv.head_dim, config.head_dim**-0.5, qkv.num_kv_heads, layer_id
+        )
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)  # [T, (H + 2 * KVH) * D]
+        q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
+        t, d = hidden.shape[0], self.qkv_proj.head_dim
+        q = q.reshape(t, -1, d)  # [T, H, D]
+        k = k.reshape(t, -1, d)  # [T, KVH, D]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v.contiguous(), batch)
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, tp: Communicator) -> None:
+        super().__init__()
+        act = getattr(config.hf_config, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedModelError(f"activation {act!r} is not supported (only silu)")
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], False, tp)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, False, tp)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        rotary: RotaryEmbedding,
+        flags: DecoderFlags,
+        tp: Communicator,
+    ) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_id, rotary, flags, tp)
+        self.mlp = LlamaMLP(config, tp)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, batch)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, flags: DecoderFlags, tp: Communicator) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        rotary = RotaryEmbedding(config.head_dim, config.rope_parameters, config.context_length)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, rotary, flags, tp) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:  # -> [T, hidden]
+        hidden = self.embed_tokens(batch.input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(batch.positions, hidden, residual, batch)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Example::
+
+    >>> model = LlamaForCausalLM(ModelConfig(hf_config, torch.float32))  # doctest: +SKIP
+    >>> model.load_weights(iter_weights(source))  # doctest: +SKIP
+    """
+
+    stacked_params = (
+        ("qkv_proj", "q_proj", "q"),
+        ("qkv_proj", "k_proj", "k"),
+        ("qkv_proj", "v_proj", "v"),
+        ("gate_up_proj", "gate_proj", 0),
+        ("gate_up_proj", "up_proj", 1),
+    )
+
+    def __init__(
+        self, config: ModelConfig, tp: Communicator | None = None, flags: DecoderFlags | None = None
+    ):
+        super().__init__()
+        tp = tp or SingleProcessCommunicator()
+        self.config = config
+        self.model = LlamaModel(config, flags or DecoderFlags.for_llama(config), tp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
+        if config.tie_word_embeddings:
+            self.lm_head.tie(self.model.embed_tokens)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.model(batch)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.config.tie_word_embeddings else ())
+        load_stacked_weights(self, weights, self.stacked_params, skip)

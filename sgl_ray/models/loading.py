@@ -1,0 +1,58 @@
+"""Maps checkpoint tensors onto a model's (possibly fused, possibly sharded) parameters."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from sgl_ray.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+
+def load_stacked_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    stacked_params: Sequence[tuple[str, str, object]],
+    skip_suffixes: Sequence[str] = (),
+) -> None:
+    """Load ``(hf_name, tensor)`` pairs one at a time.
+
+    ``stacked_params`` rows ``(fused_name, checkpoint_name, shard_id)`` route e.g. ``q_proj`` into ``qkv_proj``
+    with ``shard_id="q"``. Every parameter must be written at least once, or :class:`ModelLoadError` names the
+    missing ones; unknown checkpoint tensors are skipped with a debug log.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if any(name.endswith(s) for s in skip_suffixes):
+            continue
+        target, shard_id = name, None
+        for fused, part, sid in stacked_params:
+            if f".{part}." in name:
+                target, shard_id = name.replace(f".{part}.", f".{fused}."), sid
+                break
+        param = params.get(target)
+        if param is None:
+            logger.debug("skipping checkpoint tensor %s (no matching parameter)", name)
+            continue
+        loader = getattr(param, "weight_loader", None)
+        with torch.no_grad():
+            if loader is None:
+                if param.shape != tensor.shape:
+                    raise ModelLoadError(
+                        f"{name}: shape {tuple(tensor.shape)} != parameter {tuple(param.shape)}"
+                    )
+                param.data.copy_(tensor)
+            else:
+                loader(param, tensor, shard_id)
+        loaded.add(target)
+    tied = {n for n, p in params.items() if any(p is q for m, q in params.items() if m in loaded)}
+    missing = sorted(set(params) - loaded - tied)
+    if missing:
+        raise ModelLoadError(
+            f"checkpoint is missing weights: {missing[:8]}{' …' if len(missing) > 8 else ''}"
+        )

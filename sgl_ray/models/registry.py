@@ -1,0 +1,35 @@
+"""Hugging Face architecture name → model class, imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+from sgl_ray.errors import UnsupportedModelError
+
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("sgl_ray.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("sgl_ray.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("sgl_ray.models.qwen", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("sgl_ray.models.qwen", "Qwen3ForCausalLM"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_model_class(architecture: str) -> type[nn.Module]:
+    """Example::
+
+    >>> get_model_class("Qwen2ForCausalLM").__name__
+    'Qwen2ForCausalLM'
+    """
+    try:
+        module, name = _MODELS[architecture]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"architecture {architecture!r} is not supported (have: {', '.join(supported_architectures())})"
+        ) from None
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,56 @@
+"""The tensors one forward pass reads: built by the runner from a step plan, consumed by model and attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from sgl_ray.attention.base import AttentionBackend
+    from sgl_ray.mem_cache.kv_pool import KVPool
+
+
+@dataclass
+class ForwardBatch:
+    """B requests, T new tokens in total, laid out request by request.
+
+    ::
+
+        tokens:  | req 0: extend_lens[0] | req 1: extend_lens[1] | ... |
+                 ^ extend_start_loc[0]   ^ extend_start_loc[1]
+        request r's new token i sits at position prefix_lens[r] + i of its sequence.
+    """
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    out_cache_loc: torch.Tensor  # [T] KV slot each new token is written to
+    req_pool_idxs: torch.Tensor  # [B]
+    seq_lens: torch.Tensor  # [B] prefix + extend
+    extend_start_loc: torch.Tensor  # [B]
+    logits_indices: torch.Tensor  # [N] token rows whose logits are needed
+    prefix_lens_cpu: np.ndarray  # [B]
+    extend_lens_cpu: np.ndarray  # [B]
+    kv_pool: KVPool
+    req_to_token: torch.Tensor  # [max_reqs, max_context]
+    attn_backend: AttentionBackend
+    attn_metadata: Any = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.extend_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_lens_cpu(self) -> np.ndarray:
+        return self.prefix_lens_cpu + self.extend_lens_cpu
+
+    @property
+    def is_decode(self) -> bool:
+        """Every request adds exactly one token."""
+        return bool((self.extend_lens_cpu == 1).all())

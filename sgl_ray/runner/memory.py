@@ -1,0 +1,56 @@
+"""Sizing the KV pool and the request table from the configuration and the device's memory."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from sgl_ray.configs.engine_args import EngineArgs
+from sgl_ray.configs.model_config import ModelConfig
+from sgl_ray.errors import InvalidRequestError
+
+_CPU_KV_FRACTION = 0.1  # of physical RAM, when neither max_total_tokens nor mem_fraction_static is given
+_GPU_MEM_FRACTION = 0.85  # of the card, for weights + KV
+_DEFAULT_MAX_REQS = 256
+
+
+@dataclass(frozen=True)
+class KVCapacity:
+    num_slots: int  # including the reserved first page
+    max_reqs: int
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _kv_budget_bytes(args: EngineArgs, device: torch.device) -> int:
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        fraction = args.mem_fraction_static or _GPU_MEM_FRACTION
+        used = total - free
+        return max(0, int(total * fraction) - used)
+    return int(_physical_memory() * (args.mem_fraction_static or _CPU_KV_FRACTION))
+
+
+def plan_kv_capacity(
+    args: EngineArgs, config: ModelConfig, device: torch.device, tp_size: int = 1
+) -> KVCapacity:
+    """Token slots for the KV pool (a whole number of pages plus the reserved one) and request slots."""
+    page = args.page_size
+    if args.max_total_tokens is not None:
+        tokens = args.max_total_tokens
+    else:
+        tokens = _kv_budget_bytes(args, device) // config.kv_bytes_per_token(tp_size)
+    tokens = (tokens // page) * page
+    if tokens < 2 * page:
+        raise InvalidRequestError(
+            f"not enough memory for the KV cache ({tokens} tokens); lower the model size or raise "
+            "mem_fraction_static / max_total_tokens",
+            param="max_total_tokens",
+        )
+    max_reqs = args.max_running_requests or _DEFAULT_MAX_REQS
+    max_reqs = max(1, min(max_reqs, tokens // 2))
+    return KVCapacity(num_slots=tokens + page, max_reqs=max_reqs)

@@ -1,0 +1,199 @@
+"""Runs one model shard: owns the weights, the KV tensors, the request table and the sampler state.
+
+It executes :class:`~sgl_ray.scheduler.plan.StepPlan` s and answers with :class:`StepOutput` s; everything it knows
+about requests arrives in plans, so the same class serves the in-process engine and a Ray shard actor.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sgl_ray.attention import create_attention_backend
+from sgl_ray.configs.engine_args import EngineArgs
+from sgl_ray.configs.model_config import ModelConfig
+from sgl_ray.distributed import Communicator, SingleProcessCommunicator
+from sgl_ray.mem_cache.kv_pool import KVPool, ReqToTokenTable
+from sgl_ray.models.registry import get_model_class
+from sgl_ray.runner.forward_batch import ForwardBatch
+from sgl_ray.runner.memory import plan_kv_capacity
+from sgl_ray.sampling.sampler import Sampler
+from sgl_ray.sampling.state import SamplingState
+from sgl_ray.scheduler.plan import StepOutput, StepPlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunnerInfo:
+    """What the scheduler must know about the runner's memory (sizes are in tokens / request slots)."""
+
+    num_slots: int  # KV slots including the reserved first page
+    max_reqs: int
+    context_length: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+
+
+class ModelRunner:
+    """Example::
+
+    >>> runner = ModelRunner(args, model_config, weights=iter_weights(source))  # doctest: +SKIP
+    >>> out = runner.execute(plan)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        args: EngineArgs,
+        model_config: ModelConfig,
+        weights,
+        tp: Communicator | None = None,
+    ) -> None:
+        self.args = args
+        self.config = model_config
+        self.device = args.torch_device()
+        self.tp = tp or SingleProcessCommunicator()
+        if args.num_threads and self.device.type == "cpu":
+            torch.set_num_threads(args.num_threads)
+        self.model = self._load_model(weights)
+        capacity = plan_kv_capacity(args, model_config, self.device, self.tp.world_size)
+        kv_heads = self.model.model.layers[0].self_attn.attn.num_kv_heads
+        self.kv_pool = KVPool(
+            capacity.num_slots,
+            model_config.num_layers,
+            kv_heads,
+            model_config.head_dim,
+            model_config.dtype,
+            self.device,
+        )
+        self.req_table = ReqToTokenTable(capacity.max_reqs, model_config.context_length, self.device)
+        self.attn_backend = create_attention_backend(args.attention_backend, self.device)
+        self.sampling_state = SamplingState(capacity.max_reqs, model_config.vocab_size, self.device)
+        self.sampler = Sampler()
+        self.info = RunnerInfo(
+            num_slots=capacity.num_slots,
+            max_reqs=capacity.max_reqs,
+            context_length=model_config.context_length,
+            vocab_size=model_config.vocab_size,
+            eos_token_ids=model_config.eos_token_ids,
+        )
+        logger.info(
+            "KV pool: %d slots (%.1f MiB), %d request slots",
+            capacity.num_slots,
+            self.kv_pool.nbytes / 2**20,
+            capacity.max_reqs,
+        )
+
+    def _load_model(self, weights) -> torch.nn.Module:
+        cls = get_model_class(self.config.architecture)
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(self.config.dtype)
+        try:
+            with torch.device(self.device):
+                model = cls(self.config, self.tp)
+        finally:
+            torch.set_default_dtype(prev)
+        model.load_weights(weights)
+        return model.eval()
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepOutput:
+        state = self.sampling_state
+        for idx in plan.freed_req_pool_idxs:
+            state.clear_request(idx)
+        for req in plan.new_requests:
+            state.set_request(
+                req.req_pool_idx, req.sampling, req.seed, req.eos_token_ids, req.prompt_ids, req.output_ids
+            )
+        dev = self.device
+        if len(plan.table_req):
+            self.req_table.write(
+                torch.from_numpy(plan.table_req).to(dev),
+                torch.from_numpy(plan.table_pos).to(dev),
+                torch.from_numpy(plan.table_slot).to(dev),
+            )
+        if plan.batch_size == 0:
+            return StepOutput(step_id=plan.step_id, next_token_ids=np.zeros(0, dtype=np.int64))
+        batch, sample_rows, logprob_rows = self._build_batch(plan)
+        hidden = self.model(batch)  # [T, hidden]
+        rows = torch.from_numpy(np.concatenate([sample_rows, logprob_rows])).to(dev)
+        logits = self.model.compute_logits(hidden[rows])  # [S + L, vocab]
+        return self._sample(plan, batch, logits[: len(sample_rows)], logits[len(sample_rows) :])
+
+    def _build_batch(self, plan: StepPlan) -> tuple[ForwardBatch, np.ndarray, np.ndarray]:
+        dev = self.device
+        ext, prefix = plan.extend_lens, plan.prefix_lens
+        starts = np.concatenate(([0], np.cumsum(ext)[:-1])).astype(np.int64)
+        positions = np.repeat(prefix - starts, ext) + np.arange(plan.num_tokens)  # [T]
+        req_idxs = torch.from_numpy(plan.req_pool_idxs).to(dev)
+        positions_t = torch.from_numpy(positions).to(dev)
+        out_cache_loc = torch.from_numpy(plan.out_cache_loc).to(dev)
+        self.req_table.write(
+            torch.repeat_interleave(req_idxs, torch.from_numpy(ext).to(dev)), positions_t, out_cache_loc
+        )
+        sample_rows = (starts + ext - 1)[plan.sample]
+        want = plan.input_logprob_start >= 0
+        logprob_rows = (
+            np.concatenate(
+                [
+                    np.arange(s, s + n)
+                    for s, n in zip(
+                        (starts + plan.input_logprob_start)[want],
+                        plan.input_logprob_counts[want],
+                        strict=True,
+                    )
+                ]
+            )
+            if want.any()
+            else np.zeros(0, dtype=np.int64)
+        )
+        batch = ForwardBatch(
+            input_ids=torch.from_numpy(plan.input_ids).to(dev),
+            positions=positions_t,
+            out_cache_loc=out_cache_loc,
+            req_pool_idxs=req_idxs,
+            seq_lens=torch.from_numpy(prefix + ext).to(dev),
+            extend_start_loc=torch.from_numpy(starts).to(dev),
+            logits_indices=torch.from_numpy(sample_rows).to(dev),
+            prefix_lens_cpu=prefix,
+            extend_lens_cpu=ext,
+            kv_pool=self.kv_pool,
+            req_to_token=self.req_table.table,
+            attn_backend=self.attn_backend,
+        )
+        self.attn_backend.init_forward_metadata(batch)
+        return batch, sample_rows, logprob_rows.astype(np.int64)
+
+    def _sample(
+        self, plan: StepPlan, batch: ForwardBatch, logits: torch.Tensor, input_logits: torch.Tensor
+    ) -> StepOutput:
+        dev = self.device
+        out = StepOutput(step_id=plan.step_id, next_token_ids=np.zeros(0, dtype=np.int64))
+        if len(logits):
+            sel = torch.from_numpy(np.nonzero(plan.sample)[0]).to(dev)
+            slots = batch.req_pool_idxs[sel]
+            top_n = plan.top_logprobs_num[plan.sample]
+            k = int(top_n.max()) if len(top_n) else -1
+            res = self.sampler.sample(
+                logits, slots, batch.seq_lens[sel], self.sampling_state, top_logprobs_num=max(k, 0)
+            )
+            self.sampling_state.update(slots, res.next_token_ids)
+            out.next_token_ids = res.next_token_ids.cpu().numpy()
+            if k >= 0:
+                out.logprobs = res.logprobs.cpu().numpy()
+                if k > 0:
+                    out.top_ids = res.top_logprob_ids.cpu().numpy()
+                    out.top_vals = res.top_logprob_vals.cpu().numpy()
+        if len(input_logits):
+            logp = torch.log_softmax(input_logits, dim=-1)  # [L, vocab]
+            targets = torch.from_numpy(plan.input_logprob_targets).to(dev)
+            out.input_logprobs = logp.gather(1, targets[:, None]).squeeze(1).cpu().numpy()
+            want = plan.input_logprob_start >= 0
+            k = int(plan.top_logprobs_num[want].max())
+            if k > 0:
+                vals, ids = logp.topk(k, dim=-1)
+                out.input_top_ids, out.input_top_vals = ids.cpu().numpy(), vals.cpu().numpy()
+        return out

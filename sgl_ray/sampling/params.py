@@ -1,0 +1,108 @@
+"""Per-request sampling parameters (names follow SGLang's native API)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from sgl_ray.errors import InvalidRequestError
+
+_MAX_STOP_STRINGS = 64
+_MAX_N = 128
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How one request is decoded.
+
+    ``temperature=0`` means greedy. ``top_k=-1`` (or 0) disables top-k. ``seed`` makes a sampled request
+    reproducible regardless of what else shares its batch. ``stop`` strings are trimmed from the output unless
+    ``no_stop_trim``; ``stop_token_ids`` end the request like EOS does.
+
+    Example::
+
+        >>> p = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=32, stop=["\\n\\n"])
+        >>> p.normalized().stop
+        ['\\n\\n']
+    """
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    n: int = 1
+    seed: int | None = None
+    logit_bias: dict[int, float] | None = None
+
+    def normalized(self) -> SamplingParams:
+        """A copy with ``stop`` as a list, ``top_k`` disabled as -1, and every field validated."""
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = [stop]
+        p = msgspec.structs.replace(
+            self,
+            stop=list(stop) if stop else None,
+            top_k=-1 if self.top_k in (0, -1) else self.top_k,
+            logit_bias={int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None,
+        )
+        p.validate()
+        return p
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise :class:`InvalidRequestError` naming the first bad field."""
+
+        def bad(param: str, msg: str) -> InvalidRequestError:
+            return InvalidRequestError(f"{param}: {msg}", param=param)
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise bad("max_new_tokens", f"must be a non-negative integer, got {self.max_new_tokens!r}")
+        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+            raise bad("min_new_tokens", f"must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if not (self.temperature >= 0.0) or self.temperature > 100.0:
+            raise bad("temperature", f"must be in [0, 100], got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1 or self.top_k == 0:
+            raise bad("top_k", f"must be -1 (disabled) or a positive integer, got {self.top_k}")
+        if not (0.0 <= self.min_p <= 1.0):
+            raise bad("min_p", f"must be in [0, 1], got {self.min_p}")
+        if not (-2.0 <= self.frequency_penalty <= 2.0):
+            raise bad("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
+        if not (-2.0 <= self.presence_penalty <= 2.0):
+            raise bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
+        if not (0.0 < self.repetition_penalty <= 2.0):
+            raise bad("repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty}")
+        if not (1 <= self.n <= _MAX_N):
+            raise bad("n", f"must be in [1, {_MAX_N}], got {self.n}")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > _MAX_STOP_STRINGS:
+            raise bad("stop", f"at most {_MAX_STOP_STRINGS} stop strings")
+        if any(not isinstance(s, str) or s == "" for s in stops):
+            raise bad("stop", "stop strings must be non-empty strings")
+        for tid in self.stop_token_ids or []:
+            if tid < 0 or (vocab_size is not None and tid >= vocab_size):
+                raise bad("stop_token_ids", f"token id {tid} is outside the vocabulary")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise bad("seed", f"must be in [0, 2**63), got {self.seed}")
+        for tid, bias in (self.logit_bias or {}).items():
+            if int(tid) < 0 or (vocab_size is not None and int(tid) >= vocab_size):
+                raise bad("logit_bias", f"token id {tid} is outside the vocabulary")
+            if not (-100.0 <= float(bias) <= 100.0):
+                raise bad("logit_bias", f"bias for token {tid} must be in [-100, 100], got {bias}")
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0

@@ -1,0 +1,157 @@
+"""One scheduled step: which requests compute how many tokens, turned into a :class:`StepPlan`, and the
+mapping of the runner's results back to requests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sgl_ray.scheduler.kv_manager import KVCacheManager
+from sgl_ray.scheduler.output import RequestOutput
+from sgl_ray.scheduler.plan import NewRequest, StepOutput, StepPlan
+from sgl_ray.scheduler.request import Req
+
+Sampled = tuple[int, float | None, np.ndarray | None, np.ndarray | None]  # token, logprob, top ids, top vals
+
+
+@dataclass
+class BatchEntry:
+    req: Req
+    prefix_len: int  # tokens with KV before this step
+    extend_len: int
+    sample: bool
+    new: bool
+    input_lp_start: int = -1  # first prompt position whose logprob this step returns
+    input_lp_count: int = 0
+    input_logprobs: list[float] = field(default_factory=list)
+    input_top: list[list[tuple[float, int]]] = field(default_factory=list)
+
+    @property
+    def input_logprob_end(self) -> int:
+        return self.input_lp_start + self.input_lp_count
+
+    def fill_logprobs(self, out: RequestOutput, req: Req, sampled: Sampled | None) -> None:
+        k = req.top_logprobs_num
+        if sampled is not None:
+            token, lp, top_ids, top_vals = sampled
+            out.output_logprobs = [(lp, token)]
+            if k > 0 and top_ids is not None and top_vals is not None:
+                out.output_top_logprobs = [
+                    [(float(v), int(i)) for v, i in zip(top_vals[:k], top_ids[:k], strict=True)]
+                ]
+            elif k > 0:
+                out.output_top_logprobs = [[]]
+        if self.input_lp_count:
+            targets = req.prompt_ids[self.input_lp_start : self.input_logprob_end]
+            lps: list[tuple[float | None, int]] = list(zip(self.input_logprobs, targets, strict=True))
+            tops = [t[:k] for t in self.input_top] if k > 0 else None
+            if self.input_lp_start == 1 and req.logprob_start_len == 0:
+                lps.insert(0, (None, req.prompt_ids[0]))
+                if tops is not None:
+                    tops.insert(0, [])
+            out.input_logprobs = lps
+            out.input_top_logprobs = tops
+
+
+class ScheduledBatch:
+    def __init__(self, step_id: int) -> None:
+        self.step_id = step_id
+        self.entries: list[BatchEntry] = []
+        self.num_prefill_tokens = 0
+        self.plan = StepPlan(step_id=step_id)
+
+    def add(self, req: Req, extend_len: int, new: bool = False) -> None:
+        prefix = req.num_computed
+        entry = BatchEntry(req, prefix, extend_len, prefix + extend_len == req.num_tokens, new)
+        if extend_len > 1 or not req.output_ids:
+            self.num_prefill_tokens += extend_len
+        if req.wants_input_logprobs:
+            lo = max(req.logprob_start_len, req.input_logprob_next, prefix + 1)
+            hi = min(prefix + extend_len, len(req.prompt_ids) - 1)
+            if hi >= lo:
+                entry.input_lp_start, entry.input_lp_count = lo, hi - lo + 1
+        self.entries.append(entry)
+
+    def finalize(self, kv: KVCacheManager) -> ScheduledBatch:
+        entries = self.entries
+        plan = self.plan
+        plan.freed_req_pool_idxs = kv.take_freed_req_slots()
+        plan.new_requests = [_new_request(e.req) for e in entries if e.new]
+        plan.table_req, plan.table_pos, plan.table_slot = kv.take_table_writes()
+        if not entries:
+            return self
+        i64 = np.int64
+        plan.req_pool_idxs = np.fromiter((e.req.req_pool_idx for e in entries), i64, len(entries))
+        plan.prefix_lens = np.fromiter((e.prefix_len for e in entries), i64, len(entries))
+        plan.extend_lens = np.fromiter((e.extend_len for e in entries), i64, len(entries))
+        plan.sample = np.fromiter((e.sample for e in entries), np.bool_, len(entries))
+        plan.input_ids = np.fromiter(_input_ids(entries), i64, int(plan.extend_lens.sum()))
+        plan.out_cache_loc = np.concatenate(
+            [e.req.kv_slots.view()[e.prefix_len : e.prefix_len + e.extend_len] for e in entries]
+        )
+        plan.top_logprobs_num = np.fromiter(
+            (e.req.top_logprobs_num if e.req.return_logprob else -1 for e in entries), i64, len(entries)
+        )
+        plan.input_logprob_start = np.fromiter(
+            (e.input_lp_start - 1 - e.prefix_len if e.input_lp_count else -1 for e in entries),
+            i64,
+            len(entries),
+        )
+        plan.input_logprob_counts = np.fromiter((e.input_lp_count for e in entries), i64, len(entries))
+        if plan.input_logprob_counts.any():
+            plan.input_logprob_targets = np.array(
+                [
+                    t
+                    for e in entries
+                    if e.input_lp_count
+                    for t in e.req.prompt_ids[e.input_lp_start : e.input_logprob_end]
+                ],
+                dtype=i64,
+            )
+        return self
+
+    def iter_results(self, result: StepOutput) -> Iterator[tuple[BatchEntry, Sampled | None]]:
+        s = 0
+        lp = 0
+        for e in self.entries:
+            if e.input_lp_count and result.input_logprobs is not None:
+                e.input_logprobs = result.input_logprobs[lp : lp + e.input_lp_count].tolist()
+                if result.input_top_ids is not None and result.input_top_vals is not None:
+                    ids = result.input_top_ids[lp : lp + e.input_lp_count].tolist()
+                    vals = result.input_top_vals[lp : lp + e.input_lp_count].tolist()
+                    e.input_top = [list(zip(v, i, strict=True)) for v, i in zip(vals, ids, strict=True)]
+                lp += e.input_lp_count
+            if not e.sample:
+                yield e, None
+                continue
+            token = int(result.next_token_ids[s])
+            logprob = float(result.logprobs[s]) if result.logprobs is not None else None
+            top_ids = result.top_ids[s] if result.top_ids is not None else None
+            top_vals = result.top_vals[s] if result.top_vals is not None else None
+            s += 1
+            yield e, (token, logprob, top_ids, top_vals)
+
+
+def _input_ids(entries: list[BatchEntry]) -> Iterator[int]:
+    for e in entries:
+        r = e.req
+        if e.extend_len == 1:
+            pos = e.prefix_len
+            n_prompt = len(r.prompt_ids)
+            yield r.prompt_ids[pos] if pos < n_prompt else r.output_ids[pos - n_prompt]
+        else:
+            yield from r.fill_ids[e.prefix_len : e.prefix_len + e.extend_len]
+
+
+def _new_request(req: Req) -> NewRequest:
+    p = req.sampling
+    return NewRequest(
+        req_pool_idx=req.req_pool_idx,
+        sampling=p,
+        seed=req.seed,
+        eos_token_ids=[] if p.ignore_eos else list(req.eos_token_ids),
+        prompt_ids=list(req.prompt_ids) if p.repetition_penalty != 1.0 else [],
+        output_ids=list(req.output_ids),
+    )

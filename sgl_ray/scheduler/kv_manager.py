@@ -1,0 +1,166 @@
+"""KV slot bookkeeping for the scheduler: allocator, prefix cache, request slots, and the table writes the runner
+must apply.
+
+Ownership (see ``sgl_ray.mem_cache.base``): a request's ``kv_slots[:tree_len]`` belong to the prefix cache (locked
+through ``cache_node``); ``kv_slots[tree_len:]`` belong to the request until it hands them to the cache
+(:meth:`cache_unfinished`, :meth:`release`) or frees them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from sgl_ray.mem_cache.allocator import PagedAllocator
+from sgl_ray.mem_cache.base import CacheKey, MatchResult
+from sgl_ray.mem_cache.radix_cache import RadixCache
+from sgl_ray.scheduler.request import Req
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+class KVCacheManager:
+    def __init__(
+        self, num_slots: int, page_size: int, max_reqs: int, enable_prefix_cache: bool = True
+    ) -> None:
+        self.page_size = page_size
+        self.allocator = PagedAllocator(num_slots, page_size)
+        self.cache = RadixCache(self.allocator) if enable_prefix_cache else None
+        self.max_reqs = max_reqs
+        self._free_req_slots: deque[int] = deque(range(max_reqs))
+        self._table_writes: list[tuple[int, int, np.ndarray]] = []
+        self._freed_req_slots: list[int] = []
+
+    # --- capacity ---------------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.allocator.capacity
+
+    def available(self) -> int:
+        """Slots obtainable now: free plus evictable."""
+        return self.allocator.num_free_slots + (self.cache.evictable_size if self.cache else 0)
+
+    @property
+    def num_free_req_slots(self) -> int:
+        return len(self._free_req_slots)
+
+    # --- admission --------------------------------------------------------------------------------------------
+    def match(self, req: Req) -> MatchResult | None:
+        """Longest cached prefix usable by ``req``: at least one token is left to compute (its logits are needed),
+        and no prompt position whose logprob is requested is skipped."""
+        if self.cache is None:
+            return None
+        limit = req.num_tokens - 1
+        if req.wants_input_logprobs:
+            limit = min(limit, max(req.logprob_start_len, req.input_logprob_next, 1) - 1)
+        limit -= limit % self.page_size
+        if limit <= 0:
+            return None
+        return self.cache.match_prefix(CacheKey(req.fill_ids[:limit], req.extra_key))
+
+    def admit(self, req: Req, match: MatchResult | None) -> bool:
+        """Bind ``req`` to a request slot and lock its cached prefix. False when no request slot is free."""
+        if not self._free_req_slots:
+            return False
+        req.req_pool_idx = self._free_req_slots.popleft()
+        req.kv_slots.clear()
+        prefix = match.slots if match is not None else _EMPTY
+        req.kv_slots.extend(prefix)
+        req.num_computed = req.tree_len = len(prefix)
+        if self.cache is not None and match is not None:
+            self.cache.inc_lock(match.node)
+            req.cache_node = match.node
+        if len(prefix):
+            self._table_writes.append((req.req_pool_idx, 0, prefix))
+        return True
+
+    def alloc(self, reqs: list[Req], extend_lens: list[int]) -> np.ndarray | None:
+        """Slots for ``extend_lens[i]`` more tokens of each request (appended to its ``kv_slots``), evicting
+        cached prefixes if needed. None (and nothing allocated) when the pool cannot hold them."""
+        if not reqs:
+            return _EMPTY
+        seq = np.fromiter((len(r.kv_slots) for r in reqs), dtype=np.int64, count=len(reqs))
+        last = np.fromiter(
+            (r.kv_slots.view()[-1] if len(r.kv_slots) else -1 for r in reqs), np.int64, len(reqs)
+        )
+        ext = np.asarray(extend_lens, dtype=np.int64)
+        slots = self.allocator.alloc_extend(seq, last, ext)
+        if slots is None and self.cache is not None:
+            need = int(ext.sum()) + self.page_size * len(reqs) - self.allocator.num_free_slots
+            self.cache.evict(max(need, 0))
+            slots = self.allocator.alloc_extend(seq, last, ext)
+        if slots is None:
+            return None
+        offset = 0
+        for r, n in zip(reqs, extend_lens, strict=True):
+            r.kv_slots.extend(slots[offset : offset + n])
+            offset += n
+        return slots
+
+    # --- handing KV to the prefix cache -----------------------------------------------------------------------
+    def _insert(self, req: Req) -> tuple[int, np.ndarray]:
+        """Insert the request's computed whole pages; free its duplicates of what was already cached.
+        Returns (inserted length, the request's slots after the insert)."""
+        assert self.cache is not None
+        n = req.num_computed - req.num_computed % self.page_size
+        slots = req.kv_slots.view()
+        if n <= req.tree_len:
+            return req.tree_len, slots
+        key = CacheKey(req.fill_ids[:n], req.extra_key)
+        res = self.cache.insert(key, slots[:n].copy())
+        if res.num_cached > req.tree_len:
+            self.allocator.free(slots[req.tree_len : res.num_cached].copy())
+        return n, slots
+
+    def cache_unfinished(self, req: Req) -> None:
+        """After a prefill chunk: share the computed prefix with other requests and re-lock it for this one."""
+        if self.cache is None:
+            return
+        old_tree_len = req.tree_len
+        n, slots = self._insert(req)
+        if n == old_tree_len:
+            return
+        match = self.cache.match_prefix(CacheKey(req.fill_ids[:n], req.extra_key))
+        changed = np.nonzero(match.slots[old_tree_len:n] != slots[old_tree_len:n])[0]
+        if len(changed):
+            slots[old_tree_len:n] = match.slots[old_tree_len:n]
+            self._table_writes.append((req.req_pool_idx, old_tree_len, match.slots[old_tree_len:n].copy()))
+        self.cache.inc_lock(match.node)
+        if req.cache_node is not None:
+            self.cache.dec_lock(req.cache_node)
+        req.cache_node, req.tree_len = match.node, n
+
+    def release(self, req: Req) -> None:
+        """The request stops running (finished, aborted or preempted): its computed prefix goes to the cache, the
+        rest of its slots and its request slot are freed."""
+        slots = req.kv_slots.view()
+        if self.cache is not None:
+            n, slots = self._insert(req)
+            if len(slots) > n:
+                self.allocator.free(slots[n:].copy())
+            if req.cache_node is not None:
+                self.cache.dec_lock(req.cache_node)
+        elif len(slots):
+            self.allocator.free(slots.copy())
+        if req.req_pool_idx >= 0:
+            self._free_req_slots.append(req.req_pool_idx)
+            self._freed_req_slots.append(req.req_pool_idx)
+        req.kv_slots.clear()
+        req.req_pool_idx, req.cache_node, req.tree_len = -1, None, 0
+
+    def flush(self) -> bool:
+        return self.cache.flush() if self.cache is not None else True
+
+    # --- what the next plan must carry ---------------------------------------------------------------------------
+    def take_table_writes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        writes, self._table_writes = self._table_writes, []
+        if not writes:
+            return _EMPTY, _EMPTY, _EMPTY
+        reqs = np.concatenate([np.full(len(s), r, dtype=np.int64) for r, _, s in writes])
+        pos = np.concatenate([np.arange(p, p + len(s), dtype=np.int64) for _, p, s in writes])
+        return reqs, pos, np.concatenate([s for _, _, s in writes]).astype(np.int64)
+
+    def take_freed_req_slots(self) -> list[int]:
+        freed, self._freed_req_slots = self._freed_req_slots, []
+        return freed

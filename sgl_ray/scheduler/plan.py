@@ -1,0 +1,78 @@
+"""The narrow types that cross the scheduler ↔ model-runner boundary.
+
+A :class:`StepPlan` is all a runner (or a model-shard actor) gets per step; a :class:`StepOutput` is all it sends
+back. The runner keeps per-request state only in "request slots" (``req_pool_idx``): the ``req_to_token`` row and
+the sampling state, both written from the plan. Arrays are numpy so they serialise cheaply.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+
+from sgl_ray.sampling.params import SamplingParams
+
+_I64 = np.int64
+
+
+def _empty(dtype: type = _I64) -> np.ndarray:
+    return np.zeros(0, dtype=dtype)
+
+
+class NewRequest(msgspec.Struct, kw_only=True):
+    """Binds a request to ``req_pool_idx`` (on admission, and again on resume after preemption)."""
+
+    req_pool_idx: int
+    sampling: SamplingParams
+    seed: int
+    eos_token_ids: list[int]
+    prompt_ids: list[int]  # for the repetition penalty; empty when the request uses no penalties
+    output_ids: list[int]  # tokens generated before a preemption (their counts feed the penalties)
+
+
+class StepPlan(msgspec.Struct, kw_only=True):
+    """One forward step over B requests and T new tokens (layout as in ``ForwardBatch``).
+
+    ``table_*`` are extra ``req_to_token`` writes (cached-prefix slots of newly admitted requests, remaps after the
+    prefix cache deduplicated KV); the new tokens' own slots come from ``out_cache_loc``. For request ``r``,
+    ``input_logprob_start[r] >= 0`` asks for logprobs of the prompt tokens that follow rows
+    ``start .. start + n_r`` of its chunk, against the next ``n_r`` entries of ``input_logprob_targets``.
+    """
+
+    step_id: int
+    new_requests: list[NewRequest] = []
+    freed_req_pool_idxs: list[int] = []
+    table_req: np.ndarray = msgspec.field(default_factory=_empty)
+    table_pos: np.ndarray = msgspec.field(default_factory=_empty)
+    table_slot: np.ndarray = msgspec.field(default_factory=_empty)
+    req_pool_idxs: np.ndarray = msgspec.field(default_factory=_empty)  # [B]
+    prefix_lens: np.ndarray = msgspec.field(default_factory=_empty)  # [B]
+    extend_lens: np.ndarray = msgspec.field(default_factory=_empty)  # [B]
+    input_ids: np.ndarray = msgspec.field(default_factory=_empty)  # [T]
+    out_cache_loc: np.ndarray = msgspec.field(default_factory=_empty)  # [T]
+    sample: np.ndarray = msgspec.field(default_factory=lambda: _empty(np.bool_))  # [B]
+    top_logprobs_num: np.ndarray = msgspec.field(default_factory=_empty)  # [B], -1: no logprobs
+    input_logprob_start: np.ndarray = msgspec.field(default_factory=_empty)  # [B], -1: none
+    input_logprob_counts: np.ndarray = msgspec.field(default_factory=_empty)  # [B]
+    input_logprob_targets: np.ndarray = msgspec.field(default_factory=_empty)  # [sum counts]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.extend_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+class StepOutput(msgspec.Struct, kw_only=True):
+    """Results for the sampling requests of a step, in batch order (S = number of ``sample`` rows)."""
+
+    step_id: int
+    next_token_ids: np.ndarray  # [S]
+    logprobs: np.ndarray | None = None  # [S] raw-distribution logprob of each sampled token
+    top_ids: np.ndarray | None = None  # [S, k]
+    top_vals: np.ndarray | None = None  # [S, k]
+    input_logprobs: np.ndarray | None = None  # [sum input_logprob_counts]
+    input_top_ids: np.ndarray | None = None  # [sum counts, k]
+    input_top_vals: np.ndarray | None = None

@@ -1,0 +1,135 @@
+"""A request as the scheduler tracks it.
+
+There is no separate prefill or decode phase: a request has ``fill_ids`` (prompt + tokens generated so far) and
+``num_computed`` of them have KV in the pool. Each step computes some of the rest; once all of ``fill_ids`` but
+the newest token are computed, the request is decoding (it computes exactly that newest token each step).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from sgl_ray.sampling.params import SamplingParams
+
+
+class ReqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(msgspec.Struct, frozen=True):
+    """``type`` is ``stop`` (EOS, stop token or stop string in ``matched``), ``length`` or ``abort``."""
+
+    type: str
+    matched: int | str | None = None
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type}
+        if self.type == "length":
+            out["length"] = self.matched
+        elif self.type == "stop":
+            out["matched"] = self.matched
+        if self.message:
+            out["message"] = self.message
+        return out
+
+
+@dataclass
+class RequestGroup:
+    """Siblings of an ``n > 1`` request: one leads the prompt prefill, the others then reuse its cached KV."""
+
+    leader: str | None = None
+    prompt_cached: bool = False
+
+
+class SlotList:
+    """A growable int64 array of KV slots (amortised O(1) append)."""
+
+    __slots__ = ("_buf", "_len")
+
+    def __init__(self) -> None:
+        self._buf = np.zeros(16, dtype=np.int64)
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def view(self) -> np.ndarray:
+        return self._buf[: self._len]
+
+    def extend(self, slots: np.ndarray) -> None:
+        need = self._len + len(slots)
+        if need > len(self._buf):
+            grown = np.zeros(max(need, 2 * len(self._buf)), dtype=np.int64)
+            grown[: self._len] = self._buf[: self._len]
+            self._buf = grown
+        self._buf[self._len : need] = slots
+        self._len = need
+
+    def truncate(self, n: int) -> None:
+        self._len = min(self._len, n)
+
+    def clear(self) -> None:
+        self._len = 0
+
+
+@dataclass(eq=False)
+class Req:
+    rid: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    seed: int
+    eos_token_ids: tuple[int, ...] = ()
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1  # first prompt position whose logprob is returned; -1: none
+    priority: int = 0
+    extra_key: str | None = None  # namespace of the prefix cache (e.g. a LoRA adapter)
+    group: RequestGroup | None = None
+    arrival: float = field(default_factory=time.monotonic)
+
+    status: ReqStatus = ReqStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    kv_slots: SlotList = field(default_factory=SlotList)  # slots of fill_ids[: len(kv_slots)]
+    req_pool_idx: int = -1
+    cache_node: Any = None  # locked prefix-cache node
+    tree_len: int = 0  # leading kv_slots owned by the prefix cache (under cache_node)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    admit_seq: int = -1  # admission order, for choosing preemption victims
+    num_retractions: int = 0
+    finish_reason: FinishReason | None = None
+    input_logprob_next: int = 1  # next prompt position whose logprob is still to be collected
+    prefix_len_hint: int = 0  # last match length seen by the policy
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.num_computed == self.num_tokens - 1 and len(self.output_ids) > 0
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return max(0, self.sampling.max_new_tokens - len(self.output_ids))
+
+    @property
+    def wants_input_logprobs(self) -> bool:
+        return (
+            self.return_logprob
+            and self.logprob_start_len >= 0
+            and self.input_logprob_next < len(self.prompt_ids)
+        )

