@@ -75,3 +75,59 @@ def tiny_qwen3_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str)
     """Qwen3 (q/k norms), 2 layers, tied embeddings, one safetensors file."""
     config = Qwen3Config(**_TINY_SHAPE, num_hidden_layers=2, tie_word_embeddings=True)
     return _save_tiny_model(config, tmp_path_factory.mktemp("tiny_qwen3"), smollm2_path)
+
+
+# --- transformers references ------------------------------------------------------------------------------------
+
+
+class GreedyReference:
+    """Greedy continuations from a transformers model (fp32, one prompt at a time), memoized per session."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._cache: dict[tuple[tuple[int, ...], int], list[int]] = {}
+
+    def __call__(self, input_ids: list[int], max_new_tokens: int) -> list[int]:
+        key = (tuple(input_ids), max_new_tokens)
+        if key not in self._cache:
+            ids = torch.tensor([input_ids])
+            with torch.no_grad():
+                out = self.model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    min_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+            self._cache[key] = out[0, len(input_ids) :].tolist()
+        return self._cache[key]
+
+
+def _hf_model(path: str) -> torch.nn.Module:
+    p = Path(path)
+    if p.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+    model.generation_config.eos_token_id = None  # references run to max_new_tokens (engine uses ignore_eos)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_reference(smollm2_path, tiny_llama_path, tiny_qwen2_path, tiny_qwen3_path):
+    """``hf_reference(name)`` → a :class:`GreedyReference` for "smollm2", "llama", "qwen2" or "qwen3"."""
+    paths = {
+        "smollm2": smollm2_path,
+        "llama": tiny_llama_path,
+        "qwen2": tiny_qwen2_path,
+        "qwen3": tiny_qwen3_path,
+    }
+    loaded: dict[str, GreedyReference] = {}
+
+    def get(name: str) -> GreedyReference:
+        if name not in loaded:
+            loaded[name] = GreedyReference(_hf_model(paths[name]))
+        return loaded[name]
+
+    return get

@@ -54,9 +54,10 @@ class TorchAttentionBackend(AttentionBackend):
         if len(decode_rows):
             rows = torch.from_numpy(decode_rows).to(self.device)
             max_len = int(seq[decode_rows].max())
-            kv_slots = batch.req_to_token[batch.req_pool_idxs[rows], :max_len]
             lens = batch.seq_lens[rows]
             mask = torch.arange(max_len, device=self.device)[None, :] < lens[:, None]
+            # Padding reads the reserved slot 0 (finite), never a stale slot that may hold garbage.
+            kv_slots = batch.req_to_token[batch.req_pool_idxs[rows], :max_len].masked_fill(~mask, 0)
             decode = _DecodePart(
                 token_idx=torch.from_numpy(starts[decode_rows]).to(self.device),
                 kv_slots=kv_slots,
