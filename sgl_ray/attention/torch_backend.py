@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class _DecodePart:
     token_idx: torch.Tensor  # [Bd] rows of the token array
     kv_slots: torch.Tensor  # [Bd, L] KV slots, padded with slot 0
-    mask: torch.Tensor  # [Bd, 1, 1, L] True where a key is real
+    mask: torch.Tensor | None  # [Bd, 1, 1, L] True where a key is real; None when no request is padded
 
 
 @dataclass
@@ -54,14 +54,16 @@ class TorchAttentionBackend(AttentionBackend):
         if len(decode_rows):
             rows = torch.from_numpy(decode_rows).to(self.device)
             max_len = int(seq[decode_rows].max())
-            lens = batch.seq_lens[rows]
-            mask = torch.arange(max_len, device=self.device)[None, :] < lens[:, None]
-            # Padding reads the reserved slot 0 (finite), never a stale slot that may hold garbage.
-            kv_slots = batch.req_to_token[batch.req_pool_idxs[rows], :max_len].masked_fill(~mask, 0)
+            kv_slots = batch.req_to_token[batch.req_pool_idxs[rows], :max_len]
+            mask = None
+            if int(seq[decode_rows].min()) < max_len:  # ragged: mask the padding
+                lens = batch.seq_lens[rows]
+                valid = torch.arange(max_len, device=self.device)[None, :] < lens[:, None]
+                # Padding reads the reserved slot 0 (finite), never a stale slot that may hold garbage.
+                kv_slots = kv_slots.masked_fill(~valid, 0)
+                mask = valid[:, None, None, :]
             decode = _DecodePart(
-                token_idx=torch.from_numpy(starts[decode_rows]).to(self.device),
-                kv_slots=kv_slots,
-                mask=mask[:, None, None, :],
+                token_idx=torch.from_numpy(starts[decode_rows]).to(self.device), kv_slots=kv_slots, mask=mask
             )
         extends = []
         for r in np.nonzero(ext != 1)[0]:

@@ -68,12 +68,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", emb.cos(), persistent=False)  # [max_position, head_dim]
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for ``positions`` ([T]) as ``[T, 1, head_dim]`` in ``dtype`` — computed once per forward
+        pass and shared by every layer."""
+        cos = self.cos_cache[positions].unsqueeze(1)
+        sin = self.sin_cache[positions].unsqueeze(1)
+        return (cos, sin) if dtype == torch.float32 else (cos.to(dtype), sin.to(dtype))
+
+    @staticmethod
+    def apply(
+        q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``q``: [T, num_heads, head_dim], ``k``: [T, num_kv_heads, head_dim], ``positions``: [T]."""
-        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [T, 1, head_dim]
-        sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        return q, k
+        """``q``: [T, num_heads, head_dim], ``k``: [T, num_kv_heads, head_dim]."""
+        cos, sin = cos_sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -23,6 +23,8 @@ from sgl_ray.layers.rotary import RotaryEmbedding
 from sgl_ray.models.loading import load_stacked_weights
 from sgl_ray.runner.forward_batch import ForwardBatch
 
+CosSin = tuple[torch.Tensor, torch.Tensor]
+
 
 @dataclass(frozen=True)
 class DecoderFlags:
@@ -41,7 +43,6 @@ class LlamaAttention(nn.Module):
         self,
         config: ModelConfig,
         layer_id: int,
-        rotary: RotaryEmbedding,
         flags: DecoderFlags,
         tp: Communicator,
     ) -> None:
@@ -52,7 +53,6 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             config.num_heads * config.head_dim, config.hidden_size, flags.o_bias, tp
         )
-        self.rotary = rotary
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if flags.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if flags.qk_norm else None
         qkv = self.qkv_proj
@@ -60,7 +60,7 @@ class LlamaAttention(nn.Module):
             qkv.num_heads, qkv.head_dim, config.head_dim**-0.5, qkv.num_kv_heads, layer_id
         )
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, cos_sin: CosSin, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 * KVH) * D]
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
         t, d = hidden.shape[0], self.qkv_proj.head_dim
@@ -68,7 +68,7 @@ class LlamaAttention(nn.Module):
         k = k.reshape(t, -1, d)  # [T, KVH, D]
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = RotaryEmbedding.apply(q, k, cos_sin)
         out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v.contiguous(), batch)
         return self.o_proj(out)
 
@@ -93,19 +93,18 @@ class LlamaDecoderLayer(nn.Module):
         self,
         config: ModelConfig,
         layer_id: int,
-        rotary: RotaryEmbedding,
         flags: DecoderFlags,
         tp: Communicator,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id, rotary, flags, tp)
+        self.self_attn = LlamaAttention(config, layer_id, flags, tp)
         self.mlp = LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
         self,
-        positions: torch.Tensor,
+        cos_sin: CosSin,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         batch: ForwardBatch,
@@ -114,7 +113,7 @@ class LlamaDecoderLayer(nn.Module):
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, batch)
+        hidden = self.self_attn(cos_sin, hidden, batch)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -123,17 +122,16 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, flags: DecoderFlags, tp: Communicator) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        rotary = RotaryEmbedding(config.head_dim, config.rope_parameters, config.context_length)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary, flags, tp) for i in range(config.num_layers)
-        )
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_parameters, config.context_length)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, flags, tp) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:  # -> [T, hidden]
         hidden = self.embed_tokens(batch.input_ids)
+        cos_sin = self.rotary.cos_sin(batch.positions, hidden.dtype)
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(batch.positions, hidden, residual, batch)
+            hidden, residual = layer(cos_sin, hidden, residual, batch)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -6,9 +6,10 @@ sorted descending. top-k keeps the first ``k``; top-p keeps the shortest prefix 
 cutoff ``c`` is the largest of the three thresholds, and the kept set is ``{v : z_v >= c}`` — every token tied
 with the cutoff is kept, so the set depends on the logits alone, never on how a sort broke ties.
 
-Finding ``c`` needs the sorted prefix up to the last kept token. With ``truncate`` (meant for CPU, where reading
-a flag back is free and a full sort is slow) it tries ``topk(k)`` for a growing ``k`` until every row's prefix
-fits; otherwise it sorts the whole row once and never reads device memory. Both give the same cutoffs.
+Finding ``c`` needs the sorted prefix up to the last kept token. top-k alone needs only ``topk(max k)``. For
+top-p, with ``truncate`` (meant for CPU, where reading a flag back is free and a full sort is slow) it tries
+``topk(k)`` for a growing ``k`` until every row's prefix holds its top-p set; otherwise it sorts the whole row
+once and never reads device memory. All ways give the same cutoffs.
 """
 
 from __future__ import annotations
@@ -44,14 +45,18 @@ def select_candidates(
     cutoff = torch.full((b, 1), float("-inf"), device=z.device)
     if plan.top_k or plan.top_p:
         lse = torch.logsumexp(z, dim=-1, keepdim=True) if plan.top_p else None  # [B, 1]
-        k = min(v, _pow2_at_least(max(_FIRST_K, plan.max_top_k))) if truncate else v
+        # top-k alone always fits in the largest k; top-p needs a full sort unless truncating (a host read).
+        if truncate:
+            k = min(v, _pow2_at_least(max(_FIRST_K, plan.max_top_k)))
+        else:
+            k = v if plan.top_p else plan.max_top_k
         while True:
             if k == v:
                 vals, ids = z.sort(dim=-1, descending=True)
             else:
                 vals, ids = z.topk(k, dim=-1)
             cutoff, fits = _prefix_cutoff(vals, lse, state, slots, v)
-            if k == v or bool((fits | greedy).all()):  # host read only while truncating
+            if k == v or not plan.top_p or bool((fits | greedy).all()):
                 break
             k = min(v, k * _GROWTH)
     zmax = vals[:, :1] if vals is not None else z.amax(dim=-1, keepdim=True)  # [B, 1]

@@ -39,16 +39,19 @@ def token_keys(token_ids: torch.Tensor) -> torch.Tensor:
     return (token_ids * _GOLDEN).bitwise_and_(_MASK32)
 
 
-def row_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """One 32-bit key per row from its 63-bit seed and its position.
+def seed_keys(seeds: torch.Tensor) -> torch.Tensor:
+    """A 32-bit key per 63-bit seed: [N] int64 in ``[0, 2**63)`` -> [N] int64 in ``[0, 2**32)``.
 
-    seeds: [B] int64 in ``[0, 2**63)``; positions: [B] int64 in ``[0, 2**32)``. Returns [B] int64.
+    Computed once per request (at admission), so a sampling step only mixes in the position.
     """
     lo = seeds & _MASK32
     hi = (seeds >> 32) & _MASK32
-    key = mix32(lo ^ _SEED_SALT)
-    key = mix32(key ^ hi)
-    return mix32(key ^ (positions & _MASK32))
+    return mix32(mix32(lo ^ _SEED_SALT) ^ hi)
+
+
+def row_keys(seed_key: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One 32-bit key per row: seed_key [B] from :func:`seed_keys`, positions [B] int64. Returns [B] int64."""
+    return mix32(seed_key ^ (positions & _MASK32))
 
 
 def uniform(keys: torch.Tensor, token_key: torch.Tensor) -> torch.Tensor:

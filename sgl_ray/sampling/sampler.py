@@ -106,7 +106,7 @@ class Sampler:
         temperature = state.temperature[slots]
         temperature = torch.where(state.greedy[slots], torch.ones_like(temperature), temperature)
         z = x / temperature.unsqueeze(1)  # [B, V]
-        keys = noise.row_keys(state.seed[slots], positions)  # [B]
+        keys = noise.row_keys(state.seed_key[slots], positions)  # [B]
         if not (plan.top_k or plan.top_p or plan.min_p):
             z.sub_(noise.log_exponential(keys, self._vocab_token_keys(z.shape[-1], z.device)))
             return z.argmax(dim=-1)

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from sgl_ray.sampling import noise
 from sgl_ray.sampling.params import SamplingParams
 
 TokenIds = Sequence[int] | np.ndarray
@@ -99,6 +100,9 @@ class SamplingState:
         self.presence_penalty = f32(0.0)  # [R]
         self.repetition_penalty = f32(1.0)  # [R]
         self.seed = i64(0)  # [R] in [0, 2**63)
+        self.seed_key = noise.seed_keys(
+            self.seed.clone()
+        )  # [R] noise.seed_keys(seed), hashed once at admission
         self.greedy = torch.zeros(r, dtype=torch.bool, device=dev)  # [R]
         self.min_new_tokens = i64(0)  # [R]
         self.num_generated = i64(0)  # [R] output tokens so far (including those before a preemption)
@@ -143,6 +147,7 @@ class SamplingState:
         self.presence_penalty[slot] = params.presence_penalty
         self.repetition_penalty[slot] = params.repetition_penalty
         self.seed[slot] = seed
+        self.seed_key[slot] = int(noise.seed_keys(torch.tensor([seed], dtype=torch.int64))[0])
         self.greedy[slot] = greedy
         self.min_new_tokens[slot] = params.min_new_tokens
         self.num_generated[slot] = len(output_ids)

@@ -59,21 +59,48 @@ class KVCacheManager:
             return None
         return self.cache.match_prefix(CacheKey(req.fill_ids[:limit], req.extra_key))
 
-    def admit(self, req: Req, match: MatchResult | None) -> bool:
-        """Bind ``req`` to a request slot and lock its cached prefix. False when no request slot is free."""
+    def admit(self, req: Req, match: MatchResult | None, num_new: int, reserve: float = 0.0) -> bool:
+        """Bind ``req`` to a request slot, lock its cached prefix and allocate ``num_new`` slots after it — all or
+        nothing. ``reserve`` slots must remain obtainable afterwards (decode headroom for running requests).
+
+        The prefix is locked before memory is checked, so it never counts as evictable room for itself."""
         if not self._free_req_slots:
+            return False
+        node = match.node if match is not None else None
+        if node is not None and self.cache is not None:
+            self.cache.inc_lock(node)
+        prefix = match.slots if match is not None else _EMPTY
+        slots = None
+        if self.available() >= num_new + reserve:
+            slots = self._alloc(
+                np.array([len(prefix)]), np.array([prefix[-1] if len(prefix) else -1]), np.array([num_new])
+            )
+        if slots is None:
+            if node is not None and self.cache is not None:
+                self.cache.dec_lock(node)
             return False
         req.req_pool_idx = self._free_req_slots.popleft()
         req.kv_slots.clear()
-        prefix = match.slots if match is not None else _EMPTY
         req.kv_slots.extend(prefix)
+        req.kv_slots.extend(slots)
         req.num_computed = req.tree_len = len(prefix)
-        if self.cache is not None and match is not None:
-            self.cache.inc_lock(match.node)
-            req.cache_node = match.node
+        req.cache_node = node
         if len(prefix):
             self._table_writes.append((req.req_pool_idx, 0, prefix))
         return True
+
+    def _alloc(self, seq: np.ndarray, last: np.ndarray, ext: np.ndarray) -> np.ndarray | None:
+        """``allocator.alloc_extend``, evicting cached prefixes first when that can make room."""
+        slots = self.allocator.alloc_extend(seq, last, ext)
+        if slots is None and self.cache is not None:
+            p = self.page_size
+            need = (
+                int(((seq + ext + p - 1) // p - (seq + p - 1) // p).sum()) * p - self.allocator.num_free_slots
+            )
+            if 0 < need <= self.cache.evictable_size:
+                self.cache.evict(need)
+                slots = self.allocator.alloc_extend(seq, last, ext)
+        return slots
 
     def alloc(self, reqs: list[Req], extend_lens: list[int]) -> np.ndarray | None:
         """Slots for ``extend_lens[i]`` more tokens of each request (appended to its ``kv_slots``), evicting
@@ -85,11 +112,7 @@ class KVCacheManager:
             (r.kv_slots.view()[-1] if len(r.kv_slots) else -1 for r in reqs), np.int64, len(reqs)
         )
         ext = np.asarray(extend_lens, dtype=np.int64)
-        slots = self.allocator.alloc_extend(seq, last, ext)
-        if slots is None and self.cache is not None:
-            need = int(ext.sum()) + self.page_size * len(reqs) - self.allocator.num_free_slots
-            self.cache.evict(max(need, 0))
-            slots = self.allocator.alloc_extend(seq, last, ext)
+        slots = self._alloc(seq, last, ext)
         if slots is None:
             return None
         offset = 0

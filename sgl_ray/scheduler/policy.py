@@ -75,12 +75,17 @@ class DFSWeightPolicy(SchedulePolicy):
                 if weight[node] == 1:
                     (children[parent] if parent is not None else roots).append(node)
                 node = parent
+        # Post-order DFS (iterative): heavier subtrees first; a node's own requests after its subtree, so
+        # requests with nothing cached (at a root) come last.
         out: list[Req] = []
-        stack = sorted(roots, key=lambda n: weight[n])  # lightest last → heaviest popped first
+        stack: list[tuple[object, bool]] = [(n, False) for n in sorted(roots, key=lambda n: weight[n])]
         while stack:
-            node = stack.pop()
-            out.extend(reqs_at.get(node, ()))
-            stack.extend(sorted(children.get(node, ()), key=lambda n: weight[n]))
+            node, expanded = stack.pop()
+            if expanded:
+                out.extend(reqs_at.get(node, ()))
+                continue
+            stack.append((node, True))
+            stack.extend((c, False) for c in sorted(children.get(node, ()), key=lambda n: weight[n]))
         out.extend(reqs_at.get(None, ()))
         return out
 

@@ -186,12 +186,8 @@ class Scheduler:
             if not chunking and n > budget and batch.num_prefill_tokens > 0:
                 break
             own_reserve = min(r.remaining_new_tokens, _CLIP_NEW_TOKENS) * self.new_token_ratio
-            if self.running and self.kv.available() < n + reserve + own_reserve:
-                break
-            if not self.kv.admit(r, match):
-                break
-            if self.kv.alloc([r], [n]) is None:
-                self.kv.release(r)
+            # With nothing running, admit whatever fits at all (no headroom rule can deadlock an idle engine).
+            if not self.kv.admit(r, match, n, reserve + own_reserve if self.running else 0.0):
                 break
             if r.admit_seq < 0:
                 r.cached_tokens = r.num_computed
@@ -279,6 +275,13 @@ class Scheduler:
         req.status = ReqStatus.FINISHED
         if req.req_pool_idx >= 0:
             self.kv.release(req)
+        group = req.group
+        if group is not None and group.leader == req.rid and not group.prompt_cached:
+            # A leader that got through its prompt left it in the cache; one that did not hands over the lead.
+            if req.num_computed >= len(req.prompt_ids):
+                group.prompt_cached = True
+            else:
+                group.leader = None
         self.outputs.forget(req.rid)
         if emit:
             self._pending_outputs.append(

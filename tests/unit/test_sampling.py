@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from sgl_ray.errors import InvalidRequestError
 from sgl_ray.sampling import noise
 from sgl_ray.sampling.params import SamplingParams
 from sgl_ray.sampling.penalties import process_logits
@@ -157,10 +158,11 @@ def test_unit_mapping_never_reaches_zero_or_one() -> None:
 
 def test_large_seeds_use_all_63_bits() -> None:
     lo, hi = 12345, 12345 + (1 << 40)
-    seeds = torch.tensor([lo, hi, (1 << 63) - 1])
-    keys = noise.row_keys(seeds, torch.zeros(3, dtype=torch.long))
+    keys = noise.seed_keys(torch.tensor([lo, hi, (1 << 63) - 1]))
     assert len(set(keys.tolist())) == 3
     assert all(0 <= k < 2**32 for k in keys.tolist())
+    st = make_state([SamplingParams()], 5, seeds=[(1 << 63) - 1])
+    assert int(st.seed_key[0]) == int(keys[2])
 
 
 # ---- noise quality ------------------------------------------------------------------------------------------------
@@ -169,7 +171,9 @@ def test_large_seeds_use_all_63_bits() -> None:
 def test_noise_is_uniform_and_uncorrelated() -> None:
     seeds = torch.arange(16).repeat_interleave(64)  # [1024]
     positions = torch.arange(64).repeat(16)  # [1024]
-    u = noise.uniform(noise.row_keys(seeds, positions), noise.token_keys(torch.arange(1024)))  # [1024, 1024]
+    u = noise.uniform(
+        noise.row_keys(noise.seed_keys(seeds), positions), noise.token_keys(torch.arange(1024))
+    )  # [1024, 1024]
     assert u.min() > 0.0 and u.max() < 1.0
     bins = 256
     counts = torch.bincount((u * bins).long().flatten(), minlength=bins).double()
@@ -279,7 +283,7 @@ def test_penalties_match_the_formulas() -> None:
         expected[t] = expected[t] / rep if expected[t] > 0 else expected[t] * rep
     expected -= freq * counts + pres * (counts > 0).float()
     torch.testing.assert_close(got[0], expected)
-    torch.testing.assert_close(got[1], logits[1]), "a request without penalties is untouched"
+    torch.testing.assert_close(got[1], logits[1], msg="a request without penalties is untouched")
 
 
 def test_update_feeds_the_penalties_and_resume_reproduces_the_counts() -> None:
@@ -379,6 +383,14 @@ def test_plan_skips_what_the_batch_does_not_use() -> None:
     assert not st.plan(torch.tensor([1, 2])).all_restricted
 
 
+def test_out_of_vocabulary_ids_are_rejected_on_the_host() -> None:
+    st = SamplingState(max_reqs=2, vocab_size=6)
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        st.set_request(0, SamplingParams(logit_bias={6: 1.0}), seed=0, eos_token_ids=[EOS], prompt_ids=[1])
+    with pytest.raises(InvalidRequestError, match="stop_token_ids"):
+        st.set_request(0, SamplingParams(stop_token_ids=[9]), seed=0, eos_token_ids=[EOS], prompt_ids=[1])
+
+
 def test_mismatched_vocab_is_rejected() -> None:
     st = make_state([SamplingParams()], 6)
     with pytest.raises(ValueError, match="columns"):
@@ -387,7 +399,7 @@ def test_mismatched_vocab_is_rejected() -> None:
 
 def test_gumbel_max_draws_from_softmax() -> None:
     n = 50000
-    keys = noise.row_keys(torch.arange(n), torch.zeros(n, dtype=torch.long))
+    keys = noise.row_keys(noise.seed_keys(torch.arange(n)), torch.zeros(n, dtype=torch.long))
     scores = LOGITS[None] - noise.log_exponential(keys, noise.token_keys(torch.arange(6)))  # [n, 6]
     freq = torch.bincount(scores.argmax(-1), minlength=6).double() / n
     assert float((freq - PROBS.double()).abs().max()) < 0.01  # 1 sd <= 0.0022
