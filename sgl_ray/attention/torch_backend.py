@@ -87,21 +87,25 @@ class TorchAttentionBackend(AttentionBackend):
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
         meta: _Metadata = batch.attn_metadata
         gqa = h != kvh
-        out = torch.empty_like(q)  # [T, H, D]
+        only_decode = not meta.extends  # then the decode rows are all tokens, in order
+        out = q if only_decode else torch.empty_like(q)  # [T, H, D]
         if meta.decode is not None:
             dec = meta.decode
-            qd = q[dec.token_idx].unsqueeze(2)  # [Bd, H, 1, D]
-            kd = k_buf[dec.kv_slots].transpose(1, 2)  # [Bd, KVH, L, D]
-            vd = v_buf[dec.kv_slots].transpose(1, 2)
+            qd = (q if only_decode else q[dec.token_idx]).unsqueeze(2)  # [Bd, H, 1, D]
+            shape = (*dec.kv_slots.shape, kvh, d)  # [Bd, L, KVH, D]; index_select beats advanced indexing
+            kd = k_buf.index_select(0, dec.kv_slots.view(-1)).view(shape).transpose(1, 2)  # [Bd, KVH, L, D]
+            vd = v_buf.index_select(0, dec.kv_slots.view(-1)).view(shape).transpose(1, 2)
             od = F.scaled_dot_product_attention(
                 qd, kd, vd, attn_mask=dec.mask, scale=layer.scaling, enable_gqa=gqa
             )  # [Bd, H, 1, D]
+            if only_decode:
+                return od.view(num_tokens, h * d)
             out[dec.token_idx] = od.squeeze(2).to(out.dtype)
         for part in meta.extends:
             sl = slice(part.token_start, part.token_start + part.num_tokens)
             qe = q[sl].transpose(0, 1)  # [H, n, D]
-            ke = k_buf[part.kv_slots].transpose(0, 1)  # [KVH, S, D]
-            ve = v_buf[part.kv_slots].transpose(0, 1)
+            ke = k_buf.index_select(0, part.kv_slots).transpose(0, 1)  # [KVH, S, D]
+            ve = v_buf.index_select(0, part.kv_slots).transpose(0, 1)
             oe = F.scaled_dot_product_attention(
                 qe,
                 ke,

@@ -174,3 +174,24 @@ class RowParallelLinear(_Linear):
         if self.bias is not None:
             out = out + self.bias
         return out
+
+
+def store_weights_input_major(model: nn.Module) -> None:
+    """Store every projection weight as ``[in, out]`` memory (the ``[out, in]`` parameter becomes a transposed
+    view), so CPU GEMMs read it untransposed — 1.3–2.4× faster with MKL for small batches. Module code is
+    unchanged (``F.linear`` receives the view). A tied LM head gets its own copy: the embedding lookup keeps the
+    row-major table."""
+    from sgl_ray.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+
+    embedding_weights = {
+        id(m.weight) for m in model.modules() if type(m) is VocabParallelEmbedding and hasattr(m, "weight")
+    }
+    for module in model.modules():
+        if not isinstance(module, (_Linear, ParallelLMHead)):
+            continue
+        w = module.weight
+        transposed = w.data.t().contiguous().t()
+        if id(w) in embedding_weights:
+            module.weight = nn.Parameter(transposed, requires_grad=False)
+        else:
+            w.data = transposed

@@ -76,9 +76,7 @@ class RotaryEmbedding(nn.Module):
         return (cos, sin) if dtype == torch.float32 else (cos.to(dtype), sin.to(dtype))
 
     @staticmethod
-    def apply(
-        q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``q``: [T, num_heads, head_dim], ``k``: [T, num_kv_heads, head_dim]."""
+    def apply(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rotate ``x``: [T, heads, head_dim] (query heads, key heads, or both stacked)."""
         cos, sin = cos_sin
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return x * cos + rotate_half(x) * sin

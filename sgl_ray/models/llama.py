@@ -61,15 +61,25 @@ class LlamaAttention(nn.Module):
         )
 
     def forward(self, cos_sin: CosSin, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)  # [T, (H + 2 * KVH) * D]
-        q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
-        t, d = hidden.shape[0], self.qkv_proj.head_dim
-        q = q.reshape(t, -1, d)  # [T, H, D]
-        k = k.reshape(t, -1, d)  # [T, KVH, D]
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = RotaryEmbedding.apply(q, k, cos_sin)
-        out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v.contiguous(), batch)
+        p = self.qkv_proj
+        qkv = p(hidden)  # [T, (H + 2 * KVH) * D]
+        t, d = hidden.shape[0], p.head_dim
+        if self.q_norm is None:  # rotate q and k (adjacent in qkv) in one pass
+            qk = RotaryEmbedding.apply(
+                qkv[:, : p.q_size + p.kv_size].view(t, -1, d), cos_sin
+            )  # [T, H + KVH, D]
+            q, k = qk[:, : p.num_heads], qk[:, p.num_heads :]
+        else:
+            q, k = (
+                qkv[:, : p.q_size].reshape(t, -1, d),
+                qkv[:, p.q_size : p.q_size + p.kv_size].reshape(t, -1, d),
+            )
+            q, k = (
+                RotaryEmbedding.apply(self.q_norm(q), cos_sin),
+                RotaryEmbedding.apply(self.k_norm(k), cos_sin),
+            )
+        v = qkv[:, p.q_size + p.kv_size :]
+        out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v, batch)
         return self.o_proj(out)
 
 

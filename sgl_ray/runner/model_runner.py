@@ -16,6 +16,7 @@ from sgl_ray.attention import create_attention_backend
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.configs.model_config import ModelConfig
 from sgl_ray.distributed import Communicator, SingleProcessCommunicator
+from sgl_ray.layers.linear import store_weights_input_major
 from sgl_ray.mem_cache.kv_pool import KVPool, ReqToTokenTable
 from sgl_ray.models.registry import get_model_class
 from sgl_ray.runner.forward_batch import ForwardBatch
@@ -97,6 +98,8 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(prev)
         model.load_weights(weights)
+        if self.device.type == "cpu":
+            store_weights_input_major(model)
         return model.eval()
 
     @torch.inference_mode()
@@ -178,7 +181,12 @@ class ModelRunner:
             top_n = plan.top_logprobs_num[plan.sample]
             k = int(top_n.max()) if len(top_n) else -1
             res = self.sampler.sample(
-                logits, slots, batch.seq_lens[sel], self.sampling_state, top_logprobs_num=max(k, 0)
+                logits,
+                slots,
+                batch.seq_lens[sel],
+                self.sampling_state,
+                top_logprobs_num=max(k, 0),
+                return_logprobs=k >= 0,
             )
             self.sampling_state.update(slots, res.next_token_ids)
             out.next_token_ids = res.next_token_ids.cpu().numpy()

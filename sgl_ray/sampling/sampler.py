@@ -16,7 +16,7 @@ class SampleOutput(NamedTuple):
     """One sampled token per row, with log-probs under the raw model distribution (before any processing)."""
 
     next_token_ids: torch.Tensor  # [B] int64
-    logprobs: torch.Tensor  # [B] float32: log_softmax(logits)[i, next_token_ids[i]]
+    logprobs: torch.Tensor | None  # [B] float32: log_softmax(logits)[i, next_token_ids[i]]; None if not asked
     top_logprob_ids: torch.Tensor | None  # [B, k] int64, k = max requested in the batch; None when k == 0
     top_logprob_vals: torch.Tensor | None  # [B, k] float32, descending
 
@@ -58,8 +58,9 @@ class Sampler:
         positions: torch.Tensor,
         state: SamplingState,
         top_logprobs_num: torch.Tensor | int | None = None,
+        return_logprobs: bool = True,
     ) -> SampleOutput:
-        """Sample one token per row.
+        """Sample one token per row (``return_logprobs=False`` skips the log-softmax work: ``logprobs`` is None).
 
         logits [B, V] (any float dtype; V == state.vocab_size); slots [B] int64 request slots (distinct; pass them
         on the host to plan without a device sync); positions [B] int64, the sequence position of the token being
@@ -72,7 +73,7 @@ class Sampler:
         raw = logits.float()  # [B, V]; may alias the caller's tensor
         dev = raw.device
         slots_dev = slots.to(dev, torch.int64, non_blocking=True)
-        lse = torch.logsumexp(raw, dim=-1)  # [B]
+        lse = torch.logsumexp(raw, dim=-1) if return_logprobs else None  # [B]
 
         if plan.all_greedy and not plan.needs_processing:
             next_ids = raw.argmax(dim=-1)
@@ -87,6 +88,8 @@ class Sampler:
                 if plan.any_greedy:
                     next_ids = torch.where(state.greedy[slots_dev], x.argmax(dim=-1), next_ids)
 
+        if lse is None:
+            return SampleOutput(next_ids, None, None, None)
         logprobs = raw.gather(1, next_ids.unsqueeze(1)).squeeze(1) - lse
         k = _max_k(top_logprobs_num)
         if k <= 0:
