@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import torch
 
 from sgl_ray.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -115,9 +118,16 @@ class ModelConfig:
 
     @cached_property
     def context_length(self) -> int:
+        """The override, else ``max_position_embeddings`` — capped at the sliding window of models that use one
+        (sliding-window attention is not implemented, so longer contexts would silently diverge)."""
         if self.context_length_override:
             return self.context_length_override
-        return int(getattr(self.hf_config, "max_position_embeddings", 4096))
+        length = int(getattr(self.hf_config, "max_position_embeddings", 4096))
+        window = getattr(self.hf_config, "sliding_window", None)
+        if window and getattr(self.hf_config, "use_sliding_window", True) and window < length:
+            logger.warning("context length capped at the sliding window (%d tokens)", window)
+            length = int(window)
+        return length
 
     @cached_property
     def eos_token_ids(self) -> tuple[int, ...]:

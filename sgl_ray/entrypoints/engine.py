@@ -157,14 +157,7 @@ class Engine:
         pending = set(builders)
         try:
             while pending:
-                out = get()
-                if isinstance(out, BaseException):
-                    raise out
-                b = builders[out.rid]
-                b.add(out)
-                if out.finished:
-                    pending.discard(out.rid)
-                yield b.chunk(out)
+                yield _absorb(builders, pending, get())
         finally:
             for rid in pending:  # the caller stopped early: free the requests' KV
                 self._loop.abort(rid)
@@ -199,14 +192,7 @@ class Engine:
         pending = set(builders)
         try:
             while pending:
-                out = await inbox.get()
-                if isinstance(out, BaseException):
-                    raise out
-                b = builders[out.rid]
-                b.add(out)
-                if out.finished:
-                    pending.discard(out.rid)
-                yield b.chunk(out)
+                yield _absorb(builders, pending, await inbox.get())
         finally:
             for rid in pending:
                 self._loop.abort(rid)
@@ -250,3 +236,16 @@ class Engine:
         loop = getattr(self, "_loop", None)
         if loop is not None:
             loop.stop(timeout=1.0)
+
+
+def _absorb(
+    builders: dict[str, ResultBuilder], pending: set[str], out: RequestOutput | BaseException
+) -> dict:
+    """Add one scheduler output to its request's result; returns the streaming chunk (raises engine errors)."""
+    if isinstance(out, BaseException):
+        raise out
+    builder = builders[out.rid]
+    builder.add(out)
+    if out.finished:
+        pending.discard(out.rid)
+    return builder.chunk(out)

@@ -110,6 +110,17 @@ class Req:
     input_logprob_next: int = 1  # next prompt position whose logprob is still to be collected
     prefix_len_hint: int = 0  # last match length seen by the policy
 
+    def prompt_block_hashes(self, block: int) -> list[int]:
+        """``h[k]`` identifies ``prompt_ids[: (k + 1) * block]`` (chained hashes, O(prompt) once per request)."""
+        cached = self.__dict__.get("_block_hashes")
+        if cached is None or cached[0] != block:
+            hashes, h = [], 0
+            for start in range(0, len(self.prompt_ids) - block + 1, block):
+                h = hash((h, tuple(self.prompt_ids[start : start + block])))
+                hashes.append(h)
+            cached = self.__dict__["_block_hashes"] = (block, hashes)
+        return cached[1]
+
     @property
     def fill_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids

@@ -9,6 +9,8 @@ Each step (``schedule`` → runner ``execute`` → ``process``):
 2. Running requests still in prefill continue with their next chunk (``chunked_prefill_size`` tokens per step
    across all prefills).
 3. Waiting requests are admitted in policy order while request slots, the prefill budget and KV memory last.
+   A request whose next uncached 32-token block is being prefilled by another request waits for that request to
+   cache it (in-batch prefix sharing), instead of computing the same prefix twice.
    Memory admission keeps a reserve for the decode tokens running requests will still need
    (``min(remaining, 4096) * new_token_ratio`` each); the ratio decays while there is no preemption and resets
    after one.
@@ -32,6 +34,7 @@ from sgl_ray.scheduler.policy import create_policy
 from sgl_ray.scheduler.request import FinishReason, Req, ReqStatus
 
 _CLIP_NEW_TOKENS = 4096
+_PREFIX_BLOCK = 32  # granularity at which waiting prompts are compared with prompts being prefilled
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ class Scheduler:
             sum(min(r.remaining_new_tokens, _CLIP_NEW_TOKENS) for r in self.running) * self.new_token_ratio
         )
         admitted: list[Req] = []
+        inflight = self._inflight_prefixes()
         for r in self.policy.order(self.waiting, self.kv):
             if len(self.running) >= self.config.max_running_requests or budget <= 0:
                 break
@@ -181,6 +185,8 @@ class Scheduler:
                 if group.leader not in (None, r.rid):
                     continue  # let the leader cache the shared prompt first
             match = self.kv.match(r)
+            if inflight is not None and self._shares_inflight_prefix(r, match, inflight):
+                continue  # a request being prefilled will cache this prefix: wait for it instead of recomputing
             remaining = r.num_tokens - (match.length if match is not None else 0)
             n = min(remaining, budget) if chunking else remaining
             if not chunking and n > budget and batch.num_prefill_tokens > 0:
@@ -197,12 +203,32 @@ class Scheduler:
                 group.leader = r.rid
             self.running.append(r)
             admitted.append(r)
+            if inflight is not None:
+                inflight.update(r.prompt_block_hashes(_PREFIX_BLOCK))
             batch.add(r, n, new=True)
             budget -= n
             reserve += own_reserve
         if admitted:
             ids = {id(r) for r in admitted}
             self.waiting = [r for r in self.waiting if id(r) not in ids]
+
+    def _inflight_prefixes(self) -> set[int] | None:
+        """Block hashes of prompts still being prefilled (None when there is no prefix cache to wait for)."""
+        if self.kv.cache is None:
+            return None
+        out: set[int] = set()
+        for r in self.running:
+            if r.num_computed < len(r.prompt_ids):
+                out.update(r.prompt_block_hashes(_PREFIX_BLOCK))
+        return out
+
+    @staticmethod
+    def _shares_inflight_prefix(r: Req, match, inflight: set[int]) -> bool:
+        """Whether the first block of ``r``'s prompt beyond its cached match is being computed by another request."""
+        cached = match.length if match is not None else 0
+        hashes = r.prompt_block_hashes(_PREFIX_BLOCK)
+        k = cached // _PREFIX_BLOCK
+        return k < len(hashes) and hashes[k] in inflight
 
     def _pick_victim(self) -> Req | None:
         if not self.running:

@@ -298,6 +298,31 @@ def test_identical_prompts_prefilled_together_are_deduplicated(model) -> None:
     h.assert_no_leaks()
 
 
+def test_prompts_sharing_a_long_uncached_prefix_wait_for_the_first(model) -> None:
+    shared = prompt(70)
+    a, b = shared + prompt(5, base=3000), shared + prompt(6, base=4000)
+    h = Harness(model)
+    h.add(make_req("a", a, new=2), make_req("b", b, new=2), make_req("c", prompt(40, base=5000), new=2))
+    h.run()
+    # Step 1: A and the unrelated C are prefilled; B (same first 64 tokens as A) waits for A to cache them.
+    assert h.rows[0] == ["a", "c"]
+    admitted_b = next(i for i, rows in enumerate(h.rows) if "b" in rows and h.plans[i].new_requests)
+    row = h.rows[admitted_b].index("b")
+    assert h.plans[admitted_b].prefix_lens.tolist()[row] == 70  # the whole shared prefix came from the cache
+    assert h.outputs["b"][0].cached_tokens == 70
+    assert h.tokens("b") == run_alone(model, b, 2)
+    h.assert_no_leaks()
+
+
+def test_short_shared_prefixes_do_not_hold_requests_back(model) -> None:
+    shared = prompt(20)  # below one 32-token block: not worth waiting for
+    h = Harness(model)
+    h.add(make_req("a", shared + [7, 8], new=2), make_req("b", shared + [9], new=2))
+    h.run()
+    assert h.rows[0] == ["a", "b"]
+    h.assert_no_leaks()
+
+
 # --- preemption ---------------------------------------------------------------------------------------------
 
 

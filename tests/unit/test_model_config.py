@@ -1,0 +1,41 @@
+"""ModelConfig normalisation across config styles."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+from sgl_ray.configs.model_config import ModelConfig, resolve_dtype
+
+
+def test_shapes_and_rope_parameters_from_llama_config():
+    cfg = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=5e5,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        eos_token_id=[7, 9],
+    )
+    mc = ModelConfig(cfg, torch.float32)
+    assert (mc.head_dim, mc.num_kv_heads, mc.context_length) == (16, 2, 2048)
+    assert mc.rope_parameters["rope_type"] == "default" and mc.rope_parameters["rope_theta"] == 5e5
+    assert mc.tie_word_embeddings and mc.eos_token_ids == (7, 9)
+    assert mc.architecture == "LlamaForCausalLM"
+    assert mc.kv_bytes_per_token() == 2 * cfg.num_hidden_layers * 2 * 16 * 4
+
+
+def test_context_length_override_and_sliding_window_cap():
+    mistral = MistralConfig(max_position_embeddings=32768, sliding_window=4096)
+    assert ModelConfig(mistral, torch.float32).context_length == 4096
+    assert ModelConfig(mistral, torch.float32, context_length_override=1000).context_length == 1000
+    qwen = Qwen2Config(max_position_embeddings=32768, sliding_window=4096, use_sliding_window=False)
+    assert ModelConfig(qwen, torch.float32).context_length == 32768
+
+
+def test_auto_dtype():
+    cfg = LlamaConfig(torch_dtype="bfloat16")
+    assert resolve_dtype("auto", cfg, torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", cfg, torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("float16", cfg, torch.device("cpu")) == torch.float16
