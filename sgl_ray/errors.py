@@ -67,3 +67,11 @@ class RequestAbortedError(SglRayError, RuntimeError):
 
     status_code = 499
     error_type = "request_aborted"
+
+
+class StepLostError(SglRayError, RuntimeError):
+    """The model shards lost a step and their KV (a shard died and the group was rebuilt). The scheduler resumes
+    every running request from the tokens it has already generated."""
+
+    status_code = 503
+    error_type = "step_lost"

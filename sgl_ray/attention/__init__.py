@@ -11,11 +11,12 @@ from sgl_ray.errors import InvalidRequestError
 
 _BACKENDS: dict[str, tuple[str, str]] = {
     "torch": ("sgl_ray.attention.torch_backend", "TorchAttentionBackend"),
+    "triton": ("sgl_ray.attention.triton_backend", "TritonAttentionBackend"),
 }
 
 
 def default_backend_name(device: torch.device) -> str:
-    return "torch"
+    return "triton" if torch.device(device).type == "cuda" else "torch"
 
 
 def create_attention_backend(name: str | None, device: torch.device) -> AttentionBackend:

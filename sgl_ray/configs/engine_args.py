@@ -56,6 +56,11 @@ class EngineArgs:
     random_seed: int | None = field(default=None, metadata={"help": "seed for requests that give none"})
     skip_tokenizer_init: bool = field(default=False, metadata={"help": "token ids in and out only"})
     num_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads on CPU"})
+    tp_size: int = field(default=1, metadata={"help": "tensor-parallel shards (Ray actors)"})
+    pp_size: int = field(default=1, metadata={"help": "pipeline-parallel stages (Ray actors)"})
+    dp_size: int = field(default=1, metadata={"help": "data-parallel engine groups"})
+    use_ray: bool = field(default=False, metadata={"help": "run in Ray actors even at size 1"})
+    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: local)"})
 
     def __post_init__(self) -> None:
         def bad(param: str, msg: str) -> InvalidRequestError:
@@ -73,8 +78,16 @@ class EngineArgs:
             raise bad("max_prefill_tokens", "must be >= 1")
         if self.chunked_prefill_size is not None and self.chunked_prefill_size == 0:
             raise bad("chunked_prefill_size", "use -1 to disable chunking")
+        for name in ("tp_size", "pp_size", "dp_size"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
         if self.schedule_policy not in get_args(SchedulePolicyName):
             raise bad("schedule_policy", f"must be one of {get_args(SchedulePolicyName)}")
+
+    @property
+    def uses_ray(self) -> bool:
+        """Whether the engine runs in Ray actors (any parallelism, or asked for)."""
+        return self.use_ray or self.tp_size * self.pp_size * self.dp_size > 1
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

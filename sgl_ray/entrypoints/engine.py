@@ -11,7 +11,7 @@ from typing import Any
 
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.configs.model_config import ModelConfig, resolve_dtype
-from sgl_ray.entrypoints.loop import EngineLoop
+from sgl_ray.entrypoints.core import EngineCore, InProcessCore, create_ray_core
 from sgl_ray.entrypoints.requests import RequestSpec, ResultBuilder, normalize_batch, to_sampling_params
 from sgl_ray.errors import InvalidRequestError
 from sgl_ray.model_loader import (
@@ -21,11 +21,9 @@ from sgl_ray.model_loader import (
     load_tokenizer,
     resolve_model,
 )
-from sgl_ray.runner.model_runner import ModelRunner
 from sgl_ray.sampling.params import SamplingParams
 from sgl_ray.scheduler.output import RequestOutput
 from sgl_ray.scheduler.request import Req
-from sgl_ray.scheduler.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -59,26 +57,13 @@ class Engine:
             hf_config, resolve_dtype(args.dtype, hf_config, device), args.context_length
         )
         self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer_path)
-        self.runner = ModelRunner(args, self.model_config, iter_weights(source))
-        info = self.runner.info
-        self.eos_token_ids = self._eos_ids(info.eos_token_ids)
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                num_slots=info.num_slots,
-                max_reqs=info.max_reqs,
-                context_length=info.context_length,
-                page_size=args.page_size,
-                max_running_requests=info.max_reqs,
-                max_prefill_tokens=args.max_prefill_tokens,
-                chunked_prefill_size=args.effective_chunked_prefill_size(device),
-                policy=args.schedule_policy,
-                enable_prefix_cache=not args.disable_radix_cache,
-            ),
-            self.tokenizer,
-        )
+        self.eos_token_ids = self._eos_ids(self.model_config.eos_token_ids)
         self._rng = random.Random(args.random_seed)
-        self._loop = EngineLoop(self.scheduler, self.runner.execute)
         self.model_path = path
+        if args.uses_ray:
+            self._core: EngineCore = create_ray_core(args.replace(model_path=path), self.model_config)
+        else:
+            self._core = InProcessCore(args, self.model_config, iter_weights(source), self.tokenizer)
 
     def _eos_ids(self, from_config: tuple[int, ...]) -> tuple[int, ...]:
         ids = set(from_config)
@@ -124,7 +109,7 @@ class Engine:
     def _submit(self, specs: list[RequestSpec], sink) -> list[list[Req]]:
         vocab = self.model_config.vocab_size
         groups = [s.to_reqs(self.eos_token_ids, self._rng, vocab) for s in specs]
-        self._loop.add([r for g in groups for r in g], sink)
+        self._core.add([r for g in groups for r in g], sink)
         return groups
 
     def generate(
@@ -160,7 +145,7 @@ class Engine:
                 yield _absorb(builders, pending, get())
         finally:
             for rid in pending:  # the caller stopped early: free the requests' KV
-                self._loop.abort(rid)
+                self._core.abort(rid)
 
     async def async_generate(
         self,
@@ -195,36 +180,26 @@ class Engine:
                 yield _absorb(builders, pending, await inbox.get())
         finally:
             for rid in pending:
-                self._loop.abort(rid)
+                self._core.abort(rid)
 
     def abort(self, rid: str) -> None:
         """Abort a request by its ``meta_info["id"]``."""
-        self._loop.abort(rid)
+        self._core.abort(rid)
 
     # --- control -------------------------------------------------------------------------------------------------
     def flush_cache(self) -> bool:
         """Drop the prefix cache. Returns False (nothing done) while requests are running."""
-        return self._loop.call(lambda s: s.flush_cache())
+        return self._core.flush_cache()
 
     def get_stats(self) -> dict[str, Any]:
         """Scheduler counters: running/waiting requests, KV usage, prefix-cache size, preemptions."""
-
-        def stats(s: Scheduler) -> dict[str, Any]:
-            kv = s.kv
-            return {
-                "num_running": len(s.running),
-                "num_waiting": len(s.waiting),
-                "kv_capacity": kv.capacity,
-                "kv_free": kv.allocator.num_free_slots,
-                "cache_size": kv.cache.total_size if kv.cache else 0,
-                "num_preemptions": s.num_preemptions,
-            }
-
-        return self._loop.call(stats)
+        return self._core.stats()
 
     def shutdown(self) -> None:
-        """Stop the engine thread; pending requests fail with :class:`~sgl_ray.errors.EngineDeadError`."""
-        self._loop.stop()
+        """Stop the engine; pending requests fail with :class:`~sgl_ray.errors.EngineDeadError`."""
+        core = getattr(self, "_core", None)
+        if core is not None:
+            core.shutdown()
 
     def __enter__(self) -> Engine:
         return self
@@ -233,9 +208,10 @@ class Engine:
         self.shutdown()
 
     def __del__(self) -> None:
-        loop = getattr(self, "_loop", None)
-        if loop is not None:
-            loop.stop(timeout=1.0)
+        try:
+            self.shutdown()
+        except Exception:  # interpreter teardown: nothing left to release
+            pass
 
 
 def _absorb(

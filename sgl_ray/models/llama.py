@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sgl_ray.configs.model_config import ModelConfig
-from sgl_ray.distributed import Communicator, SingleProcessCommunicator
+from sgl_ray.distributed import Communicator, ShardContext
 from sgl_ray.errors import UnsupportedModelError
 from sgl_ray.layers.activation import SiluAndMul
 from sgl_ray.layers.attention import RadixAttention
@@ -24,6 +24,7 @@ from sgl_ray.models.loading import load_stacked_weights
 from sgl_ray.runner.forward_batch import ForwardBatch
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
+Intermediate = tuple[torch.Tensor, torch.Tensor]  # (hidden, residual) handed to the next pipeline stage
 
 
 @dataclass(frozen=True)
@@ -99,13 +100,7 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        layer_id: int,
-        flags: DecoderFlags,
-        tp: Communicator,
-    ) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, flags: DecoderFlags, tp: Communicator) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_id, flags, tp)
         self.mlp = LlamaMLP(config, tp)
@@ -113,11 +108,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self,
-        cos_sin: CosSin,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
-        batch: ForwardBatch,
+        self, cos_sin: CosSin, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
@@ -128,20 +119,48 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, flags: DecoderFlags, tp: Communicator) -> None:
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_parameters, config.context_length)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, flags, tp) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+class MissingLayer(nn.Module):
+    """Stands in for a layer owned by another pipeline stage (keeps checkpoint indices aligned)."""
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:  # -> [T, hidden]
-        hidden = self.embed_tokens(batch.input_ids)
+
+class LlamaModel(nn.Module):
+    """The decoder stack of one pipeline stage: embedding on the first stage, final norm on the last."""
+
+    def __init__(self, config: ModelConfig, flags: DecoderFlags, shard: ShardContext) -> None:
+        super().__init__()
+        tp = shard.tp
+        self.start, self.end = shard.layer_range(config.num_layers)
+        self.embed_tokens = (
+            VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+            if shard.is_first_stage
+            else None
+        )
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_parameters, config.context_length)
+        # A layer's KV lives at index (layer - start) of this stage's pool.
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i - self.start, flags, tp)
+            if self.start <= i < self.end
+            else MissingLayer()
+            for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if shard.is_last_stage else None
+
+    def forward(
+        self, batch: ForwardBatch, intermediate: Intermediate | None = None
+    ) -> torch.Tensor | Intermediate:
+        """First stage: from token ids; later stages: from the previous stage's ``(hidden, residual)``.
+        Returns the final hidden states [T, hidden] on the last stage, else ``(hidden, residual)``."""
+        if intermediate is None:
+            assert self.embed_tokens is not None
+            hidden, residual = self.embed_tokens(batch.input_ids), None
+        else:
+            hidden, residual = intermediate
         cos_sin = self.rotary.cos_sin(batch.positions, hidden.dtype)
-        residual = None
-        for layer in self.layers:
+        for layer in self.layers[self.start : self.end]:
             hidden, residual = layer(cos_sin, hidden, residual, batch)
+        if self.norm is None:
+            assert residual is not None
+            return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -162,22 +181,43 @@ class LlamaForCausalLM(nn.Module):
     )
 
     def __init__(
-        self, config: ModelConfig, tp: Communicator | None = None, flags: DecoderFlags | None = None
-    ):
+        self, config: ModelConfig, shard: ShardContext | None = None, flags: DecoderFlags | None = None
+    ) -> None:
         super().__init__()
-        tp = tp or SingleProcessCommunicator()
+        shard = shard or ShardContext()
         self.config = config
-        self.model = LlamaModel(config, flags or DecoderFlags.for_llama(config), tp)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
-        if config.tie_word_embeddings:
-            self.lm_head.tie(self.model.embed_tokens)
+        self.model = LlamaModel(config, flags or DecoderFlags.for_llama(config), shard)
+        self.lm_head = None
+        if shard.is_last_stage:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, shard.tp)
+            if config.tie_word_embeddings and self.model.embed_tokens is not None:
+                self.lm_head.tie(self.model.embed_tokens)
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        return self.model(batch)
+    @property
+    def num_local_layers(self) -> int:
+        return self.model.end - self.model.start
+
+    def forward(
+        self, batch: ForwardBatch, intermediate: Intermediate | None = None
+    ) -> torch.Tensor | Intermediate:
+        return self.model(batch, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
+        assert self.lm_head is not None, "logits are computed on the last pipeline stage"
         return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.config.tie_word_embeddings else ())
-        load_stacked_weights(self, weights, self.stacked_params, skip)
+        tied = self.config.tie_word_embeddings
+        shares_embedding = tied and self.model.embed_tokens is not None and self.lm_head is not None
+        # A tied head on a stage without the embedding loads its own copy of the embedding table.
+        own_head = tied and self.lm_head is not None and self.model.embed_tokens is None
+
+        def renamed() -> Iterable[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                if own_head and name == "model.embed_tokens.weight":
+                    yield "lm_head.weight", tensor
+                elif not (own_head and name == "lm_head.weight"):
+                    yield name, tensor
+
+        skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if shares_embedding else ())
+        load_stacked_weights(self, renamed(), self.stacked_params, skip)

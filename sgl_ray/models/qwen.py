@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from sgl_ray.configs.model_config import ModelConfig
-from sgl_ray.distributed import Communicator
+from sgl_ray.distributed import ShardContext
 from sgl_ray.models.llama import DecoderFlags, LlamaForCausalLM
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
-    def __init__(self, config: ModelConfig, tp: Communicator | None = None) -> None:
-        super().__init__(config, tp, DecoderFlags(qkv_bias=True, o_bias=False))
+    def __init__(self, config: ModelConfig, shard: ShardContext | None = None) -> None:
+        super().__init__(config, shard, DecoderFlags(qkv_bias=True, o_bias=False))
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
-    def __init__(self, config: ModelConfig, tp: Communicator | None = None) -> None:
+    def __init__(self, config: ModelConfig, shard: ShardContext | None = None) -> None:
         bias = bool(getattr(config.hf_config, "attention_bias", False))
-        super().__init__(config, tp, DecoderFlags(qkv_bias=bias, o_bias=bias, qk_norm=True))
+        super().__init__(config, shard, DecoderFlags(qkv_bias=bias, o_bias=bias, qk_norm=True))

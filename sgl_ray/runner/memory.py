@@ -36,14 +36,16 @@ def _kv_budget_bytes(args: EngineArgs, device: torch.device) -> int:
 
 
 def plan_kv_capacity(
-    args: EngineArgs, config: ModelConfig, device: torch.device, tp_size: int = 1
+    args: EngineArgs, config: ModelConfig, device: torch.device, tp_size: int = 1, layer_fraction: float = 1.0
 ) -> KVCapacity:
-    """Token slots for the KV pool (a whole number of pages plus the reserved one) and request slots."""
+    """Token slots for the KV pool (a whole number of pages plus the reserved one) and request slots.
+    ``layer_fraction``: the share of the model's layers this shard holds (pipeline parallelism)."""
     page = args.page_size
     if args.max_total_tokens is not None:
         tokens = args.max_total_tokens
     else:
-        tokens = _kv_budget_bytes(args, device) // config.kv_bytes_per_token(tp_size)
+        per_token = max(1, int(config.kv_bytes_per_token(tp_size) * layer_fraction))
+        tokens = _kv_budget_bytes(args, device) // per_token
     tokens = (tokens // page) * page
     if tokens < 2 * page:
         raise InvalidRequestError(

@@ -7,6 +7,7 @@ about requests arrives in plans, so the same class serves the in-process engine 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,12 +16,12 @@ import torch
 from sgl_ray.attention import create_attention_backend
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.configs.model_config import ModelConfig
-from sgl_ray.distributed import Communicator, SingleProcessCommunicator
+from sgl_ray.distributed import ShardContext
 from sgl_ray.layers.linear import store_weights_input_major
 from sgl_ray.mem_cache.kv_pool import KVPool, ReqToTokenTable
 from sgl_ray.models.registry import get_model_class
 from sgl_ray.runner.forward_batch import ForwardBatch
-from sgl_ray.runner.memory import plan_kv_capacity
+from sgl_ray.runner.memory import KVCapacity, plan_kv_capacity
 from sgl_ray.sampling.sampler import Sampler
 from sgl_ray.sampling.state import SamplingState
 from sgl_ray.scheduler.plan import StepOutput, StepPlan
@@ -51,29 +52,39 @@ class ModelRunner:
         args: EngineArgs,
         model_config: ModelConfig,
         weights,
-        tp: Communicator | None = None,
+        shard: ShardContext | None = None,
+        capacity: KVCapacity | None = None,
+        allocate: bool = True,
     ) -> None:
+        """Load this shard's weights and (with ``allocate``) its KV pool — see :meth:`init_memory`."""
         self.args = args
         self.config = model_config
         self.device = args.torch_device()
-        self.tp = tp or SingleProcessCommunicator()
+        self.shard = shard or ShardContext()
         if args.num_threads and self.device.type == "cpu":
             torch.set_num_threads(args.num_threads)
         self.model = self._load_model(weights)
-        capacity = plan_kv_capacity(args, model_config, self.device, self.tp.world_size)
-        kv_heads = self.model.model.layers[0].self_attn.attn.num_kv_heads
+        self.attn_backend = create_attention_backend(args.attention_backend, self.device)
+        self.sampler = Sampler()
+        if allocate:
+            self.init_memory(capacity)
+
+    def init_memory(self, capacity: KVCapacity | None = None) -> RunnerInfo:
+        """Allocate the KV pool, request table and sampling state. ``capacity`` must be the same on every shard
+        of a group; by default it is planned from this device's memory (:meth:`plan_capacity`)."""
+        capacity = capacity or self.plan_capacity()
+        model_config = self.config
+        first = self.model.model.layers[self.model.model.start]
         self.kv_pool = KVPool(
             capacity.num_slots,
-            model_config.num_layers,
-            kv_heads,
+            self.model.num_local_layers,
+            first.self_attn.attn.num_kv_heads,
             model_config.head_dim,
             model_config.dtype,
             self.device,
         )
         self.req_table = ReqToTokenTable(capacity.max_reqs, model_config.context_length, self.device)
-        self.attn_backend = create_attention_backend(args.attention_backend, self.device)
         self.sampling_state = SamplingState(capacity.max_reqs, model_config.vocab_size, self.device)
-        self.sampler = Sampler()
         self.info = RunnerInfo(
             num_slots=capacity.num_slots,
             max_reqs=capacity.max_reqs,
@@ -87,6 +98,12 @@ class ModelRunner:
             self.kv_pool.nbytes / 2**20,
             capacity.max_reqs,
         )
+        return self.info
+
+    def plan_capacity(self) -> KVCapacity:
+        """What this shard's memory allows (a group takes the minimum over its shards)."""
+        fraction = self.model.num_local_layers / self.config.num_layers
+        return plan_kv_capacity(self.args, self.config, self.device, self.shard.tp.world_size, fraction)
 
     def _load_model(self, weights) -> torch.nn.Module:
         cls = get_model_class(self.config.architecture)
@@ -94,7 +111,7 @@ class ModelRunner:
         torch.set_default_dtype(self.config.dtype)
         try:
             with torch.device(self.device):
-                model = cls(self.config, self.tp)
+                model = cls(self.config, self.shard)
         finally:
             torch.set_default_dtype(prev)
         model.load_weights(weights)
@@ -102,8 +119,15 @@ class ModelRunner:
             store_weights_input_major(model)
         return model.eval()
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
+        """Run one step; ``compute_s`` of the answer is the time spent here."""
+        t0 = time.perf_counter()
+        out = self._execute(plan)
+        out.compute_s = time.perf_counter() - t0
+        return out
+
+    @torch.inference_mode()
+    def _execute(self, plan: StepPlan) -> StepOutput:
         state = self.sampling_state
         for idx in plan.freed_req_pool_idxs:
             state.clear_request(idx)
@@ -114,15 +138,26 @@ class ModelRunner:
         dev = self.device
         if len(plan.table_req):
             self.req_table.write(
-                torch.from_numpy(plan.table_req).to(dev),
-                torch.from_numpy(plan.table_pos).to(dev),
-                torch.from_numpy(plan.table_slot).to(dev),
+                _tensor(plan.table_req).to(dev),
+                _tensor(plan.table_pos).to(dev),
+                _tensor(plan.table_slot).to(dev),
             )
         if plan.batch_size == 0:
             return StepOutput(step_id=plan.step_id, next_token_ids=np.zeros(0, dtype=np.int64))
         batch, sample_rows, logprob_rows = self._build_batch(plan)
-        hidden = self.model(batch)  # [T, hidden]
-        rows = torch.from_numpy(np.concatenate([sample_rows, logprob_rows])).to(dev)
+        shard = self.shard
+        intermediate = None
+        if not shard.is_first_stage:
+            assert shard.pipe is not None
+            shape = (plan.num_tokens, self.config.hidden_size)
+            h, r = shard.pipe.recv([shape, shape], self.config.dtype, dev)
+            intermediate = (h, r)
+        hidden = self.model(batch, intermediate)  # [T, hidden], or (hidden, residual) before the last stage
+        if not shard.is_last_stage:
+            assert shard.pipe is not None
+            shard.pipe.send(list(hidden))
+            return StepOutput(step_id=plan.step_id, next_token_ids=np.zeros(0, dtype=np.int64))
+        rows = _tensor(np.concatenate([sample_rows, logprob_rows])).to(dev)
         logits = self.model.compute_logits(hidden[rows])  # [S + L, vocab]
         return self._sample(plan, batch, logits[: len(sample_rows)], logits[len(sample_rows) :])
 
@@ -131,11 +166,11 @@ class ModelRunner:
         ext, prefix = plan.extend_lens, plan.prefix_lens
         starts = np.concatenate(([0], np.cumsum(ext)[:-1])).astype(np.int64)
         positions = np.repeat(prefix - starts, ext) + np.arange(plan.num_tokens)  # [T]
-        req_idxs = torch.from_numpy(plan.req_pool_idxs).to(dev)
-        positions_t = torch.from_numpy(positions).to(dev)
-        out_cache_loc = torch.from_numpy(plan.out_cache_loc).to(dev)
+        req_idxs = _tensor(plan.req_pool_idxs).to(dev)
+        positions_t = _tensor(positions).to(dev)
+        out_cache_loc = _tensor(plan.out_cache_loc).to(dev)
         self.req_table.write(
-            torch.repeat_interleave(req_idxs, torch.from_numpy(ext).to(dev)), positions_t, out_cache_loc
+            torch.repeat_interleave(req_idxs, _tensor(ext).to(dev)), positions_t, out_cache_loc
         )
         sample_rows = (starts + ext - 1)[plan.sample]
         want = plan.input_logprob_start >= 0
@@ -154,13 +189,13 @@ class ModelRunner:
             else np.zeros(0, dtype=np.int64)
         )
         batch = ForwardBatch(
-            input_ids=torch.from_numpy(plan.input_ids).to(dev),
+            input_ids=_tensor(plan.input_ids).to(dev),
             positions=positions_t,
             out_cache_loc=out_cache_loc,
             req_pool_idxs=req_idxs,
-            seq_lens=torch.from_numpy(prefix + ext).to(dev),
-            extend_start_loc=torch.from_numpy(starts).to(dev),
-            logits_indices=torch.from_numpy(sample_rows).to(dev),
+            seq_lens=_tensor(prefix + ext).to(dev),
+            extend_start_loc=_tensor(starts).to(dev),
+            logits_indices=_tensor(sample_rows).to(dev),
             prefix_lens_cpu=prefix,
             extend_lens_cpu=ext,
             kv_pool=self.kv_pool,
@@ -176,7 +211,7 @@ class ModelRunner:
         dev = self.device
         out = StepOutput(step_id=plan.step_id, next_token_ids=np.zeros(0, dtype=np.int64))
         if len(logits):
-            sel = torch.from_numpy(np.nonzero(plan.sample)[0]).to(dev)
+            sel = _tensor(np.nonzero(plan.sample)[0]).to(dev)
             slots = batch.req_pool_idxs[sel]
             top_n = plan.top_logprobs_num[plan.sample]
             k = int(top_n.max()) if len(top_n) else -1
@@ -197,7 +232,7 @@ class ModelRunner:
                     out.top_vals = res.top_logprob_vals.cpu().numpy()
         if len(input_logits):
             logp = torch.log_softmax(input_logits, dim=-1)  # [L, vocab]
-            targets = torch.from_numpy(plan.input_logprob_targets).to(dev)
+            targets = _tensor(plan.input_logprob_targets).to(dev)
             out.input_logprobs = logp.gather(1, targets[:, None]).squeeze(1).cpu().numpy()
             want = plan.input_logprob_start >= 0
             k = int(plan.top_logprobs_num[want].max())
@@ -205,3 +240,8 @@ class ModelRunner:
                 vals, ids = logp.topk(k, dim=-1)
                 out.input_top_ids, out.input_top_vals = ids.cpu().numpy(), vals.cpu().numpy()
         return out
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor over ``array`` (copied when read-only, as arrays deserialised by Ray are)."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())

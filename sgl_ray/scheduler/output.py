@@ -33,7 +33,9 @@ class RequestOutput(msgspec.Struct, kw_only=True):
 class _TextState:
     __slots__ = ("detok", "stop")
 
-    def __init__(self, req: Req, tokenizer: Any) -> None:
+    def __init__(self, req: Req, tokenizer: Any, already_emitted: list[int]) -> None:
+        """``already_emitted``: output tokens whose text the caller already has (a request resumed in a new
+        scheduler); they prime the detokenizer and stop checker without being emitted again."""
         p = req.sampling
         self.detok = IncrementalDetokenizer(
             tokenizer,
@@ -42,6 +44,8 @@ class _TextState:
             spaces_between_special_tokens=p.spaces_between_special_tokens,
         )
         self.stop = StopChecker(p.stop, no_stop_trim=p.no_stop_trim)
+        if already_emitted:
+            self.stop.feed(self.detok.step(already_emitted))
 
 
 class OutputProcessor:
@@ -74,7 +78,8 @@ class OutputProcessor:
             return "", finish
         state = self._text.get(req.rid)
         if state is None:
-            state = self._text[req.rid] = _TextState(req, self.tokenizer)
+            emitted = req.output_ids[: len(req.output_ids) - len(new_tokens)]
+            state = self._text[req.rid] = _TextState(req, self.tokenizer, emitted)
         render = new_tokens[:-1] if finish is not None and finish.type == "stop" else new_tokens
         delta = state.detok.step(render) if render else ""
         if finish is not None:

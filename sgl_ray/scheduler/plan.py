@@ -76,3 +76,4 @@ class StepOutput(msgspec.Struct, kw_only=True):
     input_logprobs: np.ndarray | None = None  # [sum input_logprob_counts]
     input_top_ids: np.ndarray | None = None  # [sum counts, k]
     input_top_vals: np.ndarray | None = None
+    compute_s: float = 0.0  # time the runner spent on the step (for control-path overhead accounting)

@@ -62,6 +62,17 @@ class SlotList:
     def __len__(self) -> int:
         return self._len
 
+    def __getstate__(self) -> np.ndarray:
+        return self.view().copy()
+
+    def __setstate__(
+        self, slots: np.ndarray
+    ) -> None:  # a fresh, writable buffer (Ray hands back read-only ones)
+        self._buf = np.array(slots, dtype=np.int64)
+        self._len = len(slots)
+        if len(self._buf) == 0:
+            self._buf = np.zeros(16, dtype=np.int64)
+
     def view(self) -> np.ndarray:
         return self._buf[: self._len]
 

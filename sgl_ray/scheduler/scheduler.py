@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sgl_ray.errors import InvalidRequestError
+from sgl_ray.errors import InvalidRequestError, StepLostError
 from sgl_ray.scheduler.batch import ScheduledBatch
 from sgl_ray.scheduler.kv_manager import KVCacheManager
 from sgl_ray.scheduler.output import OutputProcessor, RequestOutput
@@ -117,8 +117,31 @@ class Scheduler:
     # --- one step ------------------------------------------------------------------------------------------------
     def step(self, execute) -> list[RequestOutput]:
         batch = self.schedule()
-        result = execute(batch.plan)
+        try:
+            result = execute(batch.plan)
+        except StepLostError:
+            self.reset_kv()
+            outputs, self._pending_outputs = self._pending_outputs, []
+            return outputs
         return self.process(batch, result)
+
+    def reset_kv(self) -> None:
+        """The shards' KV is gone (rebuilt after a failure): forget all KV metadata and send every running
+        request back to the front of the queue; each resumes from prompt + the tokens it already generated."""
+        c = self.config
+        self.kv = KVCacheManager(c.num_slots, c.page_size, c.max_reqs, c.enable_prefix_cache)
+        resumed = sorted(self.running, key=lambda r: r.admit_seq)
+        for r in resumed + self.waiting:
+            r.kv_slots.clear()
+            r.req_pool_idx, r.cache_node, r.tree_len, r.num_computed = -1, None, 0, 0
+            r.status = ReqStatus.WAITING
+            if r.group is not None and not r.group.prompt_cached:
+                r.group.leader = None
+        for r in resumed:
+            r.num_retractions += 1
+        self.running = []
+        self.waiting = resumed + self.waiting
+        self.num_preemptions += len(resumed)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch(next(self._step_ids))

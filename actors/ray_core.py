@@ -1,0 +1,209 @@
+"""The driver side of a Ray engine: submits requests to a ``GlobalScheduler`` actor and routes its outputs to the
+callers; data parallelism spreads requests over several such groups.
+
+If the scheduler actor itself dies, a new one (with a new shard group) is started and the requests in flight are
+resubmitted with the tokens they already produced, so they continue where they stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Any
+
+import ray
+from ray.exceptions import RayError
+from sgl_ray.actors.scheduler_actor import GlobalScheduler
+
+from sgl_ray.configs.engine_args import EngineArgs
+from sgl_ray.entrypoints.core import EngineCore, OutputSink
+from sgl_ray.errors import EngineDeadError
+from sgl_ray.scheduler.output import RequestOutput
+from sgl_ray.scheduler.request import Req
+
+logger = logging.getLogger(__name__)
+
+_POLL_S = 0.5
+
+
+def ensure_ray(address: str | None) -> None:
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+
+
+class RayEngineCore(EngineCore):
+    """One engine group: a ``GlobalScheduler`` actor driving its shard actors."""
+
+    def __init__(self, args: EngineArgs, max_restarts: int = 2) -> None:
+        ensure_ray(args.ray_address)
+        self.args = args
+        self.max_restarts = max_restarts
+        self.num_restarts = 0
+        self._lock = threading.Lock()
+        self._sinks: dict[str, OutputSink] = {}
+        self._inflight: dict[str, Req] = {}  # as submitted, plus the tokens received so far
+        self._closed = False
+        self._actor = self._start_actor()
+        self._poller = threading.Thread(target=self._poll, name="sgl-ray-outputs", daemon=True)
+        self._poller.start()
+
+    def _start_actor(self):
+        actor = ray.remote(GlobalScheduler).options(num_cpus=0, max_concurrency=16).remote(self.args)
+        ray.get(actor.ready.remote())
+        return actor
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._inflight)
+
+    def add(self, reqs: list[Req], sink: OutputSink) -> None:
+        if self._closed:
+            raise EngineDeadError("the engine is shut down")
+        with self._lock:
+            for r in reqs:
+                self._sinks[r.rid] = sink
+                self._inflight[r.rid] = r
+            actor = self._actor
+        actor.add_requests.remote(reqs)
+
+    def abort(self, rid: str) -> None:
+        self._actor.abort.remote(rid)
+
+    def flush_cache(self) -> bool:
+        return ray.get(self._actor.flush_cache.remote())
+
+    def stats(self) -> dict[str, Any]:
+        return {**ray.get(self._actor.stats.remote()), "num_scheduler_restarts": self.num_restarts}
+
+    def scheduler_actor(self):
+        return self._actor
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            ray.get(self._actor.shutdown.remote(), timeout=60)
+        except RayError:
+            pass
+        ray.kill(self._actor, no_restart=True)
+        self._poller.join(timeout=5)
+        self._fail_all(EngineDeadError("the engine is shut down"))
+
+    # --- output routing ----------------------------------------------------------------------------------------
+    def _poll(self) -> None:
+        while not self._closed:
+            try:
+                items = ray.get(self._actor.get_outputs.remote(_POLL_S))
+            except RayError as e:
+                if self._closed:
+                    return
+                self._recover(e)
+                continue
+            for rids, item in items:
+                self._route(rids, item)
+
+    def _route(self, rids: list[str], item: RequestOutput | BaseException) -> None:
+        if isinstance(item, BaseException):
+            with self._lock:
+                sinks = {id(s): s for rid in rids if (s := self._sinks.pop(rid, None)) is not None}
+                for rid in rids:
+                    self._inflight.pop(rid, None)
+            for sink in sinks.values():
+                sink(item)
+            return
+        with self._lock:
+            sink = self._sinks.get(item.rid)
+            req = self._inflight.get(item.rid)
+            if req is not None:
+                req.output_ids = req.output_ids + item.token_ids
+            if item.finished:
+                self._sinks.pop(item.rid, None)
+                self._inflight.pop(item.rid, None)
+        if sink is not None:
+            sink(item)
+
+    def _recover(self, error: BaseException) -> None:
+        """The scheduler actor died: start a new one and resubmit what was in flight, tokens so far included."""
+        if self.num_restarts >= self.max_restarts:
+            logger.error("scheduler actor died again (%s); giving up", error)
+            self._closed = True
+            self._fail_all(EngineDeadError(f"the scheduler actor died: {error}"))
+            return
+        self.num_restarts += 1
+        logger.warning(
+            "scheduler actor died (%s); restarting (%d/%d)", error, self.num_restarts, self.max_restarts
+        )
+        try:
+            actor = self._start_actor()
+        except RayError as e:
+            self._closed = True
+            self._fail_all(EngineDeadError(f"could not restart the scheduler actor: {e}"))
+            return
+        with self._lock:
+            self._actor = actor
+            resume = [dataclasses.replace(r) for r in self._inflight.values()]
+        if resume:
+            actor.add_requests.remote(resume)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            sinks = {id(s): s for s in self._sinks.values()}
+            self._sinks.clear()
+            self._inflight.clear()
+        for sink in sinks.values():
+            sink(error)
+
+
+class DataParallelCore(EngineCore):
+    """Several engine groups behind one front; each prompt goes to the group with the fewest requests in flight
+    (the ``n`` samples of one prompt stay together, so they share its cached prefix)."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        self.groups = [RayEngineCore(args.replace(dp_size=1)) for _ in range(args.dp_size)]
+        self._owner: dict[str, RayEngineCore] = {}
+
+    def add(self, reqs: list[Req], sink: OutputSink) -> None:
+        units: dict[int, list[Req]] = {}  # the n samples of one prompt form one unit
+        for r in reqs:
+            units.setdefault(id(r.group) if r.group is not None else id(r), []).append(r)
+        load = {id(g): g.num_inflight for g in self.groups}
+        assigned: dict[int, list[Req]] = {}
+        for unit in units.values():
+            group = min(self.groups, key=lambda g: load[id(g)])
+            load[id(group)] += len(unit)
+            assigned.setdefault(id(group), []).extend(unit)
+            for r in unit:
+                self._owner[r.rid] = group
+
+        def forget(out: RequestOutput | BaseException) -> None:
+            if isinstance(out, BaseException):
+                for r in reqs:
+                    self._owner.pop(r.rid, None)
+            elif out.finished:
+                self._owner.pop(out.rid, None)
+            sink(out)
+
+        for group in self.groups:
+            if id(group) in assigned:
+                group.add(assigned[id(group)], forget)
+
+    def abort(self, rid: str) -> None:
+        group = self._owner.get(rid)
+        if group is not None:
+            group.abort(rid)
+
+    def flush_cache(self) -> bool:
+        return all([g.flush_cache() for g in self.groups])
+
+    def stats(self) -> dict[str, Any]:
+        per_group = [g.stats() for g in self.groups]
+        total = {
+            k: sum(s.get(k, 0) for s in per_group) for k, v in per_group[0].items() if isinstance(v, int)
+        }
+        return {**total, "groups": per_group}
+
+    def shutdown(self) -> None:
+        for g in self.groups:
+            g.shutdown()

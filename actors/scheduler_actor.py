@@ -1,0 +1,117 @@
+"""``GlobalScheduler``: the Ray actor that owns the waiting queue, the policy, the radix tree and page-allocator
+metadata, and drives its shard group step by step.
+
+Requests arrive as token ids with sampling parameters (``add_requests``); results leave as token/text deltas
+through ``get_outputs`` (a long poll that returns everything produced since the last call). When a shard dies
+the group is rebuilt and every running request resumes from the tokens it already generated.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import time
+from typing import Any
+
+from ray.exceptions import RayError
+from sgl_ray.actors.shard_group import ShardGroup
+from sgl_ray.parallel import ParallelLayout
+
+from sgl_ray.configs.engine_args import EngineArgs
+from sgl_ray.entrypoints.core import scheduler_config, scheduler_stats
+from sgl_ray.entrypoints.loop import EngineLoop
+from sgl_ray.errors import EngineDeadError, StepLostError
+from sgl_ray.model_loader import load_tokenizer, resolve_model
+from sgl_ray.scheduler.output import RequestOutput
+from sgl_ray.scheduler.plan import StepOutput, StepPlan
+from sgl_ray.scheduler.request import Req
+from sgl_ray.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+Delivery = tuple[list[str], RequestOutput | BaseException]  # (rids the item is for, the item)
+
+
+class GlobalScheduler:
+    """Example (what :class:`~sgl_ray.actors.ray_core.RayEngineCore` does)::
+
+    >>> sched = ray.remote(GlobalScheduler).options(max_concurrency=8).remote(args)  # doctest: +SKIP
+    >>> ray.get(sched.add_requests.remote(reqs))  # doctest: +SKIP
+    >>> ray.get(sched.get_outputs.remote(0.5))  # doctest: +SKIP
+    """
+
+    def __init__(self, args: EngineArgs, max_rebuilds: int = 3) -> None:
+        self.args = args
+        self.layout = ParallelLayout(args.tp_size, args.pp_size)
+        self.group = ShardGroup(args, self.layout)
+        info = self.group.start()
+        source = resolve_model(args.model_path, revision=args.revision)
+        tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer_path)
+        self.scheduler = Scheduler(
+            scheduler_config(args, info.num_slots, info.max_reqs, info.context_length), tokenizer
+        )
+        self.max_rebuilds = max_rebuilds
+        self.num_rebuilds = 0
+        self._outbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
+        self.loop = EngineLoop(self.scheduler, self._execute)
+
+    def _execute(self, plan: StepPlan) -> StepOutput:
+        try:
+            return self.group.execute(plan)
+        except RayError as e:  # a shard died or stopped answering
+            if self.num_rebuilds >= self.max_rebuilds:
+                raise EngineDeadError(f"shard group failed {self.num_rebuilds + 1} times; last: {e}") from e
+            self.num_rebuilds += 1
+            logger.warning(
+                "shard group failed (%s); rebuilding (%d/%d)", e, self.num_rebuilds, self.max_rebuilds
+            )
+            t0 = time.monotonic()
+            self.group.teardown()
+            self.group = ShardGroup(self.args, self.layout)
+            self.group.start()
+            logger.warning("shard group rebuilt in %.1fs", time.monotonic() - t0)
+            raise StepLostError(str(e)) from e
+
+    def _deliver(self, rids: list[str], item: RequestOutput | BaseException) -> None:
+        self._outbox.put((rids, item))
+
+    # --- the actor's API -------------------------------------------------------------------------------------
+    def add_requests(self, reqs: list[Req]) -> None:
+        self.loop.add(reqs, functools.partial(self._deliver, [r.rid for r in reqs]))
+
+    def abort(self, rid: str) -> None:
+        self.loop.abort(rid)
+
+    def get_outputs(self, timeout_s: float = 1.0) -> list[Delivery]:
+        """Everything delivered since the last call; waits up to ``timeout_s`` for the first item."""
+        try:
+            items = [self._outbox.get(timeout=timeout_s)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                items.append(self._outbox.get_nowait())
+            except queue.Empty:
+                return items
+
+    def flush_cache(self) -> bool:
+        return self.loop.call(lambda s: s.flush_cache())
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.loop.call(scheduler_stats),
+            "num_rebuilds": self.num_rebuilds,
+            **self.group.overhead_summary(),
+        }
+
+    def shard_handles(self) -> list:
+        """The shard actors (for fault-injection tests and diagnostics)."""
+        return list(self.group.workers)
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+        self.group.teardown()
+
+    def ready(self) -> bool:
+        return self.loop.alive

@@ -1,0 +1,170 @@
+"""Attention over the paged KV pool with Triton kernels (the CUDA default).
+
+Per step, :meth:`TritonAttentionBackend.init_forward_metadata` splits the batch into decode requests
+(``extend_len == 1``) and extend requests (``extend_len > 1``) and ships their index arrays to the device in one
+copy; per layer, :meth:`~TritonAttentionBackend.forward` stores the new K/V and launches at most three kernels
+(decode stage 1, its split reduce, extend), reading only host integers from the metadata.
+
+Example (on a CUDA machine; the model runner does this through ``create_attention_backend``)::
+
+    >>> backend = TritonAttentionBackend(torch.device("cuda"))  # doctest: +SKIP
+    >>> backend.init_forward_metadata(batch)  # doctest: +SKIP
+    >>> out = backend.forward(q, k, v, layer, batch)  # doctest: +SKIP  # [T, H * D]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from sgl_ray.attention.base import AttentionBackend
+from sgl_ray.attention.triton_extend import EXTEND_BLOCK_M, extend_attention
+from sgl_ray.attention.triton_kernels import decode_attention
+
+if TYPE_CHECKING:
+    from sgl_ray.layers.attention import RadixAttention
+    from sgl_ray.runner.forward_batch import ForwardBatch
+
+MAX_KV_SPLITS = 64
+MIN_SPLIT_TOKENS = 128  # below this a split costs more in launch and reduce than it gains in parallelism
+WAVES = 4  # stage-1 programs per multiprocessor to aim for
+
+
+@dataclass(frozen=True)
+class _DecodePart:
+    rows: torch.Tensor  # [Bd] int32 batch rows
+    tokens: torch.Tensor  # [Bd] int32 rows of q / out
+    seq_lens: torch.Tensor  # [Bd] int32
+    num: int
+    max_seq_len: int
+
+
+@dataclass(frozen=True)
+class _ExtendPart:
+    blocks: torch.Tensor  # [5, NB] int32: batch row, first-token row, q_start, prefix_len, extend_len
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class _Metadata:
+    decode: _DecodePart | None
+    extend: _ExtendPart | None
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """``num_kv_splits`` fixes the decode split count (a power of two); ``None`` picks it per step and layer."""
+
+    def __init__(self, device: torch.device, num_kv_splits: int | None = None) -> None:
+        self.device = torch.device(device)
+        if num_kv_splits is not None and (num_kv_splits < 1 or num_kv_splits & (num_kv_splits - 1)):
+            raise ValueError(f"num_kv_splits must be a power of two, got {num_kv_splits}")
+        self.num_kv_splits = num_kv_splits
+        if self.device.type == "cuda":
+            self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        else:  # Triton's interpreter (TRITON_INTERPRET=1), for debugging without a GPU
+            self.num_sms = 8
+
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        ext = batch.extend_lens_cpu.astype(np.int64)
+        prefix = batch.prefix_lens_cpu.astype(np.int64)
+        starts = np.concatenate(([0], np.cumsum(ext)[:-1]))
+        dec_rows = np.nonzero(ext == 1)[0]
+        ext_rows = np.nonzero(ext > 1)[0]
+
+        # Extend blocks, most work first so that the long ones do not start last.
+        nblk = -(-ext[ext_rows] // EXTEND_BLOCK_M)  # [Be]
+        blk_req = np.repeat(ext_rows, nblk)  # [NB]
+        blk_qstart = (np.arange(nblk.sum()) - np.repeat(np.cumsum(nblk) - nblk, nblk)) * EXTEND_BLOCK_M
+        order = np.argsort(-(prefix[blk_req] + blk_qstart), kind="stable")
+        blk_req, blk_qstart = blk_req[order], blk_qstart[order]
+
+        host = np.concatenate(
+            [
+                dec_rows,
+                starts[dec_rows],
+                prefix[dec_rows] + 1,
+                blk_req,
+                starts[blk_req],
+                blk_qstart,
+                prefix[blk_req],
+                ext[blk_req],
+            ]
+        ).astype(np.int32)
+        dev = self._to_device(host)  # one copy for the whole step
+        nd, nb = len(dec_rows), len(blk_req)
+        decode = extend = None
+        if nd:
+            decode = _DecodePart(
+                rows=dev[:nd],
+                tokens=dev[nd : 2 * nd],
+                seq_lens=dev[2 * nd : 3 * nd],
+                num=nd,
+                max_seq_len=int(prefix[dec_rows].max()) + 1,
+            )
+        if nb:
+            extend = _ExtendPart(blocks=dev[3 * nd :].view(5, nb), num_blocks=nb)
+        batch.attn_metadata = _Metadata(decode, extend)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, batch: ForwardBatch
+    ) -> torch.Tensor:
+        num_tokens = q.shape[0]
+        h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+        q = q.view(num_tokens, h, d)
+        k, v = k.view(-1, kvh, d), v.view(-1, kvh, d)
+        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+        k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+        meta: _Metadata = batch.attn_metadata
+        out = self._new_buffer((num_tokens, h, d), q.dtype)  # every row is written by one of the kernels
+        if meta.decode is not None:
+            dec = meta.decode
+            decode_attention(
+                q,
+                k_buf,
+                v_buf,
+                out,
+                batch.req_to_token,
+                batch.req_pool_idxs,
+                dec.rows,
+                dec.tokens,
+                dec.seq_lens,
+                self._num_splits(dec, kvh),
+                layer.scaling,
+                self._new_buffer,
+            )
+        if meta.extend is not None:
+            extend_attention(
+                q,
+                k,
+                v,
+                k_buf,
+                v_buf,
+                out,
+                batch.req_to_token,
+                batch.req_pool_idxs,
+                meta.extend.blocks,
+                layer.scaling,
+            )
+        return out.view(num_tokens, h * d)
+
+    def _num_splits(self, dec: _DecodePart, num_kv_heads: int) -> int:
+        """Enough stage-1 programs for ``WAVES`` per multiprocessor, each split at least ``MIN_SPLIT_TOKENS``."""
+        if self.num_kv_splits is not None:
+            return self.num_kv_splits
+        want = -(-self.num_sms * WAVES // (dec.num * num_kv_heads))
+        cap = -(-dec.max_seq_len // MIN_SPLIT_TOKENS)
+        n = max(1, min(want, cap, MAX_KV_SPLITS))
+        return 1 << (n.bit_length() - 1)  # round down to a power of two
+
+    def _new_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Uninitialised scratch/output memory (tests replace this to poison it)."""
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def _to_device(self, host: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(host)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)

@@ -1,0 +1,109 @@
+"""Triton extend (prefill) attention over a ragged batch: new tokens attend to their cached prefix, then causally.
+
+The backend cuts every extend request's new tokens into blocks of ``EXTEND_BLOCK_M`` queries and ships one row per
+block (a host-built table), so the grid is exactly (H, NB) with no padding programs::
+
+    request r:  | cached prefix (prefix_len) ---------------- | new tokens (extend_len) ---------- |
+                  read through req_to_token[req_pool_idx[r]]    read from k / v rows token0 .. token0+n
+    block b of r: queries q_start .. q_start + BLOCK_M; sees the whole prefix, and new key j iff j <= query i
+
+Grid dimension 0 is the query head, so the programs of one block run side by side and share its K/V in L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sgl_ray.attention.triton_kernels import LOG2E, online_softmax_step
+
+EXTEND_BLOCK_M = 64  # queries per program; the unit of the backend's block table
+
+
+# fmt: off
+@triton.jit
+def _extend_kernel(
+    Q, Knew, Vnew, K, V, Out,
+    req_to_token, req_pool_idxs, blk_row, blk_token, blk_qstart, blk_prefix, blk_len,
+    qk_scale, group,
+    stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_r2t,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # fmt: on
+    head = tl.program_id(0)
+    b = tl.program_id(1)
+    kv_head = head // group
+    token0 = tl.load(blk_token + b).to(tl.int64)  # row of the request's first new token
+    q_start = tl.load(blk_qstart + b)  # this block's first query, counted among the request's new tokens
+    prefix = tl.load(blk_prefix + b)
+    n_new = tl.load(blk_len + b)
+    req = tl.load(req_pool_idxs + tl.load(blk_row + b)).to(tl.int64)
+
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n_new
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q_mask = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(Q + (token0 + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # Cached prefix, fully visible (each block holds a valid key, so m_i turns finite at once).
+    slot_row = req_to_token + req * stride_r2t
+    for n0 in range(0, prefix, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < prefix
+        slots = tl.load(slot_row + offs_n, mask=mask_n, other=0).to(tl.int64)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        m_i, l_i, acc = online_softmax_step(q, k, v, mask_n[None, :], qk_scale, m_i, l_i, acc, IEEE)
+
+    # New tokens, causal, up to the block's last query. New key 0 is visible to every row (padding rows too).
+    for n0 in range(0, tl.minimum(n_new, q_start + BLOCK_M), BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_new
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        rows = (token0 + offs_n)[:, None]
+        k = tl.load(Knew + rows * stride_knt + kv_head * stride_knh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(Vnew + rows * stride_vnt + kv_head * stride_vnh + offs_d[None, :], mask=kv_mask, other=0.0)
+        visible = mask_n[None, :] & (offs_n[None, :] <= offs_m[:, None])
+        m_i, l_i, acc = online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE)
+
+    o = acc / l_i[:, None]
+    tl.store(Out + (token0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :], o, mask=q_mask)
+
+
+def extend_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, KVH, D] the new tokens' keys
+    v: torch.Tensor,
+    k_buf: torch.Tensor,  # [num_slots, KVH, D]
+    v_buf: torch.Tensor,
+    out: torch.Tensor,  # [T, H, D]; the extend rows are written
+    req_to_token: torch.Tensor,  # [max_reqs, max_context]
+    req_pool_idxs: torch.Tensor,  # [B]
+    blocks: torch.Tensor,  # [5, NB]: batch row, first-token row, q_start, prefix_len, extend_len per block
+    scale: float,
+) -> None:
+    num_blocks = blocks.shape[1]
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    ieee = q.dtype == torch.float32
+    wide = head_dim > 128 or ieee  # keep the K/V stages within shared memory
+    blk_row, blk_token, blk_qstart, blk_prefix, blk_len = blocks.unbind(0)
+    # fmt: off
+    _extend_kernel[(num_heads, num_blocks)](
+        q, k, v, k_buf, v_buf, out,
+        req_to_token, req_pool_idxs, blk_row, blk_token, blk_qstart, blk_prefix, blk_len,
+        scale * LOG2E, num_heads // k_buf.shape[1],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1), out.stride(0), out.stride(1),
+        req_to_token.stride(0),
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=EXTEND_BLOCK_M,
+        BLOCK_N=32 if wide else 64, IEEE=ieee, num_warps=4, num_stages=1 if head_dim > 128 and ieee else 2,
+    )
+    # fmt: on

@@ -1,0 +1,176 @@
+"""Triton split-KV decode over the paged KV pool, and the online-softmax step shared with the extend kernel.
+
+Cached keys and values are read in place through ``req_to_token`` rows (``[max_reqs, max_context]`` slot ids into
+the pool's ``[num_slots, num_kv_heads, head_dim]`` buffers); nothing is gathered into a contiguous copy. Softmax
+runs online in base 2 (scores times ``scale * log2(e)``) and accumulates in fp32.
+
+Decode (flash-decoding)::
+
+    request i, kv head g:  | split 0 | split 1 | ... | split S-1 |   each `chunk` tokens, a multiple of BLOCK_N
+    stage 1, grid (S, KVH, Bd): one program = one split x one kv head x all `group` query heads of that kv head,
+        so each K/V block is loaded once per group; it writes the split's normalised output and log2-sum-exp
+        (with a single split, the final output directly).
+    stage 2, grid (H, Bd): out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the non-empty splits.
+
+Short requests in a long batch get the same number of splits, each at least BLOCK_N tokens; the splits past the
+sequence's end are empty and skipped by stage 2 (which recomputes the same ``chunk``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # fp32 inputs: full precision rather than tf32
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE: tl.constexpr):
+    """Fold one key block into a running softmax: q [M, D], k/v [N, D], visible [M, N] -> (m_i, l_i, acc)."""
+    qk = _dot(q, tl.trans(k.to(q.dtype)), IEEE)
+    qk = tl.where(visible, qk * qk_scale, float("-inf"))  # [M, N], log2 domain
+    m_new = tl.maximum(
+        m_i, tl.max(qk, 1)
+    )  # finite as long as some key of this or an earlier block is visible
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v.to(q.dtype), IEEE)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return m_new, l_i, acc
+
+
+# fmt: off
+@triton.jit
+def _decode_stage1(
+    Q, K, V, Out, PartO, PartLse,
+    req_to_token, req_pool_idxs, dec_row, dec_token, dec_len,
+    qk_scale, num_splits, group,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ot, stride_oh, stride_r2t, stride_pi, stride_ph,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIRECT: tl.constexpr, IEEE: tl.constexpr,
+):
+    # fmt: on
+    split = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    i = tl.program_id(2)
+    token = tl.load(dec_token + i).to(tl.int64)
+    seq_len = tl.load(dec_len + i)
+    req = tl.load(req_pool_idxs + tl.load(dec_row + i)).to(tl.int64)
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)  # empty when split >= cdiv(seq_len, chunk)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    heads = kv_head * group + offs_h  # [BLOCK_H], the first `group` are real
+    mask_h = offs_h < group
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q_mask = mask_h[:, None] & mask_d[None, :]
+    q = tl.load(Q + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    slot_row = req_to_token + req * stride_r2t
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        slots = tl.load(slot_row + offs_n, mask=mask_n, other=0).to(tl.int64)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        m_i, l_i, acc = online_softmax_step(q, k, v, mask_n[None, :], qk_scale, m_i, l_i, acc, IEEE)
+    o = acc / l_i[:, None]
+    if DIRECT:
+        tl.store(Out + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :], o, mask=q_mask)
+    else:
+        part = i.to(tl.int64) * stride_pi + heads * stride_ph + split  # [BLOCK_H] rows of [Bd * H * S, D]
+        tl.store(PartO + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=q_mask)
+        tl.store(PartLse + part, m_i + tl.log2(l_i), mask=mask_h)
+
+
+# fmt: off
+@triton.jit
+def _decode_reduce(
+    Out, PartO, PartLse, dec_token, dec_len,
+    num_splits, stride_ot, stride_oh, stride_pi, stride_ph,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # fmt: on
+    head = tl.program_id(0)
+    i = tl.program_id(1)
+    token = tl.load(dec_token + i).to(tl.int64)
+    seq_len = tl.load(dec_len + i)
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < tl.cdiv(seq_len, chunk)  # exactly the splits stage 1 wrote
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    part = i.to(tl.int64) * stride_pi + head * stride_ph + offs_s  # [BLOCK_S]
+    lse = tl.load(PartLse + part, mask=mask_s, other=float("-inf"))
+    w = tl.where(mask_s, tl.exp2(lse - tl.max(lse, 0)), 0.0)
+    o = tl.load(PartO + part[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    o = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    tl.store(Out + token * stride_ot + head * stride_oh + offs_d, o, mask=mask_d)
+
+
+def decode_block_n(head_dim: int, dtype: torch.dtype) -> int:
+    """Keys per stage-1 iteration (also the split granularity)."""
+    return 32 if head_dim > 128 or dtype == torch.float32 else 64
+
+
+def decode_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k_buf: torch.Tensor,  # [num_slots, KVH, D]
+    v_buf: torch.Tensor,
+    out: torch.Tensor,  # [T, H, D]; the decode rows are written
+    req_to_token: torch.Tensor,  # [max_reqs, max_context]
+    req_pool_idxs: torch.Tensor,  # [B]
+    dec_row: torch.Tensor,  # [Bd] batch row of each decode request
+    dec_token: torch.Tensor,  # [Bd] its token row in q / out
+    dec_len: torch.Tensor,  # [Bd] its sequence length (cached + the new token)
+    num_splits: int,  # a power of two
+    scale: float,
+    new_buffer,  # (shape, dtype) -> uninitialised tensor on q's device
+) -> None:
+    num_decode = dec_row.shape[0]
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_buf.shape[1]
+    group = num_heads // num_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    block_n = decode_block_n(head_dim, q.dtype)
+    ieee = q.dtype == torch.float32
+    direct = num_splits == 1
+    if direct:
+        part_o = part_lse = out  # unused
+    else:
+        part_o = new_buffer((num_decode, num_heads, num_splits, head_dim), torch.float32)
+        part_lse = new_buffer((num_decode, num_heads, num_splits), torch.float32)
+    # fmt: off
+    _decode_stage1[(num_splits, num_kv_heads, num_decode)](
+        q, k_buf, v_buf, out, part_o, part_lse,
+        req_to_token, req_pool_idxs, dec_row, dec_token, dec_len,
+        scale * LOG2E, num_splits, group,
+        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        out.stride(0), out.stride(1), req_to_token.stride(0), num_heads * num_splits, num_splits,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        DIRECT=direct, IEEE=ieee, num_warps=4, num_stages=2,
+    )
+    # fmt: on
+    if not direct:
+        # fmt: off
+        _decode_reduce[(num_heads, num_decode)](
+            out, part_o, part_lse, dec_token, dec_len,
+            num_splits, out.stride(0), out.stride(1), num_heads * num_splits, num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_S=num_splits, num_warps=4,
+        )
+        # fmt: on

@@ -1,0 +1,100 @@
+"""The engine-core seam: what the ``Engine`` front (tokenize, validate, assemble results) needs from whatever runs
+the scheduler and the model — in this process, or in Ray actors (``sgl_ray.actors``)."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+from sgl_ray.configs.engine_args import EngineArgs
+from sgl_ray.configs.model_config import ModelConfig
+from sgl_ray.entrypoints.loop import EngineLoop
+from sgl_ray.runner.model_runner import ModelRunner
+from sgl_ray.scheduler.output import RequestOutput
+from sgl_ray.scheduler.request import Req
+from sgl_ray.scheduler.scheduler import Scheduler, SchedulerConfig
+
+OutputSink = Callable[[RequestOutput | BaseException], None]
+
+
+class EngineCore(ABC):
+    """Contract: ``add`` queues requests and later calls ``sink`` with every :class:`RequestOutput` of them (the
+    last one ``finished``), or once with an exception if they are rejected or the core dies; ``sink`` may be
+    called from another thread. ``abort`` is fire-and-forget."""
+
+    @abstractmethod
+    def add(self, reqs: list[Req], sink: OutputSink) -> None: ...
+
+    @abstractmethod
+    def abort(self, rid: str) -> None: ...
+
+    @abstractmethod
+    def flush_cache(self) -> bool: ...
+
+    @abstractmethod
+    def stats(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def shutdown(self) -> None: ...
+
+
+def scheduler_config(args: EngineArgs, num_slots: int, max_reqs: int, context_length: int) -> SchedulerConfig:
+    device = args.torch_device()
+    return SchedulerConfig(
+        num_slots=num_slots,
+        max_reqs=max_reqs,
+        context_length=context_length,
+        page_size=args.page_size,
+        max_running_requests=max_reqs,
+        max_prefill_tokens=args.max_prefill_tokens,
+        chunked_prefill_size=args.effective_chunked_prefill_size(device),
+        policy=args.schedule_policy,
+        enable_prefix_cache=not args.disable_radix_cache,
+    )
+
+
+def scheduler_stats(s: Scheduler) -> dict[str, Any]:
+    kv = s.kv
+    return {
+        "num_running": len(s.running),
+        "num_waiting": len(s.waiting),
+        "kv_capacity": kv.capacity,
+        "kv_free": kv.allocator.num_free_slots,
+        "cache_size": kv.cache.total_size if kv.cache else 0,
+        "num_preemptions": s.num_preemptions,
+    }
+
+
+class InProcessCore(EngineCore):
+    """Scheduler and model runner on a background thread of this process."""
+
+    def __init__(self, args: EngineArgs, model_config: ModelConfig, weights, tokenizer: Any) -> None:
+        self.runner = ModelRunner(args, model_config, weights)
+        info = self.runner.info
+        self.scheduler = Scheduler(
+            scheduler_config(args, info.num_slots, info.max_reqs, info.context_length), tokenizer
+        )
+        self.loop = EngineLoop(self.scheduler, self.runner.execute)
+
+    def add(self, reqs: list[Req], sink: OutputSink) -> None:
+        self.loop.add(reqs, sink)
+
+    def abort(self, rid: str) -> None:
+        self.loop.abort(rid)
+
+    def flush_cache(self) -> bool:
+        return self.loop.call(lambda s: s.flush_cache())
+
+    def stats(self) -> dict[str, Any]:
+        return self.loop.call(scheduler_stats)
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+
+
+def create_ray_core(args: EngineArgs, model_config: ModelConfig) -> EngineCore:
+    """The Ray-backed core (shard actors + a global scheduler actor), imported lazily so this package never
+    depends on Ray."""
+    return importlib.import_module("sgl_ray.actors").create_engine_core(args, model_config)
