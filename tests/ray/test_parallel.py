@@ -43,8 +43,15 @@ def _check_exact(engine, reference, token_lists):
 def test_parallel_greedy_matches_transformers(
     name, tp, pp, ray_cluster, hf_reference, smollm2_path, tiny_llama_path, tiny_qwen2_path, tiny_qwen3_path
 ):
-    path = {"smollm2": smollm2_path, "llama": tiny_llama_path, "qwen2": tiny_qwen2_path, "qwen3": tiny_qwen3_path}
-    with sgl_ray.Engine(path[name], tp_size=tp, pp_size=pp, chunked_prefill_size=16, max_total_tokens=4096) as eng:
+    path = {
+        "smollm2": smollm2_path,
+        "llama": tiny_llama_path,
+        "qwen2": tiny_qwen2_path,
+        "qwen3": tiny_qwen3_path,
+    }
+    with sgl_ray.Engine(
+        path[name], tp_size=tp, pp_size=pp, chunked_prefill_size=16, max_total_tokens=4096
+    ) as eng:
         token_lists = _token_lists(eng)
         ref = hf_reference(name)
         _check_exact(eng, ref, token_lists)
