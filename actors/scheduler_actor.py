@@ -20,7 +20,7 @@ from sgl_ray.parallel import ParallelLayout
 
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.entrypoints.core import scheduler_config, scheduler_stats
-from sgl_ray.entrypoints.loop import EngineLoop
+from sgl_ray.entrypoints.loop import EngineLoop, StepExecutor
 from sgl_ray.errors import EngineDeadError, StepLostError
 from sgl_ray.model_loader import load_tokenizer, resolve_model
 from sgl_ray.scheduler.output import RequestOutput
@@ -54,24 +54,23 @@ class GlobalScheduler:
         self.max_rebuilds = max_rebuilds
         self.num_rebuilds = 0
         self._outbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
-        self.loop = EngineLoop(self.scheduler, self._execute)
+        self.loop = EngineLoop(self.scheduler, _GroupExecutor(self))
 
-    def _execute(self, plan: StepPlan) -> StepOutput:
-        try:
-            return self.group.execute(plan)
-        except RayError as e:  # a shard died or stopped answering
-            if self.num_rebuilds >= self.max_rebuilds:
-                raise EngineDeadError(f"shard group failed {self.num_rebuilds + 1} times; last: {e}") from e
-            self.num_rebuilds += 1
-            logger.warning(
-                "shard group failed (%s); rebuilding (%d/%d)", e, self.num_rebuilds, self.max_rebuilds
-            )
-            t0 = time.monotonic()
-            self.group.teardown()
-            self.group = ShardGroup(self.args, self.layout)
-            self.group.start()
-            logger.warning("shard group rebuilt in %.1fs", time.monotonic() - t0)
-            raise StepLostError(str(e)) from e
+    def _rebuild(self, error: BaseException) -> StepLostError:
+        if self.num_rebuilds >= self.max_rebuilds:
+            raise EngineDeadError(
+                f"shard group failed {self.num_rebuilds + 1} times; last: {error}"
+            ) from error
+        self.num_rebuilds += 1
+        logger.warning(
+            "shard group failed (%s); rebuilding (%d/%d)", error, self.num_rebuilds, self.max_rebuilds
+        )
+        t0 = time.monotonic()
+        self.group.teardown()
+        self.group = ShardGroup(self.args, self.layout)
+        self.group.start()
+        logger.warning("shard group rebuilt in %.1fs", time.monotonic() - t0)
+        return StepLostError(str(error))
 
     def _deliver(self, rids: list[str], item: RequestOutput | BaseException) -> None:
         self._outbox.put((rids, item))
@@ -102,6 +101,7 @@ class GlobalScheduler:
         return {
             **self.loop.call(scheduler_stats),
             "num_rebuilds": self.num_rebuilds,
+            "max_batches_in_flight": self.loop.max_in_flight,
             **self.group.overhead_summary(),
         }
 
@@ -115,3 +115,26 @@ class GlobalScheduler:
 
     def ready(self) -> bool:
         return self.loop.alive
+
+
+class _GroupExecutor(StepExecutor):
+    """Submits plans to the scheduler's current shard group; one micro-batch per pipeline stage in flight."""
+
+    def __init__(self, owner: GlobalScheduler) -> None:
+        self.owner = owner
+        self.depth = owner.layout.pp_size
+
+    def submit(self, plan: StepPlan):
+        try:
+            return self.owner.group, self.owner.group.submit(plan)
+        except RayError as e:
+            raise self.owner._rebuild(e) from e
+
+    def wait(self, handle) -> StepOutput:
+        group, inner = handle
+        if group is not self.owner.group:  # submitted to a group that has since been replaced
+            raise StepLostError("shard group was rebuilt")
+        try:
+            return group.wait(inner)
+        except RayError as e:
+            raise self.owner._rebuild(e) from e

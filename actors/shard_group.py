@@ -78,14 +78,22 @@ class ShardGroup:
         )
         return infos[self.layout.output_rank]
 
-    def execute(self, plan: StepPlan) -> StepOutput:
-        """Run one step on every shard; the answer comes from the last stage's first tensor-parallel rank.
-        Raises whatever Ray raises when a shard is gone (the caller rebuilds the group)."""
+    def submit(self, plan: StepPlan):
+        """Send a plan to every shard without waiting (several may be in flight: pipeline stages overlap)."""
         assert self.dag is not None, "start() first"
-        t0 = time.perf_counter()
-        out = ray.get(self.dag.execute(plan), timeout=self.step_timeout_s)[self.layout.output_rank]
-        self.control_overhead_s.append(time.perf_counter() - t0 - out.compute_s)
+        return self.dag.execute(plan), time.perf_counter()
+
+    def wait(self, handle) -> StepOutput:
+        """The answer of a submitted plan, from the last stage's first tensor-parallel rank. Raises whatever Ray
+        raises when a shard is gone (the caller rebuilds the group)."""
+        ref, sent = handle
+        out = ray.get(ref, timeout=self.step_timeout_s)[self.layout.output_rank]
+        if self.layout.pp_size == 1:  # with micro-batches in flight, wall time is not one step's
+            self.control_overhead_s.append(time.perf_counter() - sent - out.compute_s)
         return out
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        return self.wait(self.submit(plan))
 
     def overhead_summary(self) -> dict[str, float]:
         """Per-step control-path overhead (plan sent → tokens back, minus the output shard's compute), µs."""

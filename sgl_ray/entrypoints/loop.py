@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sgl_ray.errors import EngineDeadError, SglRayError
+from sgl_ray.errors import EngineDeadError, SglRayError, StepLostError
+from sgl_ray.scheduler.batch import ScheduledBatch
 from sgl_ray.scheduler.output import RequestOutput
 from sgl_ray.scheduler.plan import StepOutput, StepPlan
 from sgl_ray.scheduler.request import Req
@@ -45,10 +47,30 @@ class _Call:
 _STOP = object()
 
 
+class StepExecutor:
+    """Runs plans. ``submit`` may return before the step finishes; ``wait`` returns its output (raising
+    :class:`~sgl_ray.errors.StepLostError` if the shards lost it). Up to ``depth`` steps may be in flight at
+    once (pipeline micro-batches); this base class runs each plan synchronously (depth 1)."""
+
+    depth = 1
+
+    def __init__(self, execute: Callable[[StepPlan], StepOutput]) -> None:
+        self._execute = execute
+
+    def submit(self, plan: StepPlan) -> Any:
+        return self._execute(plan)
+
+    def wait(self, handle: Any) -> StepOutput:
+        return handle
+
+
 class EngineLoop:
-    def __init__(self, scheduler: Scheduler, execute: Callable[[StepPlan], StepOutput]) -> None:
+    def __init__(
+        self, scheduler: Scheduler, execute: Callable[[StepPlan], StepOutput] | StepExecutor
+    ) -> None:
         self.scheduler = scheduler
-        self.execute = execute
+        self.executor = execute if isinstance(execute, StepExecutor) else StepExecutor(execute)
+        self.max_in_flight = 0  # most batches seen in flight at once (pipeline micro-batching at work)
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sinks: dict[str, OutputSink] = {}
         self._error: BaseException | None = None
@@ -111,24 +133,50 @@ class EngineLoop:
             msg.done.set()
         return True
 
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            sink = self._sinks.get(out.rid)
+            if out.finished:
+                self._sinks.pop(out.rid, None)
+            if sink is not None:
+                sink(out)
+
     def _run(self) -> None:
-        sched = self.scheduler
+        """Keep up to ``executor.depth`` batches in flight; process results in submission order."""
+        sched, ex = self.scheduler, self.executor
+        in_flight: deque[tuple[ScheduledBatch, Any]] = deque()
         try:
             while True:
-                block = not sched.has_work
+                block = not sched.has_work and not in_flight
                 try:
-                    msg = self._inbox.get(timeout=None if block else 0) if block else self._inbox.get_nowait()
+                    msg = self._inbox.get() if block else self._inbox.get_nowait()
                     if not self._handle(msg):
                         break
                     continue  # drain the inbox before stepping
                 except queue.Empty:
                     pass
-                for out in sched.step(self.execute):
-                    sink = self._sinks.get(out.rid)
-                    if out.finished:
-                        self._sinks.pop(out.rid, None)
-                    if sink is not None:
-                        sink(out)
+                try:
+                    if len(in_flight) < ex.depth:
+                        batch = sched.schedule(ex.depth)
+                        if batch.worth_running:
+                            in_flight.append((batch, ex.submit(batch.plan)))
+                            self.max_in_flight = max(self.max_in_flight, len(in_flight))
+                            if len(in_flight) < ex.depth and batch.entries:
+                                continue  # fill the pipeline before waiting
+                        elif not in_flight:  # nothing runnable now: hand out aborts, then wait a moment
+                            self._deliver(sched.take_pending_outputs())
+                            try:
+                                if not self._handle(self._inbox.get(timeout=0.005)):
+                                    break
+                            except queue.Empty:
+                                pass
+                            continue
+                    batch, handle = in_flight.popleft()
+                    outputs = sched.process(batch, ex.wait(handle))
+                except StepLostError:
+                    in_flight.clear()
+                    outputs = sched.lose_in_flight()
+                self._deliver(outputs)
         except BaseException as e:  # the runner or scheduler failed: fail every request, loudly
             logger.exception("engine loop crashed")
             self._error = e

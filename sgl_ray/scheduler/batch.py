@@ -64,6 +64,7 @@ class ScheduledBatch:
 
     def add(self, req: Req, extend_len: int, new: bool = False) -> None:
         prefix = req.num_computed
+        req.in_flight = True
         entry = BatchEntry(req, prefix, extend_len, prefix + extend_len == req.num_tokens, new)
         if extend_len > 1 or not req.output_ids:
             self.num_prefill_tokens += extend_len
@@ -112,10 +113,16 @@ class ScheduledBatch:
             )
         return self
 
+    @property
+    def worth_running(self) -> bool:
+        """Whether the plan does anything (a plan with no requests may still free request slots)."""
+        return bool(self.entries or self.plan.freed_req_pool_idxs)
+
     def iter_results(self, result: StepOutput) -> Iterator[tuple[BatchEntry, Sampled | None]]:
         s = 0
         lp = 0
         for e in self.entries:
+            e.req.in_flight = False
             if e.input_lp_count and result.input_logprobs is not None:
                 e.input_logprobs = result.input_logprobs[lp : lp + e.input_lp_count].tolist()
                 if result.input_top_ids is not None and result.input_top_vals is not None:

@@ -120,6 +120,7 @@ class Req:
     finish_reason: FinishReason | None = None
     input_logprob_next: int = 1  # next prompt position whose logprob is still to be collected
     prefix_len_hint: int = 0  # last match length seen by the policy
+    in_flight: bool = False  # part of a scheduled batch whose results are not processed yet
 
     def prompt_block_hashes(self, block: int) -> list[int]:
         """``h[k]`` identifies ``prompt_ids[: (k + 1) * block]`` (chained hashes, O(prompt) once per request)."""

@@ -74,6 +74,7 @@ class Scheduler:
         self._step_ids = itertools.count(1)
         self._admit_seq = itertools.count()
         self._pending_outputs: list[RequestOutput] = []
+        self._decode_share = 1
         self.num_preemptions = 0
 
     # --- requests in and out -----------------------------------------------------------------------------------
@@ -116,14 +117,23 @@ class Scheduler:
 
     # --- one step ------------------------------------------------------------------------------------------------
     def step(self, execute) -> list[RequestOutput]:
+        """Schedule, run and process one batch synchronously."""
         batch = self.schedule()
         try:
             result = execute(batch.plan)
         except StepLostError:
-            self.reset_kv()
-            outputs, self._pending_outputs = self._pending_outputs, []
-            return outputs
+            return self.lose_in_flight()
         return self.process(batch, result)
+
+    def lose_in_flight(self) -> list[RequestOutput]:
+        """Every batch in flight was lost with the shards' KV: resume their requests from their tokens."""
+        self.reset_kv()
+        outputs, self._pending_outputs = self._pending_outputs, []
+        return outputs
+
+    def take_pending_outputs(self) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        return outputs
 
     def reset_kv(self) -> None:
         """The shards' KV is gone (rebuilt after a failure): forget all KV metadata and send every running
@@ -132,6 +142,7 @@ class Scheduler:
         self.kv = KVCacheManager(c.num_slots, c.page_size, c.max_reqs, c.enable_prefix_cache)
         resumed = sorted(self.running, key=lambda r: r.admit_seq)
         for r in resumed + self.waiting:
+            r.in_flight = False
             r.kv_slots.clear()
             r.req_pool_idx, r.cache_node, r.tree_len, r.num_computed = -1, None, 0, 0
             r.status = ReqStatus.WAITING
@@ -143,7 +154,11 @@ class Scheduler:
         self.waiting = resumed + self.waiting
         self.num_preemptions += len(resumed)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, max_in_flight: int = 1) -> ScheduledBatch:
+        """Build the next batch from requests not already in flight. With ``max_in_flight`` > 1 (pipeline
+        micro-batches) each batch takes about 1/max_in_flight of the decoding requests, so the batches in
+        flight together cover them all."""
+        self._decode_share = max_in_flight
         batch = ScheduledBatch(next(self._step_ids))
         retracted = self._schedule_decodes(batch)
         budget = self._schedule_prefill_chunks(batch)
@@ -155,10 +170,14 @@ class Scheduler:
         return batch.finalize(self.kv)
 
     def _schedule_decodes(self, batch: ScheduledBatch) -> bool:
-        decoding = [r for r in self.running if r.is_decoding]
+        decoding = [r for r in self.running if r.is_decoding and not r.in_flight]
+        if self._decode_share > 1:
+            decoding = decoding[: -(-len(self.running) // self._decode_share)]
         retracted = False
         while decoding and self.kv.alloc(decoding, [1] * len(decoding)) is None:
             victim = self._pick_victim()
+            if victim is None:  # every candidate is in flight: wait for those batches to finish
+                return retracted
             if len(self.running) == 1:
                 # A lone request that no longer fits the pool: end it instead of looping.
                 self.running.remove(victim)
@@ -180,13 +199,18 @@ class Scheduler:
 
     def _schedule_prefill_chunks(self, batch: ScheduledBatch) -> int:
         budget = self._prefill_budget()
-        for r in [r for r in self.running if not r.is_decoding and r.req_pool_idx >= 0]:
+        for r in [r for r in self.running if not r.is_decoding and not r.in_flight and r.req_pool_idx >= 0]:
             remaining = r.num_tokens - r.num_computed
             n = min(remaining, budget) if self.config.chunked_prefill_size else remaining
             if n <= 0:
                 continue
             if self.kv.alloc([r], [n]) is None:
-                continue  # memory frees up as other requests finish; it keeps its place
+                if batch.entries:
+                    continue  # memory frees up as the scheduled requests finish; it keeps its place
+                victim = self._pick_victim()
+                if victim is not None and victim is not r:
+                    self._retract(victim)  # nothing else can run: make room for the oldest prefill
+                continue
             batch.add(r, n)
             budget -= n
         return budget
@@ -254,9 +278,10 @@ class Scheduler:
         return k < len(hashes) and hashes[k] in inflight
 
     def _pick_victim(self) -> Req | None:
-        if not self.running:
+        candidates = [r for r in self.running if not r.in_flight]
+        if not candidates:
             return None
-        return min(self.running, key=lambda r: (r.priority, -r.admit_seq))
+        return min(candidates, key=lambda r: (r.priority, -r.admit_seq))
 
     def _retract(self, req: Req) -> None:
         self.kv.release(req)

@@ -58,7 +58,11 @@ def test_parallel_greedy_matches_transformers(
         again = _check_exact(eng, ref, token_lists[-2:])  # the shared few-shot prefix is now cached
         assert all(o["meta_info"]["cached_tokens"] > 20 for o in again)
         stats = eng.get_stats()
-        assert stats["num_running"] == 0 and stats["control_overhead_steps"] > 0
+        assert stats["num_running"] == 0
+        if pp == 1:
+            assert stats["control_overhead_steps"] > 0
+        else:  # micro-batches: one per stage in flight, so the stages overlap
+            assert stats["max_batches_in_flight"] == pp
 
 
 def test_use_ray_at_size_one_and_data_parallel_groups(ray_cluster, tiny_qwen2_path, hf_reference):
