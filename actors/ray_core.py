@@ -76,6 +76,9 @@ class RayEngineCore(EngineCore):
     def stats(self) -> dict[str, Any]:
         return {**ray.get(self._actor.stats.remote()), "num_scheduler_restarts": self.num_restarts}
 
+    def prefix_summary(self, block: int) -> frozenset[int]:
+        return ray.get(self._actor.prefix_summary.remote(block))
+
     def scheduler_actor(self):
         return self._actor
 
@@ -203,6 +206,9 @@ class DataParallelCore(EngineCore):
             k: sum(s.get(k, 0) for s in per_group) for k, v in per_group[0].items() if isinstance(v, int)
         }
         return {**total, "groups": per_group}
+
+    def prefix_summary(self, block: int) -> frozenset[int]:
+        return frozenset().union(*(g.prefix_summary(block) for g in self.groups))
 
     def shutdown(self) -> None:
         for g in self.groups:

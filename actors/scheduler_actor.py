@@ -19,7 +19,7 @@ from sgl_ray.actors.shard_group import ShardGroup
 from sgl_ray.parallel import ParallelLayout
 
 from sgl_ray.configs.engine_args import EngineArgs
-from sgl_ray.entrypoints.core import scheduler_config, scheduler_stats
+from sgl_ray.entrypoints.core import prefix_summary, scheduler_config, scheduler_stats
 from sgl_ray.entrypoints.loop import EngineLoop, StepExecutor
 from sgl_ray.errors import EngineDeadError, StepLostError
 from sgl_ray.model_loader import load_tokenizer, resolve_model
@@ -104,6 +104,9 @@ class GlobalScheduler:
             "max_batches_in_flight": self.loop.max_in_flight,
             **self.group.overhead_summary(),
         }
+
+    def prefix_summary(self, block: int) -> frozenset[int]:
+        return self.loop.call(lambda s: prefix_summary(s, block))
 
     def shard_handles(self) -> list:
         """The shard actors (for fault-injection tests and diagnostics)."""

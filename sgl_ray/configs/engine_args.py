@@ -52,7 +52,9 @@ class EngineArgs:
     )
     schedule_policy: str = field(default="fcfs", metadata={"help": "fcfs|lpm|dfs-weight|priority"})
     disable_radix_cache: bool = field(default=False, metadata={"help": "turn the prefix cache off"})
-    attention_backend: str | None = field(default=None, metadata={"help": "torch (CPU default) | triton (GPU default)"})
+    attention_backend: str | None = field(
+        default=None, metadata={"help": "torch (CPU default) | triton (GPU default)"}
+    )
     random_seed: int | None = field(default=None, metadata={"help": "seed for requests that give none"})
     skip_tokenizer_init: bool = field(default=False, metadata={"help": "token ids in and out only"})
     num_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads on CPU"})

@@ -37,6 +37,10 @@ class EngineCore(ABC):
     def stats(self) -> dict[str, Any]: ...
 
     @abstractmethod
+    def prefix_summary(self, block: int) -> frozenset[int]:
+        """Chained block hashes of every prefix in the prefix cache (see ``mem_cache.prefix_hash``)."""
+
+    @abstractmethod
     def shutdown(self) -> None: ...
 
 
@@ -67,6 +71,10 @@ def scheduler_stats(s: Scheduler) -> dict[str, Any]:
     }
 
 
+def prefix_summary(s: Scheduler, block: int) -> frozenset[int]:
+    return s.kv.cache.summary(block) if s.kv.cache is not None else frozenset()
+
+
 class InProcessCore(EngineCore):
     """Scheduler and model runner on a background thread of this process."""
 
@@ -89,6 +97,9 @@ class InProcessCore(EngineCore):
 
     def stats(self) -> dict[str, Any]:
         return self.loop.call(scheduler_stats)
+
+    def prefix_summary(self, block: int) -> frozenset[int]:
+        return self.loop.call(lambda s: prefix_summary(s, block))
 
     def shutdown(self) -> None:
         self.loop.stop()

@@ -195,6 +195,11 @@ class Engine:
         """Scheduler counters: running/waiting requests, KV usage, prefix-cache size, preemptions."""
         return self._core.stats()
 
+    def prefix_summary(self, block: int = 32) -> frozenset[int]:
+        """Chained hashes of every ``block``-token-aligned prefix in the prefix cache (for cache-aware routing;
+        see :mod:`sgl_ray.mem_cache.prefix_hash`)."""
+        return self._core.prefix_summary(block)
+
     def shutdown(self) -> None:
         """Stop the engine; pending requests fail with :class:`~sgl_ray.errors.EngineDeadError`."""
         core = getattr(self, "_core", None)

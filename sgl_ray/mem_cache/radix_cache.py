@@ -22,6 +22,7 @@ import numpy as np
 
 from sgl_ray.mem_cache.allocator import PagedAllocator
 from sgl_ray.mem_cache.base import BasePrefixCache, CacheKey, InsertResult, MatchResult
+from sgl_ray.mem_cache.prefix_hash import chain_seed
 
 ChildKey = int | tuple[int, ...]
 
@@ -241,14 +242,25 @@ class RadixCache(BasePrefixCache):
             yield node
             stack.extend(reversed(node.children.values()))
 
-    def summary(self) -> list[tuple[str | None, tuple[int, ...], int]]:
-        """``(extra_key, first page, length of the first-level node)`` per first-level branch; the length is how
-        many leading tokens every prefix cached in that branch shares. O(branches), no tree walk."""
-        return [
-            (extra_key, tuple(child.key[: self.page_size].tolist()), len(child.key))
+    def summary(self, block: int = 32) -> frozenset[int]:
+        """Chained hashes (``mem_cache.prefix_hash``) of every ``block``-aligned prefix held in the tree: a
+        compact, token-exact description of what is cached, for cache-aware routing. O(cached tokens)."""
+        out: set[int] = set()
+        stack: list[tuple[TreeNode, int, tuple[int, ...]]] = [
+            (child, chain_seed(extra_key), ())
             for extra_key, root in self._roots.items()
             for child in root.children.values()
         ]
+        while stack:
+            node, h, pending = stack.pop()
+            tokens = pending + tuple(node.key.tolist())
+            full = len(tokens) - len(tokens) % block
+            for start in range(0, full, block):
+                h = hash((h, tokens[start : start + block]))
+                out.add(h)
+            rest = tokens[full:]
+            stack.extend((child, h, rest) for child in node.children.values())
+        return frozenset(out)
 
     def pretty(self, max_tokens: int = 8) -> str:
         """Indented dump of the tree (debugging)."""

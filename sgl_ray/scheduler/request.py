@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from sgl_ray.mem_cache.prefix_hash import block_hashes
 from sgl_ray.sampling.params import SamplingParams
 
 
@@ -123,14 +124,13 @@ class Req:
     in_flight: bool = False  # part of a scheduled batch whose results are not processed yet
 
     def prompt_block_hashes(self, block: int) -> list[int]:
-        """``h[k]`` identifies ``prompt_ids[: (k + 1) * block]`` (chained hashes, O(prompt) once per request)."""
+        """Chained hashes of the prompt's ``block``-token blocks (see ``mem_cache.prefix_hash``), computed once."""
         cached = self.__dict__.get("_block_hashes")
         if cached is None or cached[0] != block:
-            hashes, h = [], 0
-            for start in range(0, len(self.prompt_ids) - block + 1, block):
-                h = hash((h, tuple(self.prompt_ids[start : start + block])))
-                hashes.append(h)
-            cached = self.__dict__["_block_hashes"] = (block, hashes)
+            cached = self.__dict__["_block_hashes"] = (
+                block,
+                block_hashes(self.prompt_ids, block, self.extra_key),
+            )
         return cached[1]
 
     @property

@@ -10,6 +10,7 @@ import pytest
 
 from sgl_ray.mem_cache.allocator import PagedAllocator
 from sgl_ray.mem_cache.base import CacheKey
+from sgl_ray.mem_cache.prefix_hash import block_hashes, longest_shared_prefix
 from sgl_ray.mem_cache.radix_cache import RadixCache, TreeNode
 
 
@@ -195,8 +196,16 @@ def test_summary_and_pretty() -> None:
     a, c = make(page_size=2)
     c.insert(K(1, 2, 3, 4), alloc(a, 4))
     c.insert(K(1, 2, 5, 6, extra="x"), alloc(a, 4))
-    assert c.summary() == [(None, (1, 2), 4), ("x", (1, 2), 4)]
     assert "root['x']" in c.pretty() and "len=4" in c.pretty()
+    # The summary names exactly the block-aligned prefixes held, per namespace, across node boundaries.
+    c.insert(K(1, 2, 3, 4, 7, 8), alloc(a, 6))  # splits nothing, adds a child [7, 8]
+    s = c.summary(block=2)
+    assert s == set(block_hashes([1, 2, 3, 4, 7, 8], 2)) | set(block_hashes([1, 2, 5, 6], 2, extra_key="x"))
+    assert block_hashes([1, 2, 5, 6], 2)[1] not in s  # same tokens, other namespace
+    assert set(block_hashes([1, 2, 3, 4, 7, 8], 4)) == {block_hashes([1, 2, 3, 4], 4)[0]} and (
+        c.summary(block=4) >= {block_hashes([1, 2, 3, 4], 4)[0]}
+    )
+    assert longest_shared_prefix(block_hashes([1, 2, 3, 4, 9, 9], 2), s, 2) == 4
 
 
 # ---- page_size 4 ------------------------------------------------------------------------------------------------

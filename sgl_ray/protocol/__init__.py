@@ -1,0 +1,139 @@
+"""The OpenAI-compatible (and SGLang-native) wire protocol: request/response types and pure functions.
+
+No HTTP and no Ray here: the server decodes a body, validates and converts it to engine terms, and turns the
+engine's per-request output deltas back into OpenAI JSON.
+
+Example (a non-streaming chat completion)::
+
+    >>> from sgl_ray import protocol as P
+    >>> req = P.decode_request("chat", body)  # InvalidRequestError (a 400) on any problem
+    >>> ids = P.render_chat(tokenizer, req.messages, tools=req.tools, template_kwargs=req.chat_template_kwargs)
+    >>> params = P.to_sampling_params(req, vocab_size, context_length, prompt_len=len(ids))
+    >>> lp = P.logprob_options(req)  # return_logprob, top_logprobs_num, logprob_start_len for the engine
+    >>> builder = P.ChatResponseBuilder.from_request(req, model="smollm2", token_texts=P.TokenTexts(tokenizer))
+    >>> for index, out in engine_outputs:  # RequestOutput deltas of the n choices, any interleaving
+    ...     builder.add(index, out)
+    >>> P.encode(builder.build())  # bytes of the response body
+
+Streaming uses :class:`ChatStreamAssembler` (``add`` → chunks, each sent as ``sse_event(chunk)``; then
+``finish()`` and ``SSE_DONE``). Errors: ``error_body(err)`` with ``err.status_code``.
+"""
+
+from __future__ import annotations
+
+from sgl_ray.protocol.chat_output import ChatResponseBuilder, ChatStreamAssembler
+from sgl_ray.protocol.chat_template import message_dicts, render_chat
+from sgl_ray.protocol.choices import UsageTracker, visible_logprobs
+from sgl_ray.protocol.completion_output import CompletionResponseBuilder, CompletionStreamAssembler
+from sgl_ray.protocol.decoding import REQUEST_TYPES, RequestKind, decode_request, validation_error
+from sgl_ray.protocol.logprobs import TokenTexts, chat_logprob_entries, completion_logprobs
+from sgl_ray.protocol.requests import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ContentPart,
+    GenerateRequest,
+    StreamOptions,
+)
+from sgl_ray.protocol.responses import (
+    SSE_DONE,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobEntry,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionResponse,
+    GenerateResponse,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    TopLogprob,
+    Usage,
+    encode,
+    error_body,
+    internal_error_body,
+    new_request_id,
+    now,
+    openai_finish_reason,
+    sse_error,
+    sse_event,
+)
+from sgl_ray.protocol.sampling import (
+    CONTEXT_LENGTH_EXCEEDED,
+    MAX_CHAT_TOP_LOGPROBS,
+    MAX_COMPLETION_LOGPROBS,
+    MAX_N,
+    MAX_STOP_SEQUENCES,
+    LogprobOptions,
+    check_prompt_ids,
+    check_prompt_length,
+    logprob_options,
+    to_sampling_params,
+)
+
+__all__ = [
+    "CONTEXT_LENGTH_EXCEEDED",
+    "MAX_CHAT_TOP_LOGPROBS",
+    "MAX_COMPLETION_LOGPROBS",
+    "MAX_N",
+    "MAX_STOP_SEQUENCES",
+    "REQUEST_TYPES",
+    "SSE_DONE",
+    "AssistantMessage",
+    "ChatChoice",
+    "ChatChunkChoice",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatDelta",
+    "ChatLogprobEntry",
+    "ChatLogprobs",
+    "ChatMessage",
+    "ChatResponseBuilder",
+    "ChatStreamAssembler",
+    "CompletionChoice",
+    "CompletionChunk",
+    "CompletionLogprobs",
+    "CompletionRequest",
+    "CompletionResponse",
+    "CompletionResponseBuilder",
+    "CompletionStreamAssembler",
+    "ContentPart",
+    "GenerateRequest",
+    "GenerateResponse",
+    "LogprobOptions",
+    "ModelCard",
+    "ModelList",
+    "PromptTokensDetails",
+    "RequestKind",
+    "StreamOptions",
+    "TokenTexts",
+    "TopLogprob",
+    "Usage",
+    "UsageTracker",
+    "chat_logprob_entries",
+    "check_prompt_ids",
+    "check_prompt_length",
+    "completion_logprobs",
+    "decode_request",
+    "encode",
+    "error_body",
+    "internal_error_body",
+    "logprob_options",
+    "message_dicts",
+    "new_request_id",
+    "now",
+    "openai_finish_reason",
+    "render_chat",
+    "sse_error",
+    "sse_event",
+    "to_sampling_params",
+    "validation_error",
+    "visible_logprobs",
+]

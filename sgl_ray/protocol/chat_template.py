@@ -1,0 +1,89 @@
+"""Chat messages → prompt token ids through the tokenizer's own chat template.
+
+Invariant: ``render_chat(tok, messages)`` equals ``tok.apply_chat_template(dicts, tokenize=True,
+add_generation_prompt=True)``'s ids, where ``dicts`` are the messages as :func:`message_dicts` gives them: text
+parts joined with newlines, ``developer`` sent as ``system`` (chat templates predate that role), null content as
+``""``. Template failures caused by the messages (a template's ``raise_exception``, non-alternating roles) are
+400s with ``param="messages"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from jinja2 import TemplateError
+
+from sgl_ray.errors import InvalidRequestError
+from sgl_ray.protocol.requests import ChatMessage
+
+
+def message_dicts(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The messages as the plain dicts chat templates expect."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if not isinstance(m, ChatMessage):
+            out.append(dict(m))
+            continue
+        m.check()
+        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text() or ""}
+        if m.name is not None:
+            d["name"] = m.name
+        if m.tool_calls is not None:
+            d["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    return out
+
+
+def render_chat(
+    tokenizer: Any,
+    messages: Sequence[ChatMessage | Mapping[str, Any]],
+    add_generation_prompt: bool = True,
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
+) -> list[int]:
+    """Prompt token ids of ``messages`` under ``tokenizer``'s chat template.
+
+    ``tools`` is passed to the template (templates that know tools render them); ``template_kwargs`` are extra
+    template variables (e.g. ``{"enable_thinking": False}`` for Qwen3).
+
+    Example::
+
+        >>> ids = render_chat(tokenizer, [{"role": "user", "content": "Hi"}])
+        >>> tokenizer.decode(ids).endswith("<|im_start|>assistant\\n")  # a ChatML template
+        True
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError(
+            "This model's tokenizer has no chat template; use /v1/completions with a plain prompt.",
+            param="messages",
+        )
+    kwargs = dict(template_kwargs or {})
+    if tools is not None:
+        kwargs["tools"] = tools
+    try:
+        out = tokenizer.apply_chat_template(
+            message_dicts(messages), tokenize=True, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+    except InvalidRequestError:
+        raise
+    except (TemplateError, TypeError, ValueError, KeyError, IndexError) as e:  # raise_exception, odd input
+        raise InvalidRequestError(
+            f"The chat template could not render the messages: {e}", param="messages"
+        ) from e
+    return _ids(out)
+
+
+def _ids(out: Any) -> list[int]:
+    """Token ids from what ``apply_chat_template(tokenize=True)`` returns: a list (transformers 4), a
+    dict/BatchEncoding with ``input_ids`` (transformers 5), possibly batched or a tensor."""
+    if isinstance(out, Mapping) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    if hasattr(out, "tolist"):
+        out = out.tolist()
+    if out and isinstance(out[0], (list, tuple)):
+        out = out[0]
+    return [int(t) for t in out]

@@ -1,0 +1,107 @@
+"""Bytes → request Struct, with every decoding problem turned into an OpenAI-style 400.
+
+Invariant: :func:`decode_request` either returns a request that passed its ``check()`` or raises
+:class:`~sgl_ray.errors.InvalidRequestError` (never a msgspec or Unicode error). ``param`` is the top-level field
+the problem is in (``$.messages[0].content`` → ``"messages"``), or ``None`` when the body as a whole is bad.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, overload
+
+import msgspec
+
+from sgl_ray.errors import InvalidRequestError
+from sgl_ray.protocol.requests import AnyRequest, ChatCompletionRequest, CompletionRequest, GenerateRequest
+
+RequestKind = Literal["chat", "completion", "generate"]
+
+REQUEST_TYPES: dict[str, type[AnyRequest]] = {
+    "chat": ChatCompletionRequest,
+    "completion": CompletionRequest,
+    "generate": GenerateRequest,
+}
+# Decoders are stateless and thread-safe; building one compiles the type once.
+_DECODERS = {kind: msgspec.json.Decoder(t) for kind, t in REQUEST_TYPES.items()}
+
+# "<detail> - at `$.a.b[0]`"
+_AT_PATH = re.compile(r"^(?P<detail>.*) - at `\$(?P<path>[^`]*)`$", re.DOTALL)
+_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
+_TOP_KEY = re.compile(r"^\.(?P<key>[A-Za-z_][A-Za-z0-9_]*)")
+
+
+@overload
+def decode_request(kind: Literal["chat"], body: bytes) -> ChatCompletionRequest: ...
+@overload
+def decode_request(kind: Literal["completion"], body: bytes) -> CompletionRequest: ...
+@overload
+def decode_request(kind: Literal["generate"], body: bytes) -> GenerateRequest: ...
+def decode_request(kind: RequestKind, body: bytes) -> AnyRequest:
+    """Decode and check one request body of ``kind`` (``"chat"``, ``"completion"`` or ``"generate"``).
+
+    Example::
+
+        >>> decode_request("chat", b'{"messages": 5}')
+        Traceback (most recent call last):
+        ...
+        sgl_ray.errors.InvalidRequestError: Invalid type for 'messages': expected `array`, got `int`.
+    """
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        raise ValueError(f"unknown request kind {kind!r}; expected one of {sorted(_DECODERS)}")
+    try:
+        req = decoder.decode(body)
+    except UnicodeDecodeError:
+        raise InvalidRequestError(
+            "We could not parse the JSON body of your request: it is not valid UTF-8."
+        ) from None
+    except msgspec.ValidationError as e:
+        raise validation_error(str(e)) from None
+    except msgspec.DecodeError as e:
+        raise InvalidRequestError(
+            f"We could not parse the JSON body of your request ({e}). The API expects a JSON object."
+        ) from None
+    req.check()
+    return req
+
+
+def validation_error(msgspec_message: str) -> InvalidRequestError:
+    """Translate a msgspec ``ValidationError`` message into an OpenAI-style error with ``param``.
+
+    >>> e = validation_error("Expected `str`, got `int` - at `$.messages[0].content`")
+    >>> e.param, e.message
+    ('messages', "Invalid type for 'messages[0].content': expected `str`, got `int`.")
+    """
+    detail, path = msgspec_message, ""
+    m = _AT_PATH.match(msgspec_message)
+    if m:
+        detail, path = m["detail"], m["path"]
+    missing = _MISSING.match(detail)
+    if missing:
+        full = _join(path, missing["field"])
+        return InvalidRequestError(f"Missing required parameter: '{full}'.", param=_top_key(full))
+    if not path:
+        if detail.startswith("Expected `object`"):
+            return InvalidRequestError(f"The request body must be a JSON object ({_lower_first(detail)}).")
+        return InvalidRequestError(f"Invalid request: {detail}.")
+    shown = path.lstrip(".")
+    if detail.startswith("Expected "):
+        return InvalidRequestError(
+            f"Invalid type for '{shown}': {_lower_first(detail)}.", param=_top_key(shown)
+        )
+    return InvalidRequestError(f"Invalid value for '{shown}': {_lower_first(detail)}.", param=_top_key(shown))
+
+
+def _join(path: str, field: str) -> str:
+    path = path.lstrip(".")
+    return f"{path}.{field}" if path else field
+
+
+def _top_key(path: str) -> str | None:
+    m = _TOP_KEY.match("." + path.lstrip("."))
+    return m["key"] if m else None
+
+
+def _lower_first(s: str) -> str:
+    return s[:1].lower() + s[1:]

@@ -1,0 +1,260 @@
+"""Request bodies of the OpenAI-compatible and SGLang-native endpoints, as ``msgspec.Struct``s.
+
+Invariants:
+
+* Unknown fields are ignored (OpenAI clients send fields we do not know, e.g. ``parallel_tool_calls``); known
+  fields are type-checked strictly by msgspec (``"n": "2"`` or ``"max_tokens": 1.5`` is a 400).
+* Every optional OpenAI field is nullable (``"temperature": null`` means "use the default"), as in OpenAI's spec;
+  defaults are resolved in :mod:`sgl_ray.protocol.sampling`, not here.
+* ``check()`` holds the model-independent semantic checks (content parts, prompt shapes, flags that need other
+  flags); ranges that need the model (vocabulary, context length) are checked by ``to_sampling_params``.
+  :func:`~sgl_ray.protocol.decoding.decode_request` runs ``check()`` on every request it returns.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from sgl_ray.errors import InvalidRequestError
+from sgl_ray.sampling.params import SamplingParams
+
+Role = Literal["system", "user", "assistant", "tool", "developer"]
+_IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
+
+
+class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """Base of every request body (msgspec does not inherit ``kw_only``: each subclass restates it)."""
+
+
+class StreamOptions(_Body, kw_only=True):
+    """``stream_options``: with ``include_usage`` a last chunk carries the usage and no choices."""
+
+    include_usage: bool | None = None
+
+
+class ContentPart(_Body, kw_only=True):
+    """One part of a message's ``content`` list. Only ``{"type": "text", "text": ...}`` is supported now."""
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body, kw_only=True):
+    """One chat message. ``content`` is a string, a list of text parts, or null (an assistant turn that only
+    calls tools). ``tool_calls`` is kept raw for the chat template."""
+
+    role: Role
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str | None:
+        """The content as one string (text parts joined with newlines, as vLLM does for string templates)."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text or "" for part in self.content)
+
+    def check(self) -> None:
+        if isinstance(self.content, list):
+            for part in self.content:
+                if part.type in _IMAGE_PART_TYPES:
+                    raise InvalidRequestError("image inputs are not supported yet", param="messages")
+                if part.type != "text":
+                    raise InvalidRequestError(
+                        f"content part type '{part.type}' is not supported; use 'text'", param="messages"
+                    )
+                if part.text is None:
+                    raise InvalidRequestError(
+                        "Missing required parameter: a 'text' content part needs 'text'.", param="messages"
+                    )
+
+
+class _SamplingFields(_Body, kw_only=True):
+    """Fields shared by chat and completions: OpenAI's sampling knobs plus SGLang/vLLM extras."""
+
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # extras (SGLang/vLLM names)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    skip_special_tokens: bool | None = None
+    stop_token_ids: list[int] | None = None
+    no_stop_trim: bool | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed response ends with a usage chunk."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _check_stream_options(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                param="stream_options",
+            )
+
+
+class ChatCompletionRequest(_SamplingFields, kw_only=True):
+    """``POST /v1/chat/completions``.
+
+    ``max_completion_tokens`` takes precedence over the deprecated ``max_tokens``. ``response_format``, ``tools``
+    and ``tool_choice`` are kept raw (validated by the layers that implement them).
+
+    Example::
+
+        >>> from sgl_ray.protocol import decode_request
+        >>> req = decode_request("chat", b'{"model": "m", "messages": [{"role": "user", "content": "Hi"}]}')
+        >>> req.messages[0].text()
+        'Hi'
+    """
+
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @property
+    def max_tokens_param(self) -> str:
+        """Which field the token limit came from (for error messages)."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def check(self) -> None:
+        if not self.messages:
+            raise InvalidRequestError(
+                "Invalid 'messages': empty array. Expected an array with minimum length 1.", param="messages"
+            )
+        for message in self.messages:
+            message.check()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError(
+                "Invalid value for 'top_logprobs': 'logprobs' must be true when 'top_logprobs' is set.",
+                param="top_logprobs",
+            )
+        self._check_stream_options()
+
+
+class CompletionRequest(_SamplingFields, kw_only=True):
+    """``POST /v1/completions`` (legacy). ``prompt`` is a string, a list of strings, a list of token ids or a
+    list of token-id lists. ``logprobs`` is the number of top alternatives (0..5) per token.
+
+    Example::
+
+        >>> from sgl_ray.protocol import decode_request
+        >>> decode_request("completion", b'{"model": "m", "prompt": [[1, 2], [3]]}').prompt_batch()
+        (None, [[1, 2], [3]])
+    """
+
+    prompt: str | list[str | int | list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+
+    def prompt_batch(self) -> tuple[list[str] | None, list[list[int]] | None]:
+        """``(texts, None)`` or ``(None, token_lists)``: the prompts of this request, one per prompt."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p], None
+        if p and all(isinstance(x, str) for x in p):
+            return [x for x in p if isinstance(x, str)], None
+        if p and all(isinstance(x, int) for x in p):
+            return None, [[x for x in p if isinstance(x, int)]]
+        if p and all(isinstance(x, list) for x in p):
+            return None, [x for x in p if isinstance(x, list)]
+        raise InvalidRequestError(
+            "Invalid 'prompt': expected a string, an array of strings, an array of token ids or an array of "
+            "token-id arrays (non-empty, not mixed).",
+            param="prompt",
+        )
+
+    def check(self) -> None:
+        texts, token_lists = self.prompt_batch()
+        if token_lists is not None and any(not ids for ids in token_lists):
+            raise InvalidRequestError("Invalid 'prompt': a token-id prompt is empty.", param="prompt")
+        if self.suffix:
+            raise InvalidRequestError("'suffix' is not supported.", param="suffix")
+        self._check_stream_options()
+
+
+class GenerateRequest(_Body, kw_only=True):
+    """SGLang-native ``POST /generate``: ``text`` or ``input_ids`` (one prompt or a batch), ``sampling_params``
+    in SGLang names (one for all prompts, or a list matching them).
+
+    ``rid`` is kept for clients that name their requests; the engine assigns its own ids today.
+
+    Example::
+
+        >>> from sgl_ray.protocol import decode_request
+        >>> req = decode_request("generate", b'{"text": "Hi", "sampling_params": {"max_new_tokens": 4}}')
+        >>> req.engine_kwargs()["sampling_params"].max_new_tokens
+        4
+    """
+
+    text: str | list[str] | None = None
+    input_ids: list[int | list[int]] | None = None
+    sampling_params: SamplingParams | list[SamplingParams] | None = None
+    stream: bool = False
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    rid: str | None = None
+
+    def check(self) -> None:
+        if (self.text is None) == (self.input_ids is None):
+            raise InvalidRequestError("Pass exactly one of 'text' or 'input_ids'.", param="text")
+        if isinstance(self.text, list) and not self.text:
+            raise InvalidRequestError("Invalid 'text': empty array.", param="text")
+        ids = self.input_ids
+        if ids is not None and not (
+            (ids and all(isinstance(t, int) for t in ids))
+            or (ids and all(isinstance(x, list) and x for x in ids))
+        ):
+            raise InvalidRequestError(
+                "Invalid 'input_ids': expected a non-empty array of token ids or of non-empty token-id arrays.",
+                param="input_ids",
+            )
+        if not 0 <= self.top_logprobs_num <= 20:
+            raise InvalidRequestError("'top_logprobs_num' must be in [0, 20].", param="top_logprobs_num")
+        if self.logprob_start_len < -1:
+            raise InvalidRequestError("'logprob_start_len' must be >= -1.", param="logprob_start_len")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :meth:`sgl_ray.Engine.generate` (the engine validates sampling params against
+        the vocabulary itself)."""
+        return {
+            "prompt": self.text,
+            "input_ids": self.input_ids,
+            "sampling_params": self.sampling_params,
+            "return_logprob": self.return_logprob,
+            "logprob_start_len": self.logprob_start_len,
+            "top_logprobs_num": self.top_logprobs_num,
+            "stream": self.stream,
+        }
+
+
+AnyRequest = ChatCompletionRequest | CompletionRequest | GenerateRequest

@@ -1,0 +1,240 @@
+"""Response bodies that encode to exactly OpenAI's JSON shapes, plus SSE framing and error bodies.
+
+Invariants:
+
+* Field order and names follow OpenAI's API reference; ``msgspec.UNSET`` fields are left out of the JSON
+  (``system_fingerprint`` when unknown; a chunk's ``usage`` unless ``stream_options.include_usage`` asked for
+  it, in which case every chunk carries ``"usage": null`` and the last one the totals, as OpenAI does).
+* ``finish_reason`` is ``"stop"``, ``"length"`` or ``"abort"`` (see :func:`openai_finish_reason`).
+* Every body here is a ``msgspec.Struct``; :func:`encode` / :func:`sse_event` serialise any of them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from sgl_ray.errors import SglRayError
+
+CHAT_ID_PREFIX = "chatcmpl"
+COMPLETION_ID_PREFIX = "cmpl"
+SSE_DONE = b"data: [DONE]\n\n"
+
+_ENCODER = msgspec.json.Encoder()
+
+
+class _Out(msgspec.Struct, kw_only=True):
+    """Base of every response body (msgspec does not inherit ``kw_only``: each subclass restates it)."""
+
+
+# --- usage ----------------------------------------------------------------------------------------------------------
+class PromptTokensDetails(_Out, kw_only=True):
+    cached_tokens: int = 0
+
+
+class Usage(_Out, kw_only=True):
+    """Token counts of a whole request (all choices): ``total_tokens = prompt_tokens + completion_tokens``."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+# --- chat -----------------------------------------------------------------------------------------------------------
+class TopLogprob(_Out, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatLogprobEntry(_Out, kw_only=True):
+    """One generated token: its text, logprob, UTF-8 bytes and the ``top_logprobs`` alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Out, kw_only=True):
+    content: list[ChatLogprobEntry] | None
+
+
+class AssistantMessage(_Out, kw_only=True):
+    role: str = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(_Out, kw_only=True):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(_Out, kw_only=True):
+    """``POST /v1/chat/completions`` without streaming."""
+
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | UnsetType = UNSET
+
+
+class ChatDelta(_Out, kw_only=True):
+    """A chunk's ``delta``: ``{"role": "assistant", "content": ""}`` first, then ``{"content": ...}``, then
+    ``{}`` beside the ``finish_reason``."""
+
+    role: str | UnsetType = UNSET
+    content: str | UnsetType = UNSET
+
+
+class ChatChunkChoice(_Out, kw_only=True):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Out, kw_only=True):
+    """One ``data:`` event of a streamed chat completion (``choices`` is empty in the usage chunk)."""
+
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    system_fingerprint: str | UnsetType = UNSET
+    usage: Usage | None | UnsetType = UNSET
+
+
+# --- completions ----------------------------------------------------------------------------------------------------
+class CompletionLogprobs(_Out, kw_only=True):
+    """The legacy completions logprobs: parallel lists, one entry per token. ``top_logprobs[i]`` maps token
+    text to logprob (the sampled token included); the first prompt token (with ``echo``) has null entries."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Out, kw_only=True):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(_Out, kw_only=True):
+    """``POST /v1/completions`` without streaming."""
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | UnsetType = UNSET
+
+
+class CompletionChunk(_Out, kw_only=True):
+    """One ``data:`` event of a streamed completion (``object`` stays ``text_completion``, as OpenAI sends)."""
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    system_fingerprint: str | UnsetType = UNSET
+    usage: Usage | None | UnsetType = UNSET
+
+
+# --- models, native ---------------------------------------------------------------------------------------------
+class ModelCard(_Out, kw_only=True):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "sgl_ray"
+
+
+class ModelList(_Out, kw_only=True):
+    """``GET /v1/models``.
+
+    >>> encode(ModelList(data=[ModelCard(id="m", created=0)]))
+    b'{"object":"list","data":[{"id":"m","object":"model","created":0,"owned_by":"sgl_ray"}]}'
+    """
+
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class GenerateResponse(_Out, kw_only=True):
+    """SGLang-native ``/generate`` result: ``meta_info`` holds ``id``, token counts, ``finish_reason`` (the
+    engine's dict, e.g. ``{"type": "stop", "matched": 2}``) and, when asked, logprobs."""
+
+    text: str
+    output_ids: list[int]
+    meta_info: dict[str, Any]
+
+    @classmethod
+    def from_engine(cls, result: Mapping[str, Any]) -> GenerateResponse:
+        """From one result dict of :meth:`sgl_ray.Engine.generate`."""
+        return cls(text=result["text"], output_ids=list(result["output_ids"]), meta_info=result["meta_info"])
+
+
+# --- helpers --------------------------------------------------------------------------------------------------------
+def openai_finish_reason(reason: Mapping[str, Any] | None) -> str | None:
+    """The engine's finish reason (``{"type": "stop" | "length" | "abort", ...}``) as OpenAI's string.
+
+    ``stop`` (EOS, stop token, stop string) and ``length`` map to themselves. ``abort`` stays ``"abort"``, as
+    SGLang returns: OpenAI has no such value, but reporting an aborted request (client cancel, KV cache too
+    small) as a natural ``"stop"`` would hide a truncated answer; the openai client accepts unknown strings.
+    """
+    if reason is None:
+        return None
+    return str(reason.get("type", "stop"))
+
+
+def new_request_id(prefix: str) -> str:
+    """``chatcmpl-<32 hex>`` / ``cmpl-<32 hex>``."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    """``created``: Unix seconds."""
+    return int(time.time())
+
+
+def encode(obj: Any) -> bytes:
+    """JSON bytes of a response Struct (or any msgspec-encodable value)."""
+    return _ENCODER.encode(obj)
+
+
+def sse_event(obj: Any) -> bytes:
+    """One server-sent event: ``b"data: " + json + b"\\n\\n"``."""
+    return b"data: " + _ENCODER.encode(obj) + b"\n\n"
+
+
+def error_body(err: SglRayError) -> bytes:
+    """``{"error": {"message", "type", "param", "code"}}`` for ``err`` (send with ``err.status_code``)."""
+    return _ENCODER.encode(err.to_dict())
+
+
+def internal_error_body(message: str = "Internal server error") -> bytes:
+    """The body of a 500 for an unexpected exception (never leak the traceback to the client)."""
+    return _ENCODER.encode(SglRayError(message).to_dict())
+
+
+def sse_error(err: SglRayError) -> bytes:
+    """An error event for a stream that already started (the HTTP status was already sent as 200)."""
+    return b"data: " + error_body(err) + b"\n\n"
