@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from sgl_ray.entrypoints.engine import Engine
+from sgl_ray.scheduler.output import RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -17,8 +18,7 @@ PREFIX_BLOCK = 32  # token granularity of the radix summaries replicas publish f
 class LLMServer:
     """One replica of the model server.
 
-    ``generate`` takes token ids already validated by the ingress and yields the engine's streaming chunks
-    (``{"text", "output_ids", "meta_info"}`` deltas; ``meta_info["id"]`` tells the ``n`` samples apart).
+    ``generate`` takes token ids already validated by the ingress and yields the engine's raw output deltas.
     ``record_routing_stats`` publishes a token-exact summary of the replica's radix cache and its load, which Serve
     pulls periodically for the cache-aware router (no extra round trip per request).
 
@@ -31,19 +31,18 @@ class LLMServer:
         self.engine = Engine(**engine_kwargs)
         self.model_path = self.engine.model_path
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """``request``: ``input_ids`` (one list), ``sampling_params`` (dict), ``return_logprob``,
-        ``top_logprobs_num``, ``logprob_start_len``. Cancelling the stream aborts the requests and frees their KV."""
-        stream = await self.engine.async_generate(
-            input_ids=request["input_ids"],
-            sampling_params=request["sampling_params"],
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """``request``: ``input_ids`` (one prompt), ``sampling_params`` (dict), ``return_logprob``,
+        ``top_logprobs_num``, ``logprob_start_len``. Yields ``(sample index, RequestOutput delta)``; cancelling the
+        stream aborts the requests and frees their KV."""
+        async for item in self.engine.astream_outputs(
+            request["input_ids"],
+            request["sampling_params"],
             return_logprob=request.get("return_logprob", False),
             top_logprobs_num=request.get("top_logprobs_num", 0),
             logprob_start_len=request.get("logprob_start_len", -1),
-            stream=True,
-        )
-        async for chunk in stream:
-            yield chunk
+        ):
+            yield item
 
     def record_routing_stats(self) -> dict[str, Any]:
         stats = self.engine.get_stats()

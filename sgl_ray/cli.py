@@ -2,6 +2,7 @@
 
 Examples::
 
+    sgl-ray serve                                 # OpenAI API on http://127.0.0.1:8000/v1 (default SmolLM2)
     sgl-ray chat                                  # chat with the default SmolLM2 model in this terminal
     sgl-ray generate --prompt "Once upon a time" --max-new-tokens 32
     sgl-ray bench offline --num-prompts 32 --output-len 64
@@ -10,6 +11,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -69,6 +71,10 @@ def _generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(ns: argparse.Namespace) -> int:
+    return importlib.import_module("sgl_ray.deployments.serve_cli").run_serve(ns)
+
+
 def _bench(ns: argparse.Namespace) -> int:
     from sgl_ray.bench.cli import run_bench
 
@@ -84,6 +90,10 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sgl-ray", description="High-performance LLM serving on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible server on Ray Serve")
+    importlib.import_module("sgl_ray.deployments.serve_cli").add_serve_args(serve)
+    serve.set_defaults(func=_serve)
 
     chat = sub.add_parser("chat", help="interactive chat with the in-process engine")
     EngineArgs.add_cli_args(chat)

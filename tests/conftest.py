@@ -131,3 +131,17 @@ def hf_reference(smollm2_path, tiny_llama_path, tiny_qwen2_path, tiny_qwen3_path
         return loaded[name]
 
     return get
+
+
+# --- one Ray cluster for the whole session ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local cluster with 8 logical CPUs (shard actors and replicas take one each; the machine may have fewer
+    cores), started on first use and shared by the Ray and Serve tiers."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -182,6 +182,43 @@ class Engine:
             for rid in pending:
                 self._core.abort(rid)
 
+    async def astream_outputs(
+        self,
+        input_ids: Sequence[int],
+        sampling_params: SamplingParams | dict | None = None,
+        *,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        logprob_start_len: int = -1,
+        priority: int = 0,
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """The raw delta stream of one prompt: ``(sample index, RequestOutput)`` for its ``n`` samples, in the
+        order the engine produces them (what a server turns into OpenAI chunks). Leaving early aborts them."""
+        spec = RequestSpec(
+            list(input_ids),
+            to_sampling_params(sampling_params),
+            return_logprob,
+            logprob_start_len,
+            top_logprobs_num,
+            priority,
+        )
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        (reqs,) = self._submit([spec], lambda out: loop.call_soon_threadsafe(inbox.put_nowait, out))
+        index = {r.rid: i for i, r in enumerate(reqs)}
+        pending = set(index)
+        try:
+            while pending:
+                out = await inbox.get()
+                if isinstance(out, BaseException):
+                    raise out
+                if out.finished:
+                    pending.discard(out.rid)
+                yield index[out.rid], out
+        finally:
+            for rid in pending:
+                self._core.abort(rid)
+
     def abort(self, rid: str) -> None:
         """Abort a request by its ``meta_info["id"]``."""
         self._core.abort(rid)

@@ -1,0 +1,88 @@
+"""Builders for the Serve application: addressable from ``serve run`` / ``serve deploy`` YAML as
+``import_path: sgl_ray.deployments:build_openai_app``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from sgl_ray.deployments.ingress import OpenAIIngress
+from sgl_ray.deployments.llm_server import LLMServer
+
+from sgl_ray.configs.engine_args import EngineArgs
+from sgl_ray.errors import InvalidRequestError
+from sgl_ray.model_loader import default_model_path
+
+_INGRESS_KEYS = ("served_model_name", "api_key", "max_body_bytes")
+_DEPLOYMENT_KEYS = ("num_replicas", "autoscaling_config", "max_ongoing_requests", "ray_actor_options")
+
+
+def build_openai_app(args: dict[str, Any] | None = None) -> Application:
+    """An OpenAI-compatible app: an ``OpenAIIngress`` in front of ``LLMServer`` replicas (one engine each) with
+    token-exact cache-aware routing.
+
+    ``args``: any :class:`~sgl_ray.EngineArgs` field (``model_path``, ``tp_size``, ``max_total_tokens`` …), the
+    ingress options ``served_model_name``, ``api_key``, ``max_body_bytes``, and the ``LLMServer`` deployment's
+    ``num_replicas``, ``autoscaling_config`` (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``,
+    delays), ``max_ongoing_requests``, ``ray_actor_options``; ``routing_imbalance`` tunes the router.
+
+    Example::
+
+        >>> from ray import serve
+        >>> from sgl_ray.deployments import build_openai_app
+        >>> serve.run(build_openai_app({"model_path": "/models/smollm2", "num_replicas": 2}))  # doctest: +SKIP
+    """
+    args = dict(args or {})
+    engine_fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    allowed = engine_fields | set(_INGRESS_KEYS) | set(_DEPLOYMENT_KEYS) | {"routing_imbalance"}
+    if unknown := sorted(set(args) - allowed):
+        raise InvalidRequestError(f"unknown app options {unknown}")
+    engine_kwargs = {k: v for k, v in args.items() if k in engine_fields}
+    engine_kwargs["model_path"] = engine_kwargs.get("model_path") or str(default_model_path())
+    EngineArgs(**engine_kwargs)  # validate before any replica starts
+    options: dict[str, Any] = {k: args[k] for k in _DEPLOYMENT_KEYS if k in args}
+    options.setdefault("max_ongoing_requests", 256)
+    if "autoscaling_config" in options:
+        options.pop("num_replicas", None)
+    gpus = 1 if engine_kwargs.get("device", "auto") != "cpu" and _has_gpu() else 0
+    if engine_kwargs.get("tp_size", 1) * engine_kwargs.get("pp_size", 1) > 1:
+        gpus = 0  # the replica's engine group reserves the shards' devices itself
+    options.setdefault("ray_actor_options", {"num_cpus": 1, "num_gpus": gpus})
+    server = (
+        serve.deployment(LLMServer, name="LLMServer")
+        .options(
+            request_router_config={
+                "request_router_class": "sgl_ray.deployments.router:PrefixCacheRouter",
+                "request_router_kwargs": {"imbalanced_threshold": args.get("routing_imbalance", 8)},
+                "request_routing_stats_period_s": 1.0,
+            },
+            health_check_period_s=10,
+            **options,
+        )
+        .bind(engine_kwargs)
+    )
+    ingress_config = {k: args[k] for k in _INGRESS_KEYS if k in args}
+    ingress_config.update(
+        model_path=engine_kwargs["model_path"],
+        context_length=engine_kwargs.get("context_length"),
+        tokenizer_path=engine_kwargs.get("tokenizer_path"),
+    )
+    ingress_config.setdefault("served_model_name", _default_name(engine_kwargs["model_path"]))
+    return (
+        serve.deployment(OpenAIIngress, name="OpenAIIngress")
+        .options(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
+        .bind(server, ingress_config)
+    )
+
+
+def _default_name(model_path: str) -> str:
+    name = model_path.rstrip("/").rsplit("/", 1)[-1]
+    return name.removesuffix(".gguf")
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

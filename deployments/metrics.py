@@ -1,0 +1,103 @@
+"""Prometheus metrics kept by the ingress (text exposition format, no extra dependency)."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import Any
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _Histogram:
+    def __init__(self) -> None:
+        self.counts = [0] * len(_LATENCY_BUCKETS)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(_LATENCY_BUCKETS):
+            if value <= bound:
+                self.counts[i] += 1
+        self.total += value
+        self.n += 1
+
+    def render(self, name: str, help_text: str) -> list[str]:
+        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        lines += [
+            f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(_LATENCY_BUCKETS, self.counts, strict=True)
+        ]
+        return [
+            *lines,
+            f'{name}_bucket{{le="+Inf"}} {self.n}',
+            f"{name}_sum {self.total}",
+            f"{name}_count {self.n}",
+        ]
+
+
+class Metrics:
+    """Request counts, token counts, TTFT and inter-token latency, plus engine gauges at scrape time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = defaultdict(int)
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.generation_tokens = 0
+        self.ttft = _Histogram()
+        self.itl = _Histogram()
+
+    def request_done(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            self.requests[(endpoint, status)] += 1
+
+    def tokens(self, prompt: int, cached: int, generated: int) -> None:
+        with self._lock:
+            self.prompt_tokens += prompt
+            self.cached_tokens += cached
+            self.generation_tokens += generated
+
+    def latency(self, ttft: float | None, itls: list[float]) -> None:
+        with self._lock:
+            if ttft is not None:
+                self.ttft.observe(ttft)
+            for v in itls:
+                self.itl.observe(v)
+
+    def render(self, engine: dict[str, Any]) -> str:
+        with self._lock:
+            lines = [
+                "# HELP sgl_ray_requests_total HTTP requests by endpoint and status.",
+                "# TYPE sgl_ray_requests_total counter",
+            ]
+            lines += [
+                f'sgl_ray_requests_total{{endpoint="{e}",status="{s}"}} {n}'
+                for (e, s), n in sorted(self.requests.items())
+            ]
+            for name, value, help_text in (
+                ("sgl_ray_prompt_tokens_total", self.prompt_tokens, "Prompt tokens processed."),
+                (
+                    "sgl_ray_cached_prompt_tokens_total",
+                    self.cached_tokens,
+                    "Prompt tokens served from the radix cache.",
+                ),
+                ("sgl_ray_generation_tokens_total", self.generation_tokens, "Tokens generated."),
+            ):
+                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
+            lines += self.ttft.render("sgl_ray_time_to_first_token_seconds", "Time to first token.")
+            lines += self.itl.render("sgl_ray_inter_token_latency_seconds", "Time between streamed tokens.")
+            hit = self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+        capacity = engine.get("kv_capacity") or 1
+        gauges = (
+            ("sgl_ray_num_running_requests", engine.get("num_running", 0), "Requests running (one replica)."),
+            ("sgl_ray_num_waiting_requests", engine.get("num_waiting", 0), "Requests waiting (one replica)."),
+            (
+                "sgl_ray_kv_cache_usage",
+                1.0 - engine.get("kv_free", capacity) / capacity,
+                "Share of KV slots in use.",
+            ),
+            ("sgl_ray_radix_cache_hit_rate", hit, "Cached prompt tokens over prompt tokens."),
+        )
+        for name, value, help_text in gauges:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
+        return "\n".join(lines) + "\n"

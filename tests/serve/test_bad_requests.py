@@ -1,0 +1,81 @@
+"""Every bad request gets a 4xx with an OpenAI-style error body, and the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from .conftest import API_KEY
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def _post(url: str, body: bytes, key: str | None = API_KEY) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _j(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+BAD = [
+    (CHAT, b"{not json", 400, None),
+    (CHAT, b"\xff\xfe\xfa", 400, None),
+    (CHAT, _j({"model": "smollm2"}), 400, "messages"),
+    (CHAT, _j({"model": "smollm2", "messages": "hi"}), 400, "messages"),
+    (CHAT, _j({"model": "nope", "messages": MSG}), 404, "model"),
+    (CHAT, _j({"model": "smollm2", "messages": MSG, "max_tokens": -5}), 400, "max_tokens"),
+    (CHAT, _j({"model": "smollm2", "messages": MSG, "max_tokens": 10**9}), 400, "max_tokens"),
+    (CHAT, _j({"model": "smollm2", "messages": MSG, "temperature": "hot"}), 400, "temperature"),
+    (CHAT, _j({"model": "smollm2", "messages": MSG, "n": 0}), 400, "n"),
+    (CHAT, _j({"model": "smollm2", "messages": MSG, "n": 1000}), 400, "n"),
+    (CHAT, _j({"model": "smollm2", "messages": MSG, "top_logprobs": 3}), 400, "top_logprobs"),
+    (
+        CHAT,
+        _j({"model": "smollm2", "messages": MSG, "logprobs": True, "top_logprobs": 99}),
+        400,
+        "top_logprobs",
+    ),
+    (CHAT, _j({"model": "smollm2", "messages": MSG, "stop": [""]}), 400, "stop"),
+    (CHAT, _j({"model": "smollm2", "messages": MSG, "stop": ["a"] * 40}), 400, "stop"),
+    (CHAT, _j({"model": "smollm2", "messages": [{"role": "user", "content": "x " * 9000}]}), 400, "messages"),
+    (COMP, _j({"model": "smollm2", "prompt": "hi", "logprobs": 50}), 400, "logprobs"),
+    (COMP, _j({"model": "smollm2", "prompt": [10**9]}), 400, "prompt"),
+    (COMP, _j({"model": "smollm2", "prompt": "hi", "suffix": "x"}), 400, "suffix"),
+    ("/v1/nowhere", _j({}), 404, None),
+    ("/generate", _j({"text": "hi", "sampling_params": {"temperature": -1}}), 400, None),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), BAD)
+def test_bad_request_gets_openai_error_and_server_survives(serve_url, path, body, status, param):
+    code, payload = _post(serve_url + path, body)
+    assert code == status
+    err = payload["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    ok, good = _post(serve_url + CHAT, _j({"model": "smollm2", "messages": MSG, "max_tokens": 2}))
+    assert ok == 200 and good["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_missing_key_and_oversized_body(serve_url):
+    assert _post(serve_url + CHAT, _j({"model": "smollm2", "messages": MSG}), key=None)[0] == 401
+    code, payload = _post(
+        serve_url + CHAT, b'{"model": "smollm2", "messages": [], "x": "' + b"a" * (2 * 2**20) + b'"}'
+    )
+    assert code == 413 and payload["error"]["type"] == "invalid_request_error", payload
