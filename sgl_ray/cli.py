@@ -6,6 +6,7 @@ Examples::
     sgl-ray chat                                  # chat with the default SmolLM2 model in this terminal
     sgl-ray generate --prompt "Once upon a time" --max-new-tokens 32
     sgl-ray bench offline --num-prompts 32 --output-len 64
+    sgl-ray bench serving --base-url http://127.0.0.1:8000 --dataset shared-prefix --num-prompts 64
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``sgl-ray bench …``: benchmark sub-commands (``offline`` now; ``serving`` and ``roofline`` to come).
+"""``sgl-ray bench …``: benchmark sub-commands, ``offline`` (in-process engine) and ``serving`` (a running server).
 
 Examples::
 
@@ -6,6 +6,9 @@ Examples::
     sgl-ray bench offline --workload bs1 --workload batch --num-prompts 64 --output-len 128
     sgl-ray bench offline --workload shared-prefix --prefix-len 2000 --skip-hf --plot bench.png
     sgl-ray bench offline --model-path /models/qwen2 --max-total-tokens 65536 --output-file results.jsonl
+    sgl-ray bench serving --base-url http://127.0.0.1:8000 --num-prompts 64 --random-input-len 256 --plot s.png
+    sgl-ray bench serving --backend sglang-generate --dataset shared-prefix --prefix-len 1024 --num-prefixes 4 \
+        --request-rate 8 --max-concurrency 16 --flush-cache
 
 The same from Python::
 
@@ -20,15 +23,20 @@ The same from Python::
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 
+from sgl_ray.bench.datasets import DATASETS, DatasetConfig
 from sgl_ray.bench.offline import WORKLOADS, OfflineConfig, run_offline
+from sgl_ray.bench.plot import plot_serving
 from sgl_ray.bench.report import format_header, format_table, plot, to_record, write_jsonl
+from sgl_ray.bench.serving import BACKENDS, ServingConfig, ServingResult, run_serving_benchmark
 from sgl_ray.configs.engine_args import EngineArgs
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` sub-commands to ``parser`` (the ``sgl-ray bench`` parser)."""
-    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="{offline}")
+    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="{offline,serving}")
     offline = sub.add_parser(
         "offline",
         help="offline throughput: sgl_ray's Engine vs transformers generate, side by side",
@@ -73,6 +81,58 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
         "--plot", default=None, metavar="FILE.png", help="bar chart of output tok/s (needs matplotlib)"
     )
     offline.set_defaults(bench_func=_offline)
+    _add_serving_args(sub)
+
+
+def _add_serving_args(sub: argparse._SubParsersAction) -> None:
+    serving = sub.add_parser(
+        "serving",
+        help="online serving: TTFT, ITL, TPOT, latency and throughput of a running server (like bench_serving)",
+        description=(
+            "Stream requests to any OpenAI-compatible server or an sgl_ray/SGLang /generate endpoint, arriving as a "
+            "Poisson process, and time each one from the client. Every request makes exactly its output length "
+            "(ignore_eos)."
+        ),
+    )
+    s = serving.add_argument_group("server")
+    s.add_argument("--base-url", default="http://127.0.0.1:8000", help="server URL, without /v1")
+    s.add_argument("--backend", choices=sorted(BACKENDS), default="openai-chat", help="API to call")
+    s.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
+    s.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    s.add_argument("--flush-cache", action="store_true", help="POST /flush_cache after the warm-up")
+    d = serving.add_argument_group("workload")
+    d.add_argument("--dataset", choices=sorted(DATASETS), default="random")
+    d.add_argument("--num-prompts", type=int, default=200, help="requests to send")
+    d.add_argument("--random-input-len", type=int, default=1024, help="most prompt tokens (random)")
+    d.add_argument(
+        "--random-output-len",
+        "--output-len",
+        dest="output_len",
+        type=int,
+        default=128,
+        help="tokens per request",
+    )
+    d.add_argument(
+        "--random-range-ratio", type=float, default=0.0, help="prompt lengths uniform in [len*ratio, len]"
+    )
+    d.add_argument("--prefix-len", type=int, default=512, help="tokens of each shared system prompt")
+    d.add_argument("--num-prefixes", type=int, default=8, help="shared system prompts (shared-prefix)")
+    d.add_argument("--question-len", type=int, default=32, help="tokens of each request's question")
+    d.add_argument(
+        "--tokenizer", default=None, help="tokenizer of the prompts (default: the embedded SmolLM2)"
+    )
+    d.add_argument("--seed", type=int, default=1, help="seed of the prompts and the arrival times")
+    t = serving.add_argument_group("traffic")
+    t.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson (default: inf)")
+    t.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
+    o = serving.add_argument_group("output")
+    o.add_argument(
+        "--output-file", default="bench_serving.jsonl", help="JSONL file the record is appended to"
+    )
+    o.add_argument(
+        "--plot", default=None, metavar="FILE.png", help="latency CDFs and throughputs (matplotlib)"
+    )
+    serving.set_defaults(bench_func=_serving)
 
 
 def run_bench(ns: argparse.Namespace) -> int:
@@ -100,3 +160,60 @@ def _offline(ns: argparse.Namespace) -> int:
     if ns.plot and plot(results, ns.plot):
         print(f"plot written to {ns.plot}")
     return 0
+
+
+def _serving(ns: argparse.Namespace) -> int:
+    dataset = DatasetConfig(
+        name=ns.dataset,
+        num_prompts=ns.num_prompts,
+        input_len=ns.random_input_len,
+        output_len=ns.output_len,
+        range_ratio=ns.random_range_ratio,
+        prefix_len=ns.prefix_len,
+        num_prefixes=ns.num_prefixes,
+        question_len=ns.question_len,
+        seed=ns.seed,
+    )
+    cfg = ServingConfig(
+        base_url=ns.base_url,
+        backend=ns.backend,
+        model=ns.model,
+        dataset=dataset,
+        request_rate=ns.request_rate,
+        max_concurrency=ns.max_concurrency,
+        api_key=ns.api_key,
+        tokenizer=ns.tokenizer,
+        flush_cache=ns.flush_cache,
+    )
+    print(f"[bench] {ns.num_prompts} {ns.dataset} requests to {ns.base_url} ({ns.backend})", file=sys.stderr)
+    try:
+        result = run_serving_benchmark(cfg)
+    except RuntimeError as e:
+        print(f"[bench] {e}", file=sys.stderr)
+        return 1
+    write_jsonl(ns.output_file, [result.to_record()])
+    print(format_serving(result))
+    print(f"record appended to {ns.output_file}")
+    if ns.plot and plot_serving([result], ns.plot):
+        print(f"plot written to {ns.plot}")
+    return 0 if result.metrics.completed else 1
+
+
+def format_serving(result: ServingResult) -> str:
+    """The compact summary of a serving run: requests, tokens and throughputs, then mean/p50/p90/p99 per latency."""
+    m, cfg = result.metrics, result.config
+    hit = "-" if m.cache_hit_rate is None else f"{100 * m.cache_hit_rate:.1f} %"
+    lines = [
+        f"{result.date} · {cfg.backend} · {cfg.dataset.name} · {cfg.base_url} · model {result.model or '-'}"
+        f" · rate {cfg.request_rate} req/s · max concurrency {cfg.max_concurrency or '-'}",
+        f"requests | {m.completed} ok, {m.failed} failed in {result.duration_s:.2f} s"
+        f" = {m.request_throughput:.2f} req/s",
+        f"tokens   | in {m.input_tokens} ({m.input_throughput:.1f} tok/s) · out {m.output_tokens}"
+        f" ({m.output_throughput:.1f} tok/s) · cached {m.cached_tokens} (hit rate {hit})",
+        f"{'ms':<8} | {'mean':>9} | {'p50':>9} | {'p90':>9} | {'p99':>9}",
+        "---------+-----------+-----------+-----------+----------",
+    ]
+    for name in ("ttft", "itl", "tpot", "e2e"):
+        cells = ("-" if v is None else f"{v:.2f}" for v in getattr(m, name))
+        lines.append(f"{name.upper():<8} | " + " | ".join(f"{c:>9}" for c in cells))
+    return "\n".join(lines)

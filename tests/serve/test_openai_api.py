@@ -111,3 +111,27 @@ def test_wrong_key_is_rejected(serve_url):
     bad = openai.OpenAI(base_url=f"{serve_url}/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+def test_client_disconnect_aborts_the_request(client, serve_url):
+    import re
+    import time
+    import urllib.request
+
+    def running() -> int:
+        req = urllib.request.Request(f"{serve_url}/metrics", headers={"Authorization": "Bearer test-key"})
+        text = urllib.request.urlopen(req).read().decode()
+        return int(float(re.search(r"^sgl_ray_num_running_requests (\S+)$", text, re.M).group(1)))
+
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=3000, stream=True, extra_body={"ignore_eos": True}
+    )
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    assert running() == 1
+    stream.close()  # the client walks away mid-generation
+    deadline = time.monotonic() + 30
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running() == 0  # aborted, KV freed, long before 3000 tokens
