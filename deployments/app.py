@@ -16,6 +16,10 @@ from sgl_ray.errors import InvalidRequestError
 from sgl_ray.model_loader import default_model_path
 
 _INGRESS_KEYS = ("served_model_name", "api_key", "max_body_bytes")
+_ROUTERS = {
+    "prefix-cache": "sgl_ray.deployments.router:PrefixCacheRouter",
+    "power-of-two": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",  # Serve's default
+}
 _DEPLOYMENT_KEYS = ("num_replicas", "autoscaling_config", "max_ongoing_requests", "ray_actor_options")
 
 
@@ -26,7 +30,8 @@ def build_openai_app(args: dict[str, Any] | None = None) -> Application:
     ``args``: any :class:`~sgl_ray.EngineArgs` field (``model_path``, ``tp_size``, ``max_total_tokens`` …), the
     ingress options ``served_model_name``, ``api_key``, ``max_body_bytes``, and the ``LLMServer`` deployment's
     ``num_replicas``, ``autoscaling_config`` (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``,
-    delays), ``max_ongoing_requests``, ``ray_actor_options``; ``routing_imbalance`` tunes the router.
+    delays), ``max_ongoing_requests``, ``ray_actor_options``; ``router`` (``prefix-cache``, the default, or Serve's
+    ``power-of-two``) and ``routing_imbalance`` choose and tune the request router.
 
     Example::
 
@@ -36,7 +41,7 @@ def build_openai_app(args: dict[str, Any] | None = None) -> Application:
     """
     args = dict(args or {})
     engine_fields = {f.name for f in dataclasses.fields(EngineArgs)}
-    allowed = engine_fields | set(_INGRESS_KEYS) | set(_DEPLOYMENT_KEYS) | {"routing_imbalance"}
+    allowed = engine_fields | set(_INGRESS_KEYS) | set(_DEPLOYMENT_KEYS) | {"routing_imbalance", "router"}
     if unknown := sorted(set(args) - allowed):
         raise InvalidRequestError(f"unknown app options {unknown}")
     engine_kwargs = {k: v for k, v in args.items() if k in engine_fields}
@@ -50,12 +55,18 @@ def build_openai_app(args: dict[str, Any] | None = None) -> Application:
     if engine_kwargs.get("tp_size", 1) * engine_kwargs.get("pp_size", 1) > 1:
         gpus = 0  # the replica's engine group reserves the shards' devices itself
     options.setdefault("ray_actor_options", {"num_cpus": 1, "num_gpus": gpus})
+    router = args.get("router", "prefix-cache")
+    if router not in _ROUTERS:
+        raise InvalidRequestError(f"router must be one of {sorted(_ROUTERS)}", param="router")
+    router_kwargs = (
+        {"imbalanced_threshold": args.get("routing_imbalance", 8)} if router == "prefix-cache" else {}
+    )
     server = (
         serve.deployment(LLMServer, name="LLMServer")
         .options(
             request_router_config={
-                "request_router_class": "sgl_ray.deployments.router:PrefixCacheRouter",
-                "request_router_kwargs": {"imbalanced_threshold": args.get("routing_imbalance", 8)},
+                "request_router_class": _ROUTERS[router],
+                "request_router_kwargs": router_kwargs,
                 "request_routing_stats_period_s": 1.0,
             },
             health_check_period_s=10,

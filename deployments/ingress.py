@@ -127,7 +127,9 @@ class OpenAIIngress:
             if size <= self.max_body_bytes:
                 parts.append(chunk)
         if size > self.max_body_bytes:
-            raise _HTTPError(413, f"Request body exceeds {self.max_body_bytes} bytes.", "invalid_request_error")
+            raise _HTTPError(
+                413, f"Request body exceeds {self.max_body_bytes} bytes.", "invalid_request_error"
+            )
         return b"".join(parts)
 
     def _check_model(self, model: str | None) -> None:
