@@ -8,7 +8,6 @@ from sgl_ray.actors.ray_core import DataParallelCore, RayEngineCore
 from sgl_ray.actors.scheduler_actor import GlobalScheduler
 from sgl_ray.actors.shard_group import ShardGroup
 from sgl_ray.actors.shard_worker import ShardWorker
-
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.configs.model_config import ModelConfig
 from sgl_ray.entrypoints.core import EngineCore

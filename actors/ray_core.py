@@ -14,8 +14,8 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayError
-from sgl_ray.actors.scheduler_actor import GlobalScheduler
 
+from sgl_ray.actors.scheduler_actor import GlobalScheduler
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.entrypoints.core import EngineCore, OutputSink
 from sgl_ray.errors import EngineDeadError

@@ -15,14 +15,14 @@ import time
 from typing import Any
 
 from ray.exceptions import RayError
-from sgl_ray.actors.shard_group import ShardGroup
-from sgl_ray.parallel import ParallelLayout
 
+from sgl_ray.actors.shard_group import ShardGroup
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.entrypoints.core import prefix_summary, scheduler_config, scheduler_stats
 from sgl_ray.entrypoints.loop import EngineLoop, StepExecutor
 from sgl_ray.errors import EngineDeadError, StepLostError
 from sgl_ray.model_loader import load_tokenizer, resolve_model
+from sgl_ray.parallel import ParallelLayout
 from sgl_ray.scheduler.output import RequestOutput
 from sgl_ray.scheduler.plan import StepOutput, StepPlan
 from sgl_ray.scheduler.request import Req

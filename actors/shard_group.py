@@ -14,10 +14,10 @@ import ray
 from ray.dag import InputNode, MultiOutputNode
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from sgl_ray.actors.shard_worker import ShardWorker
-from sgl_ray.parallel import ParallelLayout
 
+from sgl_ray.actors.shard_worker import ShardWorker
 from sgl_ray.configs.engine_args import EngineArgs
+from sgl_ray.parallel import ParallelLayout
 from sgl_ray.runner.memory import KVCapacity
 from sgl_ray.runner.model_runner import RunnerInfo
 from sgl_ray.scheduler.plan import StepOutput, StepPlan

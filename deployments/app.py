@@ -8,10 +8,10 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
-from sgl_ray.deployments.ingress import OpenAIIngress
-from sgl_ray.deployments.llm_server import LLMServer
 
 from sgl_ray.configs.engine_args import EngineArgs
+from sgl_ray.deployments.ingress import OpenAIIngress
+from sgl_ray.deployments.llm_server import LLMServer
 from sgl_ray.errors import InvalidRequestError
 from sgl_ray.model_loader import default_model_path
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,12 +34,15 @@ from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.errors import InvalidRequestError
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import ray.data
 
 Row = dict[str, Any]
-Batch = dict[str, Any]  # column name → np.ndarray (Ray Data's "numpy" batch format) or list
 
-PROMPT_KEY = "__sgl_prompt_key"  # prompt token ids as big-endian uint32 bytes (internal column)
+PROMPT_KEY = (
+    "__sgl_prompt_key"  # internal column: the rows' prompt_key, sorted on, dropped by the engine stage
+)
+_INPUT_COLUMNS = ("input_ids", "messages", "prompt", "sampling_params")
 OUTPUT_COLUMNS = (
     "generated_text",
     "generated_tokens",
@@ -99,7 +102,7 @@ def _cluster_has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-# --- rows → prompt token ids --------------------------------------------------------------------------------------
+# --- rows → sort keys and prompt token ids --------------------------------------------------------------------------------------
 
 
 def prompt_key(row: Mapping[str, Any]) -> bytes:
@@ -148,21 +151,12 @@ def prompt_ids(tokenizer: Any, row: Mapping[str, Any], apply_chat_template: bool
 
 def sampling_params(value: Mapping[str, Any] | None) -> dict[str, Any]:
     """A row's ``sampling_params`` as plain Python values (Arrow gives absent keys as None: dropped)."""
-    out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in dict(value or {}).items()}
-    out = {k: v for k, v in out.items() if v is not None}
+    out = {k: v for k, v in dict(value or {}).items() if v is not None}
     if out.get("n", 1) != 1:
         raise InvalidRequestError(
             "the Ray Data processor returns one completion per row: n must be 1", param="n"
         )
     return out
-
-
-def _num_rows(batch: Batch) -> int:
-    return len(next(iter(batch.values()))) if batch else 0
-
-
-def _row(batch: Batch, i: int, columns: Sequence[str]) -> Row:
-    return {c: batch[c][i] for c in columns if c in batch}
 
 
 # --- stages (callable classes: one instance per Ray Data actor) -----------------------------------------------------
@@ -194,26 +188,23 @@ class _EngineStage:
         self.max_concurrent_batches = max_concurrent_batches
         self._slots: asyncio.Semaphore | None = None  # made in the actor's event loop, on first use
 
-    async def __call__(self, batch: Batch) -> Batch:
-        n = _num_rows(batch)
-        if n == 0:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        import pyarrow as pa
+
+        batch = batch.drop_columns([c for c in (PROMPT_KEY, *OUTPUT_COLUMNS) if c in batch.column_names])
+        inputs = {c: batch.column(c).to_pylist() for c in _INPUT_COLUMNS if c in batch.column_names}
+        rows = [{c: values[i] for c, values in inputs.items()} for i in range(batch.num_rows)]
+        if not rows:
             return batch
-        batch.pop(PROMPT_KEY, None)
-        cols = ("input_ids", "messages", "prompt")
-        token_lists = [
-            prompt_ids(self.engine.tokenizer, _row(batch, i, cols), self.apply_chat_template)
-            for i in range(n)
-        ]
-        params_col = batch.get("sampling_params")
-        params = [sampling_params(None if params_col is None else params_col[i]) for i in range(n)]
+        token_lists = [prompt_ids(self.engine.tokenizer, r, self.apply_chat_template) for r in rows]
+        params = [sampling_params(r.get("sampling_params")) for r in rows]
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_concurrent_batches)
         async with self._slots:
             outs = await self.engine.async_generate(input_ids=token_lists, sampling_params=params)
         assert isinstance(outs, list)
         meta = [o["meta_info"] for o in outs]
-        return {
-            **batch,
+        columns = {
             "generated_text": [o["text"] for o in outs],
             "generated_tokens": [list(o["output_ids"]) for o in outs],
             "num_input_tokens": [m["prompt_tokens"] for m in meta],
@@ -221,6 +212,9 @@ class _EngineStage:
             "num_cached_tokens": [m["cached_tokens"] for m in meta],
             "finish_reason": [(m["finish_reason"] or {}).get("type") for m in meta],
         }
+        for name, values in columns.items():
+            batch = batch.append_column(name, pa.array(values))
+        return batch
 
 
 # --- the public builder -------------------------------------------------------------------------------------------
@@ -238,7 +232,7 @@ class Processor:
         self.config = config
         self.preprocess = preprocess
         self.postprocess = postprocess
-        config.engine_args  # noqa: B018  (validates the engine arguments here, not later in the actors)
+        self.engine_args = config.engine_args  # validated here rather than later, inside the actors
         self.num_gpus = config.gpus_per_actor()
 
     def __call__(self, ds: ray.data.Dataset) -> ray.data.Dataset:
@@ -257,6 +251,7 @@ class Processor:
                 "max_concurrent_batches": c.max_concurrent_batches,
             },
             batch_size=c.batch_size,
+            batch_format="pyarrow",  # columns the engine does not read pass through untouched
             # Calls per actor: Ray Data keeps that many batches queued at each engine.
             compute=ray.data.ActorPoolStrategy(
                 size=c.concurrency, max_concurrent_calls_per_actor=c.max_concurrent_batches

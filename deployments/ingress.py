@@ -16,12 +16,12 @@ from typing import Any
 
 import msgspec
 import torch
-from sgl_ray.deployments.metrics import Metrics
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from sgl_ray import protocol as P
 from sgl_ray.configs.model_config import ModelConfig
+from sgl_ray.deployments.metrics import Metrics
 from sgl_ray.entrypoints.requests import ResultBuilder
 from sgl_ray.errors import InvalidRequestError, ModelNotFoundError, SglRayError
 from sgl_ray.model_loader import load_hf_config, load_tokenizer, resolve_model

@@ -11,9 +11,9 @@ import time
 
 import ray
 from ray import serve
-from sgl_ray.deployments.app import build_openai_app
 
 from sgl_ray.configs.engine_args import EngineArgs
+from sgl_ray.deployments.app import build_openai_app
 from sgl_ray.model_loader import default_model_path
 
 

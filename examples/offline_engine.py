@@ -21,12 +21,18 @@ def main() -> None:
             )
             for p in prompts
         ]
-        for prompt, out in zip(prompts, llm.generate(chats, {"temperature": 0, "max_new_tokens": 48}), strict=True):
+        for prompt, out in zip(
+            prompts, llm.generate(chats, {"temperature": 0, "max_new_tokens": 48}), strict=True
+        ):
             meta = out["meta_info"]
-            print(f"> {prompt}\n{out['text'].strip()}\n  ({meta['completion_tokens']} tokens, {meta['finish_reason']})\n")
+            print(
+                f"> {prompt}\n{out['text'].strip()}\n  ({meta['completion_tokens']} tokens, {meta['finish_reason']})\n"
+            )
 
         # Streaming, token by token.
-        for chunk in llm.generate(chats[1], {"temperature": 0.7, "max_new_tokens": 48, "seed": 1}, stream=True):
+        for chunk in llm.generate(
+            chats[1], {"temperature": 0.7, "max_new_tokens": 48, "seed": 1}, stream=True
+        ):
             print(chunk["text"], end="", flush=True)
         print()
 

@@ -6,9 +6,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from sgl_ray.parallel.layout import ParallelLayout
 
 from sgl_ray.distributed import Communicator, PipelineChannel, ShardContext
+from sgl_ray.parallel.layout import ParallelLayout
 
 
 class TorchDistCommunicator(Communicator):

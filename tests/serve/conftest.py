@@ -18,6 +18,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def serve_url(ray_cluster, smollm2_path):
     from ray import serve
+
     from sgl_ray.deployments import build_openai_app
 
     port = free_port()

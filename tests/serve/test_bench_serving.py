@@ -29,6 +29,7 @@ def bench_url(ray_cluster, tiny_qwen2_path):
     started it; the proxy keeps the first port it was given, so it is read back from the controller)."""
     from ray import serve
     from ray.serve.context import _get_global_client
+
     from sgl_ray.deployments import build_openai_app
 
     started = _get_global_client(raise_if_no_controller_running=False) is None

@@ -26,6 +26,7 @@ def _running_replicas(app: str) -> int:
 
 def test_prefix_families_stay_on_the_replica_that_cached_them(serve_url, tiny_qwen2_path):
     from ray import serve
+
     from sgl_ray.deployments import build_openai_app
 
     app = build_openai_app(
