@@ -7,7 +7,6 @@ aborts the request and frees its KV. Every bad request gets an OpenAI-style ``{"
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import time
@@ -139,46 +138,27 @@ class OpenAIIngress:
             )
 
     # --- generation plumbing -----------------------------------------------------------------------------------
-    async def _outputs(self, prompts: list[list[int]], params, lp: P.LogprobOptions, n: int) -> AsyncIterator:
-        """``(choice index, RequestOutput)`` for every prompt × sample, merged as they arrive; choice index is
-        ``prompt_index * n + sample``. Closing the iterator cancels every stream (aborting its requests)."""
-        queue: asyncio.Queue = asyncio.Queue()
-        gens = []
-        for p, ids in enumerate(prompts):
-            payload = {
-                "input_ids": ids,
-                "sampling_params": params,
-                "return_logprob": lp.return_logprob,
-                "top_logprobs_num": lp.top_logprobs_num,
-                "logprob_start_len": lp.logprob_start_len,
-            }
-            gens.append((p, self.server.options(stream=True).generate.remote(payload)))
-
-        async def pump(p: int, gen) -> None:
-            try:
-                async for index, out in gen:
-                    await queue.put((p * n + index, out))
-            except BaseException as e:
-                await queue.put(e)
-            finally:
-                await queue.put(None)
-
-        tasks = [asyncio.create_task(pump(p, g)) for p, g in gens]
-        live = len(tasks)
+    async def _outputs(self, prompts: list[list[int]], params, lp: P.LogprobOptions) -> AsyncIterator:
+        """``(choice index, RequestOutput)`` for every prompt × sample (choice index ``prompt_index * n +
+        sample``), from one replica call routed on the first prompt. Closing the iterator cancels the stream
+        (aborting its requests)."""
+        payload = {
+            "prompts": prompts,
+            "sampling_params": params,
+            "return_logprob": lp.return_logprob,
+            "top_logprobs_num": lp.top_logprobs_num,
+            "logprob_start_len": lp.logprob_start_len,
+        }
+        gen = self.server.options(stream=True).generate.remote(payload)
         try:
-            while live:
-                item = await queue.get()
-                if item is None:
-                    live -= 1
-                elif isinstance(item, BaseException):
-                    raise _unwrap(item)
-                else:
-                    yield item
+            async for item in gen:
+                yield item
+        except SglRayError:
+            raise
+        except Exception as e:
+            raise _unwrap(e) from None
         finally:
-            for _, gen in gens:
-                gen.cancel()
-            for t in tasks:
-                t.cancel()
+            gen.cancel()
 
     async def _run(self, assembler, outputs: AsyncIterator, stream: bool, started: float) -> Response:
         tracker = _Latency(started)
@@ -225,7 +205,7 @@ class OpenAIIngress:
         )
         P.check_prompt_length(len(ids), self.context_length)
         params = P.to_sampling_params(req, self.vocab_size, self.context_length, len(ids))
-        outputs = self._outputs([ids], params, P.logprob_options(req), params.n)
+        outputs = self._outputs([ids], params, P.logprob_options(req))
         kw = {"model": self.model_id, "token_texts": self.token_texts}
         if req.stream:
             assembler = P.ChatStreamAssembler.from_request(req, include_usage=req.include_usage, **kw)
@@ -250,7 +230,7 @@ class OpenAIIngress:
             P.check_prompt_length(len(ids), self.context_length, param="prompt")
         longest = max(len(ids) for ids in token_lists)
         params = P.to_sampling_params(req, self.vocab_size, self.context_length, longest)
-        outputs = self._outputs(token_lists, params, P.logprob_options(req), params.n)
+        outputs = self._outputs(token_lists, params, P.logprob_options(req))
         kw = {"model": self.model_id, "token_texts": self.token_texts, "prompt_texts": prompt_texts}
         if req.stream:
             assembler = P.CompletionStreamAssembler.from_request(req, include_usage=req.include_usage, **kw)
@@ -277,38 +257,37 @@ class OpenAIIngress:
             P.check_prompt_ids(ids, self.vocab_size, param="input_ids")
             P.check_prompt_length(len(ids), self.context_length, param="text")
         sp = req.sampling_params
-        params = (
-            [sp[i] if isinstance(sp, list) else sp for i in range(len(prompts))] if sp is not None else None
-        )
         if isinstance(sp, list) and len(sp) != len(prompts):
             raise InvalidRequestError(
                 "sampling_params list must match the number of prompts", param="sampling_params"
             )
-        results = [_NativeResult(req.return_logprob) for _ in prompts]
-        streams = [
-            self._outputs(
-                [ids],
-                (params[i] if params else SamplingParams()).normalized(),
-                P.LogprobOptions(req.return_logprob, req.top_logprobs_num, req.logprob_start_len),
-                1,
-            )
-            for i, ids in enumerate(prompts)
-        ]
+        lp = P.LogprobOptions(req.return_logprob, req.top_logprobs_num, req.logprob_start_len)
+        # One replica call per distinct parameter set: all prompts together when they share it.
+        if isinstance(sp, list):
+            calls = [([ids], p.normalized()) for ids, p in zip(prompts, sp, strict=True)]
+        else:
+            calls = [(prompts, (sp or SamplingParams()).normalized())]
+        results: list[_NativeResult] = []
+        streams = []
+        for ids_list, params in calls:
+            base = len(results)
+            results += [_NativeResult(req.return_logprob) for _ in range(len(ids_list) * params.n)]
+            streams.append((base, self._outputs(ids_list, params, lp)))
         tracker = _Latency(started)
         if not req.stream:
-            for res, outs in zip(results, streams, strict=True):
-                async for _, out in outs:
+            for base, outs in streams:
+                async for index, out in outs:
                     tracker.saw(out)
-                    res.add(out)
+                    results[base + index].add(out)
             self.metrics.tokens(*tracker.usage)
             body = [r.result() for r in results]
-            return _json(msgspec.json.encode(body if batch else body[0]))
+            return _json(msgspec.json.encode(body if batch or len(body) > 1 else body[0]))
 
         async def events() -> AsyncIterator[bytes]:
-            for res, outs in zip(results, streams, strict=True):
+            for base, outs in streams:
                 try:
-                    async for _, out in outs:
-                        yield P.sse_event(res.add(out))
+                    async for index, out in outs:
+                        yield P.sse_event(results[base + index].add(out))
                 except SglRayError as e:
                     yield P.sse_error(e)
                     break

@@ -3,6 +3,7 @@ engine group when ``tp_size``/``pp_size`` > 1) and streams generation results to
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,17 +33,46 @@ class LLMServer:
         self.model_path = self.engine.model_path
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """``request``: ``input_ids`` (one prompt), ``sampling_params`` (dict), ``return_logprob``,
-        ``top_logprobs_num``, ``logprob_start_len``. Yields ``(sample index, RequestOutput delta)``; cancelling the
-        stream aborts the requests and frees their KV."""
-        async for item in self.engine.astream_outputs(
-            request["input_ids"],
-            request["sampling_params"],
-            return_logprob=request.get("return_logprob", False),
-            top_logprobs_num=request.get("top_logprobs_num", 0),
-            logprob_start_len=request.get("logprob_start_len", -1),
-        ):
-            yield item
+        """``request``: ``prompts`` (token-id lists), ``sampling_params``, ``return_logprob``, ``top_logprobs_num``,
+        ``logprob_start_len``. Yields ``(choice index, RequestOutput delta)`` with choice index
+        ``prompt_index * n + sample``, as the engine produces them. Cancelling the stream aborts every request
+        and frees its KV.
+
+        All prompts of one HTTP request come in one call (Serve propagates the caller's request id to nested
+        calls, so concurrent calls from one request must not race in the router)."""
+        prompts = request["prompts"]
+        n = getattr(request["sampling_params"], "n", None) or 1
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(p: int, ids: list[int]) -> None:
+            try:
+                async for index, out in self.engine.astream_outputs(
+                    ids,
+                    request["sampling_params"],
+                    return_logprob=request.get("return_logprob", False),
+                    top_logprobs_num=request.get("top_logprobs_num", 0),
+                    logprob_start_len=request.get("logprob_start_len", -1),
+                ):
+                    await queue.put((p * n + index, out))
+            except BaseException as e:  # handed to the caller below
+                await queue.put(e)
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(p, ids)) for p, ids in enumerate(prompts)]
+        live = len(tasks)
+        try:
+            while live:
+                item = await queue.get()
+                if item is None:
+                    live -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
 
     def record_routing_stats(self) -> dict[str, Any]:
         stats = self.engine.get_stats()

@@ -1,7 +1,7 @@
 """Token-exact cache-aware request routing across ``LLMServer`` replicas.
 
 Each replica publishes (through Serve's periodic routing stats) the chained block hashes of every prefix in its
-radix cache. For a request, the router hashes the prompt's token ids the same way (tokenized once, at the
+radix cache. For a request, the router hashes the (first) prompt's token ids the same way (tokenized once, at the
 ingress) and prefers the replica holding the longest prefix of it — unless that replica is much busier than the
 least loaded one, in which case load wins. Unlike routers that match approximate character trees, a match here
 means those exact tokens are cached there.
@@ -27,7 +27,8 @@ def _prompt_ids(request: PendingRequest | None) -> list[int] | None:
     if request is None or not request.args:
         return None
     body = request.args[0]
-    ids = body.get("input_ids") if isinstance(body, dict) else None
+    prompts = body.get("prompts") if isinstance(body, dict) else None
+    ids = prompts[0] if isinstance(prompts, list) and prompts else None
     return ids if isinstance(ids, list) and ids and isinstance(ids[0], int) else None
 
 
@@ -44,6 +45,9 @@ class PrefixCacheRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        if pending_request is not None:
+            # Back off between retries when every replica is at capacity (else the base class spins).
+            pending_request.routing_context.should_backoff = True
         by_load = sorted(candidate_replicas, key=_load)
         ids = _prompt_ids(pending_request)
         if ids is None:

@@ -19,6 +19,7 @@ from sgl_ray.model_loader import default_model_path
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     EngineArgs.add_cli_args(parser)
+    parser.add_argument("--address", dest="ray_address", help="Ray cluster to join (same as --ray-address)")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port")
     parser.add_argument(
