@@ -46,7 +46,7 @@ class GlobalScheduler:
         self.layout = ParallelLayout(args.tp_size, args.pp_size)
         self.group = ShardGroup(args, self.layout)
         info = self.group.start()
-        source = resolve_model(args.model_path, revision=args.revision)
+        source = resolve_model(args.model_path, revision=args.revision, weights=args.load_format != "dummy")
         tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer_path)
         self.scheduler = Scheduler(
             scheduler_config(args, info.num_slots, info.max_reqs, info.context_length), tokenizer

@@ -45,7 +45,7 @@ class ShardWorker:
         elif args.num_threads is None:
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         shard = init_shard_context(self.layout, self.rank, master[0], master[1], device)
-        source = resolve_model(args.model_path, revision=args.revision)
+        source = resolve_model(args.model_path, revision=args.revision, weights=args.load_format != "dummy")
         hf_config = load_hf_config(source)
         config = ModelConfig(hf_config, resolve_dtype(args.dtype, hf_config, device), args.context_length)
         self.runner = ModelRunner(args, config, iter_weights(source), shard=shard, allocate=False)

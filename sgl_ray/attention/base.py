@@ -5,6 +5,8 @@ A backend computes attention for one layer of a batch whose requests each add ``
 
 * ``init_forward_metadata(batch)`` is called once per step before the model runs; it may precompute index
   tensors from ``batch`` (``req_to_token`` rows, seq lens) and store them on ``batch.attn_metadata``.
+* ``graph_metadata(batch, max_seq_len)`` (backends with ``supports_cuda_graph``) replaces the first call for
+  decode batches replayed from a CUDA graph.
 * ``forward(q, k, v, layer, batch)`` first stores the new tokens' ``k``/``v`` at ``batch.out_cache_loc`` in the
   pool, then returns attention output ``[num_tokens, num_heads * head_dim]`` where token ``i`` of request ``r``
   attends to request ``r``'s tokens ``0 .. prefix_len[r] + i`` (causal over new tokens, full over the prefix).
@@ -13,7 +15,7 @@ A backend computes attention for one layer of a batch whose requests each add ``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 
 
 class AttentionBackend(ABC):
+    supports_cuda_graph = False  # backends that can run inside a captured CUDA graph say so
+
     @abstractmethod
     def init_forward_metadata(self, batch: ForwardBatch) -> None: ...
 
@@ -30,3 +34,8 @@ class AttentionBackend(ABC):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, batch: ForwardBatch
     ) -> torch.Tensor: ...
+
+    def graph_metadata(self, batch: ForwardBatch, max_seq_len: int) -> Any:
+        """Metadata for a decode batch captured in a CUDA graph: it may only reference ``batch``'s device tensors
+        (whose contents change between replays) and must fit any sequence up to ``max_seq_len`` tokens."""
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")

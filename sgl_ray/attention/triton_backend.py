@@ -57,6 +57,8 @@ class _Metadata:
 class TritonAttentionBackend(AttentionBackend):
     """``num_kv_splits`` fixes the decode split count (a power of two); ``None`` picks it per step and layer."""
 
+    supports_cuda_graph = True
+
     def __init__(self, device: torch.device, num_kv_splits: int | None = None) -> None:
         self.device = torch.device(device)
         if num_kv_splits is not None and (num_kv_splits < 1 or num_kv_splits & (num_kv_splits - 1)):
@@ -107,6 +109,15 @@ class TritonAttentionBackend(AttentionBackend):
         if nb:
             extend = _ExtendPart(blocks=dev[3 * nd :].view(5, nb), num_blocks=nb)
         batch.attn_metadata = _Metadata(decode, extend)
+
+    def graph_metadata(self, batch: ForwardBatch, max_seq_len: int) -> _Metadata:
+        """Row ``i`` of a padded decode batch is request ``i`` and token ``i``; the split count is fixed for
+        ``max_seq_len`` (the kernels skip the splits past each sequence's end)."""
+        rows = batch.extend_start_loc  # arange(bs)
+        decode = _DecodePart(
+            rows=rows, tokens=rows, seq_lens=batch.seq_lens, num=batch.batch_size, max_seq_len=max_seq_len
+        )
+        return _Metadata(decode, None)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, batch: ForwardBatch

@@ -36,7 +36,7 @@ from sgl_ray.configs.engine_args import EngineArgs
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` sub-commands to ``parser`` (the ``sgl-ray bench`` parser)."""
-    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="{offline,serving}")
+    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="{offline,serving,roofline}")
     offline = sub.add_parser(
         "offline",
         help="offline throughput: sgl_ray's Engine vs transformers generate, side by side",
@@ -82,6 +82,67 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     )
     offline.set_defaults(bench_func=_offline)
     _add_serving_args(sub)
+    _add_roofline_args(sub)
+
+
+def _triple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by ':', got {text!r}") from None
+
+
+def _add_roofline_args(sub: argparse._SubParsersAction) -> None:
+    roof = sub.add_parser(
+        "roofline",
+        help="the engine vs the roofline floor (measured bandwidth and FLOP rate) and transformers",
+        description=(
+            "Measure the device's copy bandwidth and matmul rate, then time bs1 decode, offline batches and a "
+            "shared-prefix workload (radix on and off) and report each against its roofline floor."
+        ),
+    )
+    EngineArgs.add_cli_args(roof)
+    w = roof.add_argument_group("workloads")
+    w.add_argument("--bs1-input-len", type=int, default=128)
+    w.add_argument("--bs1-output-len", type=int, default=256)
+    w.add_argument("--offline", type=_triple, action="append", default=[], metavar="N:IN:OUT")
+    w.add_argument("--shared-prefix", type=_triple, default=None, metavar="N:PREFIX:SUFFIX:OUT")
+    w.add_argument(
+        "--hf-batch", type=_triple, default=None, metavar="N:IN:OUT", help="transformers batch run"
+    )
+    w.add_argument("--skip-hf", action="store_true", help="skip transformers")
+    w.add_argument("--seed", type=int, default=0)
+    roof.add_argument("--output-file", default="bench_roofline.jsonl", help="JSONL file the records go to")
+    roof.set_defaults(bench_func=_roofline)
+
+
+def _roofline(ns: argparse.Namespace) -> int:
+    from sgl_ray.bench.fastpath import RooflineConfig, format_roofline, run_roofline, to_record
+
+    for spec, n in [(s, 3) for s in ns.offline] + ([(ns.shared_prefix, 4)] if ns.shared_prefix else []):
+        if len(spec) != n or min(spec) < 1:
+            print(f"[bench] bad workload {':'.join(map(str, spec))}: {n} positive integers", file=sys.stderr)
+            return 2
+    cfg = RooflineConfig(
+        bs1_input_len=ns.bs1_input_len,
+        bs1_output_len=ns.bs1_output_len,
+        offline=tuple(ns.offline),
+        shared_prefix=ns.shared_prefix,
+        hf_batch=ns.hf_batch,
+        skip_hf=ns.skip_hf,
+        seed=ns.seed,
+    )
+    with open(ns.output_file, "a") as f:
+
+        def record(
+            facts, row
+        ) -> None:  # as each row is measured: a long run that is cut short keeps its rows
+            f.write(to_record(facts, row) + "\n")
+            f.flush()
+
+        rates, facts, rows = run_roofline(EngineArgs.from_cli_args(ns), cfg, record)
+    print(format_roofline(rates, facts, rows))
+    return 0
 
 
 def _add_serving_args(sub: argparse._SubParsersAction) -> None:

@@ -55,6 +55,13 @@ class EngineArgs:
     attention_backend: str | None = field(
         default=None, metadata={"help": "torch (CPU default) | triton (GPU default)"}
     )
+    disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode eagerly on CUDA"})
+    cuda_graph_max_bs: int = field(
+        default=160, metadata={"help": "largest decode batch captured in a CUDA graph"}
+    )
+    load_format: str = field(
+        default="auto", metadata={"help": "auto (the model's files) | dummy (random weights, for benchmarks)"}
+    )
     random_seed: int | None = field(default=None, metadata={"help": "seed for requests that give none"})
     skip_tokenizer_init: bool = field(default=False, metadata={"help": "token ids in and out only"})
     num_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads on CPU"})
@@ -83,6 +90,10 @@ class EngineArgs:
         for name in ("tp_size", "pp_size", "dp_size"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
+        if self.cuda_graph_max_bs < 1:
+            raise bad("cuda_graph_max_bs", "must be >= 1")
+        if self.load_format not in ("auto", "dummy"):
+            raise bad("load_format", "must be 'auto' or 'dummy'")
         if self.schedule_policy not in get_args(SchedulePolicyName):
             raise bad("schedule_policy", f"must be one of {get_args(SchedulePolicyName)}")
 

@@ -50,7 +50,7 @@ class Engine:
         self.args = EngineArgs(model_path=model_path, **kwargs)
         args = self.args
         path = args.model_path or str(default_model_path())
-        source = resolve_model(path, revision=args.revision)
+        source = resolve_model(path, revision=args.revision, weights=args.load_format != "dummy")
         hf_config = load_hf_config(source)
         device = args.torch_device()
         self.model_config = ModelConfig(

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from sgl_ray.errors import UnsupportedModelError
+from sgl_ray.layers.cuda_ops import cuda_ops
 
 
 def _default_inv_freq(dim: int, params: dict[str, Any]) -> torch.Tensor:
@@ -79,4 +80,6 @@ class RotaryEmbedding(nn.Module):
     def apply(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Rotate ``x``: [T, heads, head_dim] (query heads, key heads, or both stacked)."""
         cos, sin = cos_sin
+        if x.is_cuda:  # one kernel, reading x through its strides (q and k straight out of the QKV output)
+            return cuda_ops().rotary(x, cos, sin)
         return x * cos + rotate_half(x) * sin

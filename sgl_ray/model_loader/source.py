@@ -43,11 +43,12 @@ class ModelSource:
     format: Literal["safetensors", "gguf"]
 
 
-def resolve_model(model_path: str, revision: str | None = None) -> ModelSource:
+def resolve_model(model_path: str, revision: str | None = None, weights: bool = True) -> ModelSource:
     """Resolve a local HF directory, a ``.gguf`` file (or a dir holding exactly one) or a hub id ``org/name``.
 
     Hub ids are downloaded with ``huggingface_hub.snapshot_download`` (configs, safetensors, tokenizer files only);
-    ``revision`` applies to them alone. Raises :class:`ModelLoadError` naming the path and what was looked for.
+    ``revision`` applies to them alone. With ``weights=False`` (random weights) a directory needs only its
+    config. Raises :class:`ModelLoadError` naming the path and what was looked for.
 
     >>> from sgl_ray.model_loader import default_model_path
     >>> source = resolve_model(str(default_model_path()))
@@ -60,6 +61,8 @@ def resolve_model(model_path: str, revision: str | None = None) -> ModelSource:
             raise ModelLoadError(f"model path {model_path!r} is a file but not a {GGUF_SUFFIX} file")
         return _gguf_source(model_path, path)
     if path.is_dir():
+        if not weights and (path / CONFIG_FILE).is_file():
+            return ModelSource(model_path, path.resolve(), (), "safetensors")
         return _dir_source(model_path, path)
     if _HUB_ID_RE.fullmatch(model_path) and not model_path.endswith(GGUF_SUFFIX):
         return _dir_source(model_path, _download(model_path, revision, MODEL_PATTERNS))

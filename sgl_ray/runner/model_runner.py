@@ -20,6 +20,7 @@ from sgl_ray.distributed import ShardContext
 from sgl_ray.layers.linear import store_weights_input_major
 from sgl_ray.mem_cache.kv_pool import KVPool, ReqToTokenTable
 from sgl_ray.models.registry import get_model_class
+from sgl_ray.runner.cuda_graph import CudaGraphRunner
 from sgl_ray.runner.forward_batch import ForwardBatch
 from sgl_ray.runner.memory import KVCapacity, plan_kv_capacity
 from sgl_ray.sampling.sampler import Sampler
@@ -66,6 +67,7 @@ class ModelRunner:
         self.model = self._load_model(weights)
         self.attn_backend = create_attention_backend(args.attention_backend, self.device)
         self.sampler = Sampler()
+        self.cuda_graphs: CudaGraphRunner | None = None
         if allocate:
             self.init_memory(capacity)
 
@@ -98,7 +100,25 @@ class ModelRunner:
             self.kv_pool.nbytes / 2**20,
             capacity.max_reqs,
         )
+        if self._use_cuda_graphs():
+            self.cuda_graphs = CudaGraphRunner(
+                self.model,
+                self.attn_backend,
+                self.kv_pool,
+                self.req_table.table,
+                min(self.args.cuda_graph_max_bs, capacity.max_reqs),
+                model_config.context_length,
+            )
         return self.info
+
+    def _use_cuda_graphs(self) -> bool:
+        """Graphs for decode on CUDA, unless disabled; pipeline stages exchange activations outside them."""
+        return (
+            self.device.type == "cuda"
+            and not self.args.disable_cuda_graph
+            and self.shard.pp_size == 1
+            and self.attn_backend.supports_cuda_graph
+        )
 
     def plan_capacity(self) -> KVCapacity:
         """What this shard's memory allows (a group takes the minimum over its shards)."""
@@ -114,7 +134,10 @@ class ModelRunner:
                 model = cls(self.config, self.shard)
         finally:
             torch.set_default_dtype(prev)
-        model.load_weights(weights)
+        if self.args.load_format == "dummy":
+            _fill_random(model, seed=self.args.random_seed or 0)
+        else:
+            model.load_weights(weights)
         if self.device.type == "cpu":
             store_weights_input_major(model)
         return model.eval()
@@ -144,6 +167,12 @@ class ModelRunner:
             )
         if plan.batch_size == 0:
             return StepOutput(step_id=plan.step_id, next_token_ids=np.zeros(0, dtype=np.int64))
+        graphs = self.cuda_graphs
+        if graphs is not None and graphs.can_run(plan.batch_size) and _is_plain_decode(plan):
+            logits, slots, seq_lens = graphs.replay(
+                plan.input_ids, plan.prefix_lens, plan.out_cache_loc, plan.req_pool_idxs
+            )
+            return self._sample(plan, slots, seq_lens, logits, logits[:0])
         batch, sample_rows, logprob_rows = self._build_batch(plan)
         shard = self.shard
         intermediate = None
@@ -159,7 +188,9 @@ class ModelRunner:
             return StepOutput(step_id=plan.step_id, next_token_ids=np.zeros(0, dtype=np.int64))
         rows = _tensor(np.concatenate([sample_rows, logprob_rows])).to(dev)
         logits = self.model.compute_logits(hidden[rows])  # [S + L, vocab]
-        return self._sample(plan, batch, logits[: len(sample_rows)], logits[len(sample_rows) :])
+        return self._sample(
+            plan, batch.req_pool_idxs, batch.seq_lens, logits[: len(sample_rows)], logits[len(sample_rows) :]
+        )
 
     def _build_batch(self, plan: StepPlan) -> tuple[ForwardBatch, np.ndarray, np.ndarray]:
         dev = self.device
@@ -206,19 +237,24 @@ class ModelRunner:
         return batch, sample_rows, logprob_rows.astype(np.int64)
 
     def _sample(
-        self, plan: StepPlan, batch: ForwardBatch, logits: torch.Tensor, input_logits: torch.Tensor
+        self,
+        plan: StepPlan,
+        req_pool_idxs: torch.Tensor,
+        seq_lens: torch.Tensor,
+        logits: torch.Tensor,
+        input_logits: torch.Tensor,
     ) -> StepOutput:
         dev = self.device
         out = StepOutput(step_id=plan.step_id, next_token_ids=np.zeros(0, dtype=np.int64))
         if len(logits):
             sel = _tensor(np.nonzero(plan.sample)[0]).to(dev)
-            slots = batch.req_pool_idxs[sel]
+            slots = req_pool_idxs[sel]
             top_n = plan.top_logprobs_num[plan.sample]
             k = int(top_n.max()) if len(top_n) else -1
             res = self.sampler.sample(
                 logits,
                 slots,
-                batch.seq_lens[sel],
+                seq_lens[sel],
                 self.sampling_state,
                 top_logprobs_num=max(k, 0),
                 return_logprobs=k >= 0,
@@ -240,6 +276,23 @@ class ModelRunner:
                 vals, ids = logp.topk(k, dim=-1)
                 out.input_top_ids, out.input_top_vals = ids.cpu().numpy(), vals.cpu().numpy()
         return out
+
+
+@torch.no_grad()
+def _fill_random(model: torch.nn.Module, seed: int) -> None:
+    """Random weights for benchmarks (``load_format="dummy"``): speed does not depend on the values; norms get 1
+    so activations stay in range."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.02, generator=gen)
+
+
+def _is_plain_decode(plan: StepPlan) -> bool:
+    """Every request adds one token and samples it, and no prompt logprobs are asked for."""
+    return bool((plan.extend_lens == 1).all() and plan.sample.all() and (plan.input_logprob_start < 0).all())
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:

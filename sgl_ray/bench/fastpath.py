@@ -1,0 +1,239 @@
+"""``sgl-ray bench roofline``: the engine against the roofline floor (:mod:`sgl_ray.bench.roofline`) and transformers.
+
+Workloads (random token ids, greedy, every request runs to its full output length):
+
+- ``bs1``: one request, ``bs1_input_len`` in; decode speed = (new tokens - 1) / (time after the first token).
+- ``offline N:IN:OUT`` (repeatable): N requests submitted at once.
+- ``shared-prefix N:PREFIX:SUFFIX:OUT``: N requests sharing a PREFIX-token prefix, radix cache on, then off.
+- transformers ``generate`` in the same run: batch 1 (``bs1`` sizes) and one static batch ``hf_batch``.
+
+The device's copy bandwidth and matmul rate are measured at the start of the same run; each row reports the
+roofline floor and the fraction of it achieved.
+
+Example (on a GPU, with a config-only model directory and random weights)::
+
+    sgl-ray bench roofline --model-path /tmp/llama8b --load-format dummy --skip-tokenizer-init \\
+        --offline 1000:1024:1024 --offline 1000:4096:128 --shared-prefix 256:2048:64:128 --hf-batch 64:512:256
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sgl_ray.bench.roofline import (
+    DeviceRates,
+    ModelCost,
+    decode_floor_tok_s,
+    max_batch_for,
+    measure_device,
+    workload_floor_s,
+)
+from sgl_ray.configs.engine_args import EngineArgs
+from sgl_ray.entrypoints.engine import Engine
+
+
+@dataclass(frozen=True)
+class RooflineConfig:
+    bs1_input_len: int = 128
+    bs1_output_len: int = 256
+    offline: tuple[tuple[int, int, int], ...] = ()
+    shared_prefix: tuple[int, int, int, int] | None = None
+    hf_batch: tuple[int, int, int] | None = None
+    skip_hf: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Row:
+    workload: str
+    system: str
+    output_tokens: int
+    wall_s: float
+    tok_s: float
+    floor_tok_s: float | None = None
+    cached_tokens: int | None = None
+
+    @property
+    def fraction(self) -> float | None:
+        return self.tok_s / self.floor_tok_s if self.floor_tok_s else None
+
+
+def _prompts(rng: random.Random, vocab: int, num: int, length: int) -> list[list[int]]:
+    return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(num)]
+
+
+def _greedy(out_len: int) -> dict:
+    return {"temperature": 0.0, "max_new_tokens": out_len, "ignore_eos": True}
+
+
+def _bs1(engine: Engine, prompt: list[int], out_len: int) -> tuple[float, float]:
+    """Returns (decode tok/s after the first token, total seconds)."""
+    engine.generate(input_ids=[prompt[:8]], sampling_params=_greedy(8))  # warm-up
+    start = time.perf_counter()
+    first = None
+    n = 0
+    for chunk in engine.generate(input_ids=prompt, sampling_params=_greedy(out_len), stream=True):
+        if first is None:
+            first = time.perf_counter()
+        n = len(chunk["output_ids"]) if "output_ids" in chunk else n + 1
+    end = time.perf_counter()
+    assert first is not None
+    return (out_len - 1) / (end - first), end - start
+
+
+def _timed(engine: Engine, prompts: list[list[int]], out_len: int) -> tuple[float, int, int]:
+    engine.flush_cache()
+    engine.generate(input_ids=[prompts[0][:8]], sampling_params=_greedy(4))
+    engine.flush_cache()
+    start = time.perf_counter()
+    outs = engine.generate(input_ids=prompts, sampling_params=_greedy(out_len))
+    wall = time.perf_counter() - start
+    return wall, sum(len(o["output_ids"]) for o in outs), sum(o["meta_info"]["cached_tokens"] for o in outs)
+
+
+def _free_device_memory() -> None:
+    """After the caller dropped its last reference to an engine: return its memory (weights, KV, graph pool)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _log(row: Row) -> None:
+    print(
+        f"[roofline] {row.workload:<26} {row.system:<20} {row.tok_s:9.1f} tok/s", file=sys.stderr, flush=True
+    )
+
+
+def run_roofline(
+    args: EngineArgs, cfg: RooflineConfig, on_row: Callable[[dict, Row], None] | None = None
+) -> tuple[DeviceRates, dict, list[Row]]:
+    """Measure the device, run every workload on the engine (and transformers), return the rates, facts and rows.
+    ``on_row(facts, row)`` sees each row as soon as it is measured."""
+    rng = random.Random(cfg.seed)
+    engine = Engine(**dataclasses.asdict(args))
+    runner = getattr(engine._core, "runner", None)
+    device = args.torch_device()
+    rates = measure_device(device, engine.model_config.dtype)
+    cost = ModelCost.from_config(engine.model_config)
+    info = runner.info if runner is not None else None
+    num_slots = info.num_slots if info else args.max_total_tokens or 0
+    max_reqs = info.max_reqs if info else args.max_running_requests or 256
+    facts = {
+        "copy_GBps": rates.copy_bytes_per_s / 1e9,
+        "matmul_TFLOPs": rates.matmul_flops_per_s / 1e12,
+        "kv_token_capacity": num_slots,
+        "max_running_requests": max_reqs,
+        "weight_GB": cost.weight_bytes / 1e9,
+        "cuda_graphs": bool(runner is not None and runner.cuda_graphs is not None),
+    }
+    del runner
+    vocab = engine.model_config.vocab_size
+    rows: list[Row] = []
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        _log(row)
+        if on_row is not None:
+            on_row(facts, row)
+
+    bs1_prompt = _prompts(rng, vocab, 1, cfg.bs1_input_len)[0]
+    bs1_name = f"bs1 {cfg.bs1_input_len}/{cfg.bs1_output_len}"
+    ctx = cfg.bs1_input_len + cfg.bs1_output_len / 2
+    bs1_floor = decode_floor_tok_s(cost, rates, 1, ctx)
+    tok_s, wall = _bs1(engine, bs1_prompt, cfg.bs1_output_len)
+    add(Row(bs1_name, "sgl_ray", cfg.bs1_output_len, wall, tok_s, bs1_floor))
+    for num, inp, out in cfg.offline:
+        prompts = _prompts(rng, vocab, num, inp)
+        wall, n_out, _ = _timed(engine, prompts, out)
+        floor = workload_floor_s(cost, rates, num, inp, out, max_batch_for(num_slots, max_reqs, inp, out))
+        add(Row(f"offline {num}x{inp}/{out}", "sgl_ray", n_out, wall, n_out / wall, n_out / floor))
+    shared = None
+    if cfg.shared_prefix is not None:
+        num, plen, slen, out = cfg.shared_prefix
+        prefix = _prompts(rng, vocab, 1, plen)[0]
+        shared = [prefix + s for s in _prompts(rng, vocab, num, slen)]
+        wall, n_out, cached = _timed(engine, shared, out)
+        batch = max_batch_for(num_slots, max_reqs, slen, out)
+        floor = workload_floor_s(cost, rates, num, plen + slen, out, batch, cached=plen) + workload_floor_s(
+            cost, rates, 1, plen, 0, 1
+        )
+        name = f"shared-prefix {num}x({plen}+{slen})/{out}"
+        add(Row(name, "sgl_ray", n_out, wall, n_out / wall, n_out / floor, cached))
+    engine.shutdown()
+    del engine
+    _free_device_memory()
+    if shared is not None:
+        assert cfg.shared_prefix is not None
+        num, plen, slen, out = cfg.shared_prefix
+        off = Engine(**dataclasses.asdict(args.replace(disable_radix_cache=True)))
+        wall, n_out, cached = _timed(off, shared, out)
+        add(Row(f"shared-prefix {num}x({plen}+{slen})/{out}", "sgl_ray radix off", n_out, wall, n_out / wall))
+        off.shutdown()
+        del off
+        _free_device_memory()
+    if not cfg.skip_hf:
+        _hf_rows(args, cfg, bs1_prompt, bs1_floor, rng, vocab, add)
+    return rates, facts, rows
+
+
+def _hf_rows(args, cfg, bs1_prompt, bs1_floor, rng, vocab, add) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sgl_ray.bench.hf_baseline import HFBaseline
+    from sgl_ray.model_loader import resolve_model
+
+    device = args.torch_device()
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
+    if args.load_format == "dummy":
+        config = AutoConfig.from_pretrained(args.model_path)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        hf = HFBaseline(model, 0, device)
+    else:
+        hf = HFBaseline.load(str(resolve_model(args.model_path).local_dir), dtype=dtype, device=device)
+    hf.warm_up()
+    res = hf.run("transformers", [bs1_prompt], cfg.bs1_output_len, 1)
+    add(
+        Row(f"bs1 {cfg.bs1_input_len}/{cfg.bs1_output_len}", "transformers", res.output_tokens, res.wall_s,
+            res.output_tok_s, bs1_floor)
+    )  # fmt: skip
+    if cfg.hf_batch is not None:
+        num, inp, out = cfg.hf_batch
+        res = hf.run("transformers", _prompts(rng, vocab, num, inp), out, num)
+        add(Row(f"batch {num}x{inp}/{out}", "transformers", res.output_tokens, res.wall_s, res.output_tok_s))
+
+
+def format_roofline(rates: DeviceRates, facts: dict, rows: list[Row]) -> str:
+    head = (
+        f"device: copy {facts['copy_GBps']:.0f} GB/s, matmul {facts['matmul_TFLOPs']:.1f} TFLOP/s; "
+        f"weights {facts['weight_GB']:.2f} GB; KV capacity {facts['kv_token_capacity']} tokens; "
+        f"CUDA graphs {'on' if facts['cuda_graphs'] else 'off'}"
+    )
+    lines = [
+        head,
+        "| workload | system | output tok/s | roofline tok/s | of roofline | wall s | cached tokens |",
+    ]
+    lines.append("|---|---|---|---|---|---|---|")
+    for r in rows:
+        floor = f"{r.floor_tok_s:.0f}" if r.floor_tok_s else "-"
+        frac = f"{r.fraction:.2f}" if r.fraction else "-"
+        cached = "-" if r.cached_tokens is None else str(r.cached_tokens)
+        lines.append(
+            f"| {r.workload} | {r.system} | {r.tok_s:.1f} | {floor} | {frac} | {r.wall_s:.1f} | {cached} |"
+        )
+    return "\n".join(lines)
+
+
+def to_record(facts: dict, row: Row) -> str:
+    return json.dumps({**facts, **dataclasses.asdict(row), "fraction": row.fraction})

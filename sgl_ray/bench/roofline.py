@@ -1,0 +1,146 @@
+"""A roofline model of LLM serving: the least time a workload can take on a device, from bytes and FLOPs.
+
+Each step of the engine reads every weight once and the KV of every request in the batch, and does ``2 * params``
+FLOPs per token plus attention. With the device's measured copy bandwidth ``bw`` (bytes read + written per second
+by a large device-to-device copy) and matmul rate ``rate`` (a large bf16 GEMM), a step cannot take less than
+``max(bytes / bw, flops / rate)``. A workload's floor is the sum over its steps:
+
+* prefill of ``n`` prompts of ``L`` tokens: ``n * (2 * P * L + 2 * L^2 * H * D * layers) / rate``;
+* decode in rounds of ``B`` concurrent requests (``B`` limited by ``max_running_requests`` and the KV pool),
+  ``out`` steps per round at the mean context ``in + out / 2``:
+  ``max((W + B * ctx * kv_bytes) / bw, B * (2 * P + 4 * ctx * H * D * layers) / rate)``.
+
+``P`` counts the parameters used in matmuls (every layer plus the LM head; the input embedding is a row gather,
+so it is not read whole), ``W`` their bytes.
+
+Example::
+
+    >>> from sgl_ray.bench.roofline import DeviceRates, ModelCost, decode_floor_tok_s
+    >>> cost = ModelCost(matmul_params=7.5e9, weight_bytes=15e9, kv_bytes_per_token=131072, attn_flops_per_ctx=524288)
+    >>> round(decode_floor_tok_s(cost, DeviceRates(3.0e12, 7.9e14), batch=1, context=1024), 1)
+    198.2
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sgl_ray.configs.model_config import ModelConfig
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    copy_bytes_per_s: float  # bytes read + written per second by a large device-to-device copy
+    matmul_flops_per_s: float  # dense matmul in the model's dtype
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    matmul_params: float  # parameters multiplied per token (all layers + LM head)
+    weight_bytes: float  # their bytes: read once per step
+    kv_bytes_per_token: float  # K and V of one token, all layers
+    attn_flops_per_ctx: (
+        float  # attention FLOPs per new token per context token (4 * heads * head_dim * layers)
+    )
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> ModelCost:
+        h, d, layers = config.hidden_size, config.head_dim, config.num_layers
+        q, kv = config.num_heads * d, config.num_kv_heads * d
+        per_layer = h * q + 2 * h * kv + q * h + 3 * h * config.intermediate_size
+        params = layers * per_layer + h * config.vocab_size
+        elem = torch.tensor([], dtype=config.dtype).element_size()
+        return cls(
+            matmul_params=float(params),
+            weight_bytes=float(params * elem),
+            kv_bytes_per_token=float(config.kv_bytes_per_token()),
+            attn_flops_per_ctx=float(4 * q * layers),
+        )
+
+
+def decode_step_s(cost: ModelCost, rates: DeviceRates, batch: int, context: float) -> float:
+    """Floor of one decode step of ``batch`` requests at ``context`` tokens each."""
+    nbytes = cost.weight_bytes + batch * context * cost.kv_bytes_per_token
+    flops = batch * (2 * cost.matmul_params + cost.attn_flops_per_ctx * context)
+    return max(nbytes / rates.copy_bytes_per_s, flops / rates.matmul_flops_per_s)
+
+
+def decode_floor_tok_s(cost: ModelCost, rates: DeviceRates, batch: int, context: float) -> float:
+    return batch / decode_step_s(cost, rates, batch, context)
+
+
+def prefill_s(cost: ModelCost, rates: DeviceRates, num: int, input_len: int, cached: int = 0) -> float:
+    """Floor of prefilling ``num`` prompts of ``input_len`` tokens whose first ``cached`` are already cached."""
+    new = input_len - cached
+    attn = cost.attn_flops_per_ctx * (input_len**2 - cached**2) / 2  # causal: the sum of the contexts
+    flops = num * (2 * cost.matmul_params * new + attn)
+    return max(flops / rates.matmul_flops_per_s, cost.weight_bytes / rates.copy_bytes_per_s)
+
+
+def workload_floor_s(
+    cost: ModelCost,
+    rates: DeviceRates,
+    num: int,
+    input_len: int,
+    output_len: int,
+    max_batch: int,
+    cached: int = 0,
+) -> float:
+    """Least time for ``num`` requests of ``input_len`` in / ``output_len`` out, ``max_batch`` at once."""
+    total = prefill_s(cost, rates, num, input_len, cached)
+    rounds, last = divmod(num, max_batch)
+    context = input_len + output_len / 2
+    total += rounds * output_len * decode_step_s(cost, rates, max_batch, context)
+    if last:
+        total += output_len * decode_step_s(cost, rates, last, context)
+    return total
+
+
+def max_batch_for(num_slots: int, max_running: int, input_len: int, output_len: int) -> int:
+    """Requests that fit at once: the request limit, and whole sequences in the KV pool."""
+    return max(1, min(max_running, num_slots // (input_len + output_len)))
+
+
+def _cuda_time(fn, iters: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def _cpu_time(fn, iters: int) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters
+
+
+def measure_device(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> DeviceRates:
+    """Copy bandwidth (1 GiB device-to-device, or 256 MiB on CPU) and matmul rate (8192^3, or 2048^3 on CPU)."""
+    cuda = device.type == "cuda"
+    timer = _cuda_time if cuda else _cpu_time
+    nbytes = (1 << 30) if cuda else (1 << 28)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_s = timer(lambda: dst.copy_(src), 20 if cuda else 5)
+    n = 8192 if cuda else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm_s = timer(lambda: a @ b, 20 if cuda else 3)
+
+    return DeviceRates(copy_bytes_per_s=2 * nbytes / copy_s, matmul_flops_per_s=2 * n**3 / mm_s)
+
+
+def fraction(floor_s: float, measured_s: float) -> float:
+    """Share of the roofline achieved (1.0 = at the floor)."""
+    return floor_s / measured_s if measured_s > 0 else math.nan

@@ -1,0 +1,112 @@
+"""Fused Triton kernels for the small per-layer ops on CUDA: RMSNorm with the residual add, SiLU-and-mul, rotary.
+
+At small batch a decode step is a few large GEMVs plus ~20 tiny elementwise kernels per layer; each tiny kernel
+costs 1-3 µs of GPU time however little it does. These kernels do each op in one launch, with the same rounding as
+the torch path (each torch op rounds to the activation dtype; so does each step here), so outputs match it.
+
+Imported only on CUDA (through :func:`sgl_ray.layers.fused.kernels`): CPU installs have no Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rmsnorm_kernel(
+    X, R, W, Out, ROut, stride_x, stride_r, stride_o, stride_ro, n, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(R + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)).to(
+            x.dtype
+        )
+        tl.store(ROut + row * stride_ro + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / n + eps)
+    y = (xf * rstd).to(x.dtype)
+    w = tl.load(W + offs, mask=mask, other=0.0)
+    tl.store(Out + row * stride_o + offs, (w.to(tl.float32) * y.to(tl.float32)).to(x.dtype), mask=mask)
+
+
+def rmsnorm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``weight * norm(x)`` or, with ``residual``, ``(weight * norm(x + residual), x + residual)``; x: [T, n]."""
+    t, n = x.shape
+    out = torch.empty_like(x)
+    r_out = torch.empty_like(x) if residual is not None else out
+    r = residual if residual is not None else x
+    if t:
+        _rmsnorm_kernel[(t,)](
+            x, r, weight, out, r_out, x.stride(0), r.stride(0), out.stride(0), r_out.stride(0), n, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=8 if n >= 4096 else 4,
+        )  # fmt: skip
+    return out if residual is None else (out, r_out)
+
+
+@triton.jit
+def _silu_and_mul_kernel(X, Out, stride_x, stride_o, n, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    gate = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
+    up = tl.load(X + row * stride_x + n + offs, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    tl.store(Out + row * stride_o + offs, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``x = [gate | up]``: [T, 2n] -> [T, n]."""
+    t, n2 = x.shape
+    n = n2 // 2
+    out = torch.empty((t, n), dtype=x.dtype, device=x.device)
+    block = 1024
+    if t:
+        _silu_and_mul_kernel[(t, triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), n, BLOCK=block)
+    return out
+
+
+@triton.jit
+def _rotary_kernel(
+    X, Cos, Sin, Out, stride_xt, stride_xh, stride_ct, stride_ot, stride_oh, num_heads,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs = tl.arange(0, BLOCK_D)
+    mask = (heads < num_heads)[:, None] & (offs < HALF)[None, :]
+    x_row = X + t * stride_xt + heads[:, None] * stride_xh + offs[None, :]
+    x1 = tl.load(x_row, mask=mask, other=0.0)
+    x2 = tl.load(x_row + HALF, mask=mask, other=0.0)
+    c = tl.load(Cos + t * stride_ct + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
+    s = tl.load(Sin + t * stride_ct + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
+    dt = x1.dtype
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    # torch: x * cos + cat(-x2, x1) * sin, each product and the sum rounded to the activation dtype
+    o1 = ((x1f * c).to(dt).to(tl.float32) + (-x2f * s).to(dt).to(tl.float32)).to(dt)
+    o2 = ((x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)).to(dt)
+    o_row = Out + t * stride_ot + heads[:, None] * stride_oh + offs[None, :]
+    tl.store(o_row, o1, mask=mask)
+    tl.store(o_row + HALF, o2, mask=mask)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [T, heads, D] (any strides with a unit last stride) by ``cos``/``sin`` [T, 1, D] (already in
+    ``x``'s dtype; the two halves equal, NeoX layout); returns a contiguous [T, heads, D]."""
+    t, h, d = x.shape
+    out = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
+    block_h = min(16, triton.next_power_of_2(h))
+    if t:
+        _rotary_kernel[(t, triton.cdiv(h, block_h))](
+            x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), out.stride(0), out.stride(1), h,
+            HALF=d // 2, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2),
+        )  # fmt: skip
+    return out

@@ -1,0 +1,107 @@
+"""The roofline model (parameter and byte counts against a real model definition), the CUDA-graph batch ladder,
+and ``sgl-ray bench roofline`` end to end on a config-only model with random weights."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sgl_ray.bench.roofline import (
+    DeviceRates,
+    ModelCost,
+    decode_floor_tok_s,
+    decode_step_s,
+    max_batch_for,
+    workload_floor_s,
+)
+from sgl_ray.cli import main
+from sgl_ray.configs.model_config import ModelConfig
+from sgl_ray.runner.cuda_graph import batch_size_ladder
+
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    tie_word_embeddings=False,
+)
+H100ISH = DeviceRates(copy_bytes_per_s=3.0e12, matmul_flops_per_s=7.9e14)
+
+
+def test_model_cost_counts_every_matmul_weight_of_llama_8b():
+    config = LlamaConfig(**LLAMA_8B)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    cost = ModelCost.from_config(ModelConfig(config, torch.bfloat16))
+    assert cost.matmul_params == linear
+    assert cost.weight_bytes == 2 * linear
+    assert cost.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2  # K and V, 32 layers, 8 kv heads of 128, bf16
+    # Batch-1 decode is bound by reading the weights once per token: ~15 GB at 3 TB/s is about 5 ms.
+    floor = decode_floor_tok_s(cost, H100ISH, batch=1, context=1024)
+    assert 190 < floor < 200
+
+
+def test_decode_floor_turns_compute_bound_at_large_batch():
+    cost = ModelCost.from_config(ModelConfig(LlamaConfig(**LLAMA_8B), torch.bfloat16))
+    small, large = decode_step_s(cost, H100ISH, 1, 512), decode_step_s(cost, H100ISH, 1024, 512)
+    assert large > small  # more KV and more FLOPs per step
+    flops_bound = 1024 * (2 * cost.matmul_params + cost.attn_flops_per_ctx * 512) / H100ISH.matmul_flops_per_s
+    assert large == pytest.approx(max(flops_bound, large))
+    # A whole workload: more requests at once amortise the weight reads.
+    one = workload_floor_s(cost, H100ISH, 64, 128, 128, max_batch=1)
+    many = workload_floor_s(cost, H100ISH, 64, 128, 128, max_batch=64)
+    assert many < one / 10
+    assert max_batch_for(num_slots=10_000, max_running=256, input_len=900, output_len=100) == 10
+
+
+def test_batch_size_ladder():
+    assert batch_size_ladder(1) == [1]
+    assert batch_size_ladder(16) == [1, 2, 4, 8, 16]
+    assert batch_size_ladder(20) == [1, 2, 4, 8, 16, 20]
+    ladder = batch_size_ladder(160)
+    assert ladder[:6] == [1, 2, 4, 8, 16, 24] and ladder[-1] == 160
+    gaps = [b / a for a, b in itertools.pairwise(ladder[3:])]
+    assert max(gaps) <= 2.0 and ladder[-3:] == [128, 144, 160]
+
+
+def test_bench_roofline_cli_on_random_weights(tmp_path, capsys):
+    model_dir = tmp_path / "tiny"
+    LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=1024,
+    ).save_pretrained(model_dir)  # a config and no weights: load_format dummy
+    out = tmp_path / "roof.jsonl"
+    argv = ["bench", "roofline", "--model-path", str(model_dir), "--load-format", "dummy"]
+    argv += ["--skip-tokenizer-init", "--max-total-tokens", "4096", "--bs1-output-len", "8"]
+    argv += ["--offline", "6:32:8", "--shared-prefix", "4:64:8:4", "--hf-batch", "2:16:4"]
+    assert main([*argv, "--output-file", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    systems = [(r["workload"], r["system"]) for r in records]
+    assert systems == [
+        ("bs1 128/8", "sgl_ray"),
+        ("offline 6x32/8", "sgl_ray"),
+        ("shared-prefix 4x(64+8)/4", "sgl_ray"),
+        ("shared-prefix 4x(64+8)/4", "sgl_ray radix off"),
+        ("bs1 128/8", "transformers"),
+        ("batch 2x16/4", "transformers"),
+    ]
+    assert records[1]["output_tokens"] == 6 * 8
+    assert records[2]["cached_tokens"] >= 3 * 64  # every request after the first reuses the prefix
+    assert records[3]["cached_tokens"] is None or records[3]["cached_tokens"] == 0
+    assert all(r["kv_token_capacity"] == 4097 for r in records)
+    assert 0 < records[0]["fraction"] < 1.5
+    assert "| offline 6x32/8 | sgl_ray |" in capsys.readouterr().out
+    assert main([*argv[:-6], "--offline", "6:32", "--output-file", str(out)]) == 2
