@@ -39,6 +39,7 @@ from sgl_ray.bench.roofline import (
 )
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.entrypoints.engine import Engine
+from sgl_ray.runner.model_runner import gpu_idle_fraction
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,13 @@ def _greedy(out_len: int) -> dict:
     return {"temperature": 0.0, "max_new_tokens": out_len, "ignore_eos": True}
 
 
-def _bs1(engine: Engine, prompt: list[int], out_len: int) -> tuple[float, float]:
-    """Returns (decode tok/s after the first token, total seconds)."""
+def _bs1(engine: Engine, prompt: list[int], out_len: int) -> tuple[float, float, float | None]:
+    """Returns (decode tok/s after the first token, total seconds, GPU idle share between decode steps)."""
     engine.generate(input_ids=[prompt[:8]], sampling_params=_greedy(8))  # warm-up
+    runner = getattr(engine._core, "runner", None)
+    tracing = runner is not None and runner.device.type == "cuda"
+    if tracing:
+        runner.step_trace = []
     start = time.perf_counter()
     first = None
     n = 0
@@ -87,7 +92,13 @@ def _bs1(engine: Engine, prompt: list[int], out_len: int) -> tuple[float, float]
         n = len(chunk["output_ids"]) if "output_ids" in chunk else n + 1
     end = time.perf_counter()
     assert first is not None
-    return (out_len - 1) / (end - first), end - start
+    idle = None
+    if tracing:
+        torch.cuda.synchronize()
+        decode = [step for step in runner.step_trace if step[0] == 1][2:]  # past the prefill
+        idle = gpu_idle_fraction(decode)
+        runner.step_trace = None
+    return (out_len - 1) / (end - first), end - start, idle
 
 
 def _timed(engine: Engine, prompts: list[list[int]], out_len: int) -> tuple[float, int, int]:
@@ -134,6 +145,7 @@ def run_roofline(
         "max_running_requests": max_reqs,
         "weight_GB": cost.weight_bytes / 1e9,
         "cuda_graphs": bool(runner is not None and runner.cuda_graphs is not None),
+        "overlap": not args.disable_overlap_schedule and runner is not None,
     }
     del runner
     vocab = engine.model_config.vocab_size
@@ -149,7 +161,8 @@ def run_roofline(
     bs1_name = f"bs1 {cfg.bs1_input_len}/{cfg.bs1_output_len}"
     ctx = cfg.bs1_input_len + cfg.bs1_output_len / 2
     bs1_floor = decode_floor_tok_s(cost, rates, 1, ctx)
-    tok_s, wall = _bs1(engine, bs1_prompt, cfg.bs1_output_len)
+    tok_s, wall, idle = _bs1(engine, bs1_prompt, cfg.bs1_output_len)
+    facts["bs1_gpu_idle"] = idle
     add(Row(bs1_name, "sgl_ray", cfg.bs1_output_len, wall, tok_s, bs1_floor))
     for num, inp, out in cfg.offline:
         prompts = _prompts(rng, vocab, num, inp)
@@ -218,8 +231,10 @@ def format_roofline(rates: DeviceRates, facts: dict, rows: list[Row]) -> str:
     head = (
         f"device: copy {facts['copy_GBps']:.0f} GB/s, matmul {facts['matmul_TFLOPs']:.1f} TFLOP/s; "
         f"weights {facts['weight_GB']:.2f} GB; KV capacity {facts['kv_token_capacity']} tokens; "
-        f"CUDA graphs {'on' if facts['cuda_graphs'] else 'off'}"
+        f"CUDA graphs {'on' if facts['cuda_graphs'] else 'off'}, overlap {'on' if facts['overlap'] else 'off'}"
     )
+    if facts.get("bs1_gpu_idle") is not None:
+        head += f"; bs1 GPU idle between decode steps {100 * facts['bs1_gpu_idle']:.1f}%"
     lines = [
         head,
         "| workload | system | output tok/s | roofline tok/s | of roofline | wall s | cached tokens |",

@@ -59,6 +59,9 @@ class EngineArgs:
     cuda_graph_max_bs: int = field(
         default=160, metadata={"help": "largest decode batch captured in a CUDA graph"}
     )
+    disable_overlap_schedule: bool = field(
+        default=False, metadata={"help": "build each step only after the previous one finished"}
+    )
     load_format: str = field(
         default="auto", metadata={"help": "auto (the model's files) | dummy (random weights, for benchmarks)"}
     )

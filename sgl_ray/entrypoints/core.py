@@ -10,7 +10,7 @@ from typing import Any
 
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.configs.model_config import ModelConfig
-from sgl_ray.entrypoints.loop import EngineLoop
+from sgl_ray.entrypoints.loop import EngineLoop, OverlapExecutor, StepExecutor
 from sgl_ray.runner.model_runner import ModelRunner
 from sgl_ray.scheduler.output import RequestOutput
 from sgl_ray.scheduler.request import Req
@@ -44,7 +44,9 @@ class EngineCore(ABC):
     def shutdown(self) -> None: ...
 
 
-def scheduler_config(args: EngineArgs, num_slots: int, max_reqs: int, context_length: int) -> SchedulerConfig:
+def scheduler_config(
+    args: EngineArgs, num_slots: int, max_reqs: int, context_length: int, overlap: bool = False
+) -> SchedulerConfig:
     device = args.torch_device()
     return SchedulerConfig(
         num_slots=num_slots,
@@ -56,6 +58,7 @@ def scheduler_config(args: EngineArgs, num_slots: int, max_reqs: int, context_le
         chunked_prefill_size=args.effective_chunked_prefill_size(device),
         policy=args.schedule_policy,
         enable_prefix_cache=not args.disable_radix_cache,
+        overlap=overlap,
     )
 
 
@@ -81,10 +84,13 @@ class InProcessCore(EngineCore):
     def __init__(self, args: EngineArgs, model_config: ModelConfig, weights, tokenizer: Any) -> None:
         self.runner = ModelRunner(args, model_config, weights)
         info = self.runner.info
+        overlap = not args.disable_overlap_schedule
         self.scheduler = Scheduler(
-            scheduler_config(args, info.num_slots, info.max_reqs, info.context_length), tokenizer
+            scheduler_config(args, info.num_slots, info.max_reqs, info.context_length, overlap), tokenizer
         )
-        self.loop = EngineLoop(self.scheduler, self.runner.execute)
+        runner = self.runner
+        executor = OverlapExecutor(runner.launch, runner.collect) if overlap else StepExecutor(runner.execute)
+        self.loop = EngineLoop(self.scheduler, executor)
 
     def add(self, reqs: list[Req], sink: OutputSink) -> None:
         self.loop.add(reqs, sink)

@@ -50,9 +50,14 @@ _STOP = object()
 class StepExecutor:
     """Runs plans. ``submit`` may return before the step finishes; ``wait`` returns its output (raising
     :class:`~sgl_ray.errors.StepLostError` if the shards lost it). Up to ``depth`` steps may be in flight at
-    once (pipeline micro-batches); this base class runs each plan synchronously (depth 1)."""
+    once; this base class runs each plan synchronously (depth 1).
+
+    ``overlap``: the steps in flight run one after another on one device (overlap scheduling: the next plan is
+    built and launched while the previous step runs), so they may hold the same requests. Otherwise they are
+    pipeline micro-batches over disjoint requests."""
 
     depth = 1
+    overlap = False
 
     def __init__(self, execute: Callable[[StepPlan], StepOutput]) -> None:
         self._execute = execute
@@ -62,6 +67,23 @@ class StepExecutor:
 
     def wait(self, handle: Any) -> StepOutput:
         return handle
+
+
+class OverlapExecutor(StepExecutor):
+    """Two steps in flight on one device: ``launch`` enqueues a step's work and returns at once, ``collect`` waits
+    for its results (see ``ModelRunner.launch``)."""
+
+    depth = 2
+    overlap = True
+
+    def __init__(self, launch: Callable[[StepPlan], Any], collect: Callable[[Any], StepOutput]) -> None:
+        self._launch, self._collect = launch, collect
+
+    def submit(self, plan: StepPlan) -> Any:
+        return self._launch(plan)
+
+    def wait(self, handle: Any) -> StepOutput:
+        return self._collect(handle)
 
 
 class EngineLoop:
@@ -157,7 +179,7 @@ class EngineLoop:
                     pass
                 try:
                     if len(in_flight) < ex.depth:
-                        batch = sched.schedule(ex.depth)
+                        batch = sched.schedule(1 if ex.overlap else ex.depth)
                         if batch.worth_running:
                             in_flight.append((batch, ex.submit(batch.plan)))
                             self.max_in_flight = max(self.max_in_flight, len(in_flight))

@@ -17,6 +17,7 @@ sequence lengths from device memory and use a launch grid fixed at capture time.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import time
 
@@ -26,6 +27,7 @@ import torch
 from sgl_ray.attention.base import AttentionBackend
 from sgl_ray.mem_cache.kv_pool import KVPool
 from sgl_ray.runner.forward_batch import ForwardBatch
+from sgl_ray.scheduler.plan import FUTURE_TOKEN
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ def batch_size_ladder(max_bs: int) -> list[int]:
 class CudaGraphRunner:
     """Example (inside :class:`~sgl_ray.runner.model_runner.ModelRunner` on a CUDA device)::
 
-    >>> graphs = CudaGraphRunner(model, attn_backend, kv_pool, req_table.table, max_bs=64)  # doctest: +SKIP
+    >>> graphs = CudaGraphRunner(model, backend, kv_pool, req_table.table, last_tokens, 64, 8192)  # doctest: +SKIP
     >>> if graphs.can_run(batch_size): logits = graphs.replay(plan)  # doctest: +SKIP  # [bs, vocab] fp32
     """
 
@@ -54,6 +56,7 @@ class CudaGraphRunner:
         attn_backend: AttentionBackend,
         kv_pool: KVPool,
         req_to_token: torch.Tensor,
+        last_tokens: torch.Tensor,
         max_bs: int,
         context_length: int,
     ) -> None:
@@ -61,13 +64,17 @@ class CudaGraphRunner:
         self.attn_backend = attn_backend
         self.kv_pool = kv_pool
         self.req_to_token = req_to_token
+        self.last_tokens = last_tokens
         self.context_length = context_length
         self.batch_sizes = batch_size_ladder(max_bs)
         self.max_bs = self.batch_sizes[-1]
         device = req_to_token.device
         self.ints = torch.zeros((5, self.max_bs), dtype=torch.int64, device=device)
         self.ints[_SEQ].fill_(1)
-        self._host = torch.zeros((5, self.max_bs), dtype=torch.int64).pin_memory()
+        # Two host buffers in turn: with overlap scheduling a step is filled while the previous one's copy may
+        # still wait in the stream; each buffer's event marks its copy done.
+        self._hosts = [torch.zeros((5, self.max_bs), dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
         self._arange = torch.arange(self.max_bs, dtype=torch.int64, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
@@ -108,7 +115,9 @@ class CudaGraphRunner:
         return batch
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
-        return self.model.compute_logits(self.model(batch))
+        ids = batch.input_ids  # FUTURE_TOKEN entries: the slot's token sampled by the previous step
+        ids = torch.where(ids == FUTURE_TOKEN, self.last_tokens[batch.req_pool_idxs], ids)
+        return self.model.compute_logits(self.model(dataclasses.replace(batch, input_ids=ids)))
 
     @torch.inference_mode()
     def _capture(self, bs: int) -> None:
@@ -136,12 +145,16 @@ class CudaGraphRunner:
         positions: np.ndarray,
         out_cache_loc: np.ndarray,
         req_pool_idxs: np.ndarray,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run one decode step of ``bs`` requests (one new token each). Returns the logits ``[bs, vocab]`` and
-        the device views of the request slots and sequence lengths (valid until the next replay)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Enqueue one decode step of ``bs`` requests (one new token each). Returns the logits ``[bs, vocab]`` and
+        the device view of the sequence lengths (valid until the next replay)."""
         bs = len(input_ids)
         gbs = self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
-        host = self._host.numpy()
+        turn = self.num_replays % 2
+        if (copied := self._copied[turn]) is not None:
+            copied.synchronize()  # two steps back: long done unless the device is far behind
+        host_t = self._hosts[turn]
+        host = host_t.numpy()
         host[_INPUT, :bs] = input_ids
         host[_POS, :bs] = positions
         host[_LOC, :bs] = out_cache_loc
@@ -149,10 +162,11 @@ class CudaGraphRunner:
         host[_SEQ, :bs] = positions + 1
         host[:, bs:gbs] = 0
         host[_SEQ, bs:gbs] = 1
-        # The previous step's copy has finished: every step ends with a device-to-host read of its tokens.
-        self.ints[:, :gbs].copy_(self._host[:, :gbs], non_blocking=True)
+        self.ints[:, :gbs].copy_(host_t[:, :gbs], non_blocking=True)
+        self._copied[turn] = event = torch.cuda.Event()
+        event.record()
         ints = self.ints
         self.req_to_token[ints[_REQ, :bs], ints[_POS, :bs]] = ints[_LOC, :bs]
         self._graphs[gbs].replay()
         self.num_replays += 1
-        return self._logits[gbs][:bs], ints[_REQ, :bs], ints[_SEQ, :bs]
+        return self._logits[gbs][:bs], ints[_SEQ, :bs]

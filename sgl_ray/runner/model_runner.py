@@ -25,9 +25,22 @@ from sgl_ray.runner.forward_batch import ForwardBatch
 from sgl_ray.runner.memory import KVCapacity, plan_kv_capacity
 from sgl_ray.sampling.sampler import Sampler
 from sgl_ray.sampling.state import SamplingState
-from sgl_ray.scheduler.plan import StepOutput, StepPlan
+from sgl_ray.scheduler.plan import FUTURE_TOKEN, StepOutput, StepPlan
 
 logger = logging.getLogger(__name__)
+
+
+_NO_TOKENS = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class PendingStep:
+    """A launched step: its results are being copied into ``host`` tensors; ``event`` marks the copies done."""
+
+    step_id: int
+    host: dict[str, torch.Tensor]
+    event: torch.cuda.Event | None
+    t0: float
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,9 @@ class ModelRunner:
         self.attn_backend = create_attention_backend(args.attention_backend, self.device)
         self.sampler = Sampler()
         self.cuda_graphs: CudaGraphRunner | None = None
+        # Set to a list to record (batch size, start event, end event) of every CUDA step (see gpu_idle_fraction).
+        self.step_trace: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] | None = None
+        self._trace_start: torch.cuda.Event | None = None
         if allocate:
             self.init_memory(capacity)
 
@@ -87,6 +103,7 @@ class ModelRunner:
         )
         self.req_table = ReqToTokenTable(capacity.max_reqs, model_config.context_length, self.device)
         self.sampling_state = SamplingState(capacity.max_reqs, model_config.vocab_size, self.device)
+        self.last_tokens = torch.zeros(capacity.max_reqs, dtype=torch.int64, device=self.device)
         self.info = RunnerInfo(
             num_slots=capacity.num_slots,
             max_reqs=capacity.max_reqs,
@@ -106,6 +123,7 @@ class ModelRunner:
                 self.attn_backend,
                 self.kv_pool,
                 self.req_table.table,
+                self.last_tokens,
                 min(self.args.cuda_graph_max_bs, capacity.max_reqs),
                 model_config.context_length,
             )
@@ -144,13 +162,37 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan) -> StepOutput:
         """Run one step; ``compute_s`` of the answer is the time spent here."""
+        return self.collect(self.launch(plan))
+
+    def launch(self, plan: StepPlan) -> PendingStep:
+        """Enqueue a step's device work and return without waiting for it (overlap scheduling); :meth:`collect`
+        returns its output. Steps run in launch order, and a step may read the token its request slot's previous
+        step sampled (``plan.FUTURE_TOKEN`` inputs)."""
         t0 = time.perf_counter()
-        out = self._execute(plan)
-        out.compute_s = time.perf_counter() - t0
+        trace = self.step_trace is not None and self.device.type == "cuda"
+        self._trace_start = None
+        with torch.inference_mode():
+            results = self._launch(plan)
+        host = {name: t.to("cpu", non_blocking=True) for name, t in results.items()}
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=trace)
+            event.record()
+            if trace and self._trace_start is not None:
+                self.step_trace.append((plan.batch_size, self._trace_start, event))
+        return PendingStep(plan.step_id, host, event, t0)
+
+    def collect(self, pending: PendingStep) -> StepOutput:
+        if pending.event is not None:
+            pending.event.synchronize()
+        arrays = {name: t.numpy() for name, t in pending.host.items()}
+        out = StepOutput(
+            step_id=pending.step_id, next_token_ids=arrays.pop("next_token_ids", _NO_TOKENS), **arrays
+        )
+        out.compute_s = time.perf_counter() - pending.t0
         return out
 
-    @torch.inference_mode()
-    def _execute(self, plan: StepPlan) -> StepOutput:
+    def _launch(self, plan: StepPlan) -> dict[str, torch.Tensor]:
         state = self.sampling_state
         for idx in plan.freed_req_pool_idxs:
             state.clear_request(idx)
@@ -161,18 +203,21 @@ class ModelRunner:
         dev = self.device
         if len(plan.table_req):
             self.req_table.write(
-                _tensor(plan.table_req).to(dev),
-                _tensor(plan.table_pos).to(dev),
-                _tensor(plan.table_slot).to(dev),
+                self._h2d(plan.table_req),
+                self._h2d(plan.table_pos),
+                self._h2d(plan.table_slot),
             )
         if plan.batch_size == 0:
-            return StepOutput(step_id=plan.step_id, next_token_ids=np.zeros(0, dtype=np.int64))
+            return {}
+        if self.step_trace is not None and self.device.type == "cuda":  # the device's work starts here
+            self._trace_start = torch.cuda.Event(enable_timing=True)
+            self._trace_start.record()
         graphs = self.cuda_graphs
         if graphs is not None and graphs.can_run(plan.batch_size) and _is_plain_decode(plan):
-            logits, slots, seq_lens = graphs.replay(
+            logits, seq_lens = graphs.replay(
                 plan.input_ids, plan.prefix_lens, plan.out_cache_loc, plan.req_pool_idxs
             )
-            return self._sample(plan, slots, seq_lens, logits, logits[:0])
+            return self._sample(plan, seq_lens, logits, logits[:0])
         batch, sample_rows, logprob_rows = self._build_batch(plan)
         shard = self.shard
         intermediate = None
@@ -185,23 +230,22 @@ class ModelRunner:
         if not shard.is_last_stage:
             assert shard.pipe is not None
             shard.pipe.send(list(hidden))
-            return StepOutput(step_id=plan.step_id, next_token_ids=np.zeros(0, dtype=np.int64))
-        rows = _tensor(np.concatenate([sample_rows, logprob_rows])).to(dev)
+            return {}
+        rows = self._h2d(np.concatenate([sample_rows, logprob_rows]))
         logits = self.model.compute_logits(hidden[rows])  # [S + L, vocab]
-        return self._sample(
-            plan, batch.req_pool_idxs, batch.seq_lens, logits[: len(sample_rows)], logits[len(sample_rows) :]
-        )
+        return self._sample(plan, batch.seq_lens, logits[: len(sample_rows)], logits[len(sample_rows) :])
 
     def _build_batch(self, plan: StepPlan) -> tuple[ForwardBatch, np.ndarray, np.ndarray]:
-        dev = self.device
         ext, prefix = plan.extend_lens, plan.prefix_lens
         starts = np.concatenate(([0], np.cumsum(ext)[:-1])).astype(np.int64)
         positions = np.repeat(prefix - starts, ext) + np.arange(plan.num_tokens)  # [T]
-        req_idxs = _tensor(plan.req_pool_idxs).to(dev)
-        positions_t = _tensor(positions).to(dev)
-        out_cache_loc = _tensor(plan.out_cache_loc).to(dev)
+        req_idxs = self._h2d(plan.req_pool_idxs)
+        positions_t = self._h2d(positions)
+        out_cache_loc = self._h2d(plan.out_cache_loc)
         self.req_table.write(
-            torch.repeat_interleave(req_idxs, _tensor(ext).to(dev)), positions_t, out_cache_loc
+            torch.repeat_interleave(req_idxs, self._h2d(ext), output_size=plan.num_tokens),
+            positions_t,
+            out_cache_loc,
         )
         sample_rows = (starts + ext - 1)[plan.sample]
         want = plan.input_logprob_start >= 0
@@ -220,13 +264,13 @@ class ModelRunner:
             else np.zeros(0, dtype=np.int64)
         )
         batch = ForwardBatch(
-            input_ids=_tensor(plan.input_ids).to(dev),
+            input_ids=self._input_ids(plan, req_idxs, ext),
             positions=positions_t,
             out_cache_loc=out_cache_loc,
             req_pool_idxs=req_idxs,
-            seq_lens=_tensor(prefix + ext).to(dev),
-            extend_start_loc=_tensor(starts).to(dev),
-            logits_indices=_tensor(sample_rows).to(dev),
+            seq_lens=self._h2d(prefix + ext),
+            extend_start_loc=self._h2d(starts),
+            logits_indices=self._h2d(sample_rows),
             prefix_lens_cpu=prefix,
             extend_lens_cpu=ext,
             kv_pool=self.kv_pool,
@@ -236,46 +280,71 @@ class ModelRunner:
         self.attn_backend.init_forward_metadata(batch)
         return batch, sample_rows, logprob_rows.astype(np.int64)
 
+    def _h2d(self, array: np.ndarray) -> torch.Tensor:
+        """``array`` on the device. On CUDA through pinned memory: a copy from pageable memory would first wait
+        for the stream, i.e. for the step in flight, and overlap scheduling would be lost."""
+        t = _tensor(array)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _input_ids(self, plan: StepPlan, req_idxs: torch.Tensor, ext: np.ndarray) -> torch.Tensor:
+        """The plan's token ids, with ``FUTURE_TOKEN`` entries replaced by their slot's last sampled token."""
+        ids = self._h2d(plan.input_ids)
+        if (plan.input_ids == FUTURE_TOKEN).any():
+            per_token = torch.repeat_interleave(req_idxs, self._h2d(ext), output_size=plan.num_tokens)
+            ids = torch.where(ids == FUTURE_TOKEN, self.last_tokens[per_token], ids)
+        return ids
+
     def _sample(
-        self,
-        plan: StepPlan,
-        req_pool_idxs: torch.Tensor,
-        seq_lens: torch.Tensor,
-        logits: torch.Tensor,
-        input_logits: torch.Tensor,
-    ) -> StepOutput:
+        self, plan: StepPlan, seq_lens: torch.Tensor, logits: torch.Tensor, input_logits: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Sample the ``plan.sample`` rows and compute prompt logprobs; device tensors named as ``StepOutput``'s
+        fields. Host-side request slots keep the sampler free of device syncs."""
         dev = self.device
-        out = StepOutput(step_id=plan.step_id, next_token_ids=np.zeros(0, dtype=np.int64))
+        out: dict[str, torch.Tensor] = {}
         if len(logits):
-            sel = _tensor(np.nonzero(plan.sample)[0]).to(dev)
-            slots = req_pool_idxs[sel]
+            slots = _tensor(plan.req_pool_idxs[plan.sample])
+            if self.device.type == "cuda":
+                slots = slots.pin_memory()  # the sampler copies it: no stream sync
             top_n = plan.top_logprobs_num[plan.sample]
             k = int(top_n.max()) if len(top_n) else -1
             res = self.sampler.sample(
                 logits,
                 slots,
-                seq_lens[sel],
+                seq_lens if plan.sample.all() else seq_lens[self._h2d(np.nonzero(plan.sample)[0])],
                 self.sampling_state,
                 top_logprobs_num=max(k, 0),
                 return_logprobs=k >= 0,
             )
-            self.sampling_state.update(slots, res.next_token_ids)
-            out.next_token_ids = res.next_token_ids.cpu().numpy()
+            slots_dev = slots.to(dev, non_blocking=True)
+            self.sampling_state.update(slots_dev, res.next_token_ids)
+            self.last_tokens[slots_dev] = res.next_token_ids
+            out["next_token_ids"] = res.next_token_ids
             if k >= 0:
-                out.logprobs = res.logprobs.cpu().numpy()
+                out["logprobs"] = res.logprobs
                 if k > 0:
-                    out.top_ids = res.top_logprob_ids.cpu().numpy()
-                    out.top_vals = res.top_logprob_vals.cpu().numpy()
+                    out["top_ids"], out["top_vals"] = res.top_logprob_ids, res.top_logprob_vals
         if len(input_logits):
             logp = torch.log_softmax(input_logits, dim=-1)  # [L, vocab]
-            targets = _tensor(plan.input_logprob_targets).to(dev)
-            out.input_logprobs = logp.gather(1, targets[:, None]).squeeze(1).cpu().numpy()
+            targets = self._h2d(plan.input_logprob_targets)
+            out["input_logprobs"] = logp.gather(1, targets[:, None]).squeeze(1)
             want = plan.input_logprob_start >= 0
             k = int(plan.top_logprobs_num[want].max())
             if k > 0:
-                vals, ids = logp.topk(k, dim=-1)
-                out.input_top_ids, out.input_top_vals = ids.cpu().numpy(), vals.cpu().numpy()
+                out["input_top_vals"], out["input_top_ids"] = logp.topk(k, dim=-1)
         return out
+
+
+def gpu_idle_fraction(trace: list[tuple[int, torch.cuda.Event, torch.cuda.Event]]) -> float:
+    """Share of the time from the first step's start to the last step's end during which the device waited for
+    the next step (``ModelRunner.step_trace``, events synchronized)."""
+    if len(trace) < 2:
+        return 0.0
+    gaps = sum(
+        max(0.0, end.elapsed_time(nxt)) for (_, _, end), (_, nxt, _) in zip(trace, trace[1:], strict=False)
+    )
+    return gaps / trace[0][1].elapsed_time(trace[-1][2])
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import numpy as np
 
 from sgl_ray.scheduler.kv_manager import KVCacheManager
 from sgl_ray.scheduler.output import RequestOutput
-from sgl_ray.scheduler.plan import NewRequest, StepOutput, StepPlan
+from sgl_ray.scheduler.plan import FUTURE_TOKEN, NewRequest, StepOutput, StepPlan
 from sgl_ray.scheduler.request import Req
 
 Sampled = tuple[int, float | None, np.ndarray | None, np.ndarray | None]  # token, logprob, top ids, top vals
@@ -63,11 +63,15 @@ class ScheduledBatch:
         self.plan = StepPlan(step_id=step_id)
 
     def add(self, req: Req, extend_len: int, new: bool = False) -> None:
-        prefix = req.num_computed
-        req.in_flight = True
-        entry = BatchEntry(req, prefix, extend_len, prefix + extend_len == req.num_tokens, new)
-        if extend_len > 1 or not req.output_ids:
+        """Schedule ``extend_len`` more tokens of ``req``, after those already computed or in flight."""
+        prefix = req.num_computed + req.inflight_tokens
+        sample = prefix + extend_len == req.num_tokens + req.inflight_samples
+        entry = BatchEntry(req, prefix, extend_len, sample, new)
+        if extend_len > 1 or not (req.output_ids or req.inflight_samples):
             self.num_prefill_tokens += extend_len
+        req.in_flight = True
+        req.inflight_tokens += extend_len
+        req.inflight_samples += sample
         if req.wants_input_logprobs:
             lo = max(req.logprob_start_len, req.input_logprob_next, prefix + 1)
             hi = min(prefix + extend_len, len(req.prompt_ids) - 1)
@@ -122,7 +126,10 @@ class ScheduledBatch:
         s = 0
         lp = 0
         for e in self.entries:
-            e.req.in_flight = False
+            r = e.req
+            r.inflight_tokens -= e.extend_len
+            r.inflight_samples -= e.sample
+            r.in_flight = r.inflight_tokens > 0
             if e.input_lp_count and result.input_logprobs is not None:
                 e.input_logprobs = result.input_logprobs[lp : lp + e.input_lp_count].tolist()
                 if result.input_top_ids is not None and result.input_top_vals is not None:
@@ -147,7 +154,10 @@ def _input_ids(entries: list[BatchEntry]) -> Iterator[int]:
         if e.extend_len == 1:
             pos = e.prefix_len
             n_prompt = len(r.prompt_ids)
-            yield r.prompt_ids[pos] if pos < n_prompt else r.output_ids[pos - n_prompt]
+            if pos >= r.num_tokens:  # sampled by a step still in flight: the runner substitutes it
+                yield FUTURE_TOKEN
+            else:
+                yield r.prompt_ids[pos] if pos < n_prompt else r.output_ids[pos - n_prompt]
         else:
             yield from r.fill_ids[e.prefix_len : e.prefix_len + e.extend_len]
 

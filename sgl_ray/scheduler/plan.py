@@ -13,6 +13,10 @@ import numpy as np
 from sgl_ray.sampling.params import SamplingParams
 
 _I64 = np.int64
+FUTURE_TOKEN = -1
+"""An ``input_ids`` entry of a decode row whose token the previous step of the same request slot samples (overlap
+scheduling: the plan is built before that step's results are back). The runner reads it from its last sampled
+token of the slot."""
 
 
 def _empty(dtype: type = _I64) -> np.ndarray:

@@ -122,6 +122,8 @@ class Req:
     input_logprob_next: int = 1  # next prompt position whose logprob is still to be collected
     prefix_len_hint: int = 0  # last match length seen by the policy
     in_flight: bool = False  # part of a scheduled batch whose results are not processed yet
+    inflight_tokens: int = 0  # tokens being computed by batches in flight
+    inflight_samples: int = 0  # tokens those batches will sample (not yet in output_ids)
 
     def prompt_block_hashes(self, block: int) -> list[int]:
         """Chained hashes of the prompt's ``block``-token blocks (see ``mem_cache.prefix_hash``), computed once."""
@@ -143,7 +145,17 @@ class Req:
 
     @property
     def is_decoding(self) -> bool:
-        return self.num_computed == self.num_tokens - 1 and len(self.output_ids) > 0
+        """Every token but the last has KV once the batches in flight finish (then one decode step follows)."""
+        return (
+            self.num_computed + self.inflight_tokens == self.num_tokens + self.inflight_samples - 1
+            and len(self.output_ids) + self.inflight_samples > 0
+        )
+
+    @property
+    def can_run_ahead(self) -> bool:
+        """Whether a decode step may be scheduled while this request's sampling step is still in flight (overlap
+        scheduling): its input token is then the one that step samples. Not when that token is surely the last."""
+        return self.inflight_samples == 1 and self.sampling.max_new_tokens - len(self.output_ids) > 1
 
     @property
     def remaining_new_tokens(self) -> int:

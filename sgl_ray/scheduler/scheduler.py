@@ -16,6 +16,12 @@ Each step (``schedule`` → runner ``execute`` → ``process``):
    after one.
 
 The plan lists decode requests first, then prefill chunks; a batch may mix both.
+
+Overlap scheduling (``SchedulerConfig.overlap``): the engine builds step N+1 while step N runs on the device. A
+request whose step N samples a token gets its next decode step in N+1 with a placeholder input token
+(``plan.FUTURE_TOKEN``) that the runner fills from step N's result. If step N's token ends the request (EOS, a stop
+string), the result of its extra step is dropped and its slot returned; a device runs steps in order, so the freed
+KV slot is not reused before that step has written it.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class SchedulerConfig:
     chunked_prefill_size: int | None = 1024
     policy: str = "fcfs"
     enable_prefix_cache: bool = True
+    overlap: bool = False  # schedule decode steps of requests whose previous step is still in flight
     init_new_token_ratio: float = 0.7
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
@@ -142,7 +149,7 @@ class Scheduler:
         self.kv = KVCacheManager(c.num_slots, c.page_size, c.max_reqs, c.enable_prefix_cache)
         resumed = sorted(self.running, key=lambda r: r.admit_seq)
         for r in resumed + self.waiting:
-            r.in_flight = False
+            r.in_flight, r.inflight_tokens, r.inflight_samples = False, 0, 0
             r.kv_slots.clear()
             r.req_pool_idx, r.cache_node, r.tree_len, r.num_computed = -1, None, 0, 0
             r.status = ReqStatus.WAITING
@@ -170,7 +177,10 @@ class Scheduler:
         return batch.finalize(self.kv)
 
     def _schedule_decodes(self, batch: ScheduledBatch) -> bool:
-        decoding = [r for r in self.running if r.is_decoding and not r.in_flight]
+        ahead = self.config.overlap
+        decoding = [
+            r for r in self.running if r.is_decoding and (not r.in_flight or (ahead and r.can_run_ahead))
+        ]
         if self._decode_share > 1:
             decoding = decoding[: -(-len(self.running) // self._decode_share)]
         retracted = False

@@ -114,6 +114,28 @@ def test_cuda_graphs_match_eager(llama_dir):
             assert lp_g == pytest.approx(lp_e, abs=1e-3)
 
 
+def test_overlap_schedule_matches_synchronous(llama_dir):
+    """Steps launched before the previous one's tokens are back (placeholders resolved on the device, CUDA
+    graphs on) give the synchronous schedule's tokens, also for requests that a sampled stop token ends early."""
+    import sgl_ray
+
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, 32000, (int(n),), generator=g).tolist() for n in torch.randint(3, 300, (6,))]
+    kwargs = dict(dtype="float32", skip_tokenizer_init=True, max_total_tokens=16384, cuda_graph_max_bs=8)
+    greedy = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
+    with sgl_ray.Engine(llama_dir, disable_overlap_schedule=True, **kwargs) as eng:
+        free = eng.generate(input_ids=prompts, sampling_params=greedy)
+    params = [{**greedy, "stop_token_ids": [o["output_ids"][3 + i]]} for i, o in enumerate(free)]
+    outs = {}
+    for disable in (True, False):
+        with sgl_ray.Engine(llama_dir, disable_overlap_schedule=disable, **kwargs) as eng:
+            outs[disable] = eng.generate(input_ids=prompts, sampling_params=params)
+    for sync, overlapped in zip(outs[True], outs[False], strict=True):
+        assert overlapped["output_ids"] == sync["output_ids"]
+        assert overlapped["meta_info"]["finish_reason"] == sync["meta_info"]["finish_reason"]
+    assert any(o["meta_info"]["finish_reason"]["type"] == "stop" for o in outs[False])
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_tensor_parallel_nccl_matches_one_gpu(llama_dir):
     import ray
