@@ -100,3 +100,11 @@ def test_http_error_bodies_become_typed_errors():
     assert isinstance(error_from_body(404, {"error": {"message": "no model"}}), ModelNotFoundError)
     e = error_from_body(401, {"error": {"message": "key", "type": "invalid_request_error"}})
     assert isinstance(e, RemoteError) and e.status_code == 401 and "key" in str(e)
+
+
+def test_the_language_does_not_import_ray():
+    import subprocess
+    import sys
+
+    code = "import sys, sgl_ray.lang; sys.exit(1 if 'ray' in sys.modules or 'openai' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
