@@ -25,9 +25,13 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def make_backend(args: argparse.Namespace) -> sgl.Backend:
     if args.backend == "engine":
+        import atexit
+
         import sgl_ray
 
-        return sgl.EngineBackend(sgl_ray.Engine(args.model_path))
+        engine = sgl_ray.Engine(args.model_path)
+        atexit.register(engine.shutdown)  # stop the engine thread before the interpreter goes
+        return sgl.EngineBackend(engine)
     if args.backend == "openai":
         return sgl.OpenAI(args.model, base_url=args.url, api_key=args.api_key)
     return sgl.RuntimeEndpoint(args.url, api_key=args.api_key)

@@ -184,8 +184,8 @@ def select(
 
 
 def _role(role: str, content: Any = None) -> Expr:
-    if content is None:  # ``s += user()`` alone is a begin marker; use it with *_end() or ``with s.user():``
-        return RoleBegin(role)
+    if content is None:  # an empty turn; open a turn with *_begin()/*_end() or ``with s.user():``
+        return Concat((RoleBegin(role), RoleEnd(role)))
     return Concat((RoleBegin(role), *_parts(as_expr(content)), RoleEnd(role)))
 
 

@@ -258,6 +258,7 @@ class ProgramState:
             var, delta = item
             if var_name is None or var == var_name:
                 yield delta
+        self._stream.put(_END)  # a second text_iter() ends at once instead of waiting forever
         if self._error is not None:
             raise self._error
 
