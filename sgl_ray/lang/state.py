@@ -146,8 +146,14 @@ class ProgramState:
         if self._role is not None:
             raise InvalidRequestError(f"cannot start a {role} turn inside the open {self._role} turn")
         fmt = self.role_format()
-        if not self._roles_seen and role != "system" and not self._text:
-            self._append(fmt.default_system)  # what the chat template adds when there is no system turn
+        if (
+            role == "system"
+            and fmt.name == "chat_template"
+            and not (fmt.prefix["system"] or fmt.suffix["system"])
+        ):
+            raise InvalidRequestError("this model's chat template has no system role", param="system")
+        if not self._roles_seen and not self._text:  # the conversation starts: BOS, default system turn
+            self._append(fmt.begin + (fmt.default_system if role != "system" else ""))
         self._roles_seen = True
         self._append(fmt.prefix.get(role, ""))
         self._role, self._role_start = role, len(self._text)
@@ -285,12 +291,15 @@ class ProgramState:
         """End of the program: record its error, stop the worker threads, end the stream."""
         if error is not None and self._error is None:
             self._error = error
-        for child in self._children:
-            child._worker.close()
-        self._worker.close()
+        self._close_workers()
         self._program_done.set()
         if self._stream is not None:
             self._stream.put(_END)
+
+    def _close_workers(self) -> None:
+        for child in self._children:  # forks of forks too
+            child._close_workers()
+        self._worker.close()
 
     def __repr__(self) -> str:
         return f"ProgramState(text={self._text[-60:]!r}, variables={sorted(self._vars)})"

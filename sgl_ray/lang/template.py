@@ -6,7 +6,7 @@ rendering short conversations with sentinel contents, so a program renders a con
 ``/v1/chat/completions`` would (the template's default system prompt included, when the program gives none).
 
 Invariant (checked in tests): for messages ``[system?, user, assistant, ...]``, the program's text
-``default_system (if no system) + Σ prefix[role] + content + suffix[role]`` followed by
+``begin + default_system (if no system) + Σ prefix[role] + content + suffix[role]`` followed by
 ``prefix["assistant"]`` equals ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``,
 less a leading BOS the tokenizer adds by itself.
 """
@@ -24,8 +24,9 @@ _SENTINELS = {"system": "\x00SYS\x00", "user": "\x00USR\x00", "assistant": "\x00
 class RoleFormat:
     """How each role's turn is written: ``prefix[role] + content + suffix[role]``.
 
-    ``default_system`` is the whole system turn the template inserts when a conversation has none ("" if it
-    inserts nothing). Example::
+    ``begin`` is what the template writes once before the first turn (a BOS token the tokenizer does not add by
+    itself); ``default_system`` the whole system turn it inserts when a conversation has none ("" if none).
+    Example::
 
         >>> f = RoleFormat.plain()
         >>> f.prefix["user"] + "Hi" + f.suffix["user"]
@@ -35,6 +36,7 @@ class RoleFormat:
     prefix: dict[str, str] = field(default_factory=dict)
     suffix: dict[str, str] = field(default_factory=dict)
     default_system: str = ""
+    begin: str = ""
     name: str = "custom"
 
     @classmethod
@@ -55,6 +57,7 @@ class RoleFormat:
             prefix=dict(d["prefix"]),
             suffix=dict(d["suffix"]),
             default_system=str(d.get("default_system", "")),
+            begin=str(d.get("begin", "")),
             name=str(d.get("name", "custom")),
         )
 
@@ -105,13 +108,17 @@ def role_format_from_tokenizer(tokenizer: Any) -> RoleFormat:
         suffix["system"] = rest.split(u, 1)[0][: -len(prefix["user"]) or None]
     except Exception:  # the template has no system role
         prefix["system"], suffix["system"] = "", ""
-    bos = getattr(tokenizer, "bos_token", None)
-    if bos and _adds_bos(tokenizer):  # the tokenizer adds BOS itself: the text must not carry a second one
-        if default_system.startswith(bos):
-            default_system = default_system[len(bos) :]
-        if prefix["system"].startswith(bos):
-            prefix["system"] = prefix["system"][len(bos) :]
-    return RoleFormat(prefix, suffix, default_system, name="chat_template")
+    # A BOS the template writes before the first turn (and that is not itself the start of every turn, as
+    # ChatML's <|im_start|> is) belongs to the conversation, not to the system turn.
+    bos = getattr(tokenizer, "bos_token", None) or ""
+    begin = ""
+    if bos and first_user.startswith(bos) and not prefix["user"].startswith(bos):
+        begin = bos
+        default_system = _strip_start(default_system, bos) if default_system else ""
+        prefix["system"] = _strip_start(prefix["system"], bos)
+    if begin and _adds_bos(tokenizer):  # the tokenizer adds BOS itself: the text must not carry a second one
+        begin = ""
+    return RoleFormat(prefix, suffix, default_system, begin, name="chat_template")
 
 
 def _strip_start(text: str, head: str) -> str:

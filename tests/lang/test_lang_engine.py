@@ -37,6 +37,7 @@ def test_program_on_the_engine_matches_transformers(engine_backend, hf_reference
     normalized = scorer.normalized(context, ["Yes, it is.", "No."])
     assert state["verdict"] == ["Yes, it is.", "No."][normalized.index(max(normalized))]
     assert [m["role"] for m in state.messages()] == ["user", "assistant", "user", "assistant"]
+    assert text == tok.apply_chat_template(state.messages(), tokenize=False)  # rendered as the template does
 
 
 def test_fork_stream_and_batch_on_the_engine(engine_backend):

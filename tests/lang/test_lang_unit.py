@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 import sgl_ray
@@ -33,25 +35,47 @@ def test_unconditional_likelihood_normalized_discounts_common_choices():
         sgl.unconditional_likelihood_normalized.decide(cond)
 
 
-def test_role_format_renders_like_the_chat_template(smollm2_path):
-    tok = load_tokenizer(resolve_model(smollm2_path))
+# A Llama-3-style template (BOS first, headers per turn) and one that refuses system turns, written for the test.
+LLAMA3_STYLE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+NO_SYSTEM = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+    "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "3+3?"},
+    ],
+]
+
+
+@pytest.mark.parametrize(
+    "template", [None, LLAMA3_STYLE, NO_SYSTEM], ids=["smollm2", "llama3-style", "no-system"]
+)
+def test_role_format_renders_like_the_chat_template(smollm2_path, template):
+    tok = copy.deepcopy(load_tokenizer(resolve_model(smollm2_path)))
+    if template is not None:
+        tok.chat_template = template
     fmt = sgl.role_format_from_tokenizer(tok)
-    convs = [
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
-        [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4"},
-            {"role": "user", "content": "3+3?"},
-        ],
-    ]
-    for msgs in convs:
-        text = "" if msgs[0]["role"] == "system" else fmt.default_system
+    for msgs in CONVERSATIONS:
+        if template == NO_SYSTEM and msgs[0]["role"] == "system":
+            assert fmt.prefix["system"] == fmt.suffix["system"] == ""
+            continue
+        text = fmt.begin + ("" if msgs[0]["role"] == "system" else fmt.default_system)
         for m in msgs:
             text += fmt.prefix[m["role"]] + m["content"] + fmt.suffix[m["role"]]
         gen_prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         assert text + fmt.prefix["assistant"] == gen_prompt
     assert sgl.RoleFormat.from_dict(fmt.to_dict()) == fmt
+    if template == LLAMA3_STYLE:
+        assert fmt.begin == tok.bos_token and not fmt.prefix["system"].startswith(tok.bos_token)
 
 
 def test_expressions_compose_and_validate():
