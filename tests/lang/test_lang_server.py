@@ -176,8 +176,9 @@ def test_model_info_and_tokenize_routes(endpoint, smollm2_path):
     assert endpoint.role_format() == sgl.role_format_from_tokenizer(tok)
     texts = ["Hello world", "<|im_start|>user\nHi"]
     assert endpoint.tokenize(texts) == [tok.encode(t) for t in texts]
-    with pytest.raises(InvalidRequestError):
-        endpoint.client.post("/tokenize", {"text": []})
+    for bad in ({"text": []}, {"text": 5}, {}):
+        with pytest.raises(InvalidRequestError):
+            endpoint.client.post("/tokenize", bad)
 
 
 def test_openai_backend_on_the_same_server(serve_url, endpoint):
@@ -186,6 +187,8 @@ def test_openai_backend_on_the_same_server(serve_url, endpoint):
     via_native = answer.run("Name a fruit.", backend=endpoint, temperature=0)
     # The chat template renders the same prompt, so greedy answers agree.
     assert (via_chat["a"], via_chat["b"]) == (via_native["a"], via_native["b"])
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        answer.run("Name a fruit.", backend=chat, temperature=-1.0)
     streamed = answer.run("Name a fruit.", backend=chat, temperature=0, stream=True)
     assert "".join(streamed.text_iter("a")) == via_native["a"]
 

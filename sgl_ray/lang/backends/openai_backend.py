@@ -87,15 +87,12 @@ class OpenAI(Backend):
         return kw
 
     def _call(self, fn, **kw):
+        """Call the client; its HTTP errors become typed :mod:`sgl_ray.errors` exceptions."""
         try:
             return fn(**kw)
         except self._openai.APIStatusError as e:
-            raise error_from_body(
-                e.status_code,
-                e.body
-                if isinstance(e.body, dict) and "error" in e.body
-                else {"error": e.body if isinstance(e.body, dict) else {"message": str(e)}},
-            ) from None
+            body = e.body if isinstance(e.body, dict) else {"message": str(e)}  # the client unwraps "error"
+            raise error_from_body(e.status_code, body if "error" in body else {"error": body}) from None
 
     def generate(self, prompt: Prompt, params: GenParams, on_delta: DeltaSink | None = None) -> GenResult:
         kw = self._kwargs(params)
