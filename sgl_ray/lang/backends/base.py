@@ -42,6 +42,7 @@ class Backend(ABC):
     - ``choice_logprobs(context, choices)`` — for each choice, the logprobs of the tokens ``context + choice``
       adds after ``context`` (each list non-empty, ``context`` may be "").
     - ``cache_prefix(text)`` — warm the server's prefix cache with ``text`` (forks call it); may do nothing.
+    - ``flush_cache()`` — drop the prefix cache (benchmarks); False where not possible.
     """
 
     @abstractmethod
@@ -55,6 +56,10 @@ class Backend(ABC):
 
     def cache_prefix(self, text: str) -> None:  # noqa: B027 - optional hook
         """Warm the prefix cache with ``text`` (nothing by default)."""
+
+    def flush_cache(self) -> bool:
+        """Drop the server's prefix cache; False where the backend cannot (or requests are running)."""
+        return False
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

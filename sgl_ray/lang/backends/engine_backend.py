@@ -61,3 +61,6 @@ class EngineBackend(TokenScoringBackend):
     def cache_prefix(self, text: str) -> None:
         if text:
             self.engine.generate(text, {"max_new_tokens": 0})
+
+    def flush_cache(self) -> bool:
+        return self.engine.flush_cache()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from sgl_ray.errors import RemoteError
 from sgl_ray.lang.backends.base import DeltaSink, GenResult, Prompt, TokenScoringBackend
 from sgl_ray.lang.backends.http import JSONClient
 from sgl_ray.lang.ir import GenParams
@@ -71,3 +72,11 @@ class RuntimeEndpoint(TokenScoringBackend):
     def cache_prefix(self, text: str) -> None:
         if text:
             self.client.post("/generate", {"text": text, "sampling_params": {"max_new_tokens": 0}})
+
+    def flush_cache(self) -> bool:
+        try:
+            return bool(self.client.post("/flush_cache", {}).get("success"))
+        except RemoteError as e:
+            if e.status_code == 409:  # requests are running
+                return False
+            raise
