@@ -23,6 +23,7 @@ from sgl_ray.configs.model_config import ModelConfig
 from sgl_ray.deployments.metrics import Metrics
 from sgl_ray.entrypoints.requests import ResultBuilder
 from sgl_ray.errors import InvalidRequestError, ModelNotFoundError, SglRayError
+from sgl_ray.lang.template import role_format_from_tokenizer
 from sgl_ray.model_loader import load_hf_config, load_tokenizer, resolve_model
 from sgl_ray.sampling.params import SamplingParams
 from sgl_ray.scheduler.output import RequestOutput
@@ -50,7 +51,7 @@ def _unwrap(e: BaseException) -> BaseException:
 
 class OpenAIIngress:
     """Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``POST /generate``,
-    ``GET /health``, ``GET /metrics``, ``POST /flush_cache``.
+    ``GET /health``, ``GET /metrics``, ``POST /flush_cache``, ``GET /get_model_info``, ``POST /tokenize``.
 
     Example (what ``build_openai_app`` does)::
 
@@ -69,6 +70,7 @@ class OpenAIIngress:
         mc = ModelConfig(load_hf_config(source), torch.float32, config.get("context_length"))
         self.context_length, self.vocab_size = mc.context_length, mc.vocab_size
         self.created = P.now()
+        self.role_format = role_format_from_tokenizer(self.tokenizer).to_dict()
         self.metrics = Metrics()
         self.routes: dict[tuple[str, str], Handler] = {
             ("POST", "/v1/chat/completions"): self.chat,
@@ -78,6 +80,8 @@ class OpenAIIngress:
             ("GET", "/health"): self.health,
             ("GET", "/metrics"): self.prometheus,
             ("POST", "/flush_cache"): self.flush_cache,
+            ("GET", "/get_model_info"): self.model_info,
+            ("POST", "/tokenize"): self.tokenize,
         }
 
     async def __call__(self, request: Request) -> Response:
@@ -299,6 +303,26 @@ class OpenAIIngress:
 
     async def models(self, request: Request) -> Response:
         return _json(P.encode(P.ModelList(data=[P.ModelCard(id=self.model_id, created=self.created)])))
+
+    async def model_info(self, request: Request) -> Response:
+        """SGLang-native: the served model, its context length and its chat template's role strings (what
+        ``sgl_ray.lang.RuntimeEndpoint`` renders roles with)."""
+        info = {
+            "model_path": self.model_path,
+            "served_model_name": self.model_id,
+            "is_generation": True,
+            "context_length": self.context_length,
+            "role_format": self.role_format,
+        }
+        return _json(msgspec.json.encode(info))
+
+    async def tokenize(self, request: Request) -> Response:
+        """``{"text": str | [str]}`` → ``{"tokens": ids | [ids]}`` with the server's tokenizer (no special tokens
+        added beyond what ``/generate`` adds to a text prompt)."""
+        req = P.decode_request("tokenize", await self._body(request))
+        texts = [req.text] if isinstance(req.text, str) else req.text
+        tokens = [self.tokenizer.encode(t) for t in texts]
+        return _json(msgspec.json.encode({"tokens": tokens[0] if isinstance(req.text, str) else tokens}))
 
     async def health(self, request: Request) -> Response:
         return Response(status_code=200)

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Engine", "EngineArgs", "SamplingParams", "__version__"]
+__all__ = ["Engine", "EngineArgs", "SamplingParams", "__version__", "function"]
 
 if TYPE_CHECKING:
     from sgl_ray.configs.engine_args import EngineArgs
     from sgl_ray.entrypoints.engine import Engine
+    from sgl_ray.lang import function
     from sgl_ray.sampling.params import SamplingParams
 
 
@@ -34,4 +35,8 @@ def __getattr__(name: str) -> Any:  # lazy, so `import sgl_ray` stays cheap
         from sgl_ray.sampling.params import SamplingParams
 
         return SamplingParams
+    if name == "function":  # @sgl_ray.function; the rest of the language is sgl_ray.lang
+        from sgl_ray.lang import function
+
+        return function
     raise AttributeError(name)

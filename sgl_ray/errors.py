@@ -75,3 +75,20 @@ class StepLostError(SglRayError, RuntimeError):
 
     status_code = 503
     error_type = "step_lost"
+
+
+class UnsupportedFeatureError(SglRayError, NotImplementedError):
+    """The request asks for something this build or backend does not do (yet): image inputs, prompt scoring
+    on a chat-only API."""
+
+    status_code = 501
+    error_type = "not_implemented"
+
+
+class RemoteError(SglRayError, RuntimeError):
+    """A server answered with an error that maps to no more specific class; ``status_code`` and ``error_type``
+    are the server's."""
+
+    def __init__(self, message: str, *, status_code: int, error_type: str, **kw) -> None:
+        super().__init__(message, **kw)
+        self.status_code, self.error_type = status_code, error_type

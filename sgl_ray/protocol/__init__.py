@@ -34,6 +34,7 @@ from sgl_ray.protocol.requests import (
     ContentPart,
     GenerateRequest,
     StreamOptions,
+    TokenizeRequest,
 )
 from sgl_ray.protocol.responses import (
     SSE_DONE,
@@ -106,6 +107,7 @@ __all__ = [
     "CompletionStreamAssembler",
     "ContentPart",
     "GenerateRequest",
+    "TokenizeRequest",
     "GenerateResponse",
     "LogprobOptions",
     "ModelCard",

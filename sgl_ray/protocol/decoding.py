@@ -13,14 +13,21 @@ from typing import Literal, overload
 import msgspec
 
 from sgl_ray.errors import InvalidRequestError
-from sgl_ray.protocol.requests import AnyRequest, ChatCompletionRequest, CompletionRequest, GenerateRequest
+from sgl_ray.protocol.requests import (
+    AnyRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    TokenizeRequest,
+)
 
-RequestKind = Literal["chat", "completion", "generate"]
+RequestKind = Literal["chat", "completion", "generate", "tokenize"]
 
 REQUEST_TYPES: dict[str, type[AnyRequest]] = {
     "chat": ChatCompletionRequest,
     "completion": CompletionRequest,
     "generate": GenerateRequest,
+    "tokenize": TokenizeRequest,
 }
 # Decoders are stateless and thread-safe; building one compiles the type once.
 _DECODERS = {kind: msgspec.json.Decoder(t) for kind, t in REQUEST_TYPES.items()}
@@ -37,8 +44,10 @@ def decode_request(kind: Literal["chat"], body: bytes) -> ChatCompletionRequest:
 def decode_request(kind: Literal["completion"], body: bytes) -> CompletionRequest: ...
 @overload
 def decode_request(kind: Literal["generate"], body: bytes) -> GenerateRequest: ...
+@overload
+def decode_request(kind: Literal["tokenize"], body: bytes) -> TokenizeRequest: ...
 def decode_request(kind: RequestKind, body: bytes) -> AnyRequest:
-    """Decode and check one request body of ``kind`` (``"chat"``, ``"completion"`` or ``"generate"``).
+    """Decode and check one request body of ``kind`` (``"chat"``, ``"completion"``, ``"generate"`` or ``"tokenize"``).
 
     Example::
 

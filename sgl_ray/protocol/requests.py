@@ -257,4 +257,14 @@ class GenerateRequest(_Body, kw_only=True):
         }
 
 
-AnyRequest = ChatCompletionRequest | CompletionRequest | GenerateRequest
+class TokenizeRequest(_Body, kw_only=True):
+    """``POST /tokenize``: ``{"text": str | [str]}``, tokenized as ``/generate`` tokenizes a text prompt."""
+
+    text: str | list[str]
+
+    def check(self) -> None:
+        if isinstance(self.text, list) and not self.text:
+            raise InvalidRequestError("Invalid 'text': empty array.", param="text")
+
+
+AnyRequest = ChatCompletionRequest | CompletionRequest | GenerateRequest | TokenizeRequest

@@ -1,0 +1,103 @@
+"""The seam between program states and what runs the model.
+
+A :class:`Backend` generates text for a prompt and scores the choices of a ``select``. Three implement it:
+:class:`~sgl_ray.lang.RuntimeEndpoint` (our native ``/generate`` over HTTP), :class:`~sgl_ray.lang.OpenAI`
+(any OpenAI-compatible server) and :class:`~sgl_ray.lang.EngineBackend` (an in-process ``sgl_ray.Engine``).
+Backends that can tokenize and return prompt logprobs share :class:`TokenScoringBackend`'s exact scoring.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from sgl_ray.lang.ir import GenParams
+from sgl_ray.lang.template import RoleFormat
+
+DeltaSink = Callable[[str], None]
+
+
+class Prompt(NamedTuple):
+    """What a backend sees of a program state: its text, the finished chat turns, and the open turn (if any)."""
+
+    text: str
+    messages: list[dict[str, str]]
+    open_role: str | None = None
+    open_content: str = ""
+
+
+class GenResult(NamedTuple):
+    text: str
+    meta_info: dict[str, Any]  # prompt_tokens, completion_tokens, cached_tokens, finish_reason where known
+
+
+class Backend(ABC):
+    """Contract:
+
+    - ``role_format()`` — how this model writes roles (its chat template), fetched once and cached.
+    - ``generate(prompt, params, on_delta)`` — the continuation of ``prompt.text`` under ``params``; with
+      ``on_delta`` it streams, calling it with each text delta before returning the whole result. Server errors
+      raise typed :mod:`sgl_ray.errors` exceptions.
+    - ``choice_logprobs(context, choices)`` — for each choice, the logprobs of the tokens ``context + choice``
+      adds after ``context`` (each list non-empty, ``context`` may be "").
+    - ``cache_prefix(text)`` — warm the server's prefix cache with ``text`` (forks call it); may do nothing.
+    - ``flush_cache()`` — drop the prefix cache (benchmarks); False where not possible.
+    """
+
+    @abstractmethod
+    def role_format(self) -> RoleFormat: ...
+
+    @abstractmethod
+    def generate(self, prompt: Prompt, params: GenParams, on_delta: DeltaSink | None = None) -> GenResult: ...
+
+    @abstractmethod
+    def choice_logprobs(self, context: str, choices: Sequence[str]) -> list[list[float]]: ...
+
+    def cache_prefix(self, text: str) -> None:  # noqa: B027 - optional hook
+        """Warm the prefix cache with ``text`` (nothing by default)."""
+
+    def flush_cache(self) -> bool:
+        """Drop the server's prefix cache; False where the backend cannot (or requests are running)."""
+        return False
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class TokenScoringBackend(Backend):
+    """Exact choice scoring from a tokenizer and prompt logprobs.
+
+    Algorithm: tokenize ``context`` and every ``context + choice``; a choice's own tokens start where its ids
+    leave the context's ids (a choice that merges with the context's last token re-scores that token). Then one
+    batched prompt-logprob call over all ``context + choice`` ids, starting at the earliest such position, so the
+    shared context comes from the prefix cache.
+    """
+
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    @abstractmethod
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]], start: int) -> list[list[float | None]]:
+        """For each prompt, the logprobs of its tokens at positions ``start..len-1`` (``None`` at position 0)."""
+
+    def choice_logprobs(self, context: str, choices: Sequence[str]) -> list[list[float]]:
+        ids = self.tokenize([context, *[context + c for c in choices]])
+        ctx, full = ids[0], ids[1:]
+        # Position 0 has no logprob: a choice that starts the text is scored from its second token.
+        starts = [min(max(common_prefix_len(ctx, f), 1), len(f) - 1) for f in full]
+        lps = self.prompt_logprobs(full, min(starts))
+        out = []
+        for f, s, lp in zip(full, starts, lps, strict=True):
+            own = [x for x in lp[len(lp) - (len(f) - s) :] if x is not None]
+            out.append(own)
+        return out
