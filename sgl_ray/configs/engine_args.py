@@ -63,6 +63,22 @@ class EngineArgs:
     dp_size: int = field(default=1, metadata={"help": "data-parallel engine groups"})
     use_ray: bool = field(default=False, metadata={"help": "run in Ray actors even at size 1"})
     ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: local)"})
+    enable_lora: bool = field(
+        default=False, metadata={"help": "allocate LoRA adapter slots (implied by --lora-paths)"}
+    )
+    lora_paths: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "LoRA adapters to load at start: name=path ...", "nargs": "*"}
+    )
+    max_loras_per_batch: int = field(
+        default=8, metadata={"help": "LoRA adapter slots (distinct adapters per batch)"}
+    )
+    max_lora_rank: int | None = field(
+        default=None,
+        metadata={"help": "largest LoRA rank accepted (default: the largest of --lora-paths, or 16)"},
+    )
+    lora_backend: str | None = field(
+        default=None, metadata={"help": "torch (CPU default) | triton (GPU default)"}
+    )
 
     def __post_init__(self) -> None:
         def bad(param: str, msg: str) -> InvalidRequestError:
@@ -83,6 +99,14 @@ class EngineArgs:
         for name in ("tp_size", "pp_size", "dp_size"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
+        if isinstance(self.lora_paths, dict):
+            object.__setattr__(self, "lora_paths", tuple(f"{k}={v}" for k, v in self.lora_paths.items()))
+        elif self.lora_paths is not None:
+            object.__setattr__(self, "lora_paths", tuple(self.lora_paths))
+        if self.max_loras_per_batch < 1:
+            raise bad("max_loras_per_batch", "must be >= 1")
+        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+            raise bad("max_lora_rank", "must be >= 1")
         if self.schedule_policy not in get_args(SchedulePolicyName):
             raise bad("schedule_policy", f"must be one of {get_args(SchedulePolicyName)}")
 
@@ -90,6 +114,10 @@ class EngineArgs:
     def uses_ray(self) -> bool:
         """Whether the engine runs in Ray actors (any parallelism, or asked for)."""
         return self.use_ray or self.tp_size * self.pp_size * self.dp_size > 1
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or bool(self.lora_paths)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -115,7 +143,10 @@ class EngineArgs:
                 parser.add_argument(flag, action="store_true", default=f.default, help=help_text)
                 continue
             kind = str if "str" in str(f.type) else float if "float" in str(f.type) else int
-            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+            nargs = f.metadata.get("nargs")
+            parser.add_argument(
+                flag, type=kind, default=f.default, help=help_text, **({"nargs": nargs} if nargs else {})
+            )
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:

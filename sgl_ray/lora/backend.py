@@ -1,0 +1,104 @@
+"""Batched heterogeneous LoRA (S-LoRA / Punica style): each request of a batch may use a different adapter slot.
+
+Every wrapped projection holds a fixed pool of adapter slots, ``A: [S, N, K]`` and ``B: [S, O, N]`` (``N`` =
+sections × max rank, block-diagonal for fused projections, scaling folded into B, unused rank rows zero). For a
+batch whose tokens are grouped in segments (one per request, contiguous), the backend adds, for every token t of a
+segment bound to slot s::
+
+    out[t] += (x[t] @ A[s].T) @ B[s].T          # shrink to N, expand to O
+
+Tokens of requests without an adapter (slot -1) are left alone (no segment is built for them).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class LoRABatch:
+    """Segments of one forward batch that use an adapter; built once per step on the host.
+
+    ``seg_*`` describe runs of consecutive tokens sharing a slot (adjacent requests with the same slot merge).
+    ``groups`` gathers token rows per distinct slot (for the torch backend).
+    """
+
+    seg_start: torch.Tensor  # [G] int32, first token row
+    seg_len: torch.Tensor  # [G] int32
+    seg_slot: torch.Tensor  # [G] int32
+    max_seg_len: int
+    groups: list[tuple[int, torch.Tensor]]  # (slot, token rows [n]) per distinct slot
+
+    @classmethod
+    def from_requests(
+        cls, slots: np.ndarray, extend_lens: np.ndarray, device: torch.device
+    ) -> LoRABatch | None:
+        """``slots[r]``: adapter slot of request r (-1: none); ``extend_lens[r]``: its tokens this step.
+        None when no request uses an adapter."""
+        if not len(slots) or (slots < 0).all():
+            return None
+        starts = np.concatenate(([0], np.cumsum(extend_lens)[:-1])).astype(np.int64)
+        keep = (slots >= 0) & (extend_lens > 0)
+        s_start, s_len, s_slot = starts[keep], extend_lens[keep], slots[keep]
+        # merge adjacent segments of one slot (decode batches: many 1-token requests)
+        new_run = np.ones(len(s_slot), dtype=bool)
+        new_run[1:] = (s_slot[1:] != s_slot[:-1]) | (s_start[1:] != s_start[:-1] + s_len[:-1])
+        run_id = np.cumsum(new_run) - 1
+        m_start = s_start[new_run]
+        m_len = np.bincount(run_id, weights=s_len).astype(np.int64)
+        m_slot = s_slot[new_run]
+        groups = []
+        for slot in np.unique(m_slot):
+            sel = m_slot == slot
+            rows = np.concatenate(
+                [np.arange(a, a + n) for a, n in zip(m_start[sel], m_len[sel], strict=True)]
+            )
+            groups.append((int(slot), torch.from_numpy(rows).to(device)))
+
+        def i32(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a.astype(np.int32)).to(device)
+
+        return cls(i32(m_start), i32(m_len), i32(m_slot), int(m_len.max()), groups)
+
+
+class LoRABackend(ABC):
+    """Contract: ``apply`` adds the LoRA delta of every adapter segment of ``batch`` to ``out`` in place and
+    leaves the other rows untouched. ``x: [T, K]``, ``out: [T, O]``, ``a: [S, N, K]``, ``b: [S, O, N]``."""
+
+    @abstractmethod
+    def apply(
+        self, x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoRABatch
+    ) -> None: ...
+
+
+class TorchLoRABackend(LoRABackend):
+    """One gathered GEMM pair per distinct slot in the batch (CPU, and the reference for the GPU kernel)."""
+
+    def apply(self, x, out, a, b, batch):
+        for slot, rows in batch.groups:
+            xs = x.index_select(0, rows)  # [n, K]
+            delta = (xs @ a[slot].t()) @ b[slot].t()  # [n, O]
+            out.index_add_(0, rows, delta.to(out.dtype))
+
+
+_BACKENDS = {
+    "torch": ("sgl_ray.lora.backend", "TorchLoRABackend"),
+    "triton": ("sgl_ray.lora.triton_backend", "TritonLoRABackend"),
+}
+
+
+def create_lora_backend(name: str | None, device: torch.device) -> LoRABackend:
+    """``torch`` (CPU default) or ``triton`` (CUDA default)."""
+    import importlib
+
+    from sgl_ray.errors import InvalidRequestError
+
+    name = name or ("triton" if device.type == "cuda" else "torch")
+    if name not in _BACKENDS:
+        raise InvalidRequestError(f"lora_backend must be one of {sorted(_BACKENDS)}", param="lora_backend")
+    module, cls = _BACKENDS[name]
+    return getattr(importlib.import_module(module), cls)()
