@@ -28,9 +28,13 @@ def _base(path: str) -> torch.nn.Module:
     return model.eval()
 
 
-def make_adapter(base_path: str, directory: Path, rank: int, alpha: int, targets, rslora: bool, seed: int) -> str:
+def make_adapter(
+    base_path: str, directory: Path, rank: int, alpha: int, targets, rslora: bool, seed: int
+) -> str:
     """A PEFT adapter whose A and B are random (PEFT starts B at zero, which would change nothing)."""
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, lora_dropout=0.0)
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, lora_dropout=0.0
+    )
     model = peft.get_peft_model(_base(base_path), config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -21,7 +21,11 @@ GREEDY = {"temperature": 0.0, "max_new_tokens": NEW, "ignore_eos": True}
 def engine(tiny_llama_path, lora_adapters):
     paths = [f"{n}={p}" for n, p in lora_adapters.items()]
     with sgl_ray.Engine(
-        tiny_llama_path, lora_paths=paths, max_loras_per_batch=4, max_total_tokens=4096, chunked_prefill_size=32
+        tiny_llama_path,
+        lora_paths=paths,
+        max_loras_per_batch=4,
+        max_total_tokens=4096,
+        chunked_prefill_size=32,
     ) as eng:
         yield eng
 
@@ -77,7 +81,9 @@ def test_unknown_adapter_and_bad_adapters(engine, tmp_path, lora_adapters):
 def test_hot_load_evicts_lru_and_unload_waits_for_streams(engine, peft_reference, lora_adapters, tmp_path):
     ids = _ids(engine, PROMPTS[9:10])[0]
     copy = shutil.copytree(lora_adapters["a2"], tmp_path / "a2copy")
-    engine.load_lora_adapter("extra", str(copy), pinned=True)  # a 5th adapter with 4 slots: evicts the LRU one
+    engine.load_lora_adapter(
+        "extra", str(copy), pinned=True
+    )  # a 5th adapter with 4 slots: evicts the LRU one
     listed = engine.list_lora_adapters()
     assert set(listed) == {*ADAPTERS, "extra"} and listed["extra"]["pinned"] and listed["extra"]["loaded"]
     assert sum(a["loaded"] for a in listed.values()) == 4
