@@ -13,25 +13,45 @@ Tokens of requests without an adapter (slot -1) are left alone (no segment is bu
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 
-@dataclass
 class LoRABatch:
     """Segments of one forward batch that use an adapter; built once per step on the host.
 
-    ``seg_*`` describe runs of consecutive tokens sharing a slot (adjacent requests with the same slot merge).
-    ``groups`` gathers token rows per distinct slot (for the torch backend).
+    ``seg_*`` (device, int32) describe runs of consecutive tokens sharing a slot (adjacent requests with the same
+    slot merge, so a decode batch sorted by adapter has one segment per adapter). ``groups`` gathers the token
+    rows of each distinct slot (for the torch backend; built on first use).
     """
 
-    seg_start: torch.Tensor  # [G] int32, first token row
-    seg_len: torch.Tensor  # [G] int32
-    seg_slot: torch.Tensor  # [G] int32
-    max_seg_len: int
-    groups: list[tuple[int, torch.Tensor]]  # (slot, token rows [n]) per distinct slot
+    def __init__(self, start: np.ndarray, length: np.ndarray, slot: np.ndarray, device: torch.device) -> None:
+        self._np = (start, length, slot)
+        self.device = device
+        self.seg_start, self.seg_len, self.seg_slot = (
+            torch.from_numpy(a.astype(np.int32)).to(device) for a in self._np
+        )  # [G] each
+        self.max_seg_len = int(length.max())
+        self._groups: list[tuple[int, torch.Tensor]] | None = None
+
+    @property
+    def num_segments(self) -> int:
+        return len(self._np[0])
+
+    @property
+    def groups(self) -> list[tuple[int, torch.Tensor]]:
+        """(slot, token rows [n]) per distinct slot."""
+        if self._groups is None:
+            start, length, slots = self._np
+            self._groups = []
+            for slot in np.unique(slots):
+                sel = slots == slot
+                rows = np.concatenate(
+                    [np.arange(a, a + n) for a, n in zip(start[sel], length[sel], strict=True)]
+                )
+                self._groups.append((int(slot), torch.from_numpy(rows).to(self.device)))
+        return self._groups
 
     @classmethod
     def from_requests(
@@ -44,25 +64,11 @@ class LoRABatch:
         starts = np.concatenate(([0], np.cumsum(extend_lens)[:-1])).astype(np.int64)
         keep = (slots >= 0) & (extend_lens > 0)
         s_start, s_len, s_slot = starts[keep], extend_lens[keep], slots[keep]
-        # merge adjacent segments of one slot (decode batches: many 1-token requests)
         new_run = np.ones(len(s_slot), dtype=bool)
         new_run[1:] = (s_slot[1:] != s_slot[:-1]) | (s_start[1:] != s_start[:-1] + s_len[:-1])
         run_id = np.cumsum(new_run) - 1
-        m_start = s_start[new_run]
-        m_len = np.bincount(run_id, weights=s_len).astype(np.int64)
-        m_slot = s_slot[new_run]
-        groups = []
-        for slot in np.unique(m_slot):
-            sel = m_slot == slot
-            rows = np.concatenate(
-                [np.arange(a, a + n) for a, n in zip(m_start[sel], m_len[sel], strict=True)]
-            )
-            groups.append((int(slot), torch.from_numpy(rows).to(device)))
-
-        def i32(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a.astype(np.int32)).to(device)
-
-        return cls(i32(m_start), i32(m_len), i32(m_slot), int(m_len.max()), groups)
+        length = np.bincount(run_id, weights=s_len).astype(np.int64)
+        return cls(s_start[new_run], length, s_slot[new_run], device)
 
 
 class LoRABackend(ABC):

@@ -81,9 +81,8 @@ def test_unknown_adapter_and_bad_adapters(engine, tmp_path, lora_adapters):
 def test_hot_load_evicts_lru_and_unload_waits_for_streams(engine, peft_reference, lora_adapters, tmp_path):
     ids = _ids(engine, PROMPTS[9:10])[0]
     copy = shutil.copytree(lora_adapters["a2"], tmp_path / "a2copy")
-    engine.load_lora_adapter(
-        "extra", str(copy), pinned=True
-    )  # a 5th adapter with 4 slots: evicts the LRU one
+    # a 5th adapter with 4 slots: pinned, so it loads now and evicts the least recently used one
+    engine.load_lora_adapter("extra", str(copy), pinned=True)
     listed = engine.list_lora_adapters()
     assert set(listed) == {*ADAPTERS, "extra"} and listed["extra"]["pinned"] and listed["extra"]["loaded"]
     assert sum(a["loaded"] for a in listed.values()) == 4
