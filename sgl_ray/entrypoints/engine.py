@@ -14,7 +14,7 @@ from sgl_ray.configs.model_config import ModelConfig, resolve_dtype
 from sgl_ray.entrypoints.core import EngineCore, InProcessCore, create_ray_core
 from sgl_ray.entrypoints.requests import RequestSpec, ResultBuilder, normalize_batch, to_sampling_params
 from sgl_ray.errors import InvalidRequestError
-from sgl_ray.lora.adapter import check_adapter, parse_lora_paths, read_adapter_config
+from sgl_ray.lora.adapter import check_adapter, parse_lora_paths, resolve_max_rank
 from sgl_ray.model_loader import (
     default_model_path,
     iter_weights,
@@ -28,7 +28,6 @@ from sgl_ray.scheduler.request import Req
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_LORA_RANK = 16
 SamplingArg = SamplingParams | dict | None | Sequence[SamplingParams | dict]
 
 
@@ -73,10 +72,9 @@ class Engine:
         """Check the start-up adapters and settle ``max_lora_rank`` (the runner sizes its slots by it)."""
         if not args.lora_enabled:
             return args
-        configs = [read_adapter_config(p) for p in parse_lora_paths(args.lora_paths).values()]
-        rank = args.max_lora_rank or max([c.rank for c in configs], default=_DEFAULT_LORA_RANK)
-        for c in configs:
-            check_adapter(c.path, hf_config, rank)
+        rank = resolve_max_rank(args.max_lora_rank, args.lora_paths)
+        for path in parse_lora_paths(args.lora_paths).values():
+            check_adapter(path, hf_config, rank)
         return args.replace(max_lora_rank=rank)
 
     def _eos_ids(self, from_config: tuple[int, ...]) -> tuple[int, ...]:

@@ -127,13 +127,13 @@ def load_adapter_weights(config: AdapterConfig) -> dict[tuple[int, str], tuple[t
 def parse_lora_paths(entries: tuple[str, ...] | list[str] | dict[str, str] | None) -> dict[str, str]:
     """``["name=path", "path"]`` (a bare path is named after its directory) or ``{name: path}`` → ``{name: path}``.
 
-    >>> parse_lora_paths(["sql=/a/sql", "/b/chat"])
+    >>> parse_lora_paths(["sql=/a/sql", "/b/chat/"])
     {'sql': '/a/sql', 'chat': '/b/chat'}
     """
     if not entries:
         return {}
     if isinstance(entries, dict):
-        return dict(entries)
+        return {k: str(Path(v)) for k, v in entries.items()}
     out = {}
     for entry in entries:
         name, sep, path = entry.partition("=")
@@ -141,8 +141,19 @@ def parse_lora_paths(entries: tuple[str, ...] | list[str] | dict[str, str] | Non
             name, path = Path(entry.rstrip("/")).name, entry
         if not name or not path:
             raise InvalidRequestError(f"lora_paths entry {entry!r} must be name=path", param="lora_paths")
-        out[name] = path
+        out[name] = str(Path(path))
     return out
+
+
+DEFAULT_MAX_RANK = 16
+
+
+def resolve_max_rank(max_lora_rank: int | None, lora_paths) -> int:
+    """``max_lora_rank`` if set, else the largest rank among the start-up adapters (16 without any)."""
+    if max_lora_rank:
+        return max_lora_rank
+    ranks = [read_adapter_config(p).rank for p in parse_lora_paths(lora_paths).values()]
+    return max(ranks, default=DEFAULT_MAX_RANK)
 
 
 def check_adapter(path: str, hf_config, max_rank: int) -> AdapterConfig:

@@ -37,6 +37,7 @@ from sgl_ray.protocol.requests import (
 )
 from sgl_ray.protocol.responses import (
     SSE_DONE,
+    AdapterCard,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -108,6 +109,7 @@ __all__ = [
     "GenerateRequest",
     "GenerateResponse",
     "LogprobOptions",
+    "AdapterCard",
     "ModelCard",
     "ModelList",
     "PromptTokensDetails",

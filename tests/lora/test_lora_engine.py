@@ -11,7 +11,7 @@ import sgl_ray
 from sgl_ray.errors import InvalidRequestError, ModelNotFoundError
 
 from ..engine.prompts import PROMPTS, SHARED_PREFIX
-from .conftest import ADAPTERS
+from .adapters import ADAPTERS
 
 NEW = 8
 GREEDY = {"temperature": 0.0, "max_new_tokens": NEW, "ignore_eos": True}

@@ -10,7 +10,7 @@ import sgl_ray
 from sgl_ray.errors import ModelNotFoundError
 
 from ..engine.prompts import PROMPTS
-from .conftest import ADAPTERS
+from .adapters import ADAPTERS
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -1,14 +1,12 @@
 """Random-weight PEFT LoRA adapters on the tiny Llama, made with ``peft`` in the test session, and greedy
-references from transformers + peft on the same adapter."""
+references from transformers + peft on the same adapter (fixtures ``lora_adapters`` and ``peft_reference`` in
+``tests/conftest.py``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
-
-peft = pytest.importorskip("peft")
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # name: (rank, alpha, target modules, rsLoRA)
@@ -18,6 +16,12 @@ ADAPTERS = {
     "a2": (16, 8, ["o_proj", "gate_proj", "down_proj"], False),
     "a3": (2, 4, ALL, True),
 }
+
+
+def _peft():
+    import peft
+
+    return peft
 
 
 def _base(path: str) -> torch.nn.Module:
@@ -32,6 +36,7 @@ def make_adapter(
     base_path: str, directory: Path, rank: int, alpha: int, targets, rslora: bool, seed: int
 ) -> str:
     """A PEFT adapter whose A and B are random (PEFT starts B at zero, which would change nothing)."""
+    peft = _peft()
     config = peft.LoraConfig(
         r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, lora_dropout=0.0
     )
@@ -43,16 +48,6 @@ def make_adapter(
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     model.save_pretrained(directory)
     return str(directory)
-
-
-@pytest.fixture(scope="session")
-def lora_adapters(tiny_llama_path, tmp_path_factory) -> dict[str, str]:
-    """``{name: adapter directory}`` for the adapters in :data:`ADAPTERS`."""
-    root = tmp_path_factory.mktemp("lora")
-    return {
-        name: make_adapter(tiny_llama_path, root / name, *spec, seed=i)
-        for i, (name, spec) in enumerate(ADAPTERS.items())
-    }
 
 
 class PeftReference:
@@ -67,7 +62,7 @@ class PeftReference:
         if name not in self._models:
             base = _base(self.base_path)
             self._models[name] = (
-                base if name is None else peft.PeftModel.from_pretrained(base, self.adapters[name]).eval()
+                base if name is None else _peft().PeftModel.from_pretrained(base, self.adapters[name]).eval()
             )
         return self._models[name]
 
@@ -86,8 +81,3 @@ class PeftReference:
                 )
             self._cache[key] = out[0, len(input_ids) :].tolist()
         return self._cache[key]
-
-
-@pytest.fixture(scope="session")
-def peft_reference(tiny_llama_path, lora_adapters) -> PeftReference:
-    return PeftReference(tiny_llama_path, lora_adapters)
