@@ -3,6 +3,7 @@ single runs, the prefix cache never shares KV across adapters, hot load/unload, 
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -112,3 +113,27 @@ def test_lora_needs_enable(tiny_llama_path, lora_adapters):
             eng.load_lora_adapter("a0", lora_adapters["a0"])
         with pytest.raises(InvalidRequestError, match="not enabled"):
             eng.generate("Hi", GREEDY, lora_path="a0")
+
+
+def test_bench_lora_cli(tiny_llama_path, tmp_path, capsys):
+    from sgl_ray.cli import main
+
+    out_file = tmp_path / "lora.jsonl"
+    argv = ["bench", "lora", "--model-path", tiny_llama_path, "--adapters", "1", "3", "--num-prompts", "6"]
+    argv += [
+        "--input-len",
+        "16",
+        "--output-len",
+        "4",
+        "--max-total-tokens",
+        "1024",
+        "--output-file",
+        str(out_file),
+    ]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "lora-3" in table and "sgl_ray-base" in table
+    records = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["params"]["num_adapters"] for r in records] == [1, 3]
+    assert all(r["systems"]["sgl_ray-base"]["output_tokens"] == 24 for r in records)
+    assert records[1]["systems"]["sgl_ray-3-lora"]["output_tokens"] == 24 and records[1]["ratio"] > 0
