@@ -104,6 +104,9 @@ def _add_lora_args(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--output-len", type=int, default=64, help="new tokens per request")
     w.add_argument("--lora-rank", type=int, default=16, help="rank of the random adapters")
     w.add_argument("--seed", type=int, default=0, help="seed of the prompts and adapter weights")
+    w.add_argument(
+        "--repeats", type=int, default=1, help="alternate base/adapter runs; keep the fastest of each"
+    )
     lora.add_argument(
         "--output-file", default="bench_lora.jsonl", help="JSONL file the records are appended to"
     )
@@ -198,6 +201,7 @@ def _lora(ns: argparse.Namespace) -> int:
         output_len=ns.output_len,
         rank=ns.lora_rank,
         seed=ns.seed,
+        repeats=ns.repeats,
     )
     run, results = run_lora_bench(EngineArgs.from_cli_args(ns), cfg)
     write_jsonl(ns.output_file, [to_record(r, run) for r in results])

@@ -33,23 +33,25 @@ class LoRABatch:
             torch.from_numpy(a.astype(np.int32)).to(device) for a in self._np
         )  # [G] each
         self.max_seg_len = int(length.max())
-        self._groups: list[tuple[int, torch.Tensor]] | None = None
+        self._groups: list[tuple[int, slice | torch.Tensor]] | None = None
 
     @property
     def num_segments(self) -> int:
         return len(self._np[0])
 
     @property
-    def groups(self) -> list[tuple[int, torch.Tensor]]:
-        """(slot, token rows [n]) per distinct slot."""
+    def groups(self) -> list[tuple[int, slice | torch.Tensor]]:
+        """(slot, its token rows) per distinct slot: a slice when they are one run, else an index tensor [n]."""
         if self._groups is None:
             start, length, slots = self._np
             self._groups = []
             for slot in np.unique(slots):
-                sel = slots == slot
-                rows = np.concatenate(
-                    [np.arange(a, a + n) for a, n in zip(start[sel], length[sel], strict=True)]
-                )
+                (runs,) = np.nonzero(slots == slot)
+                if len(runs) == 1:
+                    a, n = int(start[runs[0]]), int(length[runs[0]])
+                    self._groups.append((int(slot), slice(a, a + n)))
+                    continue
+                rows = np.concatenate([np.arange(start[i], start[i] + length[i]) for i in runs])
                 self._groups.append((int(slot), torch.from_numpy(rows).to(self.device)))
         return self._groups
 
@@ -86,6 +88,9 @@ class TorchLoRABackend(LoRABackend):
 
     def apply(self, x, out, a, b, batch):
         for slot, rows in batch.groups:
+            if isinstance(rows, slice):  # one run of tokens: views, no gather
+                out[rows] += (x[rows] @ a[slot].t()) @ b[slot].t()
+                continue
             xs = x.index_select(0, rows)  # [n, K]
             delta = (xs @ a[slot].t()) @ b[slot].t()  # [n, O]
             out.index_add_(0, rows, delta.to(out.dtype))

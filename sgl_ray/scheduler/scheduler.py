@@ -201,6 +201,8 @@ class Scheduler:
             retracted = True
             if victim in decoding:
                 decoding.remove(victim)
+        if self.lora is not None:  # one contiguous run of tokens per adapter: fewer, longer LoRA segments
+            decoding.sort(key=lambda r: r.lora_slot)
         for r in decoding:
             batch.add(r, 1)
         return retracted

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 import sgl_ray
 from sgl_ray.errors import InvalidRequestError, ModelNotFoundError
@@ -137,3 +138,18 @@ def test_bench_lora_cli(tiny_llama_path, tmp_path, capsys):
     assert [r["params"]["num_adapters"] for r in records] == [1, 3]
     assert all(r["systems"]["sgl_ray-base"]["output_tokens"] == 24 for r in records)
     assert records[1]["systems"]["sgl_ray-3-lora"]["output_tokens"] == 24 and records[1]["ratio"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_lora_engine_matches_peft_on_gpu(tiny_llama_path, lora_adapters, peft_reference):
+    """The CUDA engine (Triton LoRA and attention kernels, fp32) against transformers + peft on the CPU."""
+    paths = [f"{n}={p}" for n, p in lora_adapters.items()]
+    with sgl_ray.Engine(
+        tiny_llama_path, device="cuda", dtype="float32", lora_paths=paths, max_total_tokens=4096
+    ) as eng:
+        prompts = _ids(eng, PROMPTS[:10])
+        names = [*ADAPTERS, None] * 2
+        outs = eng.generate(input_ids=prompts, sampling_params=GREEDY, lora_path=names)
+        for ids, name, out in zip(prompts, names, outs, strict=True):
+            assert out["output_ids"] == peft_reference(name, ids, NEW), name
