@@ -29,9 +29,10 @@ class LoRABatch:
     def __init__(self, start: np.ndarray, length: np.ndarray, slot: np.ndarray, device: torch.device) -> None:
         self._np = (start, length, slot)
         self.device = device
-        self.seg_start, self.seg_len, self.seg_slot = (
-            torch.from_numpy(a.astype(np.int32)).to(device) for a in self._np
-        )  # [G] each
+        segs = torch.from_numpy(np.stack(self._np).astype(np.int32))  # [3, G]: one host-to-device copy
+        if device.type == "cuda":
+            segs = segs.pin_memory().to(device, non_blocking=True)
+        self.seg_start, self.seg_len, self.seg_slot = segs  # [G] each
         self.max_seg_len = int(length.max())
         self._groups: list[tuple[int, slice | torch.Tensor]] | None = None
 

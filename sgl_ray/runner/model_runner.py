@@ -166,10 +166,8 @@ class ModelRunner:
             intermediate = (h, r)
         if self.lora is not None:
             self.lora.begin(plan.lora_slots, plan.extend_lens)
-        try:
-            hidden = self.model(
-                batch, intermediate
-            )  # [T, hidden], or (hidden, residual) before the last stage
+        try:  # [T, hidden], or (hidden, residual) before the last stage
+            hidden = self.model(batch, intermediate)
         finally:
             if self.lora is not None:
                 self.lora.end()
