@@ -158,3 +158,30 @@ def test_triton_backend_matches_torch_on_gpu(dtype):
     TorchLoRABackend().apply(xs.float(), ref2, a.float(), b.float(), batch)
     TritonLoRABackend().apply(xs, out2, a, b, batch)
     torch.testing.assert_close(out2.float(), ref2, rtol=tol, atol=tol)
+
+
+def test_serve_cli_lora_flags_reach_the_app_args():
+    from sgl_ray.cli import build_parser
+    from sgl_ray.deployments.serve_cli import app_args
+
+    ns = build_parser().parse_args(
+        [
+            "serve",
+            "--lora-paths",
+            "sql=/a/sql",
+            "chat=/b/chat",
+            "--max-lora-rank",
+            "32",
+            "--max-loras-per-batch",
+            "4",
+        ]
+    )
+    args = app_args(ns)
+    assert args["lora_paths"] == ("sql=/a/sql", "chat=/b/chat")
+    assert args["max_lora_rank"] == 32 and args["max_loras_per_batch"] == 4
+    from sgl_ray.configs.engine_args import EngineArgs
+
+    engine = EngineArgs(**{k: v for k, v in args.items() if k != "num_replicas"})
+    assert engine.lora_enabled and engine.lora_paths == ("sql=/a/sql", "chat=/b/chat")
+    with pytest.raises(InvalidRequestError):
+        EngineArgs(max_loras_per_batch=0)
