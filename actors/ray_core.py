@@ -44,6 +44,7 @@ class RayEngineCore(EngineCore):
         self._sinks: dict[str, OutputSink] = {}
         self._inflight: dict[str, Req] = {}  # as submitted, plus the tokens received so far
         self._closed = False
+        self._adapters: dict[str, tuple[str, bool]] = {}  # loaded at run time: re-registered after a restart
         self._actor = self._start_actor()
         self._poller = threading.Thread(target=self._poll, name="sgl-ray-outputs", daemon=True)
         self._poller.start()
@@ -51,6 +52,8 @@ class RayEngineCore(EngineCore):
     def _start_actor(self):
         actor = ray.remote(GlobalScheduler).options(num_cpus=0, max_concurrency=16).remote(self.args)
         ray.get(actor.ready.remote())
+        for name, (path, pinned) in getattr(self, "_adapters", {}).items():
+            ray.get(actor.load_lora_adapter.remote(name, path, pinned))
         return actor
 
     @property
@@ -78,6 +81,18 @@ class RayEngineCore(EngineCore):
 
     def prefix_summary(self, block: int) -> frozenset[int]:
         return ray.get(self._actor.prefix_summary.remote(block))
+
+    def load_lora_adapter(self, name: str, path: str, pinned: bool) -> None:
+        ray.get(self._actor.load_lora_adapter.remote(name, path, pinned))
+        self._adapters[name] = (path, pinned)
+
+    def unload_lora_adapter(self, name: str) -> bool:
+        done = ray.get(self._actor.unload_lora_adapter.remote(name))
+        self._adapters.pop(name, None)
+        return done
+
+    def lora_adapters(self) -> dict[str, dict]:
+        return ray.get(self._actor.lora_adapters.remote())
 
     def scheduler_actor(self):
         return self._actor
@@ -209,6 +224,20 @@ class DataParallelCore(EngineCore):
 
     def prefix_summary(self, block: int) -> frozenset[int]:
         return frozenset().union(*(g.prefix_summary(block) for g in self.groups))
+
+    def load_lora_adapter(self, name: str, path: str, pinned: bool) -> None:
+        for g in self.groups:
+            g.load_lora_adapter(name, path, pinned)
+
+    def unload_lora_adapter(self, name: str) -> bool:
+        return all([g.unload_lora_adapter(name) for g in self.groups])
+
+    def lora_adapters(self) -> dict[str, dict]:
+        per_group = [g.lora_adapters() for g in self.groups]
+        return {
+            name: {**info, "loaded": any(p.get(name, {}).get("loaded") for p in per_group)}
+            for name, info in per_group[0].items()
+        }
 
     def shutdown(self) -> None:
         for g in self.groups:

@@ -18,7 +18,7 @@ from ray.exceptions import RayError
 
 from sgl_ray.actors.shard_group import ShardGroup
 from sgl_ray.configs.engine_args import EngineArgs
-from sgl_ray.entrypoints.core import prefix_summary, scheduler_config, scheduler_stats
+from sgl_ray.entrypoints.core import lora_call, new_scheduler, prefix_summary, scheduler_stats
 from sgl_ray.entrypoints.loop import EngineLoop, StepExecutor
 from sgl_ray.errors import EngineDeadError, StepLostError
 from sgl_ray.model_loader import load_tokenizer, resolve_model
@@ -26,7 +26,6 @@ from sgl_ray.parallel import ParallelLayout
 from sgl_ray.scheduler.output import RequestOutput
 from sgl_ray.scheduler.plan import StepOutput, StepPlan
 from sgl_ray.scheduler.request import Req
-from sgl_ray.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +47,7 @@ class GlobalScheduler:
         info = self.group.start()
         source = resolve_model(args.model_path, revision=args.revision, weights=args.load_format != "dummy")
         tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer_path)
-        self.scheduler = Scheduler(
-            scheduler_config(args, info.num_slots, info.max_reqs, info.context_length), tokenizer
-        )
+        self.scheduler = new_scheduler(args, info.num_slots, info.max_reqs, info.context_length, tokenizer)
         self.max_rebuilds = max_rebuilds
         self.num_rebuilds = 0
         self._outbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
@@ -107,6 +104,16 @@ class GlobalScheduler:
 
     def prefix_summary(self, block: int) -> frozenset[int]:
         return self.loop.call(lambda s: prefix_summary(s, block))
+
+    def load_lora_adapter(self, name: str, path: str, pinned: bool) -> None:
+        """Register an adapter; every shard loads its slice when the scheduler first puts it in a slot."""
+        self.loop.call(lambda s: lora_call(s, "register", name, path, pinned))
+
+    def unload_lora_adapter(self, name: str) -> bool:
+        return self.loop.call(lambda s: lora_call(s, "unregister", name))
+
+    def lora_adapters(self) -> dict[str, dict]:
+        return self.loop.call(lambda s: s.lora.adapters() if s.lora is not None else {})
 
     def shard_handles(self) -> list:
         """The shard actors (for fault-injection tests and diagnostics)."""

@@ -13,6 +13,7 @@ from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.deployments.ingress import OpenAIIngress
 from sgl_ray.deployments.llm_server import LLMServer
 from sgl_ray.errors import InvalidRequestError
+from sgl_ray.lora.adapter import resolve_max_rank
 from sgl_ray.model_loader import default_model_path
 
 _INGRESS_KEYS = ("served_model_name", "api_key", "max_body_bytes")
@@ -46,7 +47,7 @@ def build_openai_app(args: dict[str, Any] | None = None) -> Application:
         raise InvalidRequestError(f"unknown app options {unknown}")
     engine_kwargs = {k: v for k, v in args.items() if k in engine_fields}
     engine_kwargs["model_path"] = engine_kwargs.get("model_path") or str(default_model_path())
-    EngineArgs(**engine_kwargs)  # validate before any replica starts
+    engine_args = EngineArgs(**engine_kwargs)  # validate before any replica starts
     options: dict[str, Any] = {k: args[k] for k in _DEPLOYMENT_KEYS if k in args}
     options.setdefault("max_ongoing_requests", 256)
     if "autoscaling_config" in options:
@@ -79,6 +80,11 @@ def build_openai_app(args: dict[str, Any] | None = None) -> Application:
         model_path=engine_kwargs["model_path"],
         context_length=engine_kwargs.get("context_length"),
         tokenizer_path=engine_kwargs.get("tokenizer_path"),
+        enable_lora=engine_args.lora_enabled,
+        lora_paths=engine_args.lora_paths,
+        max_lora_rank=resolve_max_rank(engine_args.max_lora_rank, engine_args.lora_paths)
+        if engine_args.lora_enabled
+        else None,
     )
     ingress_config.setdefault("served_model_name", _default_name(engine_kwargs["model_path"]))
     return (

@@ -20,10 +20,13 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from sgl_ray import protocol as P
 from sgl_ray.configs.model_config import ModelConfig
+from sgl_ray.deployments.lora import AdapterRegistry, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+from sgl_ray.deployments.lora import decode as decode_lora
 from sgl_ray.deployments.metrics import Metrics
 from sgl_ray.entrypoints.requests import ResultBuilder
-from sgl_ray.errors import InvalidRequestError, ModelNotFoundError, SglRayError
+from sgl_ray.errors import InvalidRequestError, SglRayError
 from sgl_ray.lang.template import role_format_from_tokenizer
+from sgl_ray.lora.adapter import parse_lora_paths
 from sgl_ray.model_loader import load_hf_config, load_tokenizer, resolve_model
 from sgl_ray.sampling.params import SamplingParams
 from sgl_ray.scheduler.output import RequestOutput
@@ -51,7 +54,8 @@ def _unwrap(e: BaseException) -> BaseException:
 
 class OpenAIIngress:
     """Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``POST /generate``,
-    ``GET /health``, ``GET /metrics``, ``POST /flush_cache``, ``GET /get_model_info``, ``POST /tokenize``.
+    ``GET /health``, ``GET /metrics``, ``POST /flush_cache``, ``GET /get_model_info``, ``POST /tokenize``,
+    ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``.
 
     Example (what ``build_openai_app`` does)::
 
@@ -67,11 +71,19 @@ class OpenAIIngress:
         source = resolve_model(self.model_path)
         self.tokenizer = load_tokenizer(source, config.get("tokenizer_path"))
         self.token_texts = P.TokenTexts(self.tokenizer)
-        mc = ModelConfig(load_hf_config(source), torch.float32, config.get("context_length"))
+        hf_config = load_hf_config(source)
+        mc = ModelConfig(hf_config, torch.float32, config.get("context_length"))
         self.context_length, self.vocab_size = mc.context_length, mc.vocab_size
         self.created = P.now()
         self.role_format = role_format_from_tokenizer(self.tokenizer).to_dict()
         self.metrics = Metrics()
+        self.lora = AdapterRegistry(
+            self.model_id,
+            hf_config,
+            int(config.get("max_lora_rank") or 0),
+            bool(config.get("enable_lora")),
+            {name: (path, False) for name, path in parse_lora_paths(config.get("lora_paths")).items()},
+        )
         self.routes: dict[tuple[str, str], Handler] = {
             ("POST", "/v1/chat/completions"): self.chat,
             ("POST", "/v1/completions"): self.completions,
@@ -82,6 +94,8 @@ class OpenAIIngress:
             ("POST", "/flush_cache"): self.flush_cache,
             ("GET", "/get_model_info"): self.model_info,
             ("POST", "/tokenize"): self.tokenize,
+            ("POST", "/v1/load_lora_adapter"): self.load_lora_adapter,
+            ("POST", "/v1/unload_lora_adapter"): self.unload_lora_adapter,
         }
 
     async def __call__(self, request: Request) -> Response:
@@ -135,14 +149,14 @@ class OpenAIIngress:
             )
         return b"".join(parts)
 
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_id:
-            raise ModelNotFoundError(
-                f"The model '{model}' does not exist.", param="model", code="model_not_found"
-            )
+    def _check_model(self, model: str | None) -> str | None:
+        """The LoRA adapter ``model`` selects (``base``, ``base:adapter`` or ``adapter``); None for the base."""
+        return self.lora.resolve(model)
 
     # --- generation plumbing -----------------------------------------------------------------------------------
-    async def _outputs(self, prompts: list[list[int]], params, lp: P.LogprobOptions) -> AsyncIterator:
+    async def _outputs(
+        self, prompts: list[list[int]], params, lp: P.LogprobOptions, lora: str | None = None
+    ) -> AsyncIterator:
         """``(choice index, RequestOutput)`` for every prompt × sample (choice index ``prompt_index * n +
         sample``), from one replica call routed on the first prompt. Closing the iterator cancels the stream
         (aborting its requests)."""
@@ -152,6 +166,8 @@ class OpenAIIngress:
             "return_logprob": lp.return_logprob,
             "top_logprobs_num": lp.top_logprobs_num,
             "logprob_start_len": lp.logprob_start_len,
+            "lora_name": lora,
+            "lora_sync": self.lora.snapshot(),
         }
         gen = self.server.options(stream=True).generate.remote(payload)
         try:
@@ -203,13 +219,13 @@ class OpenAIIngress:
         started = time.perf_counter()
         req = P.decode_request("chat", await self._body(request))
         req.check()
-        self._check_model(req.model)
+        lora = self._check_model(req.model)
         ids = P.render_chat(
             self.tokenizer, req.messages, tools=req.tools, template_kwargs=req.chat_template_kwargs
         )
         P.check_prompt_length(len(ids), self.context_length)
         params = P.to_sampling_params(req, self.vocab_size, self.context_length, len(ids))
-        outputs = self._outputs([ids], params, P.logprob_options(req))
+        outputs = self._outputs([ids], params, P.logprob_options(req), lora)
         kw = {"model": self.model_id, "token_texts": self.token_texts}
         if req.stream:
             assembler = P.ChatStreamAssembler.from_request(req, include_usage=req.include_usage, **kw)
@@ -221,7 +237,7 @@ class OpenAIIngress:
         started = time.perf_counter()
         req = P.decode_request("completion", await self._body(request))
         req.check()
-        self._check_model(req.model)
+        lora = self._check_model(req.model)
         texts, token_lists = req.prompt_batch()
         if token_lists is None:
             token_lists = [self.tokenizer.encode(t) for t in texts or []]
@@ -234,7 +250,7 @@ class OpenAIIngress:
             P.check_prompt_length(len(ids), self.context_length, param="prompt")
         longest = max(len(ids) for ids in token_lists)
         params = P.to_sampling_params(req, self.vocab_size, self.context_length, longest)
-        outputs = self._outputs(token_lists, params, P.logprob_options(req))
+        outputs = self._outputs(token_lists, params, P.logprob_options(req), lora)
         kw = {"model": self.model_id, "token_texts": self.token_texts, "prompt_texts": prompt_texts}
         if req.stream:
             assembler = P.CompletionStreamAssembler.from_request(req, include_usage=req.include_usage, **kw)
@@ -247,6 +263,7 @@ class OpenAIIngress:
         started = time.perf_counter()
         req = P.decode_request("generate", await self._body(request))
         req.check()
+        self.lora.check(req.lora_path)
         texts = [req.text] if isinstance(req.text, str) else req.text
         ids_in = req.input_ids
         batch = isinstance(req.text, list) or (bool(ids_in) and isinstance(ids_in[0], list))
@@ -276,7 +293,7 @@ class OpenAIIngress:
         for ids_list, params in calls:
             base = len(results)
             results += [_NativeResult(req.return_logprob) for _ in range(len(ids_list) * params.n)]
-            streams.append((base, self._outputs(ids_list, params, lp)))
+            streams.append((base, self._outputs(ids_list, params, lp, req.lora_path)))
         tracker = _Latency(started)
         if not req.stream:
             for base, outs in streams:
@@ -302,7 +319,22 @@ class OpenAIIngress:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     async def models(self, request: Request) -> Response:
-        return _json(P.encode(P.ModelList(data=[P.ModelCard(id=self.model_id, created=self.created)])))
+        cards: list[P.ModelCard] = [P.ModelCard(id=self.model_id, created=self.created)]
+        cards += [
+            P.AdapterCard(id=name, created=self.created, parent=self.model_id, root=path)
+            for name, (path, _) in self.lora.adapters.items()
+        ]
+        return _json(P.encode(P.ModelList(data=cards)))
+
+    async def load_lora_adapter(self, request: Request) -> Response:
+        """``{"lora_name", "lora_path", "pinned"}``: checked here; every replica applies it before its next call."""
+        self.lora.load(decode_lora(LoadLoRAAdapterRequest, await self._body(request)))
+        return _json(b'{"success": true}')
+
+    async def unload_lora_adapter(self, request: Request) -> Response:
+        """``{"lora_name"}``: new requests for it fail at once; requests already using it finish."""
+        self.lora.unload(decode_lora(UnloadLoRAAdapterRequest, await self._body(request)))
+        return _json(b'{"success": true}')
 
     async def model_info(self, request: Request) -> Response:
         """SGLang-native: the served model, its context length and its chat template's role strings (what

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from sgl_ray.deployments.lora import ReplicaAdapters
 from sgl_ray.entrypoints.engine import Engine
 from sgl_ray.scheduler.output import RequestOutput
 
@@ -31,15 +32,18 @@ class LLMServer:
     def __init__(self, engine_kwargs: dict[str, Any]) -> None:
         self.engine = Engine(**engine_kwargs)
         self.model_path = self.engine.model_path
+        self.adapters = ReplicaAdapters(self.engine)
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """``request``: ``prompts`` (token-id lists), ``sampling_params``, ``return_logprob``, ``top_logprobs_num``,
-        ``logprob_start_len``. Yields ``(choice index, RequestOutput delta)`` with choice index
+        ``logprob_start_len``, ``lora_name`` (an adapter or None) and ``lora_sync`` (the ingress's adapter registry
+        snapshot, applied first when newer than this replica's). Yields ``(choice index, RequestOutput delta)`` with choice index
         ``prompt_index * n + sample``, as the engine produces them. Cancelling the stream aborts every request
         and frees its KV.
 
         All prompts of one HTTP request come in one call (Serve propagates the caller's request id to nested
         calls, so concurrent calls from one request must not race in the router)."""
+        self.adapters.sync(request.get("lora_sync"))
         prompts = request["prompts"]
         n = getattr(request["sampling_params"], "n", None) or 1
         queue: asyncio.Queue = asyncio.Queue()
@@ -52,6 +56,7 @@ class LLMServer:
                     return_logprob=request.get("return_logprob", False),
                     top_logprobs_num=request.get("top_logprobs_num", 0),
                     logprob_start_len=request.get("logprob_start_len", -1),
+                    lora_path=request.get("lora_name"),
                 ):
                     await queue.put((p * n + index, out))
             except BaseException as e:  # handed to the caller below
@@ -80,6 +85,7 @@ class LLMServer:
             "prefix_blocks": self.engine.prefix_summary(PREFIX_BLOCK),
             "num_running": stats["num_running"],
             "num_waiting": stats["num_waiting"],
+            "lora_adapters": [n for n, a in self.engine.list_lora_adapters().items() if a["loaded"]],
         }
 
     def stats(self) -> dict[str, Any]:

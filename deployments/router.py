@@ -3,7 +3,9 @@
 Each replica publishes (through Serve's periodic routing stats) the chained block hashes of every prefix in its
 radix cache. For a request, the router hashes the (first) prompt's token ids the same way (tokenized once, at the
 ingress) and prefers the replica holding the longest prefix of it — unless that replica is much busier than the
-least loaded one, in which case load wins. Unlike routers that match approximate character trees, a match here
+least loaded one, in which case load wins. A request for a LoRA adapter hashes its prompt in the adapter's
+namespace (KV is never shared across adapters), and without a cache match it prefers the least loaded replica that
+already holds the adapter in its runner slots (replicas publish those names too). Unlike routers that match approximate character trees, a match here
 means those exact tokens are cached there.
 """
 
@@ -18,27 +20,59 @@ from sgl_ray.mem_cache.prefix_hash import block_hashes, longest_shared_prefix
 PREFIX_BLOCK = 32
 
 
-def _load(replica: RunningReplica) -> int:
-    stats = replica.routing_stats or {}
+def _load(stats: dict) -> int:
     return int(stats.get("num_running", 0)) + int(stats.get("num_waiting", 0))
 
 
-def _prompt_ids(request: PendingRequest | None) -> list[int] | None:
-    if request is None or not request.args:
-        return None
-    body = request.args[0]
-    prompts = body.get("prompts") if isinstance(body, dict) else None
+def _body(request: PendingRequest | None) -> dict:
+    if request is None or not request.args or not isinstance(request.args[0], dict):
+        return {}
+    return request.args[0]
+
+
+def _prompt_ids(body: dict) -> list[int] | None:
+    prompts = body.get("prompts")
     ids = prompts[0] if isinstance(prompts, list) and prompts else None
     return ids if isinstance(ids, list) and ids and isinstance(ids[0], int) else None
 
 
+def rank_replicas(
+    stats: dict[str, dict], body: dict, imbalanced_threshold: int
+) -> tuple[list[list[str]], str]:
+    """The routing decision on plain data: ``stats`` maps replica id → its published routing stats
+    (``prefix_blocks``, ``lora_adapters``, ``num_running``, ``num_waiting``); ``body`` is the ``generate``
+    payload. Returns replica-id tiers to try in order and why (``load``, ``cache`` or ``adapter``).
+
+    >>> stats = {"r1": {"num_running": 1}, "r2": {"num_running": 0}, "r3": {"lora_adapters": ["sql"]}}
+    >>> rank_replicas(stats, {"prompts": [[1, 2, 3]], "lora_name": "sql"}, 8)
+    ([['r3'], ['r2', 'r1']], 'adapter')
+    """
+    by_load = sorted(stats, key=lambda r: _load(stats[r]))
+    ids, lora = _prompt_ids(body), body.get("lora_name")
+    if ids is None:
+        return [by_load], "load"
+    hashes = block_hashes(ids, PREFIX_BLOCK, lora)  # an adapter's prefixes live in its own namespace
+    matched = {
+        r: longest_shared_prefix(hashes, s.get("prefix_blocks", ()), PREFIX_BLOCK) for r, s in stats.items()
+    }
+    best = max(by_load, key=lambda r: (matched[r], -_load(stats[r])))
+    least = _load(stats[by_load[0]])
+    if matched[best] > 0 and _load(stats[best]) - least <= imbalanced_threshold:
+        return [[best], [r for r in by_load if r != best]], "cache"
+    if matched[best] == 0 and lora is not None:
+        holders = [r for r in by_load if lora in stats[r].get("lora_adapters", ())]
+        if holders and _load(stats[holders[0]]) - least <= imbalanced_threshold:
+            return [holders, [r for r in by_load if r not in holders]], "adapter"
+    return [by_load], "load"
+
+
 class PrefixCacheRouter(RequestRouter):
     """``imbalanced_threshold``: how many more in-flight requests than the least loaded replica the best cache
-    match may have before the router falls back to load balancing."""
+    match (or adapter holder) may have before the router falls back to load balancing."""
 
     def initialize_state(self, imbalanced_threshold: int = 8, **kwargs: Any) -> None:
         self.imbalanced_threshold = imbalanced_threshold
-        self.num_cache_routed = 0
+        self.num_routed = {"load": 0, "cache": 0, "adapter": 0}
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -48,19 +82,8 @@ class PrefixCacheRouter(RequestRouter):
         if pending_request is not None:
             # Back off between retries when every replica is at capacity (else the base class spins).
             pending_request.routing_context.should_backoff = True
-        by_load = sorted(candidate_replicas, key=_load)
-        ids = _prompt_ids(pending_request)
-        if ids is None:
-            return [by_load]
-        hashes = block_hashes(ids, PREFIX_BLOCK)
-        matched = {
-            r.replica_id: longest_shared_prefix(
-                hashes, (r.routing_stats or {}).get("prefix_blocks", ()), PREFIX_BLOCK
-            )
-            for r in candidate_replicas
-        }
-        best = max(candidate_replicas, key=lambda r: (matched[r.replica_id], -_load(r)))
-        if matched[best.replica_id] == 0 or _load(best) - _load(by_load[0]) > self.imbalanced_threshold:
-            return [by_load]
-        self.num_cache_routed += 1
-        return [[best], [r for r in by_load if r is not best]]
+        replicas = {r.replica_id.unique_id: r for r in candidate_replicas}
+        stats = {rid: r.routing_stats or {} for rid, r in replicas.items()}
+        tiers, why = rank_replicas(stats, _body(pending_request), self.imbalanced_threshold)
+        self.num_routed[why] += 1
+        return [[replicas[rid] for rid in tier] for tier in tiers]

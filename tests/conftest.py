@@ -134,6 +134,30 @@ def hf_reference(smollm2_path, tiny_llama_path, tiny_qwen2_path, tiny_qwen3_path
     return get
 
 
+# --- LoRA adapters (tests/lora/adapters.py) ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(tiny_llama_path, tmp_path_factory) -> dict[str, str]:
+    """``{name: PEFT adapter directory}`` on the tiny Llama, random weights (see ``tests/lora/adapters.py``)."""
+    pytest.importorskip("peft")
+    from .lora.adapters import ADAPTERS, make_adapter
+
+    root = tmp_path_factory.mktemp("lora")
+    return {
+        name: make_adapter(tiny_llama_path, root / name, *spec, seed=i)
+        for i, (name, spec) in enumerate(ADAPTERS.items())
+    }
+
+
+@pytest.fixture(scope="session")
+def peft_reference(tiny_llama_path, lora_adapters):
+    """``peft_reference(adapter or None, input_ids, new)`` → greedy tokens of transformers + peft."""
+    from .lora.adapters import PeftReference
+
+    return PeftReference(tiny_llama_path, lora_adapters)
+
+
 # --- one Ray cluster for the whole session ------------------------------------------------------------------------
 
 

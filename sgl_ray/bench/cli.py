@@ -1,4 +1,5 @@
-"""``sgl-ray bench …``: benchmark sub-commands, ``offline`` (in-process engine) and ``serving`` (a running server).
+"""``sgl-ray bench …``: benchmark sub-commands, ``offline`` (in-process engine), ``serving`` (a running server) and
+``lora`` (multi-LoRA throughput vs the base model).
 
 Examples::
 
@@ -9,6 +10,7 @@ Examples::
     sgl-ray bench serving --base-url http://127.0.0.1:8000 --num-prompts 64 --random-input-len 256 --plot s.png
     sgl-ray bench serving --backend sglang-generate --dataset shared-prefix --prefix-len 1024 --num-prefixes 4 \
         --request-rate 8 --max-concurrency 16 --flush-cache
+    sgl-ray bench lora --adapters 1 4 16 --num-prompts 64 --device cuda --dtype bfloat16 --model-path /models/llama
 
 The same from Python::
 
@@ -36,7 +38,9 @@ from sgl_ray.configs.engine_args import EngineArgs
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` sub-commands to ``parser`` (the ``sgl-ray bench`` parser)."""
-    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="{offline,serving,roofline}")
+    sub = parser.add_subparsers(
+        dest="bench_command", required=True, metavar="{offline,serving,roofline,lora}"
+    )
     offline = sub.add_parser(
         "offline",
         help="offline throughput: sgl_ray's Engine vs transformers generate, side by side",
@@ -83,6 +87,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     offline.set_defaults(bench_func=_offline)
     _add_serving_args(sub)
     _add_roofline_args(sub)
+    _add_lora_args(sub)
 
 
 def _triple(text: str) -> tuple[int, ...]:
@@ -143,6 +148,32 @@ def _roofline(ns: argparse.Namespace) -> int:
         rates, facts, rows = run_roofline(EngineArgs.from_cli_args(ns), cfg, record)
     print(format_roofline(rates, facts, rows))
     return 0
+
+
+def _add_lora_args(sub: argparse._SubParsersAction) -> None:
+    lora = sub.add_parser(
+        "lora",
+        help="multi-LoRA throughput: 1, 4, 16 distinct adapters in a batch vs the base model",
+        description=(
+            "Time one batch of random prompts on the base model and, right after, spread round-robin over k random "
+            "rank-r LoRA adapters (all target modules), for each k."
+        ),
+    )
+    EngineArgs.add_cli_args(lora)
+    w = lora.add_argument_group("workload")
+    w.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16], help="distinct adapters per run")
+    w.add_argument("--num-prompts", type=int, default=32, help="requests per run")
+    w.add_argument("--input-len", type=int, default=128, help="prompt tokens")
+    w.add_argument("--output-len", type=int, default=64, help="new tokens per request")
+    w.add_argument("--lora-rank", type=int, default=16, help="rank of the random adapters")
+    w.add_argument("--seed", type=int, default=0, help="seed of the prompts and adapter weights")
+    w.add_argument(
+        "--repeats", type=int, default=1, help="alternate base/adapter runs; keep the fastest of each"
+    )
+    lora.add_argument(
+        "--output-file", default="bench_lora.jsonl", help="JSONL file the records are appended to"
+    )
+    lora.set_defaults(bench_func=_lora)
 
 
 def _add_serving_args(sub: argparse._SubParsersAction) -> None:
@@ -220,6 +251,26 @@ def _offline(ns: argparse.Namespace) -> int:
     print(f"records appended to {ns.output_file}")
     if ns.plot and plot(results, ns.plot):
         print(f"plot written to {ns.plot}")
+    return 0
+
+
+def _lora(ns: argparse.Namespace) -> int:
+    from sgl_ray.bench.lora import LoRABenchConfig, run_lora_bench
+
+    cfg = LoRABenchConfig(
+        adapter_counts=tuple(ns.adapters),
+        num_prompts=ns.num_prompts,
+        input_len=ns.input_len,
+        output_len=ns.output_len,
+        rank=ns.lora_rank,
+        seed=ns.seed,
+        repeats=ns.repeats,
+    )
+    run, results = run_lora_bench(EngineArgs.from_cli_args(ns), cfg)
+    write_jsonl(ns.output_file, [to_record(r, run) for r in results])
+    print(format_header(run))
+    print(format_table(results))
+    print(f"records appended to {ns.output_file}")
     return 0
 
 

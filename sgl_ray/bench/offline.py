@@ -163,15 +163,16 @@ def _flush(engine: Engine) -> None:
         logger.warning("flush_cache refused (requests still running); the next run may reuse cached KV")
 
 
-def run_engine(engine: Engine, system: str, wl: Workload) -> SystemResult:
-    """Warm up, flush the prefix cache, then time all of ``wl``'s prompts submitted in one ``generate`` call."""
+def run_engine(engine: Engine, system: str, wl: Workload, lora_path: list[str] | None = None) -> SystemResult:
+    """Warm up, flush the prefix cache, then time all of ``wl``'s prompts submitted in one ``generate`` call
+    (``lora_path``: each prompt's LoRA adapter)."""
     params = {"temperature": 0.0, "max_new_tokens": wl.output_len, "ignore_eos": True}
     _flush(engine)
     engine.generate(input_ids=[wl.prompts[0][:_WARM_UP_LEN]], sampling_params={**params, "max_new_tokens": 4})
     _flush(engine)
     preemptions = engine.get_stats()["num_preemptions"]
     start = time.perf_counter()
-    outs = engine.generate(input_ids=wl.prompts, sampling_params=params)
+    outs = engine.generate(input_ids=wl.prompts, sampling_params=params, lora_path=lora_path)
     wall = time.perf_counter() - start
     assert isinstance(outs, list)
     return SystemResult(

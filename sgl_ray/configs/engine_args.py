@@ -73,6 +73,22 @@ class EngineArgs:
     dp_size: int = field(default=1, metadata={"help": "data-parallel engine groups"})
     use_ray: bool = field(default=False, metadata={"help": "run in Ray actors even at size 1"})
     ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: local)"})
+    enable_lora: bool = field(
+        default=False, metadata={"help": "allocate LoRA adapter slots (implied by --lora-paths)"}
+    )
+    lora_paths: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "LoRA adapters to load at start: name=path ...", "nargs": "*"}
+    )
+    max_loras_per_batch: int = field(
+        default=8, metadata={"help": "LoRA adapter slots (distinct adapters per batch)"}
+    )
+    max_lora_rank: int | None = field(
+        default=None,
+        metadata={"help": "largest LoRA rank accepted (default: the largest of --lora-paths, or 16)"},
+    )
+    lora_backend: str | None = field(
+        default=None, metadata={"help": "torch (CPU default) | triton (GPU default)"}
+    )
 
     def __post_init__(self) -> None:
         def bad(param: str, msg: str) -> InvalidRequestError:
@@ -97,6 +113,14 @@ class EngineArgs:
             raise bad("cuda_graph_max_bs", "must be >= 1")
         if self.load_format not in ("auto", "dummy"):
             raise bad("load_format", "must be 'auto' or 'dummy'")
+        if isinstance(self.lora_paths, dict):
+            object.__setattr__(self, "lora_paths", tuple(f"{k}={v}" for k, v in self.lora_paths.items()))
+        elif self.lora_paths is not None:
+            object.__setattr__(self, "lora_paths", tuple(self.lora_paths))
+        if self.max_loras_per_batch < 1:
+            raise bad("max_loras_per_batch", "must be >= 1")
+        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+            raise bad("max_lora_rank", "must be >= 1")
         if self.schedule_policy not in get_args(SchedulePolicyName):
             raise bad("schedule_policy", f"must be one of {get_args(SchedulePolicyName)}")
 
@@ -104,6 +128,10 @@ class EngineArgs:
     def uses_ray(self) -> bool:
         """Whether the engine runs in Ray actors (any parallelism, or asked for)."""
         return self.use_ray or self.tp_size * self.pp_size * self.dp_size > 1
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or bool(self.lora_paths)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -129,7 +157,10 @@ class EngineArgs:
                 parser.add_argument(flag, action="store_true", default=f.default, help=help_text)
                 continue
             kind = str if "str" in str(f.type) else float if "float" in str(f.type) else int
-            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+            nargs = f.metadata.get("nargs")
+            parser.add_argument(
+                flag, type=kind, default=f.default, help=help_text, **({"nargs": nargs} if nargs else {})
+            )
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:

@@ -11,6 +11,8 @@ from typing import Any
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.configs.model_config import ModelConfig
 from sgl_ray.entrypoints.loop import EngineLoop, OverlapExecutor, StepExecutor
+from sgl_ray.errors import InvalidRequestError
+from sgl_ray.lora.adapter import parse_lora_paths
 from sgl_ray.runner.model_runner import ModelRunner
 from sgl_ray.scheduler.output import RequestOutput
 from sgl_ray.scheduler.request import Req
@@ -41,6 +43,18 @@ class EngineCore(ABC):
         """Chained block hashes of every prefix in the prefix cache (see ``mem_cache.prefix_hash``)."""
 
     @abstractmethod
+    def load_lora_adapter(self, name: str, path: str, pinned: bool) -> None:
+        """Register an adapter (already checked by the caller) in every engine group."""
+
+    @abstractmethod
+    def unload_lora_adapter(self, name: str) -> bool:
+        """Remove an adapter; False when deferred until the requests using it finish."""
+
+    @abstractmethod
+    def lora_adapters(self) -> dict[str, dict]:
+        """``{name: {"path", "pinned", "loaded"}}`` ("loaded": in a runner slot now)."""
+
+    @abstractmethod
     def shutdown(self) -> None: ...
 
 
@@ -59,7 +73,26 @@ def scheduler_config(
         policy=args.schedule_policy,
         enable_prefix_cache=not args.disable_radix_cache,
         overlap=overlap,
+        max_loras_per_batch=args.max_loras_per_batch if args.lora_enabled else 0,
     )
+
+
+def new_scheduler(
+    args: EngineArgs, num_slots: int, max_reqs: int, context_length: int, tokenizer, overlap: bool = False
+) -> Scheduler:
+    """A scheduler with the adapters of ``args.lora_paths`` registered (checked by the ``Engine`` front)."""
+    sched = Scheduler(scheduler_config(args, num_slots, max_reqs, context_length, overlap), tokenizer)
+    for name, path in parse_lora_paths(args.lora_paths).items():
+        assert sched.lora is not None
+        sched.lora.register(name, path)
+    return sched
+
+
+def lora_call(s: Scheduler, method: str, *a):
+    """Run an :class:`~sgl_ray.lora.pool.AdapterPool` method on a scheduler (error if LoRA is off)."""
+    if s.lora is None:
+        raise InvalidRequestError("LoRA is not enabled on this engine (enable_lora)", param="lora_name")
+    return getattr(s.lora, method)(*a)
 
 
 def scheduler_stats(s: Scheduler) -> dict[str, Any]:
@@ -85,8 +118,8 @@ class InProcessCore(EngineCore):
         self.runner = ModelRunner(args, model_config, weights)
         info = self.runner.info
         overlap = not args.disable_overlap_schedule
-        self.scheduler = Scheduler(
-            scheduler_config(args, info.num_slots, info.max_reqs, info.context_length, overlap), tokenizer
+        self.scheduler = new_scheduler(
+            args, info.num_slots, info.max_reqs, info.context_length, tokenizer, overlap=overlap
         )
         runner = self.runner
         executor = OverlapExecutor(runner.launch, runner.collect) if overlap else StepExecutor(runner.execute)
@@ -106,6 +139,15 @@ class InProcessCore(EngineCore):
 
     def prefix_summary(self, block: int) -> frozenset[int]:
         return self.loop.call(lambda s: prefix_summary(s, block))
+
+    def load_lora_adapter(self, name: str, path: str, pinned: bool) -> None:
+        self.loop.call(lambda s: lora_call(s, "register", name, path, pinned))
+
+    def unload_lora_adapter(self, name: str) -> bool:
+        return self.loop.call(lambda s: lora_call(s, "unregister", name))
+
+    def lora_adapters(self) -> dict[str, dict]:
+        return self.loop.call(lambda s: s.lora.adapters() if s.lora is not None else {})
 
     def shutdown(self) -> None:
         self.loop.stop()

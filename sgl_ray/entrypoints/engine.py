@@ -14,6 +14,7 @@ from sgl_ray.configs.model_config import ModelConfig, resolve_dtype
 from sgl_ray.entrypoints.core import EngineCore, InProcessCore, create_ray_core
 from sgl_ray.entrypoints.requests import RequestSpec, ResultBuilder, normalize_batch, to_sampling_params
 from sgl_ray.errors import InvalidRequestError
+from sgl_ray.lora.adapter import check_adapter, parse_lora_paths, resolve_max_rank
 from sgl_ray.model_loader import (
     default_model_path,
     iter_weights,
@@ -47,11 +48,12 @@ class Engine:
     """
 
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
-        self.args = EngineArgs(model_path=model_path, **kwargs)
-        args = self.args
+        args = EngineArgs(model_path=model_path, **kwargs)
         path = args.model_path or str(default_model_path())
         source = resolve_model(path, revision=args.revision, weights=args.load_format != "dummy")
         hf_config = load_hf_config(source)
+        self.hf_config = hf_config
+        self.args = args = self._resolve_lora(args, hf_config)
         device = args.torch_device()
         self.model_config = ModelConfig(
             hf_config, resolve_dtype(args.dtype, hf_config, device), args.context_length
@@ -64,6 +66,16 @@ class Engine:
             self._core: EngineCore = create_ray_core(args.replace(model_path=path), self.model_config)
         else:
             self._core = InProcessCore(args, self.model_config, iter_weights(source), self.tokenizer)
+
+    @staticmethod
+    def _resolve_lora(args: EngineArgs, hf_config) -> EngineArgs:
+        """Check the start-up adapters and settle ``max_lora_rank`` (the runner sizes its slots by it)."""
+        if not args.lora_enabled:
+            return args
+        rank = resolve_max_rank(args.max_lora_rank, args.lora_paths)
+        for path in parse_lora_paths(args.lora_paths).values():
+            check_adapter(path, hf_config, rank)
+        return args.replace(max_lora_rank=rank)
 
     def _eos_ids(self, from_config: tuple[int, ...]) -> tuple[int, ...]:
         ids = set(from_config)
@@ -81,6 +93,7 @@ class Engine:
         logprob_start_len: int,
         top_logprobs_num: int,
         priority: int,
+        lora_path: str | Sequence[str | None] | None = None,
     ) -> tuple[list[RequestSpec], bool]:
         prompts, token_lists, is_batch = normalize_batch(prompt, input_ids)
         if prompts is not None:
@@ -100,9 +113,15 @@ class Engine:
             raise InvalidRequestError(
                 "stop strings need a tokenizer (skip_tokenizer_init is set)", param="stop"
             )
+        if lora_path is None or isinstance(lora_path, str):
+            loras = [lora_path] * len(token_lists)
+        elif len(lora_path) != len(token_lists):
+            raise InvalidRequestError("lora_path list must match the number of prompts", param="lora_path")
+        else:
+            loras = list(lora_path)
         specs = [
-            RequestSpec(ids, p, return_logprob, logprob_start_len, top_logprobs_num, priority)
-            for ids, p in zip(token_lists, params, strict=True)
+            RequestSpec(ids, p, return_logprob, logprob_start_len, top_logprobs_num, priority, lora)
+            for ids, p, lora in zip(token_lists, params, loras, strict=True)
         ]
         return specs, is_batch
 
@@ -122,11 +141,20 @@ class Engine:
         top_logprobs_num: int = 0,
         stream: bool = False,
         priority: int = 0,
+        lora_path: str | Sequence[str | None] | None = None,
     ) -> dict | list[dict] | Iterator[dict]:
         """Generate completions (blocking). With ``stream=True`` returns an iterator of chunks whose ``text`` and
-        ``output_ids`` are deltas (several requests' chunks interleave; tell them apart by ``meta_info["id"]``)."""
+        ``output_ids`` are deltas (several requests' chunks interleave; tell them apart by ``meta_info["id"]``).
+        ``lora_path`` names a loaded LoRA adapter (one for all prompts, or a list with None for the base model)."""
         specs, is_batch = self._specs(
-            prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num, priority
+            prompt,
+            sampling_params,
+            input_ids,
+            return_logprob,
+            logprob_start_len,
+            top_logprobs_num,
+            priority,
+            lora_path,
         )
         inbox: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
         groups = self._submit(specs, inbox.put)
@@ -157,10 +185,18 @@ class Engine:
         top_logprobs_num: int = 0,
         stream: bool = False,
         priority: int = 0,
+        lora_path: str | Sequence[str | None] | None = None,
     ) -> dict | list[dict] | AsyncIterator[dict]:
         """Async ``generate``; with ``stream=True`` returns an async iterator of delta chunks."""
         specs, is_batch = self._specs(
-            prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num, priority
+            prompt,
+            sampling_params,
+            input_ids,
+            return_logprob,
+            logprob_start_len,
+            top_logprobs_num,
+            priority,
+            lora_path,
         )
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -191,6 +227,7 @@ class Engine:
         top_logprobs_num: int = 0,
         logprob_start_len: int = -1,
         priority: int = 0,
+        lora_path: str | None = None,
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """The raw delta stream of one prompt: ``(sample index, RequestOutput)`` for its ``n`` samples, in the
         order the engine produces them (what a server turns into OpenAI chunks). Leaving early aborts them."""
@@ -201,6 +238,7 @@ class Engine:
             logprob_start_len,
             top_logprobs_num,
             priority,
+            lora_path,
         )
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -222,6 +260,33 @@ class Engine:
     def abort(self, rid: str) -> None:
         """Abort a request by its ``meta_info["id"]``."""
         self._core.abort(rid)
+
+    # --- LoRA adapters -----------------------------------------------------------------------------------------
+    def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> None:
+        """Make a PEFT adapter directory available as ``lora_name`` (the engine needs ``enable_lora=True`` or
+        ``lora_paths``). Its weights go to a runner slot when a request first uses it (``pinned``: now, and they
+        are never evicted). Raises :class:`InvalidRequestError` for a bad adapter or a taken name.
+
+        Example::
+
+            >>> llm = sgl_ray.Engine(model_path, enable_lora=True)  # doctest: +SKIP
+            >>> llm.load_lora_adapter("sql", "/adapters/sql")  # doctest: +SKIP
+            >>> llm.generate("SELECT", {"max_new_tokens": 8}, lora_path="sql")  # doctest: +SKIP
+        """
+        if not self.args.lora_enabled:
+            raise InvalidRequestError("LoRA is not enabled on this engine (enable_lora)", param="lora_name")
+        assert self.args.max_lora_rank is not None
+        config = check_adapter(lora_path, self.hf_config, self.args.max_lora_rank)
+        self._core.load_lora_adapter(lora_name, config.path, pinned)
+
+    def unload_lora_adapter(self, lora_name: str) -> bool:
+        """Remove an adapter: new requests for it fail at once; requests already using it finish first (then
+        the return value is False: deferred). Unknown names raise :class:`ModelNotFoundError`."""
+        return self._core.unload_lora_adapter(lora_name)
+
+    def list_lora_adapters(self) -> dict[str, dict]:
+        """``{name: {"path", "pinned", "loaded"}}``."""
+        return self._core.lora_adapters()
 
     # --- control -------------------------------------------------------------------------------------------------
     def flush_cache(self) -> bool:

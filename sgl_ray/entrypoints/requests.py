@@ -47,6 +47,7 @@ class RequestSpec:
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     priority: int = 0
+    lora_name: str | None = None
     rid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def to_reqs(self, eos_token_ids: tuple[int, ...], rng: random.Random, vocab_size: int) -> list[Req]:
@@ -73,6 +74,8 @@ class RequestSpec:
                     top_logprobs_num=self.top_logprobs_num if self.return_logprob else 0,
                     logprob_start_len=self.logprob_start_len if self.return_logprob else -1,
                     priority=self.priority,
+                    extra_key=self.lora_name,  # KV computed under an adapter is only shared under it
+                    lora_name=self.lora_name,
                     group=group,
                 )
             )

@@ -38,6 +38,7 @@ from sgl_ray.protocol.requests import (
 )
 from sgl_ray.protocol.responses import (
     SSE_DONE,
+    AdapterCard,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -110,6 +111,7 @@ __all__ = [
     "TokenizeRequest",
     "GenerateResponse",
     "LogprobOptions",
+    "AdapterCard",
     "ModelCard",
     "ModelList",
     "PromptTokensDetails",

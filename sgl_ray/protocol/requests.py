@@ -223,6 +223,7 @@ class GenerateRequest(_Body, kw_only=True):
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     rid: str | None = None
+    lora_path: str | None = None  # a loaded LoRA adapter's name
 
     def check(self) -> None:
         if (self.text is None) == (self.input_ids is None):

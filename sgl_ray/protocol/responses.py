@@ -167,6 +167,13 @@ class ModelCard(_Out, kw_only=True):
     owned_by: str = "sgl_ray"
 
 
+class AdapterCard(ModelCard, kw_only=True):
+    """A LoRA adapter in ``GET /v1/models``: ``parent`` is the base model's id, ``root`` the adapter's path."""
+
+    parent: str
+    root: str
+
+
 class ModelList(_Out, kw_only=True):
     """``GET /v1/models``.
 

@@ -18,6 +18,7 @@ from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.configs.model_config import ModelConfig
 from sgl_ray.distributed import ShardContext
 from sgl_ray.layers.linear import store_weights_input_major
+from sgl_ray.lora.weights import LoRAWeights
 from sgl_ray.mem_cache.kv_pool import KVPool, ReqToTokenTable
 from sgl_ray.models.registry import get_model_class
 from sgl_ray.runner.cuda_graph import CudaGraphRunner
@@ -78,6 +79,13 @@ class ModelRunner:
         if args.num_threads and self.device.type == "cpu":
             torch.set_num_threads(args.num_threads)
         self.model = self._load_model(weights)
+        self.lora = (
+            LoRAWeights(
+                self.model, args.max_loras_per_batch, args.max_lora_rank or 0, self.device, args.lora_backend
+            )
+            if args.lora_enabled
+            else None
+        )
         self.attn_backend = create_attention_backend(args.attention_backend, self.device)
         self.sampler = Sampler()
         self.cuda_graphs: CudaGraphRunner | None = None
@@ -200,6 +208,10 @@ class ModelRunner:
             state.set_request(
                 req.req_pool_idx, req.sampling, req.seed, req.eos_token_ids, req.prompt_ids, req.output_ids
             )
+        if plan.lora_loads:
+            assert self.lora is not None, "LoRA is not enabled on this runner"
+            for load in plan.lora_loads:
+                self.lora.load(load.slot, load.path)
         dev = self.device
         if len(plan.table_req):
             self.req_table.write(
@@ -226,7 +238,13 @@ class ModelRunner:
             shape = (plan.num_tokens, self.config.hidden_size)
             h, r = shard.pipe.recv([shape, shape], self.config.dtype, dev)
             intermediate = (h, r)
-        hidden = self.model(batch, intermediate)  # [T, hidden], or (hidden, residual) before the last stage
+        if self.lora is not None:
+            self.lora.begin(plan.lora_slots, plan.extend_lens)
+        try:  # [T, hidden], or (hidden, residual) before the last stage
+            hidden = self.model(batch, intermediate)
+        finally:
+            if self.lora is not None:
+                self.lora.end()
         if not shard.is_last_stage:
             assert shard.pipe is not None
             shard.pipe.send(list(hidden))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sgl_ray.lora.pool import AdapterPool
 from sgl_ray.scheduler.kv_manager import KVCacheManager
 from sgl_ray.scheduler.output import RequestOutput
 from sgl_ray.scheduler.plan import FUTURE_TOKEN, NewRequest, StepOutput, StepPlan
@@ -79,10 +80,12 @@ class ScheduledBatch:
                 entry.input_lp_start, entry.input_lp_count = lo, hi - lo + 1
         self.entries.append(entry)
 
-    def finalize(self, kv: KVCacheManager) -> ScheduledBatch:
+    def finalize(self, kv: KVCacheManager, lora: AdapterPool | None = None) -> ScheduledBatch:
         entries = self.entries
         plan = self.plan
         plan.freed_req_pool_idxs = kv.take_freed_req_slots()
+        if lora is not None:
+            plan.lora_loads = lora.take_loads()
         plan.new_requests = [_new_request(e.req) for e in entries if e.new]
         plan.table_req, plan.table_pos, plan.table_slot = kv.take_table_writes()
         if not entries:
@@ -92,6 +95,8 @@ class ScheduledBatch:
         plan.prefix_lens = np.fromiter((e.prefix_len for e in entries), i64, len(entries))
         plan.extend_lens = np.fromiter((e.extend_len for e in entries), i64, len(entries))
         plan.sample = np.fromiter((e.sample for e in entries), np.bool_, len(entries))
+        if lora is not None:
+            plan.lora_slots = np.fromiter((e.req.lora_slot for e in entries), i64, len(entries))
         plan.input_ids = np.fromiter(_input_ids(entries), i64, int(plan.extend_lens.sum()))
         plan.out_cache_loc = np.concatenate(
             [e.req.kv_slots.view()[e.prefix_len : e.prefix_len + e.extend_len] for e in entries]
@@ -120,7 +125,7 @@ class ScheduledBatch:
     @property
     def worth_running(self) -> bool:
         """Whether the plan does anything (a plan with no requests may still free request slots)."""
-        return bool(self.entries or self.plan.freed_req_pool_idxs)
+        return bool(self.entries or self.plan.freed_req_pool_idxs or self.plan.lora_loads)
 
     def iter_results(self, result: StepOutput) -> Iterator[tuple[BatchEntry, Sampled | None]]:
         s = 0

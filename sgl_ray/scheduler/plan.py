@@ -34,6 +34,14 @@ class NewRequest(msgspec.Struct, kw_only=True):
     output_ids: list[int]  # tokens generated before a preemption (their counts feed the penalties)
 
 
+class LoRALoad(msgspec.Struct, frozen=True):
+    """Load the adapter at ``path`` into LoRA slot ``slot`` before running the step (replacing what is there)."""
+
+    slot: int
+    name: str
+    path: str
+
+
 class StepPlan(msgspec.Struct, kw_only=True):
     """One forward step over B requests and T new tokens (layout as in ``ForwardBatch``).
 
@@ -59,6 +67,8 @@ class StepPlan(msgspec.Struct, kw_only=True):
     input_logprob_start: np.ndarray = msgspec.field(default_factory=_empty)  # [B], -1: none
     input_logprob_counts: np.ndarray = msgspec.field(default_factory=_empty)  # [B]
     input_logprob_targets: np.ndarray = msgspec.field(default_factory=_empty)  # [sum counts]
+    lora_loads: list[LoRALoad] = []
+    lora_slots: np.ndarray = msgspec.field(default_factory=_empty)  # [B] adapter slot, -1: base model
 
     @property
     def batch_size(self) -> int:

@@ -105,6 +105,7 @@ class Req:
     logprob_start_len: int = -1  # first prompt position whose logprob is returned; -1: none
     priority: int = 0
     extra_key: str | None = None  # namespace of the prefix cache (e.g. a LoRA adapter)
+    lora_name: str | None = None  # LoRA adapter to run with (None: the base model)
     group: RequestGroup | None = None
     arrival: float = field(default_factory=time.monotonic)
 
@@ -124,6 +125,7 @@ class Req:
     in_flight: bool = False  # part of a scheduled batch whose results are not processed yet
     inflight_tokens: int = 0  # tokens being computed by batches in flight
     inflight_samples: int = 0  # tokens those batches will sample (not yet in output_ids)
+    lora_slot: int = -1  # runner slot of the adapter while running
 
     def prompt_block_hashes(self, block: int) -> list[int]:
         """Chained hashes of the prompt's ``block``-token blocks (see ``mem_cache.prefix_hash``), computed once."""

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sgl_ray.errors import InvalidRequestError, StepLostError
+from sgl_ray.lora.pool import AdapterPool
 from sgl_ray.scheduler.batch import ScheduledBatch
 from sgl_ray.scheduler.kv_manager import KVCacheManager
 from sgl_ray.scheduler.output import OutputProcessor, RequestOutput
@@ -58,6 +59,7 @@ class SchedulerConfig:
     init_new_token_ratio: float = 0.7
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
+    max_loras_per_batch: int = 0  # LoRA adapter slots; 0: LoRA off
 
 
 class Scheduler:
@@ -74,6 +76,7 @@ class Scheduler:
             config.num_slots, config.page_size, config.max_reqs, config.enable_prefix_cache
         )
         self.policy = create_policy(config.policy)
+        self.lora = AdapterPool(config.max_loras_per_batch) if config.max_loras_per_batch else None
         self.outputs = OutputProcessor(tokenizer, config.context_length)
         self.waiting: list[Req] = []
         self.running: list[Req] = []
@@ -101,6 +104,12 @@ class Scheduler:
                 f"the prompt has {len(req.prompt_ids)} tokens but the KV cache holds {self.kv.capacity}",
                 param="prompt",
             )
+        if req.lora_name is not None:
+            if self.lora is None:
+                raise InvalidRequestError(
+                    "LoRA is not enabled on this engine (enable_lora)", param="lora_path"
+                )
+            self.lora.add_user(req.lora_name)
         req.status = ReqStatus.WAITING
         self.waiting.append(req)
 
@@ -147,11 +156,14 @@ class Scheduler:
         request back to the front of the queue; each resumes from prompt + the tokens it already generated."""
         c = self.config
         self.kv = KVCacheManager(c.num_slots, c.page_size, c.max_reqs, c.enable_prefix_cache)
+        if self.lora is not None:
+            self.lora.reset_slots()
         resumed = sorted(self.running, key=lambda r: r.admit_seq)
         for r in resumed + self.waiting:
             r.in_flight, r.inflight_tokens, r.inflight_samples = False, 0, 0
             r.kv_slots.clear()
             r.req_pool_idx, r.cache_node, r.tree_len, r.num_computed = -1, None, 0, 0
+            r.lora_slot = -1
             r.status = ReqStatus.WAITING
             if r.group is not None and not r.group.prompt_cached:
                 r.group.leader = None
@@ -174,7 +186,7 @@ class Scheduler:
             self.new_token_ratio = max(
                 self.config.min_new_token_ratio, self.new_token_ratio - self.config.new_token_ratio_decay
             )
-        return batch.finalize(self.kv)
+        return batch.finalize(self.kv, self.lora)
 
     def _schedule_decodes(self, batch: ScheduledBatch) -> bool:
         ahead = self.config.overlap
@@ -199,6 +211,8 @@ class Scheduler:
             retracted = True
             if victim in decoding:
                 decoding.remove(victim)
+        if self.lora is not None:  # one contiguous run of tokens per adapter: fewer, longer LoRA segments
+            decoding.sort(key=lambda r: r.lora_slot)
         for r in decoding:
             batch.add(r, 1)
         return retracted
@@ -249,8 +263,11 @@ class Scheduler:
             if not chunking and n > budget and batch.num_prefill_tokens > 0:
                 break
             own_reserve = min(r.remaining_new_tokens, _CLIP_NEW_TOKENS) * self.new_token_ratio
+            if not self._acquire_lora(r):
+                continue  # every adapter slot is held by running requests: wait for one to free
             # With nothing running, admit whatever fits at all (no headroom rule can deadlock an idle engine).
             if not self.kv.admit(r, match, n, reserve + own_reserve if self.running else 0.0):
+                self._release_lora(r)
                 break
             if r.admit_seq < 0:
                 r.cached_tokens = r.num_computed
@@ -287,6 +304,18 @@ class Scheduler:
         k = cached // _PREFIX_BLOCK
         return k < len(hashes) and hashes[k] in inflight
 
+    def _acquire_lora(self, r: Req) -> bool:
+        if r.lora_name is None or r.lora_slot >= 0:
+            return True
+        assert self.lora is not None
+        r.lora_slot = self.lora.acquire(r.lora_name)
+        return r.lora_slot >= 0
+
+    def _release_lora(self, r: Req) -> None:
+        if r.lora_slot >= 0 and self.lora is not None and r.lora_name is not None:
+            self.lora.release(r.lora_name)
+        r.lora_slot = -1
+
     def _pick_victim(self) -> Req | None:
         candidates = [r for r in self.running if not r.in_flight]
         if not candidates:
@@ -295,6 +324,7 @@ class Scheduler:
 
     def _retract(self, req: Req) -> None:
         self.kv.release(req)
+        self._release_lora(req)
         self.running.remove(req)
         req.status = ReqStatus.WAITING
         req.num_computed = 0
@@ -359,6 +389,9 @@ class Scheduler:
         req.status = ReqStatus.FINISHED
         if req.req_pool_idx >= 0:
             self.kv.release(req)
+        self._release_lora(req)
+        if req.lora_name is not None and self.lora is not None:
+            self.lora.remove_user(req.lora_name)
         group = req.group
         if group is not None and group.leader == req.rid and not group.prompt_cached:
             # A leader that got through its prompt left it in the cache; one that did not hands over the lead.
