@@ -20,6 +20,7 @@ _INGRESS_KEYS = ("served_model_name", "api_key", "max_body_bytes")
 _ROUTERS = {
     "prefix-cache": "sgl_ray.deployments.router:PrefixCacheRouter",
     "power-of-two": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",  # Serve's default
+    "round-robin": "sgl_ray.deployments.router:RoundRobinRouter",
 }
 _DEPLOYMENT_KEYS = ("num_replicas", "autoscaling_config", "max_ongoing_requests", "ray_actor_options")
 
@@ -31,8 +32,8 @@ def build_openai_app(args: dict[str, Any] | None = None) -> Application:
     ``args``: any :class:`~sgl_ray.EngineArgs` field (``model_path``, ``tp_size``, ``max_total_tokens`` …), the
     ingress options ``served_model_name``, ``api_key``, ``max_body_bytes``, and the ``LLMServer`` deployment's
     ``num_replicas``, ``autoscaling_config`` (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``,
-    delays), ``max_ongoing_requests``, ``ray_actor_options``; ``router`` (``prefix-cache``, the default, or Serve's
-    ``power-of-two``) and ``routing_imbalance`` choose and tune the request router.
+    delays), ``max_ongoing_requests``, ``ray_actor_options``; ``router`` (``prefix-cache``, the default, Serve's
+    ``power-of-two`` or ``round-robin``) and ``routing_imbalance`` choose and tune the request router.
 
     Example::
 

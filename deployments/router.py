@@ -5,8 +5,10 @@ radix cache. For a request, the router hashes the (first) prompt's token ids the
 ingress) and prefers the replica holding the longest prefix of it — unless that replica is much busier than the
 least loaded one, in which case load wins. A request for a LoRA adapter hashes its prompt in the adapter's
 namespace (KV is never shared across adapters), and without a cache match it prefers the least loaded replica that
-already holds the adapter in its runner slots (replicas publish those names too). Unlike routers that match approximate character trees, a match here
-means those exact tokens are cached there.
+already holds the adapter in its runner slots (replicas publish those names too). Unlike routers that match
+approximate character trees, a match here means those exact tokens are cached there.
+
+``RoundRobinRouter`` is the cache-blind baseline it is measured against (with Serve's default power-of-two).
 """
 
 from __future__ import annotations
@@ -87,3 +89,33 @@ class PrefixCacheRouter(RequestRouter):
         tiers, why = rank_replicas(stats, _body(pending_request), self.imbalanced_threshold)
         self.num_routed[why] += 1
         return [[replicas[rid] for rid in tier] for tier in tiers]
+
+
+def round_robin_tiers(replica_ids: list[str], turn: int) -> list[list[str]]:
+    """The ``turn``-th request goes to the next replica in id order; the others are fallbacks if it is full.
+
+    >>> round_robin_tiers(["b", "a", "c"], 4)
+    [['b'], ['c', 'a']]
+    """
+    ordered = sorted(replica_ids)
+    i = turn % len(ordered)
+    return [[ordered[i]], ordered[i + 1 :] + ordered[:i]]
+
+
+class RoundRobinRouter(RequestRouter):
+    """Requests to the replicas in turn, whatever their load or cache contents."""
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        self.turn = 0
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True
+        replicas = {r.replica_id.unique_id: r for r in candidate_replicas}
+        tiers = round_robin_tiers(list(replicas), self.turn)
+        self.turn += 1
+        return [[replicas[rid] for rid in tier] for tier in tiers if tier]

@@ -32,13 +32,24 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target-ongoing-requests", type=float, default=16, help="autoscaling target per replica"
     )
+    parser.add_argument(
+        "--router",
+        choices=("prefix-cache", "power-of-two", "round-robin"),
+        default="prefix-cache",
+        help="request router across replicas (token-exact cache-aware by default)",
+    )
+    parser.add_argument(
+        "--routing-imbalance", type=int, default=8, help="extra in-flight requests a cache match may cost"
+    )
 
 
 def app_args(ns: argparse.Namespace) -> dict:
     engine = {
         k: v for k, v in vars(EngineArgs.from_cli_args(ns)).items() if v != getattr(EngineArgs, k, None)
     }
-    args = {**engine, "num_replicas": ns.num_replicas}
+    args = {**engine, "num_replicas": ns.num_replicas, "router": ns.router}
+    if ns.router == "prefix-cache":
+        args["routing_imbalance"] = ns.routing_imbalance
     if ns.api_key:
         args["api_key"] = ns.api_key
     if ns.served_model_name:

@@ -181,7 +181,8 @@ def test_serve_cli_lora_flags_reach_the_app_args():
     assert args["max_lora_rank"] == 32 and args["max_loras_per_batch"] == 4
     from sgl_ray.configs.engine_args import EngineArgs
 
-    engine = EngineArgs(**{k: v for k, v in args.items() if k != "num_replicas"})
+    serve_only = {"num_replicas", "router", "routing_imbalance"}
+    engine = EngineArgs(**{k: v for k, v in args.items() if k not in serve_only})
     assert engine.lora_enabled and engine.lora_paths == ("sql=/a/sql", "chat=/b/chat")
     with pytest.raises(InvalidRequestError):
         EngineArgs(max_loras_per_batch=0)
