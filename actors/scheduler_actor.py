@@ -49,7 +49,8 @@ class GlobalScheduler:
         source = resolve_model(args.model_path, revision=args.revision)
         tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer_path)
         self.scheduler = Scheduler(
-            scheduler_config(args, info.num_slots, info.max_reqs, info.context_length), tokenizer
+            scheduler_config(args, info.num_slots, info.max_reqs, info.context_length, info.vocab_size),
+            tokenizer,
         )
         self.max_rebuilds = max_rebuilds
         self.num_rebuilds = 0
@@ -114,6 +115,7 @@ class GlobalScheduler:
 
     def shutdown(self) -> None:
         self.loop.stop()
+        self.scheduler.grammars.shutdown()
         self.group.teardown()
 
     def ready(self) -> bool:

@@ -55,6 +55,10 @@ class EngineArgs:
     attention_backend: str | None = field(
         default=None, metadata={"help": "torch (CPU default) | triton (GPU default)"}
     )
+    grammar_backend: str = field(default="xgrammar", metadata={"help": "structured-output grammar backend"})
+    disable_jump_forward: bool = field(
+        default=False, metadata={"help": "decode grammar-forced spans token by token"}
+    )
     random_seed: int | None = field(default=None, metadata={"help": "seed for requests that give none"})
     skip_tokenizer_init: bool = field(default=False, metadata={"help": "token ids in and out only"})
     num_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads on CPU"})

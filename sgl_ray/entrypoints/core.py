@@ -44,7 +44,9 @@ class EngineCore(ABC):
     def shutdown(self) -> None: ...
 
 
-def scheduler_config(args: EngineArgs, num_slots: int, max_reqs: int, context_length: int) -> SchedulerConfig:
+def scheduler_config(
+    args: EngineArgs, num_slots: int, max_reqs: int, context_length: int, vocab_size: int = 0
+) -> SchedulerConfig:
     device = args.torch_device()
     return SchedulerConfig(
         num_slots=num_slots,
@@ -56,6 +58,9 @@ def scheduler_config(args: EngineArgs, num_slots: int, max_reqs: int, context_le
         chunked_prefill_size=args.effective_chunked_prefill_size(device),
         policy=args.schedule_policy,
         enable_prefix_cache=not args.disable_radix_cache,
+        vocab_size=vocab_size,
+        grammar_backend=args.grammar_backend,
+        enable_jump_forward=not args.disable_jump_forward,
     )
 
 
@@ -82,7 +87,8 @@ class InProcessCore(EngineCore):
         self.runner = ModelRunner(args, model_config, weights)
         info = self.runner.info
         self.scheduler = Scheduler(
-            scheduler_config(args, info.num_slots, info.max_reqs, info.context_length), tokenizer
+            scheduler_config(args, info.num_slots, info.max_reqs, info.context_length, info.vocab_size),
+            tokenizer,
         )
         self.loop = EngineLoop(self.scheduler, self.runner.execute)
 
@@ -103,6 +109,7 @@ class InProcessCore(EngineCore):
 
     def shutdown(self) -> None:
         self.loop.stop()
+        self.scheduler.grammars.shutdown()
 
 
 def create_ray_core(args: EngineArgs, model_config: ModelConfig) -> EngineCore:

@@ -172,7 +172,10 @@ class ModelRunner:
         self.req_table.write(
             torch.repeat_interleave(req_idxs, _tensor(ext).to(dev)), positions_t, out_cache_loc
         )
-        sample_rows = (starts + ext - 1)[plan.sample]
+        counts = plan.sample_row_counts()
+        ends = starts + ext
+        # Each request's last ``counts[r]`` rows, in batch order; [S]
+        sample_rows = np.repeat(ends, counts) - 1 - _rows_before_end(counts)
         want = plan.input_logprob_start >= 0
         logprob_rows = (
             np.concatenate(
@@ -211,19 +214,30 @@ class ModelRunner:
         dev = self.device
         out = StepOutput(step_id=plan.step_id, next_token_ids=np.zeros(0, dtype=np.int64))
         if len(logits):
-            sel = _tensor(np.nonzero(plan.sample)[0]).to(dev)
-            slots = batch.req_pool_idxs[sel]
-            top_n = plan.top_logprobs_num[plan.sample]
+            counts = plan.sample_row_counts()
+            row_req = np.repeat(np.arange(plan.batch_size), counts)  # [S] batch index of each sampled row
+            slots_host = plan.req_pool_idxs[row_req]
+            slots = _tensor(slots_host).to(dev)
+            # Sequence position of each sampled token: one past its row ([S]).
+            ends = plan.prefix_lens + plan.extend_lens
+            positions = np.repeat(ends, counts) - _rows_before_end(counts)
+            top_n = plan.top_logprobs_num[row_req]
             k = int(top_n.max()) if len(top_n) else -1
+            mask = _tensor(plan.vocab_mask).to(dev) if plan.vocab_mask is not None else None
             res = self.sampler.sample(
                 logits,
                 slots,
-                batch.seq_lens[sel],
+                _tensor(positions).to(dev),
                 self.sampling_state,
                 top_logprobs_num=max(k, 0),
                 return_logprobs=k >= 0,
+                vocab_mask=mask,
             )
-            self.sampling_state.update(slots, res.next_token_ids)
+            if len(row_req) == plan.sample.sum():
+                self.sampling_state.update(slots, res.next_token_ids)
+            else:  # verification rows: only each request's last row is its new token
+                last = _tensor(np.cumsum(counts)[counts > 0] - 1).to(dev)
+                self.sampling_state.update(slots[last], res.next_token_ids[last])
             out.next_token_ids = res.next_token_ids.cpu().numpy()
             if k >= 0:
                 out.logprobs = res.logprobs.cpu().numpy()
@@ -240,6 +254,13 @@ class ModelRunner:
                 vals, ids = logp.topk(k, dim=-1)
                 out.input_top_ids, out.input_top_vals = ids.cpu().numpy(), vals.cpu().numpy()
         return out
+
+
+def _rows_before_end(counts: np.ndarray) -> np.ndarray:
+    """``concat(arange(c)[::-1] for c in counts)``: how far each sampled row is from its request's last row."""
+    counts = counts.astype(np.int64)
+    within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(counts, counts) - 1 - within
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:

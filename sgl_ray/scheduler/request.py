@@ -122,6 +122,13 @@ class Req:
     input_logprob_next: int = 1  # next prompt position whose logprob is still to be collected
     prefix_len_hint: int = 0  # last match length seen by the policy
     in_flight: bool = False  # part of a scheduled batch whose results are not processed yet
+    # Structured outputs (scheduler side only; see scheduler.grammar).
+    grammar_compile: Any = None  # Future of the compiled grammar
+    grammar: Any = None  # constrained.GrammarMatcher, once compiled and admitted
+    jump_tokens: list[int] = field(default_factory=list)  # forced tail of output_ids awaiting verification
+    jump_masks: np.ndarray | None = None  # [len(jump_tokens) + 1, W] masks of their rows
+    decode_steps: int = 0  # forward steps that produced output tokens
+    jump_forward_tokens: int = 0  # output tokens appended by jump-forward (not decoded one per step)
 
     def prompt_block_hashes(self, block: int) -> list[int]:
         """Chained hashes of the prompt's ``block``-token blocks (see ``mem_cache.prefix_hash``), computed once."""

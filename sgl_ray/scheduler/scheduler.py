@@ -16,6 +16,10 @@ Each step (``schedule`` → runner ``execute`` → ``process``):
    after one.
 
 The plan lists decode requests first, then prefill chunks; a batch may mix both.
+
+Structured outputs (see ``scheduler.grammar``): a constrained request is admitted once its grammar has compiled on
+a worker thread (until then it just waits in the queue); its sampled rows carry the grammar's token mask, and
+tokens a grammar forces are appended by jump-forward and verified in the next extend step.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 
 from sgl_ray.errors import InvalidRequestError, StepLostError
 from sgl_ray.scheduler.batch import ScheduledBatch
+from sgl_ray.scheduler.grammar import GrammarTracker
 from sgl_ray.scheduler.kv_manager import KVCacheManager
 from sgl_ray.scheduler.output import OutputProcessor, RequestOutput
 from sgl_ray.scheduler.plan import StepOutput
@@ -51,6 +56,9 @@ class SchedulerConfig:
     init_new_token_ratio: float = 0.7
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
+    vocab_size: int = 0  # 0: the tokenizer's
+    grammar_backend: str = "xgrammar"
+    enable_jump_forward: bool = True
 
 
 class Scheduler:
@@ -76,6 +84,9 @@ class Scheduler:
         self._pending_outputs: list[RequestOutput] = []
         self._decode_share = 1
         self.num_preemptions = 0
+        vocab = config.vocab_size or (len(tokenizer) if tokenizer is not None else 0)  # type: ignore[arg-type]
+        self.grammars = GrammarTracker(tokenizer, vocab, config.grammar_backend, config.enable_jump_forward)
+        self._rejected: list[tuple[str, InvalidRequestError]] = []
 
     # --- requests in and out -----------------------------------------------------------------------------------
     def add_request(self, req: Req) -> None:
@@ -94,8 +105,14 @@ class Scheduler:
                 f"the prompt has {len(req.prompt_ids)} tokens but the KV cache holds {self.kv.capacity}",
                 param="prompt",
             )
+        self.grammars.start(req)
         req.status = ReqStatus.WAITING
         self.waiting.append(req)
+
+    def take_rejections(self) -> list[tuple[str, InvalidRequestError]]:
+        """Requests dropped before admission (their grammar failed to compile), with the error to give them."""
+        rejected, self._rejected = self._rejected, []
+        return rejected
 
     def abort(self, rid: str, message: str = "aborted") -> bool:
         """Stop a waiting or running request now, freeing its KV. Returns whether it was found."""
@@ -150,6 +167,7 @@ class Scheduler:
                 r.group.leader = None
         for r in resumed:
             r.num_retractions += 1
+            self.grammars.unjump(r)
         self.running = []
         self.waiting = resumed + self.waiting
         self.num_preemptions += len(resumed)
@@ -167,7 +185,7 @@ class Scheduler:
             self.new_token_ratio = max(
                 self.config.min_new_token_ratio, self.new_token_ratio - self.config.new_token_ratio_decay
             )
-        return batch.finalize(self.kv)
+        return batch.finalize(self.kv, self.grammars)
 
     def _schedule_decodes(self, batch: ScheduledBatch) -> bool:
         decoding = [r for r in self.running if r.is_decoding and not r.in_flight]
@@ -199,10 +217,11 @@ class Scheduler:
 
     def _schedule_prefill_chunks(self, batch: ScheduledBatch) -> int:
         budget = self._prefill_budget()
-        for r in [r for r in self.running if not r.is_decoding and not r.in_flight and r.req_pool_idx >= 0]:
+        cands = [r for r in self.running if not r.is_decoding and not r.in_flight and r.req_pool_idx >= 0]
+        for r in sorted(cands, key=lambda r: not r.jump_tokens):  # jump-forward extends first, whole
             remaining = r.num_tokens - r.num_computed
             n = min(remaining, budget) if self.config.chunked_prefill_size else remaining
-            if n <= 0:
+            if n <= 0 or (r.jump_tokens and n < remaining):
                 continue
             if self.kv.alloc([r], [n]) is None:
                 if batch.entries:
@@ -227,6 +246,14 @@ class Scheduler:
         for r in self.policy.order(self.waiting, self.kv):
             if len(self.running) >= self.config.max_running_requests or budget <= 0:
                 break
+            try:
+                if not self.grammars.ready(r):
+                    continue  # its grammar is still compiling
+            except InvalidRequestError as e:
+                self._rejected.append((r.rid, e))
+                admitted.append(r)  # leaves the queue
+                r.status = ReqStatus.FINISHED
+                continue
             group = r.group
             if group is not None and self.kv.cache is not None and not group.prompt_cached:
                 if group.leader not in (None, r.rid):
@@ -286,6 +313,7 @@ class Scheduler:
     def _retract(self, req: Req) -> None:
         self.kv.release(req)
         self.running.remove(req)
+        self.grammars.unjump(req)
         req.status = ReqStatus.WAITING
         req.num_computed = 0
         req.num_retractions += 1
@@ -316,18 +344,39 @@ class Scheduler:
                 self._finish(r, FinishReason("length", matched=0), emit=False)
                 outputs.append(self._output(r, [], "", r.finish_reason, entry))
                 continue
+            tokens = self._settle_jump(r, entry) if r.jump_tokens else []
+            if tokens and entry.row_tokens:
+                token = entry.row_tokens[len(tokens)]  # the model's choice after the kept forced tokens
             r.output_ids.append(token)
+            r.decode_steps += 1
+            tokens.append(token)
             finish = self.outputs.check_token_finish(r, token)
-            text, finish = self.outputs.text_delta(r, [token], finish)
+            grammar_finish = self.grammars.accept(r, token)
+            if grammar_finish is not None and (finish is None or finish.type == "length"):
+                finish = grammar_finish
+            text, finish = self.outputs.text_delta(r, tokens, finish)
             if finish is None and entry.extend_len > 1:
                 self.kv.cache_unfinished(r)
             if r.group is not None and not r.group.prompt_cached and r.group.leader == r.rid:
                 r.group.prompt_cached = True
-            outputs.append(self._output(r, [token], text, finish, entry, sampled))
+            outputs.append(self._output(r, tokens, text, finish, entry, sampled))
             if finish is not None:
                 self.running.remove(r)
                 self._finish(r, finish, emit=False)
+            elif r.grammar is not None:
+                room = min(
+                    r.remaining_new_tokens, self.config.context_length - r.num_tokens, self._prefill_budget()
+                )
+                self.grammars.jump(r, room - 1)
         return outputs
+
+    def _settle_jump(self, r: Req, entry) -> list[int]:
+        """Verify the forced tokens this step computed; returns those kept (rejected ones lose their KV)."""
+        forced = len(r.jump_tokens)
+        keep = self.grammars.verify(r, entry.row_tokens)
+        if keep < forced:
+            self.kv.truncate(r, r.num_computed - (forced - keep))
+        return r.output_ids[len(r.output_ids) - keep :] if keep else []
 
     def _output(self, r: Req, tokens: list[int], text: str, finish: FinishReason | None, entry, sampled=None):
         out = RequestOutput(
@@ -339,6 +388,8 @@ class Scheduler:
             prompt_tokens=len(r.prompt_ids),
             completion_tokens=len(r.output_ids),
             cached_tokens=r.cached_tokens,
+            decode_steps=r.decode_steps,
+            jump_forward_tokens=r.jump_forward_tokens,
         )
         if r.return_logprob:
             entry.fill_logprobs(out, r, sampled)
@@ -368,6 +419,8 @@ class Scheduler:
                     prompt_tokens=len(req.prompt_ids),
                     completion_tokens=len(req.output_ids),
                     cached_tokens=req.cached_tokens,
+                    decode_steps=req.decode_steps,
+                    jump_forward_tokens=req.jump_forward_tokens,
                 )
             )
 
