@@ -205,7 +205,7 @@ class OpenAIIngress:
         )
         P.check_prompt_length(len(ids), self.context_length)
         params = P.to_sampling_params(req, self.vocab_size, self.context_length, len(ids))
-        outputs = self._outputs([ids], params, P.logprob_options(req))
+        outputs = await _primed(self._outputs([ids], params, P.logprob_options(req)), req.stream, params)
         kw = {"model": self.model_id, "token_texts": self.token_texts}
         if req.stream:
             assembler = P.ChatStreamAssembler.from_request(req, include_usage=req.include_usage, **kw)
@@ -230,7 +230,9 @@ class OpenAIIngress:
             P.check_prompt_length(len(ids), self.context_length, param="prompt")
         longest = max(len(ids) for ids in token_lists)
         params = P.to_sampling_params(req, self.vocab_size, self.context_length, longest)
-        outputs = self._outputs(token_lists, params, P.logprob_options(req))
+        outputs = await _primed(
+            self._outputs(token_lists, params, P.logprob_options(req)), req.stream, params
+        )
         kw = {"model": self.model_id, "token_texts": self.token_texts, "prompt_texts": prompt_texts}
         if req.stream:
             assembler = P.CompletionStreamAssembler.from_request(req, include_usage=req.include_usage, **kw)
@@ -272,7 +274,7 @@ class OpenAIIngress:
         for ids_list, params in calls:
             base = len(results)
             results += [_NativeResult(req.return_logprob) for _ in range(len(ids_list) * params.n)]
-            streams.append((base, self._outputs(ids_list, params, lp)))
+            streams.append((base, await _primed(self._outputs(ids_list, params, lp), req.stream, params)))
         tracker = _Latency(started)
         if not req.stream:
             for base, outs in streams:
@@ -312,6 +314,28 @@ class OpenAIIngress:
         if not ok:
             return _json(b'{"success": false, "message": "requests are running; try again when idle"}', 409)
         return _json(b'{"success": true}')
+
+
+async def _primed(outputs: AsyncIterator, stream: bool | None, params: SamplingParams) -> AsyncIterator:
+    """For a streamed request with a grammar, wait for its first output before the response starts, so that a
+    grammar the engine rejects (it is compiled asynchronously) is still an HTTP 400, not an error event."""
+    if not stream or params.grammar is None:
+        return outputs
+    try:
+        first = await anext(outputs)
+    except BaseException:
+        await outputs.aclose()
+        raise
+
+    async def chained() -> AsyncIterator:
+        try:
+            yield first
+            async for item in outputs:
+                yield item
+        finally:
+            await outputs.aclose()
+
+    return chained()
 
 
 class _NativeResult:

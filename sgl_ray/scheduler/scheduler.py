@@ -345,7 +345,7 @@ class Scheduler:
                 outputs.append(self._output(r, [], "", r.finish_reason, entry))
                 continue
             tokens = self._settle_jump(r, entry) if r.jump_tokens else []
-            if tokens and entry.row_tokens:
+            if entry.row_tokens:
                 token = entry.row_tokens[len(tokens)]  # the model's choice after the kept forced tokens
             r.output_ids.append(token)
             r.decode_steps += 1
