@@ -141,7 +141,8 @@ REGEXES: list[tuple[str, str]] = [
 
 EBNF_ARITHMETIC = r"""
 root ::= expr
-expr ::= term (("+" | "-") term)*
-term ::= num | "(" expr ")"
+expr ::= term (op term)? (op term)?
+term ::= num | "(" num op num ")"
+op ::= " + " | " - "
 num ::= [1-9] [0-9]?
 """
