@@ -24,6 +24,7 @@ import numpy as np
 from sgl_ray.constrained.base import GrammarSpec, bitmask_width
 from sgl_ray.constrained.manager import GrammarManager
 from sgl_ray.errors import InvalidRequestError
+from sgl_ray.scheduler.kv_manager import KVCacheManager
 from sgl_ray.scheduler.request import FinishReason, Req
 
 
@@ -114,6 +115,15 @@ class GrammarTracker:
             return FinishReason("stop", matched=token)
         return None
 
+    def settle(self, req: Req, row_tokens: list[int], kv: KVCacheManager) -> list[int]:
+        """After the step that computed the pending forced tokens: keep those verified (see :meth:`verify`),
+        free the KV of the rest, and return the kept ones."""
+        forced = len(req.jump_tokens)
+        keep = self.verify(req, row_tokens)
+        if keep < forced:
+            kv.truncate(req, req.num_computed - (forced - keep))
+        return req.output_ids[len(req.output_ids) - keep :] if keep else []
+
     def verify(self, req: Req, row_tokens: list[int]) -> int:
         """Settle the pending forced tokens given the tokens sampled on their rows (see the module note).
         Rolls back the rejected ones (output and matcher) and returns how many forced tokens were kept."""
@@ -139,7 +149,9 @@ class GrammarTracker:
         req.jump_tokens, req.jump_masks = [], None
 
     def jump(self, req: Req, limit: int) -> None:
-        """After a sampled token: append the tokens of the string the grammar forces next (at most ``limit``)."""
+        """After a sampled token: append the tokens of the string the grammar forces next (at most ``limit``, and
+        leaving room for one more sampled token within ``max_new_tokens``)."""
+        limit = min(limit, self.max_jump_tokens, req.remaining_new_tokens - 1)
         m = req.grammar
         if m is None or not self.jump_forward or limit <= 0 or not _may_jump(req):
             return

@@ -344,7 +344,7 @@ class Scheduler:
                 self._finish(r, FinishReason("length", matched=0), emit=False)
                 outputs.append(self._output(r, [], "", r.finish_reason, entry))
                 continue
-            tokens = self._settle_jump(r, entry) if r.jump_tokens else []
+            tokens = self.grammars.settle(r, entry.row_tokens, self.kv) if r.jump_tokens else []
             if entry.row_tokens:
                 token = entry.row_tokens[len(tokens)]  # the model's choice after the kept forced tokens
             r.output_ids.append(token)
@@ -369,14 +369,6 @@ class Scheduler:
                 )
                 self.grammars.jump(r, room - 1)
         return outputs
-
-    def _settle_jump(self, r: Req, entry) -> list[int]:
-        """Verify the forced tokens this step computed; returns those kept (rejected ones lose their KV)."""
-        forced = len(r.jump_tokens)
-        keep = self.grammars.verify(r, entry.row_tokens)
-        if keep < forced:
-            self.kv.truncate(r, r.num_computed - (forced - keep))
-        return r.output_ids[len(r.output_ids) - keep :] if keep else []
 
     def _output(self, r: Req, tokens: list[int], text: str, finish: FinishReason | None, entry, sampled=None):
         out = RequestOutput(

@@ -43,10 +43,11 @@ def test_bitmask_matches_xgrammar_reference() -> None:
     logits = torch.randn(3, vocab, generator=gen)
     expected = logits.clone()
     xgr.apply_token_bitmask_inplace(expected, bitmask, backend="torch_native")
-    ours = apply_token_bitmask_(logits.clone(), bitmask)
+    ours = apply_token_bitmask_(logits.clone(), bitmask)  # xgrammar's CPU kernel
     torch.testing.assert_close(ours, expected)
-    allowed = unpack_bitmask(bitmask, vocab)
+    allowed = unpack_bitmask(bitmask, vocab)  # the plain torch path (GPU)
     assert torch.equal(allowed, torch.isfinite(expected))
+    torch.testing.assert_close(logits.clone().masked_fill_(~allowed, float("-inf")), expected)
 
 
 def test_sampler_applies_the_mask_before_greedy_and_sampling() -> None:
@@ -171,3 +172,21 @@ def test_kv_truncate_frees_whole_pages_past_the_kept_tokens() -> None:
     assert kv.allocator.num_free_slots == free_before + 8
     slots = kv.alloc([req], [2])  # refills the rest of page 1, then a new page
     assert slots is not None and slots[0] == req.kv_slots.view()[6] + 1
+
+
+@pytest.mark.gpu
+def test_bitmask_and_masked_sampling_on_gpu_match_cpu() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    gen = torch.Generator().manual_seed(2)
+    vocab = 49152
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (4, bitmask_width(vocab)), dtype=torch.int32, generator=gen)
+    logits = torch.randn(4, vocab, generator=gen)
+    cpu = apply_token_bitmask_(logits.clone(), bitmask)
+    gpu = apply_token_bitmask_(logits.cuda(), bitmask.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu)
+    st = SamplingState(max_reqs=4, vocab_size=vocab, device="cuda")
+    for slot in range(4):
+        st.set_request(slot, SamplingParams(temperature=0.0), seed=slot, eos_token_ids=[], prompt_ids=[1])
+    out = Sampler().sample(logits.cuda(), torch.arange(4), torch.full((4,), 5), st, vocab_mask=bitmask.cuda())
+    assert out.next_token_ids.cpu().tolist() == cpu.argmax(-1).tolist()
