@@ -121,7 +121,7 @@ def add_structured_args(sub: argparse._SubParsersAction) -> None:
     )
     EngineArgs.add_cli_args(p)
     p.add_argument("--num-prompts", type=int, default=16, help="requests per mode (schemas cycle)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="token limit of each request")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="token limit of each request")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per mode (the fastest is reported)")
     p.add_argument(
         "--output-file", default="bench_structured.jsonl", help="JSONL file the record is appended to"
