@@ -42,7 +42,11 @@ def _reqs() -> list[Req]:
 
 def _run(model, **config) -> Harness:
     h = Harness(model, **config)
-    h.add(*_reqs())
+    reqs = _reqs()
+    h.add(*reqs)
+    for r in reqs:  # compiles run on a worker thread: wait, so that every run schedules the same way
+        if r.grammar_compile is not None:
+            r.grammar_compile.result(timeout=60)
     h.run(max_steps=400)
     h.assert_no_leaks()
     return h
