@@ -47,7 +47,9 @@ class GlobalScheduler:
         info = self.group.start()
         source = resolve_model(args.model_path, revision=args.revision, weights=args.load_format != "dummy")
         tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer_path)
-        self.scheduler = new_scheduler(args, info.num_slots, info.max_reqs, info.context_length, tokenizer)
+        self.scheduler = new_scheduler(
+            args, info.num_slots, info.max_reqs, info.context_length, tokenizer, vocab_size=info.vocab_size
+        )
         self.max_rebuilds = max_rebuilds
         self.num_rebuilds = 0
         self._outbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
@@ -121,6 +123,7 @@ class GlobalScheduler:
 
     def shutdown(self) -> None:
         self.loop.stop()
+        self.scheduler.grammars.shutdown()
         self.group.teardown()
 
     def ready(self) -> bool:

@@ -225,7 +225,9 @@ class OpenAIIngress:
         )
         P.check_prompt_length(len(ids), self.context_length)
         params = P.to_sampling_params(req, self.vocab_size, self.context_length, len(ids))
-        outputs = self._outputs([ids], params, P.logprob_options(req), lora)
+        outputs = await _primed(
+            self._outputs([ids], params, P.logprob_options(req), lora), req.stream, params
+        )
         kw = {"model": self.model_id, "token_texts": self.token_texts}
         if req.stream:
             assembler = P.ChatStreamAssembler.from_request(req, include_usage=req.include_usage, **kw)
@@ -250,7 +252,9 @@ class OpenAIIngress:
             P.check_prompt_length(len(ids), self.context_length, param="prompt")
         longest = max(len(ids) for ids in token_lists)
         params = P.to_sampling_params(req, self.vocab_size, self.context_length, longest)
-        outputs = self._outputs(token_lists, params, P.logprob_options(req), lora)
+        outputs = await _primed(
+            self._outputs(token_lists, params, P.logprob_options(req), lora), req.stream, params
+        )
         kw = {"model": self.model_id, "token_texts": self.token_texts, "prompt_texts": prompt_texts}
         if req.stream:
             assembler = P.CompletionStreamAssembler.from_request(req, include_usage=req.include_usage, **kw)
@@ -293,7 +297,9 @@ class OpenAIIngress:
         for ids_list, params in calls:
             base = len(results)
             results += [_NativeResult(req.return_logprob) for _ in range(len(ids_list) * params.n)]
-            streams.append((base, self._outputs(ids_list, params, lp, req.lora_path)))
+            streams.append(
+                (base, await _primed(self._outputs(ids_list, params, lp, req.lora_path), req.stream, params))
+            )
         tracker = _Latency(started)
         if not req.stream:
             for base, outs in streams:
@@ -368,6 +374,28 @@ class OpenAIIngress:
         if not ok:
             return _json(b'{"success": false, "message": "requests are running; try again when idle"}', 409)
         return _json(b'{"success": true}')
+
+
+async def _primed(outputs: AsyncIterator, stream: bool | None, params: SamplingParams) -> AsyncIterator:
+    """For a streamed request with a grammar, wait for its first output before the response starts, so that a
+    grammar the engine rejects (it is compiled asynchronously) is still an HTTP 400, not an error event."""
+    if not stream or params.grammar is None:
+        return outputs
+    try:
+        first = await anext(outputs)
+    except BaseException:
+        await outputs.aclose()
+        raise
+
+    async def chained() -> AsyncIterator:
+        try:
+            yield first
+            async for item in outputs:
+                yield item
+        finally:
+            await outputs.aclose()
+
+    return chained()
 
 
 class _NativeResult:

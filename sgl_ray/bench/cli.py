@@ -8,6 +8,7 @@ Examples::
     sgl-ray bench offline --workload shared-prefix --prefix-len 2000 --skip-hf --plot bench.png
     sgl-ray bench offline --model-path /models/qwen2 --max-total-tokens 65536 --output-file results.jsonl
     sgl-ray bench serving --base-url http://127.0.0.1:8000 --num-prompts 64 --random-input-len 256 --plot s.png
+    sgl-ray bench structured --num-prompts 16                # JSON schema: free vs constrained vs jump-forward
     sgl-ray bench serving --backend sglang-generate --dataset shared-prefix --prefix-len 1024 --num-prefixes 4 \
         --request-rate 8 --max-concurrency 16 --flush-cache
     sgl-ray bench lora --adapters 1 4 16 --num-prompts 64 --device cuda --dtype bfloat16 --model-path /models/llama
@@ -33,13 +34,14 @@ from sgl_ray.bench.offline import WORKLOADS, OfflineConfig, run_offline
 from sgl_ray.bench.plot import plot_serving
 from sgl_ray.bench.report import format_header, format_table, plot, to_record, write_jsonl
 from sgl_ray.bench.serving import BACKENDS, ServingConfig, ServingResult, run_serving_benchmark
+from sgl_ray.bench.structured import add_structured_args
 from sgl_ray.configs.engine_args import EngineArgs
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` sub-commands to ``parser`` (the ``sgl-ray bench`` parser)."""
     sub = parser.add_subparsers(
-        dest="bench_command", required=True, metavar="{offline,serving,roofline,lora}"
+        dest="bench_command", required=True, metavar="{offline,serving,roofline,lora,structured}"
     )
     offline = sub.add_parser(
         "offline",
@@ -88,6 +90,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     _add_serving_args(sub)
     _add_roofline_args(sub)
     _add_lora_args(sub)
+    add_structured_args(sub)
 
 
 def _triple(text: str) -> tuple[int, ...]:

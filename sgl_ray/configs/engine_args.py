@@ -65,6 +65,10 @@ class EngineArgs:
     load_format: str = field(
         default="auto", metadata={"help": "auto (the model's files) | dummy (random weights, for benchmarks)"}
     )
+    grammar_backend: str = field(default="xgrammar", metadata={"help": "structured-output grammar backend"})
+    disable_jump_forward: bool = field(
+        default=False, metadata={"help": "decode grammar-forced spans token by token"}
+    )
     random_seed: int | None = field(default=None, metadata={"help": "seed for requests that give none"})
     skip_tokenizer_init: bool = field(default=False, metadata={"help": "token ids in and out only"})
     num_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads on CPU"})

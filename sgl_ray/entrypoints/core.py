@@ -59,7 +59,12 @@ class EngineCore(ABC):
 
 
 def scheduler_config(
-    args: EngineArgs, num_slots: int, max_reqs: int, context_length: int, overlap: bool = False
+    args: EngineArgs,
+    num_slots: int,
+    max_reqs: int,
+    context_length: int,
+    overlap: bool = False,
+    vocab_size: int = 0,
 ) -> SchedulerConfig:
     device = args.torch_device()
     return SchedulerConfig(
@@ -74,14 +79,25 @@ def scheduler_config(
         enable_prefix_cache=not args.disable_radix_cache,
         overlap=overlap,
         max_loras_per_batch=args.max_loras_per_batch if args.lora_enabled else 0,
+        vocab_size=vocab_size,
+        grammar_backend=args.grammar_backend,
+        enable_jump_forward=not args.disable_jump_forward,
     )
 
 
 def new_scheduler(
-    args: EngineArgs, num_slots: int, max_reqs: int, context_length: int, tokenizer, overlap: bool = False
+    args: EngineArgs,
+    num_slots: int,
+    max_reqs: int,
+    context_length: int,
+    tokenizer,
+    overlap: bool = False,
+    vocab_size: int = 0,
 ) -> Scheduler:
     """A scheduler with the adapters of ``args.lora_paths`` registered (checked by the ``Engine`` front)."""
-    sched = Scheduler(scheduler_config(args, num_slots, max_reqs, context_length, overlap), tokenizer)
+    sched = Scheduler(
+        scheduler_config(args, num_slots, max_reqs, context_length, overlap, vocab_size), tokenizer
+    )
     for name, path in parse_lora_paths(args.lora_paths).items():
         assert sched.lora is not None
         sched.lora.register(name, path)
@@ -119,7 +135,7 @@ class InProcessCore(EngineCore):
         info = self.runner.info
         overlap = not args.disable_overlap_schedule
         self.scheduler = new_scheduler(
-            args, info.num_slots, info.max_reqs, info.context_length, tokenizer, overlap=overlap
+            args, info.num_slots, info.max_reqs, info.context_length, tokenizer, overlap, info.vocab_size
         )
         runner = self.runner
         executor = OverlapExecutor(runner.launch, runner.collect) if overlap else StepExecutor(runner.execute)
@@ -151,6 +167,7 @@ class InProcessCore(EngineCore):
 
     def shutdown(self) -> None:
         self.loop.stop()
+        self.scheduler.grammars.shutdown()
 
 
 def create_ray_core(args: EngineArgs, model_config: ModelConfig) -> EngineCore:

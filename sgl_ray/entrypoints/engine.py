@@ -44,7 +44,9 @@ class Engine:
     ``generate`` takes one prompt (or ``input_ids``) or a list of them, and ``sampling_params`` as a dict,
     :class:`SamplingParams`, or a list matching the prompts. Each result is
     ``{"text", "output_ids", "meta_info": {"id", "prompt_tokens", "completion_tokens", "cached_tokens",
-    "finish_reason", ...logprobs}}``; with ``n > 1`` the ``n`` samples of each prompt follow each other.
+    "finish_reason", "decode_steps", "jump_forward_tokens", ...logprobs}}``; with ``n > 1`` the ``n`` samples of
+    each prompt follow each other. Structured outputs: ``json_schema``, ``regex`` or ``ebnf`` in the sampling
+    params (``generate("A person as JSON:", {"json_schema": {...}})``).
     """
 
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:

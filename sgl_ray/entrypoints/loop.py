@@ -156,6 +156,10 @@ class EngineLoop:
         return True
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for rid, error in self.scheduler.take_rejections():
+            sink = self._sinks.pop(rid, None)
+            if sink is not None:
+                sink(error)
         for out in outputs:
             sink = self._sinks.get(out.rid)
             if out.finished:

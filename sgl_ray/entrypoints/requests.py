@@ -112,6 +112,8 @@ class ResultBuilder:
             "completion_tokens": out.completion_tokens,
             "cached_tokens": out.cached_tokens,
             "finish_reason": out.finish_reason,
+            "decode_steps": out.decode_steps,
+            "jump_forward_tokens": out.jump_forward_tokens,
         }
         if self.return_logprob:
             meta["output_token_logprobs"] = self.output_logprobs

@@ -78,8 +78,12 @@ from sgl_ray.protocol.sampling import (
     logprob_options,
     to_sampling_params,
 )
+from sgl_ray.protocol.structured import JsonSchemaFormat, ResponseFormat, grammar_fields
 
 __all__ = [
+    "JsonSchemaFormat",
+    "ResponseFormat",
+    "grammar_fields",
     "CONTEXT_LENGTH_EXCEEDED",
     "MAX_CHAT_TOP_LOGPROBS",
     "MAX_COMPLETION_LOGPROBS",

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import msgspec
 
 from sgl_ray.errors import InvalidRequestError
+from sgl_ray.protocol.structured import ResponseFormat
 from sgl_ray.sampling.params import SamplingParams
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
@@ -96,6 +97,11 @@ class _SamplingFields(_Body, kw_only=True):
     skip_special_tokens: bool | None = None
     stop_token_ids: list[int] | None = None
     no_stop_trim: bool | None = None
+    # structured outputs: OpenAI's response_format, or one SGLang-style grammar
+    response_format: ResponseFormat | None = None
+    json_schema: str | dict[str, Any] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -113,8 +119,8 @@ class _SamplingFields(_Body, kw_only=True):
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
     """``POST /v1/chat/completions``.
 
-    ``max_completion_tokens`` takes precedence over the deprecated ``max_tokens``. ``response_format``, ``tools``
-    and ``tool_choice`` are kept raw (validated by the layers that implement them).
+    ``max_completion_tokens`` takes precedence over the deprecated ``max_tokens``. ``tools`` and ``tool_choice``
+    are kept raw (validated by the layers that implement them).
 
     Example::
 
@@ -129,7 +135,6 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None

@@ -19,6 +19,7 @@ import msgspec
 
 from sgl_ray.errors import InvalidRequestError
 from sgl_ray.protocol.requests import ChatCompletionRequest, CompletionRequest
+from sgl_ray.protocol.structured import grammar_fields
 from sgl_ray.sampling.params import SamplingParams
 
 MAX_N = 128
@@ -150,6 +151,7 @@ def to_sampling_params(
         "skip_special_tokens": req.skip_special_tokens,
         "stop_token_ids": req.stop_token_ids,
         "no_stop_trim": req.no_stop_trim,
+        **grammar_fields(req.response_format, req.json_schema, req.regex, req.ebnf),
     }
     base = defaults if defaults is not None else SamplingParams()
     params = msgspec.structs.replace(base, **{k: v for k, v in fields.items() if v is not None})

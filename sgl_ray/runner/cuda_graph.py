@@ -145,9 +145,9 @@ class CudaGraphRunner:
         positions: np.ndarray,
         out_cache_loc: np.ndarray,
         req_pool_idxs: np.ndarray,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Enqueue one decode step of ``bs`` requests (one new token each). Returns the logits ``[bs, vocab]`` and
-        the device view of the sequence lengths (valid until the next replay)."""
+    ) -> torch.Tensor:
+        """Enqueue one decode step of ``bs`` requests (one new token each). Returns the logits ``[bs, vocab]``
+        (a view of the graph's output buffer: valid until the next replay)."""
         bs = len(input_ids)
         gbs = self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
         turn = self.num_replays % 2
@@ -169,4 +169,4 @@ class CudaGraphRunner:
         self.req_to_token[ints[_REQ, :bs], ints[_POS, :bs]] = ints[_LOC, :bs]
         self._graphs[gbs].replay()
         self.num_replays += 1
-        return self._logits[gbs][:bs], ints[_SEQ, :bs]
+        return self._logits[gbs][:bs]

@@ -226,10 +226,8 @@ class ModelRunner:
             self._trace_start.record()
         graphs = self.cuda_graphs
         if graphs is not None and graphs.can_run(plan.batch_size) and self._graphable(plan):
-            logits, seq_lens = graphs.replay(
-                plan.input_ids, plan.prefix_lens, plan.out_cache_loc, plan.req_pool_idxs
-            )
-            return self._sample(plan, seq_lens, logits, logits[:0])
+            logits = graphs.replay(plan.input_ids, plan.prefix_lens, plan.out_cache_loc, plan.req_pool_idxs)
+            return self._sample(plan, logits, logits[:0])
         batch, sample_rows, logprob_rows = self._build_batch(plan)
         shard = self.shard
         intermediate = None
@@ -251,7 +249,7 @@ class ModelRunner:
             return {}
         rows = self._h2d(np.concatenate([sample_rows, logprob_rows]))
         logits = self.model.compute_logits(hidden[rows])  # [S + L, vocab]
-        return self._sample(plan, batch.seq_lens, logits[: len(sample_rows)], logits[len(sample_rows) :])
+        return self._sample(plan, logits[: len(sample_rows)], logits[len(sample_rows) :])
 
     def _build_batch(self, plan: StepPlan) -> tuple[ForwardBatch, np.ndarray, np.ndarray]:
         ext, prefix = plan.extend_lens, plan.prefix_lens
@@ -265,7 +263,10 @@ class ModelRunner:
             positions_t,
             out_cache_loc,
         )
-        sample_rows = (starts + ext - 1)[plan.sample]
+        counts = plan.sample_row_counts()
+        ends = starts + ext
+        # Each request's last ``counts[r]`` rows, in batch order; [S]
+        sample_rows = np.repeat(ends, counts) - 1 - _rows_before_end(counts)
         want = plan.input_logprob_start >= 0
         logprob_rows = (
             np.concatenate(
@@ -319,29 +320,42 @@ class ModelRunner:
         return ids
 
     def _sample(
-        self, plan: StepPlan, seq_lens: torch.Tensor, logits: torch.Tensor, input_logits: torch.Tensor
+        self, plan: StepPlan, logits: torch.Tensor, input_logits: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Sample the ``plan.sample`` rows and compute prompt logprobs; device tensors named as ``StepOutput``'s
         fields. Host-side request slots keep the sampler free of device syncs."""
         dev = self.device
         out: dict[str, torch.Tensor] = {}
         if len(logits):
-            slots = _tensor(plan.req_pool_idxs[plan.sample])
+            counts = plan.sample_row_counts()
+            row_req = np.repeat(np.arange(plan.batch_size), counts)  # [S] batch index of each sampled row
+            slots = _tensor(plan.req_pool_idxs[row_req])
             if self.device.type == "cuda":
                 slots = slots.pin_memory()  # the sampler copies it: no stream sync
-            top_n = plan.top_logprobs_num[plan.sample]
+            # Sequence position of each sampled token: one past its row ([S]).
+            ends = plan.prefix_lens + plan.extend_lens
+            positions = np.repeat(ends, counts) - _rows_before_end(counts)
+            top_n = plan.top_logprobs_num[row_req]
             k = int(top_n.max()) if len(top_n) else -1
+            mask = self._h2d(plan.vocab_mask) if plan.vocab_mask is not None else None
             res = self.sampler.sample(
                 logits,
                 slots,
-                seq_lens if plan.sample.all() else seq_lens[self._h2d(np.nonzero(plan.sample)[0])],
+                self._h2d(positions),
                 self.sampling_state,
                 top_logprobs_num=max(k, 0),
                 return_logprobs=k >= 0,
+                vocab_mask=mask,
             )
             slots_dev = slots.to(dev, non_blocking=True)
-            self.sampling_state.update(slots_dev, res.next_token_ids)
-            self.last_tokens[slots_dev] = res.next_token_ids
+            tokens = res.next_token_ids
+            if (
+                len(row_req) != plan.sample.sum()
+            ):  # verification rows: only each request's last row is its token
+                last = self._h2d(np.cumsum(counts)[counts > 0] - 1)
+                slots_dev, tokens = slots_dev[last], tokens[last]
+            self.sampling_state.update(slots_dev, tokens)
+            self.last_tokens[slots_dev] = tokens
             out["next_token_ids"] = res.next_token_ids
             if k >= 0:
                 out["logprobs"] = res.logprobs
@@ -384,6 +398,13 @@ def _fill_random(model: torch.nn.Module, seed: int) -> None:
 def _is_plain_decode(plan: StepPlan) -> bool:
     """Every request adds one token and samples it, and no prompt logprobs are asked for."""
     return bool((plan.extend_lens == 1).all() and plan.sample.all() and (plan.input_logprob_start < 0).all())
+
+
+def _rows_before_end(counts: np.ndarray) -> np.ndarray:
+    """``concat(arange(c)[::-1] for c in counts)``: how far each sampled row is from its request's last row."""
+    counts = counts.astype(np.int64)
+    within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(counts, counts) - 1 - within
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import msgspec
 
 from sgl_ray.errors import InvalidRequestError
@@ -42,6 +45,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     n: int = 1
     seed: int | None = None
     logit_bias: dict[int, float] | None = None
+    # Structured outputs (at most one): the output must match a JSON schema, a regex or an EBNF (GBNF) grammar.
+    json_schema: str | dict[str, Any] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     def normalized(self) -> SamplingParams:
         """A copy with ``stop`` as a list, ``top_k`` disabled as -1, and every field validated."""
@@ -53,6 +60,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             stop=list(stop) if stop else None,
             top_k=-1 if self.top_k in (0, -1) else self.top_k,
             logit_bias={int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            json_schema=json.dumps(self.json_schema)
+            if isinstance(self.json_schema, dict)
+            else self.json_schema,
         )
         p.validate()
         return p
@@ -102,6 +112,26 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 raise bad("logit_bias", f"token id {tid} is outside the vocabulary")
             if not (-100.0 <= float(bias) <= 100.0):
                 raise bad("logit_bias", f"bias for token {tid} must be in [-100, 100], got {bias}")
+        grammars = [k for k in ("json_schema", "regex", "ebnf") if getattr(self, k) is not None]
+        if len(grammars) > 1:
+            raise bad(
+                grammars[1], f"only one of json_schema, regex, ebnf may be set (got {', '.join(grammars)})"
+            )
+        for kind in grammars:
+            value = getattr(self, kind)
+            if (isinstance(value, str) and not value.strip()) or not isinstance(value, (str, dict)):
+                raise bad(
+                    kind, "must be a non-empty string" + (" or an object" if kind == "json_schema" else "")
+                )
+
+    @property
+    def grammar(self) -> tuple[str, str] | None:
+        """``(kind, text)`` of the grammar constraining the output, or None."""
+        for kind in ("json_schema", "regex", "ebnf"):
+            value = getattr(self, kind)
+            if value is not None:
+                return kind, value if isinstance(value, str) else json.dumps(value)
+        return None
 
     @property
     def needs_penalties(self) -> bool:

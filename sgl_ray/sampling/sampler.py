@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 
 from sgl_ray.sampling import noise
+from sgl_ray.sampling.bitmask import apply_token_bitmask_
 from sgl_ray.sampling.filters import select_candidates
 from sgl_ray.sampling.penalties import process_logits
 from sgl_ray.sampling.state import BatchPlan, SamplingState
@@ -25,6 +26,7 @@ class Sampler:
     """Samples the next token of B requests from their logits.
 
     Algorithm (per row, all rows at once):
+      0. a grammar's token bitmask, when given, sets disallowed logits to -inf;
       1. logit processors (bias, min-new-tokens mask, penalties; see :mod:`penalties`) — only those some row of
          the batch uses;
       2. greedy rows (temperature 0 or top-k 1) take the argmax of the processed logits;
@@ -59,13 +61,15 @@ class Sampler:
         state: SamplingState,
         top_logprobs_num: torch.Tensor | int | None = None,
         return_logprobs: bool = True,
+        vocab_mask: torch.Tensor | None = None,
     ) -> SampleOutput:
         """Sample one token per row (``return_logprobs=False`` skips the log-softmax work: ``logprobs`` is None).
 
         logits [B, V] (any float dtype; V == state.vocab_size); slots [B] int64 request slots (distinct; pass them
         on the host to plan without a device sync); positions [B] int64, the sequence position of the token being
-        sampled; top_logprobs_num [B] ints or one int (its max over the batch is read on the host).
-        The caller's ``logits`` are never modified.
+        sampled; top_logprobs_num [B] ints or one int (its max over the batch is read on the host);
+        vocab_mask [B, ceil(V/32)] int32 packed allowed tokens (structured outputs), applied before every other
+        step. The caller's ``logits`` are never modified.
         """
         if logits.shape[-1] != state.vocab_size:
             raise ValueError(f"logits have {logits.shape[-1]} columns, the sampling state {state.vocab_size}")
@@ -75,10 +79,14 @@ class Sampler:
         slots_dev = slots.to(dev, torch.int64, non_blocking=True)
         lse = torch.logsumexp(raw, dim=-1) if return_logprobs else None  # [B]
 
-        if plan.all_greedy and not plan.needs_processing:
+        if plan.all_greedy and not plan.needs_processing and vocab_mask is None:
             next_ids = raw.argmax(dim=-1)
         else:
-            x = process_logits(raw.clone(), state, slots_dev, plan) if plan.needs_processing else raw
+            x = raw
+            if vocab_mask is not None:
+                x = apply_token_bitmask_(raw.clone(), vocab_mask)
+            if plan.needs_processing:
+                x = process_logits(x.clone() if x is raw else x, state, slots_dev, plan)
             if plan.all_greedy:
                 next_ids = x.argmax(dim=-1)
             else:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sgl_ray.lora.pool import AdapterPool
+from sgl_ray.scheduler.grammar import GrammarTracker
 from sgl_ray.scheduler.kv_manager import KVCacheManager
 from sgl_ray.scheduler.output import RequestOutput
 from sgl_ray.scheduler.plan import FUTURE_TOKEN, NewRequest, StepOutput, StepPlan
@@ -24,6 +25,8 @@ class BatchEntry:
     extend_len: int
     sample: bool
     new: bool
+    num_sample: int = 1  # sampled rows at the end of the chunk (> 1: verifying jump-forward tokens)
+    row_tokens: list[int] = field(default_factory=list)  # what those rows sampled
     input_lp_start: int = -1  # first prompt position whose logprob this step returns
     input_lp_count: int = 0
     input_logprobs: list[float] = field(default_factory=list)
@@ -68,6 +71,8 @@ class ScheduledBatch:
         prefix = req.num_computed + req.inflight_tokens
         sample = prefix + extend_len == req.num_tokens + req.inflight_samples
         entry = BatchEntry(req, prefix, extend_len, sample, new)
+        if entry.sample and req.jump_tokens and req.sampling.is_greedy:
+            entry.num_sample = min(len(req.jump_tokens) + 1, extend_len)
         if extend_len > 1 or not (req.output_ids or req.inflight_samples):
             self.num_prefill_tokens += extend_len
         req.in_flight = True
@@ -80,7 +85,9 @@ class ScheduledBatch:
                 entry.input_lp_start, entry.input_lp_count = lo, hi - lo + 1
         self.entries.append(entry)
 
-    def finalize(self, kv: KVCacheManager, lora: AdapterPool | None = None) -> ScheduledBatch:
+    def finalize(
+        self, kv: KVCacheManager, lora: AdapterPool | None = None, grammars: GrammarTracker | None = None
+    ) -> ScheduledBatch:
         entries = self.entries
         plan = self.plan
         plan.freed_req_pool_idxs = kv.take_freed_req_slots()
@@ -97,6 +104,12 @@ class ScheduledBatch:
         plan.sample = np.fromiter((e.sample for e in entries), np.bool_, len(entries))
         if lora is not None:
             plan.lora_slots = np.fromiter((e.req.lora_slot for e in entries), i64, len(entries))
+        if any(e.num_sample > 1 and e.sample for e in entries):
+            plan.sample_counts = np.fromiter(
+                (e.num_sample if e.sample else 0 for e in entries), i64, len(entries)
+            )
+        if grammars is not None:
+            plan.vocab_mask = grammars.masks(entries)
         plan.input_ids = np.fromiter(_input_ids(entries), i64, int(plan.extend_lens.sum()))
         plan.out_cache_loc = np.concatenate(
             [e.req.kv_slots.view()[e.prefix_len : e.prefix_len + e.extend_len] for e in entries]
@@ -145,6 +158,9 @@ class ScheduledBatch:
             if not e.sample:
                 yield e, None
                 continue
+            if e.num_sample > 1:
+                e.row_tokens = result.next_token_ids[s : s + e.num_sample].tolist()
+                s += e.num_sample - 1
             token = int(result.next_token_ids[s])
             logprob = float(result.logprobs[s]) if result.logprobs is not None else None
             top_ids = result.top_ids[s] if result.top_ids is not None else None

@@ -172,6 +172,17 @@ class KVCacheManager:
         req.kv_slots.clear()
         req.req_pool_idx, req.cache_node, req.tree_len = -1, None, 0
 
+    def truncate(self, req: Req, n: int) -> None:
+        """Forget the request's KV past its first ``n`` tokens (rejected jump-forward tokens): whole pages past
+        them are freed; the rest of a partly used page stays the request's and its next allocation refills it."""
+        assert n >= req.tree_len
+        slots = req.kv_slots.view()
+        keep = -(-n // self.page_size) * self.page_size
+        if len(slots) > keep:
+            self.allocator.free(slots[keep:].copy())
+        req.kv_slots.truncate(n)
+        req.num_computed = n
+
     def flush(self) -> bool:
         return self.cache.flush() if self.cache is not None else True
 

@@ -24,6 +24,8 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    decode_steps: int = 0  # forward steps that produced this request's tokens so far
+    jump_forward_tokens: int = 0  # tokens a grammar forced, appended without a decode step each
     output_logprobs: list[Logprob] | None = None
     output_top_logprobs: list[list[Logprob]] | None = None
     input_logprobs: list[Logprob] | None = None

@@ -69,6 +69,10 @@ class StepPlan(msgspec.Struct, kw_only=True):
     input_logprob_targets: np.ndarray = msgspec.field(default_factory=_empty)  # [sum counts]
     lora_loads: list[LoRALoad] = []
     lora_slots: np.ndarray = msgspec.field(default_factory=_empty)  # [B] adapter slot, -1: base model
+    # Rows sampled at the end of each request's chunk (> 1 verifies jump-forward tokens); empty: ``sample``.
+    sample_counts: np.ndarray = msgspec.field(default_factory=_empty)  # [B]
+    # Allowed tokens of every sampled row (structured outputs); None when no request in the batch is constrained.
+    vocab_mask: np.ndarray | None = None  # [S, ceil(vocab / 32)] int32, packed (see sampling.bitmask)
 
     @property
     def batch_size(self) -> int:
@@ -78,9 +82,13 @@ class StepPlan(msgspec.Struct, kw_only=True):
     def num_tokens(self) -> int:
         return len(self.input_ids)
 
+    def sample_row_counts(self) -> np.ndarray:
+        """[B] how many trailing rows of each request's chunk are sampled."""
+        return self.sample_counts if len(self.sample_counts) else self.sample.astype(_I64)
+
 
 class StepOutput(msgspec.Struct, kw_only=True):
-    """Results for the sampling requests of a step, in batch order (S = number of ``sample`` rows)."""
+    """Results for the sampled rows of a step, in batch order (S = ``sample_row_counts().sum()``)."""
 
     step_id: int
     next_token_ids: np.ndarray  # [S]

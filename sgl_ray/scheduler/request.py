@@ -126,6 +126,13 @@ class Req:
     inflight_tokens: int = 0  # tokens being computed by batches in flight
     inflight_samples: int = 0  # tokens those batches will sample (not yet in output_ids)
     lora_slot: int = -1  # runner slot of the adapter while running
+    # Structured outputs (scheduler side only; see scheduler.grammar).
+    grammar_compile: Any = None  # Future of the compiled grammar
+    grammar: Any = None  # constrained.GrammarMatcher, once compiled and admitted
+    jump_tokens: list[int] = field(default_factory=list)  # forced tail of output_ids awaiting verification
+    jump_masks: np.ndarray | None = None  # [len(jump_tokens) + 1, W] masks of their rows
+    decode_steps: int = 0  # forward steps that produced output tokens
+    jump_forward_tokens: int = 0  # output tokens appended by jump-forward (not decoded one per step)
 
     def prompt_block_hashes(self, block: int) -> list[int]:
         """Chained hashes of the prompt's ``block``-token blocks (see ``mem_cache.prefix_hash``), computed once."""
@@ -157,7 +164,11 @@ class Req:
     def can_run_ahead(self) -> bool:
         """Whether a decode step may be scheduled while this request's sampling step is still in flight (overlap
         scheduling): its input token is then the one that step samples. Not when that token is surely the last."""
-        return self.inflight_samples == 1 and self.sampling.max_new_tokens - len(self.output_ids) > 1
+        return (
+            self.inflight_samples == 1
+            and self.sampling.max_new_tokens - len(self.output_ids) > 1
+            and self.sampling.grammar is None  # its next mask depends on the token in flight
+        )
 
     @property
     def remaining_new_tokens(self) -> int:

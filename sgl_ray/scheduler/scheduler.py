@@ -22,6 +22,10 @@ request whose step N samples a token gets its next decode step in N+1 with a pla
 (``plan.FUTURE_TOKEN``) that the runner fills from step N's result. If step N's token ends the request (EOS, a stop
 string), the result of its extra step is dropped and its slot returned; a device runs steps in order, so the freed
 KV slot is not reused before that step has written it.
+
+Structured outputs (see ``scheduler.grammar``): a constrained request is admitted once its grammar has compiled on
+a worker thread (until then it just waits in the queue); its sampled rows carry the grammar's token mask, and
+tokens a grammar forces are appended by jump-forward and verified in the next extend step.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 from sgl_ray.errors import InvalidRequestError, StepLostError
 from sgl_ray.lora.pool import AdapterPool
 from sgl_ray.scheduler.batch import ScheduledBatch
+from sgl_ray.scheduler.grammar import GrammarTracker
 from sgl_ray.scheduler.kv_manager import KVCacheManager
 from sgl_ray.scheduler.output import OutputProcessor, RequestOutput
 from sgl_ray.scheduler.plan import StepOutput
@@ -60,6 +65,9 @@ class SchedulerConfig:
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
     max_loras_per_batch: int = 0  # LoRA adapter slots; 0: LoRA off
+    vocab_size: int = 0  # 0: the tokenizer's
+    grammar_backend: str = "xgrammar"
+    enable_jump_forward: bool = True
 
 
 class Scheduler:
@@ -86,6 +94,9 @@ class Scheduler:
         self._pending_outputs: list[RequestOutput] = []
         self._decode_share = 1
         self.num_preemptions = 0
+        vocab = config.vocab_size or (len(tokenizer) if tokenizer is not None else 0)  # type: ignore[arg-type]
+        self.grammars = GrammarTracker(tokenizer, vocab, config.grammar_backend, config.enable_jump_forward)
+        self._rejected: list[tuple[str, InvalidRequestError]] = []
 
     # --- requests in and out -----------------------------------------------------------------------------------
     def add_request(self, req: Req) -> None:
@@ -110,8 +121,14 @@ class Scheduler:
                     "LoRA is not enabled on this engine (enable_lora)", param="lora_path"
                 )
             self.lora.add_user(req.lora_name)
+        self.grammars.start(req)
         req.status = ReqStatus.WAITING
         self.waiting.append(req)
+
+    def take_rejections(self) -> list[tuple[str, InvalidRequestError]]:
+        """Requests dropped before admission (their grammar failed to compile), with the error to give them."""
+        rejected, self._rejected = self._rejected, []
+        return rejected
 
     def abort(self, rid: str, message: str = "aborted") -> bool:
         """Stop a waiting or running request now, freeing its KV. Returns whether it was found."""
@@ -169,6 +186,7 @@ class Scheduler:
                 r.group.leader = None
         for r in resumed:
             r.num_retractions += 1
+            self.grammars.unjump(r)
         self.running = []
         self.waiting = resumed + self.waiting
         self.num_preemptions += len(resumed)
@@ -186,7 +204,7 @@ class Scheduler:
             self.new_token_ratio = max(
                 self.config.min_new_token_ratio, self.new_token_ratio - self.config.new_token_ratio_decay
             )
-        return batch.finalize(self.kv, self.lora)
+        return batch.finalize(self.kv, self.lora, self.grammars)
 
     def _schedule_decodes(self, batch: ScheduledBatch) -> bool:
         ahead = self.config.overlap
@@ -223,10 +241,11 @@ class Scheduler:
 
     def _schedule_prefill_chunks(self, batch: ScheduledBatch) -> int:
         budget = self._prefill_budget()
-        for r in [r for r in self.running if not r.is_decoding and not r.in_flight and r.req_pool_idx >= 0]:
+        cands = [r for r in self.running if not r.is_decoding and not r.in_flight and r.req_pool_idx >= 0]
+        for r in sorted(cands, key=lambda r: not r.jump_tokens):  # jump-forward extends first, whole
             remaining = r.num_tokens - r.num_computed
             n = min(remaining, budget) if self.config.chunked_prefill_size else remaining
-            if n <= 0:
+            if n <= 0 or (r.jump_tokens and n < remaining):
                 continue
             if self.kv.alloc([r], [n]) is None:
                 if batch.entries:
@@ -251,6 +270,14 @@ class Scheduler:
         for r in self.policy.order(self.waiting, self.kv):
             if len(self.running) >= self.config.max_running_requests or budget <= 0:
                 break
+            try:
+                if not self.grammars.ready(r):
+                    continue  # its grammar is still compiling
+            except InvalidRequestError as e:
+                self._rejected.append((r.rid, e))
+                admitted.append(r)  # leaves the queue
+                r.status = ReqStatus.FINISHED
+                continue
             group = r.group
             if group is not None and self.kv.cache is not None and not group.prompt_cached:
                 if group.leader not in (None, r.rid):
@@ -326,6 +353,7 @@ class Scheduler:
         self.kv.release(req)
         self._release_lora(req)
         self.running.remove(req)
+        self.grammars.unjump(req)
         req.status = ReqStatus.WAITING
         req.num_computed = 0
         req.num_retractions += 1
@@ -356,17 +384,30 @@ class Scheduler:
                 self._finish(r, FinishReason("length", matched=0), emit=False)
                 outputs.append(self._output(r, [], "", r.finish_reason, entry))
                 continue
+            tokens = self.grammars.settle(r, entry.row_tokens, self.kv) if r.jump_tokens else []
+            if entry.row_tokens:
+                token = entry.row_tokens[len(tokens)]  # the model's choice after the kept forced tokens
             r.output_ids.append(token)
+            r.decode_steps += 1
+            tokens.append(token)
             finish = self.outputs.check_token_finish(r, token)
-            text, finish = self.outputs.text_delta(r, [token], finish)
+            grammar_finish = self.grammars.accept(r, token)
+            if grammar_finish is not None and (finish is None or finish.type == "length"):
+                finish = grammar_finish
+            text, finish = self.outputs.text_delta(r, tokens, finish)
             if finish is None and entry.extend_len > 1:
                 self.kv.cache_unfinished(r)
             if r.group is not None and not r.group.prompt_cached and r.group.leader == r.rid:
                 r.group.prompt_cached = True
-            outputs.append(self._output(r, [token], text, finish, entry, sampled))
+            outputs.append(self._output(r, tokens, text, finish, entry, sampled))
             if finish is not None:
                 self.running.remove(r)
                 self._finish(r, finish, emit=False)
+            elif r.grammar is not None:
+                room = min(
+                    r.remaining_new_tokens, self.config.context_length - r.num_tokens, self._prefill_budget()
+                )
+                self.grammars.jump(r, room - 1)
         return outputs
 
     def _output(self, r: Req, tokens: list[int], text: str, finish: FinishReason | None, entry, sampled=None):
@@ -379,6 +420,8 @@ class Scheduler:
             prompt_tokens=len(r.prompt_ids),
             completion_tokens=len(r.output_ids),
             cached_tokens=r.cached_tokens,
+            decode_steps=r.decode_steps,
+            jump_forward_tokens=r.jump_forward_tokens,
         )
         if r.return_logprob:
             entry.fill_logprobs(out, r, sampled)
@@ -411,6 +454,8 @@ class Scheduler:
                     prompt_tokens=len(req.prompt_ids),
                     completion_tokens=len(req.output_ids),
                     cached_tokens=req.cached_tokens,
+                    decode_steps=req.decode_steps,
+                    jump_forward_tokens=req.jump_forward_tokens,
                 )
             )
 

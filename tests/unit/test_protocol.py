@@ -86,7 +86,7 @@ def test_chat_request_as_the_openai_client_sends_it():
     req = P.decode_request("chat", json.dumps(body).encode())
     assert [m.role for m in req.messages] == ["developer", "user", "assistant", "tool"]
     assert req.messages[1].text() == "Hi\nthere" and req.messages[2].content is None
-    assert req.response_format == {"type": "json_object"} and req.tool_choice == "auto"
+    assert req.response_format == P.ResponseFormat(type="json_object") and req.tool_choice == "auto"
     assert req.include_usage and req.requested_max_tokens == 32
     p = P.to_sampling_params(req, VOCAB, CTX, prompt_len=20)
     assert p == SamplingParams(
@@ -105,6 +105,7 @@ def test_chat_request_as_the_openai_client_sends_it():
         n=2,
         seed=42,
         logit_bias={50: -100.0, 7: 2.5},
+        json_schema='{"type": "object"}',  # response_format json_object
     )
     assert P.logprob_options(req) == P.LogprobOptions(True, 3, -1)
 
@@ -153,7 +154,7 @@ def test_generate_request():
     )
     kwargs = req.engine_kwargs()
     assert kwargs["prompt"] == "Hi" and kwargs["input_ids"] is None and req.rid == "r1"
-    assert kwargs["sampling_params"] == SamplingParams(max_new_tokens=4, temperature=0.0)
+    assert kwargs["sampling_params"] == SamplingParams(max_new_tokens=4, temperature=0.0, regex="x")
     batch = P.decode_request(
         "generate",
         _body(

@@ -1,0 +1,85 @@
+"""The default grammar backend, over xgrammar's compiler and matcher."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+import xgrammar as xgr
+
+from sgl_ray.constrained.base import GrammarBackend, GrammarMatcher, GrammarSpec
+from sgl_ray.errors import InvalidRequestError
+
+
+class XGrammarMatcher(GrammarMatcher):
+    __slots__ = ("_m",)
+
+    def __init__(self, matcher: xgr.GrammarMatcher) -> None:
+        self._m = matcher
+
+    def accept_token(self, token: int) -> bool:
+        return self._m.accept_token(token)
+
+    def fill_next_token_bitmask(self, out: np.ndarray) -> None:
+        self._m.fill_next_token_bitmask(torch.from_numpy(out.reshape(1, -1)), 0)
+
+    def is_terminated(self) -> bool:
+        return self._m.is_terminated()
+
+    def find_jump_forward_string(self) -> str:
+        return self._m.find_jump_forward_string()
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens:
+            self._m.rollback(num_tokens)
+
+
+class XGrammarBackend(GrammarBackend):
+    """JSON schemas compile to compact JSON (no free whitespace), so a schema's keys and punctuation are forced
+    spans that jump-forward decoding can skip."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...]) -> None:
+        super().__init__(tokenizer, vocab_size, stop_token_ids)
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids) or None
+        )
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+
+    def compile(self, spec: GrammarSpec) -> Any:
+        try:
+            if spec.kind == "json_schema":
+                _check_json(spec.value)
+                return self._compiler.compile_json_schema(spec.value, any_whitespace=False)
+            if spec.kind == "json_object":
+                return self._compiler.compile_builtin_json_grammar()
+            if spec.kind == "regex":
+                return self._compiler.compile_regex(spec.value)
+            if spec.kind == "ebnf":
+                return self._compiler.compile_grammar(spec.value)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise InvalidRequestError(f"{spec.kind}: {_clean(e)}", param=spec.kind) from None
+        raise InvalidRequestError(f"unknown grammar kind {spec.kind!r}", param="grammar")
+
+    def matcher(self, compiled: Any) -> GrammarMatcher:
+        return XGrammarMatcher(xgr.GrammarMatcher(compiled))
+
+
+def _check_json(text: str) -> None:
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON: {e}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError("a JSON schema must be an object or a boolean")
+
+
+def _clean(e: Exception) -> str:
+    """xgrammar's messages start with a ``[time] file:line:`` prefix; keep the message."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+        if ": " in text and ".cc:" in text.split(": ", 1)[0]:
+            text = text.split(": ", 1)[1]
+    return text

@@ -1,0 +1,186 @@
+"""Structured outputs on the scheduler side: grammar matchers of requests, their token masks, jump-forward.
+
+Jump-forward with verification (greedy requests). When a request's grammar admits exactly one continuation
+string ``s`` after its newest token ``x``, the tokens ``t_1..t_m`` of ``s`` are appended at once and the next
+step extends ``[x, t_1..t_m]`` in one forward pass, sampling every one of those ``m + 1`` rows under the mask the
+grammar had at that point::
+
+    rows:     x     t_1    ...   t_m
+    sampled:  g_0   g_1    ...   g_m        (g_i under the mask after x, t_1..t_i)
+    accept t_{i+1} while g_i == t_{i+1}; the first g_k that differs (or g_m) is the next token
+
+Each ``g_i`` is exactly the token step-by-step greedy decoding would pick after the same prefix, so the output is
+identical to decoding token by token, whatever tokenization of ``s`` the model prefers at the boundaries: a
+rejected forced token is rolled back from the output, the matcher and the KV pool, and replaced by the model's
+own choice. Sampled (non-greedy) requests take all of ``t_1..t_m`` and sample only the last row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sgl_ray.constrained.base import GrammarSpec, bitmask_width
+from sgl_ray.constrained.manager import GrammarManager
+from sgl_ray.errors import InvalidRequestError
+from sgl_ray.scheduler.kv_manager import KVCacheManager
+from sgl_ray.scheduler.request import FinishReason, Req
+
+
+class GrammarTracker:
+    """Example::
+
+    >>> tracker = GrammarTracker(tokenizer, vocab_size=49152)  # doctest: +SKIP
+    >>> tracker.start(req)  # on add_request: the compile runs on a worker thread  # doctest: +SKIP
+    >>> tracker.ready(req)  # on admission: False while compiling  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        backend: str = "xgrammar",
+        jump_forward: bool = True,
+        max_jump_tokens: int = 64,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.width = bitmask_width(vocab_size)
+        self.backend = backend
+        self.jump_forward = jump_forward
+        self.max_jump_tokens = max_jump_tokens
+        self._manager: GrammarManager | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+    def start(self, req: Req) -> None:
+        """Begin compiling the request's grammar (no-op for unconstrained requests)."""
+        spec = req.sampling.grammar
+        if spec is None:
+            return
+        if self.tokenizer is None:
+            raise InvalidRequestError(
+                f"{spec[0]}: structured outputs need a tokenizer (skip_tokenizer_init is set)", param=spec[0]
+            )
+        if self._manager is None:
+            self._manager = GrammarManager(self.backend, self.tokenizer, self.vocab_size, req.eos_token_ids)
+        req.grammar_compile = self._manager.compile(GrammarSpec(*spec))
+
+    def ready(self, req: Req) -> bool:
+        """Whether the request may be admitted; raises the compile's :class:`InvalidRequestError`."""
+        fut = req.grammar_compile
+        if fut is None or req.grammar is not None:
+            return True
+        if not fut.done():
+            return False
+        assert self._manager is not None
+        req.grammar = self._manager.matcher(fut.result())  # re-raises a failed compile
+        for t in req.output_ids:  # a request resumed elsewhere with tokens already generated
+            req.grammar.accept_token(t)
+        return True
+
+    def shutdown(self) -> None:
+        if self._manager is not None:
+            self._manager.shutdown()
+
+    # --- masks -------------------------------------------------------------------------------------------------
+    def masks(self, entries: list) -> np.ndarray | None:
+        """[S, W] int32 masks for the sampled rows of a batch, or None when no sampled row is constrained."""
+        if not any(e.sample and e.req.grammar is not None for e in entries):
+            return None
+        total = sum(e.num_sample for e in entries if e.sample)
+        out = np.full((total, self.width), -1, dtype=np.int32)
+        row = 0
+        for e in entries:
+            if not e.sample:
+                continue
+            r = e.req
+            if r.grammar is not None:
+                if r.jump_masks is not None:
+                    out[row : row + e.num_sample] = r.jump_masks[-e.num_sample :]
+                else:
+                    r.grammar.fill_next_token_bitmask(out[row])
+            row += e.num_sample
+        return out
+
+    # --- tokens ------------------------------------------------------------------------------------------------
+    def accept(self, req: Req, token: int) -> FinishReason | None:
+        """Advance the matcher by a sampled token; a completed grammar ends the request."""
+        m = req.grammar
+        if m is None:
+            return None
+        if not m.accept_token(token):
+            return FinishReason("abort", message=f"token {token} does not match the grammar")
+        if m.is_terminated():
+            return FinishReason("stop", matched=token)
+        return None
+
+    def settle(self, req: Req, row_tokens: list[int], kv: KVCacheManager) -> list[int]:
+        """After the step that computed the pending forced tokens: keep those verified (see :meth:`verify`),
+        free the KV of the rest, and return the kept ones."""
+        forced = len(req.jump_tokens)
+        keep = self.verify(req, row_tokens)
+        if keep < forced:
+            kv.truncate(req, req.num_computed - (forced - keep))
+        return req.output_ids[len(req.output_ids) - keep :] if keep else []
+
+    def verify(self, req: Req, row_tokens: list[int]) -> int:
+        """Settle the pending forced tokens given the tokens sampled on their rows (see the module note).
+        Rolls back the rejected ones (output and matcher) and returns how many forced tokens were kept."""
+        forced = req.jump_tokens
+        keep = len(forced)
+        if len(row_tokens) > 1:  # verified (greedy): keep the prefix the model agrees with
+            keep = next((i for i, t in enumerate(forced) if row_tokens[i] != t), len(forced))
+        reject = len(forced) - keep
+        if reject:
+            assert req.grammar is not None
+            req.grammar.rollback(reject)
+            del req.output_ids[-reject:]
+        req.jump_tokens, req.jump_masks = [], None
+        req.jump_forward_tokens += keep
+        return keep
+
+    def unjump(self, req: Req) -> None:
+        """Drop unverified forced tokens (the request is preempted before they were computed)."""
+        if req.jump_tokens:
+            assert req.grammar is not None
+            req.grammar.rollback(len(req.jump_tokens))
+            del req.output_ids[-len(req.jump_tokens) :]
+        req.jump_tokens, req.jump_masks = [], None
+
+    def jump(self, req: Req, limit: int) -> None:
+        """After a sampled token: append the tokens of the string the grammar forces next (at most ``limit``, and
+        leaving room for one more sampled token within ``max_new_tokens``)."""
+        limit = min(limit, self.max_jump_tokens, req.remaining_new_tokens - 1)
+        m = req.grammar
+        if m is None or not self.jump_forward or limit <= 0 or not _may_jump(req):
+            return
+        forced = m.find_jump_forward_string()
+        if not forced:
+            return
+        tokens = self.tokenizer.encode(forced, add_special_tokens=False)[:limit]
+        verify = req.sampling.is_greedy
+        masks = np.empty((len(tokens) + 1, self.width), dtype=np.int32)
+        if verify:
+            m.fill_next_token_bitmask(masks[0])
+        taken: list[int] = []
+        for t in tokens:
+            if not m.accept_token(t):
+                break
+            taken.append(t)
+            if verify:
+                m.fill_next_token_bitmask(masks[len(taken)])
+        if not taken:
+            return
+        if not verify:
+            m.fill_next_token_bitmask(masks[len(taken)])
+        req.jump_tokens = taken
+        req.jump_masks = masks[: len(taken) + 1]
+        req.output_ids.extend(taken)
+
+
+def _may_jump(req: Req) -> bool:
+    """Forced tokens are not sampled, so requests whose sampling depends on each token's logits or counts do not
+    jump: logprobs, penalties, min_new_tokens."""
+    p = req.sampling
+    return not (req.return_logprob or p.needs_penalties or p.min_new_tokens > 0)
