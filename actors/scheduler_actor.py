@@ -18,7 +18,7 @@ from ray.exceptions import RayError
 
 from sgl_ray.actors.shard_group import ShardGroup
 from sgl_ray.configs.engine_args import EngineArgs
-from sgl_ray.entrypoints.core import lora_call, new_scheduler, prefix_summary, scheduler_stats
+from sgl_ray.entrypoints.core import SchedulerCalls, new_scheduler, scheduler_stats
 from sgl_ray.entrypoints.loop import EngineLoop, StepExecutor
 from sgl_ray.errors import EngineDeadError, StepLostError
 from sgl_ray.model_loader import load_tokenizer, resolve_model
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 Delivery = tuple[list[str], RequestOutput | BaseException]  # (rids the item is for, the item)
 
 
-class GlobalScheduler:
+class GlobalScheduler(SchedulerCalls):
     """Example (what :class:`~sgl_ray.actors.ray_core.RayEngineCore` does)::
 
     >>> sched = ray.remote(GlobalScheduler).options(max_concurrency=8).remote(args)  # doctest: +SKIP
@@ -93,9 +93,6 @@ class GlobalScheduler:
             except queue.Empty:
                 return items
 
-    def flush_cache(self) -> bool:
-        return self.loop.call(lambda s: s.flush_cache())
-
     def stats(self) -> dict[str, Any]:
         return {
             **self.loop.call(scheduler_stats),
@@ -103,19 +100,6 @@ class GlobalScheduler:
             "max_batches_in_flight": self.loop.max_in_flight,
             **self.group.overhead_summary(),
         }
-
-    def prefix_summary(self, block: int) -> frozenset[int]:
-        return self.loop.call(lambda s: prefix_summary(s, block))
-
-    def load_lora_adapter(self, name: str, path: str, pinned: bool) -> None:
-        """Register an adapter; every shard loads its slice when the scheduler first puts it in a slot."""
-        self.loop.call(lambda s: lora_call(s, "register", name, path, pinned))
-
-    def unload_lora_adapter(self, name: str) -> bool:
-        return self.loop.call(lambda s: lora_call(s, "unregister", name))
-
-    def lora_adapters(self) -> dict[str, dict]:
-        return self.loop.call(lambda s: s.lora.adapters() if s.lora is not None else {})
 
     def shard_handles(self) -> list:
         """The shard actors (for fault-injection tests and diagnostics)."""

@@ -68,13 +68,11 @@ def rank_replicas(
     return [by_load], "load"
 
 
-class PrefixCacheRouter(RequestRouter):
-    """``imbalanced_threshold``: how many more in-flight requests than the least loaded replica the best cache
-    match (or adapter holder) may have before the router falls back to load balancing."""
+class _TieredRouter(RequestRouter):
+    """A router whose decision is a plain function of the replicas' ids, routing stats and the request body."""
 
-    def initialize_state(self, imbalanced_threshold: int = 8, **kwargs: Any) -> None:
-        self.imbalanced_threshold = imbalanced_threshold
-        self.num_routed = {"load": 0, "cache": 0, "adapter": 0}
+    def tiers(self, stats: dict[str, dict], body: dict) -> list[list[str]]:
+        raise NotImplementedError
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -86,9 +84,21 @@ class PrefixCacheRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True
         replicas = {r.replica_id.unique_id: r for r in candidate_replicas}
         stats = {rid: r.routing_stats or {} for rid, r in replicas.items()}
-        tiers, why = rank_replicas(stats, _body(pending_request), self.imbalanced_threshold)
+        return [[replicas[rid] for rid in tier] for tier in self.tiers(stats, _body(pending_request)) if tier]
+
+
+class PrefixCacheRouter(_TieredRouter):
+    """``imbalanced_threshold``: how many more in-flight requests than the least loaded replica the best cache
+    match (or adapter holder) may have before the router falls back to load balancing."""
+
+    def initialize_state(self, imbalanced_threshold: int = 8, **kwargs: Any) -> None:
+        self.imbalanced_threshold = imbalanced_threshold
+        self.num_routed = {"load": 0, "cache": 0, "adapter": 0}
+
+    def tiers(self, stats: dict[str, dict], body: dict) -> list[list[str]]:
+        tiers, why = rank_replicas(stats, body, self.imbalanced_threshold)
         self.num_routed[why] += 1
-        return [[replicas[rid] for rid in tier] for tier in tiers]
+        return tiers
 
 
 def round_robin_tiers(replica_ids: list[str], turn: int) -> list[list[str]]:
@@ -102,20 +112,12 @@ def round_robin_tiers(replica_ids: list[str], turn: int) -> list[list[str]]:
     return [[ordered[i]], ordered[i + 1 :] + ordered[:i]]
 
 
-class RoundRobinRouter(RequestRouter):
+class RoundRobinRouter(_TieredRouter):
     """Requests to the replicas in turn, whatever their load or cache contents."""
 
     def initialize_state(self, **kwargs: Any) -> None:
         self.turn = 0
 
-    async def choose_replicas(
-        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
-    ) -> list[list[RunningReplica]]:
-        if not candidate_replicas:
-            return []
-        if pending_request is not None:
-            pending_request.routing_context.should_backoff = True
-        replicas = {r.replica_id.unique_id: r for r in candidate_replicas}
-        tiers = round_robin_tiers(list(replicas), self.turn)
+    def tiers(self, stats: dict[str, dict], body: dict) -> list[list[str]]:
         self.turn += 1
-        return [[replicas[rid] for rid in tier] for tier in tiers if tier]
+        return round_robin_tiers(list(stats), self.turn - 1)

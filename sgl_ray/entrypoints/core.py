@@ -127,7 +127,30 @@ def prefix_summary(s: Scheduler, block: int) -> frozenset[int]:
     return s.kv.cache.summary(block) if s.kv.cache is not None else frozenset()
 
 
-class InProcessCore(EngineCore):
+class SchedulerCalls:
+    """Requests answered by the scheduler between two steps, for whatever owns its :class:`EngineLoop` as
+    ``self.loop`` (the in-process core here, the ``GlobalScheduler`` actor in ``sgl_ray.actors``)."""
+
+    loop: EngineLoop
+
+    def flush_cache(self) -> bool:
+        return self.loop.call(lambda s: s.flush_cache())
+
+    def prefix_summary(self, block: int) -> frozenset[int]:
+        return self.loop.call(lambda s: prefix_summary(s, block))
+
+    def load_lora_adapter(self, name: str, path: str, pinned: bool) -> None:
+        """Register an adapter; every shard loads its slice when the scheduler first puts it in a slot."""
+        self.loop.call(lambda s: lora_call(s, "register", name, path, pinned))
+
+    def unload_lora_adapter(self, name: str) -> bool:
+        return self.loop.call(lambda s: lora_call(s, "unregister", name))
+
+    def lora_adapters(self) -> dict[str, dict]:
+        return self.loop.call(lambda s: s.lora.adapters() if s.lora is not None else {})
+
+
+class InProcessCore(SchedulerCalls, EngineCore):
     """Scheduler and model runner on a background thread of this process."""
 
     def __init__(self, args: EngineArgs, model_config: ModelConfig, weights, tokenizer: Any) -> None:
@@ -147,23 +170,8 @@ class InProcessCore(EngineCore):
     def abort(self, rid: str) -> None:
         self.loop.abort(rid)
 
-    def flush_cache(self) -> bool:
-        return self.loop.call(lambda s: s.flush_cache())
-
     def stats(self) -> dict[str, Any]:
         return self.loop.call(scheduler_stats)
-
-    def prefix_summary(self, block: int) -> frozenset[int]:
-        return self.loop.call(lambda s: prefix_summary(s, block))
-
-    def load_lora_adapter(self, name: str, path: str, pinned: bool) -> None:
-        self.loop.call(lambda s: lora_call(s, "register", name, path, pinned))
-
-    def unload_lora_adapter(self, name: str) -> bool:
-        return self.loop.call(lambda s: lora_call(s, "unregister", name))
-
-    def lora_adapters(self) -> dict[str, dict]:
-        return self.loop.call(lambda s: s.lora.adapters() if s.lora is not None else {})
 
     def shutdown(self) -> None:
         self.loop.stop()
