@@ -85,11 +85,9 @@ def _bs1(engine: Engine, prompt: list[int], out_len: int) -> tuple[float, float,
         runner.step_trace = []
     start = time.perf_counter()
     first = None
-    n = 0
     for chunk in engine.generate(input_ids=prompt, sampling_params=_greedy(out_len), stream=True):
         if first is None:
             first = time.perf_counter()
-        n = len(chunk["output_ids"]) if "output_ids" in chunk else n + 1
     end = time.perf_counter()
     assert first is not None
     idle = None

@@ -9,7 +9,7 @@ Backends that can tokenize and return prompt logprobs share :class:`TokenScoring
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from sgl_ray.lang.ir import GenParams
@@ -63,6 +63,17 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+
+def join_stream(chunks: Iterable[dict], on_delta: DeltaSink) -> GenResult:
+    """Fold native-API stream chunks (``text`` deltas, ``meta_info``) into one result, passing each delta on."""
+    text, meta = "", {}
+    for chunk in chunks:
+        if chunk["text"]:
+            on_delta(chunk["text"])
+        text += chunk["text"]
+        meta = chunk["meta_info"]
+    return GenResult(text, meta)
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:

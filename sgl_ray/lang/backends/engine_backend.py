@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sgl_ray.errors import InvalidRequestError
-from sgl_ray.lang.backends.base import DeltaSink, GenResult, Prompt, TokenScoringBackend
+from sgl_ray.lang.backends.base import DeltaSink, GenResult, Prompt, TokenScoringBackend, join_stream
 from sgl_ray.lang.ir import GenParams
 from sgl_ray.lang.template import RoleFormat, role_format_from_tokenizer
 
@@ -38,13 +38,7 @@ class EngineBackend(TokenScoringBackend):
         if on_delta is None:
             out = self.engine.generate(prompt.text, sp)
             return GenResult(out["text"], out["meta_info"])
-        text, meta = "", {}
-        for chunk in self.engine.generate(prompt.text, sp, stream=True):
-            if chunk["text"]:
-                on_delta(chunk["text"])
-            text += chunk["text"]
-            meta = chunk["meta_info"]
-        return GenResult(text, meta)
+        return join_stream(self.engine.generate(prompt.text, sp, stream=True), on_delta)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.engine.tokenizer.encode(t) for t in texts]

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sgl_ray.errors import RemoteError
-from sgl_ray.lang.backends.base import DeltaSink, GenResult, Prompt, TokenScoringBackend
+from sgl_ray.lang.backends.base import DeltaSink, GenResult, Prompt, TokenScoringBackend, join_stream
 from sgl_ray.lang.backends.http import JSONClient
 from sgl_ray.lang.ir import GenParams
 from sgl_ray.lang.template import RoleFormat
@@ -48,13 +48,7 @@ class RuntimeEndpoint(TokenScoringBackend):
         if on_delta is None:
             out = self.client.post("/generate", body)
             return GenResult(out["text"], out["meta_info"])
-        text, meta = "", {}
-        for chunk in self.client.stream("/generate", body):
-            if chunk["text"]:
-                on_delta(chunk["text"])
-            text += chunk["text"]
-            meta = chunk["meta_info"]
-        return GenResult(text, meta)
+        return join_stream(self.client.stream("/generate", body), on_delta)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return self.client.post("/tokenize", {"text": list(texts)})["tokens"]
