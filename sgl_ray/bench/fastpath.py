@@ -85,7 +85,7 @@ def _bs1(engine: Engine, prompt: list[int], out_len: int) -> tuple[float, float,
         runner.step_trace = []
     start = time.perf_counter()
     first = None
-    for chunk in engine.generate(input_ids=prompt, sampling_params=_greedy(out_len), stream=True):
+    for _chunk in engine.generate(input_ids=prompt, sampling_params=_greedy(out_len), stream=True):
         if first is None:
             first = time.perf_counter()
     end = time.perf_counter()
