@@ -37,18 +37,22 @@ def smollm2_path() -> str:
     return str(default_model_path())
 
 
-def _save_tiny_model(config: PretrainedConfig, directory: Path, smollm2_path: str, **save_kwargs) -> str:
+def save_tiny_model(
+    config: PretrainedConfig, directory: Path, smollm2_path: str | None, **save_kwargs
+) -> str:
+    """Random fp32 weights for ``config`` in ``directory``, with SmolLM2's tokenizer unless ``smollm2_path`` is
+    None (the GPU machine cannot download the default model: its tests pass token ids)."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(directory, **save_kwargs)  # transformers 5 always writes safetensors
-    load_tokenizer(resolve_model(smollm2_path)).save_pretrained(directory)
+    if smollm2_path is not None:
+        load_tokenizer(resolve_model(smollm2_path)).save_pretrained(directory)
     return str(directory)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) -> str:
-    """Llama, 2 layers, untied embeddings, llama3 rope scaling, one safetensors file."""
-    config = LlamaConfig(
+def tiny_llama_config() -> LlamaConfig:
+    """Llama, 2 layers, untied embeddings, llama3 rope scaling."""
+    return LlamaConfig(
         **_TINY_SHAPE,
         num_hidden_layers=2,
         tie_word_embeddings=False,
@@ -61,21 +65,26 @@ def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str)
         },
         rope_theta=500000.0,
     )
-    return _save_tiny_model(config, tmp_path_factory.mktemp("tiny_llama"), smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) -> str:
+    """:func:`tiny_llama_config` in one safetensors file."""
+    return save_tiny_model(tiny_llama_config(), tmp_path_factory.mktemp("tiny_llama"), smollm2_path)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) -> str:
     """Qwen2 (QKV biases), 3 layers, untied embeddings, sharded safetensors with an index."""
     config = Qwen2Config(**_TINY_SHAPE, num_hidden_layers=3, tie_word_embeddings=False)
-    return _save_tiny_model(config, tmp_path_factory.mktemp("tiny_qwen2"), smollm2_path, max_shard_size="4MB")
+    return save_tiny_model(config, tmp_path_factory.mktemp("tiny_qwen2"), smollm2_path, max_shard_size="4MB")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) -> str:
     """Qwen3 (q/k norms), 2 layers, tied embeddings, one safetensors file."""
     config = Qwen3Config(**_TINY_SHAPE, num_hidden_layers=2, tie_word_embeddings=True)
-    return _save_tiny_model(config, tmp_path_factory.mktemp("tiny_qwen3"), smollm2_path)
+    return save_tiny_model(config, tmp_path_factory.mktemp("tiny_qwen3"), smollm2_path)
 
 
 # --- transformers references ------------------------------------------------------------------------------------

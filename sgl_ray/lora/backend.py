@@ -65,18 +65,43 @@ class LoRABatch:
         if not len(slots) or (slots < 0).all():
             return None
         starts = np.concatenate(([0], np.cumsum(extend_lens)[:-1])).astype(np.int64)
-        keep = (slots >= 0) & (extend_lens > 0)
-        s_start, s_len, s_slot = starts[keep], extend_lens[keep], slots[keep]
-        new_run = np.ones(len(s_slot), dtype=bool)
-        new_run[1:] = (s_slot[1:] != s_slot[:-1]) | (s_start[1:] != s_start[:-1] + s_len[:-1])
-        run_id = np.cumsum(new_run) - 1
-        length = np.bincount(run_id, weights=s_len).astype(np.int64)
-        return cls(s_start[new_run], length, s_slot[new_run], device)
+        return cls(*_runs(starts, extend_lens, slots), device)
+
+
+class GraphLoRABatch:
+    """Segments in static device buffers, for a decode batch replayed from a CUDA graph: ``num_segments`` entries
+    (one per adapter slot), of which the unused ones have length 0, each at most ``max_seg_len`` tokens (the
+    graph's batch size), so every launch grid is fixed at capture. Filled by the graph runner before a replay."""
+
+    def __init__(
+        self, seg_start: torch.Tensor, seg_len: torch.Tensor, seg_slot: torch.Tensor, max_seg_len: int
+    ) -> None:
+        self.seg_start, self.seg_len, self.seg_slot = seg_start, seg_len, seg_slot
+        self.num_segments, self.max_seg_len = len(seg_start), max_seg_len
+
+
+def decode_segments(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, length, slot) of the runs of a decode batch (one token per request) that use an adapter."""
+    return _runs(np.arange(len(slots), dtype=np.int64), np.ones(len(slots), dtype=np.int64), slots)
+
+
+def _runs(starts: np.ndarray, extend_lens: np.ndarray, slots: np.ndarray):
+    keep = (slots >= 0) & (extend_lens > 0)
+    s_start, s_len, s_slot = starts[keep], extend_lens[keep], slots[keep]
+    new_run = np.ones(len(s_slot), dtype=bool)
+    new_run[1:] = (s_slot[1:] != s_slot[:-1]) | (s_start[1:] != s_start[:-1] + s_len[:-1])
+    run_id = np.cumsum(new_run) - 1
+    length = np.bincount(run_id, weights=s_len).astype(np.int64)
+    return s_start[new_run], length, s_slot[new_run]
 
 
 class LoRABackend(ABC):
     """Contract: ``apply`` adds the LoRA delta of every adapter segment of ``batch`` to ``out`` in place and
-    leaves the other rows untouched. ``x: [T, K]``, ``out: [T, O]``, ``a: [S, N, K]``, ``b: [S, O, N]``."""
+    leaves the other rows untouched. ``x: [T, K]``, ``out: [T, O]``, ``a: [S, N, K]``, ``b: [S, O, N]``.
+    Backends with ``supports_cuda_graph`` also take a :class:`GraphLoRABatch` and then never sync with the
+    host."""
+
+    supports_cuda_graph = False
 
     @abstractmethod
     def apply(

@@ -37,6 +37,7 @@ class LoRAWeights:
         backend: str | None = None,
     ) -> None:
         self.device = device
+        self.num_slots = num_slots
         self.ctx = LoRAContext(create_lora_backend(backend, device))
         self.layers = wrap_model(model, self.ctx, num_slots, max_rank)
         self.loaded: dict[int, str] = {}  # slot -> adapter path

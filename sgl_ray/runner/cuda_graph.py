@@ -4,14 +4,19 @@ A decode step of a small batch is dominated by kernel launches (hundreds per ste
 time), not by the GPU work. :class:`CudaGraphRunner` captures the whole forward pass plus the LM head once per batch
 size of a ladder (largest first, all in one memory pool) and replays it: one launch per step.
 
-Static inputs live in one ``[5, max_bs]`` int64 device buffer, filled by one host-to-device copy per step::
+Static inputs live in one int64 device buffer, filled by one host-to-device copy per step::
 
-    row 0 input_ids | row 1 positions | row 2 out_cache_loc | row 3 req_pool_idxs | row 4 seq_lens
-    columns 0 .. bs-1: the real requests;  bs .. graph_bs-1: padding (token 0 at position 0, written to the
-    reserved KV slot 0, reading one cached token of request slot 0 — harmless, and the rows are dropped)
+    [5, max_bs]: row 0 input_ids | row 1 positions | row 2 out_cache_loc | row 3 req_pool_idxs | row 4 seq_lens
+        columns 0 .. bs-1: the real requests;  bs .. graph_bs-1: padding (token 0 at position 0, written to the
+        reserved KV slot 0, reading one cached token of request slot 0 — harmless, and the rows are dropped)
+    [3, lora_slots] (with LoRA): start | length | slot of the batch's adapter segments (unused ones: length 0)
 
 The attention backend gives graph-safe metadata over the same buffers (``graph_metadata``): its kernels read the
 sequence lengths from device memory and use a launch grid fixed at capture time.
+
+With LoRA enabled (and a LoRA backend that supports graphs), a second ladder is captured with the adapter
+kernels in it; decode batches where some request uses an adapter replay from that one. A decode batch sorted by
+adapter has at most one segment per adapter slot, so the segment grid is fixed by the slot count.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import numpy as np
 import torch
 
 from sgl_ray.attention.base import AttentionBackend
+from sgl_ray.lora.backend import GraphLoRABatch, decode_segments
+from sgl_ray.lora.weights import LoRAWeights
 from sgl_ray.mem_cache.kv_pool import KVPool
 from sgl_ray.runner.forward_batch import ForwardBatch
 from sgl_ray.scheduler.plan import FUTURE_TOKEN
@@ -32,6 +39,7 @@ from sgl_ray.scheduler.plan import FUTURE_TOKEN
 logger = logging.getLogger(__name__)
 
 _INPUT, _POS, _LOC, _REQ, _SEQ = range(5)
+_SEG_START, _SEG_LEN, _SEG_SLOT = range(3)
 
 
 def batch_size_ladder(max_bs: int) -> list[int]:
@@ -59,6 +67,7 @@ class CudaGraphRunner:
         last_tokens: torch.Tensor,
         max_bs: int,
         context_length: int,
+        lora: LoRAWeights | None = None,
     ) -> None:
         self.model = model
         self.attn_backend = attn_backend
@@ -68,29 +77,36 @@ class CudaGraphRunner:
         self.context_length = context_length
         self.batch_sizes = batch_size_ladder(max_bs)
         self.max_bs = self.batch_sizes[-1]
+        self.lora = lora if lora is not None and lora.ctx.backend.supports_cuda_graph else None
+        self.lora_slots = lora.num_slots if self.lora is not None else 0
         device = req_to_token.device
-        self.ints = torch.zeros((5, self.max_bs), dtype=torch.int64, device=device)
+        n_ints, n_segs = 5 * self.max_bs, 3 * self.lora_slots
+        self._flat = torch.zeros(n_ints + n_segs, dtype=torch.int64, device=device)
+        self.ints = self._flat[:n_ints].view(5, self.max_bs)
         self.ints[_SEQ].fill_(1)
+        self.segs = self._flat[n_ints:].view(3, self.lora_slots)
         # Two host buffers in turn: with overlap scheduling a step is filled while the previous one's copy may
         # still wait in the stream; each buffer's event marks its copy done.
-        self._hosts = [torch.zeros((5, self.max_bs), dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._hosts = [torch.zeros(n_ints + n_segs, dtype=torch.int64).pin_memory() for _ in range(2)]
         self._copied: list[torch.cuda.Event | None] = [None, None]
         self._arange = torch.arange(self.max_bs, dtype=torch.int64, device=device)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (batch size, with LoRA) ->
+        self._logits: dict[tuple[int, bool], torch.Tensor] = {}
         self._pool = None
         self.num_replays = 0
         t0 = time.perf_counter()
         free_before = torch.cuda.mem_get_info(device)[0]
-        for bs in reversed(self.batch_sizes):  # largest first: smaller graphs reuse its pool memory
-            self._capture(bs)
+        for with_lora in (False, True) if self.lora is not None else (False,):
+            for bs in reversed(self.batch_sizes):  # largest first: smaller graphs reuse its pool memory
+                self._capture(bs, with_lora)
         self.capture_s = time.perf_counter() - t0
         self.pool_bytes = max(0, free_before - torch.cuda.mem_get_info(device)[0])
         logger.info(
-            "captured %d CUDA graphs (batch sizes %s..%s) in %.1f s, %.0f MiB",
-            len(self.batch_sizes),
+            "captured %d CUDA graphs (batch sizes %s..%s%s) in %.1f s, %.0f MiB",
+            len(self._graphs),
             self.batch_sizes[0],
             self.max_bs,
+            ", with and without LoRA" if self.lora is not None else "",
             self.capture_s,
             self.pool_bytes / 2**20,
         )
@@ -120,24 +136,40 @@ class CudaGraphRunner:
         return self.model.compute_logits(self.model(dataclasses.replace(batch, input_ids=ids)))
 
     @torch.inference_mode()
-    def _capture(self, bs: int) -> None:
+    def _capture(self, bs: int, with_lora: bool) -> None:
         batch = self._batch(bs)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # compile the Triton kernels and warm up cuBLAS outside the capture
-                self._forward(batch)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-            logits = self._forward(batch)
+        if with_lora:  # segments of at most bs tokens, one per slot at most
+            assert self.lora is not None
+            segs = self.segs
+            self.lora.ctx.batch = GraphLoRABatch(segs[_SEG_START], segs[_SEG_LEN], segs[_SEG_SLOT], bs)
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile the Triton kernels and warm up cuBLAS outside the capture
+                    self._forward(batch)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                logits = self._forward(batch)
+        finally:
+            if with_lora:
+                self.lora.ctx.batch = None
         if self._pool is None:
             self._pool = graph.pool()
-        self._graphs[bs] = graph
-        self._logits[bs] = logits
+        self._graphs[bs, with_lora] = graph
+        self._logits[bs, with_lora] = logits
 
-    def can_run(self, batch_size: int) -> bool:
-        return 0 < batch_size <= self.max_bs
+    def can_run(self, batch_size: int, lora_slots: np.ndarray | None = None) -> bool:
+        """Whether a decode batch of ``batch_size`` requests (bound to ``lora_slots``, -1: none) can replay."""
+        if not 0 < batch_size <= self.max_bs:
+            return False
+        if lora_slots is None or not (lora_slots >= 0).any():
+            return True
+        # one segment per slot at most: the batch must be grouped by adapter (the scheduler sorts it so)
+        starts = lora_slots >= 0
+        starts[1:] &= lora_slots[1:] != lora_slots[:-1]
+        return self.lora is not None and int(starts.sum()) <= self.lora_slots
 
     def replay(
         self,
@@ -145,16 +177,19 @@ class CudaGraphRunner:
         positions: np.ndarray,
         out_cache_loc: np.ndarray,
         req_pool_idxs: np.ndarray,
+        lora_slots: np.ndarray | None = None,
     ) -> torch.Tensor:
-        """Enqueue one decode step of ``bs`` requests (one new token each). Returns the logits ``[bs, vocab]``
-        (a view of the graph's output buffer: valid until the next replay)."""
+        """Enqueue one decode step of ``bs`` requests (one new token each; ``lora_slots``: each one's adapter
+        slot, -1 none; see :meth:`can_run`). Returns the logits ``[bs, vocab]`` (a view of the graph's output
+        buffer: valid until the next replay)."""
         bs = len(input_ids)
         gbs = self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
         turn = self.num_replays % 2
         if (copied := self._copied[turn]) is not None:
             copied.synchronize()  # two steps back: long done unless the device is far behind
         host_t = self._hosts[turn]
-        host = host_t.numpy()
+        flat = host_t.numpy()
+        host = flat[: 5 * self.max_bs].reshape(5, self.max_bs)
         host[_INPUT, :bs] = input_ids
         host[_POS, :bs] = positions
         host[_LOC, :bs] = out_cache_loc
@@ -162,11 +197,17 @@ class CudaGraphRunner:
         host[_SEQ, :bs] = positions + 1
         host[:, bs:gbs] = 0
         host[_SEQ, bs:gbs] = 1
-        self.ints[:, :gbs].copy_(host_t[:, :gbs], non_blocking=True)
+        with_lora = lora_slots is not None and bool((lora_slots >= 0).any())
+        if with_lora:
+            segs = flat[5 * self.max_bs :].reshape(3, self.lora_slots)
+            segs[:] = 0
+            runs = decode_segments(lora_slots)
+            segs[:, : len(runs[0])] = runs
+        self._flat.copy_(host_t, non_blocking=True)
         self._copied[turn] = event = torch.cuda.Event()
         event.record()
         ints = self.ints
         self.req_to_token[ints[_REQ, :bs], ints[_POS, :bs]] = ints[_LOC, :bs]
-        self._graphs[gbs].replay()
+        self._graphs[gbs, with_lora].replay()
         self.num_replays += 1
-        return self._logits[gbs][:bs]
+        return self._logits[gbs, with_lora][:bs]

@@ -134,6 +134,7 @@ class ModelRunner:
                 self.last_tokens,
                 min(self.args.cuda_graph_max_bs, capacity.max_reqs),
                 model_config.context_length,
+                self.lora,
             )
         return self.info
 
@@ -225,8 +226,11 @@ class ModelRunner:
             self._trace_start = torch.cuda.Event(enable_timing=True)
             self._trace_start.record()
         graphs = self.cuda_graphs
-        if graphs is not None and graphs.can_run(plan.batch_size) and self._graphable(plan):
-            logits = graphs.replay(plan.input_ids, plan.prefix_lens, plan.out_cache_loc, plan.req_pool_idxs)
+        slots = plan.lora_slots if self.lora is not None else None
+        if graphs is not None and _is_plain_decode(plan) and graphs.can_run(plan.batch_size, slots):
+            logits = graphs.replay(
+                plan.input_ids, plan.prefix_lens, plan.out_cache_loc, plan.req_pool_idxs, slots
+            )
             return self._sample(plan, logits, logits[:0])
         batch, sample_rows, logprob_rows = self._build_batch(plan)
         shard = self.shard
@@ -298,10 +302,6 @@ class ModelRunner:
         )
         self.attn_backend.init_forward_metadata(batch)
         return batch, sample_rows, logprob_rows.astype(np.int64)
-
-    def _graphable(self, plan: StepPlan) -> bool:
-        """A plain decode step without LoRA adapters (the graphs are captured for the base model)."""
-        return _is_plain_decode(plan) and (self.lora is None or bool((plan.lora_slots < 0).all()))
 
     def _h2d(self, array: np.ndarray) -> torch.Tensor:
         """``array`` on the device. On CUDA through pinned memory: a copy from pageable memory would first wait

@@ -140,16 +140,45 @@ def test_bench_lora_cli(tiny_llama_path, tmp_path, capsys):
     assert records[1]["systems"]["sgl_ray-3-lora"]["output_tokens"] == 24 and records[1]["ratio"] > 0
 
 
+@pytest.fixture(scope="module")
+def gpu_lora_setup(tmp_path_factory):
+    """The tiny Llama without a tokenizer (the GPU machine has no default model) and the four adapters on it."""
+    pytest.importorskip("peft")
+    from ..conftest import save_tiny_model, tiny_llama_config
+    from .adapters import PeftReference, make_adapter
+
+    base = save_tiny_model(tiny_llama_config(), tmp_path_factory.mktemp("gpu_llama"), None)
+    root = tmp_path_factory.mktemp("gpu_lora")
+    adapters = {
+        name: make_adapter(base, root / name, *spec, seed=i)
+        for i, (name, spec) in enumerate(ADAPTERS.items())
+    }
+    return base, adapters, PeftReference(base, adapters)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_triton_lora_engine_matches_peft_on_gpu(tiny_llama_path, lora_adapters, peft_reference):
-    """The CUDA engine (Triton LoRA and attention kernels, fp32) against transformers + peft on the CPU."""
-    paths = [f"{n}={p}" for n, p in lora_adapters.items()]
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+def test_triton_lora_engine_matches_peft_on_gpu(gpu_lora_setup, cuda_graphs):
+    """The CUDA engine (Triton LoRA and attention kernels, fp32; decode replayed from the LoRA graph ladder or run
+    eagerly) against transformers + peft on the CPU: a mixed batch of four adapters and the base model."""
+    base, adapters, reference = gpu_lora_setup
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, 49152, (n,), generator=g).tolist() for n in (3, 9, 17, 30, 5) * 2]
+    names = [*ADAPTERS, None] * 2
     with sgl_ray.Engine(
-        tiny_llama_path, device="cuda", dtype="float32", lora_paths=paths, max_total_tokens=4096
+        base,
+        device="cuda",
+        dtype="float32",
+        skip_tokenizer_init=True,
+        lora_paths=[f"{n}={p}" for n, p in adapters.items()],
+        max_total_tokens=4096,
+        disable_cuda_graph=not cuda_graphs,
     ) as eng:
-        prompts = _ids(eng, PROMPTS[:10])
-        names = [*ADAPTERS, None] * 2
         outs = eng.generate(input_ids=prompts, sampling_params=GREEDY, lora_path=names)
-        for ids, name, out in zip(prompts, names, outs, strict=True):
-            assert out["output_ids"] == peft_reference(name, ids, NEW), name
+        runner = eng._core.runner
+        if cuda_graphs:
+            assert runner.cuda_graphs is not None and runner.cuda_graphs.lora is not None
+            assert runner.cuda_graphs.num_replays >= NEW - 2  # the decode steps replayed from graphs
+    for ids, name, out in zip(prompts, names, outs, strict=True):
+        assert out["output_ids"] == reference(name, ids, NEW), name

@@ -13,7 +13,7 @@ import torch
 
 from sgl_ray.errors import InvalidRequestError, ModelNotFoundError
 from sgl_ray.lora.adapter import parse_lora_paths
-from sgl_ray.lora.backend import LoRABatch, TorchLoRABackend
+from sgl_ray.lora.backend import LoRABatch, TorchLoRABackend, decode_segments
 from sgl_ray.lora.pool import AdapterPool
 
 CPU = torch.device("cpu")
@@ -82,11 +82,19 @@ def test_batch_segments_merge_adjacent_requests():
     assert LoRABatch.from_requests(np.array([-1, -1]), np.array([3, 1]), CPU) is None
 
 
-def _random_case(seed: int, dtype=torch.float32, device=CPU):
+def test_decode_segments_are_the_runs_of_adapter_requests():
+    start, length, slot = decode_segments(np.array([-1, -1, 0, 0, 0, 2, 3, 3, -1, 3]))
+    assert (
+        start.tolist() == [2, 5, 6, 9] and length.tolist() == [3, 1, 2, 1] and slot.tolist() == [0, 2, 3, 3]
+    )
+    assert all(len(r) == 0 for r in decode_segments(np.array([-1, -1])))
+
+
+def _random_case(seed: int, dtype=torch.float32, device=CPU, k: int = 64):
     gen = torch.Generator().manual_seed(seed)
     slots = np.array([0, -1, 2, 2, 1, -1, 0, 3])
     ext = np.array([5, 3, 1, 1, 37, 2, 1, 16])
-    t, s, n, k, o = int(ext.sum()), 4, 48, 64, 80
+    t, s, n, o = int(ext.sum()), 4, 48, 80
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
@@ -113,15 +121,27 @@ def test_parse_lora_paths():
 
 _INTERPRET = """
 import numpy as np, torch
-from sgl_ray.lora.backend import LoRABatch, TorchLoRABackend
+from sgl_ray.lora.backend import GraphLoRABatch, LoRABatch, TorchLoRABackend, decode_segments
 from sgl_ray.lora.triton_backend import TritonLoRABackend
 from tests.lora.test_lora_ops import _random_case
-slots, ext, x, a, b, out = _random_case(1)
-batch = LoRABatch.from_requests(slots, ext, torch.device("cpu"))
-ref = out.clone()
-TorchLoRABackend().apply(x, ref, a, b, batch)
-TritonLoRABackend().apply(x, out, a, b, batch)
-torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+for k in (64, 1100):  # 1100: the shrink splits K over 3 programs
+    tol = dict(rtol=1e-4, atol=1e-4 * k / 64)  # fp32 sums of k products, in another order than torch's
+    slots, ext, x, a, b, out = _random_case(1, k=k)
+    batch = LoRABatch.from_requests(slots, ext, torch.device("cpu"))
+    ref = out.clone()
+    TorchLoRABackend().apply(x, ref, a, b, batch)
+    TritonLoRABackend().apply(x, out, a, b, batch)
+    torch.testing.assert_close(out, ref, **tol)
+    # a decode batch as a CUDA graph replays it: fixed grid over 6 segment entries, unused ones of length 0
+    dslots = np.array([-1, -1, 0, 0, 0, 2, 3, 3])
+    x, out = x[: len(dslots)], out[: len(dslots)]
+    ref = out.clone()
+    TorchLoRABackend().apply(x, ref, a, b, LoRABatch.from_requests(dslots, np.ones(8, np.int64), torch.device("cpu")))
+    segs = torch.zeros(3, 6, dtype=torch.int64)
+    runs = decode_segments(dslots)
+    segs[:, : len(runs[0])] = torch.from_numpy(np.stack(runs))
+    TritonLoRABackend().apply(x, out, a, b, GraphLoRABatch(segs[0], segs[1], segs[2], max_seg_len=16))
+    torch.testing.assert_close(out, ref, **tol)
 """
 
 
@@ -139,12 +159,13 @@ def test_triton_kernel_in_the_interpreter():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_triton_backend_matches_torch_on_gpu(dtype):
+@pytest.mark.parametrize("k", [64, 4096])  # 4096: the shrink splits K
+def test_triton_backend_matches_torch_on_gpu(dtype, k):
     from sgl_ray.lora.triton_backend import TritonLoRABackend
 
     dev = torch.device("cuda")
-    slots, ext, x, a, b, out = _random_case(2, dtype, dev)
-    a, b = a * 0.1, b * 0.1
+    slots, ext, x, a, b, out = _random_case(2, dtype, dev, k=k)
+    a, b = a * 0.1 * (64 / k) ** 0.5, b * 0.1
     batch = LoRABatch.from_requests(slots, ext, dev)
     ref = out.float().clone()
     TorchLoRABackend().apply(x.float(), ref, a.float(), b.float(), batch)
