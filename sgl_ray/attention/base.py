@@ -7,8 +7,8 @@ A backend computes attention for one layer of a batch whose requests each add ``
   tensors from ``batch`` (``req_to_token`` rows, seq lens) and store them on ``batch.attn_metadata``.
 * ``graph_metadata(batch, max_seq_len)`` (backends with ``supports_cuda_graph``) replaces the first call for
   decode batches replayed from a CUDA graph.
-* ``forward(q, k, v, layer, batch)`` first stores the new tokens' ``k``/``v`` at ``batch.out_cache_loc`` in the
-  pool, then returns attention output ``[num_tokens, num_heads * head_dim]`` where token ``i`` of request ``r``
+* ``forward(q, k, v, layer, batch, kv_stored)`` first stores the new tokens' ``k``/``v`` at
+  ``batch.out_cache_loc`` in the pool (unless ``kv_stored``: a fused kernel did it already), then returns attention output ``[num_tokens, num_heads * head_dim]`` where token ``i`` of request ``r``
   attends to request ``r``'s tokens ``0 .. prefix_len[r] + i`` (causal over new tokens, full over the prefix).
 """
 
@@ -32,7 +32,13 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, batch: ForwardBatch
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        batch: ForwardBatch,
+        kv_stored: bool = False,
     ) -> torch.Tensor: ...
 
     def graph_metadata(self, batch: ForwardBatch, max_seq_len: int) -> Any:

@@ -78,12 +78,19 @@ class TorchAttentionBackend(AttentionBackend):
         batch.attn_metadata = _Metadata(decode, extends)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, batch: ForwardBatch
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        batch: ForwardBatch,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
         num_tokens = q.shape[0]
         h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
         q = q.view(num_tokens, h, d)
-        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k.view(-1, kvh, d), v.view(-1, kvh, d))
+        if not kv_stored:
+            batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k.view(-1, kvh, d), v.view(-1, kvh, d))
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
         meta: _Metadata = batch.attn_metadata
         gqa = h != kvh

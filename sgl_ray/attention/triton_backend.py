@@ -120,13 +120,20 @@ class TritonAttentionBackend(AttentionBackend):
         return _Metadata(decode, None)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, batch: ForwardBatch
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        batch: ForwardBatch,
+        kv_stored: bool = False,
     ) -> torch.Tensor:
         num_tokens = q.shape[0]
         h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
         q = q.view(num_tokens, h, d)
         k, v = k.view(-1, kvh, d), v.view(-1, kvh, d)
-        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+        if not kv_stored:
+            batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
         meta: _Metadata = batch.attn_metadata
         out = self._new_buffer((num_tokens, h, d), q.dtype)  # every row is written by one of the kernels

@@ -24,5 +24,8 @@ class RadixAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.layer_id = layer_id
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        return batch.attn_backend.forward(q, k, v, self, batch)
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, kv_stored: bool = False
+    ) -> torch.Tensor:
+        """``kv_stored``: the caller already wrote ``k``/``v`` to the pool at ``batch.out_cache_loc``."""
+        return batch.attn_backend.forward(q, k, v, self, batch, kv_stored=kv_stored)

@@ -110,3 +110,71 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
             HALF=d // 2, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2),
         )  # fmt: skip
     return out
+
+
+@triton.jit
+def _rotary_store_kernel(
+    QKV, Cos, Sin, QOut, KOut, KCache, VCache, Loc, stride_qkv, stride_ct, stride_qo, stride_ko, stride_cache,
+    num_heads, num_kv_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # program (t, head block) over the H query, KVH key and KVH value heads of token t's QKV row
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs = tl.arange(0, BLOCK_D)
+    d_mask = (offs < HALF)[None, :]
+    is_q = heads < num_heads
+    is_k = (heads >= num_heads) & (heads < num_heads + num_kv_heads)
+    is_v = (heads >= num_heads + num_kv_heads) & (heads < num_heads + 2 * num_kv_heads)
+    x_row = QKV + t * stride_qkv + heads[:, None] * (2 * HALF) + offs[None, :]
+    in_mask = (is_q | is_k | is_v)[:, None] & d_mask
+    x1 = tl.load(x_row, mask=in_mask, other=0.0)
+    x2 = tl.load(x_row + HALF, mask=in_mask, other=0.0)
+    c = tl.load(Cos + t * stride_ct + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
+    s = tl.load(Sin + t * stride_ct + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
+    dt = x1.dtype
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    o1 = ((x1f * c).to(dt).to(tl.float32) + (-x2f * s).to(dt).to(tl.float32)).to(dt)
+    o2 = ((x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)).to(dt)
+    q_mask = is_q[:, None] & d_mask
+    q_row = QOut + t * stride_qo + heads[:, None] * (2 * HALF) + offs[None, :]
+    tl.store(q_row, o1, mask=q_mask)
+    tl.store(q_row + HALF, o2, mask=q_mask)
+    loc = tl.load(Loc + t).to(tl.int64)
+    k_mask = is_k[:, None] & d_mask
+    kh = (heads - num_heads)[:, None] * (2 * HALF) + offs[None, :]
+    tl.store(KOut + t * stride_ko + kh, o1, mask=k_mask)
+    tl.store(KOut + t * stride_ko + kh + HALF, o2, mask=k_mask)
+    tl.store(KCache + loc * stride_cache + kh, o1, mask=k_mask)
+    tl.store(KCache + loc * stride_cache + kh + HALF, o2, mask=k_mask)
+    v_mask = is_v[:, None] & d_mask
+    vh = (heads - num_heads - num_kv_heads)[:, None] * (2 * HALF) + offs[None, :]
+    tl.store(VCache + loc * stride_cache + vh, x1, mask=v_mask)
+    tl.store(VCache + loc * stride_cache + vh + HALF, x2, mask=v_mask)
+
+
+def rotary_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    loc: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary on the query and key heads of ``qkv`` [T, (H + 2 KVH) D] (unit last stride) plus the KV-cache
+    store, in one launch: the rotated keys and the values go to ``k_cache``/``v_cache`` [slots, KVH, D] rows
+    ``loc`` [T]. Returns the rotated q [T, H, D] and k [T, KVH, D] (contiguous)."""
+    t = qkv.shape[0]
+    d = k_cache.shape[-1]
+    q = torch.empty((t, num_heads, d), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((t, num_kv_heads, d), dtype=qkv.dtype, device=qkv.device)
+    total = num_heads + 2 * num_kv_heads
+    block_h = min(16, triton.next_power_of_2(total))
+    if t:
+        _rotary_store_kernel[(t, triton.cdiv(total, block_h))](
+            qkv, cos, sin, q, k, k_cache, v_cache, loc, qkv.stride(0), cos.stride(0), q.stride(0), k.stride(0),
+            k_cache.stride(0), num_heads, num_kv_heads,
+            HALF=d // 2, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2),
+        )  # fmt: skip
+    return q, k

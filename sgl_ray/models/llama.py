@@ -16,6 +16,7 @@ from sgl_ray.distributed import Communicator, ShardContext
 from sgl_ray.errors import UnsupportedModelError
 from sgl_ray.layers.activation import SiluAndMul
 from sgl_ray.layers.attention import RadixAttention
+from sgl_ray.layers.cuda_ops import cuda_ops
 from sgl_ray.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from sgl_ray.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sgl_ray.layers.norm import RMSNorm
@@ -65,6 +66,14 @@ class LlamaAttention(nn.Module):
         p = self.qkv_proj
         qkv = p(hidden)  # [T, (H + 2 * KVH) * D]
         t, d = hidden.shape[0], p.head_dim
+        if self.q_norm is None and qkv.is_cuda and batch.kv_pool.dtype == qkv.dtype:
+            # one kernel: rotate q and k, store k and v in the KV pool
+            k_cache, v_cache = batch.kv_pool.get_kv(self.attn.layer_id)
+            q, k = cuda_ops().rotary_store(
+                qkv, *cos_sin, batch.out_cache_loc, k_cache, v_cache, p.num_heads, p.num_kv_heads
+            )
+            v = qkv[:, p.q_size + p.kv_size :]
+            return self.o_proj(self.attn(q.view(t, -1), k.view(t, -1), v, batch, kv_stored=True))
         if self.q_norm is None:  # rotate q and k (adjacent in qkv) in one pass
             qk = RotaryEmbedding.apply(
                 qkv[:, : p.q_size + p.kv_size].view(t, -1, d), cos_sin

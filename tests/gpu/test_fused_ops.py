@@ -63,3 +63,36 @@ def test_rotary_matches_torch_on_strided_qk(dtype, heads, kv_heads, head_dim):
     out = _ops().rotary(qk, cos, sin)
     assert out.is_contiguous()
     torch.testing.assert_close(out, expected, **ULP2[dtype])
+
+
+def check_rotary_store(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> None:
+    """The fused rotary + KV store against the torch path: rotate q and k, ``index_copy_`` k and v into the pool
+    (also run on the CPU by Triton's interpreter: tests/unit/test_triton_interpreter.py)."""
+    from sgl_ray.layers import triton_ops
+
+    tokens, slots = 11, 64
+    g = torch.Generator().manual_seed(heads)
+    rope = RotaryEmbedding(head_dim, {"rope_theta": 10000.0}, 4096).to(device)
+    cos, sin = rope.cos_sin(torch.randint(0, 4096, (tokens,), generator=g).to(device), dtype)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(device, dtype)
+    loc = torch.randperm(slots - 1, generator=g)[:tokens].add(1).to(device)
+    k_cache = torch.full((slots, kv_heads, head_dim), 7.0, dtype=dtype, device=device)  # poison
+    v_cache = k_cache.clone()
+    q, k = triton_ops.rotary_store(qkv, cos, sin, loc, k_cache, v_cache, heads, kv_heads)
+    qk = qkv[:, : (heads + kv_heads) * head_dim].view(tokens, -1, head_dim)
+    expected = qk * cos + rotate_half(qk) * sin
+    tol = ULP2[dtype]
+    torch.testing.assert_close(q, expected[:, :heads], **tol)
+    torch.testing.assert_close(k, expected[:, heads:], **tol)
+    torch.testing.assert_close(k_cache[loc], k, atol=0, rtol=0)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
+    torch.testing.assert_close(v_cache[loc], v, atol=0, rtol=0)
+    untouched = torch.ones(slots, dtype=torch.bool, device=device)
+    untouched[loc] = False
+    assert (k_cache[untouched] == 7).all() and (v_cache[untouched] == 7).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64), (4, 2, 16)])
+def test_rotary_store_matches_rotary_and_index_copy(dtype, heads, kv_heads, head_dim):
+    check_rotary_store("cuda", dtype, heads, kv_heads, head_dim)

@@ -1,0 +1,27 @@
+"""Fused Triton kernels run by Triton's CPU interpreter, so their indexing and masking are checked without a GPU
+(the GPU machine runs the same checks natively: ``pytest -m gpu``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_SCRIPT = """
+import torch
+from tests.gpu.test_fused_ops import check_rotary_store
+for shape in [(4, 2, 16), (9, 3, 64)]:
+    check_rotary_store("cpu", torch.float32, *shape)
+"""
+
+
+def test_rotary_store_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
