@@ -57,7 +57,7 @@ class EngineArgs:
     )
     disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode eagerly on CUDA"})
     cuda_graph_max_bs: int = field(
-        default=160, metadata={"help": "largest decode batch captured in a CUDA graph"}
+        default=256, metadata={"help": "largest decode batch captured in a CUDA graph"}
     )
     disable_overlap_schedule: bool = field(
         default=False, metadata={"help": "build each step only after the previous one finished"}

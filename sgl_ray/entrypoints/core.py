@@ -3,18 +3,22 @@ the scheduler and the model — in this process, or in Ray actors (``sgl_ray.act
 
 from __future__ import annotations
 
+import gc
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.configs.model_config import ModelConfig
 from sgl_ray.entrypoints.loop import EngineLoop, OverlapExecutor, StepExecutor
-from sgl_ray.errors import InvalidRequestError
+from sgl_ray.errors import EngineDeadError, InvalidRequestError
 from sgl_ray.lora.adapter import parse_lora_paths
 from sgl_ray.runner.model_runner import ModelRunner
 from sgl_ray.scheduler.output import RequestOutput
+from sgl_ray.scheduler.plan import StepOutput, StepPlan
 from sgl_ray.scheduler.request import Req
 from sgl_ray.scheduler.scheduler import Scheduler, SchedulerConfig
 
@@ -174,8 +178,22 @@ class InProcessCore(SchedulerCalls, EngineCore):
         return self.loop.call(scheduler_stats)
 
     def shutdown(self) -> None:
+        """Stop the loop, then let go of the runner: its weights, KV pool and CUDA graphs go back to the device
+        (so another engine can start in this process)."""
         self.loop.stop()
         self.scheduler.grammars.shutdown()
+        if self.loop.alive or self.runner is None:  # a stuck step still uses the runner
+            return
+        device = self.runner.device
+        self.runner = None
+        self.loop.executor = StepExecutor(_shut_down)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _shut_down(plan: StepPlan) -> StepOutput:
+    raise EngineDeadError("the engine is shut down")
 
 
 def create_ray_core(args: EngineArgs, model_config: ModelConfig) -> EngineCore:

@@ -4,6 +4,7 @@ and errors (the engine keeps serving after every bad request)."""
 from __future__ import annotations
 
 import asyncio
+import weakref
 
 import pytest
 import torch
@@ -182,6 +183,8 @@ def test_flush_cache(engine):
 def test_shutdown_fails_new_requests(tiny_qwen3_path):
     eng = sgl_ray.Engine(tiny_qwen3_path)
     assert eng.generate("x", GREEDY)["meta_info"]["completion_tokens"] == 10
+    runner = weakref.ref(eng._core.runner)
     eng.shutdown()
+    assert runner() is None  # weights, KV pool and graphs are released with the runner
     with pytest.raises(EngineDeadError):
         eng.generate("x", GREEDY)
