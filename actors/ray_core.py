@@ -97,6 +97,21 @@ class RayEngineCore(EngineCore):
     def scheduler_actor(self):
         return self._actor
 
+    def start_step_trace(self) -> None:
+        """Start recording the shards' device time per step (benchmarks; call while no request runs)."""
+        ray.get(self._actor.start_step_trace.remote())
+
+    def stop_step_trace(self, batch_size: int | None = None, skip: int = 0) -> float | None:
+        """Share of the time between the first and last recorded step (of ``batch_size`` rows, past the first
+        ``skip``) that a shard's device waited for work; the largest over the shards. None on CPU.
+
+        Example::
+
+            >>> core.start_step_trace(); llm.generate(prompt, params); core.stop_step_trace(1, 2)  # doctest: +SKIP
+            0.012
+        """
+        return ray.get(self._actor.stop_step_trace.remote(batch_size, skip))
+
     def shutdown(self) -> None:
         if self._closed:
             return

@@ -1,0 +1,108 @@
+"""Overlap scheduling through the Ray actors (one pipeline stage): two steps in flight, outputs token-identical to
+overlap off and to transformers at tensor-parallel sizes 1 and 2, with requests that end early while their next
+step is already on the shards, and requests arriving while others decode."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import sgl_ray
+
+from ..engine.prompts import PROMPTS
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+NEW = 12
+
+
+def _greedy(new: int = NEW, **extra) -> dict:
+    return {"temperature": 0.0, "max_new_tokens": new, "ignore_eos": True, **extra}
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def engines(request, ray_cluster, tiny_llama_path):
+    """``{overlap on: engine}`` for one tensor-parallel size; small prefill chunks, so batches mix prefill and
+    decode."""
+    kwargs = dict(tp_size=request.param, use_ray=True, chunked_prefill_size=16, max_total_tokens=4096)
+    on = sgl_ray.Engine(tiny_llama_path, **kwargs)
+    off = sgl_ray.Engine(tiny_llama_path, disable_overlap_schedule=True, **kwargs)
+    yield {True: on, False: off}
+    on.shutdown()
+    off.shutdown()
+
+
+def _mixed_arrivals(engine) -> dict[str, list[int]]:
+    """One long request streams; after its third chunk a batch of prompts (1 to 12 new tokens) arrives."""
+    tok = engine.tokenizer
+    late = [tok.encode(p) for p in PROMPTS[:8]]
+    results: dict[str, list[int]] = {}
+    threads: list[threading.Thread] = []
+
+    def run_late() -> None:
+        outs = engine.generate(
+            input_ids=late, sampling_params=[_greedy(1 + (3 * i) % NEW) for i in range(len(late))]
+        )
+        for i, out in enumerate(outs):
+            results[f"late{i}"] = out["output_ids"]
+
+    ids: list[int] = []
+    for i, chunk in enumerate(
+        engine.generate(input_ids=tok.encode(PROMPTS[3]), sampling_params=_greedy(24), stream=True)
+    ):
+        ids += chunk["output_ids"]
+        if i == 2:
+            threads.append(threading.Thread(target=run_late))
+            threads[0].start()
+    for t in threads:
+        t.join(timeout=120)
+    results["long"] = ids
+    return results
+
+
+def test_greedy_matches_overlap_off_and_transformers(engines, hf_reference):
+    ref = hf_reference("llama")
+    tok = engines[True].tokenizer
+    expected = {"long": ref(tok.encode(PROMPTS[3]), 24)}
+    for i, p in enumerate(PROMPTS[:8]):
+        expected[f"late{i}"] = ref(tok.encode(p), 1 + (3 * i) % NEW)
+    for overlap, engine in engines.items():
+        got = _mixed_arrivals(engine)
+        assert got == expected, f"overlap={overlap}"
+        stats = engine.get_stats()
+        assert stats["overlap_schedule"] is overlap
+        # Overlap keeps the next step on the shards while the scheduler processes the previous one.
+        assert stats["max_batches_in_flight"] == (2 if overlap else 1)
+        assert stats["control_overhead_steps"] > 0 and stats["control_overhead_us_p50"] > 0
+        assert stats["num_running"] == 0 and stats["num_waiting"] == 0
+
+
+def test_early_stops_match_overlap_off(engines, hf_reference):
+    """A request whose token ends it (stop token, stop string, max_tokens 1) has its next step already in flight
+    with overlap on: that step's token is dropped and its KV returned, as without overlap."""
+    ref = hf_reference("llama")
+    tok = engines[True].tokenizer
+    prompts = [tok.encode(p) for p in PROMPTS[8:12]]
+    full = [ref(ids, NEW) for ids in prompts]
+    text = tok.decode(full[1])
+    params = [
+        _greedy(stop_token_ids=[full[0][2]]),
+        _greedy(stop=[text[6:10]]),
+        _greedy(1),
+        {"temperature": 0.9, "seed": 7, "max_new_tokens": NEW},  # seeded sampling: the same on every rank
+    ]
+    outs = {o: e.generate(input_ids=prompts, sampling_params=params) for o, e in engines.items()}
+    for on, off in zip(outs[True], outs[False], strict=True):
+        assert on["output_ids"] == off["output_ids"]
+        assert on["text"] == off["text"]
+        assert on["meta_info"]["finish_reason"] == off["meta_info"]["finish_reason"]
+    stop_tok, stop_str, one, _ = outs[True]
+    assert stop_tok["output_ids"] == full[0][:3]
+    assert stop_tok["meta_info"]["finish_reason"] == {"type": "stop", "matched": full[0][2]}
+    assert stop_str["meta_info"]["finish_reason"]["type"] == "stop" and len(stop_str["output_ids"]) < NEW
+    assert one["output_ids"] == full[2][:1]
+    for engine in engines.values():  # nothing leaked: every KV slot is free or held by the prefix cache
+        stats = engine.get_stats()
+        assert stats["num_running"] == 0
+        assert stats["kv_free"] + stats["cache_size"] == stats["kv_capacity"]
