@@ -4,11 +4,14 @@ step is already on the shards, and requests arriving while others decode."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
+from transformers import LlamaConfig
 
 import sgl_ray
+from sgl_ray.cli import main
 
 from ..engine.prompts import PROMPTS
 
@@ -106,3 +109,29 @@ def test_early_stops_match_overlap_off(engines, hf_reference):
         stats = engine.get_stats()
         assert stats["num_running"] == 0
         assert stats["kv_free"] + stats["cache_size"] == stats["kv_capacity"]
+
+
+def test_bench_roofline_through_ray_actors(ray_cluster, tmp_path, capsys):
+    """``sgl-ray bench roofline --ray``: bs1 in-process, then through the Ray actors; on a CPU the GPU idle share
+    is absent (the device records no step times), not zero."""
+    model_dir = tmp_path / "tiny"
+    LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=1024,
+    ).save_pretrained(model_dir)  # a config and no weights: load_format dummy
+    out = tmp_path / "roof.jsonl"
+    argv = ["bench", "roofline", "--model-path", str(model_dir), "--load-format", "dummy", "--skip-hf"]
+    argv += ["--skip-tokenizer-init", "--max-total-tokens", "2048", "--bs1-output-len", "8", "--ray"]
+    assert main([*argv, "--output-file", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["workload"], r["system"]) for r in records] == [
+        ("bs1 128/8", "sgl_ray"),
+        ("bs1 128/8", "sgl_ray ray actors"),
+    ]
+    assert all(r["tok_s"] > 0 and r["output_tokens"] == 8 and r["gpu_idle"] is None for r in records)
+    assert "| bs1 128/8 | sgl_ray ray actors |" in capsys.readouterr().out
