@@ -18,6 +18,7 @@ from ..engine.prompts import PROMPTS
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 NEW = 12
+LONG = 40  # new tokens of the request that is decoding when the others arrive
 
 
 def _greedy(new: int = NEW, **extra) -> dict:
@@ -52,7 +53,7 @@ def _mixed_arrivals(engine) -> dict[str, list[int]]:
 
     ids: list[int] = []
     for i, chunk in enumerate(
-        engine.generate(input_ids=tok.encode(PROMPTS[3]), sampling_params=_greedy(24), stream=True)
+        engine.generate(input_ids=tok.encode(PROMPTS[3]), sampling_params=_greedy(LONG), stream=True)
     ):
         ids += chunk["output_ids"]
         if i == 2:
@@ -67,7 +68,7 @@ def _mixed_arrivals(engine) -> dict[str, list[int]]:
 def test_greedy_matches_overlap_off_and_transformers(engines, hf_reference):
     ref = hf_reference("llama")
     tok = engines[True].tokenizer
-    expected = {"long": ref(tok.encode(PROMPTS[3]), 24)}
+    expected = {"long": ref(tok.encode(PROMPTS[3]), LONG)}
     for i, p in enumerate(PROMPTS[:8]):
         expected[f"late{i}"] = ref(tok.encode(p), 1 + (3 * i) % NEW)
     for overlap, engine in engines.items():
