@@ -206,7 +206,9 @@ def run_roofline(
         del off
         _free_device_memory()
     if cfg.ray:
-        ray_engine = Engine(**dataclasses.asdict(args.replace(use_ray=True)))
+        # The device as this process sees it: the actors then ask Ray for what it names.
+        ray_args = args.replace(use_ray=True, device=str(args.torch_device()))
+        ray_engine = Engine(**dataclasses.asdict(ray_args))
         try:
             tok_s, wall, idle = _bs1(ray_engine, bs1_prompt, cfg.bs1_output_len)
         finally:

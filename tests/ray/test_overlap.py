@@ -8,6 +8,7 @@ import json
 import threading
 
 import pytest
+import torch
 from transformers import LlamaConfig
 
 import sgl_ray
@@ -136,3 +137,39 @@ def test_bench_roofline_through_ray_actors(ray_cluster, tmp_path, capsys):
     ]
     assert all(r["tok_s"] > 0 and r["output_tokens"] == 8 and r["gpu_idle"] is None for r in records)
     assert "| bs1 128/8 | sgl_ray ray actors |" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_overlap_through_ray_on_cuda(ray_cluster, tmp_path):
+    """On a GPU (CUDA graphs on, placeholders resolved on the device): overlap gives the synchronous schedule's
+    tokens through the Ray actors, also for requests a sampled stop token ends early; the shard's step trace
+    yields an idle share."""
+    LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        initializer_range=0.1,
+    ).save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, 32000, (int(n),), generator=g).tolist() for n in torch.randint(3, 300, (6,))]
+    kwargs = dict(use_ray=True, load_format="dummy", dtype="float32", skip_tokenizer_init=True)
+    kwargs.update(max_total_tokens=16384, cuda_graph_max_bs=8, device="cuda")
+    with sgl_ray.Engine(str(tmp_path), disable_overlap_schedule=True, **kwargs) as eng:
+        free = eng.generate(input_ids=prompts, sampling_params=_greedy())
+    params = [_greedy(stop_token_ids=[o["output_ids"][3 + i]]) for i, o in enumerate(free)]
+    outs = {}
+    for disable in (True, False):
+        with sgl_ray.Engine(str(tmp_path), disable_overlap_schedule=disable, **kwargs) as eng:
+            eng._core.start_step_trace()
+            outs[disable] = eng.generate(input_ids=prompts, sampling_params=params)
+            idle = eng._core.stop_step_trace()
+            assert idle is not None and 0.0 <= idle < 1.0
+    for sync, overlapped in zip(outs[True], outs[False], strict=True):
+        assert overlapped["output_ids"] == sync["output_ids"]
+        assert overlapped["meta_info"]["finish_reason"] == sync["meta_info"]["finish_reason"]
+    assert any(o["meta_info"]["finish_reason"]["type"] == "stop" for o in outs[False])
