@@ -233,7 +233,9 @@ class DataParallelCore(EngineCore):
     def stats(self) -> dict[str, Any]:
         per_group = [g.stats() for g in self.groups]
         total = {
-            k: sum(s.get(k, 0) for s in per_group) for k, v in per_group[0].items() if isinstance(v, int)
+            k: sum(s.get(k, 0) for s in per_group)
+            for k, v in per_group[0].items()
+            if isinstance(v, int) and not isinstance(v, bool)  # counts add up; flags stay per group
         }
         return {**total, "groups": per_group}
 
