@@ -84,11 +84,11 @@ def test_greedy_matches_overlap_off_and_transformers(engines, hf_reference):
 
 
 def test_early_stops_match_overlap_off(engines, hf_reference):
-    """A request whose token ends it (stop token, stop string, max_tokens 1) has its next step already in flight
-    with overlap on: that step's token is dropped and its KV returned, as without overlap."""
+    """A request whose token ends it (EOS, stop token, stop string, max_tokens 1) has its next step already in
+    flight with overlap on: that step's token is dropped and its KV returned, as without overlap."""
     ref = hf_reference("llama")
     tok = engines[True].tokenizer
-    prompts = [tok.encode(p) for p in PROMPTS[8:12]]
+    prompts = [tok.encode(p) for p in PROMPTS[8:13]]
     full = [ref(ids, NEW) for ids in prompts]
     text = tok.decode(full[1])
     params = [
@@ -96,13 +96,24 @@ def test_early_stops_match_overlap_off(engines, hf_reference):
         _greedy(stop=[text[6:10]]),
         _greedy(1),
         {"temperature": 0.9, "seed": 7, "max_new_tokens": NEW},  # seeded sampling: the same on every rank
+        {"temperature": 0.0, "max_new_tokens": NEW},  # ends on EOS
     ]
-    outs = {o: e.generate(input_ids=prompts, sampling_params=params) for o, e in engines.items()}
+    eos = full[4][3]  # a random-weight model rarely samples its EOS: make a token this prompt reaches one
+    outs = {}
+    for overlap, engine in engines.items():
+        model_eos = engine.eos_token_ids
+        engine.eos_token_ids = (*model_eos, eos)
+        try:
+            outs[overlap] = engine.generate(input_ids=prompts, sampling_params=params)
+        finally:
+            engine.eos_token_ids = model_eos
     for on, off in zip(outs[True], outs[False], strict=True):
         assert on["output_ids"] == off["output_ids"]
         assert on["text"] == off["text"]
         assert on["meta_info"]["finish_reason"] == off["meta_info"]["finish_reason"]
-    stop_tok, stop_str, one, _ = outs[True]
+    stop_tok, stop_str, one, _, at_eos = outs[True]
+    assert at_eos["output_ids"] == full[4][: full[4].index(eos) + 1]
+    assert at_eos["meta_info"]["finish_reason"] == {"type": "stop", "matched": eos}
     assert stop_tok["output_ids"] == full[0][:3]
     assert stop_tok["meta_info"]["finish_reason"] == {"type": "stop", "matched": full[0][2]}
     assert stop_str["meta_info"]["finish_reason"]["type"] == "stop" and len(stop_str["output_ids"]) < NEW
