@@ -97,6 +97,21 @@ class RayEngineCore(EngineCore):
     def scheduler_actor(self):
         return self._actor
 
+    def start_step_trace(self) -> None:
+        """Start recording the shards' device time per step (benchmarks; call while no request runs)."""
+        ray.get(self._actor.start_step_trace.remote())
+
+    def stop_step_trace(self, batch_size: int | None = None, skip: int = 0) -> float | None:
+        """Share of the time between the first and last recorded step (of ``batch_size`` rows, past the first
+        ``skip``) that a shard's device waited for work; the largest over the shards. None on CPU.
+
+        Example::
+
+            >>> core.start_step_trace(); llm.generate(prompt, params); core.stop_step_trace(1, 2)  # doctest: +SKIP
+            0.012
+        """
+        return ray.get(self._actor.stop_step_trace.remote(batch_size, skip))
+
     def shutdown(self) -> None:
         if self._closed:
             return
@@ -218,7 +233,9 @@ class DataParallelCore(EngineCore):
     def stats(self) -> dict[str, Any]:
         per_group = [g.stats() for g in self.groups]
         total = {
-            k: sum(s.get(k, 0) for s in per_group) for k, v in per_group[0].items() if isinstance(v, int)
+            k: sum(s.get(k, 0) for s in per_group)
+            for k, v in per_group[0].items()
+            if isinstance(v, int) and not isinstance(v, bool)  # counts add up; flags stay per group
         }
         return {**total, "groups": per_group}
 

@@ -4,6 +4,10 @@ metadata, and drives its shard group step by step.
 Requests arrive as token ids with sampling parameters (``add_requests``); results leave as token/text deltas
 through ``get_outputs`` (a long poll that returns everything produced since the last call). When a shard dies
 the group is rebuilt and every running request resumes from the tokens it already generated.
+
+With one pipeline stage, overlap scheduling (on unless ``disable_overlap_schedule``) keeps two steps in flight: the
+group is driven "lagged" (see :mod:`sgl_ray.actors.shard_group`), so a shard launches step N+1 before it waits for
+step N, and the scheduler plans step N+2 while N+1 runs. Pipelines keep one micro-batch per stage in flight.
 """
 
 from __future__ import annotations
@@ -43,12 +47,13 @@ class GlobalScheduler(SchedulerCalls):
     def __init__(self, args: EngineArgs, max_rebuilds: int = 3) -> None:
         self.args = args
         self.layout = ParallelLayout(args.tp_size, args.pp_size)
-        self.group = ShardGroup(args, self.layout)
+        self.overlap = args.pp_size == 1 and not args.disable_overlap_schedule
+        self.group = ShardGroup(args, self.layout, lagged=self.overlap)
         info = self.group.start()
         source = resolve_model(args.model_path, revision=args.revision, weights=args.load_format != "dummy")
         tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer_path)
         self.scheduler = new_scheduler(
-            args, info.num_slots, info.max_reqs, info.context_length, tokenizer, vocab_size=info.vocab_size
+            args, info.num_slots, info.max_reqs, info.context_length, tokenizer, self.overlap, info.vocab_size
         )
         self.max_rebuilds = max_rebuilds
         self.num_rebuilds = 0
@@ -66,7 +71,7 @@ class GlobalScheduler(SchedulerCalls):
         )
         t0 = time.monotonic()
         self.group.teardown()
-        self.group = ShardGroup(self.args, self.layout)
+        self.group = ShardGroup(self.args, self.layout, lagged=self.overlap)  # no steps in flight: lag reset
         self.group.start()
         logger.warning("shard group rebuilt in %.1fs", time.monotonic() - t0)
         return StepLostError(str(error))
@@ -98,8 +103,17 @@ class GlobalScheduler(SchedulerCalls):
             **self.loop.call(scheduler_stats),
             "num_rebuilds": self.num_rebuilds,
             "max_batches_in_flight": self.loop.max_in_flight,
+            "overlap_schedule": self.overlap,
             **self.group.overhead_summary(),
         }
+
+    def start_step_trace(self) -> None:
+        """Start recording the shards' device step times (call between requests; see ``ShardGroup``)."""
+        self.group.start_step_trace()
+
+    def stop_step_trace(self, batch_size: int | None = None, skip: int = 0) -> float | None:
+        """The device idle share between the steps recorded since ``start_step_trace`` (None on CPU)."""
+        return self.group.stop_step_trace(batch_size, skip)
 
     def shard_handles(self) -> list:
         """The shard actors (for fault-injection tests and diagnostics)."""
@@ -115,11 +129,13 @@ class GlobalScheduler(SchedulerCalls):
 
 
 class _GroupExecutor(StepExecutor):
-    """Submits plans to the scheduler's current shard group; one micro-batch per pipeline stage in flight."""
+    """Submits plans to the scheduler's current shard group: two steps in flight with overlap scheduling, else
+    one micro-batch per pipeline stage. A step submitted to a group that has since been rebuilt is lost."""
 
     def __init__(self, owner: GlobalScheduler) -> None:
         self.owner = owner
-        self.depth = owner.layout.pp_size
+        self.overlap = owner.overlap
+        self.depth = 2 if owner.overlap else owner.layout.pp_size
 
     def submit(self, plan: StepPlan):
         try:

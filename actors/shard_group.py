@@ -2,6 +2,13 @@
 
 The compiled graph gives every step a fixed shared-memory (or NCCL-free, pickled) channel from the scheduler to
 all shards and back, instead of a ``ray.get`` round trip per shard per step.
+
+With overlap scheduling (``lagged``) the graph calls :meth:`ShardWorker.step`, whose answer is the output of the
+step sent with the *previous* call: call k launches plan k, then collects step k-1. So the output of step k comes
+back with call k+1, and waiting for the last step sent first sends a flush (no plan), which only collects::
+
+    calls     0: plan 0      1: plan 1      2: plan 2      3: flush
+    answers   (nothing)      step 0         step 1         step 2
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import ray
 from ray.dag import InputNode, MultiOutputNode
@@ -27,24 +35,45 @@ logger = logging.getLogger(__name__)
 _READY_TIMEOUT_S = 600.0
 
 
+@dataclass(eq=False)
+class LaggedStep:
+    """A plan sent to a lagged group; ``output`` is filled in when the call that carries it is read."""
+
+    output: StepOutput | None = None
+
+
+@dataclass(frozen=True)
+class _Call:
+    ref: object  # the compiled graph's reference to this call's answers
+    sent: float
+    carries: LaggedStep | None  # the step whose output this call answers
+
+
 class ShardGroup:
     """Starts, drives and tears down the shard actors of one engine group.
 
     Example::
 
-        >>> group = ShardGroup(args, ParallelLayout(tp_size=2))  # doctest: +SKIP
+        >>> group = ShardGroup(args, ParallelLayout(tp_size=2), lagged=True)  # doctest: +SKIP
         >>> info = group.start()  # doctest: +SKIP
-        >>> out = group.execute(plan)  # doctest: +SKIP
+        >>> step1, step2 = group.submit(plan1), group.submit(plan2)  # doctest: +SKIP
+        >>> out1, out2 = group.wait(step1), group.wait(step2)  # doctest: +SKIP
     """
 
-    def __init__(self, args: EngineArgs, layout: ParallelLayout, step_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self, args: EngineArgs, layout: ParallelLayout, step_timeout_s: float = 600.0, lagged: bool = False
+    ) -> None:
+        assert not lagged or layout.pp_size == 1, "overlap scheduling runs one stage (pipelines micro-batch)"
         self.args = args
         self.layout = layout
         self.step_timeout_s = step_timeout_s
+        self.lagged = lagged
         self.workers: list = []
         self.pg = None
         self.dag = None
         self.control_overhead_s: deque[float] = deque(maxlen=10_000)
+        self._calls: deque[_Call] = deque()  # lagged: sent, answers not read yet (read strictly in order)
+        self._tail: LaggedStep | None = None  # lagged: the last step sent, its output not yet asked for
 
     def start(self) -> RunnerInfo:
         t0 = time.monotonic()
@@ -71,7 +100,7 @@ class ShardGroup:
         )
         infos = ray.get([w.init_memory.remote(capacity) for w in self.workers])
         with InputNode() as plan:
-            dag = MultiOutputNode([w.execute.bind(plan) for w in self.workers])
+            dag = MultiOutputNode([(w.step if self.lagged else w.execute).bind(plan) for w in self.workers])
         self.dag = dag.experimental_compile()
         logger.info(
             "shard group %s up in %.1fs: %d KV slots", self.layout, time.monotonic() - t0, capacity.num_slots
@@ -79,24 +108,53 @@ class ShardGroup:
         return infos[self.layout.output_rank]
 
     def submit(self, plan: StepPlan):
-        """Send a plan to every shard without waiting (several may be in flight: pipeline stages overlap)."""
+        """Send a plan to every shard without waiting (several may be in flight: pipeline stages overlap, or,
+        lagged, a step runs while the next is planned); ``wait`` takes the handle, in submission order."""
         assert self.dag is not None, "start() first"
-        return self.dag.execute(plan), time.perf_counter()
+        if not self.lagged:
+            return self.dag.execute(plan), time.perf_counter()
+        step = LaggedStep()
+        self._send(plan, self._tail)
+        self._tail = step
+        return step
 
     def wait(self, handle) -> StepOutput:
         """The answer of a submitted plan, from the last stage's first tensor-parallel rank. Raises whatever Ray
         raises when a shard is gone (the caller rebuilds the group)."""
+        if self.lagged:
+            return self._wait_lagged(handle)
         ref, sent = handle
         out = ray.get(ref, timeout=self.step_timeout_s)[self.layout.output_rank]
         if self.layout.pp_size == 1:  # with micro-batches in flight, wall time is not one step's
             self.control_overhead_s.append(time.perf_counter() - sent - out.compute_s)
         return out
 
+    def _send(self, plan: StepPlan | None, carries: LaggedStep | None) -> None:
+        assert self.dag is not None, "start() first"
+        self._calls.append(_Call(self.dag.execute(plan), time.perf_counter(), carries))
+
+    def _wait_lagged(self, step: LaggedStep) -> StepOutput:
+        if step is self._tail:  # no call sent after it carries its output: flush
+            self._send(None, step)
+            self._tail = None
+        while step.output is None:
+            assert self._calls, "waited for a step this group never sent"
+            call = self._calls.popleft()
+            reply = ray.get(call.ref, timeout=self.step_timeout_s)[self.layout.output_rank]
+            if call.carries is not None:
+                assert reply.output is not None, "the shards lost track of the step in flight"
+                call.carries.output = reply.output
+                self.control_overhead_s.append(time.perf_counter() - call.sent - reply.call_s)
+        return step.output
+
     def execute(self, plan: StepPlan) -> StepOutput:
         return self.wait(self.submit(plan))
 
     def overhead_summary(self) -> dict[str, float]:
-        """Per-step control-path overhead (plan sent → tokens back, minus the output shard's compute), µs."""
+        """Per-step control-path overhead in µs: wall time of a graph call (plan sent → answer read) minus the
+        time the output shard spent in it, i.e. moving the plan out and the answer back. Without overlap the
+        device idles for this (and for the scheduler's own work) every step; lagged, both happen while the next
+        step already queued on the device runs (``gpu_idle_fraction`` tells how much of it stays hidden)."""
         samples = sorted(self.control_overhead_s)
         if not samples:
             return {}
@@ -107,6 +165,16 @@ class ShardGroup:
             "control_overhead_steps": float(len(samples)),
         }
 
+    def start_step_trace(self) -> None:
+        """Start recording every shard's device step times (while the group is idle: between requests)."""
+        ray.get([w.start_step_trace.remote() for w in self.workers])
+
+    def stop_step_trace(self, batch_size: int | None = None, skip: int = 0) -> float | None:
+        """The largest device idle share between steps over the shards (see ``ShardWorker.stop_step_trace``);
+        None where the shards record nothing (CPU)."""
+        shares = ray.get([w.stop_step_trace.remote(batch_size, skip) for w in self.workers])
+        return max((s for s in shares if s is not None), default=None)
+
     def teardown(self) -> None:
         if self.dag is not None:
             try:
@@ -114,6 +182,8 @@ class ShardGroup:
             except Exception:  # a dead shard can make teardown itself fail; the actors are killed next
                 logger.debug("compiled graph teardown failed", exc_info=True)
             self.dag = None
+        self._calls.clear()
+        self._tail = None
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from typing import NamedTuple
 
 import torch
 
@@ -13,16 +15,24 @@ from sgl_ray.configs.model_config import ModelConfig, resolve_dtype
 from sgl_ray.model_loader import iter_weights, load_hf_config, resolve_model
 from sgl_ray.parallel import ParallelLayout, free_port, init_shard_context, node_ip
 from sgl_ray.runner.memory import KVCapacity
-from sgl_ray.runner.model_runner import ModelRunner, RunnerInfo
+from sgl_ray.runner.model_runner import ModelRunner, PendingStep, RunnerInfo, gpu_idle_fraction
 from sgl_ray.scheduler.plan import StepOutput, StepPlan
 
 logger = logging.getLogger(__name__)
 
 
+class LaggedReply(NamedTuple):
+    """What :meth:`ShardWorker.step` answers: the output of the step launched by the *previous* call (None when
+    nothing was pending), and the seconds spent in this call (for control-path accounting)."""
+
+    output: StepOutput | None
+    call_s: float
+
+
 class ShardWorker:
     """Lifecycle: ``rendezvous_address`` (rank 0 only) → ``setup`` on every rank (joins the torch.distributed
     group, loads weights, proposes a KV capacity) → ``init_memory`` with the group's agreed capacity →
-    ``execute`` once per step.
+    ``execute`` once per step, or ``step`` once per step with overlap scheduling.
 
     Example (what :class:`~sgl_ray.actors.shard_group.ShardGroup` does)::
 
@@ -33,6 +43,7 @@ class ShardWorker:
         self.rank = rank
         self.layout = layout
         self.runner: ModelRunner | None = None
+        self._pending: PendingStep | None = None  # launched by the last ``step`` call, not yet collected
 
     def rendezvous_address(self) -> tuple[str, int]:
         return node_ip(), free_port()
@@ -58,6 +69,35 @@ class ShardWorker:
     def execute(self, plan: StepPlan) -> StepOutput:
         assert self.runner is not None
         return self.runner.execute(plan)
+
+    def step(self, plan: StepPlan | None) -> LaggedReply:
+        """Overlap scheduling: launch ``plan`` (None: launch nothing, a flush), *then* wait for the step launched
+        by the previous call and answer its output. The device so has the next step queued before this shard
+        blocks on the current one's results, and the plan of the step after travels while that step runs.
+        Every rank of a group gets the same plans and reads ``FUTURE_TOKEN`` inputs from its own last sampled
+        tokens (ranks sample identically)."""
+        assert self.runner is not None
+        t0 = time.perf_counter()
+        launched = self.runner.launch(plan) if plan is not None else None
+        previous, self._pending = self._pending, launched
+        output = self.runner.collect(previous) if previous is not None else None
+        return LaggedReply(output, time.perf_counter() - t0)
+
+    def start_step_trace(self) -> None:
+        """Record the device time span of every step from now on (CUDA only; see ``gpu_idle_fraction``)."""
+        assert self.runner is not None
+        self.runner.step_trace = []
+
+    def stop_step_trace(self, batch_size: int | None = None, skip: int = 0) -> float | None:
+        """Stop recording; the device's idle share between the recorded steps of ``batch_size`` rows (all steps
+        when None) after the first ``skip`` of them. None on a CPU, which records nothing (absent, not zero)."""
+        assert self.runner is not None
+        trace, self.runner.step_trace = self.runner.step_trace or [], None
+        if self.runner.device.type != "cuda":
+            return None
+        torch.cuda.synchronize()
+        steps = [s for s in trace if batch_size is None or s[0] == batch_size][skip:]
+        return gpu_idle_fraction(steps) if len(steps) >= 2 else None
 
     def ping(self) -> int:
         return self.rank

@@ -119,6 +119,12 @@ def _add_roofline_args(sub: argparse._SubParsersAction) -> None:
         "--hf-batch", type=_triple, default=None, metavar="N:IN:OUT", help="transformers batch run"
     )
     w.add_argument("--skip-hf", action="store_true", help="skip transformers")
+    w.add_argument(
+        "--ray",
+        action="store_true",
+        help="also run bs1 through the Ray actors (scheduler actor + shard actors; starts a local Ray cluster "
+        "unless --ray-address names one) and report its tok/s and GPU idle share next to the in-process run",
+    )
     w.add_argument("--seed", type=int, default=0)
     roof.add_argument("--output-file", default="bench_roofline.jsonl", help="JSONL file the records go to")
     roof.set_defaults(bench_func=_roofline)
@@ -139,6 +145,7 @@ def _roofline(ns: argparse.Namespace) -> int:
         hf_batch=ns.hf_batch,
         skip_hf=ns.skip_hf,
         seed=ns.seed,
+        ray=ns.ray,
     )
     with open(ns.output_file, "a") as f:
 

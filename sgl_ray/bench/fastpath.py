@@ -6,9 +6,12 @@ Workloads (random token ids, greedy, every request runs to its full output lengt
 - ``offline N:IN:OUT`` (repeatable): N requests submitted at once.
 - ``shared-prefix N:PREFIX:SUFFIX:OUT``: N requests sharing a PREFIX-token prefix, radix cache on, then off.
 - transformers ``generate`` in the same run: batch 1 (``bs1`` sizes) and one static batch ``hf_batch``.
+- with ``ray``: ``bs1`` again through the Ray actors (a scheduler actor driving a shard actor), after the
+  in-process engine has released the device.
 
 The device's copy bandwidth and matmul rate are measured at the start of the same run; each row reports the
-roofline floor and the fraction of it achieved.
+roofline floor and the fraction of it achieved; ``bs1`` rows also report the share of time the device waited
+between decode steps (CUDA only: absent on a CPU).
 
 Example (on a GPU, with a config-only model directory and random weights)::
 
@@ -51,6 +54,7 @@ class RooflineConfig:
     hf_batch: tuple[int, int, int] | None = None
     skip_hf: bool = False
     seed: int = 0
+    ray: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class Row:
     tok_s: float
     floor_tok_s: float | None = None
     cached_tokens: int | None = None
+    gpu_idle: float | None = None  # device idle share between decode steps (bs1 rows on CUDA)
 
     @property
     def fraction(self) -> float | None:
@@ -77,12 +82,16 @@ def _greedy(out_len: int) -> dict:
 
 
 def _bs1(engine: Engine, prompt: list[int], out_len: int) -> tuple[float, float, float | None]:
-    """Returns (decode tok/s after the first token, total seconds, GPU idle share between decode steps)."""
+    """Returns (decode tok/s after the first token, total seconds, GPU idle share between decode steps): the
+    in-process runner's step trace, or the shard actors' (``RayEngineCore.start_step_trace``)."""
     engine.generate(input_ids=[prompt[:8]], sampling_params=_greedy(8))  # warm-up
-    runner = getattr(engine._core, "runner", None)
+    core = engine._core
+    runner = getattr(core, "runner", None)
     tracing = runner is not None and runner.device.type == "cuda"
     if tracing:
         runner.step_trace = []
+    elif hasattr(core, "start_step_trace"):
+        core.start_step_trace()
     start = time.perf_counter()
     first = None
     for _chunk in engine.generate(input_ids=prompt, sampling_params=_greedy(out_len), stream=True):
@@ -96,6 +105,8 @@ def _bs1(engine: Engine, prompt: list[int], out_len: int) -> tuple[float, float,
         decode = [step for step in runner.step_trace if step[0] == 1][2:]  # past the prefill
         idle = gpu_idle_fraction(decode)
         runner.step_trace = None
+    elif hasattr(core, "stop_step_trace"):
+        idle = core.stop_step_trace(1, 2)  # None on a CPU
     return (out_len - 1) / (end - first), end - start, idle
 
 
@@ -117,8 +128,11 @@ def _free_device_memory() -> None:
 
 
 def _log(row: Row) -> None:
+    idle = "" if row.gpu_idle is None else f", GPU idle {100 * row.gpu_idle:.1f}%"
     print(
-        f"[roofline] {row.workload:<26} {row.system:<20} {row.tok_s:9.1f} tok/s", file=sys.stderr, flush=True
+        f"[roofline] {row.workload:<26} {row.system:<20} {row.tok_s:9.1f} tok/s{idle}",
+        file=sys.stderr,
+        flush=True,
     )
 
 
@@ -161,7 +175,7 @@ def run_roofline(
     bs1_floor = decode_floor_tok_s(cost, rates, 1, ctx)
     tok_s, wall, idle = _bs1(engine, bs1_prompt, cfg.bs1_output_len)
     facts["bs1_gpu_idle"] = idle
-    add(Row(bs1_name, "sgl_ray", cfg.bs1_output_len, wall, tok_s, bs1_floor))
+    add(Row(bs1_name, "sgl_ray", cfg.bs1_output_len, wall, tok_s, bs1_floor, gpu_idle=idle))
     for num, inp, out in cfg.offline:
         prompts = _prompts(rng, vocab, num, inp)
         wall, n_out, _ = _timed(engine, prompts, out)
@@ -191,6 +205,15 @@ def run_roofline(
         off.shutdown()
         del off
         _free_device_memory()
+    if cfg.ray:
+        # The device as this process sees it: the actors then ask Ray for what it names.
+        ray_args = args.replace(use_ray=True, device=str(args.torch_device()))
+        ray_engine = Engine(**dataclasses.asdict(ray_args))
+        try:
+            tok_s, wall, idle = _bs1(ray_engine, bs1_prompt, cfg.bs1_output_len)
+        finally:
+            ray_engine.shutdown()
+        add(Row(bs1_name, "sgl_ray ray actors", cfg.bs1_output_len, wall, tok_s, bs1_floor, gpu_idle=idle))
     if not cfg.skip_hf:
         _hf_rows(args, cfg, bs1_prompt, bs1_floor, rng, vocab, add)
     return rates, facts, rows
@@ -235,15 +258,16 @@ def format_roofline(rates: DeviceRates, facts: dict, rows: list[Row]) -> str:
         head += f"; bs1 GPU idle between decode steps {100 * facts['bs1_gpu_idle']:.1f}%"
     lines = [
         head,
-        "| workload | system | output tok/s | roofline tok/s | of roofline | wall s | cached tokens |",
+        "| workload | system | output tok/s | roofline tok/s | of roofline | wall s | cached tokens | GPU idle |",
     ]
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|")
     for r in rows:
         floor = f"{r.floor_tok_s:.0f}" if r.floor_tok_s else "-"
         frac = f"{r.fraction:.2f}" if r.fraction else "-"
         cached = "-" if r.cached_tokens is None else str(r.cached_tokens)
+        idle = "-" if r.gpu_idle is None else f"{100 * r.gpu_idle:.1f}%"
         lines.append(
-            f"| {r.workload} | {r.system} | {r.tok_s:.1f} | {floor} | {frac} | {r.wall_s:.1f} | {cached} |"
+            f"| {r.workload} | {r.system} | {r.tok_s:.1f} | {floor} | {frac} | {r.wall_s:.1f} | {cached} | {idle} |"
         )
     return "\n".join(lines)
 

@@ -1,0 +1,186 @@
+"""Overlap scheduling through the Ray actors (one pipeline stage): two steps in flight, outputs token-identical to
+overlap off and to transformers at tensor-parallel sizes 1 and 2, with requests that end early while their next
+step is already on the shards, and requests arriving while others decode."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+import sgl_ray
+from sgl_ray.cli import main
+
+from ..engine.prompts import PROMPTS
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+NEW = 12
+LONG = 40  # new tokens of the request that is decoding when the others arrive
+
+
+def _greedy(new: int = NEW, **extra) -> dict:
+    return {"temperature": 0.0, "max_new_tokens": new, "ignore_eos": True, **extra}
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def engines(request, ray_cluster, tiny_llama_path):
+    """``{overlap on: engine}`` for one tensor-parallel size; small prefill chunks, so batches mix prefill and
+    decode."""
+    kwargs = dict(tp_size=request.param, use_ray=True, chunked_prefill_size=16, max_total_tokens=4096)
+    on = sgl_ray.Engine(tiny_llama_path, **kwargs)
+    off = sgl_ray.Engine(tiny_llama_path, disable_overlap_schedule=True, **kwargs)
+    yield {True: on, False: off}
+    on.shutdown()
+    off.shutdown()
+
+
+def _mixed_arrivals(engine) -> dict[str, list[int]]:
+    """One long request streams; after its third chunk a batch of prompts (1 to 12 new tokens) arrives."""
+    tok = engine.tokenizer
+    late = [tok.encode(p) for p in PROMPTS[:8]]
+    results: dict[str, list[int]] = {}
+    threads: list[threading.Thread] = []
+
+    def run_late() -> None:
+        outs = engine.generate(
+            input_ids=late, sampling_params=[_greedy(1 + (3 * i) % NEW) for i in range(len(late))]
+        )
+        for i, out in enumerate(outs):
+            results[f"late{i}"] = out["output_ids"]
+
+    ids: list[int] = []
+    for i, chunk in enumerate(
+        engine.generate(input_ids=tok.encode(PROMPTS[3]), sampling_params=_greedy(LONG), stream=True)
+    ):
+        ids += chunk["output_ids"]
+        if i == 2:
+            threads.append(threading.Thread(target=run_late))
+            threads[0].start()
+    for t in threads:
+        t.join(timeout=120)
+    results["long"] = ids
+    return results
+
+
+def test_greedy_matches_overlap_off_and_transformers(engines, hf_reference):
+    ref = hf_reference("llama")
+    tok = engines[True].tokenizer
+    expected = {"long": ref(tok.encode(PROMPTS[3]), LONG)}
+    for i, p in enumerate(PROMPTS[:8]):
+        expected[f"late{i}"] = ref(tok.encode(p), 1 + (3 * i) % NEW)
+    for overlap, engine in engines.items():
+        got = _mixed_arrivals(engine)
+        assert got == expected, f"overlap={overlap}"
+        stats = engine.get_stats()
+        assert stats["overlap_schedule"] is overlap
+        # Overlap keeps the next step on the shards while the scheduler processes the previous one.
+        assert stats["max_batches_in_flight"] == (2 if overlap else 1)
+        assert stats["control_overhead_steps"] > 0 and stats["control_overhead_us_p50"] > 0
+        assert stats["num_running"] == 0 and stats["num_waiting"] == 0
+
+
+def test_early_stops_match_overlap_off(engines, hf_reference):
+    """A request whose token ends it (EOS, stop token, stop string, max_tokens 1) has its next step already in
+    flight with overlap on: that step's token is dropped and its KV returned, as without overlap."""
+    ref = hf_reference("llama")
+    tok = engines[True].tokenizer
+    prompts = [tok.encode(p) for p in PROMPTS[8:13]]
+    full = [ref(ids, NEW) for ids in prompts]
+    text = tok.decode(full[1])
+    params = [
+        _greedy(stop_token_ids=[full[0][2]]),
+        _greedy(stop=[text[6:10]]),
+        _greedy(1),
+        {"temperature": 0.9, "seed": 7, "max_new_tokens": NEW},  # seeded sampling: the same on every rank
+        {"temperature": 0.0, "max_new_tokens": NEW},  # ends on EOS
+    ]
+    eos = full[4][3]  # a random-weight model rarely samples its EOS: make a token this prompt reaches one
+    outs = {}
+    for overlap, engine in engines.items():
+        model_eos = engine.eos_token_ids
+        engine.eos_token_ids = (*model_eos, eos)
+        try:
+            outs[overlap] = engine.generate(input_ids=prompts, sampling_params=params)
+        finally:
+            engine.eos_token_ids = model_eos
+    for on, off in zip(outs[True], outs[False], strict=True):
+        assert on["output_ids"] == off["output_ids"]
+        assert on["text"] == off["text"]
+        assert on["meta_info"]["finish_reason"] == off["meta_info"]["finish_reason"]
+    stop_tok, stop_str, one, _, at_eos = outs[True]
+    assert at_eos["output_ids"] == full[4][: full[4].index(eos) + 1]
+    assert at_eos["meta_info"]["finish_reason"] == {"type": "stop", "matched": eos}
+    assert stop_tok["output_ids"] == full[0][:3]
+    assert stop_tok["meta_info"]["finish_reason"] == {"type": "stop", "matched": full[0][2]}
+    assert stop_str["meta_info"]["finish_reason"]["type"] == "stop" and len(stop_str["output_ids"]) < NEW
+    assert one["output_ids"] == full[2][:1]
+    for engine in engines.values():  # nothing leaked: every KV slot is free or held by the prefix cache
+        stats = engine.get_stats()
+        assert stats["num_running"] == 0
+        assert stats["kv_free"] + stats["cache_size"] == stats["kv_capacity"]
+
+
+def test_bench_roofline_through_ray_actors(ray_cluster, tmp_path, capsys):
+    """``sgl-ray bench roofline --ray``: bs1 in-process, then through the Ray actors; on a CPU the GPU idle share
+    is absent (the device records no step times), not zero."""
+    model_dir = tmp_path / "tiny"
+    LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=1024,
+    ).save_pretrained(model_dir)  # a config and no weights: load_format dummy
+    out = tmp_path / "roof.jsonl"
+    argv = ["bench", "roofline", "--model-path", str(model_dir), "--load-format", "dummy", "--skip-hf"]
+    argv += ["--skip-tokenizer-init", "--max-total-tokens", "2048", "--bs1-output-len", "8", "--ray"]
+    assert main([*argv, "--output-file", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["workload"], r["system"]) for r in records] == [
+        ("bs1 128/8", "sgl_ray"),
+        ("bs1 128/8", "sgl_ray ray actors"),
+    ]
+    assert all(r["tok_s"] > 0 and r["output_tokens"] == 8 and r["gpu_idle"] is None for r in records)
+    assert "| bs1 128/8 | sgl_ray ray actors |" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_overlap_through_ray_on_cuda(ray_cluster, tmp_path):
+    """On a GPU (CUDA graphs on, placeholders resolved on the device): overlap gives the synchronous schedule's
+    tokens through the Ray actors, also for requests a sampled stop token ends early; the shard's step trace
+    yields an idle share."""
+    LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        initializer_range=0.1,
+    ).save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, 32000, (int(n),), generator=g).tolist() for n in torch.randint(3, 300, (6,))]
+    kwargs = dict(use_ray=True, load_format="dummy", dtype="float32", skip_tokenizer_init=True)
+    kwargs.update(max_total_tokens=16384, cuda_graph_max_bs=8, device="cuda")
+    with sgl_ray.Engine(str(tmp_path), disable_overlap_schedule=True, **kwargs) as eng:
+        free = eng.generate(input_ids=prompts, sampling_params=_greedy())
+    params = [_greedy(stop_token_ids=[o["output_ids"][3 + i]]) for i, o in enumerate(free)]
+    outs = {}
+    for disable in (True, False):
+        with sgl_ray.Engine(str(tmp_path), disable_overlap_schedule=disable, **kwargs) as eng:
+            eng._core.start_step_trace()
+            outs[disable] = eng.generate(input_ids=prompts, sampling_params=params)
+            idle = eng._core.stop_step_trace()
+            assert idle is not None and 0.0 <= idle < 1.0
+    for sync, overlapped in zip(outs[True], outs[False], strict=True):
+        assert overlapped["output_ids"] == sync["output_ids"]
+        assert overlapped["meta_info"]["finish_reason"] == sync["meta_info"]["finish_reason"]
+    assert any(o["meta_info"]["finish_reason"]["type"] == "stop" for o in outs[False])
