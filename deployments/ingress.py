@@ -23,7 +23,7 @@ from sgl_ray import protocol as P
 from sgl_ray.configs.model_config import ModelConfig
 from sgl_ray.deployments.lora import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from sgl_ray.deployments.lora import decode as decode_lora
-from sgl_ray.deployments.lora_registry import IngressAdapters
+from sgl_ray.deployments.lora_ingress import IngressAdapters
 from sgl_ray.deployments.metrics import Metrics
 from sgl_ray.deployments.responses import (
     HTTPError,
@@ -82,8 +82,9 @@ class OpenAIIngress:
             registry,
             {name: (path, False) for name, path in parse_lora_paths(config.get("lora_paths")).items()},
         )
+        self._lora_start: asyncio.Task | None = None
         try:  # in a Serve replica the constructor runs on its event loop: follow the registry from now on
-            asyncio.get_running_loop().create_task(self.lora.start())
+            self._lora_start = asyncio.get_running_loop().create_task(self.lora.start())
         except RuntimeError:  # no loop: the first request starts it
             pass
         self.routes: dict[tuple[str, str], Handler] = {

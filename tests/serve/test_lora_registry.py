@@ -27,7 +27,10 @@ def test_change_is_answered_once_every_ingress_holds_it():
         registry = LoRARegistry({"a": ("/adapters/a", False)}, poll_s=30.0, ack_timeout_s=30.0)
         seen: dict[str, list[AdapterSnapshot]] = {"i1": [], "i2": []}
         tasks = [asyncio.create_task(_follow(registry, i, s)) for i, s in seen.items()]
-        while registry.status()["ingresses"] != {"i1": 0, "i2": 0}:  # both hold version 0 and are watching
+        while (await registry.status())["ingresses"] != {
+            "i1": 0,
+            "i2": 0,
+        }:  # both hold version 0 and are watching
             await asyncio.sleep(0.01)
         # the watches are parked for 30 s; the change must wake them, not wait for the poll to end
         added = await asyncio.wait_for(registry.add("b", "/adapters/b", True), 10)
@@ -35,10 +38,13 @@ def test_change_is_answered_once_every_ingress_holds_it():
             "a": ("/adapters/a", False),
             "b": ("/adapters/b", True),
         }
-        assert registry.status()["ingresses"] == {"i1": 1, "i2": 1}  # both confirmed before add returned
+        assert (await registry.status())["ingresses"] == {
+            "i1": 1,
+            "i2": 1,
+        }  # both confirmed before add returned
         assert all(s[-1] == added for s in seen.values())
         removed = await asyncio.wait_for(registry.remove("a"), 10)
-        assert registry.status()["ingresses"] == {"i1": 2, "i2": 2}
+        assert (await registry.status())["ingresses"] == {"i1": 2, "i2": 2}
         assert all(s[-1] == removed and "a" not in s[-1].adapters for s in seen.values())
         for t in tasks:
             t.cancel()
@@ -58,8 +64,8 @@ def test_an_ingress_that_stopped_calling_holds_changes_up_briefly():
         started = loop.time()
         first = await asyncio.wait_for(registry.add("x", "/adapters/x", False), 10)
         assert loop.time() - started >= 0.3  # waited for "gone", then gave up
-        assert live[-1] == first and registry.snapshot() == first
-        assert "gone" not in registry.status()["ingresses"]  # no longer counted as live
+        assert live[-1] == first and (await registry.snapshot()) == first
+        assert "gone" not in (await registry.status())["ingresses"]  # no longer counted as live
         second = await asyncio.wait_for(registry.remove("x"), 10)
         assert second.version == 2 and live[-1] == second
         task.cancel()
@@ -74,8 +80,8 @@ def test_refused_changes_keep_the_version():
             await registry.add("a", "/adapters/other", False)
         with pytest.raises(ModelNotFoundError):
             await registry.remove("nope")
-        assert registry.snapshot().version == 0
-        assert registry.snapshot().adapters == {"a": ("/adapters/a", False)}
+        assert (await registry.snapshot()).version == 0
+        assert (await registry.snapshot()).adapters == {"a": ("/adapters/a", False)}
 
     asyncio.run(scenario())
 
