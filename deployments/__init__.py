@@ -2,13 +2,31 @@
 builders, and the batch processor for Ray Data pipelines.
 
 ``build_openai_app`` is addressable from Serve YAML (``import_path: sgl_ray.deployments:build_openai_app``).
+The names below load on first use, so a process that needs one small module (a Serve replica of the LoRA
+registry, say) does not import the rest.
 """
 
-from sgl_ray.deployments.app import build_openai_app
-from sgl_ray.deployments.data import Processor, ProcessorConfig, build_processor
-from sgl_ray.deployments.ingress import OpenAIIngress
-from sgl_ray.deployments.llm_server import LLMServer
-from sgl_ray.deployments.router import PrefixCacheRouter
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sgl_ray.deployments.app import build_openai_app
+    from sgl_ray.deployments.data import Processor, ProcessorConfig, build_processor
+    from sgl_ray.deployments.ingress import OpenAIIngress
+    from sgl_ray.deployments.llm_server import LLMServer
+    from sgl_ray.deployments.router import PrefixCacheRouter
+
+_EXPORTS = {
+    "LLMServer": "llm_server",
+    "OpenAIIngress": "ingress",
+    "PrefixCacheRouter": "router",
+    "Processor": "data",
+    "ProcessorConfig": "data",
+    "build_openai_app": "app",
+    "build_processor": "data",
+}
 
 __all__ = [
     "LLMServer",
@@ -19,3 +37,9 @@ __all__ = [
     "build_openai_app",
     "build_processor",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sgl_ray.deployments' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"sgl_ray.deployments.{_EXPORTS[name]}"), name)

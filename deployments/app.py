@@ -12,8 +12,9 @@ from ray.serve import Application
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.deployments.ingress import OpenAIIngress
 from sgl_ray.deployments.llm_server import LLMServer
+from sgl_ray.deployments.lora_registry import LoRARegistry
 from sgl_ray.errors import InvalidRequestError
-from sgl_ray.lora.adapter import resolve_max_rank
+from sgl_ray.lora.adapter import parse_lora_paths, resolve_max_rank
 from sgl_ray.model_loader import default_model_path
 
 _INGRESS_KEYS = ("served_model_name", "api_key", "max_body_bytes")
@@ -23,6 +24,7 @@ _ROUTERS = {
     "round-robin": "sgl_ray.deployments.router:RoundRobinRouter",
 }
 _DEPLOYMENT_KEYS = ("num_replicas", "autoscaling_config", "max_ongoing_requests", "ray_actor_options")
+_APP_KEYS = ("routing_imbalance", "router", "ingress_replicas")
 
 
 def build_openai_app(args: dict[str, Any] | None = None) -> Application:
@@ -33,7 +35,9 @@ def build_openai_app(args: dict[str, Any] | None = None) -> Application:
     ingress options ``served_model_name``, ``api_key``, ``max_body_bytes``, and the ``LLMServer`` deployment's
     ``num_replicas``, ``autoscaling_config`` (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``,
     delays), ``max_ongoing_requests``, ``ray_actor_options``; ``router`` (``prefix-cache``, the default, Serve's
-    ``power-of-two`` or ``round-robin``) and ``routing_imbalance`` choose and tune the request router.
+    ``power-of-two`` or ``round-robin``) and ``routing_imbalance`` choose and tune the request router;
+    ``ingress_replicas`` (default 1) runs several ``OpenAIIngress`` replicas behind Serve's proxy. With LoRA
+    enabled, the app also holds a one-replica ``LoRARegistry`` that every ingress replica follows.
 
     Example::
 
@@ -43,7 +47,7 @@ def build_openai_app(args: dict[str, Any] | None = None) -> Application:
     """
     args = dict(args or {})
     engine_fields = {f.name for f in dataclasses.fields(EngineArgs)}
-    allowed = engine_fields | set(_INGRESS_KEYS) | set(_DEPLOYMENT_KEYS) | {"routing_imbalance", "router"}
+    allowed = engine_fields | set(_INGRESS_KEYS) | set(_DEPLOYMENT_KEYS) | set(_APP_KEYS)
     if unknown := sorted(set(args) - allowed):
         raise InvalidRequestError(f"unknown app options {unknown}")
     engine_kwargs = {k: v for k, v in args.items() if k in engine_fields}
@@ -88,10 +92,27 @@ def build_openai_app(args: dict[str, Any] | None = None) -> Application:
         else None,
     )
     ingress_config.setdefault("served_model_name", _default_name(engine_kwargs["model_path"]))
+    ingress_replicas = args.get("ingress_replicas", 1)
+    if not isinstance(ingress_replicas, int) or isinstance(ingress_replicas, bool) or ingress_replicas < 1:
+        raise InvalidRequestError("ingress_replicas must be an integer >= 1", param="ingress_replicas")
+    registry = None
+    if engine_args.lora_enabled:
+        start = {name: (path, False) for name, path in parse_lora_paths(engine_args.lora_paths).items()}
+        registry = (
+            serve.deployment(LoRARegistry, name="LoRARegistry")
+            .options(
+                num_replicas=1,
+                max_ongoing_requests=4096,  # each ingress replica keeps one watch call open
+                ray_actor_options={"num_cpus": 0},
+                graceful_shutdown_wait_loop_s=0.2,
+                graceful_shutdown_timeout_s=1,  # open watch calls need not finish
+            )
+            .bind(start)
+        )
     return (
         serve.deployment(OpenAIIngress, name="OpenAIIngress")
-        .options(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
-        .bind(server, ingress_config)
+        .options(num_replicas=ingress_replicas, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
+        .bind(server, ingress_config, registry)
     )
 
 

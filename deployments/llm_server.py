@@ -36,10 +36,10 @@ class LLMServer:
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """``request``: ``prompts`` (token-id lists), ``sampling_params``, ``return_logprob``, ``top_logprobs_num``,
-        ``logprob_start_len``, ``lora_name`` (an adapter or None) and ``lora_sync`` (the ingress's adapter registry
-        snapshot, applied first when newer than this replica's). Yields ``(choice index, RequestOutput delta)`` with choice index
-        ``prompt_index * n + sample``, as the engine produces them. Cancelling the stream aborts every request
-        and frees its KV.
+        ``logprob_start_len``, ``lora_name`` (an adapter or None) and ``lora_sync`` (the ingress's copy of the app's
+        adapter registry, an ``AdapterSnapshot``, applied first when newer than this replica's). Yields ``(choice
+        index, RequestOutput delta)`` with choice index ``prompt_index * n + sample``, as the engine produces them.
+        Cancelling the stream aborts every request and frees its KV.
 
         All prompts of one HTTP request come in one call (Serve propagates the caller's request id to nested
         calls, so concurrent calls from one request must not race in the router)."""

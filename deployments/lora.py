@@ -1,25 +1,30 @@
-"""LoRA adapters in the Serve app: the ingress keeps the app's adapter registry; replicas follow it.
+"""LoRA adapters in the Serve app: one registry per app; ingress replicas cache it; LLM replicas follow it.
 
-The ingress is the one place adapters are loaded and unloaded (``POST /v1/load_lora_adapter``,
-``/v1/unload_lora_adapter``; checked there, so a bad adapter is a 400 before any replica sees it). Every
-generation call carries the registry's version and contents; a replica whose copy is older applies the difference
-to its engine before it serves the call. So every replica — including ones autoscaling adds later — runs with
-the same adapters, without a broadcast to replicas Serve does not let us address. Adapter weights go to a
-replica's runner slots when a request there first uses them (pinned ones: when the replica syncs).
+The app's adapters (``{name: (path, pinned)}``) live in one :class:`AdapterTable`, held by the app's
+``LoRARegistry`` deployment (``deployments/lora_registry.py``), so every ingress replica serves the same set.
+Adapters are loaded and unloaded through any ingress (``POST /v1/load_lora_adapter``, ``/v1/unload_lora_adapter``;
+checked there, so a bad adapter is a 400 before any replica sees it). Each ingress keeps a cached copy that the
+registry pushes changes to, and a change is acknowledged to the client only once every live ingress holds it.
+
+Every generation call carries the ingress's :class:`AdapterSnapshot`; an LLM replica whose copy is older applies
+the difference to its engine before it serves the call. So every replica — including ones autoscaling adds later
+— runs with the same adapters, without a broadcast to replicas Serve does not let us address. Adapter weights go
+to a replica's runner slots when a request there first uses them (pinned ones: when the replica syncs).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+import uuid
+from typing import Any, NamedTuple
 
 import msgspec
 
 from sgl_ray.errors import InvalidRequestError, ModelNotFoundError, SglRayError
-from sgl_ray.lora.adapter import check_adapter
 
 logger = logging.getLogger(__name__)
+
+Adapters = dict[str, tuple[str, bool]]  # name -> (adapter directory, pinned)
 
 
 class LoadLoRAAdapterRequest(msgspec.Struct, kw_only=True):
@@ -39,72 +44,61 @@ def decode(cls: type, body: bytes):
         raise InvalidRequestError(f"Invalid request body: {e}") from None
 
 
-@dataclass
-class AdapterRegistry:
-    """The ingress's adapters: ``{name: (path, pinned)}`` and a version bumped on every change."""
+class AdapterSnapshot(NamedTuple):
+    """The registry's adapters at one version. ``epoch`` names one registry lifetime (a restarted registry starts
+    a new one); within an epoch ``version`` grows by one per change."""
 
-    model_id: str
-    hf_config: Any
-    max_rank: int
-    enabled: bool
-    adapters: dict[str, tuple[str, bool]] = field(default_factory=dict)
-    version: int = 0
+    epoch: str
+    version: int
+    adapters: Adapters
 
-    def load(self, req: LoadLoRAAdapterRequest) -> None:
-        if not self.enabled:
-            raise InvalidRequestError("LoRA is not enabled on this server (enable_lora)", param="lora_name")
-        if not req.lora_name or ":" in req.lora_name or req.lora_name == self.model_id:
-            raise InvalidRequestError(f"invalid adapter name {req.lora_name!r}", param="lora_name")
-        if req.lora_name in self.adapters:
-            raise InvalidRequestError(
-                f"a LoRA adapter named {req.lora_name!r} is already loaded", param="lora_name"
-            )
-        config = check_adapter(req.lora_path, self.hf_config, self.max_rank)
-        self.adapters[req.lora_name] = (config.path, req.pinned)
+    def newer_than(self, other: AdapterSnapshot | None) -> bool:
+        return other is None or self.epoch != other.epoch or self.version > other.version
+
+
+class AdapterTable:
+    """The authoritative ``{name: (path, pinned)}`` of one app and its version (names and paths already checked)."""
+
+    def __init__(self, adapters: Adapters | None = None) -> None:
+        self.epoch = uuid.uuid4().hex
+        self.version = 0
+        self.adapters: Adapters = dict(adapters or {})
+
+    def add(self, name: str, path: str, pinned: bool) -> AdapterSnapshot:
+        if name in self.adapters:
+            raise InvalidRequestError(f"a LoRA adapter named {name!r} is already loaded", param="lora_name")
+        self.adapters[name] = (path, pinned)
         self.version += 1
+        return self.snapshot()
 
-    def unload(self, req: UnloadLoRAAdapterRequest) -> None:
-        if self.adapters.pop(req.lora_name, None) is None:
-            raise _not_found(req.lora_name)
+    def remove(self, name: str) -> AdapterSnapshot:
+        if self.adapters.pop(name, None) is None:
+            raise not_found(name)
         self.version += 1
+        return self.snapshot()
 
-    def resolve(self, model: str | None) -> str | None:
-        """The adapter an OpenAI ``model`` names: ``base``, ``base:adapter`` or ``adapter`` (None: the base)."""
-        if model is None or model == self.model_id:
-            return None
-        base, sep, adapter = model.rpartition(":")
-        name = adapter if sep and base == self.model_id else model
-        if name not in self.adapters:
-            raise ModelNotFoundError(
-                f"The model '{model}' does not exist.", param="model", code="model_not_found"
-            )
-        return name
-
-    def check(self, name: str | None) -> None:
-        if name is not None and name not in self.adapters:
-            raise _not_found(name)
-
-    def snapshot(self) -> tuple[int, dict[str, tuple[str, bool]]]:
-        return self.version, dict(self.adapters)
+    def snapshot(self) -> AdapterSnapshot:
+        return AdapterSnapshot(self.epoch, self.version, dict(self.adapters))
 
 
-def _not_found(name: str) -> ModelNotFoundError:
+def not_found(name: str) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"LoRA adapter '{name}' is not loaded.", param="lora_name", code="model_not_found"
     )
 
 
 class ReplicaAdapters:
-    """A replica's view of the registry; :meth:`sync` brings its engine up to a newer snapshot."""
+    """A replica's view of the registry; :meth:`sync` brings its engine up to a newer snapshot (an older one,
+    carried by a call that was under way before the change, is ignored)."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
-        self.version = 0  # snapshot 0: the adapters the engine was started with
+        self.applied: AdapterSnapshot | None = None  # None: the adapters the engine was started with
 
-    def sync(self, snapshot: tuple[int, dict[str, tuple[str, bool]]] | None) -> None:
-        if snapshot is None or snapshot[0] == self.version:
+    def sync(self, snapshot: AdapterSnapshot | None) -> None:
+        if snapshot is None or not snapshot.newer_than(self.applied):
             return
-        version, wanted = snapshot
+        wanted = snapshot.adapters
         have = self.engine.list_lora_adapters()
         for name, info in have.items():
             if wanted.get(name, (None,))[0] != info["path"]:
@@ -116,4 +110,4 @@ class ReplicaAdapters:
                 except SglRayError as e:  # e.g. an old version still draining: retried on the next call
                     logger.warning("could not load LoRA adapter %s here yet: %s", name, e)
                     return
-        self.version = version
+        self.applied = snapshot

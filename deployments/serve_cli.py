@@ -27,6 +27,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--served-model-name", default=None, help="model id in the API (default: file name)")
     parser.add_argument("--num-replicas", type=int, default=1, help="LLM server replicas")
+    parser.add_argument(
+        "--ingress-replicas", type=int, default=1, help="HTTP ingress replicas (tokenize, validate, stream)"
+    )
     parser.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound")
     parser.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound (enables it)")
     parser.add_argument(
@@ -48,6 +51,8 @@ def app_args(ns: argparse.Namespace) -> dict:
         k: v for k, v in vars(EngineArgs.from_cli_args(ns)).items() if v != getattr(EngineArgs, k, None)
     }
     args = {**engine, "num_replicas": ns.num_replicas, "router": ns.router}
+    if ns.ingress_replicas != 1:
+        args["ingress_replicas"] = ns.ingress_replicas
     if ns.router == "prefix-cache":
         args["routing_imbalance"] = ns.routing_imbalance
     if ns.api_key:

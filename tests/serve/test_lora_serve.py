@@ -1,10 +1,12 @@
 """Multi-LoRA over HTTP: the official ``openai`` client selects adapters with ``model: "base:adapter"`` or
 ``"adapter"``, ``/v1/models`` lists them, adapters load and unload at run time (also while a request streams),
-unknown ones are 404s and bad ones 400s; the router's adapter preference on plain data."""
+unknown ones are 404s and bad ones 400s; the app runs two ingress replicas, and a load or unload answered by one
+is served by both; the router's adapter preference on plain data."""
 
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -56,6 +58,7 @@ def lora_url(serve_url, tiny_llama_path, lora_adapters):
             "served_model_name": "tiny",
             "lora_paths": [f"a0={lora_adapters['a0']}", f"a1={lora_adapters['a1']}"],
             "max_lora_rank": 16,
+            "ingress_replicas": 2,
         }
     )
     serve.run(app, name="lora", route_prefix="/lora")
@@ -136,6 +139,60 @@ def test_load_and_unload_while_streaming(lclient, lora_url, lora_adapters, peft_
     ).json()["success"]
     r = lclient.completions.create(model="a2", prompt=ids, max_tokens=NEW, temperature=0)
     assert r.choices[0].text == tok.decode(peft_reference("a2", ids, NEW))
+
+
+def test_both_ingress_replicas_follow_loads_and_unloads(
+    lclient, lora_url, lora_adapters, peft_reference, tiny_llama_path
+):
+    """Serve's proxy spreads requests over the two ingress replicas: every request after a load (unload) answered
+    by one of them must see the adapter (its absence), whichever replica serves it. The registry also reports
+    which version each ingress replica holds: both hold the change as soon as the HTTP call returned."""
+    from ray import serve
+    from transformers import AutoTokenizer
+
+    registry = serve.get_deployment_handle("LoRARegistry", app_name="lora")
+
+    def held_versions() -> tuple[int, list]:
+        status = registry.status.remote().result()
+        return status["version"], sorted(status["ingresses"].values())
+
+    deadline = time.monotonic() + 30  # both replicas join the registry when they start
+    while len(held_versions()[1]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_path)
+    ids = tok.encode(PROMPTS[3])
+    want = tok.decode(peft_reference("a3", ids, NEW))
+
+    r = http.post(
+        f"{lora_url}/v1/load_lora_adapter", json={"lora_name": "shared", "lora_path": lora_adapters["a3"]}
+    )
+    assert r.status_code == 200
+    version, held = held_versions()
+    assert held == [version, version]
+    for _ in range(6):
+        assert "shared" in {m.id for m in lclient.models.list().data}
+    for model in ("shared", "tiny:shared", "shared", "tiny:shared"):
+        r = lclient.completions.create(model=model, prompt=ids, max_tokens=NEW, temperature=0)
+        assert r.choices[0].text == want
+    native = http.post(
+        f"{lora_url}/generate",
+        json={
+            "input_ids": ids,
+            "lora_path": "shared",
+            "sampling_params": {"max_new_tokens": NEW, "temperature": 0},
+        },
+    )
+    assert native.json()["output_ids"] == peft_reference("a3", ids, NEW)
+
+    assert http.post(f"{lora_url}/v1/unload_lora_adapter", json={"lora_name": "shared"}).status_code == 200
+    version, held = held_versions()
+    assert held == [version, version]
+    for _ in range(4):
+        assert "shared" not in {m.id for m in lclient.models.list().data}
+        with pytest.raises(openai.NotFoundError):
+            lclient.completions.create(model="shared", prompt=ids, max_tokens=2)
+    r = http.post(f"{lora_url}/generate", json={"input_ids": ids, "lora_path": "shared"})
+    assert r.status_code == 404
 
 
 def test_router_prefers_replicas_holding_the_adapter():
