@@ -74,6 +74,12 @@ class GrammarBackend(ABC):
     @abstractmethod
     def matcher(self, compiled: Any) -> GrammarMatcher: ...
 
+    def fill_bitmasks(self, matchers: list[GrammarMatcher], out: np.ndarray, rows: list[int]) -> None:
+        """``matchers[i]``'s allowed next tokens into ``out[rows[i]]`` (``out``: [R, width] int32), for a whole
+        batch at once; backends may spread it over threads."""
+        for m, row in zip(matchers, rows, strict=True):
+            m.fill_next_token_bitmask(out[row])
+
 
 _BACKENDS: dict[str, tuple[str, str]] = {
     "xgrammar": ("sgl_ray.constrained.xgrammar_backend", "XGrammarBackend")

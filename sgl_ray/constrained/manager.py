@@ -6,6 +6,8 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+
 from sgl_ray.constrained.base import GrammarBackend, GrammarMatcher, GrammarSpec, create_grammar_backend
 from sgl_ray.errors import InvalidRequestError
 
@@ -63,6 +65,10 @@ class GrammarManager:
 
     def matcher(self, compiled: Any) -> GrammarMatcher:
         return self._backend_future.result().matcher(compiled)
+
+    def fill_bitmasks(self, matchers: list[GrammarMatcher], out: np.ndarray, rows: list[int]) -> None:
+        """See :meth:`GrammarBackend.fill_bitmasks` (the backend exists: every matcher came from it)."""
+        self._backend_future.result().fill_bitmasks(matchers, out, rows)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

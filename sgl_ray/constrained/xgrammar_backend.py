@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,7 @@ class XGrammarBackend(GrammarBackend):
             tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids) or None
         )
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self._batch: xgr.BatchGrammarMatcher | None = None
 
     def compile(self, spec: GrammarSpec) -> Any:
         try:
@@ -64,6 +66,23 @@ class XGrammarBackend(GrammarBackend):
 
     def matcher(self, compiled: Any) -> GrammarMatcher:
         return XGrammarMatcher(xgr.GrammarMatcher(compiled))
+
+    def fill_bitmasks(self, matchers: list[GrammarMatcher], out: np.ndarray, rows: list[int]) -> None:
+        if len(matchers) < _BATCH_FILL_MIN:
+            super().fill_bitmasks(matchers, out, rows)
+            return
+        if self._batch is None:  # xgrammar's own thread pool, outside the GIL
+            self._batch = xgr.BatchGrammarMatcher(max_threads=_fill_threads())
+        inner = [m._m for m in matchers]  # type: ignore[attr-defined]
+        self._batch.batch_fill_next_token_bitmask(inner, torch.from_numpy(out), rows)
+
+
+_BATCH_FILL_MIN = 8  # fewer constrained rows are filled one by one on the scheduler thread
+
+
+def _fill_threads() -> int:
+    """Threads for batched mask fills: the cores this process may use, less one for the scheduler thread."""
+    return max(1, min(16, len(os.sched_getaffinity(0)) - 1))
 
 
 def _check_json(text: str) -> None:

@@ -91,6 +91,7 @@ class GrammarTracker:
         total = sum(e.num_sample for e in entries if e.sample)
         out = np.full((total, self.width), -1, dtype=np.int32)
         row = 0
+        fill, fill_rows = [], []
         for e in entries:
             if not e.sample:
                 continue
@@ -99,8 +100,12 @@ class GrammarTracker:
                 if r.jump_masks is not None:
                     out[row : row + e.num_sample] = r.jump_masks[-e.num_sample :]
                 else:
-                    r.grammar.fill_next_token_bitmask(out[row])
+                    fill.append(r.grammar)
+                    fill_rows.append(row)
             row += e.num_sample
+        if fill:
+            assert self._manager is not None
+            self._manager.fill_bitmasks(fill, out, fill_rows)
         return out
 
     # --- tokens ------------------------------------------------------------------------------------------------

@@ -91,6 +91,32 @@ def test_manager_caches_compiles_and_matches(manager, tokenizer) -> None:
     assert allowed and all("abc".startswith(tokenizer.decode([t])) for t in allowed)
 
 
+def test_batched_mask_fill_equals_one_by_one(manager, tokenizer) -> None:
+    """The batch fill (xgrammar's threads, from 8 rows up) writes each matcher's own mask into its row."""
+    schema = json.dumps({"type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string"}}})
+    compiled = [manager.compile(GrammarSpec(k, v)).result(timeout=60) for k, v in
+                [("json_schema", schema), ("regex", r"[a-c]+x"), ("json_object", "")]]  # fmt: skip
+    text = '{"n": 12, "s": "ab'
+    matchers = []
+    for i in range(12):  # different grammars and states
+        m = manager.matcher(compiled[i % 3])
+        prefix = {0: text[: i + 1], 1: "abc"[: i % 4], 2: "{"}[i % 3]
+        for ch in prefix:  # one character per token: no merges the compact JSON grammar would not produce
+            (t,) = tokenizer.encode(ch, add_special_tokens=False)
+            assert m.accept_token(t), (i, prefix)
+        matchers.append(m)
+    width = bitmask_width(len(tokenizer))
+    rows = [2 * i + 1 for i in range(len(matchers))]  # every other row, as rows of a batch with verify rows
+    batched = np.full((2 * len(matchers) + 1, width), -1, dtype=np.int32)
+    manager.fill_bitmasks(matchers, batched, rows)
+    for m, row in zip(matchers, rows, strict=True):
+        one = np.zeros(width, dtype=np.int32)
+        m.fill_next_token_bitmask(one)
+        assert np.array_equal(batched[row], one)
+        assert (batched[row - 1] == -1).all()  # rows not asked for stay as they were
+    assert len({batched[r].tobytes() for r in rows}) > 3
+
+
 @pytest.mark.parametrize(
     ("spec", "words"),
     [
