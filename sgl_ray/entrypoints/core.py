@@ -69,6 +69,7 @@ def scheduler_config(
     context_length: int,
     overlap: bool = False,
     vocab_size: int = 0,
+    defer_grammar_masks: bool = False,
 ) -> SchedulerConfig:
     device = args.torch_device()
     return SchedulerConfig(
@@ -82,6 +83,7 @@ def scheduler_config(
         policy=args.schedule_policy,
         enable_prefix_cache=not args.disable_radix_cache,
         overlap=overlap,
+        defer_grammar_masks=overlap and defer_grammar_masks,
         max_loras_per_batch=args.max_loras_per_batch if args.lora_enabled else 0,
         vocab_size=vocab_size,
         grammar_backend=args.grammar_backend,
@@ -97,11 +99,14 @@ def new_scheduler(
     tokenizer,
     overlap: bool = False,
     vocab_size: int = 0,
+    defer_grammar_masks: bool = False,
 ) -> Scheduler:
-    """A scheduler with the adapters of ``args.lora_paths`` registered (checked by the ``Engine`` front)."""
-    sched = Scheduler(
-        scheduler_config(args, num_slots, max_reqs, context_length, overlap, vocab_size), tokenizer
+    """A scheduler with the adapters of ``args.lora_paths`` registered (checked by the ``Engine`` front).
+    ``defer_grammar_masks``: the executor can take a step's masks after launching it (in-process overlap)."""
+    config = scheduler_config(
+        args, num_slots, max_reqs, context_length, overlap, vocab_size, defer_grammar_masks
     )
+    sched = Scheduler(config, tokenizer)
     for name, path in parse_lora_paths(args.lora_paths).items():
         assert sched.lora is not None
         sched.lora.register(name, path)
@@ -124,6 +129,7 @@ def scheduler_stats(s: Scheduler) -> dict[str, Any]:
         "kv_free": kv.allocator.num_free_slots,
         "cache_size": kv.cache.total_size if kv.cache else 0,
         "num_preemptions": s.num_preemptions,
+        "num_deferred_mask_steps": s.num_deferred_mask_steps,
     }
 
 
@@ -162,10 +168,21 @@ class InProcessCore(SchedulerCalls, EngineCore):
         info = self.runner.info
         overlap = not args.disable_overlap_schedule
         self.scheduler = new_scheduler(
-            args, info.num_slots, info.max_reqs, info.context_length, tokenizer, overlap, info.vocab_size
+            args,
+            info.num_slots,
+            info.max_reqs,
+            info.context_length,
+            tokenizer,
+            overlap,
+            info.vocab_size,
+            defer_grammar_masks=True,
         )
         runner = self.runner
-        executor = OverlapExecutor(runner.launch, runner.collect) if overlap else StepExecutor(runner.execute)
+        executor = (
+            OverlapExecutor(runner.launch, runner.collect, runner.sample_deferred)
+            if overlap
+            else StepExecutor(runner.execute)
+        )
         self.loop = EngineLoop(self.scheduler, executor)
 
     def add(self, reqs: list[Req], sink: OutputSink) -> None:

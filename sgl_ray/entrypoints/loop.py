@@ -68,22 +68,35 @@ class StepExecutor:
     def wait(self, handle: Any) -> StepOutput:
         return handle
 
+    def give_mask(self, handle: Any, vocab_mask: Any) -> Any:
+        """For a plan submitted with ``mask_deferred``: its token masks; returns the handle to wait on."""
+        raise NotImplementedError(f"{type(self).__name__} does not take deferred masks")
+
 
 class OverlapExecutor(StepExecutor):
     """Two steps in flight on one device: ``launch`` enqueues a step's work and returns at once, ``collect`` waits
-    for its results (see ``ModelRunner.launch``)."""
+    for its results (see ``ModelRunner.launch``); ``sample_deferred`` samples a step whose masks came later."""
 
     depth = 2
     overlap = True
 
-    def __init__(self, launch: Callable[[StepPlan], Any], collect: Callable[[Any], StepOutput]) -> None:
-        self._launch, self._collect = launch, collect
+    def __init__(
+        self,
+        launch: Callable[[StepPlan], Any],
+        collect: Callable[[Any], StepOutput],
+        sample_deferred: Callable[[Any, Any], Any] | None = None,
+    ) -> None:
+        self._launch, self._collect, self._sample_deferred = launch, collect, sample_deferred
 
     def submit(self, plan: StepPlan) -> Any:
         return self._launch(plan)
 
     def wait(self, handle: Any) -> StepOutput:
         return self._collect(handle)
+
+    def give_mask(self, handle: Any, vocab_mask: Any) -> Any:
+        assert self._sample_deferred is not None
+        return self._sample_deferred(handle, vocab_mask)
 
 
 class EngineLoop:
@@ -199,6 +212,9 @@ class EngineLoop:
                             continue
                     batch, handle = in_flight.popleft()
                     outputs = sched.process(batch, ex.wait(handle))
+                    if in_flight and in_flight[0][0].plan.mask_deferred:  # its masks follow from those tokens
+                        nxt, h = in_flight[0]
+                        in_flight[0] = (nxt, ex.give_mask(h, nxt.deferred_mask()))
                 except StepLostError:
                     in_flight.clear()
                     outputs = sched.lose_in_flight()

@@ -42,6 +42,9 @@ class PendingStep:
     host: dict[str, torch.Tensor]
     event: torch.cuda.Event | None
     t0: float
+    awaits_mask: bool = (
+        False  # launched with ``mask_deferred``: give it to :meth:`ModelRunner.sample_deferred`
+    )
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,9 @@ class ModelRunner:
         # Set to a list to record (batch size, start event, end event) of every CUDA step (see gpu_idle_fraction).
         self.step_trace: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] | None = None
         self._trace_start: torch.cuda.Event | None = None
+        self._awaiting_mask: tuple[StepPlan, torch.Tensor, torch.Tensor] | None = (
+            None  # (plan, logits, input)
+        )
         if allocate:
             self.init_memory(capacity)
 
@@ -178,13 +184,30 @@ class ModelRunner:
         returns its output. Steps run in launch order, and a step may read the token its request slot's previous
         step sampled (``plan.FUTURE_TOKEN`` inputs)."""
         t0 = time.perf_counter()
-        trace = self.step_trace is not None and self.device.type == "cuda"
+        assert self._awaiting_mask is None, "the previous step still waits for its masks (sample_deferred)"
         self._trace_start = None
         with torch.inference_mode():
             results = self._launch(plan)
+        if self._awaiting_mask is not None:
+            return PendingStep(plan.step_id, {}, None, t0, awaits_mask=True)
+        return self._copy_out(plan, results, t0)
+
+    def sample_deferred(self, pending: PendingStep, vocab_mask: np.ndarray | None) -> PendingStep:
+        """Sample a step launched with ``plan.mask_deferred`` under its masks, known now that the steps before
+        it have been processed; returns what :meth:`collect` takes. Its forward pass ran meanwhile."""
+        assert pending.awaits_mask and self._awaiting_mask is not None
+        plan, logits, input_logits = self._awaiting_mask
+        self._awaiting_mask = None
+        plan.vocab_mask = vocab_mask
+        with torch.inference_mode():
+            results = self._sample(plan, logits, input_logits)
+        return self._copy_out(plan, results, pending.t0)
+
+    def _copy_out(self, plan: StepPlan, results: dict[str, torch.Tensor], t0: float) -> PendingStep:
         host = {name: t.to("cpu", non_blocking=True) for name, t in results.items()}
         event = None
         if self.device.type == "cuda":
+            trace = self.step_trace is not None
             event = torch.cuda.Event(enable_timing=trace)
             event.record()
             if trace and self._trace_start is not None:
@@ -192,6 +215,7 @@ class ModelRunner:
         return PendingStep(plan.step_id, host, event, t0)
 
     def collect(self, pending: PendingStep) -> StepOutput:
+        assert not pending.awaits_mask, "sample_deferred() first"
         if pending.event is not None:
             pending.event.synchronize()
         arrays = {name: t.numpy() for name, t in pending.host.items()}
@@ -231,7 +255,7 @@ class ModelRunner:
             logits = graphs.replay(
                 plan.input_ids, plan.prefix_lens, plan.out_cache_loc, plan.req_pool_idxs, slots
             )
-            return self._sample(plan, logits, logits[:0])
+            return self._sample_or_defer(plan, logits, logits[:0])
         batch, sample_rows, logprob_rows = self._build_batch(plan)
         shard = self.shard
         intermediate = None
@@ -253,7 +277,7 @@ class ModelRunner:
             return {}
         rows = self._h2d(np.concatenate([sample_rows, logprob_rows]))
         logits = self.model.compute_logits(hidden[rows])  # [S + L, vocab]
-        return self._sample(plan, logits[: len(sample_rows)], logits[len(sample_rows) :])
+        return self._sample_or_defer(plan, logits[: len(sample_rows)], logits[len(sample_rows) :])
 
     def _build_batch(self, plan: StepPlan) -> tuple[ForwardBatch, np.ndarray, np.ndarray]:
         ext, prefix = plan.extend_lens, plan.prefix_lens
@@ -302,6 +326,14 @@ class ModelRunner:
         )
         self.attn_backend.init_forward_metadata(batch)
         return batch, sample_rows, logprob_rows.astype(np.int64)
+
+    def _sample_or_defer(
+        self, plan: StepPlan, logits: torch.Tensor, input_logits: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        if plan.mask_deferred:  # logits from a graph stay valid: nothing replays before sample_deferred
+            self._awaiting_mask = (plan, logits, input_logits)
+            return {}
+        return self._sample(plan, logits, input_logits)
 
     def _h2d(self, array: np.ndarray) -> torch.Tensor:
         """``array`` on the device. On CUDA through pinned memory: a copy from pageable memory would first wait

@@ -65,6 +65,7 @@ class ScheduledBatch:
         self.entries: list[BatchEntry] = []
         self.num_prefill_tokens = 0
         self.plan = StepPlan(step_id=step_id)
+        self._grammars: GrammarTracker | None = None  # set when the masks wait for the steps in flight
 
     def add(self, req: Req, extend_len: int, new: bool = False) -> None:
         """Schedule ``extend_len`` more tokens of ``req``, after those already computed or in flight."""
@@ -109,7 +110,11 @@ class ScheduledBatch:
                 (e.num_sample if e.sample else 0 for e in entries), i64, len(entries)
             )
         if grammars is not None:
-            plan.vocab_mask = grammars.masks(entries)
+            if any(e.req.grammar is not None and e.prefix_len >= e.req.num_tokens for e in entries):
+                # a constrained request runs ahead: its mask follows once the token in flight is accepted
+                plan.mask_deferred, self._grammars = True, grammars
+            else:
+                plan.vocab_mask = grammars.masks(entries)
         plan.input_ids = np.fromiter(_input_ids(entries), i64, int(plan.extend_lens.sum()))
         plan.out_cache_loc = np.concatenate(
             [e.req.kv_slots.view()[e.prefix_len : e.prefix_len + e.extend_len] for e in entries]
@@ -134,6 +139,12 @@ class ScheduledBatch:
                 dtype=i64,
             )
         return self
+
+    def deferred_mask(self) -> np.ndarray | None:
+        """The token masks of a plan launched with ``mask_deferred``: call once the steps before it have been
+        processed (their tokens accepted by the grammars)."""
+        assert self._grammars is not None, "this batch's masks were not deferred"
+        return self._grammars.masks(self.entries)
 
     @property
     def worth_running(self) -> bool:

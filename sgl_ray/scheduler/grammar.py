@@ -25,7 +25,7 @@ from sgl_ray.constrained.base import GrammarSpec, bitmask_width
 from sgl_ray.constrained.manager import GrammarManager
 from sgl_ray.errors import InvalidRequestError
 from sgl_ray.scheduler.kv_manager import KVCacheManager
-from sgl_ray.scheduler.request import FinishReason, Req
+from sgl_ray.scheduler.request import FinishReason, Req, ReqStatus
 
 
 class GrammarTracker:
@@ -96,7 +96,9 @@ class GrammarTracker:
             if not e.sample:
                 continue
             r = e.req
-            if r.grammar is not None:
+            if (
+                r.grammar is not None and r.status is ReqStatus.RUNNING
+            ):  # (a finished row is dropped: any mask)
                 if r.jump_masks is not None:
                     out[row : row + e.num_sample] = r.jump_masks[-e.num_sample :]
                 else:
@@ -107,6 +109,10 @@ class GrammarTracker:
             assert self._manager is not None
             self._manager.fill_bitmasks(fill, out, fill_rows)
         return out
+
+    def may_jump(self, req: Req) -> bool:
+        """Whether jump-forward may append tokens to ``req`` after a sampled token."""
+        return self.jump_forward and req.grammar is not None and _may_jump(req)
 
     # --- tokens ------------------------------------------------------------------------------------------------
     def accept(self, req: Req, token: int) -> FinishReason | None:

@@ -73,6 +73,9 @@ class StepPlan(msgspec.Struct, kw_only=True):
     sample_counts: np.ndarray = msgspec.field(default_factory=_empty)  # [B]
     # Allowed tokens of every sampled row (structured outputs); None when no request in the batch is constrained.
     vocab_mask: np.ndarray | None = None  # [S, ceil(vocab / 32)] int32, packed (see sampling.bitmask)
+    mask_deferred: bool = (
+        False  # the runner samples only once it is given vocab_mask (ModelRunner.sample_deferred)
+    )
 
     @property
     def batch_size(self) -> int:

@@ -163,12 +163,9 @@ class Req:
     @property
     def can_run_ahead(self) -> bool:
         """Whether a decode step may be scheduled while this request's sampling step is still in flight (overlap
-        scheduling): its input token is then the one that step samples. Not when that token is surely the last."""
-        return (
-            self.inflight_samples == 1
-            and self.sampling.max_new_tokens - len(self.output_ids) > 1
-            and self.sampling.grammar is None  # its next mask depends on the token in flight
-        )
+        scheduling): its input token is then the one that step samples. Not when that token is surely the last.
+        (Constrained requests also need the scheduler's consent: ``Scheduler._can_run_ahead``.)"""
+        return self.inflight_samples == 1 and self.sampling.max_new_tokens - len(self.output_ids) > 1
 
     @property
     def remaining_new_tokens(self) -> int:

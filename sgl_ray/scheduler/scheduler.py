@@ -61,6 +61,7 @@ class SchedulerConfig:
     policy: str = "fcfs"
     enable_prefix_cache: bool = True
     overlap: bool = False  # schedule decode steps of requests whose previous step is still in flight
+    defer_grammar_masks: bool = False  # with overlap: constrained requests too, their masks filled later
     init_new_token_ratio: float = 0.7
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
@@ -94,6 +95,7 @@ class Scheduler:
         self._pending_outputs: list[RequestOutput] = []
         self._decode_share = 1
         self.num_preemptions = 0
+        self.num_deferred_mask_steps = 0  # steps of constrained requests planned before their masks existed
         vocab = config.vocab_size or (len(tokenizer) if tokenizer is not None else 0)  # type: ignore[arg-type]
         self.grammars = GrammarTracker(tokenizer, vocab, config.grammar_backend, config.enable_jump_forward)
         self._rejected: list[tuple[str, InvalidRequestError]] = []
@@ -204,12 +206,16 @@ class Scheduler:
             self.new_token_ratio = max(
                 self.config.min_new_token_ratio, self.new_token_ratio - self.config.new_token_ratio_decay
             )
-        return batch.finalize(self.kv, self.lora, self.grammars)
+        batch.finalize(self.kv, self.lora, self.grammars)
+        self.num_deferred_mask_steps += batch.plan.mask_deferred
+        return batch
 
     def _schedule_decodes(self, batch: ScheduledBatch) -> bool:
         ahead = self.config.overlap
         decoding = [
-            r for r in self.running if r.is_decoding and (not r.in_flight or (ahead and r.can_run_ahead))
+            r
+            for r in self.running
+            if r.is_decoding and (not r.in_flight or (ahead and self._can_run_ahead(r)))
         ]
         if self._decode_share > 1:
             decoding = decoding[: -(-len(self.running) // self._decode_share)]
@@ -234,6 +240,15 @@ class Scheduler:
         for r in decoding:
             batch.add(r, 1)
         return retracted
+
+    def _can_run_ahead(self, r: Req) -> bool:
+        """A constrained request's mask depends on the token in flight: it runs ahead only when the mask may be
+        filled after that token is accepted (``defer_grammar_masks``) and it will not jump forward on it."""
+        if not r.can_run_ahead:
+            return False
+        return r.sampling.grammar is None or (
+            self.config.defer_grammar_masks and not self.grammars.may_jump(r)
+        )
 
     def _prefill_budget(self) -> int:
         chunk = self.config.chunked_prefill_size

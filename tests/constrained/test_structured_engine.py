@@ -71,6 +71,39 @@ def test_jump_forward_equals_step_by_step_and_saves_decode_steps(schema_outputs)
     assert steps_step >= 1.5 * steps_jump  # schemas' keys and punctuation are forced spans
 
 
+def test_without_jump_forward_constrained_steps_are_planned_ahead(engines, schema_outputs):
+    """Overlap scheduling (on by default): without jump-forward, a constrained request's next step is planned and
+    launched before its token is back, the masks following once it is; greedy jump-forward requests wait."""
+    assert engines["step"]._core.stats()["num_deferred_mask_steps"] > 0
+    assert engines["jump"]._core.stats()["num_deferred_mask_steps"] == 0
+
+
+def test_deferred_masks_equal_synchronous_scheduling(tiny_llama_path):
+    """Greedy JSON and seeded sampled regex requests, planned ahead with deferred masks vs one step at a time:
+    the same tokens; the requests end (grammar complete) with their next step already in flight."""
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}, "s": {"type": "string", "maxLength": 6}},
+    }
+    params = [{**GREEDY, "max_new_tokens": 40, "json_schema": json.dumps(schema)}] * 3
+    params += [{"temperature": 0.8, "seed": 5, "max_new_tokens": 40, "regex": "[a-z]{3,9}"}] * 3
+    prompts = [f"Item {i}:" for i in range(len(params))]
+    runs = {}
+    for overlap in (True, False):
+        with sgl_ray.Engine(
+            tiny_llama_path,
+            disable_jump_forward=True,
+            disable_overlap_schedule=not overlap,
+            max_total_tokens=4096,
+        ) as eng:
+            runs[overlap] = eng.generate(prompts, params)
+            assert (eng._core.stats()["num_deferred_mask_steps"] > 0) == overlap
+    assert [o["output_ids"] for o in runs[True]] == [o["output_ids"] for o in runs[False]]
+    for out in runs[True][:3]:
+        jsonschema.validate(json.loads(out["text"]), schema)
+    assert all(re.fullmatch("[a-z]{3,9}", o["text"]) for o in runs[True][3:])
+
+
 def test_regex_outputs_fullmatch_with_and_without_jump_forward(regex_outputs):
     for (_, rx), a, b in zip(REGEXES, regex_outputs["jump"], regex_outputs["step"], strict=True):
         assert re.fullmatch(rx, a["text"]), (rx, a["text"])
