@@ -15,7 +15,8 @@ from sgl_ray.configs.model_config import ModelConfig, resolve_dtype
 from sgl_ray.model_loader import iter_weights, load_hf_config, resolve_model
 from sgl_ray.parallel import ParallelLayout, free_port, init_shard_context, node_ip
 from sgl_ray.runner.memory import KVCapacity
-from sgl_ray.runner.model_runner import ModelRunner, PendingStep, RunnerInfo, gpu_idle_fraction
+from sgl_ray.runner.model_runner import ModelRunner, PendingStep, RunnerInfo
+from sgl_ray.runner.trace import gpu_idle_fraction
 from sgl_ray.scheduler.plan import StepOutput, StepPlan
 
 logger = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from sgl_ray.bench.roofline import (
 )
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.entrypoints.engine import Engine
-from sgl_ray.runner.model_runner import gpu_idle_fraction
+from sgl_ray.runner.trace import gpu_idle_fraction
 
 
 @dataclass(frozen=True)

@@ -48,3 +48,15 @@ def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]
                     yield name, handle.get_tensor(name)
         except (OSError, ValueError, RuntimeError) as exc:  # truncated or corrupt file
             raise ModelLoadError(f"cannot read safetensors file {path}: {exc}") from exc
+
+
+@torch.no_grad()
+def fill_random_weights(model: torch.nn.Module, seed: int) -> None:
+    """Random weights for benchmarks (``load_format="dummy"``): speed does not depend on the values; norms get 1
+    so activations stay in range."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.02, generator=gen)

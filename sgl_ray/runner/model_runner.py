@@ -20,10 +20,12 @@ from sgl_ray.distributed import ShardContext
 from sgl_ray.layers.linear import store_weights_input_major
 from sgl_ray.lora.weights import LoRAWeights
 from sgl_ray.mem_cache.kv_pool import KVPool, ReqToTokenTable
+from sgl_ray.model_loader.weights import fill_random_weights
 from sgl_ray.models.registry import get_model_class
 from sgl_ray.runner.cuda_graph import CudaGraphRunner
 from sgl_ray.runner.forward_batch import ForwardBatch
 from sgl_ray.runner.memory import KVCapacity, plan_kv_capacity
+from sgl_ray.runner.trace import StepTrace
 from sgl_ray.sampling.sampler import Sampler
 from sgl_ray.sampling.state import SamplingState
 from sgl_ray.scheduler.plan import FUTURE_TOKEN, StepOutput, StepPlan
@@ -93,7 +95,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.cuda_graphs: CudaGraphRunner | None = None
         # Set to a list to record (batch size, start event, end event) of every CUDA step (see gpu_idle_fraction).
-        self.step_trace: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] | None = None
+        self.step_trace: StepTrace | None = None
         self._trace_start: torch.cuda.Event | None = None
         self._awaiting_mask: tuple[StepPlan, torch.Tensor, torch.Tensor] | None = (
             None  # (plan, logits, input)
@@ -168,7 +170,7 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(prev)
         if self.args.load_format == "dummy":
-            _fill_random(model, seed=self.args.random_seed or 0)
+            fill_random_weights(model, seed=self.args.random_seed or 0)
         else:
             model.load_weights(weights)
         if self.device.type == "cpu":
@@ -251,7 +253,7 @@ class ModelRunner:
             self._trace_start.record()
         graphs = self.cuda_graphs
         slots = plan.lora_slots if self.lora is not None else None
-        if graphs is not None and _is_plain_decode(plan) and graphs.can_run(plan.batch_size, slots):
+        if graphs is not None and plan.is_plain_decode() and graphs.can_run(plan.batch_size, slots):
             logits = graphs.replay(
                 plan.input_ids, plan.prefix_lens, plan.out_cache_loc, plan.req_pool_idxs, slots
             )
@@ -402,34 +404,6 @@ class ModelRunner:
             if k > 0:
                 out["input_top_vals"], out["input_top_ids"] = logp.topk(k, dim=-1)
         return out
-
-
-def gpu_idle_fraction(trace: list[tuple[int, torch.cuda.Event, torch.cuda.Event]]) -> float:
-    """Share of the time from the first step's start to the last step's end during which the device waited for
-    the next step (``ModelRunner.step_trace``, events synchronized)."""
-    if len(trace) < 2:
-        return 0.0
-    gaps = sum(
-        max(0.0, end.elapsed_time(nxt)) for (_, _, end), (_, nxt, _) in zip(trace, trace[1:], strict=False)
-    )
-    return gaps / trace[0][1].elapsed_time(trace[-1][2])
-
-
-@torch.no_grad()
-def _fill_random(model: torch.nn.Module, seed: int) -> None:
-    """Random weights for benchmarks (``load_format="dummy"``): speed does not depend on the values; norms get 1
-    so activations stay in range."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        if "norm" in name:
-            param.fill_(1.0)
-        else:
-            param.normal_(0.0, 0.02, generator=gen)
-
-
-def _is_plain_decode(plan: StepPlan) -> bool:
-    """Every request adds one token and samples it, and no prompt logprobs are asked for."""
-    return bool((plan.extend_lens == 1).all() and plan.sample.all() and (plan.input_logprob_start < 0).all())
 
 
 def _rows_before_end(counts: np.ndarray) -> np.ndarray:

@@ -85,6 +85,12 @@ class StepPlan(msgspec.Struct, kw_only=True):
     def num_tokens(self) -> int:
         return len(self.input_ids)
 
+    def is_plain_decode(self) -> bool:
+        """Every request adds one token and samples it, and no prompt logprobs are asked for."""
+        return bool(
+            (self.extend_lens == 1).all() and self.sample.all() and (self.input_logprob_start < 0).all()
+        )
+
     def sample_row_counts(self) -> np.ndarray:
         """[B] how many trailing rows of each request's chunk are sampled."""
         return self.sample_counts if len(self.sample_counts) else self.sample.astype(_I64)

@@ -44,6 +44,7 @@ from sgl_ray.scheduler.output import OutputProcessor, RequestOutput
 from sgl_ray.scheduler.plan import StepOutput
 from sgl_ray.scheduler.policy import create_policy
 from sgl_ray.scheduler.request import FinishReason, Req, ReqStatus
+from sgl_ray.scheduler.results import StepResults
 
 _CLIP_NEW_TOKENS = 4096
 _PREFIX_BLOCK = 32  # granularity at which waiting prompts are compared with prompts being prefilled
@@ -71,7 +72,7 @@ class SchedulerConfig:
     enable_jump_forward: bool = True
 
 
-class Scheduler:
+class Scheduler(StepResults):
     """Example::
 
     >>> sched = Scheduler(SchedulerConfig(num_slots=4096, max_reqs=64, context_length=2048), tokenizer)
@@ -379,100 +380,6 @@ class Scheduler:
         self.new_token_ratio = self.config.init_new_token_ratio
 
     # --- results -------------------------------------------------------------------------------------------------
-    def process(self, batch: ScheduledBatch, result: StepOutput) -> list[RequestOutput]:
-        outputs, self._pending_outputs = self._pending_outputs, []
-        for entry, sampled in batch.iter_results(result):
-            r = entry.req
-            if r.status is not ReqStatus.RUNNING:
-                continue  # aborted while the step ran
-            r.num_computed += entry.extend_len
-            if entry.input_logprobs:
-                r.input_logprob_next = entry.input_logprob_end
-            if sampled is None:
-                self.kv.cache_unfinished(r)
-                if entry.input_logprobs:
-                    outputs.append(self._output(r, [], "", None, entry))
-                continue
-            token, *_ = sampled
-            if r.sampling.max_new_tokens == 0:
-                self.running.remove(r)
-                self._finish(r, FinishReason("length", matched=0), emit=False)
-                outputs.append(self._output(r, [], "", r.finish_reason, entry))
-                continue
-            tokens = self.grammars.settle(r, entry.row_tokens, self.kv) if r.jump_tokens else []
-            if entry.row_tokens:
-                token = entry.row_tokens[len(tokens)]  # the model's choice after the kept forced tokens
-            r.output_ids.append(token)
-            r.decode_steps += 1
-            tokens.append(token)
-            finish = self.outputs.check_token_finish(r, token)
-            grammar_finish = self.grammars.accept(r, token)
-            if grammar_finish is not None and (finish is None or finish.type == "length"):
-                finish = grammar_finish
-            text, finish = self.outputs.text_delta(r, tokens, finish)
-            if finish is None and entry.extend_len > 1:
-                self.kv.cache_unfinished(r)
-            if r.group is not None and not r.group.prompt_cached and r.group.leader == r.rid:
-                r.group.prompt_cached = True
-            outputs.append(self._output(r, tokens, text, finish, entry, sampled))
-            if finish is not None:
-                self.running.remove(r)
-                self._finish(r, finish, emit=False)
-            elif r.grammar is not None:
-                room = min(
-                    r.remaining_new_tokens, self.config.context_length - r.num_tokens, self._prefill_budget()
-                )
-                self.grammars.jump(r, room - 1)
-        return outputs
-
-    def _output(self, r: Req, tokens: list[int], text: str, finish: FinishReason | None, entry, sampled=None):
-        out = RequestOutput(
-            rid=r.rid,
-            token_ids=tokens,
-            text=text,
-            finished=finish is not None,
-            finish_reason=finish.to_dict() if finish is not None else None,
-            prompt_tokens=len(r.prompt_ids),
-            completion_tokens=len(r.output_ids),
-            cached_tokens=r.cached_tokens,
-            decode_steps=r.decode_steps,
-            jump_forward_tokens=r.jump_forward_tokens,
-        )
-        if r.return_logprob:
-            entry.fill_logprobs(out, r, sampled)
-        return out
-
-    def _finish(self, req: Req, reason: FinishReason, emit: bool) -> None:
-        req.finish_reason = reason
-        req.status = ReqStatus.FINISHED
-        if req.req_pool_idx >= 0:
-            self.kv.release(req)
-        self._release_lora(req)
-        if req.lora_name is not None and self.lora is not None:
-            self.lora.remove_user(req.lora_name)
-        group = req.group
-        if group is not None and group.leader == req.rid and not group.prompt_cached:
-            # A leader that got through its prompt left it in the cache; one that did not hands over the lead.
-            if req.num_computed >= len(req.prompt_ids):
-                group.prompt_cached = True
-            else:
-                group.leader = None
-        self.outputs.forget(req.rid)
-        if emit:
-            self._pending_outputs.append(
-                RequestOutput(
-                    rid=req.rid,
-                    token_ids=[],
-                    text="",
-                    finished=True,
-                    finish_reason=reason.to_dict(),
-                    prompt_tokens=len(req.prompt_ids),
-                    completion_tokens=len(req.output_ids),
-                    cached_tokens=req.cached_tokens,
-                    decode_steps=req.decode_steps,
-                    jump_forward_tokens=req.jump_forward_tokens,
-                )
-            )
 
 
 def empty_result(step_id: int) -> StepOutput:
