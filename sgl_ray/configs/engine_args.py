@@ -50,6 +50,13 @@ class EngineArgs:
     chunked_prefill_size: int | None = field(
         default=None, metadata={"help": "prefill tokens per step per batch (-1 disables chunking)"}
     )
+    enable_mixed_chunk: bool | None = field(
+        default=None,
+        metadata={
+            "help": "prefill chunks and decodes in the same steps (default: on for CPU; off on CUDA, where "
+            "prefill and decode steps take turns so decode steps replay CUDA graphs)"
+        },
+    )
     schedule_policy: str = field(default="fcfs", metadata={"help": "fcfs|lpm|dfs-weight|priority"})
     disable_radix_cache: bool = field(default=False, metadata={"help": "turn the prefix cache off"})
     attention_backend: str | None = field(
@@ -148,6 +155,9 @@ class EngineArgs:
             return 8192 if device.type == "cuda" else 1024
         return None if self.chunked_prefill_size < 0 else self.chunked_prefill_size
 
+    def effective_mixed_chunk(self, device: torch.device) -> bool:
+        return self.enable_mixed_chunk if self.enable_mixed_chunk is not None else device.type != "cuda"
+
     def replace(self, **changes: Any) -> EngineArgs:
         return dataclasses.replace(self, **changes)
 
@@ -159,6 +169,9 @@ class EngineArgs:
             help_text = f.metadata.get("help", "")
             if f.type in ("bool", bool):
                 parser.add_argument(flag, action="store_true", default=f.default, help=help_text)
+                continue
+            if f.type == "bool | None":  # --flag / --no-flag, unset: the default for the device
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
                 continue
             kind = str if "str" in str(f.type) else float if "float" in str(f.type) else int
             nargs = f.metadata.get("nargs")

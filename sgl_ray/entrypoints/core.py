@@ -80,6 +80,7 @@ def scheduler_config(
         max_running_requests=max_reqs,
         max_prefill_tokens=args.max_prefill_tokens,
         chunked_prefill_size=args.effective_chunked_prefill_size(device),
+        mixed_chunks=args.effective_mixed_chunk(device),
         policy=args.schedule_policy,
         enable_prefix_cache=not args.disable_radix_cache,
         overlap=overlap,

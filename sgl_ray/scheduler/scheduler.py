@@ -63,6 +63,7 @@ class SchedulerConfig:
     enable_prefix_cache: bool = True
     overlap: bool = False  # schedule decode steps of requests whose previous step is still in flight
     defer_grammar_masks: bool = False  # with overlap: constrained requests too, their masks filled later
+    mixed_chunks: bool = True  # prefill chunks and decodes share steps (else they alternate, one kind a step)
     init_new_token_ratio: float = 0.7
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
@@ -96,6 +97,7 @@ class Scheduler(StepResults):
         self._pending_outputs: list[RequestOutput] = []
         self._decode_share = 1
         self.num_preemptions = 0
+        self._prefill_turn = True  # without mixed chunks: whether the next step tries prefills first
         self.num_deferred_mask_steps = 0  # steps of constrained requests planned before their masks existed
         vocab = config.vocab_size or (len(tokenizer) if tokenizer is not None else 0)  # type: ignore[arg-type]
         self.grammars = GrammarTracker(tokenizer, vocab, config.grammar_backend, config.enable_jump_forward)
@@ -200,16 +202,33 @@ class Scheduler(StepResults):
         flight together cover them all."""
         self._decode_share = max_in_flight
         batch = ScheduledBatch(next(self._step_ids))
-        retracted = self._schedule_decodes(batch)
-        budget = self._schedule_prefill_chunks(batch)
+        if self.config.mixed_chunks:
+            retracted = self._schedule_decodes(batch)
+            self._schedule_prefills(batch, retracted)
+        elif self._prefill_turn:  # one kind per step, taking turns: decode steps stay CUDA-graph shaped
+            retracted = False
+            self._schedule_prefills(batch, retracted)
+            if not batch.entries:
+                retracted = self._schedule_decodes(batch)
+        else:
+            retracted = self._schedule_decodes(batch)
+            if not batch.entries:
+                self._schedule_prefills(batch, retracted)
+        self._prefill_turn = batch.num_prefill_tokens == 0
         if not retracted:
-            self._admit(batch, budget)
             self.new_token_ratio = max(
                 self.config.min_new_token_ratio, self.new_token_ratio - self.config.new_token_ratio_decay
             )
         batch.finalize(self.kv, self.lora, self.grammars)
         self.num_deferred_mask_steps += batch.plan.mask_deferred
         return batch
+
+    def _schedule_prefills(self, batch: ScheduledBatch, retracted: bool) -> None:
+        """Continuing prefill chunks (jump-forward extends among them), then new requests unless a request was
+        just preempted."""
+        budget = self._schedule_prefill_chunks(batch)
+        if not retracted:
+            self._admit(batch, budget)
 
     def _schedule_decodes(self, batch: ScheduledBatch) -> bool:
         ahead = self.config.overlap

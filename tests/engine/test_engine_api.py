@@ -188,3 +188,17 @@ def test_shutdown_fails_new_requests(tiny_qwen3_path):
     assert runner() is None  # weights, KV pool and graphs are released with the runner
     with pytest.raises(EngineDeadError):
         eng.generate("x", GREEDY)
+
+
+def test_alternating_prefill_and_decode_steps_give_the_same_tokens(tiny_llama_path):
+    """``enable_mixed_chunk=False`` (the CUDA default) under overlap scheduling: the same greedy tokens as mixed
+    steps, with staggered prompt lengths so chunks and decodes compete."""
+    prompts = [list(range(100 + i, 112 + 7 * i)) for i in range(8)]
+    params = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
+    runs = []
+    for mixed in (True, False):
+        with sgl_ray.Engine(
+            tiny_llama_path, enable_mixed_chunk=mixed, chunked_prefill_size=16, max_total_tokens=4096
+        ) as eng:
+            runs.append([o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=params)])
+    assert runs[0] == runs[1] and all(len(r) == 12 for r in runs[0])

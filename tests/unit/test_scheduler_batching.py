@@ -55,6 +55,23 @@ def test_chunked_prefill_budget_is_shared_and_decodes_always_run(model) -> None:
     h.assert_no_leaks()
 
 
+def test_without_mixed_chunks_prefill_and_decode_steps_take_turns(model) -> None:
+    """``mixed_chunks=False`` (the CUDA default): no step mixes prefill chunks with decodes, so decode steps keep
+    the shape CUDA graphs replay; with both kinds of work waiting the steps alternate; tokens are unchanged."""
+    h = Harness(model, chunked_prefill_size=8, mixed_chunks=False)
+    h.add(make_req("a", prompt(20, 1000), new=4), make_req("b", prompt(20, 2000), new=2))
+    h.run()
+    kinds = ["prefill" if (p.extend_lens > 1).any() else "decode" for p in h.plans]
+    for plan in h.plans:
+        assert (plan.extend_lens > 1).all() or (plan.extend_lens == 1).all()
+    # A's prompt (8 + 8 + 4 tokens, B's first 4 joining the last chunk), then turns while both kinds wait.
+    assert kinds[:3] == ["prefill"] * 3 and kinds[3:5] == ["decode", "prefill"]
+    assert h.rows[3] == ["a"] and h.rows[4] == ["b"]
+    assert h.tokens("a") == run_alone(model, prompt(20, 1000), 4)
+    assert h.tokens("b") == run_alone(model, prompt(20, 2000), 2)
+    h.assert_no_leaks()
+
+
 def test_new_prompt_joins_a_running_decode(model) -> None:
     h = Harness(model, chunked_prefill_size=8)
     h.add(make_req("a", prompt(5, 1000), new=3))
