@@ -122,6 +122,10 @@ class AdapterPool:
     def release(self, name: str) -> None:
         self._adapters[name].active -= 1
 
+    def can_free_slot(self) -> bool:
+        """Whether a slot can become free once running requests finish (not every slot is pinned)."""
+        return any(n is None or not self._adapters[n].pinned for n in self._owner)
+
     def take_loads(self) -> list[LoRALoad]:
         loads, self._loads = self._loads, []
         return loads

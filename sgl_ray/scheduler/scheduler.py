@@ -302,6 +302,7 @@ class Scheduler(StepResults):
         )
         admitted: list[Req] = []
         inflight = self._inflight_prefixes()
+        slot_wait = False  # a request earlier in order waits for an adapter slot
         for r in self.policy.order(self.waiting, self.kv):
             if len(self.running) >= self.config.max_running_requests or budget <= 0:
                 break
@@ -325,8 +326,12 @@ class Scheduler(StepResults):
             if not chunking and n > budget and batch.num_prefill_tokens > 0:
                 break
             own_reserve = min(r.remaining_new_tokens, _CLIP_NEW_TOKENS) * self.new_token_ratio
+            if r.lora_name is not None and slot_wait:
+                continue  # let the held adapters drain, or the waiting one could starve behind them
             if not self._acquire_lora(r):
-                continue  # every adapter slot is held by running requests: wait for one to free
+                assert self.lora is not None
+                slot_wait = self.lora.can_free_slot()  # every slot is held by running requests
+                continue
             # With nothing running, admit whatever fits at all (no headroom rule can deadlock an idle engine).
             if not self.kv.admit(r, match, n, reserve + own_reserve if self.running else 0.0):
                 self._release_lora(r)
