@@ -114,6 +114,11 @@ class GrammarTracker:
         """Whether jump-forward may append tokens to ``req`` after a sampled token."""
         return self.jump_forward and req.grammar is not None and _may_jump(req)
 
+    def forces_string(self, req: Req) -> bool:
+        """Whether ``req`` may jump and its grammar now admits only one continuation."""
+        assert req.grammar is not None
+        return self.may_jump(req) and bool(req.grammar.find_jump_forward_string())
+
     # --- tokens ------------------------------------------------------------------------------------------------
     def accept(self, req: Req, token: int) -> FinishReason | None:
         """Advance the matcher by a sampled token; a completed grammar ends the request."""

@@ -133,6 +133,7 @@ class Req:
     jump_masks: np.ndarray | None = None  # [len(jump_tokens) + 1, W] masks of their rows
     decode_steps: int = 0  # forward steps that produced output tokens
     jump_forward_tokens: int = 0  # output tokens appended by jump-forward (not decoded one per step)
+    jump_next: bool = False  # the grammar forced a string while a step ran ahead: wait for the token to jump
 
     def prompt_block_hashes(self, block: int) -> list[int]:
         """Chained hashes of the prompt's ``block``-token blocks (see ``mem_cache.prefix_hash``), computed once."""

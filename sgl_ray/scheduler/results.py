@@ -74,10 +74,15 @@ class StepResults:
             if finish is not None:
                 self.running.remove(r)
                 self._finish(r, finish, emit=False)
+            elif r.grammar is not None and r.inflight_tokens:
+                # its next step already runs (ahead): no jump now, but if the grammar forces a string, the
+                # request waits for its next token and jumps then (that step samples the string's first token)
+                r.jump_next = self.grammars.forces_string(r)
             elif r.grammar is not None:
                 room = min(
                     r.remaining_new_tokens, self.config.context_length - r.num_tokens, self._prefill_budget()
                 )
+                r.jump_next = False
                 self.grammars.jump(r, room - 1)
         return outputs
 

@@ -263,11 +263,13 @@ class Scheduler(StepResults):
 
     def _can_run_ahead(self, r: Req) -> bool:
         """A constrained request's mask depends on the token in flight: it runs ahead only when the mask may be
-        filled after that token is accepted (``defer_grammar_masks``) and it will not jump forward on it."""
-        if not r.can_run_ahead:
+        filled after that token is accepted (``defer_grammar_masks``), and not when its grammar was forcing a
+        string last time (``jump_next``): then it waits for its token so that it can jump forward. Never while
+        the step in flight verifies forced tokens: rejecting some of them moves the next position back."""
+        if not r.can_run_ahead or r.jump_tokens:
             return False
         return r.sampling.grammar is None or (
-            self.config.defer_grammar_masks and not self.grammars.may_jump(r)
+            self.config.defer_grammar_masks and not (r.jump_next and self.grammars.may_jump(r))
         )
 
     def _prefill_budget(self) -> int:
