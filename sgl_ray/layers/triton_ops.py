@@ -75,6 +75,19 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _rotate_halves(x1, x2, cos_row, sin_row, offs, HALF: tl.constexpr):
+    """NeoX rotation of the halves ``x1``/``x2`` by one token's cos/sin row, rounded like torch's
+    ``x * cos + cat(-x2, x1) * sin``: each product and the sum in the activation dtype."""
+    c = tl.load(cos_row + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
+    s = tl.load(sin_row + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
+    dt = x1.dtype
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    o1 = ((x1f * c).to(dt).to(tl.float32) + (-x2f * s).to(dt).to(tl.float32)).to(dt)
+    o2 = ((x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)).to(dt)
+    return o1, o2
+
+
+@triton.jit
 def _rotary_kernel(
     X, Cos, Sin, Out, stride_xt, stride_xh, stride_ct, stride_ot, stride_oh, num_heads,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -86,13 +99,7 @@ def _rotary_kernel(
     x_row = X + t * stride_xt + heads[:, None] * stride_xh + offs[None, :]
     x1 = tl.load(x_row, mask=mask, other=0.0)
     x2 = tl.load(x_row + HALF, mask=mask, other=0.0)
-    c = tl.load(Cos + t * stride_ct + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
-    s = tl.load(Sin + t * stride_ct + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
-    dt = x1.dtype
-    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    # torch: x * cos + cat(-x2, x1) * sin, each product and the sum rounded to the activation dtype
-    o1 = ((x1f * c).to(dt).to(tl.float32) + (-x2f * s).to(dt).to(tl.float32)).to(dt)
-    o2 = ((x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)).to(dt)
+    o1, o2 = _rotate_halves(x1, x2, Cos + t * stride_ct, Sin + t * stride_ct, offs, HALF)
     o_row = Out + t * stride_ot + heads[:, None] * stride_oh + offs[None, :]
     tl.store(o_row, o1, mask=mask)
     tl.store(o_row + HALF, o2, mask=mask)
@@ -129,12 +136,7 @@ def _rotary_store_kernel(
     in_mask = (is_q | is_k | is_v)[:, None] & d_mask
     x1 = tl.load(x_row, mask=in_mask, other=0.0)
     x2 = tl.load(x_row + HALF, mask=in_mask, other=0.0)
-    c = tl.load(Cos + t * stride_ct + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
-    s = tl.load(Sin + t * stride_ct + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
-    dt = x1.dtype
-    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    o1 = ((x1f * c).to(dt).to(tl.float32) + (-x2f * s).to(dt).to(tl.float32)).to(dt)
-    o2 = ((x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)).to(dt)
+    o1, o2 = _rotate_halves(x1, x2, Cos + t * stride_ct, Sin + t * stride_ct, offs, HALF)
     q_mask = is_q[:, None] & d_mask
     q_row = QOut + t * stride_qo + heads[:, None] * (2 * HALF) + offs[None, :]
     tl.store(q_row, o1, mask=q_mask)

@@ -15,9 +15,9 @@ from sgl_ray.scheduler.request import FinishReason, Req, ReqStatus
 
 if TYPE_CHECKING:
     from sgl_ray.lora.pool import AdapterPool
+    from sgl_ray.scheduler.config import SchedulerConfig
     from sgl_ray.scheduler.grammar import GrammarTracker
     from sgl_ray.scheduler.kv_manager import KVCacheManager
-    from sgl_ray.scheduler.scheduler import SchedulerConfig
 
 
 class StepResults:

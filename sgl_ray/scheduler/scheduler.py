@@ -31,13 +31,13 @@ tokens a grammar forces are appended by jump-forward and verified in the next ex
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import numpy as np
 
 from sgl_ray.errors import InvalidRequestError, StepLostError
 from sgl_ray.lora.pool import AdapterPool
 from sgl_ray.scheduler.batch import ScheduledBatch
+from sgl_ray.scheduler.config import SchedulerConfig
 from sgl_ray.scheduler.grammar import GrammarTracker
 from sgl_ray.scheduler.kv_manager import KVCacheManager
 from sgl_ray.scheduler.output import OutputProcessor, RequestOutput
@@ -48,29 +48,6 @@ from sgl_ray.scheduler.results import StepResults
 
 _CLIP_NEW_TOKENS = 4096
 _PREFIX_BLOCK = 32  # granularity at which waiting prompts are compared with prompts being prefilled
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    num_slots: int
-    max_reqs: int
-    context_length: int
-    page_size: int = 1
-    max_running_requests: int = 256
-    max_prefill_tokens: int = 16384
-    chunked_prefill_size: int | None = 1024
-    policy: str = "fcfs"
-    enable_prefix_cache: bool = True
-    overlap: bool = False  # schedule decode steps of requests whose previous step is still in flight
-    defer_grammar_masks: bool = False  # with overlap: constrained requests too, their masks filled later
-    mixed_chunks: bool = True  # prefill chunks and decodes share steps (else they alternate, one kind a step)
-    init_new_token_ratio: float = 0.7
-    min_new_token_ratio: float = 0.1
-    new_token_ratio_decay: float = 0.001
-    max_loras_per_batch: int = 0  # LoRA adapter slots; 0: LoRA off
-    vocab_size: int = 0  # 0: the tokenizer's
-    grammar_backend: str = "xgrammar"
-    enable_jump_forward: bool = True
 
 
 class Scheduler(StepResults):

@@ -14,13 +14,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 _SCRIPT = """
 import torch
+from sgl_ray.layers import triton_ops
+from sgl_ray.layers.rotary import RotaryEmbedding, rotate_half
 from tests.gpu.test_fused_ops import check_rotary_store
 for shape in [(4, 2, 16), (9, 3, 64)]:
     check_rotary_store("cpu", torch.float32, *shape)
+rope = RotaryEmbedding(32, {"rope_theta": 10000.0}, 512)
+cos, sin = rope.cos_sin(torch.randint(0, 512, (5,)), torch.float32)
+qkv = torch.randn(5, 8 * 32)
+qk = qkv[:, : 6 * 32].view(5, 6, 32)  # strided, as the model passes it
+torch.testing.assert_close(triton_ops.rotary(qk, cos, sin), qk * cos + rotate_half(qk) * sin, atol=1e-5, rtol=1e-5)
 """
 
 
-def test_rotary_store_in_the_interpreter():
+def test_rotary_kernels_in_the_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, cwd=ROOT)
