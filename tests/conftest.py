@@ -67,6 +67,20 @@ def tiny_llama_config() -> LlamaConfig:
     )
 
 
+def save_config_only_llama(directory: Path) -> str:
+    """A tiny Llama ``config.json`` and no weights or tokenizer (``load_format="dummy"``, token-id prompts)."""
+    LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=1024,
+    ).save_pretrained(directory)
+    return str(directory)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) -> str:
     """:func:`tiny_llama_config` in one safetensors file."""

@@ -14,6 +14,7 @@ from transformers import LlamaConfig
 import sgl_ray
 from sgl_ray.cli import main
 
+from ..conftest import save_config_only_llama
 from ..engine.prompts import PROMPTS
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -127,18 +128,9 @@ def test_early_stops_match_overlap_off(engines, hf_reference):
 def test_bench_roofline_through_ray_actors(ray_cluster, tmp_path, capsys):
     """``sgl-ray bench roofline --ray``: bs1 in-process, then through the Ray actors; on a CPU the GPU idle share
     is absent (the device records no step times), not zero."""
-    model_dir = tmp_path / "tiny"
-    LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        max_position_embeddings=1024,
-    ).save_pretrained(model_dir)  # a config and no weights: load_format dummy
+    model_dir = save_config_only_llama(tmp_path / "tiny")
     out = tmp_path / "roof.jsonl"
-    argv = ["bench", "roofline", "--model-path", str(model_dir), "--load-format", "dummy", "--skip-hf"]
+    argv = ["bench", "roofline", "--model-path", model_dir, "--load-format", "dummy", "--skip-hf"]
     argv += ["--skip-tokenizer-init", "--max-total-tokens", "2048", "--bs1-output-len", "8", "--ray"]
     assert main([*argv, "--output-file", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]

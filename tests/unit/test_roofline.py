@@ -22,6 +22,8 @@ from sgl_ray.cli import main
 from sgl_ray.configs.model_config import ModelConfig
 from sgl_ray.runner.cuda_graph import batch_size_ladder
 
+from ..conftest import save_config_only_llama
+
 LLAMA_8B = dict(
     hidden_size=4096,
     intermediate_size=14336,
@@ -73,18 +75,9 @@ def test_batch_size_ladder():
 
 
 def test_bench_roofline_cli_on_random_weights(tmp_path, capsys):
-    model_dir = tmp_path / "tiny"
-    LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        max_position_embeddings=1024,
-    ).save_pretrained(model_dir)  # a config and no weights: load_format dummy
+    model_dir = save_config_only_llama(tmp_path / "tiny")
     out = tmp_path / "roof.jsonl"
-    argv = ["bench", "roofline", "--model-path", str(model_dir), "--load-format", "dummy"]
+    argv = ["bench", "roofline", "--model-path", model_dir, "--load-format", "dummy"]
     argv += ["--skip-tokenizer-init", "--max-total-tokens", "4096", "--bs1-output-len", "8"]
     argv += ["--offline", "6:32:8", "--shared-prefix", "4:64:8:4", "--hf-batch", "2:16:4"]
     assert main([*argv, "--output-file", str(out)]) == 0
