@@ -17,6 +17,7 @@ own choice. Sampled (non-greedy) requests take all of ``t_1..t_m`` and sample on
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -167,32 +168,70 @@ class GrammarTracker:
     def jump(self, req: Req, limit: int) -> None:
         """After a sampled token: append the tokens of the string the grammar forces next (at most ``limit``, and
         leaving room for one more sampled token within ``max_new_tokens``)."""
-        limit = min(limit, self.max_jump_tokens, req.remaining_new_tokens - 1)
-        m = req.grammar
-        if m is None or not self.jump_forward or limit <= 0 or not _may_jump(req):
+        self.jump_many([(req, limit)])
+
+    def jump_many(self, items: list[tuple[Req, int]]) -> None:
+        """:meth:`jump` for several requests at once. A verified (greedy) jump needs the mask after every forced
+        token; these fills run in waves over the requests, one batched fill per forced-token position, so
+        they spread over the backend's threads instead of running one by one on this thread."""
+        jumps: list[_Jump] = []
+        for req, limit in items:
+            limit = min(limit, self.max_jump_tokens, req.remaining_new_tokens - 1)
+            m = req.grammar
+            if m is None or not self.jump_forward or limit <= 0 or not _may_jump(req):
+                continue
+            forced = m.find_jump_forward_string()
+            if forced:
+                tokens = self.tokenizer.encode(forced, add_special_tokens=False)[:limit]
+                jumps.append(_Jump(req, tokens, np.empty((len(tokens) + 1, self.width), dtype=np.int32)))
+        if not jumps:
             return
-        forced = m.find_jump_forward_string()
-        if not forced:
+        self._fill([j for j in jumps if j.verify], 0)  # the mask before the first forced token
+        for i in range(max(len(j.tokens) for j in jumps)):
+            wave = []  # the jumps whose mask after their token i is needed
+            for j in jumps:
+                if not j.open or i >= len(j.tokens):
+                    continue
+                assert j.req.grammar is not None
+                j.open = j.req.grammar.accept_token(j.tokens[i])  # a rejected token leaves the matcher as it was
+                if j.open:
+                    j.taken.append(j.tokens[i])
+                # sampled requests need only the mask after their last taken token
+                last = not j.open or i + 1 == len(j.tokens)
+                if (j.open and j.verify) or (last and j.taken and not j.verify):
+                    wave.append(j)
+            self._fill(wave, None)
+        for j in jumps:
+            if j.taken:
+                req = j.req
+                req.jump_tokens = j.taken
+                req.jump_masks = j.masks[: len(j.taken) + 1]
+                req.output_ids.extend(j.taken)
+
+    def _fill(self, jumps: list[_Jump], row: int | None) -> None:
+        """One batched fill: each jump's mask at ``row`` (None: after its tokens taken so far)."""
+        if not jumps:
             return
-        tokens = self.tokenizer.encode(forced, add_special_tokens=False)[:limit]
-        verify = req.sampling.is_greedy
-        masks = np.empty((len(tokens) + 1, self.width), dtype=np.int32)
-        if verify:
-            m.fill_next_token_bitmask(masks[0])
-        taken: list[int] = []
-        for t in tokens:
-            if not m.accept_token(t):
-                break
-            taken.append(t)
-            if verify:
-                m.fill_next_token_bitmask(masks[len(taken)])
-        if not taken:
-            return
-        if not verify:
-            m.fill_next_token_bitmask(masks[len(taken)])
-        req.jump_tokens = taken
-        req.jump_masks = masks[: len(taken) + 1]
-        req.output_ids.extend(taken)
+        assert self._manager is not None
+        out = np.empty((len(jumps), self.width), dtype=np.int32)
+        self._manager.fill_bitmasks([j.req.grammar for j in jumps], out, list(range(len(jumps))))
+        for k, j in enumerate(jumps):
+            j.masks[len(j.taken) if row is None else row] = out[k]
+
+
+@dataclass(eq=False)
+class _Jump:
+    """A jump being prepared: the forced ``tokens``, those the matcher took so far, their masks."""
+
+    req: Req
+    tokens: list[int]
+    masks: np.ndarray  # [len(tokens) + 1, W]
+    taken: list[int] = field(default_factory=list)
+    open: bool = True  # still taking tokens
+
+    @property
+    def verify(self) -> bool:
+        return self.req.sampling.is_greedy
 
 
 def _may_jump(req: Req) -> bool:

@@ -37,6 +37,7 @@ class StepResults:
 
     def process(self, batch: ScheduledBatch, result: StepOutput) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
+        jumps: list[tuple[Req, int]] = []
         for entry, sampled in batch.iter_results(result):
             r = entry.req
             if r.status is not ReqStatus.RUNNING:
@@ -83,7 +84,8 @@ class StepResults:
                     r.remaining_new_tokens, self.config.context_length - r.num_tokens, self._prefill_budget()
                 )
                 r.jump_next = False
-                self.grammars.jump(r, room - 1)
+                jumps.append((r, room - 1))
+        self.grammars.jump_many(jumps)  # their forced tokens' masks are filled in batches
         return outputs
 
     def _output(self, r: Req, tokens: list[int], text: str, finish: FinishReason | None, entry, sampled=None):
