@@ -56,7 +56,8 @@ class StepResults:
                 self._finish(r, FinishReason("length", matched=0), emit=False)
                 outputs.append(self._output(r, [], "", r.finish_reason, entry))
                 continue
-            tokens = self.grammars.settle(r, entry.row_tokens, self.kv) if r.jump_tokens else []
+            jumped = bool(r.jump_tokens)
+            tokens = self.grammars.settle(r, entry.row_tokens, self.kv) if jumped else []
             if entry.row_tokens:
                 token = entry.row_tokens[len(tokens)]  # the model's choice after the kept forced tokens
             r.output_ids.append(token)
@@ -67,8 +68,8 @@ class StepResults:
             if grammar_finish is not None and (finish is None or finish.type == "length"):
                 finish = grammar_finish
             text, finish = self.outputs.text_delta(r, tokens, finish)
-            if finish is None and entry.extend_len > 1:
-                self.kv.cache_unfinished(r)
+            if finish is None and entry.extend_len > 1 and not jumped:  # a prompt chunk: share it now (forced
+                self.kv.cache_unfinished(r)  # tokens are cached with the rest of the output, when it ends)
             if r.group is not None and not r.group.prompt_cached and r.group.leader == r.rid:
                 r.group.prompt_cached = True
             outputs.append(self._output(r, tokens, text, finish, entry, sampled))
