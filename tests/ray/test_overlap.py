@@ -280,3 +280,22 @@ def test_overlap_through_ray_on_cuda(ray_cluster, tmp_path):
         assert overlapped["output_ids"] == sync["output_ids"]
         assert overlapped["meta_info"]["finish_reason"] == sync["meta_info"]["finish_reason"]
     assert any(o["meta_info"]["finish_reason"]["type"] == "stop" for o in outs[False])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_constrained_overlap_through_ray_on_cuda(ray_cluster, tmp_path):
+    """On a GPU (CUDA graphs on): constrained requests planned ahead through the Ray actors, sampled on the shards
+    once their masks follow, give the tokens of one step at a time in-process, with and without jump-forward."""
+    from ..gpu.test_gpu_structured import REGEX, make_model, run
+
+    model = make_model(tmp_path)
+    ref, _ = run(
+        model, "cuda", disable_overlap_schedule=True, disable_jump_forward=True, disable_cuda_graph=True
+    )
+    for jump in (False, True):
+        outs, stats = run(model, "cuda", use_ray=True, disable_jump_forward=not jump)
+        same = len(outs) if not jump else 10  # the sampled ones draw fewer numbers when tokens are forced
+        assert [o["output_ids"] for o in outs[:same]] == [o["output_ids"] for o in ref[:same]], jump
+        assert all(re.fullmatch(REGEX, o["text"]) for o in outs[6:])
+        assert stats["num_deferred_mask_steps"] > 0 and stats["overlap_schedule"]
