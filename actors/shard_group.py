@@ -123,8 +123,8 @@ class ShardGroup:
             num_slots=min(p.num_slots for p in proposals), max_reqs=min(p.max_reqs for p in proposals)
         )
         infos = ray.get([w.init_memory.remote(capacity) for w in self.workers])
-        with InputNode() as plan:
-            dag = MultiOutputNode([(w.step if self.lagged else w.execute).bind(plan) for w in self.workers])
+        with InputNode() as sent:  # a StepPlan, or (lagged) a ShardCall
+            dag = MultiOutputNode([(w.step if self.lagged else w.execute).bind(sent) for w in self.workers])
         self.dag = dag.experimental_compile()
         logger.info(
             "shard group %s up in %.1fs: %d KV slots", self.layout, time.monotonic() - t0, capacity.num_slots
