@@ -7,7 +7,9 @@ the group is rebuilt and every running request resumes from the tokens it alread
 
 With one pipeline stage, overlap scheduling (on unless ``disable_overlap_schedule``) keeps two steps in flight: the
 group is driven "lagged" (see :mod:`sgl_ray.actors.shard_group`), so a shard launches step N+1 before it waits for
-step N, and the scheduler plans step N+2 while N+1 runs. Pipelines keep one micro-batch per stage in flight.
+step N, and the scheduler plans step N+2 while N+1 runs. Constrained requests run ahead too: a step planned before
+its token masks exist is launched with ``mask_deferred``, and its masks follow with the next call to the shards.
+Pipelines keep one micro-batch per stage in flight.
 """
 
 from __future__ import annotations
@@ -53,7 +55,14 @@ class GlobalScheduler(SchedulerCalls):
         source = resolve_model(args.model_path, revision=args.revision, weights=args.load_format != "dummy")
         tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer_path)
         self.scheduler = new_scheduler(
-            args, info.num_slots, info.max_reqs, info.context_length, tokenizer, self.overlap, info.vocab_size
+            args,
+            info.num_slots,
+            info.max_reqs,
+            info.context_length,
+            tokenizer,
+            self.overlap,
+            info.vocab_size,
+            defer_grammar_masks=self.overlap,  # their masks ride with the next call (see ShardGroup)
         )
         self.max_rebuilds = max_rebuilds
         self.num_rebuilds = 0
@@ -144,10 +153,20 @@ class _GroupExecutor(StepExecutor):
             raise self.owner._rebuild(e) from e
 
     def wait(self, handle) -> StepOutput:
-        group, inner = handle
-        if group is not self.owner.group:  # submitted to a group that has since been replaced
-            raise StepLostError("shard group was rebuilt")
+        group, inner = self._current(handle)
         try:
             return group.wait(inner)
         except RayError as e:
             raise self.owner._rebuild(e) from e
+
+    def give_mask(self, handle, vocab_mask):
+        """Queue a deferred step's masks for the group's next call (nothing is sent here)."""
+        group, inner = self._current(handle)
+        group.give_mask(inner, vocab_mask)
+        return handle
+
+    def _current(self, handle) -> tuple[ShardGroup, Any]:
+        group, inner = handle
+        if group is not self.owner.group:  # submitted to a group that has since been replaced
+            raise StepLostError("shard group was rebuilt")
+        return group, inner

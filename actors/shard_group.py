@@ -3,12 +3,29 @@
 The compiled graph gives every step a fixed shared-memory (or NCCL-free, pickled) channel from the scheduler to
 all shards and back, instead of a ``ray.get`` round trip per shard per step.
 
-With overlap scheduling (``lagged``) the graph calls :meth:`ShardWorker.step`, whose answer is the output of the
-step sent with the *previous* call: call k launches plan k, then collects step k-1. So the output of step k comes
-back with call k+1, and waiting for the last step sent first sends a flush (no plan), which only collects::
+With overlap scheduling (``lagged``) the graph calls :meth:`ShardWorker.step` with a
+:class:`~sgl_ray.actors.shard_worker.ShardCall`, whose answer is the output of the step sent with the *previous*
+call: call k launches plan k, then collects step k-1. So the output of step k comes back with call k+1, and waiting
+for the last step sent first sends a flush (no plan), which only collects::
 
     calls     0: plan 0      1: plan 1      2: plan 2      3: flush
     answers   (nothing)      step 0         step 1         step 2
+
+Constrained requests run ahead too. Their masks depend on the token still in flight, so a plan may be sent with
+``mask_deferred`` (marked *): the shards run its forward pass and hold its logits. Once the scheduler has processed
+the step before it, :meth:`ShardGroup.give_mask` hands over its masks (:class:`DeferredMasks`, only the
+constrained rows, packed), and they travel with the next call, a plan or a flush. Every shard first samples the
+deferred step under them, then launches the plan (which may read that step's tokens), then collects::
+
+    calls     0: plan 0      1: plan 1*     2: masks 1 + plan 2*    3: masks 2 + flush
+    shards    launch 0       launch 1       sample 1, launch 2      sample 2
+              ─              collect 0      collect 1               collect 2
+    answers   (nothing)      step 0         step 1                  step 2
+
+    scheduler: process step 0 → masks 1 → plan 2 → send call 2 (the device runs step 1's forward meanwhile)
+
+No plan goes out while a step waits for its masks (the runner holds one deferred step at a time), and a deferred
+step's output is waited for only after its masks were given.
 """
 
 from __future__ import annotations
@@ -18,12 +35,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 from ray.dag import InputNode, MultiOutputNode
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from sgl_ray.actors.shard_worker import ShardWorker
+from sgl_ray.actors.shard_worker import DeferredMasks, ShardCall, ShardWorker
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.parallel import ParallelLayout
 from sgl_ray.runner.memory import KVCapacity
@@ -39,6 +57,7 @@ _READY_TIMEOUT_S = 600.0
 class LaggedStep:
     """A plan sent to a lagged group; ``output`` is filled in when the call that carries it is read."""
 
+    step_id: int
     output: StepOutput | None = None
 
 
@@ -58,6 +77,9 @@ class ShardGroup:
         >>> info = group.start()  # doctest: +SKIP
         >>> step1, step2 = group.submit(plan1), group.submit(plan2)  # doctest: +SKIP
         >>> out1, out2 = group.wait(step1), group.wait(step2)  # doctest: +SKIP
+        >>> # plan4 with mask_deferred: its masks follow once step 3's tokens are processed
+        >>> step3, step4 = group.submit(plan3), group.submit(plan4)  # doctest: +SKIP
+        >>> out3 = group.wait(step3); group.give_mask(step4, masks4); out4 = group.wait(step4)  # doctest: +SKIP
     """
 
     def __init__(
@@ -74,6 +96,8 @@ class ShardGroup:
         self.control_overhead_s: deque[float] = deque(maxlen=10_000)
         self._calls: deque[_Call] = deque()  # lagged: sent, answers not read yet (read strictly in order)
         self._tail: LaggedStep | None = None  # lagged: the last step sent, its output not yet asked for
+        self._masks_due: LaggedStep | None = None  # lagged: sent with ``mask_deferred``, masks not given yet
+        self._masks: DeferredMasks | None = None  # lagged: given, to travel with the next call
 
     def start(self) -> RunnerInfo:
         t0 = time.monotonic()
@@ -99,8 +123,8 @@ class ShardGroup:
             num_slots=min(p.num_slots for p in proposals), max_reqs=min(p.max_reqs for p in proposals)
         )
         infos = ray.get([w.init_memory.remote(capacity) for w in self.workers])
-        with InputNode() as plan:
-            dag = MultiOutputNode([(w.step if self.lagged else w.execute).bind(plan) for w in self.workers])
+        with InputNode() as sent:  # a StepPlan, or (lagged) a ShardCall
+            dag = MultiOutputNode([(w.step if self.lagged else w.execute).bind(sent) for w in self.workers])
         self.dag = dag.experimental_compile()
         logger.info(
             "shard group %s up in %.1fs: %d KV slots", self.layout, time.monotonic() - t0, capacity.num_slots
@@ -113,10 +137,19 @@ class ShardGroup:
         assert self.dag is not None, "start() first"
         if not self.lagged:
             return self.dag.execute(plan), time.perf_counter()
-        step = LaggedStep()
+        assert self._masks_due is None, "give_mask() for the deferred step before sending another plan"
+        step = LaggedStep(plan.step_id)
         self._send(plan, self._tail)
         self._tail = step
+        if plan.mask_deferred:
+            self._masks_due = step
         return step
+
+    def give_mask(self, step: LaggedStep, vocab_mask: np.ndarray | None) -> None:
+        """The masks of a step sent with ``mask_deferred`` (lagged only); they go out with the next call."""
+        assert self.lagged and step is self._masks_due, "this step does not wait for masks"
+        self._masks_due = None
+        self._masks = DeferredMasks.pack(step.step_id, vocab_mask)
 
     def wait(self, handle) -> StepOutput:
         """The answer of a submitted plan, from the last stage's first tensor-parallel rank. Raises whatever Ray
@@ -131,9 +164,11 @@ class ShardGroup:
 
     def _send(self, plan: StepPlan | None, carries: LaggedStep | None) -> None:
         assert self.dag is not None, "start() first"
-        self._calls.append(_Call(self.dag.execute(plan), time.perf_counter(), carries))
+        call, self._masks = ShardCall(plan, self._masks), None
+        self._calls.append(_Call(self.dag.execute(call), time.perf_counter(), carries))
 
     def _wait_lagged(self, step: LaggedStep) -> StepOutput:
+        assert step is not self._masks_due, "give_mask() first: this step samples once its masks come"
         if step is self._tail:  # no call sent after it carries its output: flush
             self._send(None, step)
             self._tail = None
@@ -183,7 +218,7 @@ class ShardGroup:
                 logger.debug("compiled graph teardown failed", exc_info=True)
             self.dag = None
         self._calls.clear()
-        self._tail = None
+        self._tail = self._masks_due = self._masks = None
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []

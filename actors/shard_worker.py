@@ -8,6 +8,8 @@ import os
 import time
 from typing import NamedTuple
 
+import msgspec
+import numpy as np
 import torch
 
 from sgl_ray.configs.engine_args import EngineArgs
@@ -22,6 +24,43 @@ from sgl_ray.scheduler.plan import StepOutput, StepPlan
 logger = logging.getLogger(__name__)
 
 
+class DeferredMasks(msgspec.Struct, frozen=True):
+    """The token masks of a step launched with ``mask_deferred``, sent to the shards with the call after it.
+
+    Only the rows of constrained requests travel, still packed (int32, one bit per token): in a mixed batch the
+    other rows allow every token. ``shape`` is None when the step turned out to need no mask at all (its
+    constrained requests ended meanwhile), so the shards sample exactly as they would have with the mask in the
+    plan."""
+
+    step_id: int
+    shape: tuple[int, int] | None  # [S sampled rows, ceil(vocab / 32) words]
+    rows: np.ndarray  # [R] int64: the sampled rows that do not allow every token
+    bits: np.ndarray  # [R, words] int32: their masks
+
+    @classmethod
+    def pack(cls, step_id: int, mask: np.ndarray | None) -> DeferredMasks:
+        if mask is None:
+            return cls(step_id, None, np.zeros(0, np.int64), np.zeros((0, 0), np.int32))
+        rows = np.flatnonzero((mask != -1).any(axis=1))
+        return cls(step_id, (mask.shape[0], mask.shape[1]), rows, mask[rows])
+
+    def unpack(self) -> np.ndarray | None:
+        """The [S, words] int32 mask (or None), as the scheduler built it."""
+        if self.shape is None:
+            return None
+        mask = np.full(self.shape, -1, dtype=np.int32)
+        mask[self.rows] = self.bits
+        return mask
+
+
+class ShardCall(msgspec.Struct, frozen=True):
+    """One call of a lagged group's compiled graph (see :mod:`sgl_ray.actors.shard_group`): sample the step
+    waiting for ``masks`` (launched by the previous call), then launch ``plan`` (None: launch nothing, a flush)."""
+
+    plan: StepPlan | None = None
+    masks: DeferredMasks | None = None
+
+
 class LaggedReply(NamedTuple):
     """What :meth:`ShardWorker.step` answers: the output of the step launched by the *previous* call (None when
     nothing was pending), and the seconds spent in this call (for control-path accounting)."""
@@ -33,7 +72,7 @@ class LaggedReply(NamedTuple):
 class ShardWorker:
     """Lifecycle: ``rendezvous_address`` (rank 0 only) → ``setup`` on every rank (joins the torch.distributed
     group, loads weights, proposes a KV capacity) → ``init_memory`` with the group's agreed capacity →
-    ``execute`` once per step, or ``step`` once per step with overlap scheduling.
+    ``execute`` once per step, or ``step`` once per step with overlap scheduling (a :class:`ShardCall`).
 
     Example (what :class:`~sgl_ray.actors.shard_group.ShardGroup` does)::
 
@@ -71,14 +110,24 @@ class ShardWorker:
         assert self.runner is not None
         return self.runner.execute(plan)
 
-    def step(self, plan: StepPlan | None) -> LaggedReply:
-        """Overlap scheduling: launch ``plan`` (None: launch nothing, a flush), *then* wait for the step launched
-        by the previous call and answer its output. The device so has the next step queued before this shard
-        blocks on the current one's results, and the plan of the step after travels while that step runs.
-        Every rank of a group gets the same plans and reads ``FUTURE_TOKEN`` inputs from its own last sampled
-        tokens (ranks sample identically)."""
+    def step(self, call: ShardCall) -> LaggedReply:
+        """Overlap scheduling: launch ``call.plan`` (None: launch nothing, a flush), *then* wait for the step
+        launched by the previous call and answer its output. The device so has the next step queued before this
+        shard blocks on the current one's results, and the plan of the step after travels while that step runs.
+        Every rank of a group gets the same calls and reads ``FUTURE_TOKEN`` inputs from its own last sampled
+        tokens (ranks sample identically).
+
+        A step launched with ``mask_deferred`` has run its forward pass but not sampled: the next call brings its
+        masks, and it is sampled under them first, before anything launched after it reads its tokens."""
         assert self.runner is not None
         t0 = time.perf_counter()
+        if call.masks is not None:
+            pending = self._pending
+            assert pending is not None and pending.awaits_mask and pending.step_id == call.masks.step_id, (
+                f"masks for step {call.masks.step_id}, but no step in flight waits for them"
+            )
+            self._pending = self.runner.sample_deferred(pending, call.masks.unpack())
+        plan = call.plan
         launched = self.runner.launch(plan) if plan is not None else None
         previous, self._pending = self._pending, launched
         output = self.runner.collect(previous) if previous is not None else None

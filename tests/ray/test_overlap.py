@@ -1,18 +1,27 @@
 """Overlap scheduling through the Ray actors (one pipeline stage): two steps in flight, outputs token-identical to
 overlap off and to transformers at tensor-parallel sizes 1 and 2, with requests that end early while their next
-step is already on the shards, and requests arriving while others decode."""
+step is already on the shards, and requests arriving while others decode. Constrained requests run ahead too (their
+masks follow the plan): the tokens of one step at a time, with and without jump-forward, in mixed batches, through
+an abort and a lost shard."""
 
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import threading
 
+import jsonschema
+import numpy as np
 import pytest
+import ray
 import torch
 from transformers import LlamaConfig
 
 import sgl_ray
+from sgl_ray.actors.shard_worker import DeferredMasks
 from sgl_ray.cli import main
+from sgl_ray.sampling.bitmask import unpack_bitmask
 
 from ..conftest import save_config_only_llama
 from ..engine.prompts import PROMPTS
@@ -125,6 +134,101 @@ def test_early_stops_match_overlap_off(engines, hf_reference):
         assert stats["kv_free"] + stats["cache_size"] == stats["kv_capacity"]
 
 
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string", "maxLength": 6}}}
+WORD = "[a-z]{3,9}"
+WORDS = f"{WORD}( {WORD}){{7}}"  # eight words: a constrained request of many steps
+
+
+def _constrained_batch() -> tuple[list[str], list[dict]]:
+    """Greedy JSON, seeded sampled regex and plain greedy requests in one batch."""
+    params = [{"temperature": 0.0, "max_new_tokens": 40, "json_schema": json.dumps(SCHEMA)}] * 2
+    params += [{"temperature": 0.8, "seed": 5, "max_new_tokens": 40, "regex": WORD}] * 2
+    params += [{"temperature": 0.0, "max_new_tokens": 40, "regex": WORDS}, _greedy(), _greedy(5)]
+    return [f"Item {i}:" for i in range(len(params))], params
+
+
+@pytest.fixture(scope="module")
+def step_at_a_time(tiny_llama_path) -> list[dict]:
+    """The constrained batch in-process, one step at a time: no overlap, no jump-forward."""
+    prompts, params = _constrained_batch()
+    kwargs = dict(disable_overlap_schedule=True, disable_jump_forward=True, max_total_tokens=4096)
+    with sgl_ray.Engine(tiny_llama_path, **kwargs) as eng:
+        return eng.generate(prompts, params)
+
+
+def test_deferred_masks_travel_compact():
+    """Only the constrained rows of a deferred step's masks cross the channel; the shards rebuild the scheduler's
+    array exactly (None stays None: the step samples as if unconstrained)."""
+    vocab = 100
+    allowed = [{5, 40, 99}, set(range(vocab)), {0}]  # row 1: an unconstrained request in the batch
+    dense = np.zeros((len(allowed), 32 * -(-vocab // 32)), dtype=bool)
+    for row, tokens in enumerate(allowed):
+        dense[row, list(tokens)] = True
+    dense[1] = True  # the padding bits too, as the grammar tracker leaves rows it does not fill
+    mask = np.packbits(dense, axis=1, bitorder="little").view(np.int32)  # [3, 4]
+    packed = pickle.loads(pickle.dumps(DeferredMasks.pack(7, mask)))  # as the compiled graph's channel does
+    assert packed.step_id == 7 and packed.rows.tolist() == [0, 2] and packed.bits.shape == (2, mask.shape[1])
+    np.testing.assert_array_equal(packed.unpack(), mask)
+    bits = unpack_bitmask(torch.from_numpy(packed.unpack()), vocab)
+    assert [set(torch.nonzero(r).flatten().tolist()) for r in bits] == allowed
+    assert DeferredMasks.pack(8, None).unpack() is None
+
+
+def _deferred_steps(engine) -> int:
+    return engine.get_stats()["num_deferred_mask_steps"]
+
+
+def test_constrained_requests_run_ahead(engines, step_at_a_time, hf_reference):
+    """With overlap a constrained request's next step goes to the shards before its token is back, its masks
+    with the call after; every rank samples it under them. Greedy (jump-forward on: forced tokens verified) and
+    seeded sampled requests give the tokens of one step at a time, next to unconstrained requests."""
+    prompts, params = _constrained_batch()
+    expected = [o["output_ids"] for o in step_at_a_time]
+    for overlap, engine in engines.items():
+        before = _deferred_steps(engine)
+        outs = engine.generate(prompts, params)
+        assert [o["output_ids"] for o in outs] == expected, f"overlap={overlap}"
+        assert (_deferred_steps(engine) > before) is overlap
+    for out in outs[:2]:
+        jsonschema.validate(json.loads(out["text"]), SCHEMA)
+    assert all(re.fullmatch(WORD, o["text"]) for o in outs[2:4])
+    assert re.fullmatch(WORDS, outs[4]["text"])
+    ref = hf_reference("llama")
+    tok = engines[True].tokenizer
+    assert outs[5]["output_ids"] == ref(tok.encode(prompts[5]), NEW)
+    assert outs[6]["output_ids"] == ref(tok.encode(prompts[6]), 5)
+
+
+def test_deferred_masks_without_jump_forward_through_abort_and_lost_shard(
+    ray_cluster, tiny_llama_path, step_at_a_time
+):
+    """Jump-forward off: every constrained step after the first runs ahead. A constrained stream abandoned
+    mid-way frees its KV; one whose shard dies mid-way (steps and their masks lost with the group) resumes from
+    its tokens on the rebuilt group and ends as one step at a time would."""
+    prompts, params = _constrained_batch()
+    expected = [o["output_ids"] for o in step_at_a_time]
+    kwargs = dict(use_ray=True, disable_jump_forward=True, max_total_tokens=4096)
+    with sgl_ray.Engine(tiny_llama_path, **kwargs) as engine:
+        assert [o["output_ids"] for o in engine.generate(prompts, params)] == expected
+        assert _deferred_steps(engine) > 0
+
+        stream = engine.generate(prompts[4], params[4], stream=True)
+        next(stream)
+        stream.close()  # aborted with a deferred step on the shards
+        assert engine.generate(prompts[6], params[6])["output_ids"] == expected[6]
+        stats = engine.get_stats()
+        assert stats["num_running"] == 0 and stats["kv_free"] + stats["cache_size"] == stats["kv_capacity"]
+
+        scheduler = engine._core.scheduler_actor()
+        ids: list[int] = []
+        for i, chunk in enumerate(engine.generate(prompts[4], params[4], stream=True)):
+            ids += chunk["output_ids"]
+            if i == 0:
+                ray.kill(ray.get(scheduler.shard_handles.remote())[0], no_restart=True)
+        assert ids == expected[4]
+        assert engine.get_stats()["num_rebuilds"] == 1
+
+
 def test_bench_roofline_through_ray_actors(ray_cluster, tmp_path, capsys):
     """``sgl-ray bench roofline --ray``: bs1 in-process, then through the Ray actors; on a CPU the GPU idle share
     is absent (the device records no step times), not zero."""
@@ -176,3 +280,22 @@ def test_overlap_through_ray_on_cuda(ray_cluster, tmp_path):
         assert overlapped["output_ids"] == sync["output_ids"]
         assert overlapped["meta_info"]["finish_reason"] == sync["meta_info"]["finish_reason"]
     assert any(o["meta_info"]["finish_reason"]["type"] == "stop" for o in outs[False])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_constrained_overlap_through_ray_on_cuda(ray_cluster, tmp_path):
+    """On a GPU (CUDA graphs on): constrained requests planned ahead through the Ray actors, sampled on the shards
+    once their masks follow, give the tokens of one step at a time in-process, with and without jump-forward."""
+    from ..gpu.test_gpu_structured import REGEX, make_model, run
+
+    model = make_model(tmp_path)
+    ref, _ = run(
+        model, "cuda", disable_overlap_schedule=True, disable_jump_forward=True, disable_cuda_graph=True
+    )
+    for jump in (False, True):
+        outs, stats = run(model, "cuda", use_ray=True, disable_jump_forward=not jump)
+        same = len(outs) if not jump else 10  # the sampled ones draw fewer numbers when tokens are forced
+        assert [o["output_ids"] for o in outs[:same]] == [o["output_ids"] for o in ref[:same]], jump
+        assert all(re.fullmatch(REGEX, o["text"]) for o in outs[6:])
+        assert stats["num_deferred_mask_steps"] > 0 and stats["overlap_schedule"]
