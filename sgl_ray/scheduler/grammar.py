@@ -193,7 +193,8 @@ class GrammarTracker:
                 if not j.open or i >= len(j.tokens):
                     continue
                 assert j.req.grammar is not None
-                j.open = j.req.grammar.accept_token(j.tokens[i])  # a rejected token leaves the matcher as it was
+                # (a rejected token leaves the matcher as it was)
+                j.open = j.req.grammar.accept_token(j.tokens[i])
                 if j.open:
                     j.taken.append(j.tokens[i])
                 # sampled requests need only the mask after their last taken token
