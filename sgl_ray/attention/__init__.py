@@ -12,6 +12,7 @@ from sgl_ray.errors import InvalidRequestError
 _BACKENDS: dict[str, tuple[str, str]] = {
     "torch": ("sgl_ray.attention.torch_backend", "TorchAttentionBackend"),
     "triton": ("sgl_ray.attention.triton_backend", "TritonAttentionBackend"),
+    "flashinfer": ("sgl_ray.attention.flashinfer_backend", "FlashInferAttentionBackend"),  # optional package
 }
 
 

@@ -60,7 +60,8 @@ class EngineArgs:
     schedule_policy: str = field(default="fcfs", metadata={"help": "fcfs|lpm|dfs-weight|priority"})
     disable_radix_cache: bool = field(default=False, metadata={"help": "turn the prefix cache off"})
     attention_backend: str | None = field(
-        default=None, metadata={"help": "torch (CPU default) | triton (GPU default)"}
+        default=None,
+        metadata={"help": "torch (CPU default) | triton (GPU default) | flashinfer (GPU, optional package)"},
     )
     disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode eagerly on CUDA"})
     cuda_graph_max_bs: int = field(
@@ -98,7 +99,8 @@ class EngineArgs:
         metadata={"help": "largest LoRA rank accepted (default: the largest of --lora-paths, or 16)"},
     )
     lora_backend: str | None = field(
-        default=None, metadata={"help": "torch (CPU default) | triton (GPU default)"}
+        default=None,
+        metadata={"help": "torch (CPU default) | triton (GPU default) | flashinfer (GPU, optional package)"},
     )
 
     def __post_init__(self) -> None:

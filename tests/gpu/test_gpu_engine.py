@@ -52,13 +52,37 @@ def _greedy(engine, prompts):
     )
 
 
-def test_engine_matches_transformers_bf16(llama_dir):
+def _have_flashinfer() -> bool:
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "triton",
+        pytest.param(
+            "flashinfer",
+            marks=pytest.mark.skipif(not _have_flashinfer(), reason="flashinfer-python is not installed"),
+        ),
+    ],
+)
+def test_engine_matches_transformers_bf16(llama_dir, backend):
     from transformers import AutoModelForCausalLM
 
     import sgl_ray
 
     prompts = _prompts()
-    with sgl_ray.Engine(llama_dir, dtype="bfloat16", skip_tokenizer_init=True, max_total_tokens=8192) as eng:
+    with sgl_ray.Engine(
+        llama_dir,
+        dtype="bfloat16",
+        skip_tokenizer_init=True,
+        max_total_tokens=8192,
+        attention_backend=backend,
+    ) as eng:
         outs = _greedy(eng, prompts)
     hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).cuda().eval()
     for ids, out in zip(prompts, outs, strict=True):

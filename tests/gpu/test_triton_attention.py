@@ -129,11 +129,12 @@ def run_triton(case: Case, num_kv_splits: int | None = None) -> torch.Tensor:
     return backend.forward(*split_qkv(case), case.layer, batch)
 
 
-def check(case: Case, num_kv_splits: int | None = None) -> None:
-    expected = reference(case)  # before the Triton run mutates case.pool
+def check(case: Case, num_kv_splits: int | None = None, run=None) -> None:
+    """``run(case)``: the backend under test (default: Triton with ``num_kv_splits``)."""
+    expected = reference(case)  # before the run under test mutates case.pool
     k_before = [b.clone() for b in case.pool.k_buffers]
     v_before = [b.clone() for b in case.pool.v_buffers]
-    out = run_triton(case, num_kv_splits)
+    out = run_triton(case, num_kv_splits) if run is None else run(case)
     layer = case.layer
     assert out.shape == (int(case.extend_lens.sum()), layer.num_heads * layer.head_dim)
     assert out.dtype == case.qkv.dtype

@@ -39,3 +39,17 @@ def test_auto_dtype():
     assert resolve_dtype("auto", cfg, torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", cfg, torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype("float16", cfg, torch.device("cpu")) == torch.float16
+
+
+def test_attention_backend_names_are_checked():
+    """An unknown backend name, or FlashInfer off CUDA, is a typed error naming ``attention_backend``."""
+    import pytest
+    import torch
+
+    from sgl_ray.attention import create_attention_backend
+    from sgl_ray.errors import InvalidRequestError
+
+    for name in ("no-such-backend", "flashinfer"):
+        with pytest.raises(InvalidRequestError) as info:
+            create_attention_backend(name, torch.device("cpu"))
+        assert info.value.param == "attention_backend"
