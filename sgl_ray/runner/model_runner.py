@@ -27,7 +27,7 @@ from sgl_ray.runner.forward_batch import ForwardBatch
 from sgl_ray.runner.memory import KVCapacity, plan_kv_capacity
 from sgl_ray.runner.trace import StepTrace
 from sgl_ray.sampling.sampler import Sampler
-from sgl_ray.sampling.state import SamplingState
+from sgl_ray.sampling.state import Admission, SamplingState
 from sgl_ray.scheduler.plan import FUTURE_TOKEN, StepOutput, StepPlan
 
 logger = logging.getLogger(__name__)
@@ -229,12 +229,13 @@ class ModelRunner:
 
     def _launch(self, plan: StepPlan) -> dict[str, torch.Tensor]:
         state = self.sampling_state
-        for idx in plan.freed_req_pool_idxs:
-            state.clear_request(idx)
-        for req in plan.new_requests:
-            state.set_request(
-                req.req_pool_idx, req.sampling, req.seed, req.eos_token_ids, req.prompt_ids, req.output_ids
-            )
+        state.clear_requests(plan.freed_req_pool_idxs)
+        state.set_requests(
+            [
+                Admission(r.req_pool_idx, r.sampling, r.seed, r.eos_token_ids, r.prompt_ids, r.output_ids)
+                for r in plan.new_requests
+            ]
+        )
         if plan.lora_loads:
             assert self.lora is not None, "LoRA is not enabled on this runner"
             for load in plan.lora_loads:

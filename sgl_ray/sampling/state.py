@@ -27,6 +27,20 @@ from sgl_ray.sampling.params import SamplingParams
 TokenIds = Sequence[int] | np.ndarray
 
 
+class Admission(NamedTuple):
+    """A request entering a slot (see :meth:`SamplingState.set_request`)."""
+
+    slot: int
+    params: SamplingParams
+    seed: int
+    eos_token_ids: Sequence[int]
+    prompt_ids: TokenIds
+    output_ids: TokenIds = ()
+
+
+_NEUTRAL = SamplingParams()
+
+
 class BatchPlan(NamedTuple):
     """Which passes a batch needs; computed on the host from per-slot flags, so deciding costs no device sync."""
 
@@ -135,50 +149,118 @@ class SamplingState:
         Raises :class:`~sgl_ray.errors.InvalidRequestError` for bad parameters (checked here, on the host, because
         an out-of-vocabulary id would otherwise surface as a device-side assert).
         """
-        params.validate(self.vocab_size)
-        v = self.vocab_size
-        top_k = v if params.top_k <= 0 else min(params.top_k, v)
-        greedy = params.temperature == 0.0 or top_k == 1
-        self.temperature[slot] = 0.0 if greedy else params.temperature
-        self.top_p[slot] = params.top_p
-        self.top_k[slot] = top_k
-        self.min_p[slot] = params.min_p
-        self.frequency_penalty[slot] = params.frequency_penalty
-        self.presence_penalty[slot] = params.presence_penalty
-        self.repetition_penalty[slot] = params.repetition_penalty
-        self.seed[slot] = seed
-        self.seed_key[slot] = int(noise.seed_keys(torch.tensor([seed], dtype=torch.int64))[0])
-        self.greedy[slot] = greedy
-        self.min_new_tokens[slot] = params.min_new_tokens
-        self.num_generated[slot] = len(output_ids)
+        self.set_requests([Admission(slot, params, seed, eos_token_ids, prompt_ids, output_ids)])
 
-        stops = sorted(
-            set(params.stop_token_ids or []) | (set() if params.ignore_eos else set(eos_token_ids))
-        )
-        uses_min_new = params.min_new_tokens > 0 and len(stops) > 0
-        self._set_stop_ids(slot, stops if uses_min_new else [])
-        bias = params.logit_bias or {}
-        self._set_bias(slot, bias)
+    def set_requests(self, admissions: Sequence[Admission]) -> None:
+        """Load several requests at once (distinct slots): one device write per field for all of them, from
+        pinned memory, so admitting a batch never waits for the step in flight. Every request's parameters are
+        checked before anything is written."""
+        if not admissions:
+            return
+        v = self.vocab_size
+        for a in admissions:
+            a.params.validate(v)
+        n = len(admissions)
+        slots = np.fromiter((a.slot for a in admissions), dtype=np.int64, count=n)
+        top_k = np.array([v if a.params.top_k <= 0 else min(a.params.top_k, v) for a in admissions], np.int64)
+        greedy = np.array([a.params.temperature == 0.0 for a in admissions]) | (top_k == 1)
+        floats = np.array(
+            [
+                (
+                    a.params.temperature,
+                    a.params.top_p,
+                    a.params.min_p,
+                    a.params.frequency_penalty,
+                    a.params.presence_penalty,
+                    a.params.repetition_penalty,
+                )
+                for a in admissions
+            ],
+            dtype=np.float32,
+        ).T  # [6, n]
+        floats[0][greedy] = 0.0
+        seeds = np.fromiter((a.seed for a in admissions), dtype=np.int64, count=n)
+        ints = np.stack(
+            [
+                top_k,
+                seeds,
+                noise.seed_keys(torch.from_numpy(seeds)).numpy(),
+                np.fromiter((a.params.min_new_tokens for a in admissions), np.int64, n),
+                np.fromiter((len(a.output_ids) for a in admissions), np.int64, n),
+            ]
+        )  # [5, n]
+        stops = [
+            sorted(
+                set(a.params.stop_token_ids or []) | (set() if a.params.ignore_eos else set(a.eos_token_ids))
+            )
+            for a in admissions
+        ]
+        stops = [
+            s if a.params.min_new_tokens > 0 and s else [] for s, a in zip(stops, admissions, strict=True)
+        ]
+        biases = [a.params.logit_bias or {} for a in admissions]
+        self._ensure_width(max(map(len, stops)), max(map(len, biases)))
+        ks, kb = self.stop_ids.shape[1], self.bias_ids.shape[1]
+        stop_ids = np.zeros((n, ks), dtype=np.int64)
+        stop_valid = np.zeros((n, ks), dtype=bool)
+        bias_ids = np.zeros((n, kb), dtype=np.int64)
+        bias_vals = np.zeros((n, kb), dtype=np.float32)
+        for i, (st, bias) in enumerate(zip(stops, biases, strict=True)):
+            stop_ids[i, : len(st)], stop_valid[i, : len(st)] = st, True
+            bias_ids[i, : len(bias)] = [int(t) for t in bias]
+            bias_vals[i, : len(bias)] = [float(b) for b in bias.values()]
+
+        dev = self._to_device
+        idx = dev(slots)
+        f, q = dev(floats), dev(ints)
+        for row, t in enumerate(
+            (
+                self.temperature,
+                self.top_p,
+                self.min_p,
+                self.frequency_penalty,
+                self.presence_penalty,
+                self.repetition_penalty,
+            )
+        ):
+            t[idx] = f[row]
+        for row, t in enumerate(
+            (self.top_k, self.seed, self.seed_key, self.min_new_tokens, self.num_generated)
+        ):
+            t[idx] = q[row]
+        self.greedy[idx] = dev(greedy)
+        self.stop_ids[idx], self.stop_valid[idx] = dev(stop_ids), dev(stop_valid)
+        self.bias_ids[idx], self.bias_vals[idx] = dev(bias_ids), dev(bias_vals)
 
         flags = {
             "greedy": greedy,
             "top_k": top_k < v,
-            "top_p": params.top_p < 1.0,
-            "min_p": params.min_p > 0.0,
-            "logit_bias": bool(bias),
-            "min_new_tokens": uses_min_new,
-            "repetition": params.repetition_penalty != 1.0,
-            "frequency_presence": params.frequency_penalty != 0.0 or params.presence_penalty != 0.0,
+            "top_p": floats[1] < 1.0,
+            "min_p": floats[2] > 0.0,
+            "logit_bias": np.array([bool(b) for b in biases]),
+            "min_new_tokens": np.array([bool(st) for st in stops]),
+            "repetition": floats[5] != 1.0,
+            "frequency_presence": (floats[3] != 0.0) | (floats[4] != 0.0),
         }
-        for name, value in flags.items():
-            self._flags[name][slot] = value
-        self._top_k[slot] = top_k
-        if params.needs_penalties:
-            self._load_counts(slot, prompt_ids, output_ids)
+        for name, values in flags.items():
+            self._flags[name][slots] = values
+        self._top_k[slots] = top_k
+        for a in admissions:
+            if a.params.needs_penalties:
+                self._load_counts(a.slot, a.prompt_ids, a.output_ids)
 
     def clear_request(self, slot: int) -> None:
         """Return ``slot`` to neutral values; its counts rows are left stale (see the class invariants)."""
-        self.set_request(slot, SamplingParams(), seed=0, eos_token_ids=(), prompt_ids=(), output_ids=())
+        self.clear_requests([slot])
+
+    def clear_requests(self, slots: Sequence[int]) -> None:
+        self.set_requests([Admission(s, _NEUTRAL, 0, (), (), ()) for s in slots])
+
+    def _to_device(self, host: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(host))
+        if self.device.type == "cuda":  # a copy from pageable memory would wait for the step in flight
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def update(self, slots: torch.Tensor, next_token_ids: torch.Tensor) -> None:
         """Record one sampled token per row: ``slots`` [B] (distinct), ``next_token_ids`` [B]; no host sync."""
@@ -216,43 +298,27 @@ class SamplingState:
 
     # ---- internals ---------------------------------------------------------------------------------------------
 
-    def _set_stop_ids(self, slot: int, stops: list[int]) -> None:
-        if len(stops) > self.stop_ids.shape[1]:
-            self.stop_ids, self.stop_valid = (
-                _widen(self.stop_ids, len(stops)),
-                _widen(self.stop_valid, len(stops)),
-            )
-        k = self.stop_ids.shape[1]
-        ids = torch.zeros(k, dtype=torch.int64)
-        ids[: len(stops)] = torch.tensor(stops, dtype=torch.int64)
-        self.stop_ids[slot] = ids.to(self.device, non_blocking=True)
-        self.stop_valid[slot] = torch.arange(k, device=self.device) < len(stops)
-
-    def _set_bias(self, slot: int, bias: dict[int, float]) -> None:
-        if len(bias) > self.bias_ids.shape[1]:
-            self.bias_ids, self.bias_vals = (
-                _widen(self.bias_ids, len(bias)),
-                _widen(self.bias_vals, len(bias)),
-            )
-        k = self.bias_ids.shape[1]
-        ids = torch.zeros(k, dtype=torch.int64)
-        vals = torch.zeros(k, dtype=torch.float32)
-        if bias:
-            ids[: len(bias)] = torch.tensor([int(t) for t in bias], dtype=torch.int64)
-            vals[: len(bias)] = torch.tensor([float(b) for b in bias.values()], dtype=torch.float32)
-        self.bias_ids[slot] = ids.to(self.device, non_blocking=True)
-        self.bias_vals[slot] = vals.to(self.device, non_blocking=True)
+    def _ensure_width(self, stops: int, biases: int) -> None:
+        """Widen the stop-id and logit-bias columns to hold ``stops`` and ``biases`` entries per slot."""
+        if stops > self.stop_ids.shape[1]:
+            self.stop_ids, self.stop_valid = _widen(self.stop_ids, stops), _widen(self.stop_valid, stops)
+        if biases > self.bias_ids.shape[1]:
+            self.bias_ids, self.bias_vals = _widen(self.bias_ids, biases), _widen(self.bias_vals, biases)
 
     def _load_counts(self, slot: int, prompt_ids: TokenIds, output_ids: TokenIds) -> None:
+        """The slot's prompt-token mask and output-token counts (no device sync: scatters, not a bincount)."""
         if self.output_counts is None or self.prompt_mask is None:
             shape = (self.max_reqs, self.vocab_size)
             self.output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
             self.prompt_mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
-        prompt = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64)).to(self.device)
-        output = torch.as_tensor(np.asarray(output_ids, dtype=np.int64)).to(self.device)
+        prompt = self._to_device(np.asarray(prompt_ids, dtype=np.int64))
+        output = self._to_device(np.asarray(output_ids, dtype=np.int64))
         self.prompt_mask[slot] = False
         self.prompt_mask[slot, prompt] = True
-        self.output_counts[slot] = torch.bincount(output, minlength=self.vocab_size).to(torch.int32)
+        self.output_counts[slot] = 0
+        self.output_counts[slot].index_add_(
+            0, output, torch.ones(output.shape, dtype=torch.int32, device=self.device)
+        )
 
 
 def _widen(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -66,6 +66,7 @@ class IncrementalDetokenizer:
         self._read_offset = 0
         self._prefix_text: str | None = ""  # decode(ids[prefix_offset:read_offset]); None = not cached
         self._chunks: list[str] = []  # emitted deltas, joined lazily by `text`
+        self._rust = _rust_decoder(tokenizer)  # the same text, without the Python wrapper's overhead
 
     @property
     def output_ids(self) -> list[int]:
@@ -115,8 +116,37 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""
+        if self._rust is not None:
+            return self._rust.decode(ids, skip_special_tokens=self._skip_special_tokens)
         return self._tokenizer.decode(
             ids,
             skip_special_tokens=self._skip_special_tokens,
             spaces_between_special_tokens=self._spaces_between_special_tokens,
         )
+
+
+def _rust_decoder(tokenizer: Any) -> Any | None:
+    """The ``tokenizers.Tokenizer`` behind a transformers fast tokenizer when its ``decode`` is exactly the Rust
+    decode: the stock ``decode``/``_decode`` (a subclass may post-process) and no clean-up of tokenization spaces
+    (transformers skips it for BPE models anyway). ``spaces_between_special_tokens`` only affects slow tokenizers.
+    None otherwise: the detokenizer then calls ``tokenizer.decode``."""
+    try:
+        from tokenizers import Tokenizer
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_fast import PreTrainedTokenizerFast
+    except ImportError:
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    cls = type(tokenizer)
+    if not isinstance(backend, Tokenizer) or not isinstance(tokenizer, PreTrainedTokenizerFast):
+        return None
+    if cls.decode is not PreTrainedTokenizerBase.decode or cls._decode is not PreTrainedTokenizerFast._decode:
+        return None
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        bpe = type(backend.model).__name__ == "BPE"
+        forced = getattr(
+            tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", True
+        )
+        if not bpe or forced:
+            return None
+    return backend

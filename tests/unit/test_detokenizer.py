@@ -6,6 +6,7 @@ The core check: for every split of the output ids into steps, the deltas concate
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -282,3 +283,21 @@ def test_cost_per_step_is_bounded_by_window(tokenizer: PreTrainedTokenizerFast) 
     assert detok.text == tokenizer.decode(ids, skip_special_tokens=True)
     assert counting.longest <= 12  # a few tokens of window, however long the output
     assert counting.calls <= 2 * len(ids)
+
+
+def test_rust_decode_only_where_it_equals_decode(tokenizer: PreTrainedTokenizerFast) -> None:
+    """Stock fast tokenizers decode through Rust directly; a subclass that post-processes ``decode`` does not."""
+    from sgl_ray.tokenizer.detokenizer import _rust_decoder
+
+    assert _rust_decoder(tokenizer) is tokenizer._tokenizer
+
+    class Shouting(type(tokenizer)):
+        def decode(self, *args, **kwargs):
+            return super().decode(*args, **kwargs).upper()
+
+    loud = copy.copy(tokenizer)
+    loud.__class__ = Shouting
+    assert _rust_decoder(loud) is None
+    ids = tokenizer.encode("Hello there", add_special_tokens=False)
+    detok = IncrementalDetokenizer(loud)
+    assert "".join(detok.step([t]) for t in ids) + detok.flush() == loud.decode(ids, skip_special_tokens=True)
