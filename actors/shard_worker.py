@@ -63,7 +63,8 @@ class ShardCall(msgspec.Struct, frozen=True):
 
 class LaggedReply(NamedTuple):
     """What :meth:`ShardWorker.step` answers: the output of the step launched by the *previous* call (None when
-    nothing was pending), and the seconds spent in this call (for control-path accounting)."""
+    nothing was pending, and always on ranks other than the output rank), and the seconds spent in this call (for
+    control-path accounting)."""
 
     output: StepOutput | None
     call_s: float
@@ -106,9 +107,11 @@ class ShardWorker:
         assert self.runner is not None
         return self.runner.init_memory(capacity)
 
-    def execute(self, plan: StepPlan) -> StepOutput:
+    def execute(self, plan: StepPlan) -> StepOutput | None:
+        """Run one step; only the output rank answers with its output (the others' would travel for nothing)."""
         assert self.runner is not None
-        return self.runner.execute(plan)
+        out = self.runner.execute(plan)
+        return out if self.rank == self.layout.output_rank else None
 
     def step(self, call: ShardCall) -> LaggedReply:
         """Overlap scheduling: launch ``call.plan`` (None: launch nothing, a flush), *then* wait for the step
@@ -131,6 +134,8 @@ class ShardWorker:
         launched = self.runner.launch(plan) if plan is not None else None
         previous, self._pending = self._pending, launched
         output = self.runner.collect(previous) if previous is not None else None
+        if self.rank != self.layout.output_rank:  # only the output rank's answer is read
+            output = None
         return LaggedReply(output, time.perf_counter() - t0)
 
     def start_step_trace(self) -> None:
