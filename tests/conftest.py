@@ -104,28 +104,48 @@ def tiny_qwen3_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str)
 # --- transformers references ------------------------------------------------------------------------------------
 
 
+def greedy_continuation(model: torch.nn.Module, input_ids: list[int], max_new_tokens: int) -> list[int]:
+    """``model.generate`` greedy (fp32, one prompt, no padding), run to ``max_new_tokens``."""
+    ids = torch.tensor([input_ids])
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(input_ids) :].tolist()
+
+
+class PrefixMemo:
+    """Greedy continuations memoized by prompt. The first n greedy tokens do not depend on how many follow, so the
+    longest continuation computed for a prompt answers every shorter request; at least ``floor`` tokens are
+    generated, so tests asking for 8, 10 or 12 tokens of the same prompt share one generation."""
+
+    def __init__(self, floor: int = 12) -> None:
+        self.floor = floor
+        self._cache: dict[tuple, list[int]] = {}
+
+    def get(self, key: tuple, max_new_tokens: int, generate) -> list[int]:
+        have = self._cache.get(key)
+        if have is None or len(have) < max_new_tokens:
+            have = self._cache[key] = generate(max(max_new_tokens, self.floor))
+        return have[:max_new_tokens]
+
+
 class GreedyReference:
     """Greedy continuations from a transformers model (fp32, one prompt at a time), memoized per session."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
-        self._cache: dict[tuple[tuple[int, ...], int], list[int]] = {}
+        self._memo = PrefixMemo()
 
     def __call__(self, input_ids: list[int], max_new_tokens: int) -> list[int]:
-        key = (tuple(input_ids), max_new_tokens)
-        if key not in self._cache:
-            ids = torch.tensor([input_ids])
-            with torch.no_grad():
-                out = self.model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=max_new_tokens,
-                    min_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
-            self._cache[key] = out[0, len(input_ids) :].tolist()
-        return self._cache[key]
+        return self._memo.get(
+            tuple(input_ids), max_new_tokens, lambda n: greedy_continuation(self.model, input_ids, n)
+        )
 
 
 def _hf_model(path: str) -> torch.nn.Module:

@@ -47,7 +47,7 @@ def test_single_and_concurrent_requests(name, model_paths, hf_reference):
         _check(engine, ref, token_lists)
 
 
-@pytest.mark.parametrize("name", ["smollm2", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_prefix_cache_hits(name, model_paths, hf_reference):
     with sgl_ray.Engine(model_paths[name]) as engine:
         tok = engine.tokenizer
@@ -65,8 +65,10 @@ def test_prefix_cache_hits(name, model_paths, hf_reference):
         assert again["meta_info"]["cached_tokens"] == len(token_lists[0]) + NEW_TOKENS - 1
 
 
-@pytest.mark.parametrize("name", ["smollm2", "qwen3"])
-@pytest.mark.parametrize("page_size", [1, 4])
+# SmolLM2 (real weights, flatter logits than the random models) checks the numerics of tiny chunks attending to
+# KV computed in earlier chunks, which prefix-cache hits and recomputation after preemption also rely on; page sizes
+# and cache bookkeeping are mechanics, checked on the random-weight models.
+@pytest.mark.parametrize(("name", "page_size"), [("smollm2", 1), ("qwen3", 1), ("qwen3", 4), ("llama", 4)])
 def test_small_prefill_chunks_and_pages(name, page_size, model_paths, hf_reference):
     with sgl_ray.Engine(model_paths[name], chunked_prefill_size=7, page_size=page_size) as engine:
         tok = engine.tokenizer
@@ -76,14 +78,16 @@ def test_small_prefill_chunks_and_pages(name, page_size, model_paths, hf_referen
         _check(engine, ref, token_lists[:4])  # again, now with prefix hits on page boundaries
 
 
-@pytest.mark.parametrize("name", ["smollm2", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_preemption_keeps_outputs_exact(name, model_paths, hf_reference):
-    # Room for about a third of the batch at full length: requests must be preempted and recomputed.
-    with sgl_ray.Engine(model_paths[name], max_total_tokens=384, chunked_prefill_size=64) as engine:
+    # Room for two thirds of the batch at full length (204 prompt + 180 new tokens): requests must be preempted
+    # and recomputed. The prompts and lengths are those of test_single_and_concurrent_requests, whose
+    # transformers references this test reuses.
+    with sgl_ray.Engine(model_paths[name], max_total_tokens=256, chunked_prefill_size=64) as engine:
         tok = engine.tokenizer
         token_lists = [tok.encode(p) for p in PROMPTS if len(tok.encode(p)) < 100]
         ref = hf_reference(name)
-        _check(engine, ref, token_lists, new_tokens=24)
+        _check(engine, ref, token_lists)
         stats = engine.get_stats()
         assert stats["num_preemptions"] > 0
         assert stats["num_running"] == 0 and stats["num_waiting"] == 0

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..conftest import PrefixMemo
+
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # name: (rank, alpha, target modules, rsLoRA)
 ADAPTERS = {
@@ -56,7 +58,7 @@ class PeftReference:
     def __init__(self, base_path: str, adapters: dict[str, str]) -> None:
         self.base_path, self.adapters = base_path, adapters
         self._models: dict[str | None, torch.nn.Module] = {}
-        self._cache: dict[tuple, list[int]] = {}
+        self._memo = PrefixMemo(floor=8)
 
     def model(self, name: str | None) -> torch.nn.Module:
         if name not in self._models:
@@ -67,17 +69,8 @@ class PeftReference:
         return self._models[name]
 
     def __call__(self, name: str | None, input_ids: list[int], new: int) -> list[int]:
-        key = (name, tuple(input_ids), new)
-        if key not in self._cache:
-            ids = torch.tensor([input_ids])
-            with torch.no_grad():
-                out = self.model(name).generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=new,
-                    min_new_tokens=new,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
-            self._cache[key] = out[0, len(input_ids) :].tolist()
-        return self._cache[key]
+        from ..conftest import greedy_continuation
+
+        return self._memo.get(
+            (name, tuple(input_ids)), new, lambda n: greedy_continuation(self.model(name), input_ids, n)
+        )

@@ -33,9 +33,9 @@ from sgl_ray.model_loader import (
 
 
 @pytest.fixture(scope="module")
-def hf_smollm2(smollm2_path: str) -> PreTrainedModel:
-    path = Path(smollm2_path)
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+def hf_smollm2(hf_reference) -> PreTrainedModel:
+    """Transformers' own GGUF load of the default model (the session's reference model: loaded once)."""
+    return hf_reference("smollm2").model
 
 
 @pytest.mark.slow
