@@ -38,6 +38,7 @@ class IngressAdapters:
         self.id = uuid.uuid4().hex
         self._started = asyncio.Lock()
         self._watch_task: asyncio.Task | None = None
+        self._restoring: asyncio.Task | None = None  # re-registering adapters a restarted registry lost
 
     @property
     def adapters(self) -> Adapters:
@@ -81,8 +82,28 @@ class IngressAdapters:
                 await asyncio.sleep(1.0)
 
     def _apply(self, snapshot: AdapterSnapshot) -> None:
-        if snapshot.newer_than(self.current):
-            self.current = snapshot
+        if not snapshot.newer_than(self.current):
+            return
+        old, self.current = self.current, snapshot
+        if old is not None and old.epoch != snapshot.epoch and self._local is None:
+            # The registry restarted from the adapters given at start: it lost the loads and unloads made at
+            # run time, which this ingress still knows. Redo them (every ingress may; the registry keeps the first).
+            lost = {n: a for n, a in old.adapters.items() if n not in snapshot.adapters}
+            back = [n for n in snapshot.adapters if n not in old.adapters]
+            if lost or back:
+                self._restoring = asyncio.get_running_loop().create_task(self._restore(lost, back))
+
+    async def _restore(self, lost: Adapters, back: list[str]) -> None:
+        changes = [("add", n, *a) for n, a in lost.items()] + [("remove", n) for n in back]
+        for method, name, *rest in changes:
+            try:
+                self._apply(await self._call(method, name, *rest))
+                logger.info("LoRA adapter %r: %s again after the registry restarted", name, method)
+            except (InvalidRequestError, ModelNotFoundError):  # another ingress redid it first
+                pass
+            except Exception as e:  # the registry went away again: the next restart tries again
+                logger.warning("could not redo %s of LoRA adapter %r: %s", method, name, e)
+                return
 
     async def _call(self, method: str, *args: Any) -> AdapterSnapshot:
         if self._local is not None:

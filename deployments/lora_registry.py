@@ -14,6 +14,9 @@
 - An ingress asked for an adapter it does not know refreshes from the registry once before it answers 404.
 
 If the registry's replica restarts, it starts over (new epoch) from the adapters given at start (``lora_paths``).
+Each ingress, on seeing the new epoch, redoes the run-time changes it held: it adds back the adapters the new table
+lacks and removes those the start brought back (the first ingress to redo one wins; the others' are refused as
+duplicates). A change that was not acknowledged before the restart may be undone.
 """
 
 from __future__ import annotations

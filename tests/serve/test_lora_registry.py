@@ -5,10 +5,12 @@ changes leave the version alone; snapshots order by epoch and version; the ``ing
 from __future__ import annotations
 
 import asyncio
+import types
 
 import pytest
 
 from sgl_ray.deployments.lora import AdapterSnapshot
+from sgl_ray.deployments.lora_ingress import IngressAdapters
 from sgl_ray.deployments.lora_registry import LoRARegistry
 from sgl_ray.errors import InvalidRequestError, ModelNotFoundError
 
@@ -82,6 +84,49 @@ def test_refused_changes_keep_the_version():
             await registry.remove("nope")
         assert (await registry.snapshot()).version == 0
         assert (await registry.snapshot()).adapters == {"a": ("/adapters/a", False)}
+
+    asyncio.run(scenario())
+
+
+class _Handle:
+    """How an ingress reaches the registry through Serve (``handle.method.remote(*args)``, awaited), pointed at a
+    registry object the test can replace, as Serve does when it restarts the registry's replica."""
+
+    def __init__(self, registry: LoRARegistry) -> None:
+        self.registry = registry
+
+    def __getattr__(self, name: str):
+        return types.SimpleNamespace(remote=lambda *args: getattr(self.registry, name)(*args))
+
+
+def test_ingresses_redo_runtime_changes_on_a_restarted_registry():
+    async def scenario():
+        start = {"a": ("/adapters/a", False)}
+        handle = _Handle(LoRARegistry(start, poll_s=0.2, ack_timeout_s=5.0))
+        ingresses = [IngressAdapters("base", None, 16, True, handle, {}) for _ in range(2)]
+        for ingress in ingresses:
+            await ingress.ready()
+        await handle.registry.add("b", "/adapters/b", True)  # loaded at run time
+        await handle.registry.remove("a")  # and an acknowledged unload
+        assert all(i.adapters == {"b": ("/adapters/b", True)} for i in ingresses)
+
+        # Serve restarts the registry's replica: a new epoch, the start table
+        handle.registry = LoRARegistry(start, poll_s=0.2, ack_timeout_s=5.0)
+        async with asyncio.timeout(10):
+            while (await handle.registry.snapshot()).adapters.get("b") != ("/adapters/b", True) or any(
+                "b" not in i.adapters for i in ingresses
+            ):
+                await asyncio.sleep(0.05)
+        async with asyncio.timeout(10):  # and "a", which the start table brought back, unloaded again
+            while "a" in (await handle.registry.snapshot()).adapters or any(
+                "a" in i.adapters for i in ingresses
+            ):
+                await asyncio.sleep(0.05)
+        restored = await handle.registry.snapshot()
+        assert restored.adapters == {"b": ("/adapters/b", True)}
+        assert restored.version == 2  # each change redone once, although both ingresses tried
+        for ingress in ingresses:
+            ingress.close()
 
     asyncio.run(scenario())
 
