@@ -9,7 +9,7 @@ did (``ignore_eos``), so tokens/s and the per-token cost compare like for like. 
 Example::
 
     sgl-ray bench structured --num-prompts 16 --device cpu
-    sgl-ray bench structured --device cuda --num-prompts 256 --output-file structured.jsonl
+    sgl-ray bench structured --device cuda --num-prompts 8 128 --output-file structured.jsonl
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -122,7 +123,13 @@ def add_structured_args(sub: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
     EngineArgs.add_cli_args(p)
-    p.add_argument("--num-prompts", type=int, default=16, help="requests per mode (schemas cycle)")
+    p.add_argument(
+        "--num-prompts",
+        type=int,
+        nargs="+",
+        default=[16],
+        help="requests per run, submitted at once (schemas cycle); several values: one run per batch size",
+    )
     p.add_argument("--max-new-tokens", type=int, default=160, help="token limit of each request")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per mode (the fastest is reported)")
     p.add_argument(
@@ -162,31 +169,40 @@ def _result(mode: str, seconds: float, outs: list[dict]) -> ModeResult:
 
 
 def run_structured(
-    args: EngineArgs, num_prompts: int, max_new_tokens: int, repeats: int
-) -> tuple[RunInfo, list[ModeResult]]:
-    """Run the three modes; returns the run info and one result per mode."""
+    args: EngineArgs, num_prompts: int | Sequence[int], max_new_tokens: int, repeats: int
+) -> tuple[RunInfo, dict[int, list[ModeResult]]]:
+    """Run the three modes at each batch size in ``num_prompts`` (all requests of a run are submitted at once;
+    one engine per jump-forward setting serves every size). Returns the run info and, per size, one result per
+    mode: unconstrained, constrained, constrained + jump-forward."""
     import sgl_ray
 
-    picks = [SCHEMAS[i % len(SCHEMAS)] for i in range(num_prompts)]
-    prompts = [f"Request {i}: write {desc} as JSON.\n" for i, (desc, _) in enumerate(picks)]
-    constrained = [{"temperature": 0.0, "max_new_tokens": max_new_tokens, "json_schema": s} for _, s in picks]
-    results = []
+    sizes = [num_prompts] if isinstance(num_prompts, int) else list(num_prompts)
+    work = {}
+    for n in sizes:
+        picks = [SCHEMAS[i % len(SCHEMAS)] for i in range(n)]
+        prompts = [f"Request {i}: write {desc} as JSON.\n" for i, (desc, _) in enumerate(picks)]
+        constrained = [
+            {"temperature": 0.0, "max_new_tokens": max_new_tokens, "json_schema": s} for _, s in picks
+        ]
+        work[n] = prompts, constrained
+    results: dict[int, list[ModeResult]] = {}
     with sgl_ray.Engine(**{**_fields(args), "disable_jump_forward": True}) as eng:
         run = RunInfo(
             model=eng.model_path,
             dtype=str(eng.model_config.dtype).removeprefix("torch."),
             engine_args=_fields(args),
         )
-        secs, outs = _time(eng, prompts, constrained, repeats)
-        constrained_result = _result("constrained", secs, outs)
-        lengths = [o["meta_info"]["completion_tokens"] for o in outs]
-        free = [{"temperature": 0.0, "max_new_tokens": n, "ignore_eos": True} for n in lengths]
-        secs, outs = _time(eng, prompts, free, repeats)
-        results.append(_result("unconstrained", secs, outs))
-        results.append(constrained_result)
+        for n, (prompts, constrained) in work.items():
+            secs, outs = _time(eng, prompts, constrained, repeats)
+            constrained_result = _result("constrained", secs, outs)
+            lengths = [o["meta_info"]["completion_tokens"] for o in outs]
+            free = [{"temperature": 0.0, "max_new_tokens": k, "ignore_eos": True} for k in lengths]
+            secs, outs = _time(eng, prompts, free, repeats)
+            results[n] = [_result("unconstrained", secs, outs), constrained_result]
     with sgl_ray.Engine(**{**_fields(args), "disable_jump_forward": False}) as eng:
-        secs, outs = _time(eng, prompts, constrained, repeats)
-        results.append(_result("constrained+jump-forward", secs, outs))
+        for n, (prompts, constrained) in work.items():
+            secs, outs = _time(eng, prompts, constrained, repeats)
+            results[n].append(_result("constrained+jump-forward", secs, outs))
     return run, results
 
 
@@ -216,19 +232,24 @@ def format_structured(results: list[ModeResult]) -> str:
 
 
 def _run(ns: argparse.Namespace) -> int:
-    run, results = run_structured(EngineArgs.from_cli_args(ns), ns.num_prompts, ns.max_new_tokens, ns.repeats)
-    record = {
-        "date": run.date,
-        "workload": "structured-json",
-        "model": run.model,
-        "dtype": run.dtype,
-        "params": {"num_prompts": ns.num_prompts, "max_new_tokens": ns.max_new_tokens, "repeats": ns.repeats},
-        "modes": {r.mode: r.to_dict() for r in results},
-        "engine_args": run.engine_args,
-        "machine": run.machine,
-    }
-    write_jsonl(ns.output_file, [record])
+    run, by_size = run_structured(EngineArgs.from_cli_args(ns), ns.num_prompts, ns.max_new_tokens, ns.repeats)
+    records = [
+        {
+            "date": run.date,
+            "workload": "structured-json",
+            "model": run.model,
+            "dtype": run.dtype,
+            "params": {"num_prompts": n, "max_new_tokens": ns.max_new_tokens, "repeats": ns.repeats},
+            "modes": {r.mode: r.to_dict() for r in results},
+            "engine_args": run.engine_args,
+            "machine": run.machine,
+        }
+        for n, results in by_size.items()
+    ]
+    write_jsonl(ns.output_file, records)
     print(format_header(run))
-    print(format_structured(results))
-    print(f"record appended to {ns.output_file}")
+    for n, results in by_size.items():
+        print(f"\n{n} prompts at once")
+        print(format_structured(results))
+    print(f"{len(records)} record(s) appended to {ns.output_file}")
     return 0

@@ -77,3 +77,26 @@ def test_table_ratio_column():
     assert first.split("|")[-1].strip() == "4.00x" and second.split("|")[-1].strip() == "1.00x"
     assert third.split("|")[-1].strip() == "-"
     assert first.split("|")[6].strip() == "8.0"  # out tok/s
+
+
+def test_bench_structured_end_to_end(tiny_llama_path, tmp_path, capsys):
+    """Two batch sizes in one run: one record per size, three modes each, like-for-like token counts, and
+    jump-forward taking fewer decode steps over the schemas' forced keys."""
+    out_file = tmp_path / "structured.jsonl"
+    argv = ["bench", "structured", "--model-path", tiny_llama_path, "--device", "cpu", "--num-prompts", "2", "3"]
+    argv += ["--max-new-tokens", "24", "--repeats", "1", "--output-file", str(out_file)]
+    assert main(argv) == 0
+
+    records = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["params"]["num_prompts"] for r in records] == [2, 3]
+    for rec in records:
+        modes = rec["modes"]
+        assert list(modes) == ["unconstrained", "constrained", "constrained+jump-forward"]
+        n = rec["params"]["num_prompts"]
+        assert all(m["requests"] == n for m in modes.values())
+        assert modes["unconstrained"]["output_tokens"] == modes["constrained"]["output_tokens"]
+        assert modes["constrained"]["jump_forward_tokens"] == 0
+        assert modes["constrained+jump-forward"]["jump_forward_tokens"] > 0
+        assert modes["constrained+jump-forward"]["decode_steps"] < modes["constrained"]["decode_steps"]
+    printed = capsys.readouterr().out
+    assert "2 prompts at once" in printed and "3 prompts at once" in printed
