@@ -83,7 +83,17 @@ def test_bench_structured_end_to_end(tiny_llama_path, tmp_path, capsys):
     """Two batch sizes in one run: one record per size, three modes each, like-for-like token counts, and
     jump-forward taking fewer decode steps over the schemas' forced keys."""
     out_file = tmp_path / "structured.jsonl"
-    argv = ["bench", "structured", "--model-path", tiny_llama_path, "--device", "cpu", "--num-prompts", "2", "3"]
+    argv = [
+        "bench",
+        "structured",
+        "--model-path",
+        tiny_llama_path,
+        "--device",
+        "cpu",
+        "--num-prompts",
+        "2",
+        "3",
+    ]
     argv += ["--max-new-tokens", "24", "--repeats", "1", "--output-file", str(out_file)]
     assert main(argv) == 0
 
