@@ -23,9 +23,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from gguf.quants import dequantize
 
 from sgl_ray.errors import ModelLoadError, UnsupportedModelError
+from sgl_ray.model_loader.gguf_quants import dequantize
 
 GGUF_SUFFIX = ".gguf"
 _CONVERSION_VERSION = 1
