@@ -23,6 +23,7 @@ import torch
 from sgl_ray.attention.base import AttentionBackend
 from sgl_ray.attention.triton_extend import EXTEND_BLOCK_M, extend_attention
 from sgl_ray.attention.triton_kernels import decode_attention
+from sgl_ray.transfer import to_device
 
 if TYPE_CHECKING:
     from sgl_ray.layers.attention import RadixAttention
@@ -182,7 +183,4 @@ class TritonAttentionBackend(AttentionBackend):
         return torch.empty(shape, dtype=dtype, device=self.device)
 
     def _to_device(self, host: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(host)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        return to_device(host, self.device)

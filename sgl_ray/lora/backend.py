@@ -17,6 +17,8 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
+from sgl_ray.transfer import to_device
+
 
 class LoRABatch:
     """Segments of one forward batch that use an adapter; built once per step on the host.
@@ -29,9 +31,7 @@ class LoRABatch:
     def __init__(self, start: np.ndarray, length: np.ndarray, slot: np.ndarray, device: torch.device) -> None:
         self._np = (start, length, slot)
         self.device = device
-        segs = torch.from_numpy(np.stack(self._np).astype(np.int32))  # [3, G]: one host-to-device copy
-        if device.type == "cuda":
-            segs = segs.pin_memory().to(device, non_blocking=True)
+        segs = to_device(np.stack(self._np).astype(np.int32), device)  # [3, G]: one host-to-device copy
         self.seg_start, self.seg_len, self.seg_slot = segs  # [G] each
         self.max_seg_len = int(length.max())
         self._groups: list[tuple[int, slice | torch.Tensor]] | None = None

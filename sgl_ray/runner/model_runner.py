@@ -29,6 +29,7 @@ from sgl_ray.runner.trace import StepTrace
 from sgl_ray.sampling.sampler import Sampler
 from sgl_ray.sampling.state import Admission, SamplingState
 from sgl_ray.scheduler.plan import FUTURE_TOKEN, StepOutput, StepPlan
+from sgl_ray.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -339,12 +340,7 @@ class ModelRunner:
         return self._sample(plan, logits, input_logits)
 
     def _h2d(self, array: np.ndarray) -> torch.Tensor:
-        """``array`` on the device. On CUDA through pinned memory: a copy from pageable memory would first wait
-        for the stream, i.e. for the step in flight, and overlap scheduling would be lost."""
-        t = _tensor(array)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        return to_device(array, self.device)
 
     def _input_ids(self, plan: StepPlan, req_idxs: torch.Tensor, ext: np.ndarray) -> torch.Tensor:
         """The plan's token ids, with ``FUTURE_TOKEN`` entries replaced by their slot's last sampled token."""

@@ -23,6 +23,7 @@ import torch
 
 from sgl_ray.sampling import noise
 from sgl_ray.sampling.params import SamplingParams
+from sgl_ray.transfer import to_device
 
 TokenIds = Sequence[int] | np.ndarray
 
@@ -257,10 +258,7 @@ class SamplingState:
         self.set_requests([Admission(s, _NEUTRAL, 0, (), (), ()) for s in slots])
 
     def _to_device(self, host: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(host))
-        if self.device.type == "cuda":  # a copy from pageable memory would wait for the step in flight
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        return to_device(host, self.device)
 
     def update(self, slots: torch.Tensor, next_token_ids: torch.Tensor) -> None:
         """Record one sampled token per row: ``slots`` [B] (distinct), ``next_token_ids`` [B]; no host sync."""
