@@ -355,14 +355,12 @@ class ModelRunner:
     ) -> dict[str, torch.Tensor]:
         """Sample the ``plan.sample`` rows and compute prompt logprobs; device tensors named as ``StepOutput``'s
         fields. Host-side request slots keep the sampler free of device syncs."""
-        dev = self.device
         out: dict[str, torch.Tensor] = {}
         if len(logits):
             counts = plan.sample_row_counts()
             row_req = np.repeat(np.arange(plan.batch_size), counts)  # [S] batch index of each sampled row
-            slots = _tensor(plan.req_pool_idxs[row_req])
-            if self.device.type == "cuda":
-                slots = slots.pin_memory()  # the sampler copies it: no stream sync
+            slots_np = plan.req_pool_idxs[row_req]
+            slots, slots_dev = _tensor(slots_np), self._h2d(slots_np)
             # Sequence position of each sampled token: one past its row ([S]).
             ends = plan.prefix_lens + plan.extend_lens
             positions = np.repeat(ends, counts) - _rows_before_end(counts)
@@ -377,8 +375,8 @@ class ModelRunner:
                 top_logprobs_num=max(k, 0),
                 return_logprobs=k >= 0,
                 vocab_mask=mask,
+                slots_dev=slots_dev,
             )
-            slots_dev = slots.to(dev, non_blocking=True)
             tokens = res.next_token_ids
             if (
                 len(row_req) != plan.sample.sum()

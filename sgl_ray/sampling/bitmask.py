@@ -1,37 +1,43 @@
 """Packed token bitmasks: row ``i`` allows token ``t`` iff bit ``t % 32`` of ``mask[i, t // 32]`` is set.
 
-On CPU the mask is applied with xgrammar's native kernel when it is installed (several times faster than tensor
-ops there); elsewhere, and as the reference, with a byte lookup table in plain torch (no host sync).
+On CPU the bits are unpacked with numpy (``unpackbits``); for a batch of 128 rows of a 49,152-token vocabulary
+that took 12.6 ms on a 2-core VM, against 38 ms with xgrammar's CPU kernel when few tokens are allowed (the usual
+case) and 16 ms with the lookup table below. On the GPU, and as the reference, a byte lookup table in plain torch
+(no host sync).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # [256, 8] uint8: bit j of byte value b (little-endian bytes of the int32 words, as CPU and CUDA lay them out)
 _BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.uint8)
+_tables: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_bits(device: torch.device) -> torch.Tensor:
+    """The table on ``device``, copied there once: a copy from pageable memory waits for the stream, and the
+    sampler would wait for the forward pass in flight at every constrained step."""
+    table = _tables.get(device)
+    if table is None:
+        table = _tables[device] = _BYTE_BITS.to(device)
+    return table
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, W] int32 packed → [B, vocab_size] bool (True: allowed)."""
-    table = _BYTE_BITS.to(bitmask.device)
+    table = _byte_bits(bitmask.device)
     octets = bitmask.contiguous().view(torch.uint8).int()  # [B, 4W]
     bits = torch.nn.functional.embedding(octets, table)  # [B, 4W, 8]
     return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
 def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """Set the logits [B, V] (float32) of disallowed tokens to -inf in place; ``bitmask`` [B, ceil(V/32)] int32."""
+    """Set the logits [B, V] of disallowed tokens to -inf in place; ``bitmask`` [B, ceil(V/32)] int32."""
+    if logits.device.type == "cpu":
+        octets = bitmask.contiguous().numpy().view(np.uint8)  # little-endian words: bit t is bit t%8 of byte t//8
+        allowed = np.unpackbits(octets, axis=1, count=logits.shape[-1], bitorder="little").view(np.bool_)
+        return logits.masked_fill_(torch.from_numpy(allowed).logical_not_(), float("-inf"))
     bitmask = bitmask.to(logits.device, non_blocking=True)
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and _cpu_kernel(logits, bitmask):
-        return logits
     return logits.masked_fill_(~unpack_bitmask(bitmask, logits.shape[-1]), float("-inf"))
-
-
-def _cpu_kernel(logits: torch.Tensor, bitmask: torch.Tensor) -> bool:
-    try:
-        from xgrammar import apply_token_bitmask_inplace
-    except ImportError:
-        return False
-    apply_token_bitmask_inplace(logits, bitmask.contiguous(), vocab_size=logits.shape[-1], backend="cpu")
-    return True

@@ -11,6 +11,7 @@ from sgl_ray.sampling.bitmask import apply_token_bitmask_
 from sgl_ray.sampling.filters import select_candidates
 from sgl_ray.sampling.penalties import process_logits
 from sgl_ray.sampling.state import BatchPlan, SamplingState
+from sgl_ray.transfer import to_device
 
 
 class SampleOutput(NamedTuple):
@@ -62,6 +63,7 @@ class Sampler:
         top_logprobs_num: torch.Tensor | int | None = None,
         return_logprobs: bool = True,
         vocab_mask: torch.Tensor | None = None,
+        slots_dev: torch.Tensor | None = None,
     ) -> SampleOutput:
         """Sample one token per row (``return_logprobs=False`` skips the log-softmax work: ``logprobs`` is None).
 
@@ -69,14 +71,17 @@ class Sampler:
         on the host to plan without a device sync); positions [B] int64, the sequence position of the token being
         sampled; top_logprobs_num [B] ints or one int (its max over the batch is read on the host);
         vocab_mask [B, ceil(V/32)] int32 packed allowed tokens (structured outputs), applied before every other
-        step. The caller's ``logits`` are never modified.
+        step; slots_dev: ``slots`` already on the device, where the caller has them. The caller's ``logits`` are
+        never modified.
         """
         if logits.shape[-1] != state.vocab_size:
             raise ValueError(f"logits have {logits.shape[-1]} columns, the sampling state {state.vocab_size}")
         plan = state.plan(slots)
         raw = logits.float()  # [B, V]; may alias the caller's tensor
         dev = raw.device
-        slots_dev = slots.to(dev, torch.int64, non_blocking=True)
+        if slots_dev is None:
+            slots_dev = to_device(slots, dev)
+        slots_dev = slots_dev.to(torch.int64)
         lse = torch.logsumexp(raw, dim=-1) if return_logprobs else None  # [B]
 
         if plan.all_greedy and not plan.needs_processing and vocab_mask is None:

@@ -43,7 +43,7 @@ def test_bitmask_matches_xgrammar_reference() -> None:
     logits = torch.randn(3, vocab, generator=gen)
     expected = logits.clone()
     xgr.apply_token_bitmask_inplace(expected, bitmask, backend="torch_native")
-    ours = apply_token_bitmask_(logits.clone(), bitmask)  # xgrammar's CPU kernel
+    ours = apply_token_bitmask_(logits.clone(), bitmask)  # numpy's unpackbits (CPU)
     torch.testing.assert_close(ours, expected)
     allowed = unpack_bitmask(bitmask, vocab)  # the plain torch path (GPU)
     assert torch.equal(allowed, torch.isfinite(expected))
@@ -91,8 +91,10 @@ def test_manager_caches_compiles_and_matches(manager, tokenizer) -> None:
     assert allowed and all("abc".startswith(tokenizer.decode([t])) for t in allowed)
 
 
-def test_batched_mask_fill_equals_one_by_one(manager, tokenizer) -> None:
-    """The batch fill (xgrammar's threads, from 8 rows up) writes each matcher's own mask into its row."""
+@pytest.mark.parametrize("row_cost_s", [0.0, 1e-3])  # cheap rows: one thread; costly rows: several
+def test_batched_mask_fill_equals_one_by_one(manager, tokenizer, row_cost_s) -> None:
+    """The batch fill (xgrammar's threads, from 8 rows up) writes each matcher's own mask into its row, on one
+    thread or several."""
     schema = json.dumps({"type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string"}}})
     compiled = [manager.compile(GrammarSpec(k, v)).result(timeout=60) for k, v in
                 [("json_schema", schema), ("regex", r"[a-c]+x"), ("json_object", "")]]  # fmt: skip
@@ -108,13 +110,28 @@ def test_batched_mask_fill_equals_one_by_one(manager, tokenizer) -> None:
     width = bitmask_width(len(tokenizer))
     rows = [2 * i + 1 for i in range(len(matchers))]  # every other row, as rows of a batch with verify rows
     batched = np.full((2 * len(matchers) + 1, width), -1, dtype=np.int32)
+    fills = manager._backend_future.result()._fills
+    fills.max_threads, fills.row_s = 4, row_cost_s
     manager.fill_bitmasks(matchers, batched, rows)
+    assert (fills.last_threads > 1) == (row_cost_s > 0)
     for m, row in zip(matchers, rows, strict=True):
         one = np.zeros(width, dtype=np.int32)
         m.fill_next_token_bitmask(one)
         assert np.array_equal(batched[row], one)
         assert (batched[row - 1] == -1).all()  # rows not asked for stay as they were
     assert len({batched[r].tobytes() for r in rows}) > 3
+    assert fills.row_s > 0  # the next batch's thread count follows the measured cost
+
+
+def test_fill_thread_count_follows_row_cost() -> None:
+    from sgl_ray.constrained.xgrammar_backend import _BatchFills
+
+    fills = _BatchFills(max_threads=15)
+    assert fills.threads_for(128) == 1  # nothing measured yet
+    fills.row_s = 1.5e-6  # easy states: 0.2 ms for 128 rows, threads cost more than they save
+    assert fills.threads_for(128) == 1
+    fills.row_s = 1e-3  # inside maxLength strings
+    assert fills.threads_for(128) == 15 and 1 < fills.threads_for(8) < 15
 
 
 @pytest.mark.parametrize(
