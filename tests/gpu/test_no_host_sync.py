@@ -35,7 +35,9 @@ def test_sampling_step_makes_no_host_sync(kind: str, masked: bool) -> None:
     state.set_requests([Admission(int(s), PARAMS[kind], 7 + int(s), (2,), (5, 6, 7), (8,)) for s in slots])
     sampler = Sampler()
     logits = torch.randn(len(slots), VOCAB, device=dev)
-    host_mask = np.random.default_rng(0).integers(0, 2**31 - 1, (len(slots), bitmask_width(VOCAB)), dtype=np.int32)
+    host_mask = np.random.default_rng(0).integers(
+        0, 2**31 - 1, (len(slots), bitmask_width(VOCAB)), dtype=np.int32
+    )
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -22,7 +22,9 @@ def test_ring_copies_stay_correct_while_the_device_is_busy_and_the_ring_wraps() 
         if i % 20 == 0:
             a = a @ a / 64  # keep the stream busy so that copies queue up behind it
         shape = (int(rng.integers(1, 40)), int(rng.integers(1, 100)))
-        host = rng.integers(-(2**31), 2**31 - 1, size=shape, dtype=np.int64).astype(rng.choice(["int32", "int64"]))
+        host = rng.integers(-(2**31), 2**31 - 1, size=shape, dtype=np.int64).astype(
+            rng.choice(["int32", "int64"])
+        )
         hosts.append(host.copy())
         outs.append(ring.copy(host))
         host[...] = 0  # the caller may reuse its array at once: the ring copied it
