@@ -88,7 +88,7 @@ def scheduler_config(
         max_loras_per_batch=args.max_loras_per_batch if args.lora_enabled else 0,
         vocab_size=vocab_size,
         grammar_backend=args.grammar_backend,
-        enable_jump_forward=not args.disable_jump_forward,
+        enable_jump_forward=args.effective_jump_forward(device),
     )
 
 

@@ -53,3 +53,26 @@ def test_attention_backend_names_are_checked():
         with pytest.raises(InvalidRequestError) as info:
             create_attention_backend(name, torch.device("cpu"))
         assert info.value.param == "attention_backend"
+
+
+def test_device_dependent_defaults_and_their_cli_flags():
+    """Mixed chunks and jump-forward default to on for CPU and off on CUDA; either side can be forced, also from
+    the command line (``--disable-jump-forward`` / ``--no-disable-jump-forward``)."""
+    import argparse
+
+    from sgl_ray.configs.engine_args import EngineArgs
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = EngineArgs()
+    assert auto.effective_jump_forward(cpu) and not auto.effective_jump_forward(cuda)
+    assert auto.effective_mixed_chunk(cpu) and not auto.effective_mixed_chunk(cuda)
+    assert EngineArgs(disable_jump_forward=False).effective_jump_forward(cuda)
+    assert not EngineArgs(disable_jump_forward=True).effective_jump_forward(cpu)
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    for argv, expected in (
+        ([], None),
+        (["--disable-jump-forward"], True),
+        (["--no-disable-jump-forward"], False),
+    ):
+        assert parser.parse_args(argv).disable_jump_forward is expected
