@@ -32,12 +32,21 @@ def ensure_ray(address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
 
 
+def resolve_device(args: EngineArgs) -> EngineArgs:
+    """``device="auto"`` settled by the cluster's devices, not by this process's: the scheduler actor holds no GPU
+    (so would settle on the CPU, and start its shards there), and a driver such as a Serve replica may hold none
+    while the cluster has some."""
+    if args.device != "auto":
+        return args
+    return args.replace(device="cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu")
+
+
 class RayEngineCore(EngineCore):
     """One engine group: a ``GlobalScheduler`` actor driving its shard actors."""
 
     def __init__(self, args: EngineArgs, max_restarts: int = 2) -> None:
         ensure_ray(args.ray_address)
-        self.args = args
+        self.args = args = resolve_device(args)
         self.max_restarts = max_restarts
         self.num_restarts = 0
         self._lock = threading.Lock()

@@ -76,3 +76,18 @@ def test_data_parallel_groups_match_transformers(ray_cluster, tiny_qwen2_path, h
         assert len(groups) == 2
         # Both groups served requests: each holds cached KV from its share of the prompts.
         assert all(g["cache_size"] > 0 for g in groups)
+
+
+def test_auto_device_follows_the_cluster_not_the_process(ray_cluster):
+    """``device="auto"`` means the cluster's GPUs when there are any: the scheduler actor, which holds none, must
+    not start its shards on the CPU of a GPU cluster. An explicit device is kept."""
+    import ray
+    import torch
+
+    from sgl_ray.actors.ray_core import resolve_device
+    from sgl_ray.configs.engine_args import EngineArgs
+
+    cluster_has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    assert cluster_has_gpu == torch.cuda.is_available()  # the test cluster is this machine
+    assert resolve_device(EngineArgs(device="auto")).device == ("cuda" if cluster_has_gpu else "cpu")
+    assert resolve_device(EngineArgs(device="cpu")).device == "cpu"
