@@ -1,9 +1,13 @@
-"""The sampling step never waits for the device: under ``torch.cuda.set_sync_debug_mode("error")`` any
-synchronising call (``.item()``, a blocking copy, ``nonzero``) raises. A wait there would stall the CPU until the
-forward pass in flight ends and undo overlap scheduling; a constrained step once lost a third of its speed to one
-table copied from pageable memory per call. Run on the device machine (``pytest -m gpu``)."""
+"""The sampler, and the engine's whole steps, never wait for the device: under
+``torch.cuda.set_sync_debug_mode("error")`` any synchronising call (``.item()``, a blocking copy, ``nonzero``)
+raises. A wait there stalls the CPU until the forward pass in flight ends and undoes overlap scheduling; a
+constrained step once lost a third of its speed to one table copied from pageable memory per call. Run on the
+device machine (``pytest -m gpu``)."""
 
 from __future__ import annotations
+
+import json
+import re
 
 import numpy as np
 import pytest
@@ -60,3 +64,79 @@ def test_sampling_step_makes_no_host_sync(kind: str, masked: bool) -> None:
         ids = out.next_token_ids.cpu().numpy()
         words = host_mask[np.arange(len(slots)), ids // 32]
         assert ((words >> (ids % 32)) & 1).all()
+
+
+class _NoSync:
+    """Within: every synchronising CUDA call in the process raises (the engine thread's too, which fails the
+    requests with the error's message). Waiting on a step's event is not such a call."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory) -> str:
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("nosync_llama")
+    LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=2048,
+    ).save_pretrained(path)  # fmt: skip
+    return str(path)
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sync"])
+def test_engine_steps_make_no_host_sync(small_llama, overlap: bool) -> None:
+    """Whole steps (prefill, decode graph replays, sampling with every kind of parameter, logprobs) after
+    warm-up: the engine thread waits only on each step's event."""
+    import sgl_ray
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, VOCAB, (int(n),), generator=g).tolist() for n in (4, 40, 130, 9)]
+    params = [
+        {"temperature": 0.0, "max_new_tokens": 12},
+        {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 1, "max_new_tokens": 12},
+        {
+            "temperature": 1.0,
+            "repetition_penalty": 1.3,
+            "frequency_penalty": 0.2,
+            "seed": 2,
+            "max_new_tokens": 12,
+        },
+        {"temperature": 0.0, "min_new_tokens": 4, "stop_token_ids": [7], "max_new_tokens": 12},
+    ]
+    kwargs = dict(load_format="dummy", dtype="float32", skip_tokenizer_init=True, device="cuda")
+    with sgl_ray.Engine(
+        small_llama, disable_overlap_schedule=not overlap, max_total_tokens=4096, **kwargs
+    ) as eng:
+        eng.generate(input_ids=prompts, sampling_params=params)  # warm-up: kernels compiled, graphs captured
+        with _NoSync():
+            outs = eng.generate(
+                input_ids=prompts, sampling_params=params, return_logprob=True, top_logprobs_num=2
+            )
+    assert all(len(o["output_ids"]) > 0 for o in outs)
+
+
+@pytest.mark.parametrize("jump", [False, True], ids=["step", "jump"])
+def test_constrained_steps_make_no_host_sync(tmp_path, jump: bool) -> None:
+    """Constrained requests (deferred masks under overlap; with jump-forward, its extend and verification rows)."""
+    import sgl_ray
+
+    from .test_gpu_structured import REGEX, SCHEMA, make_model
+
+    model = make_model(tmp_path)
+    greedy = {"temperature": 0.0, "max_new_tokens": 48}
+    params = [{**greedy, "json_schema": json.dumps(SCHEMA)}] * 3 + [{**greedy, "regex": REGEX}] * 3
+    prompts = [f"Item {i}: write it as JSON." for i in range(len(params))]
+    with sgl_ray.Engine(
+        model, device="cuda", dtype="float32", max_total_tokens=8192, disable_jump_forward=not jump
+    ) as eng:
+        eng.generate(prompts, params)
+        with _NoSync():
+            outs = eng.generate(prompts, params)
+    assert all(re.fullmatch(REGEX, o["text"]) for o in outs[3:])
