@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 Delivery = tuple[list[str], RequestOutput | BaseException]  # (rids the item is for, the item)
 
 
+_DEFER_MASKS_ON_CUDA = False
+
+
 class GlobalScheduler(SchedulerCalls):
     """Example (what :class:`~sgl_ray.actors.ray_core.RayEngineCore` does)::
 
@@ -62,7 +65,10 @@ class GlobalScheduler(SchedulerCalls):
             tokenizer,
             self.overlap,
             info.vocab_size,
-            defer_grammar_masks=self.overlap,  # their masks ride with the next call (see ShardGroup)
+            # their masks ride with the next call (see ShardGroup); not on CUDA groups for now: there a
+            # constrained batch once deadlocked in the compiled graph's channels (the shard writing its reply,
+            # the scheduler reading one), which CPU groups never showed
+            defer_grammar_masks=self.overlap and (_DEFER_MASKS_ON_CUDA or args.torch_device().type != "cuda"),
         )
         self.max_rebuilds = max_rebuilds
         self.num_rebuilds = 0
