@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import queue
 import time
 from typing import Any
@@ -38,7 +39,9 @@ logger = logging.getLogger(__name__)
 Delivery = tuple[list[str], RequestOutput | BaseException]  # (rids the item is for, the item)
 
 
-_DEFER_MASKS_ON_CUDA = False
+# Deferred grammar masks on CUDA shard groups: off until the deadlock seen there is understood; the variable turns
+# them on to reproduce it (a Ray cluster started by this process passes it on to the scheduler actor).
+_DEFER_MASKS_ON_CUDA = os.environ.get("SGL_RAY_DEFER_MASKS_ON_CUDA") == "1"
 
 
 class GlobalScheduler(SchedulerCalls):
