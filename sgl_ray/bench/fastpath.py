@@ -10,7 +10,8 @@ Workloads (random token ids, greedy, every request runs to its full output lengt
   in-process engine has released the device.
 
 The device's copy bandwidth and matmul rate are measured at the start of the same run; each row reports the
-roofline floor and the fraction of it achieved; ``bs1`` rows also report the share of time the device waited
+roofline floor and the fraction of it achieved, also against the phased floor (GEMM and attention phases bounded
+one by one and added); ``bs1`` rows also report the share of time the device waited
 between decode steps (CUDA only: absent on a CPU).
 
 Example (on a GPU, with a config-only model directory and random weights)::
@@ -67,10 +68,15 @@ class Row:
     floor_tok_s: float | None = None
     cached_tokens: int | None = None
     gpu_idle: float | None = None  # device idle share between decode steps (bs1 rows on CUDA)
+    phased_floor_tok_s: float | None = None  # the floor with GEMM and attention phases added (see roofline)
 
     @property
     def fraction(self) -> float | None:
         return self.tok_s / self.floor_tok_s if self.floor_tok_s else None
+
+    @property
+    def phased_fraction(self) -> float | None:
+        return self.tok_s / self.phased_floor_tok_s if self.phased_floor_tok_s else None
 
 
 def _prompts(rng: random.Random, vocab: int, num: int, length: int) -> list[list[int]]:
@@ -173,14 +179,17 @@ def run_roofline(
     bs1_name = f"bs1 {cfg.bs1_input_len}/{cfg.bs1_output_len}"
     ctx = cfg.bs1_input_len + cfg.bs1_output_len / 2
     bs1_floor = decode_floor_tok_s(cost, rates, 1, ctx)
+    bs1_phased = decode_floor_tok_s(cost, rates, 1, ctx, phased=True)
     tok_s, wall, idle = _bs1(engine, bs1_prompt, cfg.bs1_output_len)
     facts["bs1_gpu_idle"] = idle
-    add(Row(bs1_name, "sgl_ray", cfg.bs1_output_len, wall, tok_s, bs1_floor, gpu_idle=idle))
+    add(Row(bs1_name, "sgl_ray", cfg.bs1_output_len, wall, tok_s, bs1_floor, None, idle, bs1_phased))
     for num, inp, out in cfg.offline:
         prompts = _prompts(rng, vocab, num, inp)
         wall, n_out, _ = _timed(engine, prompts, out)
-        floor = workload_floor_s(cost, rates, num, inp, out, max_batch_for(num_slots, max_reqs, inp, out))
-        add(Row(f"offline {num}x{inp}/{out}", "sgl_ray", n_out, wall, n_out / wall, n_out / floor))
+        batch = max_batch_for(num_slots, max_reqs, inp, out)
+        floor, phased = (workload_floor_s(cost, rates, num, inp, out, batch, phased=p) for p in (False, True))
+        name = f"offline {num}x{inp}/{out}"
+        add(Row(name, "sgl_ray", n_out, wall, n_out / wall, n_out / floor, phased_floor_tok_s=n_out / phased))
     shared = None
     if cfg.shared_prefix is not None:
         num, plen, slen, out = cfg.shared_prefix
@@ -188,11 +197,13 @@ def run_roofline(
         shared = [prefix + s for s in _prompts(rng, vocab, num, slen)]
         wall, n_out, cached = _timed(engine, shared, out)
         batch = max_batch_for(num_slots, max_reqs, slen, out)
-        floor = workload_floor_s(cost, rates, num, plen + slen, out, batch, cached=plen) + workload_floor_s(
-            cost, rates, 1, plen, 0, 1
+        floor, phased = (
+            workload_floor_s(cost, rates, num, plen + slen, out, batch, cached=plen, phased=p)
+            + workload_floor_s(cost, rates, 1, plen, 0, 1, phased=p)
+            for p in (False, True)
         )
         name = f"shared-prefix {num}x({plen}+{slen})/{out}"
-        add(Row(name, "sgl_ray", n_out, wall, n_out / wall, n_out / floor, cached))
+        add(Row(name, "sgl_ray", n_out, wall, n_out / wall, n_out / floor, cached, None, n_out / phased))
     engine.shutdown()
     del engine
     _free_device_memory()
@@ -213,7 +224,19 @@ def run_roofline(
             tok_s, wall, idle = _bs1(ray_engine, bs1_prompt, cfg.bs1_output_len)
         finally:
             ray_engine.shutdown()
-        add(Row(bs1_name, "sgl_ray ray actors", cfg.bs1_output_len, wall, tok_s, bs1_floor, gpu_idle=idle))
+        add(
+            Row(
+                bs1_name,
+                "sgl_ray ray actors",
+                cfg.bs1_output_len,
+                wall,
+                tok_s,
+                bs1_floor,
+                None,
+                idle,
+                bs1_phased,
+            )
+        )
     if not cfg.skip_hf:
         _hf_rows(args, cfg, bs1_prompt, bs1_floor, rng, vocab, add)
     return rates, facts, rows
@@ -258,19 +281,24 @@ def format_roofline(rates: DeviceRates, facts: dict, rows: list[Row]) -> str:
         head += f"; bs1 GPU idle between decode steps {100 * facts['bs1_gpu_idle']:.1f}%"
     lines = [
         head,
-        "| workload | system | output tok/s | roofline tok/s | of roofline | wall s | cached tokens | GPU idle |",
+        "| workload | system | output tok/s | roofline tok/s | of roofline | of phased floor | wall s | cached tokens "
+        "| GPU idle |",
     ]
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         floor = f"{r.floor_tok_s:.0f}" if r.floor_tok_s else "-"
         frac = f"{r.fraction:.2f}" if r.fraction else "-"
+        phased = f"{r.phased_fraction:.2f}" if r.phased_fraction else "-"
         cached = "-" if r.cached_tokens is None else str(r.cached_tokens)
         idle = "-" if r.gpu_idle is None else f"{100 * r.gpu_idle:.1f}%"
         lines.append(
-            f"| {r.workload} | {r.system} | {r.tok_s:.1f} | {floor} | {frac} | {r.wall_s:.1f} | {cached} | {idle} |"
+            f"| {r.workload} | {r.system} | {r.tok_s:.1f} | {floor} | {frac} | {phased} | {r.wall_s:.1f} | {cached} "
+            f"| {idle} |"
         )
     return "\n".join(lines)
 
 
 def to_record(facts: dict, row: Row) -> str:
-    return json.dumps({**facts, **dataclasses.asdict(row), "fraction": row.fraction})
+    return json.dumps(
+        {**facts, **dataclasses.asdict(row), "fraction": row.fraction, "phased_fraction": row.phased_fraction}
+    )

@@ -13,6 +13,13 @@ by a large device-to-device copy) and matmul rate ``rate`` (a large bf16 GEMM), 
 ``P`` counts the parameters used in matmuls (every layer plus the LM head; the input embedding is a row gather,
 so it is not read whole), ``W`` their bytes.
 
+That ``max`` assumes the weight reads, the KV reads and the FLOPs of a step could all overlap. The engine runs a
+step's kernels one after another, and its two kinds of work have different limits: the GEMMs (weights, ``2 * P``
+FLOPs per token) and attention (KV bytes, ``4 * ctx * H * D * layers`` FLOPs per token). The *phased* floor
+(``phased=True``) bounds each phase on its own and adds them: ``max(W / bw, B * 2 * P / rate) + max(B * ctx *
+kv_bytes / bw, B * attn_flops / rate)``. It is never below the plain floor; at large batches and long contexts it is
+the more honest yardstick (the GEMMs turn compute-bound while attention stays bandwidth-bound).
+
 Example::
 
     >>> from sgl_ray.bench.roofline import DeviceRates, ModelCost, decode_floor_tok_s
@@ -62,23 +69,36 @@ class ModelCost:
         )
 
 
-def decode_step_s(cost: ModelCost, rates: DeviceRates, batch: int, context: float) -> float:
-    """Floor of one decode step of ``batch`` requests at ``context`` tokens each."""
-    nbytes = cost.weight_bytes + batch * context * cost.kv_bytes_per_token
-    flops = batch * (2 * cost.matmul_params + cost.attn_flops_per_ctx * context)
-    return max(nbytes / rates.copy_bytes_per_s, flops / rates.matmul_flops_per_s)
+def decode_step_s(
+    cost: ModelCost, rates: DeviceRates, batch: int, context: float, phased: bool = False
+) -> float:
+    """Floor of one decode step of ``batch`` requests at ``context`` tokens each (``phased``: see the module)."""
+    bw, rate = rates.copy_bytes_per_s, rates.matmul_flops_per_s
+    gemm_bytes, gemm_flops = cost.weight_bytes, batch * 2 * cost.matmul_params
+    attn_bytes = batch * context * cost.kv_bytes_per_token
+    attn_flops = batch * cost.attn_flops_per_ctx * context
+    if phased:
+        return max(gemm_bytes / bw, gemm_flops / rate) + max(attn_bytes / bw, attn_flops / rate)
+    return max((gemm_bytes + attn_bytes) / bw, (gemm_flops + attn_flops) / rate)
 
 
-def decode_floor_tok_s(cost: ModelCost, rates: DeviceRates, batch: int, context: float) -> float:
-    return batch / decode_step_s(cost, rates, batch, context)
+def decode_floor_tok_s(
+    cost: ModelCost, rates: DeviceRates, batch: int, context: float, phased: bool = False
+) -> float:
+    return batch / decode_step_s(cost, rates, batch, context, phased)
 
 
-def prefill_s(cost: ModelCost, rates: DeviceRates, num: int, input_len: int, cached: int = 0) -> float:
+def prefill_s(
+    cost: ModelCost, rates: DeviceRates, num: int, input_len: int, cached: int = 0, phased: bool = False
+) -> float:
     """Floor of prefilling ``num`` prompts of ``input_len`` tokens whose first ``cached`` are already cached."""
     new = input_len - cached
-    attn = cost.attn_flops_per_ctx * (input_len**2 - cached**2) / 2  # causal: the sum of the contexts
-    flops = num * (2 * cost.matmul_params * new + attn)
-    return max(flops / rates.matmul_flops_per_s, cost.weight_bytes / rates.copy_bytes_per_s)
+    attn = num * cost.attn_flops_per_ctx * (input_len**2 - cached**2) / 2  # causal: the sum of the contexts
+    gemm = num * 2 * cost.matmul_params * new
+    rate, weights_s = rates.matmul_flops_per_s, cost.weight_bytes / rates.copy_bytes_per_s
+    if phased:
+        return max(gemm / rate, weights_s) + attn / rate
+    return max((gemm + attn) / rate, weights_s)
 
 
 def workload_floor_s(
@@ -89,14 +109,15 @@ def workload_floor_s(
     output_len: int,
     max_batch: int,
     cached: int = 0,
+    phased: bool = False,
 ) -> float:
     """Least time for ``num`` requests of ``input_len`` in / ``output_len`` out, ``max_batch`` at once."""
-    total = prefill_s(cost, rates, num, input_len, cached)
+    total = prefill_s(cost, rates, num, input_len, cached, phased)
     rounds, last = divmod(num, max_batch)
     context = input_len + output_len / 2
-    total += rounds * output_len * decode_step_s(cost, rates, max_batch, context)
+    total += rounds * output_len * decode_step_s(cost, rates, max_batch, context, phased)
     if last:
-        total += output_len * decode_step_s(cost, rates, last, context)
+        total += output_len * decode_step_s(cost, rates, last, context, phased)
     return total
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -98,3 +99,28 @@ def test_bench_roofline_cli_on_random_weights(tmp_path, capsys):
     assert 0 < records[0]["fraction"] < 1.5
     assert "| offline 6x32/8 | sgl_ray |" in capsys.readouterr().out
     assert main([*argv[:-6], "--offline", "6:32", "--output-file", str(out)]) == 2
+
+
+def test_phased_floor_adds_the_gemm_and_attention_phases():
+    """The phased floor is never below the plain one; at a large batch and long context it is the sum of a
+    compute-bound GEMM phase and a bandwidth-bound attention phase, so clearly above the plain max()."""
+    cost = ModelCost(
+        matmul_params=7.5e9, weight_bytes=15e9, kv_bytes_per_token=131072, attn_flops_per_ctx=524288
+    )
+    rates = DeviceRates(copy_bytes_per_s=4.2e12, matmul_flops_per_s=7.9e14)
+    for batch, ctx in [(1, 128), (1, 16384), (64, 1024), (256, 1536)]:
+        plain, phased = (decode_step_s(cost, rates, batch, ctx, phased=p) for p in (False, True))
+        assert phased >= plain * (1 - 1e-12)
+    gemm = 256 * 2 * 7.5e9 / 7.9e14  # compute-bound at batch 256
+    attn = 256 * 1536 * 131072 / 4.2e12
+    assert math.isclose(decode_step_s(cost, rates, 256, 1536, phased=True), gemm + attn)
+    assert decode_step_s(cost, rates, 256, 1536, phased=True) > 1.05 * decode_step_s(cost, rates, 256, 1536)
+    assert math.isclose(
+        decode_step_s(cost, rates, 1, 128, phased=True), decode_step_s(cost, rates, 1, 128), rel_tol=0.01
+    )
+    # both phases bandwidth-bound (batch 64): the same floor; GEMMs compute-bound (batch 256): a higher one
+    at64, at256 = (
+        [workload_floor_s(cost, rates, 512, 1024, 1024, b, phased=p) for p in (False, True)]
+        for b in (64, 256)
+    )
+    assert math.isclose(at64[0], at64[1]) and at256[1] > 1.05 * at256[0]
