@@ -36,9 +36,8 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """Set the logits [B, V] of disallowed tokens to -inf in place; ``bitmask`` [B, ceil(V/32)] int32."""
     if logits.device.type == "cpu":
-        octets = (
-            bitmask.contiguous().numpy().view(np.uint8)
-        )  # little-endian words: bit t is bit t%8 of byte t//8
+        # little-endian words: token t is bit t % 8 of byte t // 8
+        octets = bitmask.cpu().contiguous().numpy().view(np.uint8)
         allowed = np.unpackbits(octets, axis=1, count=logits.shape[-1], bitorder="little").view(np.bool_)
         return logits.masked_fill_(torch.from_numpy(allowed).logical_not_(), float("-inf"))
     bitmask = bitmask.to(logits.device, non_blocking=True)
