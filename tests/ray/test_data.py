@@ -49,7 +49,8 @@ def test_pipeline_matches_engine(ray_cluster, tiny_qwen2_path):
         preprocess=_prompt_row,
         postprocess=_tag,
     )
-    ds = ray_data.from_items([{"id": i, "text": t} for i, t in enumerate(texts)])
+    # A few blocks, not one per row: the sort's exchange runs a task per block and partition.
+    ds = ray_data.from_items([{"id": i, "text": t} for i, t in enumerate(texts)], override_num_blocks=4)
     rows = processor(ds).take_all()
 
     assert len(rows) == len(texts)

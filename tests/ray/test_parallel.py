@@ -32,10 +32,12 @@ def _check_exact(engine, reference, token_lists):
 @pytest.mark.parametrize(
     ("name", "tp", "pp"),
     [
-        ("qwen2", 2, 1),
-        ("qwen2", 1, 2),
+        # Qwen2: QKV biases split over the tensor-parallel ranks, 3 layers split unevenly over 2 stages, each
+        # stage reading its layers from sharded safetensors.
+        ("qwen2", 2, 2),
+        # Qwen3: q/k norms on split heads, tied embeddings (the first stage embeds, the last one projects).
         ("qwen3", 2, 2),
-        ("llama", 2, 1),
+        # Llama at tp2 is tests/ray/test_overlap.py's model (greedy against transformers, prefill chunks of 16).
         ("smollm2", 1, 2),  # 9 query / 3 KV heads: tensor parallelism needs a divisor of 3
         ("smollm2", 3, 1),
     ],
