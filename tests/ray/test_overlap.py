@@ -36,33 +36,15 @@ def _greedy(new: int = NEW, **extra) -> dict:
     return {"temperature": 0.0, "max_new_tokens": new, "ignore_eos": True, **extra}
 
 
-def _ray_kwargs(tp_size: int) -> dict:
-    return dict(tp_size=tp_size, use_ray=True, chunked_prefill_size=16, max_total_tokens=4096)
-
-
-@pytest.fixture(scope="module")
-def tp1_without_jump_forward(ray_cluster, tiny_llama_path):
-    """Overlap on, one shard, jump-forward off: the overlap-on engine of ``engines[tp1]``, and the engine that
-    :func:`test_deferred_masks_without_jump_forward_through_abort_and_lost_shard` (last, as it kills a shard)
-    drives through an abort and a lost shard."""
-    with sgl_ray.Engine(tiny_llama_path, disable_jump_forward=True, **_ray_kwargs(1)) as engine:
-        yield engine
-
-
 @pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
 def engines(request, ray_cluster, tiny_llama_path):
     """``{overlap on: engine}`` for one tensor-parallel size; small prefill chunks, so batches mix prefill and
-    decode. The overlap-on engine runs constrained requests without jump-forward at tp1 (every constrained step
-    after the first runs ahead) and with it (the CPU default) at tp2."""
-    kwargs = _ray_kwargs(request.param)
-    if request.param == 1:
-        on = request.getfixturevalue("tp1_without_jump_forward")
-    else:
-        on = sgl_ray.Engine(tiny_llama_path, **kwargs)
+    decode."""
+    kwargs = dict(tp_size=request.param, use_ray=True, chunked_prefill_size=16, max_total_tokens=4096)
+    on = sgl_ray.Engine(tiny_llama_path, **kwargs)
     off = sgl_ray.Engine(tiny_llama_path, disable_overlap_schedule=True, **kwargs)
     yield {True: on, False: off}
-    if request.param != 1:
-        on.shutdown()
+    on.shutdown()
     off.shutdown()
 
 
@@ -198,8 +180,8 @@ def _deferred_steps(engine) -> int:
 
 def test_constrained_requests_run_ahead(engines, step_at_a_time, hf_reference):
     """With overlap a constrained request's next step goes to the shards before its token is back, its masks
-    with the call after; every rank samples it under them. Greedy (jump-forward on at tp2: forced tokens verified;
-    off at tp1) and seeded sampled requests give the tokens of one step at a time, next to unconstrained requests."""
+    with the call after; every rank samples it under them. Greedy (jump-forward on: forced tokens verified) and
+    seeded sampled requests give the tokens of one step at a time, next to unconstrained requests."""
     prompts, params = _constrained_batch()
     expected = [o["output_ids"] for o in step_at_a_time]
     for overlap, engine in engines.items():
@@ -218,33 +200,33 @@ def test_constrained_requests_run_ahead(engines, step_at_a_time, hf_reference):
 
 
 def test_deferred_masks_without_jump_forward_through_abort_and_lost_shard(
-    tp1_without_jump_forward, step_at_a_time
+    ray_cluster, tiny_llama_path, step_at_a_time
 ):
     """Jump-forward off: every constrained step after the first runs ahead. A constrained stream abandoned
     mid-way frees its KV; one whose shard dies mid-way (steps and their masks lost with the group) resumes from
     its tokens on the rebuilt group and ends as one step at a time would."""
     prompts, params = _constrained_batch()
     expected = [o["output_ids"] for o in step_at_a_time]
-    engine = tp1_without_jump_forward
-    before = _deferred_steps(engine)
-    assert [o["output_ids"] for o in engine.generate(prompts, params)] == expected
-    assert _deferred_steps(engine) > before
+    kwargs = dict(use_ray=True, disable_jump_forward=True, max_total_tokens=4096)
+    with sgl_ray.Engine(tiny_llama_path, **kwargs) as engine:
+        assert [o["output_ids"] for o in engine.generate(prompts, params)] == expected
+        assert _deferred_steps(engine) > 0
 
-    stream = engine.generate(prompts[4], params[4], stream=True)
-    next(stream)
-    stream.close()  # aborted with a deferred step on the shards
-    assert engine.generate(prompts[6], params[6])["output_ids"] == expected[6]
-    stats = engine.get_stats()
-    assert stats["num_running"] == 0 and stats["kv_free"] + stats["cache_size"] == stats["kv_capacity"]
+        stream = engine.generate(prompts[4], params[4], stream=True)
+        next(stream)
+        stream.close()  # aborted with a deferred step on the shards
+        assert engine.generate(prompts[6], params[6])["output_ids"] == expected[6]
+        stats = engine.get_stats()
+        assert stats["num_running"] == 0 and stats["kv_free"] + stats["cache_size"] == stats["kv_capacity"]
 
-    scheduler = engine._core.scheduler_actor()
-    ids: list[int] = []
-    for i, chunk in enumerate(engine.generate(prompts[4], params[4], stream=True)):
-        ids += chunk["output_ids"]
-        if i == 0:
-            ray.kill(ray.get(scheduler.shard_handles.remote())[0], no_restart=True)
-    assert ids == expected[4]
-    assert engine.get_stats()["num_rebuilds"] == 1
+        scheduler = engine._core.scheduler_actor()
+        ids: list[int] = []
+        for i, chunk in enumerate(engine.generate(prompts[4], params[4], stream=True)):
+            ids += chunk["output_ids"]
+            if i == 0:
+                ray.kill(ray.get(scheduler.shard_handles.remote())[0], no_restart=True)
+        assert ids == expected[4]
+        assert engine.get_stats()["num_rebuilds"] == 1
 
 
 def test_bench_roofline_through_ray_actors(ray_cluster, tmp_path, capsys):
