@@ -69,11 +69,13 @@ _rings_lock = threading.Lock()
 
 
 def pinned_ring(device: torch.device) -> PinnedRing:
-    """The ring of a CUDA device (created on first use)."""
+    """The ring of a CUDA device (created on first use; ``cuda`` and ``cuda:<current>`` share one)."""
+    if device.index is None:
+        device = torch.device(device.type, torch.cuda.current_device())
     ring = _rings.get(device)
     if ring is None:
         with _rings_lock:
-            ring = _rings.setdefault(device, PinnedRing(device))
+            ring = _rings.get(device) or _rings.setdefault(device, PinnedRing(device))
     return ring
 
 
