@@ -11,17 +11,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# [256, 8] uint8: bit j of byte value b (little-endian bytes of the int32 words, as CPU and CUDA lay them out)
-_BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.uint8)
 _tables: dict[torch.device, torch.Tensor] = {}
 
 
 def _byte_bits(device: torch.device) -> torch.Tensor:
-    """The table on ``device``, copied there once: a copy from pageable memory waits for the stream, and the
-    sampler would wait for the forward pass in flight at every constrained step."""
+    """[256, 8] uint8: bit j of byte value b (little-endian bytes of the int32 words, as CPU and CUDA lay them
+    out). Built on ``device`` itself, once: a copy from pageable host memory would wait for the stream, and the
+    sampler would wait for the forward pass in flight."""
     table = _tables.get(device)
     if table is None:
-        table = _tables[device] = _BYTE_BITS.to(device)
+        table = _tables[device] = (
+            (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
+        ).to(torch.uint8)
     return table
 
 

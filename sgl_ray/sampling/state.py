@@ -311,8 +311,8 @@ class SamplingState:
             self.prompt_mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
         prompt = self._to_device(np.asarray(prompt_ids, dtype=np.int64))
         output = self._to_device(np.asarray(output_ids, dtype=np.int64))
-        self.prompt_mask[slot] = False
-        self.prompt_mask[slot, prompt] = True
+        # index_fill_, not ``mask[slot, prompt] = True``: that copies the value to the device from pageable memory
+        self.prompt_mask[slot].fill_(False).index_fill_(0, prompt, True)
         self.output_counts[slot] = 0
         self.output_counts[slot].index_add_(
             0, output, torch.ones(output.shape, dtype=torch.int32, device=self.device)

@@ -13,6 +13,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 NEW = 8
 TOL = 0.15  # logprob tolerance: logits of magnitude ~20 carry bf16 rounding of ~0.06
+# The first token's logprob against transformers': on an H200 (2026-11-28) the 300-token prompt differed by 0.18 with
+# the torch reference backend, 0.13 with Triton and 0.06-0.19 with FlashInfer (bf16 attention and GEMMs, 4 layers).
+FIRST_LP_TOL = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +99,7 @@ def test_engine_matches_transformers_bf16(llama_dir, backend):
             row = logp[len(ids) - 1 + i]
             assert row[tok].item() >= row.max().item() - TOL
         first_lp, first_tok = out["meta_info"]["output_token_logprobs"][0]
-        assert first_lp == pytest.approx(logp[len(ids) - 1, first_tok].item(), abs=0.15)
+        assert first_lp == pytest.approx(logp[len(ids) - 1, first_tok].item(), abs=FIRST_LP_TOL)
 
 
 def test_cuda_graphs_match_eager(llama_dir):
