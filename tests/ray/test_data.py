@@ -34,12 +34,30 @@ def _tag(row: dict) -> dict:
     return {**row, "tagged": f"row-{row['id']}"}
 
 
+NEAR_TIE = (
+    1e-3  # logprob gap under which batch composition (GEMM shapes, reused prefix KV) may flip a greedy pick
+)
+
+
+def _same_greedy(got: list[int], ref: dict, what: str) -> bool:
+    """``got`` is the reference's greedy output, or leaves it only where the reference's two best tokens were
+    within float noise of each other (it picked the runner-up there; later tokens follow another text). Returns
+    whether the two are identical."""
+    tops = ref["meta_info"]["output_top_logprobs"]
+    for j, (a, b) in enumerate(zip(got, ref["output_ids"], strict=True)):
+        if a != b:
+            (lp1, t1), (lp2, t2) = tops[j][:2]
+            assert (t1, t2) == (b, a) and lp1 - lp2 < NEAR_TIE, (
+                f"{what}: token {j} is {a}, not {b} ({tops[j]})"
+            )
+            return False
+    return True
+
+
 def test_pipeline_matches_engine(ray_cluster, tiny_qwen2_path):
     texts = [PROMPTS[i % len(PROMPTS)] + f" (item {i})" for i in range(24)]
     with sgl_ray.Engine(tiny_qwen2_path, max_total_tokens=4096) as engine:
-        reference = engine.generate(texts, GREEDY)
-    expected = [o["output_ids"] for o in reference]
-    expected_text = [o["text"] for o in reference]
+        reference = engine.generate(texts, GREEDY, return_logprob=True, top_logprobs_num=2)
     processor = build_processor(
         ProcessorConfig(
             engine_kwargs={"model_path": tiny_qwen2_path, "max_total_tokens": 4096},
@@ -60,8 +78,8 @@ def test_pipeline_matches_engine(ray_cluster, tiny_qwen2_path):
         assert set(OUTPUT_COLUMNS) <= row.keys() and PROMPT_KEY not in row
         assert row["tagged"] == f"row-{i}" and row["prompt"] == texts[i]
         assert row["num_generated_tokens"] == NEW and row["finish_reason"] == "length"
-        assert list(row["generated_tokens"]) == expected[i], f"row {i}"
-        assert row["generated_text"] == expected_text[i]
+        if _same_greedy(list(row["generated_tokens"]), reference[i], f"row {i}"):
+            assert row["generated_text"] == reference[i]["text"]
         assert row["num_input_tokens"] > 0
 
 
