@@ -34,6 +34,11 @@ MIN_SPLIT_TOKENS = 128  # below this a split costs more in launch and reduce tha
 WAVES = 4  # stage-1 programs per multiprocessor to aim for
 
 
+def _padded(n: int) -> int:
+    """``n`` int32 entries rounded up to whole 16-byte units."""
+    return -(-n // 4) * 4
+
+
 @dataclass(frozen=True)
 class _DecodePart:
     rows: torch.Tensor  # [Bd] int32 batch rows
@@ -45,7 +50,9 @@ class _DecodePart:
 
 @dataclass(frozen=True)
 class _ExtendPart:
-    blocks: torch.Tensor  # [5, NB] int32: batch row, first-token row, q_start, prefix_len, extend_len
+    blocks: (
+        torch.Tensor
+    )  # [5, NB] int32 (rows 16-byte aligned): batch row, first-token row, q_start, prefix, extend
     num_blocks: int
 
 
@@ -84,31 +91,32 @@ class TritonAttentionBackend(AttentionBackend):
         order = np.argsort(-(prefix[blk_req] + blk_qstart), kind="stable")
         blk_req, blk_qstart = blk_req[order], blk_qstart[order]
 
-        host = np.concatenate(
-            [
-                dec_rows,
-                starts[dec_rows],
-                prefix[dec_rows] + 1,
-                blk_req,
-                starts[blk_req],
-                blk_qstart,
-                prefix[blk_req],
-                ext[blk_req],
-            ]
-        ).astype(np.int32)
-        dev = self._to_device(host)  # one copy for the whole step
+        # One copy for the whole step. Every array starts 16 bytes into a row of ``host``: Triton compiles a
+        # kernel variant per alignment of its pointer arguments, and packed end to end the arrays would start at
+        # offsets that change with the batch (a new compile, seconds, the first time each combination shows up).
         nd, nb = len(dec_rows), len(blk_req)
+        wd, wb = _padded(nd), _padded(nb)
+        host = np.zeros(3 * wd + 5 * wb, dtype=np.int32)
+        dec_part, blk_part = host[: 3 * wd].reshape(3, wd), host[3 * wd :].reshape(5, wb)
+        for row, values in zip(dec_part, (dec_rows, starts[dec_rows], prefix[dec_rows] + 1), strict=True):
+            row[:nd] = values
+        for row, values in zip(
+            blk_part, (blk_req, starts[blk_req], blk_qstart, prefix[blk_req], ext[blk_req]), strict=True
+        ):
+            row[:nb] = values
+        dev = self._to_device(host)
         decode = extend = None
         if nd:
+            rows, tokens, seq_lens = dev[: 3 * wd].view(3, wd)[:, :nd]
             decode = _DecodePart(
-                rows=dev[:nd],
-                tokens=dev[nd : 2 * nd],
-                seq_lens=dev[2 * nd : 3 * nd],
+                rows=rows,
+                tokens=tokens,
+                seq_lens=seq_lens,
                 num=nd,
                 max_seq_len=int(prefix[dec_rows].max()) + 1,
             )
         if nb:
-            extend = _ExtendPart(blocks=dev[3 * nd :].view(5, nb), num_blocks=nb)
+            extend = _ExtendPart(blocks=dev[3 * wd :].view(5, wb)[:, :nb], num_blocks=nb)
         batch.attn_metadata = _Metadata(decode, extend)
 
     def graph_metadata(self, batch: ForwardBatch, max_seq_len: int) -> _Metadata:

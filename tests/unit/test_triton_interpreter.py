@@ -32,3 +32,27 @@ def test_rotary_kernels_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+_ATTENTION = """
+import numpy as np, torch
+from sgl_ray.attention.triton_backend import TritonAttentionBackend
+from tests.gpu.test_triton_attention import check, make_batch, make_case
+# decode and extend rows mixed, in counts whose packed metadata would start arrays at every 4-byte offset
+for ext, prefix in [([1, 5, 1, 70, 1], [30, 0, 100, 10, 3]), ([1, 1, 1, 9, 66, 2, 1], [7, 64, 0, 20, 1, 5, 130])]:
+    case = make_case(np.array(prefix), np.array(ext), 4, 2, 32, torch.float32, device="cpu", seed=len(ext))
+    meta = make_batch(case, case.pool, TritonAttentionBackend("cpu")).attn_metadata
+    arrays = [meta.decode.rows, meta.decode.tokens, meta.decode.seq_lens, *meta.extend.blocks.unbind(0)]
+    assert all(a.data_ptr() % 16 == 0 for a in arrays), "a kernel variant per alignment would be compiled"
+    check(case)
+"""
+
+
+def test_attention_kernels_in_the_interpreter():
+    """Decode (split-KV) and extend over a cached prefix, against the torch backend."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _ATTENTION], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
