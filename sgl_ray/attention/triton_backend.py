@@ -50,9 +50,8 @@ class _DecodePart:
 
 @dataclass(frozen=True)
 class _ExtendPart:
-    blocks: (
-        torch.Tensor
-    )  # [5, NB] int32 (rows 16-byte aligned): batch row, first-token row, q_start, prefix, extend
+    # [5, NB] int32, rows 16-byte aligned: batch row, first-token row, q_start, prefix_len, extend_len
+    blocks: torch.Tensor
     num_blocks: int
 
 
