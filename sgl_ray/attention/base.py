@@ -6,7 +6,8 @@ A backend computes attention for one layer of a batch whose requests each add ``
 * ``init_forward_metadata(batch)`` is called once per step before the model runs; it may precompute index
   tensors from ``batch`` (``req_to_token`` rows, seq lens) and store them on ``batch.attn_metadata``.
 * ``graph_metadata(batch, max_seq_len)`` (backends with ``supports_cuda_graph``) replaces the first call for
-  decode batches replayed from a CUDA graph.
+  decode batches replayed from a CUDA graph; ``prepare_graph_replay(metadata, seq_lens)`` runs before each replay
+  (host-side planning; nothing for backends whose kernels read everything from the graph's buffers).
 * ``forward(q, k, v, layer, batch, kv_stored)`` first stores the new tokens' ``k``/``v`` at
   ``batch.out_cache_loc`` in the pool (unless ``kv_stored``: a fused kernel did it already), then returns attention output ``[num_tokens, num_heads * head_dim]`` where token ``i`` of request ``r``
   attends to request ``r``'s tokens ``0 .. prefix_len[r] + i`` (causal over new tokens, full over the prefix).
@@ -17,6 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -45,3 +47,9 @@ class AttentionBackend(ABC):
         """Metadata for a decode batch captured in a CUDA graph: it may only reference ``batch``'s device tensors
         (whose contents change between replays) and must fit any sequence up to ``max_seq_len`` tokens."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
+
+    def prepare_graph_replay(self, metadata: Any, seq_lens: np.ndarray) -> None:
+        """Before a replay of the graph captured with ``metadata``: its batch's device buffers (and
+        ``req_to_token``) already hold this step; ``seq_lens`` [graph batch size] is their sequence lengths on the
+        host, padding rows included. Must not wait for the device."""
+        return None

@@ -8,8 +8,18 @@ decode rows as extends of length 1. Planning is lazy (on the step's first layer)
 with the layer. Causal masking in FlashInfer's prefill is aligned to the end of the KV, which is exactly "full
 over the prefix, causal over the new tokens".
 
-The kernels are compiled by FlashInfer on first use (JIT, with nvcc) and cached on disk. CUDA graphs are not
-supported yet: FlashInfer plans each batch on the host, outside the graph, which the graph runner has no hook for.
+Planning copies small host arrays (index pointers, last-page lengths) to the device. They are staged in pinned
+memory (:class:`_PinnedStaging`): from pageable memory such a copy waits for the stream, i.e. for the step in
+flight, and overlap scheduling would be lost.
+
+CUDA graphs (decode): every captured batch size gets a decode wrapper of its own over static device buffers
+(index pointers, last-page lengths, and one shared index buffer of ``max_bs * context_length`` entries). The
+graph is captured after a plan for requests of one token each; before each replay,
+:meth:`~FlashInferAttentionBackend.prepare_graph_replay` fills the index buffer from the step's ``req_to_token``
+rows on the device and plans the wrapper again for the step's lengths, so the captured kernels read this step's
+schedule from the wrapper's workspace.
+
+The kernels are compiled by FlashInfer on first use (JIT, with nvcc) and cached on disk.
 
 Example (on a CUDA machine with ``flashinfer-python`` installed)::
 
@@ -35,20 +45,66 @@ if TYPE_CHECKING:
 
 WORKSPACE_BYTES = 128 * 2**20  # FlashInfer's recommended split-KV workspace
 
+_PlanKey = tuple[int, int, int, torch.dtype, float]  # (heads, kv heads, head_dim, dtype, scale)
+
+
+class _PinnedStaging:
+    """Pinned host int32 buffers for the arrays a plan copies to the device, used in turn. A buffer is refilled
+    only once the copies queued from it have run (its event, recorded after the plan)."""
+
+    def __init__(self, turns: int = 4) -> None:
+        self._bufs = [torch.empty(0, dtype=torch.int32) for _ in range(turns)]
+        self._events: list[torch.cuda.Event | None] = [None] * turns
+        self._next = 0
+
+    def stage(self, *arrays: np.ndarray) -> tuple[int, list[torch.Tensor]]:
+        """(turn, the arrays as pinned int32 tensors); call :meth:`queued` with the turn after the plan."""
+        turn = self._next
+        self._next = (turn + 1) % len(self._bufs)
+        if (event := self._events[turn]) is not None:
+            event.synchronize()  # several steps back: long done unless the device is far behind
+            self._events[turn] = None
+        need = sum(len(a) for a in arrays)
+        if self._bufs[turn].numel() < need:
+            self._bufs[turn] = torch.empty(
+                max(need, 2 * self._bufs[turn].numel()), dtype=torch.int32
+            ).pin_memory()
+        out, start = [], 0
+        flat = self._bufs[turn].numpy()
+        for a in arrays:
+            flat[start : start + len(a)] = a
+            out.append(self._bufs[turn][start : start + len(a)])
+            start += len(a)
+        return turn, out
+
+    def queued(self, turn: int) -> None:
+        event = self._events[turn] = torch.cuda.Event()
+        event.record()
+
 
 @dataclass
 class _Metadata:
-    decode: bool  # every request adds one token: the decode wrapper
-    qo_indptr: torch.Tensor  # [B + 1] int32, host
-    kv_indptr: torch.Tensor  # [B + 1] int32, host
+    decode: bool  # every request adds one token: a decode wrapper
+    qo_indptr: torch.Tensor  # [B + 1] int32, pinned host
+    kv_indptr: torch.Tensor  # [B + 1] int32, pinned host
+    last_page_len: torch.Tensor  # [B] int32, pinned host (ones: pages of one token)
     kv_indices: torch.Tensor  # [sum(seq_lens)] int32, device
-    planned: tuple[int, int, int, torch.dtype, float] | None = (
-        None  # (heads, kv heads, head_dim, dtype, scale)
-    )
+    turn: int  # the staging buffer of the host arrays
+    planned: _PlanKey | None = None
+    graph: _GraphState | None = None  # a CUDA graph's batch: its own wrapper and static inputs
+
+
+@dataclass
+class _GraphState:
+    wrapper: Any  # BatchDecodeWithPagedKVCacheWrapper over static buffers, for one batch size
+    req_pool_idxs: torch.Tensor  # [bs] the graph runner's static buffers (this step's values before a replay)
+    seq_lens: torch.Tensor  # [bs]
+    req_to_token: torch.Tensor
+    key: _PlanKey | None = None  # the plan the graph was captured with
 
 
 class FlashInferAttentionBackend(AttentionBackend):
-    supports_cuda_graph = False
+    supports_cuda_graph = True
 
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
@@ -63,47 +119,104 @@ class FlashInferAttentionBackend(AttentionBackend):
                 f"attention_backend: flashinfer is not installed ({e}); pip install flashinfer-python",
                 param="attention_backend",
             ) from None
-        workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
-        self._ones: torch.Tensor = torch.ones(0, dtype=torch.int32)  # last page lengths (page size 1), host
+        self._flashinfer = flashinfer
+        self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._workspace, "NHD", use_tensor_cores=True
+        )
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
+        self._staging = _PinnedStaging()
+        self._graph_wrappers: dict[
+            int, Any
+        ] = {}  # batch size -> its decode wrapper (graphs with/without LoRA)
+        self._graph_indices: torch.Tensor | None = None  # shared by the graph wrappers
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         ext = batch.extend_lens_cpu.astype(np.int64)
         seq = batch.prefix_lens_cpu.astype(np.int64) + ext
         total = int(seq.sum())
-        kv_indptr = np.zeros(len(seq) + 1, dtype=np.int32)
-        np.cumsum(seq, out=kv_indptr[1:])
-        qo_indptr = np.zeros(len(ext) + 1, dtype=np.int32)
-        np.cumsum(ext, out=qo_indptr[1:])
         # kv_indices[j] = req_to_token[req of j, position of j]: built from device tensors, sizes from the host
-        seq_dev = batch.seq_lens.to(torch.int64)
-        rows = torch.repeat_interleave(batch.req_pool_idxs.to(torch.int64), seq_dev, output_size=total)
-        starts = torch.repeat_interleave(torch.cumsum(seq_dev, 0) - seq_dev, seq_dev, output_size=total)
-        pos = torch.arange(total, device=self.device) - starts
-        kv_indices = batch.req_to_token[rows, pos].to(torch.int32)
+        kv_indices = _gather_indices(batch.req_to_token, batch.req_pool_idxs, batch.seq_lens, total)
+        turn, (qo_indptr, kv_indptr, last) = self._staging.stage(
+            _indptr(ext), _indptr(seq), np.ones(len(seq), dtype=np.int32)
+        )
         batch.attn_metadata = _Metadata(
             decode=bool((ext == 1).all()),
-            qo_indptr=torch.from_numpy(qo_indptr),
-            kv_indptr=torch.from_numpy(kv_indptr),
+            qo_indptr=qo_indptr,
+            kv_indptr=kv_indptr,
+            last_page_len=last,
             kv_indices=kv_indices,
+            turn=turn,
         )
-        if len(self._ones) < len(seq):
-            self._ones = torch.ones(max(len(seq), 2 * len(self._ones)), dtype=torch.int32)
+
+    def graph_metadata(self, batch: ForwardBatch, max_seq_len: int) -> _Metadata:
+        """A decode batch of ``batch.batch_size`` rows captured in a CUDA graph (largest size first), planned
+        for rows of one token at KV slot 0 (the graph runner's padding) until :meth:`prepare_graph_replay`."""
+        bs = batch.batch_size
+        if self._graph_indices is None:
+            self._graph_indices = torch.zeros(bs * max_seq_len, dtype=torch.int32, device=self.device)
+        assert bs * max_seq_len <= len(self._graph_indices), "capture the largest batch size first"
+        wrapper = self._graph_wrappers.get(bs)
+        if wrapper is None:
+            wrapper = self._graph_wrappers[bs] = self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self._workspace,
+                "NHD",
+                use_cuda_graph=True,
+                use_tensor_cores=True,
+                paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=self.device),
+                paged_kv_indices_buffer=self._graph_indices,
+                paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=self.device),
+            )
+        ones = np.ones(bs, dtype=np.int64)
+        turn, (qo_indptr, kv_indptr, last) = self._staging.stage(
+            _indptr(ones), _indptr(ones), np.ones(bs, dtype=np.int32)
+        )
+        return _Metadata(
+            decode=True,
+            qo_indptr=qo_indptr,
+            kv_indptr=kv_indptr,
+            last_page_len=last,
+            kv_indices=torch.zeros(bs, dtype=torch.int32, device=self.device),
+            turn=turn,
+            graph=_GraphState(wrapper, batch.req_pool_idxs, batch.seq_lens, batch.req_to_token),
+        )
+
+    def prepare_graph_replay(self, metadata: _Metadata, seq_lens: np.ndarray) -> None:
+        """Before a replay: ``seq_lens`` [bs] are the host copies of the graph batch's sequence lengths (padding
+        rows included), whose device buffers already hold them, as does ``req_to_token``."""
+        graph = metadata.graph
+        assert graph is not None and graph.key is not None, "replay of a graph that was never captured"
+        seq = seq_lens.astype(np.int64)
+        total = int(seq.sum())
+        metadata.kv_indices = _gather_indices(graph.req_to_token, graph.req_pool_idxs, graph.seq_lens, total)
+        metadata.turn, (metadata.qo_indptr, metadata.kv_indptr, metadata.last_page_len) = self._staging.stage(
+            _indptr(np.ones(len(seq), dtype=np.int64)), _indptr(seq), np.ones(len(seq), dtype=np.int32)
+        )
+        metadata.planned = None
+        self._plan_with(metadata, graph.key)
 
     def _plan(self, meta: _Metadata, layer: RadixAttention, dtype: torch.dtype) -> None:
         key = (layer.num_heads, layer.num_kv_heads, layer.head_dim, dtype, float(layer.scaling))
-        if meta.planned == key:
-            return
+        if meta.planned != key:
+            self._plan_with(meta, key)
+            if meta.graph is not None:
+                meta.graph.key = key
+
+    def _plan_with(self, meta: _Metadata, key: _PlanKey) -> None:
         h, kvh, d = key[:3]
-        last = self._ones[: len(meta.kv_indptr) - 1]
-        common: dict[str, Any] = dict(q_data_type=dtype, kv_data_type=dtype, sm_scale=key[4])
-        if meta.decode:
-            self._decode.plan(meta.kv_indptr, meta.kv_indices, last, h, kvh, d, 1, **common)
+        common: dict[str, Any] = dict(q_data_type=key[3], kv_data_type=key[3], sm_scale=key[4])
+        if meta.graph is not None:
+            meta.graph.wrapper.plan(
+                meta.kv_indptr, meta.kv_indices, meta.last_page_len, h, kvh, d, 1, **common
+            )
+        elif meta.decode:
+            self._decode.plan(meta.kv_indptr, meta.kv_indices, meta.last_page_len, h, kvh, d, 1, **common)
         else:
             self._prefill.plan(
-                meta.qo_indptr, meta.kv_indptr, meta.kv_indices, last, h, kvh, d, 1, causal=True, **common
-            )
+                meta.qo_indptr, meta.kv_indptr, meta.kv_indices, meta.last_page_len, h, kvh, d, 1,
+                causal=True, **common,
+            )  # fmt: skip
+        self._staging.queued(meta.turn)
         meta.planned = key
 
     def forward(
@@ -123,6 +236,27 @@ class FlashInferAttentionBackend(AttentionBackend):
         paged = (k_buf.view(-1, 1, kvh, d), v_buf.view(-1, 1, kvh, d))
         meta: _Metadata = batch.attn_metadata
         self._plan(meta, layer, q.dtype)
-        wrapper = self._decode if meta.decode else self._prefill
+        if meta.graph is not None:
+            wrapper = meta.graph.wrapper
+        else:
+            wrapper = self._decode if meta.decode else self._prefill
         out = wrapper.run(q.contiguous().view(num_tokens, h, d), paged)
         return out.view(num_tokens, h * d)
+
+
+def _gather_indices(
+    req_to_token: torch.Tensor, req_pool_idxs: torch.Tensor, seq_lens: torch.Tensor, total: int
+) -> torch.Tensor:
+    """[total] int32 KV slots of every request's tokens in order, gathered on the device (``total``, their sum,
+    known on the host: no sync)."""
+    seq_dev = seq_lens.to(torch.int64)
+    rows = torch.repeat_interleave(req_pool_idxs.to(torch.int64), seq_dev, output_size=total)
+    starts = torch.repeat_interleave(torch.cumsum(seq_dev, 0) - seq_dev, seq_dev, output_size=total)
+    pos = torch.arange(total, device=req_to_token.device) - starts
+    return req_to_token[rows, pos].to(torch.int32)
+
+
+def _indptr(lens: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lens) + 1, dtype=np.int32)
+    np.cumsum(lens, out=out[1:])
+    return out

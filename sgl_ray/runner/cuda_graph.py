@@ -12,7 +12,8 @@ Static inputs live in one int64 device buffer, filled by one host-to-device copy
     [3, lora_slots] (with LoRA): start | length | slot of the batch's adapter segments (unused ones: length 0)
 
 The attention backend gives graph-safe metadata over the same buffers (``graph_metadata``): its kernels read the
-sequence lengths from device memory and use a launch grid fixed at capture time.
+sequence lengths from device memory and use a launch grid fixed at capture time. A backend that plans on the host
+(FlashInfer) does so in ``prepare_graph_replay``, after the step's inputs are in place and before the replay.
 
 With LoRA enabled (and a LoRA backend that supports graphs), a second ladder is captured with the adapter
 kernels in it; decode batches where some request uses an adapter replay from that one. A decode batch sorted by
@@ -92,6 +93,9 @@ class CudaGraphRunner:
         self._arange = torch.arange(self.max_bs, dtype=torch.int64, device=device)
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (batch size, with LoRA) ->
         self._logits: dict[tuple[int, bool], torch.Tensor] = {}
+        self._metadata: dict[
+            tuple[int, bool], object
+        ] = {}  # the attention metadata each graph was captured with
         self._pool = None
         self.num_replays = 0
         t0 = time.perf_counter()
@@ -159,6 +163,7 @@ class CudaGraphRunner:
             self._pool = graph.pool()
         self._graphs[bs, with_lora] = graph
         self._logits[bs, with_lora] = logits
+        self._metadata[bs, with_lora] = batch.attn_metadata
 
     def can_run(self, batch_size: int, lora_slots: np.ndarray | None = None) -> bool:
         """Whether a decode batch of ``batch_size`` requests (bound to ``lora_slots``, -1: none) can replay."""
@@ -208,6 +213,7 @@ class CudaGraphRunner:
         event.record()
         ints = self.ints
         self.req_to_token[ints[_REQ, :bs], ints[_POS, :bs]] = ints[_LOC, :bs]
+        self.attn_backend.prepare_graph_replay(self._metadata[gbs, with_lora], host[_SEQ, :gbs])
         self._graphs[gbs, with_lora].replay()
         self.num_replays += 1
         return self._logits[gbs, with_lora][:bs]

@@ -87,6 +87,8 @@ def test_engine_matches_transformers_bf16(llama_dir, backend):
         attention_backend=backend,
     ) as eng:
         outs = _greedy(eng, prompts)
+        graphs = eng._core.runner.cuda_graphs
+        assert graphs is not None and graphs.num_replays > 0  # decode steps replayed from CUDA graphs
     hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).cuda().eval()
     for ids, out in zip(prompts, outs, strict=True):
         full = torch.tensor([ids + out["output_ids"]], device="cuda")

@@ -90,8 +90,26 @@ def small_llama(tmp_path_factory) -> str:
     return str(path)
 
 
+def _have_flashinfer() -> bool:
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "triton",
+        pytest.param(
+            "flashinfer",
+            marks=pytest.mark.skipif(not _have_flashinfer(), reason="flashinfer-python is not installed"),
+        ),
+    ],
+)
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sync"])
-def test_engine_steps_make_no_host_sync(small_llama, overlap: bool) -> None:
+def test_engine_steps_make_no_host_sync(small_llama, overlap: bool, backend: str) -> None:
     """Whole steps (prefill, decode graph replays, sampling with every kind of parameter, logprobs) after
     warm-up: the engine thread waits only on each step's event."""
     import sgl_ray
@@ -110,7 +128,8 @@ def test_engine_steps_make_no_host_sync(small_llama, overlap: bool) -> None:
         },
         {"temperature": 0.0, "min_new_tokens": 4, "stop_token_ids": [7], "max_new_tokens": 12},
     ]
-    kwargs = dict(load_format="dummy", dtype="float32", skip_tokenizer_init=True, device="cuda")
+    kwargs = dict(load_format="dummy", skip_tokenizer_init=True, device="cuda", attention_backend=backend)
+    kwargs["dtype"] = "bfloat16" if backend == "flashinfer" else "float32"  # FlashInfer: fp16/bf16 only
     with sgl_ray.Engine(
         small_llama, disable_overlap_schedule=not overlap, max_total_tokens=4096, **kwargs
     ) as eng:
