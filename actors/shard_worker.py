@@ -151,7 +151,7 @@ class ShardWorker:
         if self.runner.device.type != "cuda":
             return None
         torch.cuda.synchronize()
-        steps = [s for s in trace if batch_size is None or s[0] == batch_size][skip:]
+        steps = [s for s in trace if batch_size is None or s.batch_size == batch_size][skip:]
         return gpu_idle_fraction(steps) if len(steps) >= 2 else None
 
     def ping(self) -> int:

@@ -39,11 +39,12 @@ from sgl_ray.bench.roofline import (
     decode_floor_tok_s,
     max_batch_for,
     measure_device,
+    prefill_s,
     workload_floor_s,
 )
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.entrypoints.engine import Engine
-from sgl_ray.runner.trace import gpu_idle_fraction
+from sgl_ray.runner.trace import gpu_idle_fraction, phase_times
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class Row:
     cached_tokens: int | None = None
     gpu_idle: float | None = None  # device idle share between decode steps (bs1 rows on CUDA)
     phased_floor_tok_s: float | None = None  # the floor with GEMM and attention phases added (see roofline)
+    # offline rows on CUDA, in-process: device seconds in prefill and decode steps, idle between steps, and the
+    # (phased) floors of the two phases
+    phases: dict[str, float] | None = None
 
     @property
     def fraction(self) -> float | None:
@@ -108,7 +112,7 @@ def _bs1(engine: Engine, prompt: list[int], out_len: int) -> tuple[float, float,
     idle = None
     if tracing:
         torch.cuda.synchronize()
-        decode = [step for step in runner.step_trace if step[0] == 1][2:]  # past the prefill
+        decode = [step for step in runner.step_trace if step.batch_size == 1][2:]  # past the prefill
         idle = gpu_idle_fraction(decode)
         runner.step_trace = None
     elif hasattr(core, "stop_step_trace"):
@@ -124,14 +128,28 @@ def _warm_up(engine: Engine, prompts: list[list[int]]) -> None:
     engine.generate(input_ids=prompts[:4], sampling_params=_greedy(4))
 
 
-def _timed(engine: Engine, prompts: list[list[int]], out_len: int) -> tuple[float, int, int]:
+def _timed(
+    engine: Engine, prompts: list[list[int]], out_len: int
+) -> tuple[float, int, int, dict[str, float] | None]:
+    """(wall s, output tokens, cached tokens, device seconds per phase: see ``phase_times``; None unless the
+    engine runs in this process on CUDA)."""
     engine.flush_cache()
     _warm_up(engine, prompts)
     engine.flush_cache()
+    runner = getattr(engine._core, "runner", None)
+    tracing = runner is not None and runner.device.type == "cuda"
+    if tracing:
+        runner.step_trace = []
     start = time.perf_counter()
     outs = engine.generate(input_ids=prompts, sampling_params=_greedy(out_len))
     wall = time.perf_counter() - start
-    return wall, sum(len(o["output_ids"]) for o in outs), sum(o["meta_info"]["cached_tokens"] for o in outs)
+    phases = None
+    if tracing:
+        torch.cuda.synchronize()
+        phases = phase_times(runner.step_trace)
+        runner.step_trace = None
+    n_out = sum(len(o["output_ids"]) for o in outs)
+    return wall, n_out, sum(o["meta_info"]["cached_tokens"] for o in outs), phases
 
 
 def _free_device_memory() -> None:
@@ -147,6 +165,18 @@ def _log(row: Row) -> None:
         f"[roofline] {row.workload:<26} {row.system:<20} {row.tok_s:9.1f} tok/s{idle}",
         file=sys.stderr,
         flush=True,
+    )
+    if row.phases is not None:
+        print(f"[roofline] {row.workload:<26} {format_phases(row.phases)}", file=sys.stderr, flush=True)
+
+
+def format_phases(p: dict[str, float]) -> str:
+    """Device time per phase against its phased floor (the floor's share of the measured time in brackets)."""
+    return (
+        f"prefill steps {p['prefill_s']:.1f} s on the device (floor {p['prefill_floor_s']:.1f} s, "
+        f"{p['prefill_floor_s'] / max(p['prefill_s'], 1e-9):.2f}); decode steps {p['decode_s']:.1f} s "
+        f"(floor {p['decode_floor_s']:.1f} s, {p['decode_floor_s'] / max(p['decode_s'], 1e-9):.2f}); "
+        f"idle between steps {p['idle_s']:.1f} s"
     )
 
 
@@ -193,17 +223,31 @@ def run_roofline(
     add(Row(bs1_name, "sgl_ray", cfg.bs1_output_len, wall, tok_s, bs1_floor, None, idle, bs1_phased))
     for num, inp, out in cfg.offline:
         prompts = _prompts(rng, vocab, num, inp)
-        wall, n_out, _ = _timed(engine, prompts, out)
+        wall, n_out, _, phases = _timed(engine, prompts, out)
         batch = max_batch_for(num_slots, max_reqs, inp, out)
         floor, phased = (workload_floor_s(cost, rates, num, inp, out, batch, phased=p) for p in (False, True))
+        if phases is not None:
+            phases["prefill_floor_s"] = prefill_s(cost, rates, num, inp, phased=True)
+            phases["decode_floor_s"] = phased - phases["prefill_floor_s"]
         name = f"offline {num}x{inp}/{out}"
-        add(Row(name, "sgl_ray", n_out, wall, n_out / wall, n_out / floor, phased_floor_tok_s=n_out / phased))
+        add(
+            Row(
+                name,
+                "sgl_ray",
+                n_out,
+                wall,
+                n_out / wall,
+                n_out / floor,
+                phased_floor_tok_s=n_out / phased,
+                phases=phases,
+            )
+        )
     shared = None
     if cfg.shared_prefix is not None:
         num, plen, slen, out = cfg.shared_prefix
         prefix = _prompts(rng, vocab, 1, plen)[0]
         shared = [prefix + s for s in _prompts(rng, vocab, num, slen)]
-        wall, n_out, cached = _timed(engine, shared, out)
+        wall, n_out, cached, _ = _timed(engine, shared, out)
         batch = max_batch_for(num_slots, max_reqs, slen, out)
         floor, phased = (
             workload_floor_s(cost, rates, num, plen + slen, out, batch, cached=plen, phased=p)
@@ -219,7 +263,7 @@ def run_roofline(
         assert cfg.shared_prefix is not None
         num, plen, slen, out = cfg.shared_prefix
         off = Engine(**dataclasses.asdict(args.replace(disable_radix_cache=True)))
-        wall, n_out, cached = _timed(off, shared, out)
+        wall, n_out, cached, _ = _timed(off, shared, out)
         add(Row(f"shared-prefix {num}x({plen}+{slen})/{out}", "sgl_ray radix off", n_out, wall, n_out / wall))
         off.shutdown()
         del off
@@ -303,6 +347,7 @@ def format_roofline(rates: DeviceRates, facts: dict, rows: list[Row]) -> str:
             f"| {r.workload} | {r.system} | {r.tok_s:.1f} | {floor} | {frac} | {phased} | {r.wall_s:.1f} | {cached} "
             f"| {idle} |"
         )
+    lines += [f"- {r.workload}: {format_phases(r.phases)}" for r in rows if r.phases is not None]
     return "\n".join(lines)
 
 

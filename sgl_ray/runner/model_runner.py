@@ -25,7 +25,7 @@ from sgl_ray.models.registry import get_model_class
 from sgl_ray.runner.cuda_graph import CudaGraphRunner
 from sgl_ray.runner.forward_batch import ForwardBatch
 from sgl_ray.runner.memory import KVCapacity, plan_kv_capacity
-from sgl_ray.runner.trace import StepTrace
+from sgl_ray.runner.trace import StepTrace, TracedStep
 from sgl_ray.sampling.sampler import Sampler
 from sgl_ray.sampling.state import Admission, SamplingState
 from sgl_ray.scheduler.plan import FUTURE_TOKEN, StepOutput, StepPlan
@@ -214,7 +214,7 @@ class ModelRunner:
             event = torch.cuda.Event(enable_timing=trace)
             event.record()
             if trace and self._trace_start is not None:
-                self.step_trace.append((plan.batch_size, self._trace_start, event))
+                self.step_trace.append(TracedStep(plan.batch_size, plan.num_tokens, self._trace_start, event))
         return PendingStep(plan.step_id, host, event, t0)
 
     def collect(self, pending: PendingStep) -> StepOutput:

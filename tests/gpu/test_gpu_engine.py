@@ -190,3 +190,25 @@ def test_tensor_parallel_nccl_matches_one_gpu(llama_dir):
         top_a = a["meta_info"]["output_top_logprobs"][0]
         top_b = b["meta_info"]["output_top_logprobs"][0]
         assert [v for v, _ in top_b] == pytest.approx([v for v, _ in top_a], abs=0.15)
+
+
+def test_phase_times_cover_the_traced_span(llama_dir):
+    """The step trace that ``bench roofline`` splits into prefill, decode and idle device time: the three add up to
+    the span from the first step's start to the last step's end (steps run one after another on the stream)."""
+    import sgl_ray
+    from sgl_ray.runner.trace import phase_times
+
+    with sgl_ray.Engine(llama_dir, dtype="bfloat16", skip_tokenizer_init=True, max_total_tokens=8192) as eng:
+        runner = eng._core.runner
+        runner.step_trace = []
+        eng.generate(
+            input_ids=_prompts(),
+            sampling_params={"temperature": 0.0, "max_new_tokens": NEW, "ignore_eos": True},
+        )
+        torch.cuda.synchronize()
+        trace, runner.step_trace = runner.step_trace, None
+    phases = phase_times(trace)
+    span = trace[0].start.elapsed_time(trace[-1].end) / 1e3
+    assert phases["prefill_s"] > 0 and phases["decode_s"] > 0 and phases["idle_s"] >= 0
+    assert phases["prefill_s"] + phases["decode_s"] + phases["idle_s"] == pytest.approx(span, rel=0.05)
+    assert sum(s.num_tokens == s.batch_size for s in trace) >= NEW - 2  # the decode steps
