@@ -74,6 +74,13 @@ class EngineArgs:
         default="auto", metadata={"help": "auto (the model's files) | dummy (random weights, for benchmarks)"}
     )
     grammar_backend: str = field(default="xgrammar", metadata={"help": "structured-output grammar backend"})
+    grammar_compile_timeout: float = field(
+        default=300.0,
+        metadata={
+            "help": "seconds a request waits for its grammar to compile before it fails (the compile goes on, and "
+            "its result is cached for the next request with the same grammar)"
+        },
+    )
     disable_jump_forward: bool | None = field(
         default=None,
         metadata={
@@ -128,6 +135,8 @@ class EngineArgs:
                 raise bad(name, "must be >= 1")
         if self.cuda_graph_max_bs < 1:
             raise bad("cuda_graph_max_bs", "must be >= 1")
+        if self.grammar_compile_timeout <= 0:
+            raise bad("grammar_compile_timeout", "must be > 0")
         if self.load_format not in ("auto", "dummy"):
             raise bad("load_format", "must be 'auto' or 'dummy'")
         if isinstance(self.lora_paths, dict):

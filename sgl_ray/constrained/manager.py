@@ -33,7 +33,7 @@ class GrammarManager:
         vocab_size: int,
         stop_token_ids: tuple[int, ...],
         max_cached: int = 256,
-        num_threads: int = 1,
+        num_threads: int = 2,  # a slow compile does not hold up the others (xgrammar releases the GIL)
     ) -> None:
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="sgl-ray-grammar")
         self._backend_future: Future[GrammarBackend] = self._pool.submit(

@@ -88,6 +88,7 @@ def scheduler_config(
         max_loras_per_batch=args.max_loras_per_batch if args.lora_enabled else 0,
         vocab_size=vocab_size,
         grammar_backend=args.grammar_backend,
+        grammar_compile_timeout=args.grammar_compile_timeout,
         enable_jump_forward=args.effective_jump_forward(device),
     )
 

@@ -25,4 +25,5 @@ class SchedulerConfig:
     max_loras_per_batch: int = 0  # LoRA adapter slots; 0: LoRA off
     vocab_size: int = 0  # 0: the tokenizer's
     grammar_backend: str = "xgrammar"
+    grammar_compile_timeout: float = 300.0  # seconds a request may wait for its grammar's compile
     enable_jump_forward: bool = True

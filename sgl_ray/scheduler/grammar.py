@@ -17,6 +17,7 @@ own choice. Sampled (non-greedy) requests take all of ``t_1..t_m`` and sample on
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ class GrammarTracker:
         backend: str = "xgrammar",
         jump_forward: bool = True,
         max_jump_tokens: int = 64,
+        compile_timeout_s: float = 300.0,
     ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -51,6 +53,7 @@ class GrammarTracker:
         self.backend = backend
         self.jump_forward = jump_forward
         self.max_jump_tokens = max_jump_tokens
+        self.compile_timeout_s = compile_timeout_s
         self._manager: GrammarManager | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
@@ -66,13 +69,23 @@ class GrammarTracker:
         if self._manager is None:
             self._manager = GrammarManager(self.backend, self.tokenizer, self.vocab_size, req.eos_token_ids)
         req.grammar_compile = self._manager.compile(GrammarSpec(*spec))
+        req.grammar_wait_since = time.monotonic()
 
     def ready(self, req: Req) -> bool:
-        """Whether the request may be admitted; raises the compile's :class:`InvalidRequestError`."""
+        """Whether the request may be admitted; raises the compile's :class:`InvalidRequestError`, or one of its
+        own once the request has waited ``compile_timeout_s`` for it."""
         fut = req.grammar_compile
         if fut is None or req.grammar is not None:
             return True
         if not fut.done():
+            waited = time.monotonic() - req.grammar_wait_since
+            if waited > self.compile_timeout_s:
+                kind = req.sampling.grammar[0]
+                raise InvalidRequestError(
+                    f"{kind}: the grammar did not compile within {self.compile_timeout_s:g} s "
+                    "(grammar_compile_timeout); simplify it, or send it again once its compile has finished",
+                    param=kind,
+                )
             return False
         assert self._manager is not None
         req.grammar = self._manager.matcher(fut.result())  # re-raises a failed compile

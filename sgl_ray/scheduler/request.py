@@ -128,6 +128,7 @@ class Req:
     lora_slot: int = -1  # runner slot of the adapter while running
     # Structured outputs (scheduler side only; see scheduler.grammar).
     grammar_compile: Any = None  # Future of the compiled grammar
+    grammar_wait_since: float = 0.0  # time.monotonic() when its compile was asked for
     grammar: Any = None  # constrained.GrammarMatcher, once compiled and admitted
     jump_tokens: list[int] = field(default_factory=list)  # forced tail of output_ids awaiting verification
     jump_masks: np.ndarray | None = None  # [len(jump_tokens) + 1, W] masks of their rows

@@ -77,7 +77,13 @@ class Scheduler(StepResults):
         self._prefill_turn = True  # without mixed chunks: whether the next step tries prefills first
         self.num_deferred_mask_steps = 0  # steps of constrained requests planned before their masks existed
         vocab = config.vocab_size or (len(tokenizer) if tokenizer is not None else 0)  # type: ignore[arg-type]
-        self.grammars = GrammarTracker(tokenizer, vocab, config.grammar_backend, config.enable_jump_forward)
+        self.grammars = GrammarTracker(
+            tokenizer,
+            vocab,
+            config.grammar_backend,
+            config.enable_jump_forward,
+            compile_timeout_s=config.grammar_compile_timeout,
+        )
         self._rejected: list[tuple[str, InvalidRequestError]] = []
 
     # --- requests in and out -----------------------------------------------------------------------------------

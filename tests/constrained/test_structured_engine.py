@@ -211,6 +211,27 @@ def test_invalid_grammars_are_typed_errors(engines, params, param, words):
     )
 
 
+def test_a_slow_compile_fails_its_request_after_the_timeout_and_blocks_nobody(smollm2_path):
+    """A grammar still compiling after ``grammar_compile_timeout`` fails its request with a typed error naming the
+    limit; other structured requests are served meanwhile (a second compile thread), and once the compile has
+    finished, the same grammar is served from the cache."""
+    props = {f"field_{i}": {"type": "string", "maxLength": 300} for i in range(40)}
+    heavy = json.dumps({"type": "object", "properties": props, "required": list(props)})  # ~5 s to compile
+    with sgl_ray.Engine(smollm2_path, max_total_tokens=4096, grammar_compile_timeout=0.5) as eng:
+        with pytest.raises(InvalidRequestError) as err:
+            eng.generate("x", {**GREEDY, "json_schema": heavy})
+        assert err.value.param == "json_schema" and "grammar_compile_timeout" in str(err.value)
+        out = eng.generate("Pick:", {**GREEDY, "regex": "(yes|no)"})  # a quick compile, not queued behind it
+        assert out["text"] in ("yes", "no")
+        for _ in range(60):  # the heavy compile goes on in the background; its result is cached
+            try:
+                out = eng.generate("x", {**GREEDY, "json_schema": heavy, "max_new_tokens": 4})
+                break
+            except InvalidRequestError:
+                continue
+        assert out["meta_info"]["completion_tokens"] == 4
+
+
 @pytest.mark.ray
 def test_structured_outputs_through_ray(ray_cluster, smollm2_path, schema_outputs):
     picks = [0, 8, 16]
