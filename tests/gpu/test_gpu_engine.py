@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from .backends import ATTENTION_BACKENDS
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 NEW = 8
@@ -55,24 +57,7 @@ def _greedy(engine, prompts):
     )
 
 
-def _have_flashinfer() -> bool:
-    try:
-        import flashinfer  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "triton",
-        pytest.param(
-            "flashinfer",
-            marks=pytest.mark.skipif(not _have_flashinfer(), reason="flashinfer-python is not installed"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_engine_matches_transformers_bf16(llama_dir, backend):
     from transformers import AutoModelForCausalLM
 

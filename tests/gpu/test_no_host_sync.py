@@ -19,6 +19,8 @@ from sgl_ray.sampling.sampler import Sampler
 from sgl_ray.sampling.state import Admission, SamplingState
 from sgl_ray.transfer import to_device
 
+from .backends import ATTENTION_BACKENDS
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 VOCAB = 1000
@@ -90,24 +92,7 @@ def small_llama(tmp_path_factory) -> str:
     return str(path)
 
 
-def _have_flashinfer() -> bool:
-    try:
-        import flashinfer  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "triton",
-        pytest.param(
-            "flashinfer",
-            marks=pytest.mark.skipif(not _have_flashinfer(), reason="flashinfer-python is not installed"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sync"])
 def test_engine_steps_make_no_host_sync(small_llama, overlap: bool, backend: str) -> None:
     """Whole steps (prefill, decode graph replays, sampling with every kind of parameter, logprobs) after
