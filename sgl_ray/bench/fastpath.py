@@ -171,7 +171,7 @@ def _log(row: Row) -> None:
 
 
 def format_phases(p: dict[str, float]) -> str:
-    """Device time per phase against its phased floor (the floor's share of the measured time in brackets)."""
+    """Device time per phase against its phased floor, and the floor's share of that time."""
     return (
         f"prefill steps {p['prefill_s']:.1f} s on the device (floor {p['prefill_floor_s']:.1f} s, "
         f"{p['prefill_floor_s'] / max(p['prefill_s'], 1e-9):.2f}); decode steps {p['decode_s']:.1f} s "

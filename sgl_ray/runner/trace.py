@@ -18,13 +18,17 @@ class TracedStep(NamedTuple):
 StepTrace = list[TracedStep]  # one per CUDA step (``ModelRunner.step_trace``)
 
 
+def _idle_ms(trace: StepTrace) -> float:
+    """Milliseconds the device waited between consecutive steps (events synchronized)."""
+    return sum(max(0.0, a.end.elapsed_time(b.start)) for a, b in zip(trace, trace[1:], strict=False))
+
+
 def gpu_idle_fraction(trace: StepTrace) -> float:
     """Share of the time from the first step's start to the last step's end during which the device waited for
     the next step (events synchronized)."""
     if len(trace) < 2:
         return 0.0
-    gaps = sum(max(0.0, a.end.elapsed_time(b.start)) for a, b in zip(trace, trace[1:], strict=False))
-    return gaps / trace[0].start.elapsed_time(trace[-1].end)
+    return _idle_ms(trace) / trace[0].start.elapsed_time(trace[-1].end)
 
 
 def phase_times(trace: StepTrace) -> dict[str, float]:
@@ -32,5 +36,4 @@ def phase_times(trace: StepTrace) -> dict[str, float]:
     chunks, extends, mixed), and seconds the device waited between steps (events synchronized)."""
     decode = sum(s.start.elapsed_time(s.end) for s in trace if s.num_tokens == s.batch_size) / 1e3
     other = sum(s.start.elapsed_time(s.end) for s in trace if s.num_tokens != s.batch_size) / 1e3
-    idle = sum(max(0.0, a.end.elapsed_time(b.start)) for a, b in zip(trace, trace[1:], strict=False)) / 1e3
-    return {"decode_s": decode, "prefill_s": other, "idle_s": idle}
+    return {"decode_s": decode, "prefill_s": other, "idle_s": _idle_ms(trace) / 1e3}
