@@ -50,7 +50,9 @@ _PlanKey = tuple[int, int, int, torch.dtype, float]  # (heads, kv heads, head_di
 
 class _PinnedStaging:
     """Pinned host int32 buffers for the arrays a plan copies to the device, used in turn. A buffer is refilled
-    only once the copies queued from it have run (its event, recorded after the plan)."""
+    only once the copies queued from it have run (its event, recorded after the plan). Not
+    :class:`~sgl_ray.transfer.PinnedRing`: that ring makes the copy itself and frees a span at once, whereas
+    here FlashInfer copies later, inside ``plan``, from host tensors it is handed."""
 
     def __init__(self, turns: int = 4) -> None:
         self._bufs = [torch.empty(0, dtype=torch.int32) for _ in range(turns)]
