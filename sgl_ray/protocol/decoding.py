@@ -59,15 +59,16 @@ def decode_request(kind: RequestKind, body: bytes) -> AnyRequest:
     decoder = _DECODERS.get(kind)
     if decoder is None:
         raise ValueError(f"unknown request kind {kind!r}; expected one of {sorted(_DECODERS)}")
+    not_utf8 = "We could not parse the JSON body of your request: it is not valid UTF-8."
     try:
         req = decoder.decode(body)
-    except UnicodeDecodeError:
-        raise InvalidRequestError(
-            "We could not parse the JSON body of your request: it is not valid UTF-8."
-        ) from None
+    except UnicodeDecodeError:  # msgspec before 0.23
+        raise InvalidRequestError(not_utf8) from None
     except msgspec.ValidationError as e:
         raise validation_error(str(e)) from None
     except msgspec.DecodeError as e:
+        if "utf-8" in str(e).lower():  # msgspec 0.23: "Invalid UTF-8 encoded string"
+            raise InvalidRequestError(not_utf8) from None
         raise InvalidRequestError(
             f"We could not parse the JSON body of your request ({e}). The API expects a JSON object."
         ) from None
