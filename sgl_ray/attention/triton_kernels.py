@@ -18,9 +18,13 @@ sequence's end are empty and skipped by stage 2 (which recomputes the same ``chu
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
+
+from sgl_ray.layers.triton_pdl import launch_args, pdl_enter, use_pdl
 
 LOG2E = 1.4426950408889634
 
@@ -57,9 +61,10 @@ def _decode_stage1(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_r2t, stride_pi, stride_ph,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIRECT: tl.constexpr, IEEE: tl.constexpr,
+    DIRECT: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # fmt: on
+    pdl_enter(USE_PDL)
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     i = tl.program_id(2)
@@ -104,8 +109,10 @@ def _decode_reduce(
     Out, PartO, PartLse, dec_token, dec_len,
     num_splits, stride_ot, stride_oh, stride_pi, stride_ph,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # fmt: on
+    pdl_enter(USE_PDL)
     head = tl.program_id(0)
     i = tl.program_id(1)
     token = tl.load(dec_token + i).to(tl.int64)
@@ -128,6 +135,29 @@ def decode_block_n(head_dim: int, dtype: torch.dtype) -> int:
     return 32 if head_dim > 128 or dtype == torch.float32 else 64
 
 
+class DecodeConfig(NamedTuple):
+    """Launch shape of stage 1: keys per iteration (also the split granularity), warps, pipeline depth."""
+
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+SMALL_DECODE_BATCH = 4
+
+
+def decode_config(head_dim: int, dtype: torch.dtype, num_decode: int = 1) -> DecodeConfig:
+    """Stage-1 launch shape for a decode batch. Measured on an H200 (8B shape, bf16, CUDA graphs): a third
+    pipeline stage reads KV 13-16% faster at batches of 32-256 (up to 4.2 TB/s, the card's copy rate); at a
+    handful of requests the grid is small and 128 keys per step with two stages does best."""
+    block_n = decode_block_n(head_dim, dtype)
+    if block_n < 64:  # fp32 or wide heads: keep the shared-memory footprint of two stages
+        return DecodeConfig(block_n)
+    if num_decode <= SMALL_DECODE_BATCH:
+        return DecodeConfig(128, num_warps=4, num_stages=2)
+    return DecodeConfig(64, num_warps=4, num_stages=3)
+
+
 def decode_attention(
     q: torch.Tensor,  # [T, H, D]
     k_buf: torch.Tensor,  # [num_slots, KVH, D]
@@ -141,15 +171,18 @@ def decode_attention(
     num_splits: int,  # a power of two
     scale: float,
     new_buffer,  # (shape, dtype) -> uninitialised tensor on q's device
+    config: DecodeConfig | None = None,
 ) -> None:
     num_decode = dec_row.shape[0]
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_buf.shape[1]
     group = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
-    block_n = decode_block_n(head_dim, q.dtype)
+    config = config or decode_config(head_dim, q.dtype, num_decode)
+    block_n = config.block_n
     ieee = q.dtype == torch.float32
     direct = num_splits == 1
+    pdl = use_pdl(q)
     if direct:
         part_o = part_lse = out  # unused
     else:
@@ -163,7 +196,8 @@ def decode_attention(
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         out.stride(0), out.stride(1), req_to_token.stride(0), num_heads * num_splits, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        DIRECT=direct, IEEE=ieee, num_warps=4, num_stages=2,
+        DIRECT=direct, IEEE=ieee, USE_PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages,
+        **launch_args(pdl),
     )
     # fmt: on
     if not direct:
@@ -171,6 +205,7 @@ def decode_attention(
         _decode_reduce[(num_heads, num_decode)](
             out, part_o, part_lse, dec_token, dec_len,
             num_splits, out.stride(0), out.stride(1), num_heads * num_splits, num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_S=num_splits, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_S=num_splits, USE_PDL=pdl, num_warps=4,
+            **launch_args(pdl),
         )
         # fmt: on
