@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgl_ray.distributed import Communicator, SingleProcessCommunicator
+from sgl_ray.layers.linear import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -47,7 +48,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         if self.tp.world_size == 1:
             return logits
         return self.tp.all_gather(logits, dim=-1)[:, : self.vocab_size]

@@ -1,4 +1,5 @@
-"""Fused Triton kernels for the small per-layer ops on CUDA: RMSNorm with the residual add, SiLU-and-mul, rotary.
+"""Fused Triton kernels for the small per-layer ops on CUDA: RMSNorm with the residual add, SiLU-and-mul, rotary
+(and, re-exported, the batch-1 GEMV of :mod:`sgl_ray.layers.triton_gemv`).
 
 At small batch a decode step is a few large GEMVs plus ~20 tiny elementwise kernels per layer; each tiny kernel
 costs 1-3 µs of GPU time however little it does. These kernels do each op in one launch, with the same rounding as
@@ -13,12 +14,19 @@ import torch
 import triton
 import triton.language as tl
 
+from sgl_ray.layers.triton_gemv import gemv
+from sgl_ray.layers.triton_gemv import supports as gemv_supports
+from sgl_ray.layers.triton_pdl import launch_args, pdl_enter, use_pdl
+
+__all__ = ["gemv", "gemv_supports", "rmsnorm", "rotary", "rotary_store", "silu_and_mul"]
+
 
 @triton.jit
 def _rmsnorm_kernel(
     X, R, W, Out, ROut, stride_x, stride_r, stride_o, stride_ro, n, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n
@@ -44,15 +52,18 @@ def rmsnorm(
     r_out = torch.empty_like(x) if residual is not None else out
     r = residual if residual is not None else x
     if t:
+        pdl = use_pdl(x)
         _rmsnorm_kernel[(t,)](
             x, r, weight, out, r_out, x.stride(0), r.stride(0), out.stride(0), r_out.stride(0), n, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=8 if n >= 4096 else 4,
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n), USE_PDL=pdl,
+            num_warps=8 if n >= 4096 else 4, **launch_args(pdl),
         )  # fmt: skip
     return out if residual is None else (out, r_out)
 
 
 @triton.jit
-def _silu_and_mul_kernel(X, Out, stride_x, stride_o, n, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(X, Out, stride_x, stride_o, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -70,7 +81,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((t, n), dtype=x.dtype, device=x.device)
     block = 1024
     if t:
-        _silu_and_mul_kernel[(t, triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), n, BLOCK=block)
+        pdl = use_pdl(x)
+        _silu_and_mul_kernel[(t, triton.cdiv(n, block))](
+            x, out, x.stride(0), out.stride(0), n, BLOCK=block, USE_PDL=pdl, **launch_args(pdl)
+        )
     return out
 
 
@@ -90,8 +104,9 @@ def _rotate_halves(x1, x2, cos_row, sin_row, offs, HALF: tl.constexpr):
 @triton.jit
 def _rotary_kernel(
     X, Cos, Sin, Out, stride_xt, stride_xh, stride_ct, stride_ot, stride_oh, num_heads,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs = tl.arange(0, BLOCK_D)
@@ -112,9 +127,10 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     out = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
     block_h = min(16, triton.next_power_of_2(h))
     if t:
+        pdl = use_pdl(x)
         _rotary_kernel[(t, triton.cdiv(h, block_h))](
             x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), out.stride(0), out.stride(1), h,
-            HALF=d // 2, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2),
+            HALF=d // 2, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2), USE_PDL=pdl, **launch_args(pdl),
         )  # fmt: skip
     return out
 
@@ -123,8 +139,10 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def _rotary_store_kernel(
     QKV, Cos, Sin, QOut, KOut, KCache, VCache, Loc, stride_qkv, stride_ct, stride_qo, stride_ko, stride_cache,
     num_heads, num_kv_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # program (t, head block) over the H query, KVH key and KVH value heads of token t's QKV row
+    pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs = tl.arange(0, BLOCK_D)
@@ -174,9 +192,10 @@ def rotary_store(
     total = num_heads + 2 * num_kv_heads
     block_h = min(16, triton.next_power_of_2(total))
     if t:
+        pdl = use_pdl(qkv)
         _rotary_store_kernel[(t, triton.cdiv(total, block_h))](
             qkv, cos, sin, q, k, k_cache, v_cache, loc, qkv.stride(0), cos.stride(0), q.stride(0), k.stride(0),
             k_cache.stride(0), num_heads, num_kv_heads,
-            HALF=d // 2, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2),
+            HALF=d // 2, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2), USE_PDL=pdl, **launch_args(pdl),
         )  # fmt: skip
     return q, k

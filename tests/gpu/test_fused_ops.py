@@ -96,3 +96,83 @@ def check_rotary_store(device: str, dtype: torch.dtype, heads: int, kv_heads: in
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64), (4, 2, 16)])
 def test_rotary_store_matches_rotary_and_index_copy(dtype, heads, kv_heads, head_dim):
     check_rotary_store("cuda", dtype, heads, kv_heads, head_dim)
+
+
+def check_gemv(device: str, dtype: torch.dtype, pdl: bool | None = None) -> None:
+    """The batch-1 GEMV against ``F.linear`` in fp32 on the same inputs: ragged and even K, with and without
+    a bias, a strided row (also run on the CPU by Triton's interpreter: tests/unit/test_triton_interpreter.py)."""
+    from sgl_ray.layers.triton_gemv import GemvConfig, gemv
+
+    g = torch.Generator().manual_seed(0)
+    for n, k, bias in [(37, 100, False), (64, 1024, True), (4096, 576, False), (5, 3000, True)]:
+        wide = torch.randn(1, k + 16, generator=g).to(device, dtype)
+        x = wide[:, 8 : 8 + k]  # a row of a wider tensor, as q of the fused qkv
+        w = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
+        b = torch.randn(n, generator=g).to(device, dtype) if bias else None
+        expected = F.linear(x.float(), w.float(), None if b is None else b.float())
+        configs = [None, GemvConfig(16, 64, 4, 2, lane_acc=False)]
+        for cfg in configs:
+            kwargs = {} if cfg is None else {"config": cfg}
+            out = gemv(x, w, b, pdl=pdl, **kwargs)
+            assert out.shape == (1, n) and out.dtype == dtype
+            # fp32 accumulation, one rounding at the end
+            torch.testing.assert_close(out.float(), expected, **ULP2[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pdl", [False, None], ids=["plain", "pdl-if-supported"])
+def test_gemv_matches_linear(dtype, pdl):
+    check_gemv("cuda", dtype, pdl)
+
+
+def test_linear_layers_dispatch_one_row_to_the_gemv():
+    from sgl_ray.layers.linear import ColumnParallelLinear, linear
+
+    layer = ColumnParallelLinear(256, 384, bias=True).cuda().to(torch.bfloat16)
+    layer.weight.data.normal_(std=0.05)
+    layer.bias.data.normal_()
+    x = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
+    one = layer(x[:1])
+    torch.testing.assert_close(one, linear(x[:1], layer.weight, layer.bias), atol=0, rtol=0)
+    torch.testing.assert_close(one.float(), F.linear(x[:1].float(), layer.weight.float(), layer.bias.float()),
+                               **ULP2[torch.bfloat16])  # fmt: skip
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=0, rtol=0)  # cuBLAS
+
+
+def test_pdl_chain_in_a_cuda_graph_matches_eager():
+    """RMSNorm -> GEMV -> SiLU-and-mul -> GEMV, each launched with PDL where supported, captured in a graph and
+    replayed on new inputs: the same results as the same kernels run eagerly, and as torch in fp32."""
+    from sgl_ray.layers.linear import linear
+
+    ops = _ops()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    hidden, inter = 1024, 2816
+    w_up = torch.randn(2 * inter, hidden, device="cuda", generator=g).div(hidden**0.5).to(torch.bfloat16)
+    w_down = torch.randn(hidden, inter, device="cuda", generator=g).div(inter**0.5).to(torch.bfloat16)
+    norm_w = torch.rand(hidden, device="cuda", generator=g).add(0.5).to(torch.bfloat16)
+    x = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        h, r = ops.rmsnorm(x, norm_w, 1e-5, res)
+        return linear(ops.silu_and_mul(linear(h, w_up)), w_down) + r
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for _ in range(3):
+        x.copy_(torch.randn(1, hidden, device="cuda", generator=g))
+        res.copy_(torch.randn(1, hidden, device="cuda", generator=g))
+        graph.replay()
+        torch.testing.assert_close(out, step(), atol=0, rtol=0)
+    h = RMSNorm(hidden, 1e-5).cuda()
+    h.weight.data = norm_w.float()
+    ref_h = h._norm((x + res).float())
+    gate, up = F.linear(ref_h, w_up.float()).chunk(2, dim=-1)
+    ref = F.linear(F.silu(gate) * up, w_down.float()) + (x + res).float()
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)

@@ -16,7 +16,8 @@ _SCRIPT = """
 import torch
 from sgl_ray.layers import triton_ops
 from sgl_ray.layers.rotary import RotaryEmbedding, rotate_half
-from tests.gpu.test_fused_ops import check_rotary_store
+from tests.gpu.test_fused_ops import check_gemv, check_rotary_store
+check_gemv("cpu", torch.float16)
 for shape in [(4, 2, 16), (9, 3, 64)]:
     check_rotary_store("cpu", torch.float32, *shape)
 rope = RotaryEmbedding(32, {"rope_theta": 10000.0}, 512)
@@ -27,7 +28,7 @@ torch.testing.assert_close(triton_ops.rotary(qk, cos, sin), qk * cos + rotate_ha
 """
 
 
-def test_rotary_kernels_in_the_interpreter():
+def test_rotary_and_gemv_kernels_in_the_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, cwd=ROOT)
