@@ -17,12 +17,10 @@ from sgl_ray.layers.cuda_ops import cuda_ops
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, except that one row on CUDA goes to the Triton GEMV (faster than cuBLAS at batch 1, and
-    launched so that it streams its weights while the kernel before it finishes)."""
-    if x.is_cuda and x.dim() == 2 and x.shape[0] == 1:
-        ops = cuda_ops()
-        if ops.gemv_supports(x, weight):
-            return ops.gemv(x, weight, bias)
+    """``F.linear``, except that what the Triton GEMV takes on CUDA (a single row: faster than cuBLAS at batch 1,
+    and launched so that it streams its weights while the kernel before it finishes) goes there."""
+    if x.is_cuda and cuda_ops().gemv_supports(x, weight):
+        return cuda_ops().gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

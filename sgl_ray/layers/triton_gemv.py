@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sgl_ray.layers.triton_pdl import launch_args, use_pdl
+from sgl_ray.layers.triton_pdl import launch_args, pdl_enter, use_pdl
 
 MAX_ROWS = 1  # from 2 rows on cuBLAS was faster on an H200 (8B shapes), and from 4 by far
 
@@ -69,8 +69,7 @@ def _gemv_kernel(
         # before waiting for it, since no kernel writes weights; x, and the output, only after.
         in_k = offs_k < K
         w = tl.load(w_ptrs, mask=mask_n[:, None] & in_k[None, :], other=0.0)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        pdl_enter(USE_PDL)
         x = tl.load(x_ptrs, mask=mask_m[:, None] & in_k[None, :], other=0.0)
         acc = _accumulate(acc, w, x, LANE_ACC)
         w_ptrs += BLOCK_K
