@@ -64,13 +64,15 @@ def _decode_stage1(
     DIRECT: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # fmt: on
-    pdl_enter(USE_PDL)
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     i = tl.program_id(2)
+    # The step's index arrays come from host copies made before the forward pass started (no kernel writes
+    # them), so they are read before waiting for the previous kernel (see triton_pdl); q, K/V and the outputs after.
     token = tl.load(dec_token + i).to(tl.int64)
     seq_len = tl.load(dec_len + i)
     req = tl.load(req_pool_idxs + tl.load(dec_row + i)).to(tl.int64)
+    pdl_enter(USE_PDL)
     chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)  # empty when split >= cdiv(seq_len, chunk)
@@ -112,11 +114,11 @@ def _decode_reduce(
     USE_PDL: tl.constexpr,
 ):
     # fmt: on
-    pdl_enter(USE_PDL)
     head = tl.program_id(0)
     i = tl.program_id(1)
-    token = tl.load(dec_token + i).to(tl.int64)
+    token = tl.load(dec_token + i).to(tl.int64)  # host-copied indices: read before the wait, as in stage 1
     seq_len = tl.load(dec_len + i)
+    pdl_enter(USE_PDL)
     chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     offs_s = tl.arange(0, BLOCK_S)
     mask_s = offs_s < tl.cdiv(seq_len, chunk)  # exactly the splits stage 1 wrote

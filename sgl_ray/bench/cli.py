@@ -41,7 +41,7 @@ from sgl_ray.configs.engine_args import EngineArgs
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` sub-commands to ``parser`` (the ``sgl-ray bench`` parser)."""
     sub = parser.add_subparsers(
-        dest="bench_command", required=True, metavar="{offline,serving,roofline,lora,structured}"
+        dest="bench_command", required=True, metavar="{offline,serving,roofline,step-profile,lora,structured}"
     )
     offline = sub.add_parser(
         "offline",
@@ -89,6 +89,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     offline.set_defaults(bench_func=_offline)
     _add_serving_args(sub)
     _add_roofline_args(sub)
+    _add_step_profile_args(sub)
     _add_lora_args(sub)
     add_structured_args(sub)
 
@@ -157,6 +158,42 @@ def _roofline(ns: argparse.Namespace) -> int:
 
         rates, facts, rows = run_roofline(EngineArgs.from_cli_args(ns), cfg, record)
     print(format_roofline(rates, facts, rows))
+    return 0
+
+
+def _add_step_profile_args(sub: argparse._SubParsersAction) -> None:
+    prof = sub.add_parser(
+        "step-profile",
+        help="one decode step's device time, kernel by kernel, against its roofline floor (CUDA)",
+        description=(
+            "Replay the engine's decode CUDA graph for a batch at a fixed context, time it, and charge each kernel "
+            "the device time it adds (overlapping launches counted once)."
+        ),
+    )
+    EngineArgs.add_cli_args(prof)
+    w = prof.add_argument_group("workload")
+    w.add_argument("--batch-size", type=int, default=1, help="decode requests in the step")
+    w.add_argument("--context", type=int, default=384, help="tokens of each request, the new one included")
+    w.add_argument("--replays", type=int, default=50, help="timed replays")
+    w.add_argument("--profiled", type=int, default=10, help="replays under the profiler")
+    w.add_argument("--top", type=int, default=30, help="kernels listed")
+    prof.set_defaults(bench_func=_step_profile)
+
+
+def _step_profile(ns: argparse.Namespace) -> int:
+    from sgl_ray.bench.step_profile import format_profile, run_step_profile
+
+    if min(ns.batch_size, ns.context, ns.replays, ns.profiled) < 1:
+        print("[bench] --batch-size, --context, --replays and --profiled must be positive", file=sys.stderr)
+        return 2
+    try:
+        result = run_step_profile(
+            EngineArgs.from_cli_args(ns), ns.batch_size, ns.context, ns.replays, ns.profiled
+        )
+    except ValueError as e:
+        print(f"[bench] {e}", file=sys.stderr)
+        return 2
+    print(format_profile(result, ns.top))
     return 0
 
 

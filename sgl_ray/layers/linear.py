@@ -177,9 +177,11 @@ class RowParallelLinear(_Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
             return linear(x, self.weight, self.bias)
-        out = linear(x, self.weight)
-        if self.reduce_results:
-            out = self.tp.all_reduce(out)
+        return self.reduce(linear(x, self.weight))
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """This rank's product without the bias -> the layer's output (summed across ranks, bias added)."""
+        out = self.tp.all_reduce(partial) if self.reduce_results else partial
         if self.bias is not None:
             out = out + self.bias
         return out

@@ -6,6 +6,12 @@ contiguously) and walks K in ``BLOCK_K`` chunks, keeping ``num_stages`` chunks i
 M rows accumulate in fp32 registers, lane by lane, and are summed across the chunk once at the end, so the loop
 body is loads and fused multiply-adds only.
 
+The op before a projection can run inside it, as the input is read (``PROLOGUE``): RMSNorm with the residual
+add (:func:`rmsnorm_gemv`: every program first sums the squares of the whole row, which stays in L2/L1, and
+program 0 writes the new residual), or SiLU-and-mul (:func:`silu_mul_gemv`). At batch 1 each small kernel
+between two GEMVs costs a few microseconds of latency that the weight stream cannot hide; fused, the next
+projection starts streaming its weights while the previous one finishes.
+
 Imported only on CUDA (through :func:`sgl_ray.layers.cuda_ops.cuda_ops`).
 """
 
@@ -28,11 +34,14 @@ class GemvConfig(NamedTuple):
     num_warps: int
     num_stages: int
     lane_acc: bool = True  # sum across the chunk once at the end (else after every chunk: fewer registers)
+    prefetch: int = 1  # K chunks of weights read before waiting for the previous kernel (PDL); a power of two
 
 
-# The best of 17 configurations on an H200 over the 8B shapes at batch 1 (QKV, O, gate/up, down, LM head):
-# 15.3, 11.3, 60.1, 33.1, 247.6 µs against cuBLAS's 15.8, 13.6, 57.8, 33.1, 251.3 µs.
-DEFAULT_CONFIG = GemvConfig(block_n=4, block_k=512, num_warps=2, num_stages=4)
+# Of 20 configurations timed on an H200 over the 8B shapes at batch 1 with PDL (QKV, O, gate/up, down, LM head),
+# these two took 14.8, 10.0, 56.9, 30.0, 235.5 µs against cuBLAS's 16.4, 13.3, 60.2, 32.2, 263.0 µs
+# (see gemv_config).
+DEFAULT_CONFIG = GemvConfig(block_n=2, block_k=512, num_warps=1, num_stages=4)
+NARROW_CONFIG = GemvConfig(block_n=8, block_k=1024, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -46,10 +55,43 @@ def _accumulate(acc, w, x, LANE_ACC: tl.constexpr):
 
 
 @triton.jit
+def _residual_sum(X, R, x_rows, r_rows, offs_k, mask, HAS_RESIDUAL: tl.constexpr):
+    """x (+ residual), rounded to the activation dtype as the torch path does: [M_PAD, BLOCK_K]."""
+    x = tl.load(X + x_rows + offs_k[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + r_rows + offs_k[None, :], mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _input(
+    X, R, NormW, x_rows, r_rows, offs_k, mask, rstd, K,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """The GEMV's input columns ``offs_k`` of every row: x itself, RMSNorm(x + residual) (rstd [M_PAD] known),
+    or silu(gate) * up of x = [gate | up] (K = its width); each step rounded like the separate kernels."""
+    if PROLOGUE == 2:
+        gate = tl.load(X + x_rows + offs_k[None, :], mask=mask, other=0.0)
+        up = tl.load(X + x_rows + K + offs_k[None, :], mask=mask, other=0.0)
+        g = gate.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+        return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+    elif PROLOGUE == 1:
+        x = _residual_sum(X, R, x_rows, r_rows, offs_k, mask, HAS_RESIDUAL)
+        y = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
+        nw = tl.load(NormW + offs_k, mask=offs_k < K, other=0.0)
+        return (nw.to(tl.float32)[None, :] * y.to(tl.float32)).to(x.dtype)
+    else:
+        return tl.load(X + x_rows + offs_k[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _gemv_kernel(
-    X, W, Bias, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+    X, W, Bias, Y, R, NormW, ROut, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_rom, eps,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr, LANE_ACC: tl.constexpr, USE_PDL: tl.constexpr,
+    EVEN_K: tl.constexpr, LANE_ACC: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,39 +99,57 @@ def _gemv_kernel(
     offs_m = tl.arange(0, M_PAD)
     mask_n = offs_n < N
     mask_m = offs_m < M
-    w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
-    x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]  # [M_PAD, BLOCK_K]
+    x_rows = (offs_m * stride_xm)[:, None]
+    r_rows = (offs_m * stride_rm)[:, None]
+    w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    if USE_PDL:
+        # Launched while the previous kernel may still run (see triton_pdl): the first PREFETCH_K columns of
+        # the weights are read before waiting for it, since no kernel writes weights; x, and the outputs, after.
+        offs_p = tl.arange(0, PREFETCH_K)
+        w_pre = tl.load(w_rows + offs_p[None, :], mask=mask_n[:, None] & (offs_p < K)[None, :], other=0.0)
+    pdl_enter(USE_PDL)
+    rstd = tl.zeros([M_PAD], dtype=tl.float32)
+    if PROLOGUE == 1:  # RMSNorm: one pass over the whole row for its scale (L2-resident, every program)
+        sq = tl.zeros([M_PAD], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + offs_k
+            mask = mask_m[:, None] & (cols < K)[None, :]
+            h = _residual_sum(X, R, x_rows, r_rows, cols, mask, HAS_RESIDUAL)
+            if HAS_RESIDUAL:
+                if pid == 0:  # the new residual stream, written once
+                    tl.store(ROut + (offs_m * stride_rom)[:, None] + cols[None, :], h, mask=mask)
+            hf = h.to(tl.float32)
+            sq += tl.sum(hf * hf, axis=1)
+        rstd = 1.0 / tl.sqrt(sq / K + eps)
+    k_start = 0
+    pre = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+    if USE_PDL:
+        x_pre = _input(
+            X, R, NormW, x_rows, r_rows, offs_p, mask_m[:, None] & (offs_p < K)[None, :], rstd, K,
+            PROLOGUE, HAS_RESIDUAL,
+        )  # fmt: skip
+        pre = tl.sum(w_pre.to(tl.float32)[None, :, :] * x_pre.to(tl.float32)[:, None, :], axis=2)
+        k_start = PREFETCH_K
     if LANE_ACC:
         acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
-    k_start = 0
-    if USE_PDL:
-        # Launched while the previous kernel may still run (see triton_pdl): the first weight tile is read
-        # before waiting for it, since no kernel writes weights; x, and the output, only after.
-        in_k = offs_k < K
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & in_k[None, :], other=0.0)
-        pdl_enter(USE_PDL)
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & in_k[None, :], other=0.0)
-        acc = _accumulate(acc, w, x, LANE_ACC)
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-        k_start = BLOCK_K
     for k0 in range(k_start, K, BLOCK_K):
+        cols = k0 + offs_k
         if EVEN_K:
-            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
-            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None], other=0.0)
+            x = _input(X, R, NormW, x_rows, r_rows, cols, mask_m[:, None], rstd, K, PROLOGUE, HAS_RESIDUAL)
         else:
-            in_k = (k0 + offs_k) < K
-            w = tl.load(w_ptrs, mask=mask_n[:, None] & in_k[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=mask_m[:, None] & in_k[None, :], other=0.0)
+            in_k = cols < K
+            w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & in_k[None, :], other=0.0)
+            x = _input(
+                X, R, NormW, x_rows, r_rows, cols, mask_m[:, None] & in_k[None, :], rstd, K, PROLOGUE, HAS_RESIDUAL
+            )  # fmt: skip
         acc = _accumulate(acc, w, x, LANE_ACC)
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
     if LANE_ACC:
-        y = tl.sum(acc, axis=2)  # [M_PAD, BLOCK_N]
+        y = tl.sum(acc, axis=2) + pre  # [M_PAD, BLOCK_N]
     else:
-        y = acc
+        y = acc + pre
     if HAS_BIAS:
         y += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -109,22 +169,80 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def gemv_config(n: int, k: int) -> GemvConfig:
+    """The launch shape for an ``[N, K]`` weight: measured on an H200 over the 8B shapes at batch 1 (PDL on),
+    narrow outputs (O, down: N 4096) do best with 8 rows of W per program and long K chunks, the rest with 2 rows
+    per single-warp program."""
+    return NARROW_CONFIG if n <= 4096 else DEFAULT_CONFIG
+
+
+_PLAIN, _RMSNORM, _SILU_MUL = 0, 1, 2
+
+
+def _launch(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, config: GemvConfig | None,
+    pdl: bool | None, prologue: int = _PLAIN, residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    m = x.shape[0]
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"weight has {weight.shape[1]} input columns, the input {k}")
+    config = config or gemv_config(n, k)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    r_out = torch.empty((m, k), dtype=x.dtype, device=x.device) if residual is not None else None
+    pdl = use_pdl(x) if pdl is None else pdl
+    block_k = min(config.block_k, triton.next_power_of_2(k))
+    prefetch_k = min(block_k * config.prefetch, triton.next_power_of_2(k))
+    r = residual if residual is not None else x
+    ro = r_out if r_out is not None else x
+    _gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        x, weight, bias if bias is not None else weight, out, r, norm_weight if norm_weight is not None else weight,
+        ro, m, n, k, x.stride(0), weight.stride(0), out.stride(0), r.stride(0), ro.stride(0), eps,
+        M_PAD=triton.next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+        EVEN_K=k % block_k == 0, LANE_ACC=config.lane_acc, USE_PDL=pdl, PREFETCH_K=prefetch_k,
+        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, num_warps=config.num_warps,
+        num_stages=config.num_stages, **launch_args(pdl),
+    )  # fmt: skip
+    return out, r_out
+
+
 def gemv(
     x: torch.Tensor,  # [M, K]
     weight: torch.Tensor,  # [N, K], unit stride along K
     bias: torch.Tensor | None = None,  # [N]
-    config: GemvConfig = DEFAULT_CONFIG,
+    config: GemvConfig | None = None,  # None: gemv_config(N, K)
     pdl: bool | None = None,  # None: wherever the device supports it
 ) -> torch.Tensor:  # [M, N]
-    m, k = x.shape
-    n = weight.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    pdl = use_pdl(x) if pdl is None else pdl
-    block_k = min(config.block_k, triton.next_power_of_2(k))
-    _gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        M_PAD=triton.next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-        EVEN_K=k % block_k == 0, LANE_ACC=config.lane_acc, USE_PDL=pdl, num_warps=config.num_warps,
-        num_stages=config.num_stages, **launch_args(pdl),
-    )  # fmt: skip
-    return out
+    return _launch(x, weight, bias, x.shape[1], config, pdl)[0]
+
+
+def rmsnorm_gemv(
+    x: torch.Tensor,  # [M, K]
+    residual: torch.Tensor | None,  # [M, K]
+    norm_weight: torch.Tensor,  # [K]
+    eps: float,
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+    pdl: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(h) W^T (+ b), h)`` with ``h = x + residual`` (or ``x``): RMSNorm with the residual add and the
+    product in one kernel, the same rounding as ``triton_ops.rmsnorm`` followed by :func:`gemv`."""
+    if norm_weight.shape != (x.shape[1],):
+        raise ValueError(f"norm weight of shape {tuple(norm_weight.shape)} for rows of {x.shape[1]}")
+    out, r_out = _launch(x, weight, bias, x.shape[1], config, pdl, _RMSNORM, residual, norm_weight, eps)
+    return out, (r_out if r_out is not None else x)
+
+
+def silu_mul_gemv(
+    x: torch.Tensor,  # [M, 2K] = [gate | up]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+    pdl: bool | None = None,
+) -> torch.Tensor:
+    """``(silu(gate) * up) W^T (+ b)`` in one kernel, rounded like ``triton_ops.silu_and_mul`` then :func:`gemv`."""
+    if x.shape[1] % 2:
+        raise ValueError(f"[gate | up] rows of odd width {x.shape[1]}")
+    return _launch(x, weight, bias, x.shape[1] // 2, config, pdl, _SILU_MUL)[0]

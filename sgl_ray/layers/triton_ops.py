@@ -1,11 +1,12 @@
 """Fused Triton kernels for the small per-layer ops on CUDA: RMSNorm with the residual add, SiLU-and-mul, rotary
-(and, re-exported, the batch-1 GEMV of :mod:`sgl_ray.layers.triton_gemv`).
+(and, re-exported, the batch-1 GEMVs of :mod:`sgl_ray.layers.triton_gemv`, plain and fused with RMSNorm or
+SiLU-and-mul).
 
 At small batch a decode step is a few large GEMVs plus ~20 tiny elementwise kernels per layer; each tiny kernel
 costs 1-3 µs of GPU time however little it does. These kernels do each op in one launch, with the same rounding as
 the torch path (each torch op rounds to the activation dtype; so does each step here), so outputs match it.
 
-Imported only on CUDA (through :func:`sgl_ray.layers.fused.kernels`): CPU installs have no Triton.
+Imported only on CUDA (through :func:`sgl_ray.layers.cuda_ops.cuda_ops`): CPU installs have no Triton.
 """
 
 from __future__ import annotations
@@ -14,11 +15,20 @@ import torch
 import triton
 import triton.language as tl
 
-from sgl_ray.layers.triton_gemv import gemv
+from sgl_ray.layers.triton_gemv import gemv, rmsnorm_gemv, silu_mul_gemv
 from sgl_ray.layers.triton_gemv import supports as gemv_supports
 from sgl_ray.layers.triton_pdl import launch_args, pdl_enter, use_pdl
 
-__all__ = ["gemv", "gemv_supports", "rmsnorm", "rotary", "rotary_store", "silu_and_mul"]
+__all__ = [
+    "gemv",
+    "gemv_supports",
+    "rmsnorm",
+    "rmsnorm_gemv",
+    "rotary",
+    "rotary_store",
+    "silu_and_mul",
+    "silu_mul_gemv",
+]
 
 
 @triton.jit

@@ -18,6 +18,7 @@ from sgl_ray.layers.activation import SiluAndMul
 from sgl_ray.layers.attention import RadixAttention
 from sgl_ray.layers.cuda_ops import cuda_ops
 from sgl_ray.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from sgl_ray.layers.fused_linear import norm_linear, silu_mul_linear
 from sgl_ray.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sgl_ray.layers.norm import RMSNorm
 from sgl_ray.layers.rotary import RotaryEmbedding
@@ -62,10 +63,11 @@ class LlamaAttention(nn.Module):
             qkv.num_heads, qkv.head_dim, config.head_dim**-0.5, qkv.num_kv_heads, layer_id
         )
 
-    def forward(self, cos_sin: CosSin, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, cos_sin: CosSin, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """From the output of ``qkv_proj`` (the decoder layer runs it, fused with the norm before it where it
+        can): ``[T, (H + 2 * KVH) * D]`` -> the output of ``o_proj``."""
         p = self.qkv_proj
-        qkv = p(hidden)  # [T, (H + 2 * KVH) * D]
-        t, d = hidden.shape[0], p.head_dim
+        t, d = qkv.shape[0], p.head_dim
         if self.q_norm is None and qkv.is_cuda and batch.kv_pool.dtype == qkv.dtype:
             # one kernel: rotate q and k, store k and v in the KV pool
             k_cache, v_cache = batch.kv_pool.get_kv(self.attn.layer_id)
@@ -105,7 +107,11 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``down_proj(silu(gate) * up)``, one kernel on a single CUDA row."""
+        return silu_mul_linear(self.act, self.down_proj, gate_up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -119,13 +125,13 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, cos_sin: CosSin, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(cos_sin, hidden, batch)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        # Each norm runs inside the projection after it where that is one GEMV (see fused_linear).
+        qkv, residual = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, hidden, residual)
+        hidden = self.self_attn(cos_sin, qkv, batch)
+        gate_up, residual = norm_linear(
+            self.post_attention_layernorm, self.mlp.gate_up_proj, hidden, residual
+        )
+        return self.mlp.down(gate_up), residual
 
 
 class MissingLayer(nn.Module):

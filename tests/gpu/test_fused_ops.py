@@ -110,7 +110,7 @@ def check_gemv(device: str, dtype: torch.dtype, pdl: bool | None = None) -> None
         w = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
         b = torch.randn(n, generator=g).to(device, dtype) if bias else None
         expected = F.linear(x.float(), w.float(), None if b is None else b.float())
-        configs = [None, GemvConfig(16, 64, 4, 2, lane_acc=False)]
+        configs = [None, GemvConfig(16, 64, 4, 2, lane_acc=False), GemvConfig(4, 128, 2, 3, prefetch=4)]
         for cfg in configs:
             kwargs = {} if cfg is None else {"config": cfg}
             out = gemv(x, w, b, pdl=pdl, **kwargs)
@@ -125,6 +125,46 @@ def test_gemv_matches_linear(dtype, pdl):
     check_gemv("cuda", dtype, pdl)
 
 
+def check_fused_gemvs(device: str, dtype: torch.dtype, pdl: bool | None = None) -> None:
+    """RMSNorm (with and without the residual add) and SiLU-and-mul fused into the GEMV, against the separate
+    torch ops (same rounding steps) followed by ``F.linear`` in fp32."""
+    from sgl_ray.layers.norm import RMSNorm
+    from sgl_ray.layers.triton_gemv import GemvConfig, rmsnorm_gemv, silu_mul_gemv
+
+    g = torch.Generator().manual_seed(0)
+    configs = [None, GemvConfig(4, 128, 2, 3, prefetch=2), GemvConfig(8, 64, 4, 2, lane_acc=False)]
+    shapes = [(48, 256), (100, 1000)] + ([(4096, 576)] if device != "cpu" else [])  # the interpreter is slow
+    for n, k in shapes:
+        w = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
+        x = (torch.randn(1, k, generator=g) * 3).to(device, dtype)
+        r = torch.randn(1, k, generator=g).to(device, dtype)
+        norm = RMSNorm(k, eps=1e-5).to(device)
+        norm.weight.data = (1 + 0.1 * torch.randn(k, generator=g)).to(device, dtype)
+        h = (x.float() + r.float()).to(dtype)
+        for residual, h_want in [(r, h), (None, x)]:
+            xn = norm._norm(h_want)  # the torch path's rounding, step by step
+            expected = F.linear(xn.float(), w.float())
+            for cfg in configs:
+                out, r_out = rmsnorm_gemv(x, residual, norm.weight, norm.eps, w, config=cfg, pdl=pdl)
+                assert out.shape == (1, n) and out.dtype == dtype
+                torch.testing.assert_close(out.float(), expected, **ULP2[dtype])
+                assert torch.equal(r_out, h_want)
+        gate_up = torch.randn(1, 2 * k, generator=g).to(device, dtype) * 2
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = (F.silu(gate.float()).to(dtype).float() * up.float()).to(dtype)
+        b = torch.randn(n, generator=g).to(device, dtype)
+        expected = F.linear(act.float(), w.float(), b.float())
+        for cfg in configs:
+            out = silu_mul_gemv(gate_up, w, b, config=cfg, pdl=pdl)
+            torch.testing.assert_close(out.float(), expected, **ULP2[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pdl", [False, None], ids=["plain", "pdl-if-supported"])
+def test_fused_gemvs_match_the_separate_ops(dtype, pdl):
+    check_fused_gemvs("cuda", dtype, pdl)
+
+
 def test_linear_layers_dispatch_one_row_to_the_gemv():
     from sgl_ray.layers.linear import ColumnParallelLinear, linear
 
@@ -137,6 +177,36 @@ def test_linear_layers_dispatch_one_row_to_the_gemv():
     torch.testing.assert_close(one.float(), F.linear(x[:1].float(), layer.weight.float(), layer.bias.float()),
                                **ULP2[torch.bfloat16])  # fmt: skip
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=0, rtol=0)  # cuBLAS
+
+
+def test_fused_projections_match_the_separate_modules():
+    """``norm_linear`` / ``silu_mul_linear`` as the decoder layer calls them: on one row they take the fused GEMV,
+    on several rows the separate modules; both agree with the modules within bf16 rounding."""
+    from sgl_ray.layers.activation import SiluAndMul
+    from sgl_ray.layers.fused_linear import norm_linear, silu_mul_linear
+    from sgl_ray.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+    from sgl_ray.layers.norm import RMSNorm
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        norm = RMSNorm(512, eps=1e-5).to(torch.bfloat16)
+        up = MergedColumnParallelLinear(512, [768, 768]).to(torch.bfloat16)
+        down = RowParallelLinear(768, 512, bias=True).to(torch.bfloat16)
+        for p in (norm.weight, up.weight, down.weight, down.bias):
+            p.data.normal_(1.0 if p is norm.weight else 0.0, 0.05)
+        x = torch.randn(3, 512, dtype=torch.bfloat16)
+        r = torch.randn(3, 512, dtype=torch.bfloat16)
+    act = SiluAndMul()
+    for rows in (1, 3):
+        for res in (r[:rows], None):
+            got, got_res = norm_linear(norm, up, x[:rows], res)
+            h, want_res = norm(x[:rows], res) if res is not None else (norm(x[:rows]), x[:rows])
+            want = up(h)
+            assert torch.equal(got_res, want_res)
+            torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(silu_mul_linear(act, down, got), down(act(got)), atol=2e-2, rtol=2e-2)
+        if rows == 3:  # several rows: exactly the modules
+            assert torch.equal(norm_linear(norm, up, x, r)[0], up(norm(x, r)[0]))
 
 
 def test_pdl_chain_in_a_cuda_graph_matches_eager():

@@ -197,3 +197,20 @@ def test_phase_times_cover_the_traced_span(llama_dir):
     assert phases["prefill_s"] > 0 and phases["decode_s"] > 0 and phases["idle_s"] >= 0
     assert phases["prefill_s"] + phases["decode_s"] + phases["idle_s"] == pytest.approx(span, rel=0.05)
     assert sum(s.num_tokens == s.batch_size for s in trace) >= NEW - 2  # the decode steps
+
+
+def test_step_profile_charges_add_up_to_the_step(llama_dir):
+    """``bench step-profile`` on the decode graph: the kernels' charges and the idle gaps add up to the profiled
+    window, the GEMV shows up once per linear layer and step, and the evented step time is near the window's."""
+    import sgl_ray
+    from sgl_ray.bench.step_profile import profile_decode_step
+
+    with sgl_ray.Engine(llama_dir, dtype="bfloat16", skip_tokenizer_init=True, max_total_tokens=8192) as eng:
+        p = profile_decode_step(eng._core.runner, batch_size=1, context=300, replays=20, profiled=5)
+    a = p.attribution
+    assert a.shares, "the profiler saw no kernels in the graph replays"
+    assert sum(s.charged_us for s in a.shares) + a.idle_us == pytest.approx(a.window_us, rel=1e-6)
+    gemv = sum(s.count for s in a.shares if s.label.startswith("_gemv_kernel"))
+    assert gemv == 5 * (4 * 4 + 1)  # QKV, O, gate/up, down per layer, and the LM head, per step
+    assert 0 < p.floor_ms < p.step_ms
+    assert a.window_us / 5 / 1e3 == pytest.approx(p.step_ms, rel=0.5)

@@ -16,8 +16,9 @@ _SCRIPT = """
 import torch
 from sgl_ray.layers import triton_ops
 from sgl_ray.layers.rotary import RotaryEmbedding, rotate_half
-from tests.gpu.test_fused_ops import check_gemv, check_rotary_store
+from tests.gpu.test_fused_ops import check_fused_gemvs, check_gemv, check_rotary_store
 check_gemv("cpu", torch.float16)
+check_fused_gemvs("cpu", torch.float16)
 for shape in [(4, 2, 16), (9, 3, 64)]:
     check_rotary_store("cpu", torch.float32, *shape)
 rope = RotaryEmbedding(32, {"rope_theta": 10000.0}, 512)

@@ -1,0 +1,55 @@
+"""Projections fused with the op before them, on one-row CUDA steps (batch-1 decode).
+
+At batch 1 every small kernel between two GEMVs adds a few microseconds of latency that streaming weights
+cannot hide (on an H200, RMSNorm between two GEMVs: ~3 µs each, 65 per step of an 8B model). Here the op runs
+inside the next projection's GEMV as it reads its input (:mod:`sgl_ray.layers.triton_gemv`):
+
+- :func:`norm_linear`: ``RMSNorm`` (with the residual add) then a column-parallel projection (QKV, gate/up);
+- :func:`silu_mul_linear`: ``SiluAndMul`` then a row-parallel projection (down), its all-reduce unchanged.
+
+Anything else (several rows, a CPU, LoRA-wrapped layers, fp32) takes the separate modules, with the same
+results up to the order of the RMSNorm sum.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sgl_ray.layers.activation import SiluAndMul
+from sgl_ray.layers.cuda_ops import cuda_ops
+from sgl_ray.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+from sgl_ray.layers.norm import RMSNorm
+
+_COLUMN = (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear)
+
+
+def _one_row_gemv(x: torch.Tensor, layer: nn.Module, types: tuple[type, ...]) -> bool:
+    return x.is_cuda and type(layer) in types and cuda_ops().gemv_supports(x, layer.weight)
+
+
+def norm_linear(
+    norm: RMSNorm, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(layer(norm(x + residual)), x + residual)``; without ``residual``, ``(layer(norm(x)), x)``."""
+    if _one_row_gemv(x, layer, _COLUMN) and (residual is None or residual.stride(1) == 1):
+        return cuda_ops().rmsnorm_gemv(x, residual, norm.weight, norm.eps, layer.weight, layer.bias)
+    if residual is None:
+        return layer(norm(x)), x
+    h, residual = norm(x, residual)
+    return layer(h), residual
+
+
+def silu_mul_linear(act: SiluAndMul, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(act(x))`` for ``x = [gate | up]``."""
+    if _one_row_gemv(x, layer, (RowParallelLinear,)):
+        single = layer.tp.world_size == 1
+        partial = cuda_ops().silu_mul_gemv(x, layer.weight, layer.bias if single else None)
+        return partial if single else layer.reduce(partial)
+    return layer(act(x))
