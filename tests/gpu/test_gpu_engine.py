@@ -201,7 +201,7 @@ def test_phase_times_cover_the_traced_span(llama_dir):
 
 def test_step_profile_charges_add_up_to_the_step(llama_dir):
     """``bench step-profile`` on the decode graph: the kernels' charges and the idle gaps add up to the profiled
-    window, the GEMV shows up once per linear layer and step, and the evented step time is near the window's."""
+    window, and the GEMV shows up once per linear layer and step."""
     import sgl_ray
     from sgl_ray.bench.step_profile import profile_decode_step
 
@@ -213,4 +213,3 @@ def test_step_profile_charges_add_up_to_the_step(llama_dir):
     gemv = sum(s.count for s in a.shares if s.label.startswith("_gemv_kernel"))
     assert gemv == 5 * (4 * 4 + 1)  # QKV, O, gate/up, down per layer, and the LM head, per step
     assert 0 < p.floor_ms < p.step_ms
-    assert a.window_us / 5 / 1e3 == pytest.approx(p.step_ms, rel=0.5)
