@@ -7,8 +7,8 @@ inside the next projection's GEMV as it reads its input (:mod:`sgl_ray.layers.tr
 - :func:`norm_linear`: ``RMSNorm`` (with the residual add) then a column-parallel projection (QKV, gate/up);
 - :func:`silu_mul_linear`: ``SiluAndMul`` then a row-parallel projection (down), its all-reduce unchanged.
 
-The RMSNorm fusion is off by default (``FUSE_NORM``; see there why). Anything else (several rows, a CPU, LoRA-wrapped layers, fp32) takes the separate modules, with the same
-results up to the order of the RMSNorm sum.
+The RMSNorm fusion is off (``FUSE_NORM``: it measured slower). Anything else (several rows, a CPU, LoRA-wrapped
+layers, fp32) takes the separate modules, with the same results up to the order of the RMSNorm sum.
 """
 
 from __future__ import annotations

@@ -64,8 +64,8 @@ class LlamaAttention(nn.Module):
         )
 
     def forward(self, cos_sin: CosSin, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """From the output of ``qkv_proj`` (the decoder layer runs it, fused with the norm before it where it
-        can): ``[T, (H + 2 * KVH) * D]`` -> the output of ``o_proj``."""
+        """From the output of ``qkv_proj``, which the decoder layer runs (see ``fused_linear.norm_linear``):
+        ``[T, (H + 2 * KVH) * D]`` -> the output of ``o_proj``."""
         p = self.qkv_proj
         t, d = qkv.shape[0], p.head_dim
         if self.q_norm is None and qkv.is_cuda and batch.kv_pool.dtype == qkv.dtype:
@@ -125,7 +125,7 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, cos_sin: CosSin, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Each norm runs inside the projection after it where that is one GEMV (see fused_linear).
+        # The norms and projections go through fused_linear, which fuses what pays on a one-row CUDA step.
         qkv, residual = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, hidden, residual)
         hidden = self.self_attn(cos_sin, qkv, batch)
         gate_up, residual = norm_linear(
