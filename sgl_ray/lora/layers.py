@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sgl_ray.layers.linear import (
@@ -21,6 +20,7 @@ from sgl_ray.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
+    linear,
 )
 from sgl_ray.lora.backend import LoRABackend, LoRABatch
 
@@ -99,7 +99,8 @@ class RowLoRALinear(_LoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base
-        out = F.linear(x, base.weight)  # [T, O] partial sum over this rank's input slice
+        # [T, O] partial sum over this rank's input slice; a single CUDA row goes to the batch-1 GEMV
+        out = linear(x, base.weight)
         self._add_lora(x, out)
         if base.tp.world_size > 1 and base.reduce_results:
             out = base.tp.all_reduce(out)
