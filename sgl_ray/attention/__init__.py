@@ -20,8 +20,11 @@ def default_backend_name(device: torch.device) -> str:
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
 
-def create_attention_backend(name: str | None, device: torch.device) -> AttentionBackend:
-    """Instantiate the backend registered as ``name`` (``None``: the device's default)."""
+def create_attention_backend(
+    name: str | None, device: torch.device, num_kv_splits: int | None = None
+) -> AttentionBackend:
+    """Instantiate the backend registered as ``name`` (``None``: the device's default). ``num_kv_splits`` fixes
+    the Triton backend's decode split count (``None``: its own choice); no other backend takes it."""
     name = name or default_backend_name(device)
     if name not in _BACKENDS:
         raise InvalidRequestError(
@@ -29,7 +32,15 @@ def create_attention_backend(name: str | None, device: torch.device) -> Attentio
             param="attention_backend",
         )
     module, cls = _BACKENDS[name]
-    return getattr(importlib.import_module(module), cls)(device)
+    backend_cls = getattr(importlib.import_module(module), cls)
+    if num_kv_splits is None:
+        return backend_cls(device)
+    if name != "triton":
+        raise InvalidRequestError(
+            f"triton_attention_num_kv_splits: applies to the triton attention backend, not {name!r}",
+            param="triton_attention_num_kv_splits",
+        )
+    return backend_cls(device, num_kv_splits=num_kv_splits)
 
 
 __all__ = ["AttentionBackend", "create_attention_backend", "default_backend_name"]

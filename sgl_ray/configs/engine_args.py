@@ -63,6 +63,14 @@ class EngineArgs:
         default=None,
         metadata={"help": "torch (CPU default) | triton (GPU default) | flashinfer (GPU, optional package)"},
     )
+    triton_attention_num_kv_splits: int | None = field(
+        default=None,
+        metadata={
+            "help": "Triton decode attention: KV splits per request and KV head, a power of two up to 64 "
+            "(default: chosen per step from the batch and the longest sequence, or from the context length "
+            "for a CUDA graph)"
+        },
+    )
     disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode eagerly on CUDA"})
     cuda_graph_max_bs: int = field(
         default=256, metadata={"help": "largest decode batch captured in a CUDA graph"}
@@ -133,6 +141,9 @@ class EngineArgs:
         for name in ("tp_size", "pp_size", "dp_size"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
+        splits = self.triton_attention_num_kv_splits
+        if splits is not None and not (1 <= splits <= 64 and splits & (splits - 1) == 0):
+            raise bad("triton_attention_num_kv_splits", f"must be a power of two from 1 to 64, got {splits}")
         if self.cuda_graph_max_bs < 1:
             raise bad("cuda_graph_max_bs", "must be >= 1")
         if self.grammar_compile_timeout <= 0:

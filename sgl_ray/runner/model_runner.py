@@ -92,7 +92,9 @@ class ModelRunner:
             if args.lora_enabled
             else None
         )
-        self.attn_backend = create_attention_backend(args.attention_backend, self.device)
+        self.attn_backend = create_attention_backend(
+            args.attention_backend, self.device, args.triton_attention_num_kv_splits
+        )
         self.sampler = Sampler()
         self.cuda_graphs: CudaGraphRunner | None = None
         # Set to a list to record (batch size, start event, end event) of every CUDA step (see gpu_idle_fraction).

@@ -76,3 +76,32 @@ def test_device_dependent_defaults_and_their_cli_flags():
         (["--no-disable-jump-forward"], False),
     ):
         assert parser.parse_args(argv).disable_jump_forward is expected
+
+
+def test_triton_num_kv_splits_reaches_the_backend_and_is_checked():
+    """``triton_attention_num_kv_splits`` (``--triton-attention-num-kv-splits``) fixes the Triton backend's decode
+    split count; a count that is not a power of two up to 64, or the option with another backend, is a typed
+    error naming it."""
+    import argparse
+
+    import pytest
+
+    from sgl_ray.attention import create_attention_backend
+    from sgl_ray.attention.triton_backend import TritonAttentionBackend
+    from sgl_ray.configs.engine_args import EngineArgs
+    from sgl_ray.errors import InvalidRequestError
+
+    p = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(p)
+    args = EngineArgs.from_cli_args(p.parse_args(["--triton-attention-num-kv-splits", "8"]))
+    assert args.triton_attention_num_kv_splits == 8 and EngineArgs().triton_attention_num_kv_splits is None
+    backend = create_attention_backend("triton", torch.device("cpu"), args.triton_attention_num_kv_splits)
+    assert isinstance(backend, TritonAttentionBackend) and backend.num_kv_splits == 8
+    assert create_attention_backend("triton", torch.device("cpu")).num_kv_splits is None
+    for bad in (0, 3, 128):
+        with pytest.raises(InvalidRequestError) as info:
+            EngineArgs(triton_attention_num_kv_splits=bad)
+        assert info.value.param == "triton_attention_num_kv_splits"
+    with pytest.raises(InvalidRequestError) as info:
+        create_attention_backend("torch", torch.device("cpu"), 4)
+    assert info.value.param == "triton_attention_num_kv_splits"
