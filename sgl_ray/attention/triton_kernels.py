@@ -12,8 +12,9 @@ Decode (flash-decoding)::
         (with a single split, the final output directly).
     stage 2, grid (H, Bd): out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the non-empty splits.
 
-Short requests in a long batch get the same number of splits, each at least BLOCK_N tokens; the splits past the
-sequence's end are empty and skipped by stage 2 (which recomputes the same ``chunk``).
+Short requests in a long batch get the same number of splits, each at least BLOCK_N tokens. A split past the
+sequence's end writes nothing: its stage-1 program returns before waiting for the previous kernel, and stage 2
+(which recomputes the same ``chunk``) merges only the written splits.
 """
 
 from __future__ import annotations
@@ -72,10 +73,12 @@ def _decode_stage1(
     token = tl.load(dec_token + i).to(tl.int64)
     seq_len = tl.load(dec_len + i)
     req = tl.load(req_pool_idxs + tl.load(dec_row + i)).to(tl.int64)
-    pdl_enter(USE_PDL)
     chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
-    end = tl.minimum(start + chunk, seq_len)  # empty when split >= cdiv(seq_len, chunk)
+    if start >= seq_len:  # a split past the end: nothing to write (stage 2 reads only the others), so no wait
+        return
+    end = tl.minimum(start + chunk, seq_len)
+    pdl_enter(USE_PDL)
 
     offs_h = tl.arange(0, BLOCK_H)
     heads = kv_head * group + offs_h  # [BLOCK_H], the first `group` are real

@@ -47,9 +47,10 @@ for ext, prefix in [([1, 5, 1, 70, 1], [30, 0, 100, 10, 3]), ([1, 1, 1, 9, 66, 2
     arrays = [meta.decode.rows, meta.decode.tokens, meta.decode.seq_lens, *meta.extend.blocks.unbind(0)]
     assert all(a.data_ptr() % 16 == 0 for a in arrays), "a kernel variant per alignment would be compiled"
     check(case)
-# decode alone with forced splits, some of them past a short sequence's end (empty, skipped by the merge)
+# decode alone with forced splits, some of them past a short sequence's end (empty, skipped by the merge); at 64
+# the 300-token request writes 10 of them, the 1-token one 1
 seq = np.array([1, 200, 77, 300])
-for splits in (2, 8):
+for splits in (2, 8, 64):
     check(make_case(seq - 1, np.ones_like(seq), 4, 2, 32, torch.float32, device="cpu", seed=splits), splits)
 """
 
