@@ -41,7 +41,7 @@ from ray.dag import InputNode, MultiOutputNode
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from sgl_ray.actors.shard_worker import DeferredMasks, ShardCall, ShardWorker
+from sgl_ray.actors.shard_worker import DeferredMasks, ShardCall, ShardWorker, owned
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.parallel import ParallelLayout
 from sgl_ray.runner.memory import KVCapacity
@@ -157,7 +157,7 @@ class ShardGroup:
         if self.lagged:
             return self._wait_lagged(handle)
         ref, sent = handle
-        out = ray.get(ref, timeout=self.step_timeout_s)[self.layout.output_rank]
+        out = owned(ray.get(ref, timeout=self.step_timeout_s)[self.layout.output_rank])  # see owned()
         if self.layout.pp_size == 1:  # with micro-batches in flight, wall time is not one step's
             self.control_overhead_s.append(time.perf_counter() - sent - out.compute_s)
         return out
@@ -178,7 +178,7 @@ class ShardGroup:
             reply = ray.get(call.ref, timeout=self.step_timeout_s)[self.layout.output_rank]
             if call.carries is not None:
                 assert reply.output is not None, "the shards lost track of the step in flight"
-                call.carries.output = reply.output
+                call.carries.output = owned(reply.output)  # the handle may be kept: see owned()
                 self.control_overhead_s.append(time.perf_counter() - call.sent - reply.call_s)
         return step.output
 

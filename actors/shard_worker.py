@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import msgspec
 import numpy as np
@@ -22,6 +22,28 @@ from sgl_ray.runner.trace import gpu_idle_fraction
 from sgl_ray.scheduler.plan import StepOutput, StepPlan
 
 logger = logging.getLogger(__name__)
+
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+
+def owned(msg: _S) -> _S:
+    """``msg`` with every numpy field read from a compiled-graph channel copied out of it (None passes through).
+
+    Ray deserializes arrays from a channel's shared-memory buffer without copying, and the buffer stays taken
+    while any of them lives. A channel has ``max_inflight_executions`` (10) buffers, used in turn, so the writer of
+    the message that next comes round to a kept one waits for good: a step output or plan that its receiver keeps
+    a while (the handle of the last deferred step, a plan waiting for its masks) deadlocks the group ten calls
+    later. Both sides copy what they read instead (a call's deferred masks are unpacked into a new array at once).
+    The arrays are small: a constrained batch's mask, the largest, is 4 bytes per 32 vocabulary tokens per
+    sampled row. Arrays already owned (writeable: built in this process) are left as they are."""
+    if msg is None:
+        return msg
+    copies = {
+        name: value.copy()
+        for name in msg.__struct_fields__
+        if isinstance(value := getattr(msg, name), np.ndarray) and not value.flags.writeable
+    }
+    return msgspec.structs.replace(msg, **copies) if copies else msg
 
 
 class DeferredMasks(msgspec.Struct, frozen=True):
@@ -110,7 +132,7 @@ class ShardWorker:
     def execute(self, plan: StepPlan) -> StepOutput | None:
         """Run one step; only the output rank answers with its output (the others' would travel for nothing)."""
         assert self.runner is not None
-        out = self.runner.execute(plan)
+        out = self.runner.execute(owned(plan))
         return out if self.rank == self.layout.output_rank else None
 
     def step(self, call: ShardCall) -> LaggedReply:
@@ -130,7 +152,7 @@ class ShardWorker:
                 f"masks for step {call.masks.step_id}, but no step in flight waits for them"
             )
             self._pending = self.runner.sample_deferred(pending, call.masks.unpack())
-        plan = call.plan
+        plan = owned(call.plan)
         launched = self.runner.launch(plan) if plan is not None else None
         previous, self._pending = self._pending, launched
         output = self.runner.collect(previous) if previous is not None else None

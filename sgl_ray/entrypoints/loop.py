@@ -213,8 +213,7 @@ class EngineLoop:
                     batch, handle = in_flight.popleft()
                     outputs = sched.process(batch, ex.wait(handle))
                     if in_flight and in_flight[0][0].plan.mask_deferred:  # its masks follow from those tokens
-                        nxt, h = in_flight[0]
-                        in_flight[0] = (nxt, ex.give_mask(h, nxt.deferred_mask()))
+                        in_flight[0] = _with_masks(ex, *in_flight[0])
                 except StepLostError:
                     in_flight.clear()
                     outputs = sched.lose_in_flight()
@@ -244,3 +243,8 @@ class EngineLoop:
         for sink in set(self._sinks.values()):
             sink(err)
         self._sinks.clear()
+
+
+def _with_masks(ex: StepExecutor, batch: ScheduledBatch, handle: Any) -> tuple[ScheduledBatch, Any]:
+    """Give a deferred step its masks; no name in the loop keeps its handle (and, once read, its output) after."""
+    return batch, ex.give_mask(handle, batch.deferred_mask())

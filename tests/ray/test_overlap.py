@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 import ray
 import torch
+from ray.dag import InputNode, MultiOutputNode
 from transformers import LlamaConfig
 
 import sgl_ray
-from sgl_ray.actors.shard_worker import DeferredMasks
+from sgl_ray.actors.shard_worker import DeferredMasks, owned
 from sgl_ray.cli import main
 from sgl_ray.sampling.bitmask import unpack_bitmask
+from sgl_ray.scheduler.plan import StepOutput
 
 from ..conftest import save_config_only_llama
 from ..engine.prompts import PROMPTS
@@ -174,6 +176,39 @@ def test_deferred_masks_travel_compact():
     assert DeferredMasks.pack(8, None).unpack() is None
 
 
+def test_answers_kept_from_a_compiled_graph_do_not_hold_its_channel(ray_cluster):
+    """An answer read from a compiled-graph channel views the channel's buffer, which stays taken while it
+    lives; ``owned`` copies it out. So a receiver may keep an answer (here the first, over three times the
+    graph's 10 calls in flight) and the writer never waits for the buffer it would hold."""
+
+    @ray.remote(num_cpus=0)
+    class Echo:
+        def step(self, i: int) -> StepOutput:
+            return StepOutput(step_id=i, next_token_ids=np.full(4, i, dtype=np.int64))
+
+    actor = Echo.remote()
+    with InputNode() as sent:
+        dag = MultiOutputNode([actor.step.bind(sent)])
+    dag = dag.experimental_compile()
+    try:
+        first = ray.get(dag.execute(0), timeout=60)[0]
+        assert not first.next_token_ids.flags.writeable, "no longer a view of the channel: owned() may go"
+        kept = owned(first)
+        del first
+        for i in range(1, 31):  # kept without the copy, the 10th would wait for good (timeout: a failure)
+            assert ray.get(dag.execute(i), timeout=60)[0].next_token_ids.tolist() == [i] * 4
+        assert (
+            kept.step_id == 0
+            and kept.next_token_ids.tolist() == [0] * 4
+            and kept.next_token_ids.flags.writeable
+        )
+    finally:
+        dag.teardown()
+        ray.kill(actor)
+    local = StepOutput(step_id=1, next_token_ids=np.arange(3))
+    assert owned(local) is local and owned(None) is None  # built here: nothing to copy
+
+
 def _deferred_steps(engine) -> int:
     return engine.get_stats()["num_deferred_mask_steps"]
 
@@ -197,6 +232,24 @@ def test_constrained_requests_run_ahead(engines, step_at_a_time, hf_reference):
     tok = engines[True].tokenizer
     assert outs[5]["output_ids"] == ref(tok.encode(prompts[5]), NEW)
     assert outs[6]["output_ids"] == ref(tok.encode(prompts[6]), 5)
+
+
+def test_steps_long_after_the_last_deferred_one(ray_cluster, tiny_llama_path):
+    """A constrained request ends early next to one that keeps decoding: dozens of calls go to the shards after
+    the last deferred step. Answers read from a compiled-graph channel must not keep its buffer (an array still
+    viewing it blocks the write of the 10th next answer there for good), so this ends, with no group rebuilt."""
+    prompts = ["Item 0:", "Item 1:"]
+    params = [{"temperature": 0.0, "max_new_tokens": 40, "regex": "[a-z]{3}"}, _greedy(3 * LONG)]
+    kwargs = dict(use_ray=True, disable_jump_forward=True, max_total_tokens=4096)
+    with sgl_ray.Engine(tiny_llama_path, disable_overlap_schedule=True, **kwargs) as engine:
+        expected = [o["output_ids"] for o in engine.generate(prompts, params)]
+    with sgl_ray.Engine(tiny_llama_path, **kwargs) as engine:
+        assert [o["output_ids"] for o in engine.generate(prompts, params)] == expected
+        stats = engine.get_stats()
+        assert stats["num_deferred_mask_steps"] > 0 and stats["num_rebuilds"] == 0
+    assert (
+        len(expected[1]) == 3 * LONG and len(expected[0]) < 2 * LONG
+    )  # well over 10 calls past the last deferred step
 
 
 def test_deferred_masks_without_jump_forward_through_abort_and_lost_shard(
