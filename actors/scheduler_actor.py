@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import queue
 import time
 from typing import Any
@@ -37,11 +36,6 @@ from sgl_ray.scheduler.request import Req
 logger = logging.getLogger(__name__)
 
 Delivery = tuple[list[str], RequestOutput | BaseException]  # (rids the item is for, the item)
-
-
-# Deferred grammar masks on CUDA shard groups: off until the deadlock seen there is understood; the variable turns
-# them on to reproduce it (a Ray cluster started by this process passes it on to the scheduler actor).
-_DEFER_MASKS_ON_CUDA = os.environ.get("SGL_RAY_DEFER_MASKS_ON_CUDA") == "1"
 
 
 class GlobalScheduler(SchedulerCalls):
@@ -68,10 +62,7 @@ class GlobalScheduler(SchedulerCalls):
             tokenizer,
             self.overlap,
             info.vocab_size,
-            # their masks ride with the next call (see ShardGroup); not on CUDA groups for now: there a
-            # constrained batch once deadlocked in the compiled graph's channels (the shard writing its reply,
-            # the scheduler reading one), which CPU groups never showed
-            defer_grammar_masks=self.overlap and (_DEFER_MASKS_ON_CUDA or args.torch_device().type != "cuda"),
+            defer_grammar_masks=self.overlap,  # their masks ride with the next call (see ShardGroup)
         )
         self.max_rebuilds = max_rebuilds
         self.num_rebuilds = 0

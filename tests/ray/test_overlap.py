@@ -339,11 +339,7 @@ def test_overlap_through_ray_on_cuda(ray_cluster, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_constrained_overlap_through_ray_on_cuda(ray_cluster, tmp_path):
     """On a GPU (CUDA graphs on, overlap on): constrained requests through the Ray actors give the tokens of one
-    step at a time in-process, with and without jump-forward. Their masks are not deferred on CUDA groups for now
-    (``_DEFER_MASKS_ON_CUDA``: a deferred constrained batch deadlocked there), so their steps are planned once
-    their tokens are back, unless ``SGL_RAY_DEFER_MASKS_ON_CUDA=1`` was set when the test cluster started."""
-    from sgl_ray.actors import scheduler_actor
-
+    step at a time in-process, with and without jump-forward, their steps planned ahead (masks deferred)."""
     from ..gpu.test_gpu_structured import REGEX, make_model, run
 
     model = make_model(tmp_path)
@@ -355,5 +351,5 @@ def test_constrained_overlap_through_ray_on_cuda(ray_cluster, tmp_path):
         same = len(outs) if not jump else 10  # the sampled ones draw fewer numbers when tokens are forced
         assert [o["output_ids"] for o in outs[:same]] == [o["output_ids"] for o in ref[:same]], jump
         assert all(re.fullmatch(REGEX, o["text"]) for o in outs[6:])
-        assert (stats["num_deferred_mask_steps"] > 0) == scheduler_actor._DEFER_MASKS_ON_CUDA
+        assert stats["num_deferred_mask_steps"] > 0 and stats["num_rebuilds"] == 0
         assert stats["overlap_schedule"]
