@@ -247,9 +247,7 @@ def test_steps_long_after_the_last_deferred_one(ray_cluster, tiny_llama_path):
         assert [o["output_ids"] for o in engine.generate(prompts, params)] == expected
         stats = engine.get_stats()
         assert stats["num_deferred_mask_steps"] > 0 and stats["num_rebuilds"] == 0
-    assert (
-        len(expected[1]) == 3 * LONG and len(expected[0]) < 2 * LONG
-    )  # well over 10 calls past the last deferred step
+    assert len(expected[1]) - len(expected[0]) > 10  # more calls after the constrained request than buffers
 
 
 def test_deferred_masks_without_jump_forward_through_abort_and_lost_shard(
