@@ -5,7 +5,9 @@ cannot hide (on an H200, RMSNorm between two GEMVs: ~3 µs each, 65 per step of 
 inside the next projection's GEMV as it reads its input (:mod:`sgl_ray.layers.triton_gemv`):
 
 - :func:`norm_linear`: ``RMSNorm`` (with the residual add) then a column-parallel projection (QKV, gate/up);
-- :func:`silu_mul_linear`: ``SiluAndMul`` then a row-parallel projection (down), its all-reduce unchanged.
+- :func:`silu_mul_linear`: ``SiluAndMul`` then a row-parallel projection (down), its all-reduce unchanged;
+- :func:`norm_qkv_rotary_store`: the QKV projection with the op after it as its epilogue, rotary on q and k and
+  the KV-pool store of k and v (``triton_gemv.qkv_rotary_store_gemv``: the same bits as the separate kernel).
 
 The RMSNorm fusion is off (``FUSE_NORM``: it measured slower). Anything else (several rows, a CPU, LoRA-wrapped
 layers, fp32) takes the separate modules, with the same results up to the order of the RMSNorm sum.
@@ -31,6 +33,8 @@ from sgl_ray.layers.norm import RMSNorm
 # 15.5 and gate/up 86 instead of 58, since each of thousands of programs first reads the whole row for its
 # scale; the step went from 4.37 to 5.29 ms. SiLU-and-mul needs no such pass and stays fused.
 FUSE_NORM = False
+# On: one launch fewer per layer (rotary + KV store inside the QKV GEMV).
+FUSE_ROTARY_STORE = True
 
 _COLUMN = (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear)
 
@@ -49,6 +53,25 @@ def norm_linear(
         return layer(norm(x)), x
     h, residual = norm(x, residual)
     return layer(h), residual
+
+
+def fuses_rotary_store(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`norm_qkv_rotary_store` takes this step: one CUDA row into a plain QKV projection."""
+    return (
+        FUSE_ROTARY_STORE
+        and _one_row_gemv(x, layer, (QKVParallelLinear,))
+        and cuda_ops().rotary_store_supports(x, layer.weight, layer.head_dim)
+    )
+
+
+def norm_qkv_rotary_store(
+    norm: RMSNorm, layer: QKVParallelLinear, x: torch.Tensor, residual: torch.Tensor | None, store: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(qkv, x + residual)`` as :func:`norm_linear` returns them, except that q and k come out rotated and k
+    and v are in the KV pool already (``store``: a ``triton_ops.RotaryStore``). Only where
+    :func:`fuses_rotary_store`."""
+    h, residual = (norm(x), x) if residual is None else norm(x, residual)
+    return cuda_ops().qkv_rotary_store_gemv(h, layer.weight, layer.bias, store), residual
 
 
 def silu_mul_linear(act: SiluAndMul, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,46 @@ def _accumulate(acc, w, x, LANE_ACC: tl.constexpr):
 
 
 @triton.jit
+def rope_rotate(x1, x2, c, s):
+    """NeoX rotation of the halves ``x1``/``x2`` (activation dtype) by ``c``/``s`` (fp32, broadcastable), rounded
+    like torch's ``x * cos + cat(-x2, x1) * sin``: each product and the sum in the activation dtype."""
+    dt = x1.dtype
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    o1 = ((x1f * c).to(dt).to(tl.float32) + (-x2f * s).to(dt).to(tl.float32)).to(dt)
+    o2 = ((x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)).to(dt)
+    return o1, o2
+
+
+@triton.jit
+def _rotary_store_epilogue(
+    Y, y, Cos, Sin, Loc, KCache, VCache, offs_m, mask_m, head, i0, stride_ym, stride_ct, stride_cache,
+    num_heads, num_kv_heads, M_PAD: tl.constexpr, PAIRS: tl.constexpr, HALF: tl.constexpr,
+):  # fmt: skip
+    """Store one program's QKV outputs (``PAIRS`` rotary pairs ``(i, i + HALF)`` of head ``head``, interleaved
+    in ``y``) rotated where they are q or k, and k and v also into the KV cache rows ``Loc[m]``."""
+    x1, x2 = tl.split(tl.reshape(y.to(Y.dtype.element_ty), [M_PAD, PAIRS, 2]))  # [M_PAD, PAIRS] each
+    offs_i = i0 + tl.arange(0, PAIRS)
+    mask = mask_m[:, None]
+    if head < num_heads + num_kv_heads:  # q or k
+        c = tl.load(Cos + (offs_m * stride_ct)[:, None] + offs_i[None, :], mask=mask, other=0.0)
+        s = tl.load(Sin + (offs_m * stride_ct)[:, None] + offs_i[None, :], mask=mask, other=0.0)
+        o1, o2 = rope_rotate(x1, x2, c.to(tl.float32), s.to(tl.float32))
+    else:
+        o1, o2 = x1, x2
+    y_ptrs = Y + (offs_m * stride_ym)[:, None] + head * (2 * HALF) + offs_i[None, :]
+    tl.store(y_ptrs, o1, mask=mask)
+    tl.store(y_ptrs + HALF, o2, mask=mask)
+    if head >= num_heads:  # k or v: into the pool too
+        rows = (tl.load(Loc + offs_m, mask=mask_m, other=0).to(tl.int64) * stride_cache)[:, None]
+        if head < num_heads + num_kv_heads:
+            c_ptrs = KCache + rows + (head - num_heads) * (2 * HALF) + offs_i[None, :]
+        else:
+            c_ptrs = VCache + rows + (head - num_heads - num_kv_heads) * (2 * HALF) + offs_i[None, :]
+        tl.store(c_ptrs, o1, mask=mask)
+        tl.store(c_ptrs + HALF, o2, mask=mask)
+
+
+@triton.jit
 def _residual_sum(X, R, x_rows, r_rows, offs_k, mask, HAS_RESIDUAL: tl.constexpr):
     """x (+ residual), rounded to the activation dtype as the torch path does: [M_PAD, BLOCK_K]."""
     x = tl.load(X + x_rows + offs_k[None, :], mask=mask, other=0.0)
@@ -89,12 +129,22 @@ def _input(
 @triton.jit
 def _gemv_kernel(
     X, W, Bias, Y, R, NormW, ROut, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_rom, eps,
+    Cos, Sin, Loc, KCache, VCache, stride_ct, stride_cache, num_heads, num_kv_heads,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, LANE_ACC: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
-    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROTARY_STORE: tl.constexpr, HALF: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROTARY_STORE:
+        # rows of W in rotary pairs: the program owns pairs i0 .. i0 + PAIRS - 1 of one head, as (i, i + HALF)
+        # interleaved, so that it can rotate its own outputs
+        PAIRS: tl.constexpr = BLOCK_N // 2
+        head = pid // (HALF // PAIRS)
+        i0 = (pid % (HALF // PAIRS)) * PAIRS
+        j = tl.arange(0, BLOCK_N)
+        offs_n = head * (2 * HALF) + i0 + j // 2 + (j % 2) * HALF
+    else:
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, M_PAD)
     mask_n = offs_n < N
@@ -152,8 +202,14 @@ def _gemv_kernel(
         y = acc + pre
     if HAS_BIAS:
         y += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if ROTARY_STORE:
+        _rotary_store_epilogue(
+            Y, y, Cos, Sin, Loc, KCache, VCache, offs_m, mask_m, head, i0, stride_ym, stride_ct, stride_cache,
+            num_heads, num_kv_heads, M_PAD, PAIRS, HALF,
+        )  # fmt: skip
+    else:
+        y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -169,6 +225,12 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def rotary_store_supports(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> bool:
+    """Whether :func:`qkv_rotary_store_gemv` takes this QKV product in its default launch shape."""
+    pairs = gemv_config(*weight.shape).block_n // 2
+    return supports(x, weight) and head_dim % 2 == 0 and pairs > 0 and (head_dim // 2) % pairs == 0
+
+
 def gemv_config(n: int, k: int) -> GemvConfig:
     """The launch shape for an ``[N, K]`` weight: measured on an H200 over the 8B shapes at batch 1 (PDL on),
     narrow outputs (O, down: N 4096) do best with 8 rows of W per program and long K chunks, the rest with 2 rows
@@ -179,16 +241,36 @@ def gemv_config(n: int, k: int) -> GemvConfig:
 _PLAIN, _RMSNORM, _SILU_MUL = 0, 1, 2
 
 
+class RotaryStore(NamedTuple):
+    """What the QKV GEMV needs to rotate its q and k outputs and store k and v in the KV pool (see
+    :func:`qkv_rotary_store_gemv`)."""
+
+    cos: torch.Tensor  # [M, 1, D], the two halves equal (NeoX layout), in the activation dtype
+    sin: torch.Tensor
+    loc: torch.Tensor  # [M] pool rows
+    k_cache: torch.Tensor  # [slots, KVH, D]
+    v_cache: torch.Tensor
+    num_heads: int
+    num_kv_heads: int
+
+
 def _launch(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, config: GemvConfig | None,
     pdl: bool | None, prologue: int = _PLAIN, residual: torch.Tensor | None = None,
-    norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+    norm_weight: torch.Tensor | None = None, eps: float = 0.0, rotary: RotaryStore | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     m = x.shape[0]
     n = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"weight has {weight.shape[1]} input columns, the input {k}")
     config = config or gemv_config(n, k)
+    half = 1
+    if rotary is not None:
+        half = rotary.k_cache.shape[-1] // 2
+        if config.block_n % 2 or half % (config.block_n // 2):
+            raise ValueError(
+                f"{config.block_n} rows per program do not split into rotary pairs of head {2 * half}"
+            )
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     r_out = torch.empty((m, k), dtype=x.dtype, device=x.device) if residual is not None else None
     pdl = use_pdl(x) if pdl is None else pdl
@@ -196,13 +278,16 @@ def _launch(
     prefetch_k = min(block_k * config.prefetch, triton.next_power_of_2(k))
     r = residual if residual is not None else x
     ro = r_out if r_out is not None else x
+    rs = rotary or RotaryStore(x, x, x, x, x, 0, 0)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, bias if bias is not None else weight, out, r, norm_weight if norm_weight is not None else weight,
         ro, m, n, k, x.stride(0), weight.stride(0), out.stride(0), r.stride(0), ro.stride(0), eps,
+        rs.cos, rs.sin, rs.loc, rs.k_cache, rs.v_cache, rs.cos.stride(0), rs.k_cache.stride(0), rs.num_heads,
+        rs.num_kv_heads,
         M_PAD=triton.next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
         EVEN_K=k % block_k == 0, LANE_ACC=config.lane_acc, USE_PDL=pdl, PREFETCH_K=prefetch_k,
-        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, num_warps=config.num_warps,
-        num_stages=config.num_stages, **launch_args(pdl),
+        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, ROTARY_STORE=rotary is not None, HALF=half,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_args(pdl),
     )  # fmt: skip
     return out, r_out
 
@@ -246,3 +331,28 @@ def silu_mul_gemv(
     if x.shape[1] % 2:
         raise ValueError(f"[gate | up] rows of odd width {x.shape[1]}")
     return _launch(x, weight, bias, x.shape[1] // 2, config, pdl, _SILU_MUL)[0]
+
+
+def qkv_rotary_store_gemv(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [(H + 2 KVH) D, K]: the q, k and v heads' rows
+    bias: torch.Tensor | None,
+    rotary: RotaryStore,
+    config: GemvConfig | None = None,  # BLOCK_N even, and D / 2 divisible by BLOCK_N / 2
+    pdl: bool | None = None,
+) -> torch.Tensor:  # [M, (H + 2 KVH) D]: q and k rotated, v as is
+    """The QKV projection with rotary and the KV-pool store as its epilogue: what :func:`gemv` then
+    ``triton_ops.rotary_store`` compute, bit for bit, in one kernel. Each program owns whole rotary pairs
+    (rows ``i`` and ``i + D / 2`` of a head) instead of adjacent rows, so it rotates its own outputs; k and v
+    also go to ``rotary.k_cache``/``v_cache`` rows ``rotary.loc``."""
+    d = rotary.k_cache.shape[-1]
+    heads = rotary.num_heads + 2 * rotary.num_kv_heads
+    if weight.shape[0] != heads * d or d % 2:
+        raise ValueError(f"weight of {weight.shape[0]} rows for {heads} heads of {d}")
+    if (
+        rotary.k_cache.stride(-1) != 1
+        or rotary.k_cache.stride(-2) != d
+        or rotary.v_cache.stride() != rotary.k_cache.stride()
+    ):
+        raise ValueError("the KV cache needs [slots, KVH, D] rows of unit stride")
+    return _launch(x, weight, bias, x.shape[1], config, pdl, rotary=rotary)[0]

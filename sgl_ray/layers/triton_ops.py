@@ -15,17 +15,28 @@ import torch
 import triton
 import triton.language as tl
 
-from sgl_ray.layers.triton_gemv import gemv, rmsnorm_gemv, silu_mul_gemv
+from sgl_ray.layers.triton_gemv import (
+    RotaryStore,
+    gemv,
+    qkv_rotary_store_gemv,
+    rmsnorm_gemv,
+    rope_rotate,
+    rotary_store_supports,
+    silu_mul_gemv,
+)
 from sgl_ray.layers.triton_gemv import supports as gemv_supports
 from sgl_ray.layers.triton_pdl import launch_args, pdl_enter, use_pdl
 
 __all__ = [
+    "RotaryStore",
     "gemv",
     "gemv_supports",
+    "qkv_rotary_store_gemv",
     "rmsnorm",
     "rmsnorm_gemv",
     "rotary",
     "rotary_store",
+    "rotary_store_supports",
     "silu_and_mul",
     "silu_mul_gemv",
 ]
@@ -104,11 +115,7 @@ def _rotate_halves(x1, x2, cos_row, sin_row, offs, HALF: tl.constexpr):
     ``x * cos + cat(-x2, x1) * sin``: each product and the sum in the activation dtype."""
     c = tl.load(cos_row + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
     s = tl.load(sin_row + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
-    dt = x1.dtype
-    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    o1 = ((x1f * c).to(dt).to(tl.float32) + (-x2f * s).to(dt).to(tl.float32)).to(dt)
-    o2 = ((x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)).to(dt)
-    return o1, o2
+    return rope_rotate(x1, x2, c, s)
 
 
 @triton.jit

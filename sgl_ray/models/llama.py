@@ -18,7 +18,12 @@ from sgl_ray.layers.activation import SiluAndMul
 from sgl_ray.layers.attention import RadixAttention
 from sgl_ray.layers.cuda_ops import cuda_ops
 from sgl_ray.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from sgl_ray.layers.fused_linear import norm_linear, silu_mul_linear
+from sgl_ray.layers.fused_linear import (
+    fuses_rotary_store,
+    norm_linear,
+    norm_qkv_rotary_store,
+    silu_mul_linear,
+)
 from sgl_ray.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sgl_ray.layers.norm import RMSNorm
 from sgl_ray.layers.rotary import RotaryEmbedding
@@ -63,11 +68,29 @@ class LlamaAttention(nn.Module):
             qkv.num_heads, qkv.head_dim, config.head_dim**-0.5, qkv.num_kv_heads, layer_id
         )
 
-    def forward(self, cos_sin: CosSin, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def fuses_rotary_store(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
+        """Whether the QKV projection of ``x`` can rotate q and k and store k and v itself (one CUDA row)."""
+        return self.q_norm is None and batch.kv_pool.dtype == x.dtype and fuses_rotary_store(self.qkv_proj, x)
+
+    def store_args(self, cos_sin: CosSin, batch: ForwardBatch) -> object:
+        k_cache, v_cache = batch.kv_pool.get_kv(self.attn.layer_id)
+        p = self.qkv_proj
+        return cuda_ops().RotaryStore(
+            *cos_sin, batch.out_cache_loc, k_cache, v_cache, p.num_heads, p.num_kv_heads
+        )
+
+    def forward(
+        self, cos_sin: CosSin, qkv: torch.Tensor, batch: ForwardBatch, rotated_and_stored: bool = False
+    ) -> torch.Tensor:
         """From the output of ``qkv_proj``, which the decoder layer runs (see ``fused_linear.norm_linear``):
-        ``[T, (H + 2 * KVH) * D]`` -> the output of ``o_proj``."""
+        ``[T, (H + 2 * KVH) * D]`` -> the output of ``o_proj``. ``rotated_and_stored``: q and k in ``qkv`` are
+        rotated and k and v are in the pool (``fused_linear.norm_qkv_rotary_store``)."""
         p = self.qkv_proj
         t, d = qkv.shape[0], p.head_dim
+        if rotated_and_stored:
+            q, k = qkv[:, : p.q_size], qkv[:, p.q_size : p.q_size + p.kv_size]
+            v = qkv[:, p.q_size + p.kv_size :]
+            return self.o_proj(self.attn(q, k, v, batch, kv_stored=True))
         if self.q_norm is None and qkv.is_cuda and batch.kv_pool.dtype == qkv.dtype:
             # one kernel: rotate q and k, store k and v in the KV pool
             k_cache, v_cache = batch.kv_pool.get_kv(self.attn.layer_id)
@@ -126,8 +149,16 @@ class LlamaDecoderLayer(nn.Module):
         self, cos_sin: CosSin, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The norms and projections go through fused_linear, which fuses what pays on a one-row CUDA step.
-        qkv, residual = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, hidden, residual)
-        hidden = self.self_attn(cos_sin, qkv, batch)
+        attn = self.self_attn
+        if attn.fuses_rotary_store(hidden, batch):
+            store = attn.store_args(cos_sin, batch)
+            qkv, residual = norm_qkv_rotary_store(
+                self.input_layernorm, attn.qkv_proj, hidden, residual, store
+            )
+            hidden = attn(cos_sin, qkv, batch, rotated_and_stored=True)
+        else:
+            qkv, residual = norm_linear(self.input_layernorm, attn.qkv_proj, hidden, residual)
+            hidden = attn(cos_sin, qkv, batch)
         gate_up, residual = norm_linear(
             self.post_attention_layernorm, self.mlp.gate_up_proj, hidden, residual
         )

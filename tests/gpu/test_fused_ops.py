@@ -98,6 +98,46 @@ def test_rotary_store_matches_rotary_and_index_copy(dtype, heads, kv_heads, head
     check_rotary_store("cuda", dtype, heads, kv_heads, head_dim)
 
 
+def check_qkv_rotary_store_gemv(
+    device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, pdl: bool | None = None
+) -> None:
+    """The QKV GEMV with rotary and the KV store as its epilogue against the GEMV then ``rotary_store``, in the
+    same launch shape: the same bits, and k and v in the pool only at the step's rows (also run on the CPU by
+    Triton's interpreter: tests/unit/test_triton_interpreter.py)."""
+    from sgl_ray.layers import triton_ops
+    from sgl_ray.layers.triton_gemv import GemvConfig
+
+    slots, hidden = 32, 96
+    g = torch.Generator().manual_seed(heads * head_dim)
+    rope = RotaryEmbedding(head_dim, {"rope_theta": 10000.0}, 4096).to(device)
+    n = (heads + 2 * kv_heads) * head_dim
+    w = (torch.randn(n, hidden, generator=g) / hidden**0.5).to(device, dtype)
+    configs = [None, GemvConfig(4, 64, 2, 2), GemvConfig(8, 32, 4, 3, lane_acc=False, prefetch=2)]
+    for bias, cfg in zip([None, torch.randn(n, generator=g).to(device, dtype), None], configs, strict=True):
+        x = torch.randn(1, hidden + 8, generator=g).to(device, dtype)[:, 4 : 4 + hidden]  # a strided row
+        cos, sin = rope.cos_sin(torch.randint(0, 4096, (1,), generator=g).to(device), dtype)
+        loc = torch.randint(1, slots, (1,), generator=g).to(device)
+        caches = [torch.full((slots, kv_heads, head_dim), 7.0, dtype=dtype, device=device) for _ in range(4)]
+        qkv = triton_ops.gemv(x, w, bias, config=cfg, pdl=pdl)
+        q, k = triton_ops.rotary_store(qkv, cos, sin, loc, caches[0], caches[1], heads, kv_heads)
+        store = triton_ops.RotaryStore(cos, sin, loc, caches[2], caches[3], heads, kv_heads)
+        out = triton_ops.qkv_rotary_store_gemv(x, w, bias, store, config=cfg, pdl=pdl)
+        assert out.shape == (1, n) and out.dtype == dtype
+        q_size, kv_size = heads * head_dim, kv_heads * head_dim
+        assert torch.equal(out[:, :q_size], q.view(1, -1))
+        assert torch.equal(out[:, q_size : q_size + kv_size], k.view(1, -1))
+        assert torch.equal(out[:, q_size + kv_size :], qkv[:, q_size + kv_size :])
+        assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+        assert (caches[3][loc] != 7).any() and (caches[3][:1] == 7).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pdl", [False, None], ids=["plain", "pdl-if-supported"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (6, 2, 64), (4, 1, 16)])
+def test_qkv_gemv_with_rotary_store_matches_the_separate_kernels(dtype, pdl, heads, kv_heads, head_dim):
+    check_qkv_rotary_store_gemv("cuda", dtype, heads, kv_heads, head_dim, pdl)
+
+
 def check_gemv(device: str, dtype: torch.dtype, pdl: bool | None = None) -> None:
     """The batch-1 GEMV against ``F.linear`` in fp32 on the same inputs: ragged and even K, with and without
     a bias, a strided row (also run on the CPU by Triton's interpreter: tests/unit/test_triton_interpreter.py)."""
