@@ -7,7 +7,11 @@ inside the next projection's GEMV as it reads its input (:mod:`sgl_ray.layers.tr
 - :func:`norm_linear`: ``RMSNorm`` (with the residual add) then a column-parallel projection (QKV, gate/up);
 - :func:`silu_mul_linear`: ``SiluAndMul`` then a row-parallel projection (down), its all-reduce unchanged;
 - :func:`norm_qkv_rotary_store`: the QKV projection with the op after it as its epilogue, rotary on q and k and
-  the KV-pool store of k and v (``triton_gemv.qkv_rotary_store_gemv``: the same bits as the separate kernel).
+  the KV-pool store of k and v (``triton_gemv.qkv_rotary_store_gemv``: the same bits as the separate kernel);
+- folded norms (``FOLD_NORMS``, :func:`fold_norms_if_supported`): each decoder layer's norm scales go into the
+  projection after the norm at load, and on one row the norm is split over the GEMVs around it: the producer
+  (O, down) adds the residual and writes sums of squares, the consumer (QKV, gate/up) scales its product
+  (``LlamaDecoderLayer.forward_folded``). Measured on an H200: 80-110 µs less per bs1 step of the 8B shape.
 
 The RMSNorm fusion is off (``FUSE_NORM``: it measured slower). Anything else (several rows, a CPU, LoRA-wrapped
 layers, fp32) takes the separate modules, with the same results up to the order of the RMSNorm sum.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sgl_ray.distributed import ShardContext
 from sgl_ray.layers.activation import SiluAndMul
 from sgl_ray.layers.cuda_ops import cuda_ops
 from sgl_ray.layers.linear import (
@@ -35,8 +40,12 @@ from sgl_ray.layers.norm import RMSNorm
 FUSE_NORM = False
 # On: one launch fewer per layer (rotary + KV store inside the QKV GEMV).
 FUSE_ROTARY_STORE = True
+# On: the decoder layers' RMSNorm scales are folded into the projections after them at load (where
+# fold_norms_if_supported), and one-row steps run each norm inside its GEMVs (see LlamaDecoderLayer.forward_folded).
+FOLD_NORMS = True
 
 _COLUMN = (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear)
+_PLAIN = (*_COLUMN, RowParallelLinear)
 
 
 def _one_row_gemv(x: torch.Tensor, layer: nn.Module, types: tuple[type, ...]) -> bool:
@@ -53,6 +62,32 @@ def norm_linear(
         return layer(norm(x)), x
     h, residual = norm(x, residual)
     return layer(h), residual
+
+
+def fold_norms_if_supported(
+    model: nn.Module, device: torch.device, dtype: torch.dtype, shard: ShardContext, lora: bool
+) -> bool:
+    """Fold the model's norms (``model.fold_norm_weights()``) where ``FOLD_NORMS`` and the settings allow: a
+    CUDA device, half precision, one unsharded stage (the producing GEMV adds the residual, which an
+    all-reduce would have to precede), no LoRA (adapters take the normed input with its scale)."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    single = shard.tp.world_size == 1 and shard.pp_size == 1
+    if (
+        FOLD_NORMS
+        and device.type == "cuda"
+        and half
+        and single
+        and not lora
+        and hasattr(model, "fold_norm_weights")
+    ):
+        model.fold_norm_weights()
+        return True
+    return False
+
+
+def one_row_gemvs(x: torch.Tensor, *layers: nn.Module) -> bool:
+    """Whether each of ``layers`` (plain, not LoRA-wrapped) takes the one-row GEMV for an input like ``x``."""
+    return all(_one_row_gemv(x, layer, _PLAIN) for layer in layers)
 
 
 def fuses_rotary_store(layer: nn.Module, x: torch.Tensor) -> bool:

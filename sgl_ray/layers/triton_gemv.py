@@ -12,6 +12,11 @@ program 0 writes the new residual), or SiLU-and-mul (:func:`silu_mul_gemv`). At 
 between two GEMVs costs a few microseconds of latency that the weight stream cannot hide; fused, the next
 projection starts streaming its weights while the previous one finishes.
 
+The op after a projection can run as it stores its outputs (epilogues): rotary and the KV-pool store after QKV
+(:func:`qkv_rotary_store_gemv`), or the residual add with each program's sum of squares of its outputs
+(:func:`residual_gemv`), from which the next projection applies RMSNorm as a scale of its product
+(:func:`normed_gemv`, for weights with the norm's scale folded in).
+
 Imported only on CUDA (through :func:`sgl_ray.layers.cuda_ops.cuda_ops`).
 """
 
@@ -23,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sgl_ray.layers.triton_gemv_epilogues import NormOfInput, RotaryStore, rotary_store_epilogue
 from sgl_ray.layers.triton_pdl import launch_args, pdl_enter, use_pdl
 
 MAX_ROWS = 1  # from 2 rows on cuBLAS was faster on an H200 (8B shapes), and from 4 by far
@@ -52,46 +58,6 @@ def _accumulate(acc, w, x, LANE_ACC: tl.constexpr):
         return acc + prod
     else:
         return acc + tl.sum(prod, axis=2)
-
-
-@triton.jit
-def rope_rotate(x1, x2, c, s):
-    """NeoX rotation of the halves ``x1``/``x2`` (activation dtype) by ``c``/``s`` (fp32, broadcastable), rounded
-    like torch's ``x * cos + cat(-x2, x1) * sin``: each product and the sum in the activation dtype."""
-    dt = x1.dtype
-    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    o1 = ((x1f * c).to(dt).to(tl.float32) + (-x2f * s).to(dt).to(tl.float32)).to(dt)
-    o2 = ((x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)).to(dt)
-    return o1, o2
-
-
-@triton.jit
-def _rotary_store_epilogue(
-    Y, y, Cos, Sin, Loc, KCache, VCache, offs_m, mask_m, head, i0, stride_ym, stride_ct, stride_cache,
-    num_heads, num_kv_heads, M_PAD: tl.constexpr, PAIRS: tl.constexpr, HALF: tl.constexpr,
-):  # fmt: skip
-    """Store one program's QKV outputs (``PAIRS`` rotary pairs ``(i, i + HALF)`` of head ``head``, interleaved
-    in ``y``) rotated where they are q or k, and k and v also into the KV cache rows ``Loc[m]``."""
-    x1, x2 = tl.split(tl.reshape(y.to(Y.dtype.element_ty), [M_PAD, PAIRS, 2]))  # [M_PAD, PAIRS] each
-    offs_i = i0 + tl.arange(0, PAIRS)
-    mask = mask_m[:, None]
-    if head < num_heads + num_kv_heads:  # q or k
-        c = tl.load(Cos + (offs_m * stride_ct)[:, None] + offs_i[None, :], mask=mask, other=0.0)
-        s = tl.load(Sin + (offs_m * stride_ct)[:, None] + offs_i[None, :], mask=mask, other=0.0)
-        o1, o2 = rope_rotate(x1, x2, c.to(tl.float32), s.to(tl.float32))
-    else:
-        o1, o2 = x1, x2
-    y_ptrs = Y + (offs_m * stride_ym)[:, None] + head * (2 * HALF) + offs_i[None, :]
-    tl.store(y_ptrs, o1, mask=mask)
-    tl.store(y_ptrs + HALF, o2, mask=mask)
-    if head >= num_heads:  # k or v: into the pool too
-        rows = (tl.load(Loc + offs_m, mask=mask_m, other=0).to(tl.int64) * stride_cache)[:, None]
-        if head < num_heads + num_kv_heads:
-            c_ptrs = KCache + rows + (head - num_heads) * (2 * HALF) + offs_i[None, :]
-        else:
-            c_ptrs = VCache + rows + (head - num_heads - num_kv_heads) * (2 * HALF) + offs_i[None, :]
-        tl.store(c_ptrs, o1, mask=mask)
-        tl.store(c_ptrs + HALF, o2, mask=mask)
 
 
 @triton.jit
@@ -130,9 +96,11 @@ def _input(
 def _gemv_kernel(
     X, W, Bias, Y, R, NormW, ROut, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_rom, eps,
     Cos, Sin, Loc, KCache, VCache, stride_ct, stride_cache, num_heads, num_kv_heads,
+    Res, stride_res, SqOut, SqIn, num_parts,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, LANE_ACC: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROTARY_STORE: tl.constexpr, HALF: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr, SCALE_BY_SQ: tl.constexpr, SQ_BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if ROTARY_STORE:
@@ -200,10 +168,26 @@ def _gemv_kernel(
         y = tl.sum(acc, axis=2) + pre  # [M_PAD, BLOCK_N]
     else:
         y = acc + pre
+    if SCALE_BY_SQ:  # RMSNorm's scale of the input row, from the parts' sums of squares its producer wrote
+        sq = tl.zeros([M_PAD], dtype=tl.float32)
+        for p0 in range(0, num_parts, SQ_BLOCK):
+            parts = p0 + tl.arange(0, SQ_BLOCK)
+            sq_ptrs = SqIn + (offs_m * num_parts)[:, None] + parts[None, :]
+            sq += tl.sum(
+                tl.load(sq_ptrs, mask=mask_m[:, None] & (parts < num_parts)[None, :], other=0.0), axis=1
+            )
+        y = y * (1.0 / tl.sqrt(sq / K + eps))[:, None]
     if HAS_BIAS:
         y += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if ROTARY_STORE:
-        _rotary_store_epilogue(
+    if ADD_RESIDUAL:  # h = residual + y, rounded like the RMSNorm kernel's add; and this part's sum of h^2
+        out_mask = mask_m[:, None] & mask_n[None, :]
+        r = tl.load(Res + (offs_m * stride_res)[:, None] + offs_n[None, :], mask=out_mask, other=0.0)
+        h = (y.to(Y.dtype.element_ty).to(tl.float32) + r.to(tl.float32)).to(Y.dtype.element_ty)
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], h, mask=out_mask)
+        hf = h.to(tl.float32)
+        tl.store(SqOut + offs_m * tl.num_programs(0) + pid, tl.sum(hf * hf, axis=1), mask=mask_m)
+    elif ROTARY_STORE:
+        rotary_store_epilogue(
             Y, y, Cos, Sin, Loc, KCache, VCache, offs_m, mask_m, head, i0, stride_ym, stride_ct, stride_cache,
             num_heads, num_kv_heads, M_PAD, PAIRS, HALF,
         )  # fmt: skip
@@ -241,23 +225,11 @@ def gemv_config(n: int, k: int) -> GemvConfig:
 _PLAIN, _RMSNORM, _SILU_MUL = 0, 1, 2
 
 
-class RotaryStore(NamedTuple):
-    """What the QKV GEMV needs to rotate its q and k outputs and store k and v in the KV pool (see
-    :func:`qkv_rotary_store_gemv`)."""
-
-    cos: torch.Tensor  # [M, 1, D], the two halves equal (NeoX layout), in the activation dtype
-    sin: torch.Tensor
-    loc: torch.Tensor  # [M] pool rows
-    k_cache: torch.Tensor  # [slots, KVH, D]
-    v_cache: torch.Tensor
-    num_heads: int
-    num_kv_heads: int
-
-
 def _launch(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, config: GemvConfig | None,
     pdl: bool | None, prologue: int = _PLAIN, residual: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None, eps: float = 0.0, rotary: RotaryStore | None = None,
+    add_to: torch.Tensor | None = None, sumsq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     m = x.shape[0]
     n = weight.shape[0]
@@ -279,17 +251,24 @@ def _launch(
     r = residual if residual is not None else x
     ro = r_out if r_out is not None else x
     rs = rotary or RotaryStore(x, x, x, x, x, 0, 0)
-    _gemv_kernel[(triton.cdiv(n, config.block_n),)](
+    grid = triton.cdiv(n, config.block_n)
+    sq_out = torch.empty((m, grid), dtype=torch.float32, device=x.device) if add_to is not None else None
+    sq_in = sumsq if sumsq is not None else x
+    num_parts = sq_in.shape[1] if sumsq is not None else 1
+    _gemv_kernel[(grid,)](
         x, weight, bias if bias is not None else weight, out, r, norm_weight if norm_weight is not None else weight,
         ro, m, n, k, x.stride(0), weight.stride(0), out.stride(0), r.stride(0), ro.stride(0), eps,
         rs.cos, rs.sin, rs.loc, rs.k_cache, rs.v_cache, rs.cos.stride(0), rs.k_cache.stride(0), rs.num_heads,
-        rs.num_kv_heads,
+        rs.num_kv_heads, add_to if add_to is not None else x, (add_to if add_to is not None else x).stride(0),
+        sq_out if sq_out is not None else x, sq_in, num_parts,
         M_PAD=triton.next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
         EVEN_K=k % block_k == 0, LANE_ACC=config.lane_acc, USE_PDL=pdl, PREFETCH_K=prefetch_k,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, ROTARY_STORE=rotary is not None, HALF=half,
+        ADD_RESIDUAL=add_to is not None, SCALE_BY_SQ=sumsq is not None,
+        SQ_BLOCK=min(1024, triton.next_power_of_2(num_parts)),
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_args(pdl),
     )  # fmt: skip
-    return out, r_out
+    return out, (r_out if add_to is None else sq_out)
 
 
 def gemv(
@@ -340,6 +319,7 @@ def qkv_rotary_store_gemv(
     rotary: RotaryStore,
     config: GemvConfig | None = None,  # BLOCK_N even, and D / 2 divisible by BLOCK_N / 2
     pdl: bool | None = None,
+    norm: NormOfInput | None = None,  # see normed_gemv
 ) -> torch.Tensor:  # [M, (H + 2 KVH) D]: q and k rotated, v as is
     """The QKV projection with rotary and the KV-pool store as its epilogue: what :func:`gemv` then
     ``triton_ops.rotary_store`` compute, bit for bit, in one kernel. Each program owns whole rotary pairs
@@ -355,4 +335,40 @@ def qkv_rotary_store_gemv(
         or rotary.v_cache.stride() != rotary.k_cache.stride()
     ):
         raise ValueError("the KV cache needs [slots, KVH, D] rows of unit stride")
-    return _launch(x, weight, bias, x.shape[1], config, pdl, rotary=rotary)[0]
+    sumsq, eps = norm if norm is not None else (None, 0.0)
+    return _launch(x, weight, bias, x.shape[1], config, pdl, eps=eps, rotary=rotary, sumsq=sumsq)[0]
+
+
+def residual_gemv(
+    x: torch.Tensor,  # [M, K], or [M, 2K] = [gate | up] with silu_mul
+    weight: torch.Tensor,  # [N, K]
+    residual: torch.Tensor,  # [M, N], unit stride along N
+    bias: torch.Tensor | None = None,
+    silu_mul: bool = False,
+    config: GemvConfig | None = None,
+    pdl: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, sumsq)``: ``h = residual + x W^T (+ b)`` (of ``silu(gate) * up`` with ``silu_mul``) rounded as the
+    RMSNorm kernel's residual add rounds it, and every program's sum of ``h^2`` over its outputs, ``[M, parts]``
+    fp32: what the next projection needs to apply RMSNorm itself (:func:`normed_gemv`), so that the norm needs no
+    kernel of its own."""
+    if residual.shape != (x.shape[0], weight.shape[0]) or residual.stride(1) != 1:
+        raise ValueError(
+            f"residual of shape {tuple(residual.shape)} for a [{x.shape[0]}, {weight.shape[0]}] product"
+        )
+    k = x.shape[1] // 2 if silu_mul else x.shape[1]
+    return _launch(x, weight, bias, k, config, pdl, _SILU_MUL if silu_mul else _PLAIN, add_to=residual)
+
+
+def normed_gemv(
+    h: torch.Tensor,  # [M, K]
+    norm: NormOfInput,
+    weight: torch.Tensor,  # [N, K], the RMSNorm's weight g folded in: W diag(g)
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+    pdl: bool | None = None,
+) -> torch.Tensor:  # [M, N]
+    """``rstd(h) (h W^T) (+ b)`` with ``rstd = 1 / sqrt(mean(h^2) + eps)`` from ``norm.sumsq``: RMSNorm then the
+    projection, for weights with the norm's scale folded in. The loop is the plain GEMV's; only its result is
+    scaled. Rounding differs from the separate kernels (which round the normed row to the activation dtype)."""
+    return _launch(h, weight, bias, h.shape[1], config, pdl, eps=norm.eps, sumsq=norm.sumsq)[0]

@@ -16,22 +16,28 @@ import triton
 import triton.language as tl
 
 from sgl_ray.layers.triton_gemv import (
+    NormOfInput,
     RotaryStore,
     gemv,
+    normed_gemv,
     qkv_rotary_store_gemv,
+    residual_gemv,
     rmsnorm_gemv,
-    rope_rotate,
     rotary_store_supports,
     silu_mul_gemv,
 )
 from sgl_ray.layers.triton_gemv import supports as gemv_supports
+from sgl_ray.layers.triton_gemv_epilogues import rope_rotate
 from sgl_ray.layers.triton_pdl import launch_args, pdl_enter, use_pdl
 
 __all__ = [
+    "NormOfInput",
     "RotaryStore",
     "gemv",
     "gemv_supports",
+    "normed_gemv",
     "qkv_rotary_store_gemv",
+    "residual_gemv",
     "rmsnorm",
     "rmsnorm_gemv",
     "rotary",

@@ -14,6 +14,7 @@ from torch import nn
 from sgl_ray.configs.model_config import ModelConfig
 from sgl_ray.distributed import Communicator, ShardContext
 from sgl_ray.errors import UnsupportedModelError
+from sgl_ray.layers import fused_linear
 from sgl_ray.layers.activation import SiluAndMul
 from sgl_ray.layers.attention import RadixAttention
 from sgl_ray.layers.cuda_ops import cuda_ops
@@ -22,6 +23,7 @@ from sgl_ray.layers.fused_linear import (
     fuses_rotary_store,
     norm_linear,
     norm_qkv_rotary_store,
+    one_row_gemvs,
     silu_mul_linear,
 )
 from sgl_ray.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -79,6 +81,12 @@ class LlamaAttention(nn.Module):
             *cos_sin, batch.out_cache_loc, k_cache, v_cache, p.num_heads, p.num_kv_heads
         )
 
+    def attend_stored(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Attention of the rotated q in ``qkv`` over the pool, which holds this step's k and v already."""
+        p = self.qkv_proj
+        q, k = qkv[:, : p.q_size], qkv[:, p.q_size : p.q_size + p.kv_size]
+        return self.attn(q, k, qkv[:, p.q_size + p.kv_size :], batch, kv_stored=True)
+
     def forward(
         self, cos_sin: CosSin, qkv: torch.Tensor, batch: ForwardBatch, rotated_and_stored: bool = False
     ) -> torch.Tensor:
@@ -88,9 +96,7 @@ class LlamaAttention(nn.Module):
         p = self.qkv_proj
         t, d = qkv.shape[0], p.head_dim
         if rotated_and_stored:
-            q, k = qkv[:, : p.q_size], qkv[:, p.q_size : p.q_size + p.kv_size]
-            v = qkv[:, p.q_size + p.kv_size :]
-            return self.o_proj(self.attn(q, k, v, batch, kv_stored=True))
+            return self.o_proj(self.attend_stored(qkv, batch))
         if self.q_norm is None and qkv.is_cuda and batch.kv_pool.dtype == qkv.dtype:
             # one kernel: rotate q and k, store k and v in the KV pool
             k_cache, v_cache = batch.kv_pool.get_kv(self.attn.layer_id)
@@ -164,6 +170,34 @@ class LlamaDecoderLayer(nn.Module):
         )
         return self.mlp.down(gate_up), residual
 
+    def runs_folded(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
+        """Whether :meth:`forward_folded` takes a step whose rows are like ``x`` (one CUDA row, plain layers)."""
+        attn, mlp = self.self_attn, self.mlp
+        return attn.fuses_rotary_store(x, batch) and one_row_gemvs(
+            x, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+        )
+
+    def forward_folded(
+        self, cos_sin: CosSin, h: torch.Tensor, sumsq: torch.Tensor | None, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer on one row of a model whose norm scales are folded into the projections after them
+        (:meth:`LlamaForCausalLM.fold_norm_weights`), with no kernel for its norms: ``h`` is the residual
+        stream (the previous layer's down projection added it) and ``sumsq`` the sums of its squares by parts
+        (``None`` on the first layer, whose norm runs as a kernel). Returns the same for the next layer."""
+        ops = cuda_ops()
+        attn, mlp = self.self_attn, self.mlp
+        qkv_p, o_p = attn.qkv_proj, attn.o_proj
+        store = attn.store_args(cos_sin, batch)
+        if sumsq is None:
+            x, norm = self.input_layernorm(h), None
+        else:
+            x, norm = h, ops.NormOfInput(sumsq, self.input_layernorm.eps)
+        qkv = ops.qkv_rotary_store_gemv(x, qkv_p.weight, qkv_p.bias, store, norm=norm)
+        h, sumsq = ops.residual_gemv(attn.attend_stored(qkv, batch), o_p.weight, h, o_p.bias)
+        norm = ops.NormOfInput(sumsq, self.post_attention_layernorm.eps)
+        gate_up = ops.normed_gemv(h, norm, mlp.gate_up_proj.weight)
+        return ops.residual_gemv(gate_up, mlp.down_proj.weight, h, silu_mul=True)
+
 
 class MissingLayer(nn.Module):
     """Stands in for a layer owned by another pipeline stage (keeps checkpoint indices aligned)."""
@@ -190,6 +224,7 @@ class LlamaModel(nn.Module):
             for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if shard.is_last_stage else None
+        self.norms_folded = False  # see LlamaForCausalLM.fold_norm_weights
 
     def forward(
         self, batch: ForwardBatch, intermediate: Intermediate | None = None
@@ -202,7 +237,14 @@ class LlamaModel(nn.Module):
         else:
             hidden, residual = intermediate
         cos_sin = self.rotary.cos_sin(batch.positions, hidden.dtype)
-        for layer in self.layers[self.start : self.end]:
+        layers = self.layers[self.start : self.end]
+        if self.norms_folded and fused_linear.FOLD_NORMS and layers[0].runs_folded(hidden, batch):
+            assert intermediate is None and self.norm is not None, "folded norms need a single stage"
+            h, sumsq = hidden, None
+            for layer in layers:
+                h, sumsq = layer.forward_folded(cos_sin, h, sumsq, batch)
+            return self.norm(h)
+        for layer in layers:
             hidden, residual = layer(cos_sin, hidden, residual, batch)
         if self.norm is None:
             assert residual is not None
@@ -251,6 +293,25 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
         assert self.lm_head is not None, "logits are computed on the last pipeline stage"
         return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def fold_norm_weights(self) -> None:
+        """Fold each decoder layer's two RMSNorm scales ``g`` into the projection after them (``W diag(g)``,
+        rounded once) and set the norms' weights to 1: the same model up to rounding, whose one-row steps then
+        run each norm inside those projections (:meth:`LlamaDecoderLayer.forward_folded`). The final norm
+        keeps its scale. Only for a single unsharded stage without LoRA (``fused_linear.fold_norms_if_supported``)."""
+        model = self.model
+        for layer in model.layers[model.start : model.end]:
+            pairs = (
+                (layer.input_layernorm, layer.self_attn.qkv_proj),
+                (layer.post_attention_layernorm, layer.mlp.gate_up_proj),
+            )
+            for norm, proj in pairs:
+                g = norm.weight.float()
+                for rows in proj.weight.data.split(4096):  # an fp32 copy of a few rows at a time
+                    rows.copy_(rows.float() * g)
+                norm.weight.fill_(1.0)
+        model.norms_folded = True
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         tied = self.config.tie_word_embeddings

@@ -17,6 +17,7 @@ from sgl_ray.attention import create_attention_backend
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.configs.model_config import ModelConfig
 from sgl_ray.distributed import ShardContext
+from sgl_ray.layers.fused_linear import fold_norms_if_supported
 from sgl_ray.layers.linear import store_weights_input_major
 from sgl_ray.lora.weights import LoRAWeights
 from sgl_ray.mem_cache.kv_pool import KVPool, ReqToTokenTable
@@ -178,6 +179,7 @@ class ModelRunner:
             model.load_weights(weights)
         if self.device.type == "cpu":
             store_weights_input_major(model)
+        fold_norms_if_supported(model, self.device, self.config.dtype, self.shard, self.args.lora_enabled)
         return model.eval()
 
     def execute(self, plan: StepPlan) -> StepOutput:

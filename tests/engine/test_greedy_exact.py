@@ -47,6 +47,24 @@ def test_single_and_concurrent_requests(name, model_paths, hf_reference):
         _check(engine, ref, token_lists)
 
 
+def test_norm_scales_folded_into_the_projections(model_paths, hf_reference, monkeypatch):
+    """``fold_norm_weights`` (done on CUDA at load) keeps the model: SmolLM2's real norm scales moved into the
+    QKV and gate/up weights, and the norms set to 1, still give transformers' greedy tokens (fp32, CPU)."""
+    from sgl_ray.runner import model_runner
+
+    monkeypatch.setattr(model_runner, "fold_norms_if_supported", lambda model, *_: model.fold_norm_weights())
+    with sgl_ray.Engine(model_paths["smollm2"]) as engine:
+        model = engine._core.runner.model.model
+        assert model.norms_folded
+        layer = model.layers[0]
+        assert bool((layer.input_layernorm.weight == 1).all()) and bool(
+            (layer.post_attention_layernorm.weight == 1).all()
+        )
+        assert not bool((model.norm.weight == 1).all())  # the final norm keeps its scale
+        tok = engine.tokenizer
+        _check(engine, hf_reference("smollm2"), [tok.encode(p) for p in PROMPTS[:4]])
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_prefix_cache_hits(name, model_paths, hf_reference):
     with sgl_ray.Engine(model_paths[name]) as engine:

@@ -138,6 +138,64 @@ def test_qkv_gemv_with_rotary_store_matches_the_separate_kernels(dtype, pdl, hea
     check_qkv_rotary_store_gemv("cuda", dtype, heads, kv_heads, head_dim, pdl)
 
 
+def check_norm_in_gemvs(device: str, dtype: torch.dtype, pdl: bool | None = None) -> None:
+    """RMSNorm split over two GEMVs, with its scale folded into the second's weights: the producer adds the
+    residual (the same bits as the GEMV then the RMSNorm kernel's add) and writes its parts' sums of squares, the
+    consumer scales its product by them; against RMSNorm then ``F.linear`` in fp32 (also run on the CPU by
+    Triton's interpreter: tests/unit/test_triton_interpreter.py)."""
+    from sgl_ray.layers import triton_ops
+    from sgl_ray.layers.triton_gemv import GemvConfig
+
+    g = torch.Generator().manual_seed(3)
+    hidden, inner, heads, kv_heads, head_dim = 192, 160, 4, 2, 16
+    norm = RMSNorm(hidden, eps=1e-5).to(device)
+    norm.weight.data = (1 + 0.2 * torch.randn(hidden, generator=g)).to(device, dtype)
+    w_in = (torch.randn(hidden, inner, generator=g) / inner**0.5).to(device, dtype)
+    w_out = (torch.randn(2 * hidden + 16, hidden, generator=g) / hidden**0.5).to(device, dtype)
+    folded = (w_out.float() * norm.weight.float()).to(dtype)
+    bias = torch.randn(hidden, generator=g).to(device, dtype)
+    tol = {torch.float16: dict(atol=4e-3, rtol=4e-3), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}[dtype]
+    for cfg in [None, GemvConfig(4, 64, 2, 2), GemvConfig(16, 32, 4, 3, lane_acc=False, prefetch=2)]:
+        for silu in (False, True):
+            x = torch.randn(1, 2 * inner if silu else inner, generator=g).to(device, dtype)
+            r = (torch.randn(1, hidden, generator=g) * 4).to(device, dtype)
+            b = None if silu else bias
+            h, sumsq = triton_ops.residual_gemv(x, w_in, r, b, silu_mul=silu, config=cfg, pdl=pdl)
+            y = (triton_ops.silu_mul_gemv if silu else triton_ops.gemv)(x, w_in, b, config=cfg, pdl=pdl)
+            assert torch.equal(h, (y.float() + r.float()).to(dtype))
+            assert sumsq.dtype == torch.float32 and sumsq.shape[0] == 1 and sumsq.shape[1] > 1
+            torch.testing.assert_close(sumsq.sum(), h.float().pow(2).sum(), atol=0, rtol=1e-5)
+            want = F.linear(norm._norm(h).float(), w_out.float())
+            got = triton_ops.normed_gemv(
+                h, triton_ops.NormOfInput(sumsq, norm.eps), folded, config=cfg, pdl=pdl
+            )
+            torch.testing.assert_close(got.float(), want, **tol)
+            exact = F.linear(h.float() * torch.rsqrt(h.float().pow(2).mean() + norm.eps), folded.float())
+            torch.testing.assert_close(got.float(), exact, **ULP2[dtype])
+    # and with rotary + the KV store after it (the QKV projection of a folded layer)
+    rope = RotaryEmbedding(head_dim, {"rope_theta": 10000.0}, 64).to(device)
+    cos, sin = rope.cos_sin(torch.tensor([37], device=device), dtype)
+    n = (heads + 2 * kv_heads) * head_dim
+    caches = [torch.zeros((8, kv_heads, head_dim), dtype=dtype, device=device) for _ in range(4)]
+    loc = torch.tensor([5], device=device)
+    q, k = triton_ops.rotary_store(
+        triton_ops.gemv(norm(h), w_out[:n]), cos, sin, loc, caches[0], caches[1], heads, kv_heads
+    )
+    store = triton_ops.RotaryStore(cos, sin, loc, caches[2], caches[3], heads, kv_heads)
+    norm_in = triton_ops.NormOfInput(sumsq, norm.eps)
+    qkv = triton_ops.qkv_rotary_store_gemv(h, folded[:n], None, store, norm=norm_in, pdl=pdl)
+    torch.testing.assert_close(qkv[:, : heads * head_dim], q.view(1, -1), **tol)
+    torch.testing.assert_close(qkv[:, heads * head_dim : (heads + kv_heads) * head_dim], k.view(1, -1), **tol)
+    torch.testing.assert_close(caches[2], caches[0], **tol)
+    torch.testing.assert_close(caches[3], caches[1], **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pdl", [False, None], ids=["plain", "pdl-if-supported"])
+def test_rmsnorm_split_over_two_gemvs_matches_the_norm_kernel(dtype, pdl):
+    check_norm_in_gemvs("cuda", dtype, pdl)
+
+
 def check_gemv(device: str, dtype: torch.dtype, pdl: bool | None = None) -> None:
     """The batch-1 GEMV against ``F.linear`` in fp32 on the same inputs: ragged and even K, with and without
     a bias, a strided row (also run on the CPU by Triton's interpreter: tests/unit/test_triton_interpreter.py)."""

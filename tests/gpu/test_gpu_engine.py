@@ -43,6 +43,26 @@ def llama_dir(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def scaled_norms_dir(llama_dir, tmp_path_factory) -> str:
+    """``llama_dir`` with random RMSNorm scales (1 ± 0.2): what folding them into the projections must keep."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=g))
+    path = tmp_path_factory.mktemp("llama_scaled_norms")
+    model.save_pretrained(path)
+    return str(path)
+
+
+def _r(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
+
+
 def _prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
     return [torch.randint(10, 32000, (n,), generator=g).tolist() for n in (5, 37, 128, 300)]
@@ -87,6 +107,60 @@ def test_engine_matches_transformers_bf16(llama_dir, backend):
             assert row[tok].item() >= row.max().item() - TOL
         first_lp, first_tok = out["meta_info"]["output_token_logprobs"][0]
         assert first_lp == pytest.approx(logp[len(ids) - 1, first_tok].item(), abs=FIRST_LP_TOL)
+
+
+def _one_at_a_time(model_dir: str, fold: bool, monkeypatch) -> list[dict]:
+    """Greedy runs of ``[[17]] + _prompts()``, each alone (one-row decode steps, and a one-row prefill), with the
+    norm scales folded or not; checks that the folded path ran exactly when folding."""
+    import sgl_ray
+    from sgl_ray.layers import fused_linear
+    from sgl_ray.models.llama import LlamaDecoderLayer
+
+    monkeypatch.setattr(fused_linear, "FOLD_NORMS", fold)
+    calls = []
+    folded = LlamaDecoderLayer.forward_folded
+    monkeypatch.setattr(
+        LlamaDecoderLayer, "forward_folded", lambda self, *a: calls.append(1) or folded(self, *a)
+    )
+    with sgl_ray.Engine(model_dir, dtype="bfloat16", skip_tokenizer_init=True, max_total_tokens=8192) as eng:
+        model = eng._core.runner.model.model
+        assert model.norms_folded == fold
+        assert all(bool((layer.input_layernorm.weight == 1).all()) == fold for layer in model.layers)
+        outs = [_greedy(eng, [ids])[0] for ids in [[17]] + _prompts()]
+    assert bool(calls) == fold, "the folded path ran where it should not, or not where it should"
+    return outs
+
+
+def test_folded_norms_are_as_accurate_as_the_norm_kernels(scaled_norms_dir, monkeypatch):
+    """One-row steps on a model whose norm scales are folded into the projections (every norm inside the GEMVs
+    around it, rotary and the KV store in the QKV GEMV) against the same steps with the norm kernels, both
+    measured against transformers in fp32 on the same weights (teacher-forced on each run's own tokens): the
+    first token is the reference's choice, and the engine's logprob of each chosen token is as close to the
+    reference's on average. Folding rounds differently from transformers' bf16 path (W diag(g) once, the normed
+    row not at all), so against a bf16 reference the norm kernels, which copy its rounding, would win unfairly."""
+    from transformers import AutoModelForCausalLM
+
+    prompts = [[17]] + _prompts()
+    runs = {fold: _one_at_a_time(scaled_norms_dir, fold, monkeypatch) for fold in (True, False)}
+    ref = AutoModelForCausalLM.from_pretrained(scaled_norms_dir, dtype=torch.float32).cuda().eval()
+    stats, report = {}, []
+    for fold, outs in runs.items():
+        diffs, gaps = [], []
+        for ids, out in zip(prompts, outs, strict=True):
+            toks = out["output_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(ref(torch.tensor([ids + toks], device="cuda")).logits[0].float(), -1)
+            rows = logp[len(ids) - 1 : len(ids) - 1 + NEW]
+            assert toks[0] == int(rows[0].argmax()), f"fold={fold}, {len(ids)}-token prompt"
+            lps = [lp for lp, _ in out["meta_info"]["output_token_logprobs"]]
+            diffs += [abs(lp - row[t].item()) for lp, row, t in zip(lps, rows, toks, strict=True)]
+            gaps += [(row.max() - row[t]).item() for row, t in zip(rows, toks, strict=True)]
+        stats[fold] = (sum(diffs) / len(diffs), max(diffs), max(gaps))
+        report.append(f"fold={fold}: logprob diff mean {stats[fold][0]:.3f} max {stats[fold][1]:.3f}; "
+                      f"max gap below the best {stats[fold][2]:.3f}; diffs {_r(diffs)}")  # fmt: skip
+    print(*report, sep="\n")
+    assert stats[True][0] <= 1.5 * stats[False][0] + 0.02, "\n".join(report)
+    assert max(stats[True][1], stats[True][2]) < 2.0, "\n".join(report)  # no token far off
 
 
 def test_cuda_graphs_match_eager(llama_dir):

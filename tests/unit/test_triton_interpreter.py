@@ -16,13 +16,16 @@ _SCRIPT = """
 import torch
 from sgl_ray.layers import triton_ops
 from sgl_ray.layers.rotary import RotaryEmbedding, rotate_half
-from tests.gpu.test_fused_ops import check_fused_gemvs, check_gemv, check_qkv_rotary_store_gemv, check_rotary_store
+from tests.gpu.test_fused_ops import (
+    check_fused_gemvs, check_gemv, check_norm_in_gemvs, check_qkv_rotary_store_gemv, check_rotary_store,
+)
 check_gemv("cpu", torch.float16)
 check_fused_gemvs("cpu", torch.float16)
 for shape in [(4, 2, 16), (9, 3, 64)]:
     check_rotary_store("cpu", torch.float32, *shape)
 for shape in [(4, 1, 16), (6, 2, 64)]:
     check_qkv_rotary_store_gemv("cpu", torch.float16, *shape)
+check_norm_in_gemvs("cpu", torch.float16)
 rope = RotaryEmbedding(32, {"rope_theta": 10000.0}, 512)
 cos, sin = rope.cos_sin(torch.randint(0, 512, (5,)), torch.float32)
 qkv = torch.randn(5, 8 * 32)
