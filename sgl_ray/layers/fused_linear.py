@@ -66,7 +66,7 @@ def norm_linear(
 
 def fold_norms_if_supported(
     model: nn.Module, device: torch.device, dtype: torch.dtype, shard: ShardContext, lora: bool
-) -> bool:
+) -> None:
     """Fold the model's norms (``model.fold_norm_weights()``) where ``FOLD_NORMS`` and the settings allow: a
     CUDA device, half precision, one unsharded stage (the producing GEMV adds the residual, which an
     all-reduce would have to precede), no LoRA (adapters take the normed input with its scale)."""
@@ -81,8 +81,6 @@ def fold_norms_if_supported(
         and hasattr(model, "fold_norm_weights")
     ):
         model.fold_norm_weights()
-        return True
-    return False
 
 
 def one_row_gemvs(x: torch.Tensor, *layers: nn.Module) -> bool:

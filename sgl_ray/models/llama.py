@@ -301,7 +301,10 @@ class LlamaForCausalLM(nn.Module):
         run each norm inside those projections (:meth:`LlamaDecoderLayer.forward_folded`). The final norm
         keeps its scale. Only for a single unsharded stage without LoRA (``fused_linear.fold_norms_if_supported``)."""
         model = self.model
-        for layer in model.layers[model.start : model.end]:
+        layers = model.layers[model.start : model.end]
+        if any(layer.self_attn.q_norm is not None for layer in layers):
+            return  # per-head q/k norms (Qwen3): the folded layer step does not take them, so nothing to gain
+        for layer in layers:
             pairs = (
                 (layer.input_layernorm, layer.self_attn.qkv_proj),
                 (layer.post_attention_layernorm, layer.mlp.gate_up_proj),
