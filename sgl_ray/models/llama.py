@@ -75,6 +75,7 @@ class LlamaAttention(nn.Module):
         return self.q_norm is None and batch.kv_pool.dtype == x.dtype and fuses_rotary_store(self.qkv_proj, x)
 
     def store_args(self, cos_sin: CosSin, batch: ForwardBatch) -> object:
+        """The ``triton_ops.RotaryStore`` of this layer's step (also ``rotary_store``'s arguments after qkv)."""
         k_cache, v_cache = batch.kv_pool.get_kv(self.attn.layer_id)
         p = self.qkv_proj
         return cuda_ops().RotaryStore(
@@ -99,10 +100,7 @@ class LlamaAttention(nn.Module):
             return self.o_proj(self.attend_stored(qkv, batch))
         if self.q_norm is None and qkv.is_cuda and batch.kv_pool.dtype == qkv.dtype:
             # one kernel: rotate q and k, store k and v in the KV pool
-            k_cache, v_cache = batch.kv_pool.get_kv(self.attn.layer_id)
-            q, k = cuda_ops().rotary_store(
-                qkv, *cos_sin, batch.out_cache_loc, k_cache, v_cache, p.num_heads, p.num_kv_heads
-            )
+            q, k = cuda_ops().rotary_store(qkv, *self.store_args(cos_sin, batch))
             v = qkv[:, p.q_size + p.kv_size :]
             return self.o_proj(self.attn(q.view(t, -1), k.view(t, -1), v, batch, kv_stored=True))
         if self.q_norm is None:  # rotate q and k (adjacent in qkv) in one pass
