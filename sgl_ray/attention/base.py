@@ -6,7 +6,8 @@ A backend computes attention for one layer of a batch whose requests each add ``
 * ``init_forward_metadata(batch)`` is called once per step before the model runs; it may precompute index
   tensors from ``batch`` (``req_to_token`` rows, seq lens) and store them on ``batch.attn_metadata``.
 * ``graph_metadata(batch, max_seq_len)`` (backends with ``supports_cuda_graph``) replaces the first call for
-  decode batches replayed from a CUDA graph; ``prepare_graph_replay(metadata, seq_lens)`` runs before each replay
+  decode batches replayed from a CUDA graph (one graph per batch size and entry of ``graph_seq_lens``);
+  ``prepare_graph_replay(metadata, seq_lens)`` runs before each replay
   (host-side planning; nothing for backends whose kernels read everything from the graph's buffers).
 * ``forward(q, k, v, layer, batch, kv_stored)`` first stores the new tokens' ``k``/``v`` at
   ``batch.out_cache_loc`` in the pool (unless ``kv_stored``: a fused kernel did it already), then returns attention output ``[num_tokens, num_heads * head_dim]`` where token ``i`` of request ``r``
@@ -47,6 +48,12 @@ class AttentionBackend(ABC):
         """Metadata for a decode batch captured in a CUDA graph: it may only reference ``batch``'s device tensors
         (whose contents change between replays) and must fit any sequence up to ``max_seq_len`` tokens."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
+
+    def graph_seq_lens(self, batch_size: int, context_length: int) -> tuple[int, ...]:
+        """The longest sequence each decode graph of ``batch_size`` is captured for, ascending, the last
+        ``context_length``; a replay takes the first that fits its batch. More than one lets a backend choose
+        kernels for short sequences."""
+        return (context_length,)
 
     def prepare_graph_replay(self, metadata: Any, seq_lens: np.ndarray) -> None:
         """Before a replay of the graph captured with ``metadata``: its batch's device buffers (and

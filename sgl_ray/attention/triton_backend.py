@@ -22,7 +22,13 @@ import torch
 
 from sgl_ray.attention.base import AttentionBackend
 from sgl_ray.attention.triton_extend import EXTEND_BLOCK_M, extend_attention
-from sgl_ray.attention.triton_kernels import decode_attention
+from sgl_ray.attention.triton_kernels import (
+    SHORT_DECODE_BATCH,
+    SHORT_DECODE_TOKENS,
+    DecodeConfig,
+    decode_attention,
+    decode_config,
+)
 from sgl_ray.transfer import to_device
 
 if TYPE_CHECKING:
@@ -127,6 +133,14 @@ class TritonAttentionBackend(AttentionBackend):
         )
         return _Metadata(decode, None)
 
+    def graph_seq_lens(self, batch_size: int, context_length: int) -> tuple[int, ...]:
+        """Two decode graphs for one or two requests: sequences of up to ``SHORT_DECODE_TOKENS / batch_size``
+        tokens get 32-key splits that prefetch their KV (see ``decode_config``), longer ones the usual shape."""
+        short = SHORT_DECODE_TOKENS // batch_size
+        if batch_size <= SHORT_DECODE_BATCH and short < context_length:
+            return (short, context_length)
+        return (context_length,)
+
     def forward(
         self,
         q: torch.Tensor,
@@ -147,6 +161,7 @@ class TritonAttentionBackend(AttentionBackend):
         out = self._new_buffer((num_tokens, h, d), q.dtype)  # every row is written by one of the kernels
         if meta.decode is not None:
             dec = meta.decode
+            config = decode_config(d, q.dtype, dec.num, dec.max_seq_len)
             decode_attention(
                 q,
                 k_buf,
@@ -157,9 +172,10 @@ class TritonAttentionBackend(AttentionBackend):
                 dec.rows,
                 dec.tokens,
                 dec.seq_lens,
-                self._num_splits(dec, kvh),
+                self._num_splits(dec, kvh, config),
                 layer.scaling,
                 self._new_buffer,
+                config,
             )
         if meta.extend is not None:
             extend_attention(
@@ -176,12 +192,13 @@ class TritonAttentionBackend(AttentionBackend):
             )
         return out.view(num_tokens, h * d)
 
-    def _num_splits(self, dec: _DecodePart, num_kv_heads: int) -> int:
-        """Enough stage-1 programs for ``WAVES`` per multiprocessor, each split at least ``MIN_SPLIT_TOKENS``."""
+    def _num_splits(self, dec: _DecodePart, num_kv_heads: int, config: DecodeConfig) -> int:
+        """Enough stage-1 programs for ``WAVES`` per multiprocessor, each split at least ``MIN_SPLIT_TOKENS``
+        (or one block, where each split prefetches its first block)."""
         if self.num_kv_splits is not None:
             return self.num_kv_splits
         want = -(-self.num_sms * WAVES // (dec.num * num_kv_heads))
-        cap = -(-dec.max_seq_len // MIN_SPLIT_TOKENS)
+        cap = -(-dec.max_seq_len // (config.block_n if config.prefetch else MIN_SPLIT_TOKENS))
         n = max(1, min(want, cap, MAX_KV_SPLITS))
         return 1 << (n.bit_length() - 1)  # round down to a power of two
 

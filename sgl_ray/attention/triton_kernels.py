@@ -14,7 +14,8 @@ Decode (flash-decoding)::
 
 Short requests in a long batch get the same number of splits, each at least BLOCK_N tokens. A split past the
 sequence's end writes nothing: its stage-1 program returns before waiting for the previous kernel, and stage 2
-(which recomputes the same ``chunk``) merges only the written splits.
+(which recomputes the same ``chunk``) merges only the written splits. With ``DecodeConfig.prefetch`` (one or two
+short requests) a split loads its first block of cached keys and values before that wait, too.
 """
 
 from __future__ import annotations
@@ -62,14 +63,15 @@ def _decode_stage1(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_r2t, stride_pi, stride_ph,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIRECT: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+    DIRECT: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # fmt: on
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     i = tl.program_id(2)
     # The step's index arrays come from host copies made before the forward pass started (no kernel writes
-    # them), so they are read before waiting for the previous kernel (see triton_pdl); q, K/V and the outputs after.
+    # them), so they are read before waiting for the previous kernel (see triton_pdl); q, this step's K/V row and
+    # the outputs after.
     token = tl.load(dec_token + i).to(tl.int64)
     seq_len = tl.load(dec_len + i)
     req = tl.load(req_pool_idxs + tl.load(dec_row + i)).to(tl.int64)
@@ -78,26 +80,48 @@ def _decode_stage1(
     if start >= seq_len:  # a split past the end: nothing to write (stage 2 reads only the others), so no wait
         return
     end = tl.minimum(start + chunk, seq_len)
-    pdl_enter(USE_PDL)
-
     offs_h = tl.arange(0, BLOCK_H)
     heads = kv_head * group + offs_h  # [BLOCK_H], the first `group` are real
     mask_h = offs_h < group
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
+    slot_row = req_to_token + req * stride_r2t
+    k_head = K + kv_head * stride_kh
+    v_head = V + kv_head * stride_vh
+    n_first = start
+    if PREFETCH:
+        # Every cached key and value but this step's own token (position seq_len - 1, stored by an earlier
+        # kernel of this step) was written by an earlier step, and those rows stay as they are while the request
+        # lives. So the split's first block of them is loaded before the wait: its DRAM round trip overlaps the
+        # previous kernel instead of following it.
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        slots = tl.load(slot_row + offs_n, mask=mask_n, other=0).to(tl.int64)
+        early = (offs_n < seq_len - 1)[:, None] & mask_d[None, :]
+        k_first = tl.load(k_head + slots[:, None] * stride_kt + offs_d[None, :], mask=early, other=0.0)
+        v_first = tl.load(v_head + slots[:, None] * stride_vt + offs_d[None, :], mask=early, other=0.0)
+    pdl_enter(USE_PDL)
+
     q_mask = mask_h[:, None] & mask_d[None, :]
     q = tl.load(Q + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    slot_row = req_to_token + req * stride_r2t
-    for n0 in range(start, end, BLOCK_N):
+    if PREFETCH:  # the new token's row, where it falls in the first block, then that block
+        late = (offs_n == seq_len - 1)[:, None] & mask_d[None, :]
+        k_late = tl.load(k_head + slots[:, None] * stride_kt + offs_d[None, :], mask=late, other=0.0)
+        v_late = tl.load(v_head + slots[:, None] * stride_vt + offs_d[None, :], mask=late, other=0.0)
+        k_first = tl.where(late, k_late, k_first)
+        v_first = tl.where(late, v_late, v_first)
+        m_i, l_i, acc = online_softmax_step(q, k_first, v_first, mask_n[None, :], qk_scale, m_i, l_i, acc, IEEE)
+        n_first = start + BLOCK_N
+    for n0 in range(n_first, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         slots = tl.load(slot_row + offs_n, mask=mask_n, other=0).to(tl.int64)
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_head + slots[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_head + slots[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         m_i, l_i, acc = online_softmax_step(q, k, v, mask_n[None, :], qk_scale, m_i, l_i, acc, IEEE)
     o = acc / l_i[:, None]
     if DIRECT:
@@ -141,26 +165,40 @@ def decode_block_n(head_dim: int, dtype: torch.dtype) -> int:
 
 
 class DecodeConfig(NamedTuple):
-    """Launch shape of stage 1: keys per iteration (also the split granularity), warps, pipeline depth."""
+    """Launch shape of stage 1: keys per iteration (also the split granularity), warps, pipeline depth, and
+    whether each split loads its first block of cached keys and values before it waits for the previous kernel."""
 
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    prefetch: bool = False
 
 
 SMALL_DECODE_BATCH = 4
+SHORT_DECODE_BATCH = 2
+SHORT_DECODE_TOKENS = 1024  # requests x longest sequence: at most 256 prefetching programs of 8 KV heads
+SMALL_DECODE = DecodeConfig(128, num_warps=4, num_stages=2)
+SHORT_DECODE = DecodeConfig(32, num_warps=4, num_stages=2, prefetch=True)
+LARGE_DECODE = DecodeConfig(64, num_warps=4, num_stages=3)
 
 
-def decode_config(head_dim: int, dtype: torch.dtype, num_decode: int = 1) -> DecodeConfig:
-    """Stage-1 launch shape for a decode batch. Measured on an H200 (8B shape, bf16, CUDA graphs): a third
-    pipeline stage reads KV 13-16% faster at batches of 32-256 (up to 4.2 TB/s, the card's copy rate); at a
-    handful of requests the grid is small and 128 keys per step with two stages does best."""
+def decode_config(
+    head_dim: int, dtype: torch.dtype, num_decode: int = 1, max_seq_len: int | None = None
+) -> DecodeConfig:
+    """Stage-1 launch shape for a decode batch whose sequences are at most ``max_seq_len`` long (``None``: any).
+
+    Measured on an H200 (8B shape, bf16, CUDA graphs): a third pipeline stage reads KV 13-16% faster at batches
+    of 32-256 (up to 4.2 TB/s, the card's copy rate); at a handful of requests the grid is small and 128 keys per
+    step with two stages does best. At one or two requests of up to ``SHORT_DECODE_TOKENS`` tokens together,
+    32-key splits that load their keys and values before waiting for the previous kernel save 55-75 us per step;
+    with more programs waiting on loaded tiles (bs1 at 4096 tokens, bs2 at 1024, batches of 64) that costs
+    30-600 us, so those keep the other shapes."""
     block_n = decode_block_n(head_dim, dtype)
     if block_n < 64:  # fp32 or wide heads: keep the shared-memory footprint of two stages
         return DecodeConfig(block_n)
-    if num_decode <= SMALL_DECODE_BATCH:
-        return DecodeConfig(128, num_warps=4, num_stages=2)
-    return DecodeConfig(64, num_warps=4, num_stages=3)
+    if num_decode <= SHORT_DECODE_BATCH and max_seq_len is not None and num_decode * max_seq_len <= SHORT_DECODE_TOKENS:
+        return SHORT_DECODE
+    return SMALL_DECODE if num_decode <= SMALL_DECODE_BATCH else LARGE_DECODE
 
 
 def decode_attention(
@@ -201,7 +239,7 @@ def decode_attention(
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         out.stride(0), out.stride(1), req_to_token.stride(0), num_heads * num_splits, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        DIRECT=direct, IEEE=ieee, USE_PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages,
+        DIRECT=direct, IEEE=ieee, USE_PDL=pdl, PREFETCH=config.prefetch, num_warps=config.num_warps, num_stages=config.num_stages,
         **launch_args(pdl),
     )
     # fmt: on

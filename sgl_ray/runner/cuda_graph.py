@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 _INPUT, _POS, _LOC, _REQ, _SEQ = range(5)
 _SEG_START, _SEG_LEN, _SEG_SLOT = range(3)
+_Key = tuple[int, bool, int]  # a graph's batch size, whether it has the LoRA kernels, its longest sequence
 
 
 def batch_size_ladder(max_bs: int) -> list[int]:
@@ -91,18 +92,19 @@ class CudaGraphRunner:
         self._hosts = [torch.zeros(n_ints + n_segs, dtype=torch.int64).pin_memory() for _ in range(2)]
         self._copied: list[torch.cuda.Event | None] = [None, None]
         self._arange = torch.arange(self.max_bs, dtype=torch.int64, device=device)
-        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (batch size, with LoRA) ->
-        self._logits: dict[tuple[int, bool], torch.Tensor] = {}
-        self._metadata: dict[
-            tuple[int, bool], object
-        ] = {}  # the attention metadata each graph was captured with
+        # Per batch size, the longest sequence of each of its graphs (the backend may capture short-sequence ones).
+        self.seq_lens = {bs: attn_backend.graph_seq_lens(bs, context_length) for bs in self.batch_sizes}
+        self._graphs: dict[_Key, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[_Key, torch.Tensor] = {}
+        self._metadata: dict[_Key, object] = {}  # the attention metadata each graph was captured with
         self._pool = None
         self.num_replays = 0
         t0 = time.perf_counter()
         free_before = torch.cuda.mem_get_info(device)[0]
         for with_lora in (False, True) if self.lora is not None else (False,):
             for bs in reversed(self.batch_sizes):  # largest first: smaller graphs reuse its pool memory
-                self._capture(bs, with_lora)
+                for max_len in reversed(self.seq_lens[bs]):
+                    self._capture(bs, with_lora, max_len)
         self.capture_s = time.perf_counter() - t0
         self.pool_bytes = max(0, free_before - torch.cuda.mem_get_info(device)[0])
         logger.info(
@@ -115,7 +117,7 @@ class CudaGraphRunner:
             self.pool_bytes / 2**20,
         )
 
-    def _batch(self, bs: int) -> ForwardBatch:
+    def _batch(self, bs: int, max_len: int) -> ForwardBatch:
         ints = self.ints
         batch = ForwardBatch(
             input_ids=ints[_INPUT, :bs],
@@ -131,7 +133,7 @@ class CudaGraphRunner:
             req_to_token=self.req_to_token,
             attn_backend=self.attn_backend,
         )
-        batch.attn_metadata = self.attn_backend.graph_metadata(batch, self.context_length)
+        batch.attn_metadata = self.attn_backend.graph_metadata(batch, max_len)
         return batch
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -140,8 +142,8 @@ class CudaGraphRunner:
         return self.model.compute_logits(self.model(dataclasses.replace(batch, input_ids=ids)))
 
     @torch.inference_mode()
-    def _capture(self, bs: int, with_lora: bool) -> None:
-        batch = self._batch(bs)
+    def _capture(self, bs: int, with_lora: bool, max_len: int) -> None:
+        batch = self._batch(bs, max_len)
         if with_lora:  # segments of at most bs tokens, one per slot at most
             assert self.lora is not None
             segs = self.segs
@@ -161,9 +163,9 @@ class CudaGraphRunner:
                 self.lora.ctx.batch = None
         if self._pool is None:
             self._pool = graph.pool()
-        self._graphs[bs, with_lora] = graph
-        self._logits[bs, with_lora] = logits
-        self._metadata[bs, with_lora] = batch.attn_metadata
+        self._graphs[bs, with_lora, max_len] = graph
+        self._logits[bs, with_lora, max_len] = logits
+        self._metadata[bs, with_lora, max_len] = batch.attn_metadata
 
     def can_run(self, batch_size: int, lora_slots: np.ndarray | None = None) -> bool:
         """Whether a decode batch of ``batch_size`` requests (bound to ``lora_slots``, -1: none) can replay."""
@@ -213,7 +215,9 @@ class CudaGraphRunner:
         event.record()
         ints = self.ints
         self.req_to_token[ints[_REQ, :bs], ints[_POS, :bs]] = ints[_LOC, :bs]
-        self.attn_backend.prepare_graph_replay(self._metadata[gbs, with_lora], host[_SEQ, :gbs])
-        self._graphs[gbs, with_lora].replay()
+        lens = self.seq_lens[gbs]
+        key = gbs, with_lora, lens[bisect.bisect_left(lens, int(positions.max()) + 1)]
+        self.attn_backend.prepare_graph_replay(self._metadata[key], host[_SEQ, :gbs])
+        self._graphs[key].replay()
         self.num_replays += 1
-        return self._logits[gbs, with_lora][:bs]
+        return self._logits[key][:bs]

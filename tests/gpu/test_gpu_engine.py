@@ -3,6 +3,7 @@ GPU. Run on the device machine (``pytest -m gpu``); skipped where there is no GP
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 
@@ -200,6 +201,49 @@ def test_cuda_graphs_match_eager(llama_dir):
             strict=True,
         ):
             assert lp_g == pytest.approx(lp_e, abs=1e-3)
+
+
+def test_short_sequence_graphs_hand_over_to_full_length_ones(llama_dir):
+    """Batches of one or two requests replay from graphs captured for short sequences (SHORT_DECODE_TOKENS for
+    one request) (other attention kernels) and, once a request grows past that, from the full-length ones; the greedy
+    tokens are the eager path's throughout (bf16, one request: no padded GEMMs)."""
+    import sgl_ray
+    from sgl_ray.attention.triton_kernels import SHORT_DECODE_TOKENS as SHORT
+
+    prompt = torch.randint(10, 32000, (SHORT - 12,), generator=torch.Generator().manual_seed(5)).tolist()
+    greedy = {"temperature": 0.0, "max_new_tokens": 24, "ignore_eos": True}
+    outs, counts = {}, collections.Counter()
+    for disable in (True, False):
+        with sgl_ray.Engine(
+            llama_dir, skip_tokenizer_init=True, disable_cuda_graph=disable, cuda_graph_max_bs=4
+        ) as eng:
+            graphs = eng._core.runner.cuda_graphs
+            if graphs is not None:
+                assert graphs.seq_lens == {
+                    1: (SHORT, 4096),
+                    2: (SHORT // 2, 4096),
+                    4: (4096,),
+                }
+
+                class Counted:
+                    def __init__(self, key, graph):
+                        self.key, self.graph = key, graph
+
+                    def replay(self):
+                        counts[self.key] += 1
+                        self.graph.replay()
+
+                graphs._graphs = {k: Counted(k, g) for k, g in graphs._graphs.items()}
+            outs[disable] = eng.generate(input_ids=[prompt], sampling_params=greedy, return_logprob=True)[0]
+    # positions 1012 .. 1034 are decoded: 12 steps fit the short graphs, the rest need the full-length ones
+    assert counts[1, False, SHORT] >= 10 and counts[1, False, 4096] >= 10, counts
+    assert outs[False]["output_ids"] == outs[True]["output_ids"]
+    for (lp_e, _), (lp_g, _) in zip(
+        outs[True]["meta_info"]["output_token_logprobs"],
+        outs[False]["meta_info"]["output_token_logprobs"],
+        strict=True,
+    ):
+        assert lp_g == pytest.approx(lp_e, abs=TOL)
 
 
 def test_overlap_schedule_matches_synchronous(llama_dir):

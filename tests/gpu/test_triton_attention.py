@@ -161,6 +161,7 @@ def ragged_lens(n: int, low: int, high: int, seed: int) -> np.ndarray:
 DECODE_LENS = {
     "b1-long": np.array([4096]),
     "b1-first": np.array([1]),
+    "b2-short": np.array([300, 512]),  # the 32-key splits that prefetch (SHORT_DECODE)
     "b64-ragged": ragged_lens(64, 1, 4096, seed=1),
 }
 
@@ -186,6 +187,48 @@ def test_decode_forced_splits(num_kv_splits, dtype):
     """Fixed split counts, with requests shorter than one block per split (empty splits)."""
     seq = np.array([1, 2, 63, 64, 65, 100, 1000, 4096, 3000, 129])
     check(make_case(seq - 1, np.ones_like(seq), 32, 8, 128, dtype, seed=3), num_kv_splits=num_kv_splits)
+
+
+@pytest.mark.parametrize("num_kv_splits", [None, 1, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("batch", [1, 64], ids=lambda b: f"shape-for-{b}")
+def test_decode_prefetch_gives_the_same_bits(num_kv_splits, dtype, batch, monkeypatch):
+    """Stage 1 loading its first block of cached K/V before it waits for the kernel that stores this step's
+    token reads the same values as loading everything after the wait: the outputs are bit-identical (with the
+    launch shape the engine picks for a decode batch of ``batch``)."""
+    from sgl_ray.attention import triton_kernels
+
+    seq = np.array([1, 2, 31, 32, 33, 127, 128, 129, 300, 1000, 4096, 257])  # the new token at block edges
+    shape = triton_kernels.decode_config(128, dtype, batch)
+    outs = []
+    for prefetch in (False, True):
+        config = shape._replace(prefetch=prefetch)
+        monkeypatch.setattr(triton_kernels, "decode_config", lambda *_, config=config: config)
+        case = make_case(seq - 1, np.ones_like(seq), 32, 8, 128, dtype, seed=12)
+        outs.append(run_triton(case, num_kv_splits))
+    assert torch.isfinite(outs[1]).all()
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("lens", [[1000], [31, 512]], ids=str)
+def test_decode_short_graph_metadata(lens):
+    """The metadata of a decode graph captured for short sequences (prefetching 32-key splits, one block each)
+    gives the reference's output, as the full-length graph's does."""
+    from sgl_ray.attention import triton_kernels
+    from sgl_ray.attention.triton_backend import TritonAttentionBackend
+
+    seq = np.array(lens)
+    assert triton_kernels.decode_config(128, torch.bfloat16, len(seq), int(seq.max())).prefetch
+    for max_len in (triton_kernels.SHORT_DECODE_TOKENS // len(seq), 8192):
+
+        def run(case, max_len=max_len):
+            backend = nan_buffers(TritonAttentionBackend(case.qkv.device))
+            batch = make_batch(case, case.pool, backend)
+            batch.extend_start_loc = torch.arange(len(seq), device=case.qkv.device)
+            batch.attn_metadata = backend.graph_metadata(batch, max_len)
+            return backend.forward(*split_qkv(case), case.layer, batch)
+
+        check(make_case(seq - 1, np.ones_like(seq), 32, 8, 128, torch.bfloat16, seed=13), run=run)
 
 
 # --- extend ----------------------------------------------------------------------------------------------------

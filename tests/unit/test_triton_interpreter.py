@@ -57,6 +57,9 @@ for ext, prefix in [([1, 5, 1, 70, 1], [30, 0, 100, 10, 3]), ([1, 1, 1, 9, 66, 2
 seq = np.array([1, 200, 77, 300])
 for splits in (2, 8, 64):
     check(make_case(seq - 1, np.ones_like(seq), 4, 2, 32, torch.float32, device="cpu", seed=splits), splits)
+# two short fp16 requests: the 32-key splits that load their cached K/V before the wait (SHORT_DECODE)
+seq = np.array([33, 300])
+check(make_case(seq - 1, np.ones_like(seq), 4, 2, 32, torch.float16, device="cpu", seed=5))
 """
 
 
@@ -68,3 +71,24 @@ def test_attention_kernels_in_the_interpreter():
         [sys.executable, "-c", _ATTENTION], env=env, capture_output=True, text=True, cwd=ROOT
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_short_sequence_decode_graphs_are_asked_for_small_batches():
+    pytest.importorskip("triton")
+    import torch
+
+    from sgl_ray.attention.triton_backend import TritonAttentionBackend
+    from sgl_ray.attention.triton_kernels import SHORT_DECODE, SHORT_DECODE_TOKENS, decode_config
+
+    backend = TritonAttentionBackend("cpu")
+    assert backend.graph_seq_lens(1, 8192) == (SHORT_DECODE_TOKENS, 8192)
+    assert backend.graph_seq_lens(2, 8192) == (SHORT_DECODE_TOKENS // 2, 8192)
+    assert backend.graph_seq_lens(4, 8192) == (8192,)
+    assert backend.graph_seq_lens(1, SHORT_DECODE_TOKENS) == (SHORT_DECODE_TOKENS,)
+    assert decode_config(128, torch.bfloat16, 1, SHORT_DECODE_TOKENS) == SHORT_DECODE
+    assert decode_config(128, torch.bfloat16, 2, SHORT_DECODE_TOKENS // 2) == SHORT_DECODE
+    assert not decode_config(128, torch.bfloat16, 1, SHORT_DECODE_TOKENS + 1).prefetch
+    assert not decode_config(128, torch.bfloat16, 2, SHORT_DECODE_TOKENS // 2 + 1).prefetch
+    assert not decode_config(128, torch.bfloat16, 1).prefetch  # no bound known
+    assert not decode_config(128, torch.bfloat16, 4, 100).prefetch
+    assert not decode_config(128, torch.float32, 1, 100).prefetch
