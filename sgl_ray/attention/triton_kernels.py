@@ -190,13 +190,14 @@ def decode_config(
     Measured on an H200 (8B shape, bf16, CUDA graphs): a third pipeline stage reads KV 13-16% faster at batches
     of 32-256 (up to 4.2 TB/s, the card's copy rate); at a handful of requests the grid is small and 128 keys per
     step with two stages does best. At one or two requests of up to ``SHORT_DECODE_TOKENS`` tokens together,
-    32-key splits that load their keys and values before waiting for the previous kernel save 55-75 us per step;
+    32-key splits that load their keys and values before waiting for the previous kernel save 50-85 us per step;
     with more programs waiting on loaded tiles (bs1 at 4096 tokens, bs2 at 1024, batches of 64) that costs
     30-600 us, so those keep the other shapes."""
     block_n = decode_block_n(head_dim, dtype)
     if block_n < 64:  # fp32 or wide heads: keep the shared-memory footprint of two stages
         return DecodeConfig(block_n)
-    if num_decode <= SHORT_DECODE_BATCH and max_seq_len is not None and num_decode * max_seq_len <= SHORT_DECODE_TOKENS:
+    short = max_seq_len is not None and num_decode * max_seq_len <= SHORT_DECODE_TOKENS
+    if num_decode <= SHORT_DECODE_BATCH and short:
         return SHORT_DECODE
     return SMALL_DECODE if num_decode <= SMALL_DECODE_BATCH else LARGE_DECODE
 
@@ -239,8 +240,8 @@ def decode_attention(
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         out.stride(0), out.stride(1), req_to_token.stride(0), num_heads * num_splits, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        DIRECT=direct, IEEE=ieee, USE_PDL=pdl, PREFETCH=config.prefetch, num_warps=config.num_warps, num_stages=config.num_stages,
-        **launch_args(pdl),
+        DIRECT=direct, IEEE=ieee, USE_PDL=pdl, PREFETCH=config.prefetch,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_args(pdl),
     )
     # fmt: on
     if not direct:

@@ -14,6 +14,8 @@ Static inputs live in one int64 device buffer, filled by one host-to-device copy
 The attention backend gives graph-safe metadata over the same buffers (``graph_metadata``): its kernels read the
 sequence lengths from device memory and use a launch grid fixed at capture time. A backend that plans on the host
 (FlashInfer) does so in ``prepare_graph_replay``, after the step's inputs are in place and before the replay.
+A backend may ask for more than one graph per batch size (``graph_seq_lens``), each captured for a longest
+sequence; a replay takes the first that fits its batch (Triton: one for short sequences at one or two requests).
 
 With LoRA enabled (and a LoRA backend that supports graphs), a second ladder is captured with the adapter
 kernels in it; decode batches where some request uses an adapter replay from that one. A decode batch sorted by
@@ -92,7 +94,7 @@ class CudaGraphRunner:
         self._hosts = [torch.zeros(n_ints + n_segs, dtype=torch.int64).pin_memory() for _ in range(2)]
         self._copied: list[torch.cuda.Event | None] = [None, None]
         self._arange = torch.arange(self.max_bs, dtype=torch.int64, device=device)
-        # Per batch size, the longest sequence of each of its graphs (the backend may capture short-sequence ones).
+        # Per batch size, the longest sequence of each of its graphs (a backend may ask for short-sequence ones).
         self.seq_lens = {bs: attn_backend.graph_seq_lens(bs, context_length) for bs in self.batch_sizes}
         self._graphs: dict[_Key, torch.cuda.CUDAGraph] = {}
         self._logits: dict[_Key, torch.Tensor] = {}

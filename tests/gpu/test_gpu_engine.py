@@ -204,9 +204,9 @@ def test_cuda_graphs_match_eager(llama_dir):
 
 
 def test_short_sequence_graphs_hand_over_to_full_length_ones(llama_dir):
-    """Batches of one or two requests replay from graphs captured for short sequences (SHORT_DECODE_TOKENS for
-    one request) (other attention kernels) and, once a request grows past that, from the full-length ones; the greedy
-    tokens are the eager path's throughout (bf16, one request: no padded GEMMs)."""
+    """Batches of one or two requests replay from graphs captured for short sequences (up to SHORT_DECODE_TOKENS
+    for one request; other attention kernels) and, once a request grows past that, from the full-length ones;
+    the greedy tokens are the eager path's throughout (bf16, one request: no padded GEMMs)."""
     import sgl_ray
     from sgl_ray.attention.triton_kernels import SHORT_DECODE_TOKENS as SHORT
 
