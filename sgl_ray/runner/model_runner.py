@@ -26,6 +26,7 @@ from sgl_ray.models.registry import get_model_class
 from sgl_ray.runner.cuda_graph import CudaGraphRunner
 from sgl_ray.runner.forward_batch import ForwardBatch
 from sgl_ray.runner.memory import KVCapacity, plan_kv_capacity
+from sgl_ray.runner.step_sampling import rows_before_end, sample_step
 from sgl_ray.runner.trace import StepTrace, TracedStep
 from sgl_ray.sampling.sampler import Sampler
 from sgl_ray.sampling.state import Admission, SamplingState
@@ -302,7 +303,7 @@ class ModelRunner:
         counts = plan.sample_row_counts()
         ends = starts + ext
         # Each request's last ``counts[r]`` rows, in batch order; [S]
-        sample_rows = np.repeat(ends, counts) - 1 - _rows_before_end(counts)
+        sample_rows = np.repeat(ends, counts) - 1 - rows_before_end(counts)
         want = plan.input_logprob_start >= 0
         logprob_rows = (
             np.concatenate(
@@ -357,61 +358,4 @@ class ModelRunner:
     def _sample(
         self, plan: StepPlan, logits: torch.Tensor, input_logits: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Sample the ``plan.sample`` rows and compute prompt logprobs; device tensors named as ``StepOutput``'s
-        fields. Host-side request slots keep the sampler free of device syncs."""
-        out: dict[str, torch.Tensor] = {}
-        if len(logits):
-            counts = plan.sample_row_counts()
-            row_req = np.repeat(np.arange(plan.batch_size), counts)  # [S] batch index of each sampled row
-            slots_np = plan.req_pool_idxs[row_req]
-            slots, slots_dev = _tensor(slots_np), self._h2d(slots_np)
-            # Sequence position of each sampled token: one past its row ([S]).
-            ends = plan.prefix_lens + plan.extend_lens
-            positions = np.repeat(ends, counts) - _rows_before_end(counts)
-            top_n = plan.top_logprobs_num[row_req]
-            k = int(top_n.max()) if len(top_n) else -1
-            mask = self._h2d(plan.vocab_mask) if plan.vocab_mask is not None else None
-            res = self.sampler.sample(
-                logits,
-                slots,
-                self._h2d(positions),
-                self.sampling_state,
-                top_logprobs_num=max(k, 0),
-                return_logprobs=k >= 0,
-                vocab_mask=mask,
-                slots_dev=slots_dev,
-            )
-            tokens = res.next_token_ids
-            if (
-                len(row_req) != plan.sample.sum()
-            ):  # verification rows: only each request's last row is its token
-                last = self._h2d(np.cumsum(counts)[counts > 0] - 1)
-                slots_dev, tokens = slots_dev[last], tokens[last]
-            self.sampling_state.update(slots_dev, tokens)
-            self.last_tokens[slots_dev] = tokens
-            out["next_token_ids"] = res.next_token_ids
-            if k >= 0:
-                out["logprobs"] = res.logprobs
-                if k > 0:
-                    out["top_ids"], out["top_vals"] = res.top_logprob_ids, res.top_logprob_vals
-        if len(input_logits):
-            logp = torch.log_softmax(input_logits, dim=-1)  # [L, vocab]
-            targets = self._h2d(plan.input_logprob_targets)
-            out["input_logprobs"] = logp.gather(1, targets[:, None]).squeeze(1)
-            want = plan.input_logprob_start >= 0
-            k = int(plan.top_logprobs_num[want].max())
-            if k > 0:
-                out["input_top_vals"], out["input_top_ids"] = logp.topk(k, dim=-1)
-        return out
-
-
-def _rows_before_end(counts: np.ndarray) -> np.ndarray:
-    """``concat(arange(c)[::-1] for c in counts)``: how far each sampled row is from its request's last row."""
-    counts = counts.astype(np.int64)
-    within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-    return np.repeat(counts, counts) - 1 - within
-
-
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    """A CPU tensor over ``array`` (copied when read-only, as arrays deserialised by Ray are)."""
-    return torch.from_numpy(array if array.flags.writeable else array.copy())
+        return sample_step(plan, logits, input_logits, self.sampler, self.sampling_state, self.last_tokens)
