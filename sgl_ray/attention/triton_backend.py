@@ -23,11 +23,10 @@ import torch
 from sgl_ray.attention.base import AttentionBackend
 from sgl_ray.attention.triton_extend import EXTEND_BLOCK_M, extend_attention
 from sgl_ray.attention.triton_kernels import (
-    SHORT_DECODE_BATCH,
-    SHORT_DECODE_TOKENS,
     DecodeConfig,
     decode_attention,
     decode_config,
+    short_decode_len,
 )
 from sgl_ray.transfer import to_device
 
@@ -134,10 +133,10 @@ class TritonAttentionBackend(AttentionBackend):
         return _Metadata(decode, None)
 
     def graph_seq_lens(self, batch_size: int, context_length: int) -> tuple[int, ...]:
-        """Two decode graphs for one or two requests: sequences of up to ``SHORT_DECODE_TOKENS / batch_size``
+        """Two decode graphs for one or two requests: sequences of up to ``short_decode_len``
         tokens get 32-key splits that prefetch their KV (see ``decode_config``), longer ones the usual shape."""
-        short = SHORT_DECODE_TOKENS // batch_size
-        if batch_size <= SHORT_DECODE_BATCH and short < context_length:
+        short = short_decode_len(batch_size)
+        if 0 < short < context_length:
             return (short, context_length)
         return (context_length,)
 
