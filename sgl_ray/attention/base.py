@@ -49,10 +49,12 @@ class AttentionBackend(ABC):
         (whose contents change between replays) and must fit any sequence up to ``max_seq_len`` tokens."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
-    def graph_seq_lens(self, batch_size: int, context_length: int) -> tuple[int, ...]:
+    def graph_seq_lens(
+        self, batch_size: int, context_length: int, head_dim: int, dtype: torch.dtype
+    ) -> tuple[int, ...]:
         """The longest sequence each decode graph of ``batch_size`` is captured for, ascending, the last
         ``context_length``; a replay takes the first that fits its batch. More than one lets a backend choose
-        kernels for short sequences."""
+        kernels for short sequences (``head_dim`` and ``dtype``: the model's attention heads)."""
         return (context_length,)
 
     def prepare_graph_replay(self, metadata: Any, seq_lens: np.ndarray) -> None:

@@ -132,10 +132,13 @@ class TritonAttentionBackend(AttentionBackend):
         )
         return _Metadata(decode, None)
 
-    def graph_seq_lens(self, batch_size: int, context_length: int) -> tuple[int, ...]:
-        """Two decode graphs for one or two requests: sequences of up to ``short_decode_len``
-        tokens get 32-key splits that prefetch their KV (see ``decode_config``), longer ones the usual shape."""
-        short = short_decode_len(batch_size)
+    def graph_seq_lens(
+        self, batch_size: int, context_length: int, head_dim: int, dtype: torch.dtype
+    ) -> tuple[int, ...]:
+        """Two decode graphs for one or two requests of bf16/fp16 heads up to 128 wide: sequences of up to
+        ``short_decode_len`` tokens get 32-key splits that prefetch their KV (see ``decode_config``), longer ones
+        the usual shape. Other heads run one shape at any length, so they get one graph."""
+        short = short_decode_len(batch_size, head_dim, dtype)
         if 0 < short < context_length:
             return (short, context_length)
         return (context_length,)

@@ -182,10 +182,12 @@ SHORT_DECODE = DecodeConfig(32, num_warps=4, num_stages=2, prefetch=True)
 LARGE_DECODE = DecodeConfig(64, num_warps=4, num_stages=3)
 
 
-
-def short_decode_len(num_decode: int) -> int:
-    """The longest sequence for which a batch of ``num_decode`` requests takes ``SHORT_DECODE`` (0: none)."""
-    return SHORT_DECODE_TOKENS // num_decode if num_decode <= SHORT_DECODE_BATCH else 0
+def short_decode_len(num_decode: int, head_dim: int, dtype: torch.dtype) -> int:
+    """The longest sequence for which a batch of ``num_decode`` requests takes ``SHORT_DECODE`` (0: none; fp32
+    and heads wider than 128 keep their one narrow shape at any length)."""
+    if num_decode > SHORT_DECODE_BATCH or decode_block_n(head_dim, dtype) < 64:
+        return 0
+    return SHORT_DECODE_TOKENS // num_decode
 
 
 def decode_config(
@@ -202,7 +204,7 @@ def decode_config(
     block_n = decode_block_n(head_dim, dtype)
     if block_n < 64:  # fp32 or wide heads: keep the shared-memory footprint of two stages
         return DecodeConfig(block_n)
-    if max_seq_len is not None and max_seq_len <= short_decode_len(num_decode):
+    if max_seq_len is not None and max_seq_len <= short_decode_len(num_decode, head_dim, dtype):
         return SHORT_DECODE
     return SMALL_DECODE if num_decode <= SMALL_DECODE_BATCH else LARGE_DECODE
 

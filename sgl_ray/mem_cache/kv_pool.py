@@ -22,6 +22,7 @@ class KVPool:
         device: torch.device,
     ) -> None:
         self.num_slots = num_slots
+        self.head_dim = head_dim
         self.dtype = dtype
         self.device = device
         shape = (num_slots, num_kv_heads, head_dim)

@@ -95,7 +95,10 @@ class CudaGraphRunner:
         self._copied: list[torch.cuda.Event | None] = [None, None]
         self._arange = torch.arange(self.max_bs, dtype=torch.int64, device=device)
         # Per batch size, the longest sequence of each of its graphs (a backend may ask for short-sequence ones).
-        self.seq_lens = {bs: attn_backend.graph_seq_lens(bs, context_length) for bs in self.batch_sizes}
+        self.seq_lens = {
+            bs: attn_backend.graph_seq_lens(bs, context_length, kv_pool.head_dim, kv_pool.dtype)
+            for bs in self.batch_sizes
+        }
         self._graphs: dict[_Key, torch.cuda.CUDAGraph] = {}
         self._logits: dict[_Key, torch.Tensor] = {}
         self._metadata: dict[_Key, object] = {}  # the attention metadata each graph was captured with

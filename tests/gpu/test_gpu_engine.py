@@ -261,6 +261,8 @@ def test_overlap_schedule_matches_synchronous(llama_dir):
     outs = {}
     for disable in (True, False):
         with sgl_ray.Engine(llama_dir, disable_overlap_schedule=disable, **kwargs) as eng:
+            # fp32 heads run one decode shape at any length: one graph per batch size
+            assert all(lens == (4096,) for lens in eng._core.runner.cuda_graphs.seq_lens.values())
             outs[disable] = eng.generate(input_ids=prompts, sampling_params=params)
     for sync, overlapped in zip(outs[True], outs[False], strict=True):
         assert overlapped["output_ids"] == sync["output_ids"]

@@ -81,10 +81,15 @@ def test_short_sequence_decode_graphs_are_asked_for_small_batches():
     from sgl_ray.attention.triton_kernels import SHORT_DECODE, SHORT_DECODE_TOKENS, decode_config
 
     backend = TritonAttentionBackend("cpu")
-    assert backend.graph_seq_lens(1, 8192) == (SHORT_DECODE_TOKENS, 8192)
-    assert backend.graph_seq_lens(2, 8192) == (SHORT_DECODE_TOKENS // 2, 8192)
-    assert backend.graph_seq_lens(4, 8192) == (8192,)
-    assert backend.graph_seq_lens(1, SHORT_DECODE_TOKENS) == (SHORT_DECODE_TOKENS,)
+    bf16 = (128, torch.bfloat16)
+    assert backend.graph_seq_lens(1, 8192, *bf16) == (SHORT_DECODE_TOKENS, 8192)
+    assert backend.graph_seq_lens(2, 8192, *bf16) == (SHORT_DECODE_TOKENS // 2, 8192)
+    assert backend.graph_seq_lens(4, 8192, *bf16) == (8192,)
+    assert backend.graph_seq_lens(1, SHORT_DECODE_TOKENS, *bf16) == (SHORT_DECODE_TOKENS,)
+    # fp32 and wide heads run one narrow shape at any length: one graph per batch size is enough.
+    assert backend.graph_seq_lens(1, 8192, 128, torch.float32) == (8192,)
+    assert backend.graph_seq_lens(1, 8192, 256, torch.bfloat16) == (8192,)
+    assert decode_config(128, torch.float32, 1, 64) == decode_config(128, torch.float32, 1, 8192)
     assert decode_config(128, torch.bfloat16, 1, SHORT_DECODE_TOKENS) == SHORT_DECODE
     assert decode_config(128, torch.bfloat16, 2, SHORT_DECODE_TOKENS // 2) == SHORT_DECODE
     assert not decode_config(128, torch.bfloat16, 1, SHORT_DECODE_TOKENS + 1).prefetch
