@@ -1,8 +1,5 @@
-"""The OpenAI/SGLang wire protocol: decoding, validation, response shapes, stream assembly, chat templates.
-
-Request bodies are written as the official ``openai`` client sends them (``extra_body`` fields merged at the top
-level, fields we do not know included). Response shapes are compared key-by-key with OpenAI's API reference.
-"""
+"""The OpenAI/SGLang wire protocol, responses: shapes compared key-by-key with OpenAI's API reference, stream
+assembly, logprob token texts and chat templates."""
 
 from __future__ import annotations
 
@@ -18,277 +15,15 @@ from transformers import PreTrainedTokenizerFast
 from sgl_ray import protocol as P
 from sgl_ray.errors import InvalidRequestError, ModelNotFoundError
 from sgl_ray.model_loader import load_tokenizer, resolve_model
-from sgl_ray.sampling.params import SamplingParams
 from sgl_ray.scheduler.output import RequestOutput
 from sgl_ray.tokenizer.detokenizer import IncrementalDetokenizer
 
-VOCAB = 49152
-CTX = 2048
-EOS = 2  # SmolLM2's <|im_end|>
-USER = {"role": "user", "content": "Hello!"}
+from .protocol_helpers import EOS, USER, VOCAB, body_of, chat_request
 
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_path: str):
     return load_tokenizer(resolve_model(smollm2_path))
-
-
-def _body(**fields: Any) -> bytes:
-    return json.dumps(fields).encode()
-
-
-def _chat(**fields: Any) -> P.ChatCompletionRequest:
-    return P.decode_request("chat", _body(**{"model": "smollm2", "messages": [USER], **fields}))
-
-
-# --- decoding valid requests --------------------------------------------------------------------------------------
-
-
-def test_chat_request_as_the_openai_client_sends_it():
-    body = {
-        "messages": [
-            {"role": "developer", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
-            {"role": "tool", "content": "42", "tool_call_id": "c1"},
-        ],
-        "model": "smollm2",
-        "max_tokens": 100,
-        "max_completion_tokens": 32,
-        "temperature": 0.7,
-        "top_p": 0.9,
-        "n": 2,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "stop": ["\n\n", "END"],
-        "seed": 42,
-        "logprobs": True,
-        "top_logprobs": 3,
-        "presence_penalty": 0.5,
-        "frequency_penalty": 0.25,
-        "logit_bias": {"50": -100, "7": 2.5},
-        "user": "u-1",
-        "response_format": {"type": "json_object"},
-        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-        "tool_choice": "auto",
-        "parallel_tool_calls": False,  # unknown to us: ignored
-        "store": False,
-        "metadata": {"k": "v"},
-        "top_k": 20,
-        "min_p": 0.05,
-        "repetition_penalty": 1.1,
-        "min_tokens": 2,
-        "stop_token_ids": [EOS],
-        "ignore_eos": False,
-        "skip_special_tokens": True,
-        "no_stop_trim": True,
-    }
-    req = P.decode_request("chat", json.dumps(body).encode())
-    assert [m.role for m in req.messages] == ["developer", "user", "assistant", "tool"]
-    assert req.messages[1].text() == "Hi\nthere" and req.messages[2].content is None
-    assert req.response_format == P.ResponseFormat(type="json_object") and req.tool_choice == "auto"
-    assert req.include_usage and req.requested_max_tokens == 32
-    p = P.to_sampling_params(req, VOCAB, CTX, prompt_len=20)
-    assert p == SamplingParams(
-        max_new_tokens=32,
-        min_new_tokens=2,
-        temperature=0.7,
-        top_p=0.9,
-        top_k=20,
-        min_p=0.05,
-        frequency_penalty=0.25,
-        presence_penalty=0.5,
-        repetition_penalty=1.1,
-        stop=["\n\n", "END"],
-        stop_token_ids=[EOS],
-        no_stop_trim=True,
-        n=2,
-        seed=42,
-        logit_bias={50: -100.0, 7: 2.5},
-        json_schema='{"type": "object"}',  # response_format json_object
-    )
-    assert P.logprob_options(req) == P.LogprobOptions(True, 3, -1)
-
-
-def test_chat_defaults_and_nulls():
-    req = P.decode_request(
-        "chat", b'{"messages": [{"role": "user", "content": "x"}], "temperature": null, "n": null}'
-    )
-    assert req.model is None and not req.include_usage
-    p = P.to_sampling_params(req, VOCAB, CTX, prompt_len=48)
-    assert p.max_new_tokens == CTX - 48 and p.temperature == 1.0 and p.n == 1 and p.stop is None
-    assert P.logprob_options(req) == P.LogprobOptions(False, 0, -1)
-    greedy = P.to_sampling_params(req, VOCAB, CTX, 48, defaults=SamplingParams(temperature=0.0, top_k=5))
-    assert greedy.temperature == 0.0 and greedy.top_k == 5
-    assert P.to_sampling_params(_chat(stop="###"), VOCAB, CTX, 5).stop == ["###"]
-
-
-@pytest.mark.parametrize(
-    "prompt, texts, ids",
-    [
-        ("Once upon", ["Once upon"], None),
-        (["a", "b"], ["a", "b"], None),
-        ([1, 2, 3], None, [[1, 2, 3]]),
-        ([[1, 2], [3]], None, [[1, 2], [3]]),
-    ],
-)
-def test_completion_prompt_forms(prompt, texts, ids):
-    req = P.decode_request(
-        "completion", _body(model="m", prompt=prompt, echo=True, logprobs=2, best_of=1, stream=False)
-    )
-    assert req.prompt_batch() == (texts, ids)
-    p = P.to_sampling_params(req, VOCAB, CTX, prompt_len=3)
-    assert p.max_new_tokens == 16  # OpenAI's default for completions
-    assert P.logprob_options(req) == P.LogprobOptions(True, 2, 0)  # echo: the prompt's logprobs too
-
-
-def test_completion_max_tokens_zero_scores_the_prompt():
-    req = P.decode_request("completion", _body(prompt="x", max_tokens=0, echo=True, logprobs=0))
-    assert P.to_sampling_params(req, VOCAB, CTX, prompt_len=1).max_new_tokens == 0
-
-
-def test_generate_request():
-    req = P.decode_request(
-        "generate",
-        _body(text="Hi", sampling_params={"max_new_tokens": 4, "temperature": 0, "regex": "x"}, rid="r1"),
-    )
-    kwargs = req.engine_kwargs()
-    assert kwargs["prompt"] == "Hi" and kwargs["input_ids"] is None and req.rid == "r1"
-    assert kwargs["sampling_params"] == SamplingParams(max_new_tokens=4, temperature=0.0, regex="x")
-    batch = P.decode_request(
-        "generate",
-        _body(
-            input_ids=[[1, 2], [3]], sampling_params=[{"n": 2}, {}], return_logprob=True, top_logprobs_num=3
-        ),
-    )
-    assert batch.input_ids == [[1, 2], [3]] and batch.sampling_params[0].n == 2
-    assert batch.engine_kwargs()["top_logprobs_num"] == 3
-
-
-# --- bad requests -------------------------------------------------------------------------------------------------
-
-M = [USER]
-BAD = [
-    # (kind, body, param, code, prompt_len)
-    ("chat", b'{"messages": [', None, None, 5),
-    ("chat", b'{"model": "\xff\xfe", "messages": []}', None, None, 5),
-    ("chat", b"[1, 2]", None, None, 5),
-    ("chat", b"", None, None, 5),
-    ("chat", _body(model="m"), "messages", None, 5),
-    ("chat", _body(messages="hi"), "messages", None, 5),
-    ("chat", _body(messages=[]), "messages", None, 5),
-    ("chat", _body(messages=[{"content": "x"}]), "messages", None, 5),
-    ("chat", _body(messages=[{"role": "robot", "content": "x"}]), "messages", None, 5),
-    ("chat", _body(messages=[{"role": "user", "content": 5}]), "messages", None, 5),
-    ("chat", _body(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]), "messages", None, 5),
-    ("chat", _body(messages=[{"role": "user", "content": [{"type": "text"}]}]), "messages", None, 5),
-    ("chat", _body(messages=M, model=3), "model", None, 5),
-    ("chat", _body(messages=M, max_tokens="10"), "max_tokens", None, 5),
-    ("chat", _body(messages=M, max_tokens=2.5), "max_tokens", None, 5),
-    ("chat", _body(messages=M, max_tokens=-1), "max_tokens", "integer_below_min_value", 5),
-    ("chat", _body(messages=M, max_tokens=0), "max_tokens", "integer_below_min_value", 5),
-    ("chat", _body(messages=M, max_tokens=CTX), "max_tokens", "context_length_exceeded", 5),
-    (
-        "chat",
-        _body(messages=M, max_completion_tokens=CTX),
-        "max_completion_tokens",
-        "context_length_exceeded",
-        5,
-    ),
-    ("chat", _body(messages=M), "messages", "context_length_exceeded", CTX),
-    ("chat", _body(messages=M, max_tokens=1), "messages", "context_length_exceeded", CTX + 7),
-    ("chat", _body(messages=M, n=0), "n", "integer_below_min_value", 5),
-    ("chat", _body(messages=M, n=129), "n", "integer_above_max_value", 5),
-    ("chat", _body(messages=M, n="2"), "n", None, 5),
-    ("chat", _body(messages=M, stream="yes"), "stream", None, 5),
-    ("chat", _body(messages=M, stream_options={"include_usage": True}), "stream_options", None, 5),
-    ("chat", _body(messages=M, logprobs=3), "logprobs", None, 5),
-    ("chat", _body(messages=M, top_logprobs=2), "top_logprobs", None, 5),
-    ("chat", _body(messages=M, logprobs=False, top_logprobs=2), "top_logprobs", None, 5),
-    ("chat", _body(messages=M, logprobs=True, top_logprobs=21), "top_logprobs", "integer_above_max_value", 5),
-    ("chat", _body(messages=M, logprobs=True, top_logprobs=-1), "top_logprobs", "integer_below_min_value", 5),
-    ("chat", _body(messages=M, stop=""), "stop", None, 5),
-    ("chat", _body(messages=M, stop=["a", ""]), "stop", None, 5),
-    ("chat", _body(messages=M, stop=[str(i) for i in range(17)]), "stop", None, 5),
-    ("chat", _body(messages=M, stop=[1]), "stop", None, 5),
-    ("chat", _body(messages=M, temperature=2.5), "temperature", "decimal_above_max_value", 5),
-    ("chat", _body(messages=M, temperature=-0.1), "temperature", "decimal_below_min_value", 5),
-    ("chat", _body(messages=M, temperature="hot"), "temperature", None, 5),
-    ("chat", _body(messages=M, top_p=0), "top_p", "decimal_below_min_value", 5),
-    ("chat", _body(messages=M, top_p=1.5), "top_p", "decimal_above_max_value", 5),
-    ("chat", _body(messages=M, presence_penalty=3), "presence_penalty", "decimal_above_max_value", 5),
-    ("chat", _body(messages=M, frequency_penalty=-3), "frequency_penalty", "decimal_below_min_value", 5),
-    ("chat", _body(messages=M, seed=-1), "seed", "integer_below_min_value", 5),
-    ("chat", _body(messages=M, seed=2**64), "seed", "integer_above_max_value", 5),
-    ("chat", _body(messages=M, logit_bias={"abc": 1}), "logit_bias", None, 5),
-    ("chat", _body(messages=M, logit_bias={str(VOCAB): 1}), "logit_bias", None, 5),
-    ("chat", _body(messages=M, logit_bias={"-1": 1}), "logit_bias", None, 5),
-    ("chat", _body(messages=M, logit_bias={"5": 101}), "logit_bias", None, 5),
-    ("chat", _body(messages=M, logit_bias={"5": "x"}), "logit_bias", None, 5),
-    ("chat", _body(messages=M, logit_bias=[1]), "logit_bias", None, 5),
-    ("chat", _body(messages=M, max_tokens=4, min_tokens=5), "min_tokens", "integer_above_max_value", 5),
-    ("chat", _body(messages=M, top_k=-5), "top_k", None, 5),
-    ("chat", _body(messages=M, repetition_penalty=0), "repetition_penalty", None, 5),
-    ("chat", _body(messages=M, stop_token_ids=[VOCAB]), "stop_token_ids", None, 5),
-    ("completion", _body(model="m"), "prompt", None, 5),
-    ("completion", _body(prompt=5), "prompt", None, 5),
-    ("completion", _body(prompt=[]), "prompt", None, 5),
-    ("completion", _body(prompt=[1, "a"]), "prompt", None, 5),
-    ("completion", _body(prompt=[[1], []]), "prompt", None, 5),
-    ("completion", _body(prompt="x", suffix="y"), "suffix", None, 5),
-    ("completion", _body(prompt="x", logprobs=6), "logprobs", "integer_above_max_value", 5),
-    ("completion", _body(prompt="x", logprobs=-1), "logprobs", "integer_below_min_value", 5),
-    ("completion", _body(prompt="x", logprobs=True), "logprobs", None, 5),
-    ("completion", _body(prompt="x", max_tokens=-1), "max_tokens", "integer_below_min_value", 5),
-    ("completion", _body(prompt="x", max_tokens=CTX - 4), "max_tokens", "context_length_exceeded", 5),
-    ("completion", _body(prompt="x"), "prompt", "context_length_exceeded", CTX),
-    ("completion", _body(prompt="x", echo="yes"), "echo", None, 5),
-    ("generate", _body(sampling_params={}), "text", None, 5),
-    ("generate", _body(text="a", input_ids=[1]), "text", None, 5),
-    ("generate", _body(input_ids=[]), "input_ids", None, 5),
-    ("generate", _body(input_ids=[[1], 2]), "input_ids", None, 5),
-    ("generate", _body(text="a", sampling_params={"temperature": "x"}), "sampling_params", None, 5),
-    ("generate", _body(text="a", top_logprobs_num=30), "top_logprobs_num", None, 5),
-]
-
-
-@pytest.mark.parametrize("kind, body, param, code, prompt_len", BAD)
-def test_bad_requests_are_400s_naming_the_param(kind, body, param, code, prompt_len):
-    with pytest.raises(InvalidRequestError) as info:
-        req = P.decode_request(kind, body)
-        if kind != "generate":
-            P.to_sampling_params(req, VOCAB, CTX, prompt_len)
-    err = info.value
-    assert (err.status_code, err.param, err.code) == (400, param, code), err.message
-    assert err.message and "Traceback" not in err.message
-    error = json.loads(P.error_body(err))["error"]
-    assert error == {"message": err.message, "type": "invalid_request_error", "param": param, "code": code}
-
-
-def test_error_messages_read_like_openai():
-    with pytest.raises(InvalidRequestError, match="image inputs are not supported yet"):
-        _chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
-    with pytest.raises(InvalidRequestError) as info:
-        P.to_sampling_params(_chat(max_tokens=2000), VOCAB, CTX, prompt_len=62)
-    assert info.value.message == (
-        "This model's maximum context length is 2048 tokens. However, you requested 2062 tokens "
-        "(62 in the messages, 2000 in the completion). Please reduce the length of the messages or completion."
-    )
-    with pytest.raises(InvalidRequestError, match=r"Invalid type for 'messages\[0\].content'"):
-        P.decode_request("chat", _body(messages=[{"role": "user", "content": 1}]))
-    with pytest.raises(InvalidRequestError, match="Missing required parameter: 'messages'"):
-        P.decode_request("chat", b"{}")
-    with pytest.raises(InvalidRequestError, match="not valid UTF-8"):
-        P.decode_request("chat", b'{"messages": [{"role": "user", "content": "\xc3\x28"}]}')
-    with pytest.raises(ValueError, match="unknown request kind"):
-        P.decode_request("embeddings", b"{}")  # type: ignore[call-overload]
-
-
-def test_prompt_id_checks():
-    P.check_prompt_ids([0, VOCAB - 1], VOCAB)
-    with pytest.raises(InvalidRequestError) as info:
-        P.check_prompt_ids([1, VOCAB], VOCAB)
-    assert info.value.param == "prompt"
 
 
 # --- response shapes ----------------------------------------------------------------------------------------------
@@ -436,7 +171,9 @@ TEXTS = ["Hello there! How can I help? 😀", "Hi 👋🏽 — déjà vu"]
 
 
 def test_chat_stream_n2_interleaved(tokenizer):
-    req = _chat(n=2, stream=True, stream_options={"include_usage": True}, logprobs=True, top_logprobs=2)
+    req = chat_request(
+        n=2, stream=True, stream_options={"include_usage": True}, logprobs=True, top_logprobs=2
+    )
     texts = P.TokenTexts(tokenizer)
     finishes = [{"type": "stop", "matched": EOS}, {"type": "length", "length": 12}]
     a = _engine_deltas(tokenizer, "r-0", TEXTS[0], finishes[0], prompt=30, cached=0, top=2)
@@ -479,7 +216,7 @@ def test_chat_stream_n2_interleaved(tokenizer):
 
 
 def test_chat_stream_without_usage_and_start():
-    asm = P.ChatStreamAssembler.from_request(_chat(stream=True, n=2), model="m")
+    asm = P.ChatStreamAssembler.from_request(chat_request(stream=True, n=2), model="m")
     first = asm.start()
     assert [c.choices[0].index for c in first] == [0, 1] and asm.start() == []
     chunks = asm.add(1, _out(text="ok", finish={"type": "length", "length": 1}, done=1))
@@ -496,7 +233,7 @@ def test_completion_stream_echo_logprobs(tokenizer):
     prompt_ids = tokenizer.encode("The sky is", add_special_tokens=False)
     req = P.decode_request(
         "completion",
-        _body(
+        body_of(
             prompt=["The sky is"],
             n=2,
             echo=True,
@@ -583,12 +320,14 @@ def test_render_chat_matches_apply_chat_template(tokenizer):
         [{"role": "system", "content": "Be brief."}, USER, {"role": "assistant", "content": "Hi."}, USER],
     ]
     for conv in conversations:
-        req = _chat(messages=conv)
+        req = chat_request(messages=conv)
         expected = tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)
         expected = expected["input_ids"] if hasattr(expected, "keys") else expected
         assert P.render_chat(tokenizer, req.messages) == list(expected)
         assert P.render_chat(tokenizer, conv) == list(expected)
-    parts = _chat(messages=[{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]}, USER])
+    parts = chat_request(
+        messages=[{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]}, USER]
+    )
     assert P.render_chat(tokenizer, parts.messages, add_generation_prompt=False) == P.render_chat(
         tokenizer, conversations[1][:2], add_generation_prompt=False
     )
