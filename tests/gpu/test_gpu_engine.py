@@ -246,6 +246,37 @@ def test_short_sequence_graphs_hand_over_to_full_length_ones(llama_dir):
         assert lp_g == pytest.approx(lp_e, abs=TOL)
 
 
+def test_pages_larger_than_one_token_give_the_same_tokens(llama_dir):
+    """KV pages of 16 tokens (radix matches and inserts whole pages, the Triton kernels read the slots the pages
+    give, decode replays from CUDA graphs) against pages of one token: the same greedy tokens and logprobs for
+    requests that share a 200-token prefix, and every cache hit a whole number of pages. In float32, so that the
+    two runs' different prefill splits cannot flip a near-tied greedy choice."""
+    import sgl_ray
+
+    g = torch.Generator().manual_seed(4)
+    prefix = torch.randint(10, 32000, (200,), generator=g).tolist()
+    prompts = [prefix + torch.randint(10, 32000, (n,), generator=g).tolist() for n in (3, 17, 40, 101)]
+    greedy = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
+    outs = {}
+    for page in (1, 16):
+        kwargs = dict(dtype="float32", skip_tokenizer_init=True, max_total_tokens=16384, cuda_graph_max_bs=8)
+        with sgl_ray.Engine(llama_dir, page_size=page, **kwargs) as eng:
+            first = eng.generate(input_ids=prompts[:1], sampling_params=greedy, return_logprob=True)
+            rest = eng.generate(input_ids=prompts[1:], sampling_params=greedy, return_logprob=True)
+            assert eng._core.runner.cuda_graphs.num_replays > 0
+        cached = [o["meta_info"]["cached_tokens"] for o in rest]
+        assert all(c >= 200 - page and c % page == 0 for c in cached), (page, cached)
+        outs[page] = first + rest
+    for small, large in zip(outs[1], outs[16], strict=True):
+        assert large["output_ids"] == small["output_ids"]
+        for (lp_s, _), (lp_l, _) in zip(
+            small["meta_info"]["output_token_logprobs"],
+            large["meta_info"]["output_token_logprobs"],
+            strict=True,
+        ):
+            assert lp_l == pytest.approx(lp_s, abs=1e-3)
+
+
 def test_overlap_schedule_matches_synchronous(llama_dir):
     """Steps launched before the previous one's tokens are back (placeholders resolved on the device, CUDA
     graphs on) give the synchronous schedule's tokens, also for requests that a sampled stop token ends early."""
