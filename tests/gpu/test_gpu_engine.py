@@ -78,6 +78,15 @@ def _greedy(engine, prompts):
     )
 
 
+def _assert_same_greedy(expected: dict, got: dict, tol: float) -> None:
+    """Two runs of one request: the same tokens, and each token's logprob within ``tol``."""
+    assert got["output_ids"] == expected["output_ids"]
+    for (lp_e, _), (lp_g, _) in zip(
+        expected["meta_info"]["output_token_logprobs"], got["meta_info"]["output_token_logprobs"], strict=True
+    ):
+        assert lp_g == pytest.approx(lp_e, abs=tol)
+
+
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_engine_matches_transformers_bf16(llama_dir, backend):
     from transformers import AutoModelForCausalLM
@@ -194,13 +203,7 @@ def test_cuda_graphs_match_eager(llama_dir):
                 assert graphs.batch_sizes == [1, 2, 4, 8, 16]
                 assert graphs.num_replays >= max(p["max_new_tokens"] for p in params) - 2
     for eager, graphed in zip(results[True], results[False], strict=True):
-        assert graphed["output_ids"] == eager["output_ids"]
-        for (lp_e, _), (lp_g, _) in zip(
-            eager["meta_info"]["output_token_logprobs"],
-            graphed["meta_info"]["output_token_logprobs"],
-            strict=True,
-        ):
-            assert lp_g == pytest.approx(lp_e, abs=1e-3)
+        _assert_same_greedy(eager, graphed, 1e-3)
 
 
 def test_short_sequence_graphs_hand_over_to_full_length_ones(llama_dir):
@@ -237,13 +240,7 @@ def test_short_sequence_graphs_hand_over_to_full_length_ones(llama_dir):
             outs[disable] = eng.generate(input_ids=[prompt], sampling_params=greedy, return_logprob=True)[0]
     # positions 1012 .. 1034 are decoded: 12 steps fit the short graphs, the rest need the full-length ones
     assert counts[1, False, SHORT] >= 10 and counts[1, False, 4096] >= 10, counts
-    assert outs[False]["output_ids"] == outs[True]["output_ids"]
-    for (lp_e, _), (lp_g, _) in zip(
-        outs[True]["meta_info"]["output_token_logprobs"],
-        outs[False]["meta_info"]["output_token_logprobs"],
-        strict=True,
-    ):
-        assert lp_g == pytest.approx(lp_e, abs=TOL)
+    _assert_same_greedy(outs[True], outs[False], TOL)
 
 
 def test_pages_larger_than_one_token_give_the_same_tokens(llama_dir):
@@ -268,13 +265,7 @@ def test_pages_larger_than_one_token_give_the_same_tokens(llama_dir):
         assert all(c >= 200 - page and c % page == 0 for c in cached), (page, cached)
         outs[page] = first + rest
     for small, large in zip(outs[1], outs[16], strict=True):
-        assert large["output_ids"] == small["output_ids"]
-        for (lp_s, _), (lp_l, _) in zip(
-            small["meta_info"]["output_token_logprobs"],
-            large["meta_info"]["output_token_logprobs"],
-            strict=True,
-        ):
-            assert lp_l == pytest.approx(lp_s, abs=1e-3)
+        _assert_same_greedy(small, large, 1e-3)
 
 
 def test_overlap_schedule_matches_synchronous(llama_dir):
