@@ -21,6 +21,11 @@ schedule from the wrapper's workspace.
 
 The kernels are compiled by FlashInfer on first use (JIT, with nvcc) and cached on disk.
 
+Sliding-window layers and attention sinks (GPT-OSS) are not supported here: one plan serves every layer of a step
+(and of a captured graph), whereas window layers would need a plan of their own (``window_left = window - 1``)
+beside the full layers' one, and sinks depend on the FlashInfer release and kernel (none of it checked on a GPU
+yet). Such a layer raises ``UnsupportedModelError`` at its first forward; the Triton backend serves those models.
+
 Example (on a CUDA machine with ``flashinfer-python`` installed)::
 
     >>> backend = FlashInferAttentionBackend(torch.device("cuda"))  # doctest: +SKIP
@@ -37,7 +42,7 @@ import numpy as np
 import torch
 
 from sgl_ray.attention.base import AttentionBackend
-from sgl_ray.errors import InvalidRequestError
+from sgl_ray.errors import InvalidRequestError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from sgl_ray.layers.attention import RadixAttention
@@ -230,6 +235,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         batch: ForwardBatch,
         kv_stored: bool = False,
     ) -> torch.Tensor:
+        check_layer_supported(layer)
         num_tokens = q.shape[0]
         h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
         if not kv_stored:
@@ -244,6 +250,23 @@ class FlashInferAttentionBackend(AttentionBackend):
             wrapper = self._decode if meta.decode else self._prefill
         out = wrapper.run(q.contiguous().view(num_tokens, h, d), paged)
         return out.view(num_tokens, h * d)
+
+
+def check_layer_supported(layer: RadixAttention) -> None:
+    """Raise ``UnsupportedModelError`` for a layer with a sliding window or attention sinks."""
+    features = [
+        name
+        for name, used in (
+            (f"a sliding window of {layer.sliding_window} tokens", layer.sliding_window is not None),
+            ("attention sinks", layer.sinks is not None),
+        )
+        if used
+    ]
+    if features:
+        raise UnsupportedModelError(
+            f"attention_backend flashinfer does not support {' or '.join(features)} (layer {layer.layer_id}); "
+            "use attention_backend='triton'"
+        )
 
 
 def _gather_indices(

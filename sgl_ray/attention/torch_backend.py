@@ -2,11 +2,17 @@
 
 Requests adding one token (decode) run as one padded batch; requests adding several (prefill / extend) run one by
 one with a causal mask offset by their cached prefix.
+
+Layers with a sliding window or attention sinks (see ``sgl_ray.layers.attention``) run on a variant of the step's
+metadata built on their first call and kept for the step (``_Metadata.variant``): decode rows gather only the keys
+inside the window; extends are cut into query chunks, each with the keys its window reaches and an explicit mask.
+With sinks the softmax is computed explicitly (``attend_with_sinks``); without, SDPA takes the mask.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,26 +25,138 @@ if TYPE_CHECKING:
     from sgl_ray.layers.attention import RadixAttention
     from sgl_ray.runner.forward_batch import ForwardBatch
 
+SCORE_BUDGET = 2**24  # scores (heads x queries x keys) one extend chunk of the window/sink path may hold
+
 
 @dataclass
 class _DecodePart:
     token_idx: torch.Tensor  # [Bd] rows of the token array
     kv_slots: torch.Tensor  # [Bd, L] KV slots, padded with slot 0
     mask: torch.Tensor | None  # [Bd, 1, 1, L] True where a key is real; None when no request is padded
+    pool_rows: torch.Tensor  # [Bd] req_to_token rows
+    seq_lens: np.ndarray  # [Bd] host copy
 
 
 @dataclass
 class _ExtendPart:
     token_start: int
     num_tokens: int
-    kv_slots: torch.Tensor  # [seq_len]
-    mask: torch.Tensor | None  # [num_tokens, seq_len], None when the plain causal mask applies
+    kv_slots: torch.Tensor  # [L] the keys the part's queries may see (the request's first L, or a window's)
+    mask: torch.Tensor | None  # [num_tokens, L], None when the plain causal mask applies
 
 
 @dataclass
 class _Metadata:
     decode: _DecodePart | None
     extends: list[_ExtendPart]
+    req_to_token: torch.Tensor
+    variants: dict[tuple[int | None, int], _Metadata] = field(default_factory=dict)
+
+    def variant(self, window: int | None, num_heads: int) -> _Metadata:
+        """This step's metadata for layers with ``window`` (or sinks): every mask explicit, keys outside the
+        window not gathered. Built once per step and (window, heads)."""
+        key = (window, num_heads)
+        if key not in self.variants:
+            decode = self.decode
+            if decode is not None and window is not None:
+                decode = _windowed_decode(decode, self.req_to_token, window)
+            extends = [
+                chunk
+                for part in self.extends
+                for chunk in _extend_chunks(
+                    part, int(part.kv_slots.shape[0]) - part.num_tokens, window, num_heads
+                )
+            ]
+            self.variants[key] = _Metadata(decode, extends, self.req_to_token)
+        return self.variants[key]
+
+
+def _windowed_decode(dec: _DecodePart, req_to_token: torch.Tensor, window: int) -> _DecodePart:
+    """Row i gathers its last ``min(seq_len, window)`` keys, padded with slot 0 (masked) to the longest."""
+    lens = dec.seq_lens
+    span = np.minimum(lens, window)  # [Bd] keys each row sees
+    width = int(span.max())
+    valid = np.arange(width)[None, :] < span[:, None]  # [Bd, L]
+    positions = np.where(valid, (lens - span)[:, None] + np.arange(width)[None, :], 0)
+    device = dec.kv_slots.device
+    slots = req_to_token[dec.pool_rows[:, None], torch.from_numpy(positions).to(device)]  # [Bd, L]
+    mask = None
+    if not valid.all():
+        valid_dev = torch.from_numpy(valid).to(device)
+        slots = slots.masked_fill(~valid_dev, 0)  # read the reserved slot 0, never a stale one
+        mask = valid_dev[:, None, None, :]
+    return _DecodePart(dec.token_idx, slots, mask, dec.pool_rows, lens)
+
+
+def _extend_chunks(part: _ExtendPart, prefix: int, window: int | None, num_heads: int) -> list[_ExtendPart]:
+    """``part`` (queries at positions ``prefix .. prefix + n``; its ``kv_slots`` the request's first
+    ``prefix + n`` keys) as query chunks, each over keys ``lo .. hi`` with an explicit mask: query ``i`` sees key
+    ``j`` iff ``i - window < j <= i`` (``lo``: the first key the chunk's first query sees; ``hi``: its last query
+    + 1). Chunks hold at most ``SCORE_BUDGET`` scores."""
+    seq_len = prefix + part.num_tokens
+    device = part.kv_slots.device
+    per_head = SCORE_BUDGET // num_heads
+    if window is None:
+        rows = max(1, per_head // seq_len)
+    else:  # `rows` queries see at most rows + window - 1 keys: the largest rows with rows * (rows + window) in budget
+        rows = max(1, (math.isqrt(window * window + 4 * per_head) - window) // 2)
+    chunks = []
+    for first in range(0, part.num_tokens, rows):
+        n = min(rows, part.num_tokens - first)
+        q_pos = torch.arange(prefix + first, prefix + first + n, device=device)  # [n]
+        lo = 0 if window is None else max(0, prefix + first - window + 1)
+        hi = prefix + first + n
+        k_pos = torch.arange(lo, hi, device=device)  # [L]
+        mask = k_pos[None, :] <= q_pos[:, None]  # [n, L]
+        if window is not None:
+            mask &= k_pos[None, :] > q_pos[:, None] - window
+        chunks.append(_ExtendPart(part.token_start + first, n, part.kv_slots[lo:hi], mask))
+    return chunks
+
+
+def attend_with_sinks(
+    q: torch.Tensor,  # [B, H, n, D]
+    k: torch.Tensor,  # [B, KVH, L, D]
+    v: torch.Tensor,  # [B, KVH, L, D]
+    mask: torch.Tensor | None,  # [B or 1, 1, n, L] True where visible; every query sees at least one key
+    scale: float,
+    sinks: torch.Tensor,  # [H] raw logits
+) -> torch.Tensor:
+    """Softmax over ``[scores..., sink]`` with the sink column dropped (transformers' GPT-OSS eager attention),
+    in fp32; [B, H, n, D] in q's dtype."""
+    b, h, n, d = q.shape
+    kvh, keys = k.shape[1], k.shape[2]
+    q_grouped = q.float().reshape(b, kvh, (h // kvh) * n, d)  # query head h reads kv head h // group
+    scores = (q_grouped @ k.float().transpose(-1, -2)).view(b, h, n, keys) * scale  # [B, H, n, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    logits = torch.cat([scores, sinks.float().view(1, h, 1, 1).expand(b, h, n, 1)], dim=-1)
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    probs = logits.softmax(dim=-1)[..., :-1]  # [B, H, n, L]: the sink's share dropped
+    out = probs.reshape(b, kvh, -1, keys) @ v.float()  # [B, KVH, group * n, D]
+    return out.view(b, h, n, d).to(q.dtype)
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    layer: RadixAttention,
+    causal: bool = False,
+) -> torch.Tensor:
+    """q [..., H, n, D] over k/v [..., KVH, L, D]: SDPA, or the explicit softmax for a layer with sinks."""
+    if layer.sinks is not None:
+        return attend_with_sinks(q, k, v, mask, layer.scaling, layer.sinks)
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=causal,
+        scale=layer.scaling,
+        enable_gqa=layer.num_heads != layer.num_kv_heads,
+    )
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -63,7 +181,11 @@ class TorchAttentionBackend(AttentionBackend):
                 kv_slots = kv_slots.masked_fill(~valid, 0)
                 mask = valid[:, None, None, :]
             decode = _DecodePart(
-                token_idx=torch.from_numpy(starts[decode_rows]).to(self.device), kv_slots=kv_slots, mask=mask
+                token_idx=torch.from_numpy(starts[decode_rows]).to(self.device),
+                kv_slots=kv_slots,
+                mask=mask,
+                pool_rows=batch.req_pool_idxs[rows],
+                seq_lens=seq[decode_rows],
             )
         extends = []
         for r in np.nonzero(ext != 1)[0]:
@@ -75,7 +197,7 @@ class TorchAttentionBackend(AttentionBackend):
             extends.append(
                 _ExtendPart(int(starts[r]), n, batch.req_to_token[batch.req_pool_idxs[r], :s], mask)
             )
-        batch.attn_metadata = _Metadata(decode, extends)
+        batch.attn_metadata = _Metadata(decode, extends, batch.req_to_token)
 
     def forward(
         self,
@@ -93,7 +215,8 @@ class TorchAttentionBackend(AttentionBackend):
             batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k.view(-1, kvh, d), v.view(-1, kvh, d))
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
         meta: _Metadata = batch.attn_metadata
-        gqa = h != kvh
+        if layer.sliding_window is not None or layer.sinks is not None:
+            meta = meta.variant(layer.sliding_window, h)
         only_decode = not meta.extends  # then the decode rows are all tokens, in order
         out = q if only_decode else torch.empty_like(q)  # [T, H, D]
         if meta.decode is not None:
@@ -102,25 +225,18 @@ class TorchAttentionBackend(AttentionBackend):
             shape = (*dec.kv_slots.shape, kvh, d)  # [Bd, L, KVH, D]; index_select beats advanced indexing
             kd = k_buf.index_select(0, dec.kv_slots.view(-1)).view(shape).transpose(1, 2)  # [Bd, KVH, L, D]
             vd = v_buf.index_select(0, dec.kv_slots.view(-1)).view(shape).transpose(1, 2)
-            od = F.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=dec.mask, scale=layer.scaling, enable_gqa=gqa
-            )  # [Bd, H, 1, D]
+            od = _attend(qd, kd, vd, dec.mask, layer)  # [Bd, H, 1, D]
             if only_decode:
                 return od.view(num_tokens, h * d)
             out[dec.token_idx] = od.squeeze(2).to(out.dtype)
         for part in meta.extends:
             sl = slice(part.token_start, part.token_start + part.num_tokens)
             qe = q[sl].transpose(0, 1)  # [H, n, D]
-            ke = k_buf.index_select(0, part.kv_slots).transpose(0, 1)  # [KVH, S, D]
+            ke = k_buf.index_select(0, part.kv_slots).transpose(0, 1)  # [KVH, L, D]
             ve = v_buf.index_select(0, part.kv_slots).transpose(0, 1)
-            oe = F.scaled_dot_product_attention(
-                qe,
-                ke,
-                ve,
-                attn_mask=part.mask,
-                is_causal=part.mask is None,
-                scale=layer.scaling,
-                enable_gqa=gqa,
-            )  # [H, n, D]
+            if layer.sinks is not None:  # the explicit softmax takes a batch dimension
+                oe = _attend(qe[None], ke[None], ve[None], part.mask[None, None], layer)[0]
+            else:
+                oe = _attend(qe, ke, ve, part.mask, layer, causal=part.mask is None)  # [H, n, D]
             out[sl] = oe.transpose(0, 1).to(out.dtype)
         return out.view(num_tokens, h * d)

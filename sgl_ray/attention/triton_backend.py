@@ -3,7 +3,9 @@
 Per step, :meth:`TritonAttentionBackend.init_forward_metadata` splits the batch into decode requests
 (``extend_len == 1``) and extend requests (``extend_len > 1``) and ships their index arrays to the device in one
 copy; per layer, :meth:`~TritonAttentionBackend.forward` stores the new K/V and launches at most three kernels
-(decode stage 1, its split reduce, extend), reading only host integers from the metadata.
+(decode stage 1, its split reduce, extend), reading only host integers from the metadata. A layer's sliding window
+and sinks (``RadixAttention.sliding_window`` / ``.sinks``) are per-layer constants handed to the kernels, so the
+same metadata (and CUDA graph) serves every layer.
 
 Example (on a CUDA machine; the model runner does this through ``create_attention_backend``)::
 
@@ -174,10 +176,12 @@ class TritonAttentionBackend(AttentionBackend):
                 dec.rows,
                 dec.tokens,
                 dec.seq_lens,
-                self._num_splits(dec, kvh, config),
+                self._num_splits(dec, kvh, config, layer.sliding_window),
                 layer.scaling,
                 self._new_buffer,
                 config,
+                window=layer.sliding_window,
+                sinks=layer.sinks,
             )
         if meta.extend is not None:
             extend_attention(
@@ -191,16 +195,21 @@ class TritonAttentionBackend(AttentionBackend):
                 batch.req_pool_idxs,
                 meta.extend.blocks,
                 layer.scaling,
+                window=layer.sliding_window,
+                sinks=layer.sinks,
             )
         return out.view(num_tokens, h * d)
 
-    def _num_splits(self, dec: _DecodePart, num_kv_heads: int, config: DecodeConfig) -> int:
+    def _num_splits(
+        self, dec: _DecodePart, num_kv_heads: int, config: DecodeConfig, window: int | None = None
+    ) -> int:
         """Enough stage-1 programs for ``WAVES`` per multiprocessor, each split at least ``MIN_SPLIT_TOKENS``
-        (or one block, where each split prefetches its first block)."""
+        (or one block, where each split prefetches its first block) of the keys a query sees (at most ``window``)."""
         if self.num_kv_splits is not None:
             return self.num_kv_splits
         want = -(-self.num_sms * WAVES // (dec.num * num_kv_heads))
-        cap = -(-dec.max_seq_len // (config.block_n if config.prefetch else MIN_SPLIT_TOKENS))
+        keys = dec.max_seq_len if window is None else min(dec.max_seq_len, window)
+        cap = -(-keys // (config.block_n if config.prefetch else MIN_SPLIT_TOKENS))
         n = max(1, min(want, cap, MAX_KV_SPLITS))
         return 1 << (n.bit_length() - 1)  # round down to a power of two
 

@@ -8,6 +8,11 @@ block (a host-built table), so the grid is exactly (H, NB) with no padding progr
     block b of r: queries q_start .. q_start + BLOCK_M; sees the whole prefix, and new key j iff j <= query i
 
 Grid dimension 0 is the query head, so the programs of one block run side by side and share its K/V in L2.
+
+With a sliding window (``HAS_WINDOW``), query ``i`` (position ``prefix + i``) sees key ``j`` iff
+``i - window < j <= i`` as well; a block starts both loops at the first key its first query sees, and a row may
+see nothing of a block before its own window starts (``online_softmax_step``'s ``MAYBE_EMPTY``). Sinks
+(``HAS_SINKS``) join each row's denominator at the end. Layers with neither compile to the plain kernel.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sgl_ray.attention.triton_kernels import LOG2E, online_softmax_step
+from sgl_ray.attention.triton_kernels import LOG2E, online_softmax_step, sink_term
 
 EXTEND_BLOCK_M = 64  # queries per program; the unit of the backend's block table
 
@@ -24,13 +29,13 @@ EXTEND_BLOCK_M = 64  # queries per program; the unit of the backend's block tabl
 # fmt: off
 @triton.jit
 def _extend_kernel(
-    Q, Knew, Vnew, K, V, Out,
+    Q, Knew, Vnew, K, V, Out, Sinks,
     req_to_token, req_pool_idxs, blk_row, blk_token, blk_qstart, blk_prefix, blk_len,
-    qk_scale, group,
+    qk_scale, group, window,
     stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_r2t,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     # fmt: on
     head = tl.program_id(0)
@@ -52,19 +57,28 @@ def _extend_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    # Cached prefix, fully visible (each block holds a valid key, so m_i turns finite at once).
+    # Cached prefix, fully visible without a window (each block holds a valid key, so m_i turns finite at once).
     slot_row = req_to_token + req * stride_r2t
-    for n0 in range(0, prefix, BLOCK_N):
+    p_start = 0
+    n_start = 0
+    if HAS_WINDOW:  # the first key the block's first query sees, among the prefix / among the new tokens
+        p_start = tl.maximum(prefix + q_start - window + 1, 0)
+        n_start = tl.maximum(q_start - window + 1, 0)
+    for n0 in range(p_start, prefix, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < prefix
         slots = tl.load(slot_row + offs_n, mask=mask_n, other=0).to(tl.int64)
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        m_i, l_i, acc = online_softmax_step(q, k, v, mask_n[None, :], qk_scale, m_i, l_i, acc, IEEE)
+        visible = mask_n[None, :]
+        if HAS_WINDOW:  # prefix key n is at distance prefix + i - n from query i
+            visible = visible & (offs_n[None, :] > (prefix + offs_m)[:, None] - window)
+        m_i, l_i, acc = online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE, HAS_WINDOW)
 
-    # New tokens, causal, up to the block's last query. New key 0 is visible to every row (padding rows too).
-    for n0 in range(0, tl.minimum(n_new, q_start + BLOCK_M), BLOCK_N):
+    # New tokens, causal, up to the block's last query. Without a window new key 0 is visible to every row (padding
+    # rows too); with one, every real row sees itself.
+    for n0 in range(n_start, tl.minimum(n_new, q_start + BLOCK_M), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_new
         kv_mask = mask_n[:, None] & mask_d[None, :]
@@ -72,8 +86,12 @@ def _extend_kernel(
         k = tl.load(Knew + rows * stride_knt + kv_head * stride_knh + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(Vnew + rows * stride_vnt + kv_head * stride_vnh + offs_d[None, :], mask=kv_mask, other=0.0)
         visible = mask_n[None, :] & (offs_n[None, :] <= offs_m[:, None])
-        m_i, l_i, acc = online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE)
+        if HAS_WINDOW:
+            visible = visible & (offs_n[None, :] > offs_m[:, None] - window)
+        m_i, l_i, acc = online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE, HAS_WINDOW)
 
+    if HAS_SINKS:
+        l_i += sink_term(tl.load(Sinks + head), m_i)
     o = acc / l_i[:, None]
     tl.store(Out + (token0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :], o, mask=q_mask)
 
@@ -89,6 +107,8 @@ def extend_attention(
     req_pool_idxs: torch.Tensor,  # [B]
     blocks: torch.Tensor,  # [5, NB]: batch row, first-token row, q_start, prefix_len, extend_len per block
     scale: float,
+    window: int | None = None,  # the layer's sliding window (None: full attention)
+    sinks: torch.Tensor | None = None,  # [H] the layer's sink logits
 ) -> None:
     num_blocks = blocks.shape[1]
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -97,13 +117,14 @@ def extend_attention(
     blk_row, blk_token, blk_qstart, blk_prefix, blk_len = blocks.unbind(0)
     # fmt: off
     _extend_kernel[(num_heads, num_blocks)](
-        q, k, v, k_buf, v_buf, out,
+        q, k, v, k_buf, v_buf, out, q if sinks is None else sinks,
         req_to_token, req_pool_idxs, blk_row, blk_token, blk_qstart, blk_prefix, blk_len,
-        scale * LOG2E, num_heads // k_buf.shape[1],
+        scale * LOG2E, num_heads // k_buf.shape[1], window or 0,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1), out.stride(0), out.stride(1),
         req_to_token.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=EXTEND_BLOCK_M,
-        BLOCK_N=32 if wide else 64, IEEE=ieee, num_warps=4, num_stages=1 if head_dim > 128 and ieee else 2,
+        BLOCK_N=32 if wide else 64, IEEE=ieee, HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
+        num_warps=4, num_stages=1 if head_dim > 128 and ieee else 2,
     )
     # fmt: on

@@ -16,6 +16,11 @@ Short requests in a long batch get the same number of splits, each at least BLOC
 sequence's end writes nothing: its stage-1 program returns before waiting for the previous kernel, and stage 2
 (which recomputes the same ``chunk``) merges only the written splits. With ``DecodeConfig.prefetch`` (one or two
 short requests) a split loads its first block of cached keys and values before that wait, too.
+
+A layer with a sliding window (``HAS_WINDOW``) splits only the keys its query sees, ``[seq_len - window, seq_len)``
+(clamped at 0), so no program touches a key before the window. A layer with sinks (``HAS_SINKS``) adds
+``2^(sink * log2(e) - max)`` to the softmax denominator once: in stage 2, or at the end of stage 1 when it writes the
+output directly. Both flags are ``tl.constexpr``: layers without them compile to the kernels they had before.
 """
 
 from __future__ import annotations
@@ -40,13 +45,20 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE: tl.constexpr):
-    """Fold one key block into a running softmax: q [M, D], k/v [N, D], visible [M, N] -> (m_i, l_i, acc)."""
+def online_softmax_step(
+    q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE: tl.constexpr, MAYBE_EMPTY: tl.constexpr
+):
+    """Fold one key block into a running softmax: q [M, D], k/v [N, D], visible [M, N] -> (m_i, l_i, acc).
+
+    ``MAYBE_EMPTY``: a row may see no key of this block or any earlier one (a sliding window's start inside a query
+    block); its running max stays -inf, so it is shifted by 0 instead (else exp2(-inf - -inf) = NaN)."""
     qk = _dot(q, tl.trans(k.to(q.dtype)), IEEE)
     qk = tl.where(visible, qk * qk_scale, float("-inf"))  # [M, N], log2 domain
     m_new = tl.maximum(
         m_i, tl.max(qk, 1)
     )  # finite as long as some key of this or an earlier block is visible
+    if MAYBE_EMPTY:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(qk - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v.to(q.dtype), IEEE)
@@ -54,16 +66,33 @@ def online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE: tl.cons
     return m_new, l_i, acc
 
 
+@triton.jit
+def window_start(seq_len, window, HAS_WINDOW: tl.constexpr):
+    """The first key a query at position ``seq_len - 1`` sees."""
+    if HAS_WINDOW:
+        return tl.maximum(seq_len - window, 0)
+    else:
+        return 0
+
+
+@triton.jit
+def sink_term(sink, m):
+    """``2^(sink * log2(e) - m)``: a sink logit's share of a softmax denominator whose terms are relative to ``m``
+    (log2 domain). A sink far above every score gives inf, and the output its limit, 0."""
+    return tl.exp2(sink.to(tl.float32) * 1.4426950408889634 - m)
+
+
 # fmt: off
 @triton.jit
 def _decode_stage1(
-    Q, K, V, Out, PartO, PartLse,
+    Q, K, V, Out, PartO, PartLse, Sinks,
     req_to_token, req_pool_idxs, dec_row, dec_token, dec_len,
-    qk_scale, num_splits, group,
+    qk_scale, num_splits, group, window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_r2t, stride_pi, stride_ph,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     # fmt: on
     split = tl.program_id(0)
@@ -75,8 +104,9 @@ def _decode_stage1(
     token = tl.load(dec_token + i).to(tl.int64)
     seq_len = tl.load(dec_len + i)
     req = tl.load(req_pool_idxs + tl.load(dec_row + i)).to(tl.int64)
-    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * chunk
+    lo = window_start(seq_len, window, HAS_WINDOW)  # the splits cover keys lo .. seq_len
+    chunk = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
     if start >= seq_len:  # a split past the end: nothing to write (stage 2 reads only the others), so no wait
         return
     end = tl.minimum(start + chunk, seq_len)
@@ -113,7 +143,9 @@ def _decode_stage1(
         v_late = tl.load(v_head + slots[:, None] * stride_vt + offs_d[None, :], mask=late, other=0.0)
         k_first = tl.where(late, k_late, k_first)
         v_first = tl.where(late, v_late, v_first)
-        m_i, l_i, acc = online_softmax_step(q, k_first, v_first, mask_n[None, :], qk_scale, m_i, l_i, acc, IEEE)
+        m_i, l_i, acc = online_softmax_step(
+            q, k_first, v_first, mask_n[None, :], qk_scale, m_i, l_i, acc, IEEE, False
+        )
         n_first = start + BLOCK_N
     for n0 in range(n_first, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -122,7 +154,9 @@ def _decode_stage1(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_head + slots[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_head + slots[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        m_i, l_i, acc = online_softmax_step(q, k, v, mask_n[None, :], qk_scale, m_i, l_i, acc, IEEE)
+        m_i, l_i, acc = online_softmax_step(q, k, v, mask_n[None, :], qk_scale, m_i, l_i, acc, IEEE, False)
+    if DIRECT and HAS_SINKS:  # the final output: the sinks join its denominator here
+        l_i += sink_term(tl.load(Sinks + heads, mask=mask_h, other=0.0), m_i)
     o = acc / l_i[:, None]
     if DIRECT:
         tl.store(Out + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :], o, mask=q_mask)
@@ -135,10 +169,10 @@ def _decode_stage1(
 # fmt: off
 @triton.jit
 def _decode_reduce(
-    Out, PartO, PartLse, dec_token, dec_len,
-    num_splits, stride_ot, stride_oh, stride_pi, stride_ph,
+    Out, PartO, PartLse, Sinks, dec_token, dec_len,
+    num_splits, window, stride_ot, stride_oh, stride_pi, stride_ph,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     # fmt: on
     head = tl.program_id(0)
@@ -146,16 +180,21 @@ def _decode_reduce(
     token = tl.load(dec_token + i).to(tl.int64)  # host-copied indices: read before the wait, as in stage 1
     seq_len = tl.load(dec_len + i)
     pdl_enter(USE_PDL)
-    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    span = seq_len - window_start(seq_len, window, HAS_WINDOW)
+    chunk = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
     offs_s = tl.arange(0, BLOCK_S)
-    mask_s = offs_s < tl.cdiv(seq_len, chunk)  # exactly the splits stage 1 wrote
+    mask_s = offs_s < tl.cdiv(span, chunk)  # exactly the splits stage 1 wrote
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     part = i.to(tl.int64) * stride_pi + head * stride_ph + offs_s  # [BLOCK_S]
     lse = tl.load(PartLse + part, mask=mask_s, other=float("-inf"))
-    w = tl.where(mask_s, tl.exp2(lse - tl.max(lse, 0)), 0.0)
+    m = tl.max(lse, 0)
+    w = tl.where(mask_s, tl.exp2(lse - m), 0.0)
     o = tl.load(PartO + part[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
-    o = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    denominator = tl.sum(w, 0)
+    if HAS_SINKS:
+        denominator += sink_term(tl.load(Sinks + head), m)
+    o = tl.sum(w[:, None] * o, 0) / denominator
     tl.store(Out + token * stride_ot + head * stride_oh + offs_d, o, mask=mask_d)
 
 
@@ -223,6 +262,8 @@ def decode_attention(
     scale: float,
     new_buffer,  # (shape, dtype) -> uninitialised tensor on q's device
     config: DecodeConfig | None = None,
+    window: int | None = None,  # the layer's sliding window (None: full attention)
+    sinks: torch.Tensor | None = None,  # [H] the layer's sink logits
 ) -> None:
     num_decode = dec_row.shape[0]
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -241,22 +282,23 @@ def decode_attention(
         part_lse = new_buffer((num_decode, num_heads, num_splits), torch.float32)
     # fmt: off
     _decode_stage1[(num_splits, num_kv_heads, num_decode)](
-        q, k_buf, v_buf, out, part_o, part_lse,
+        q, k_buf, v_buf, out, part_o, part_lse, q if sinks is None else sinks,
         req_to_token, req_pool_idxs, dec_row, dec_token, dec_len,
-        scale * LOG2E, num_splits, group,
+        scale * LOG2E, num_splits, group, window or 0,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         out.stride(0), out.stride(1), req_to_token.stride(0), num_heads * num_splits, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         DIRECT=direct, IEEE=ieee, USE_PDL=pdl, PREFETCH=config.prefetch,
+        HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_args(pdl),
     )
     # fmt: on
     if not direct:
         # fmt: off
         _decode_reduce[(num_heads, num_decode)](
-            out, part_o, part_lse, dec_token, dec_len,
-            num_splits, out.stride(0), out.stride(1), num_heads * num_splits, num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_S=num_splits, USE_PDL=pdl, num_warps=4,
-            **launch_args(pdl),
+            out, part_o, part_lse, q if sinks is None else sinks, dec_token, dec_len,
+            num_splits, window or 0, out.stride(0), out.stride(1), num_heads * num_splits, num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_S=num_splits, USE_PDL=pdl,
+            HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None, num_warps=4, **launch_args(pdl),
         )
         # fmt: on

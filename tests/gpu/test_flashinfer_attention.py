@@ -60,6 +60,16 @@ def test_mixed():
     check(make_case(prefix, ext, 32, 8, 128, torch.bfloat16, seed=9), run=run_flashinfer)
 
 
+@pytest.mark.parametrize("kwargs", [dict(sliding_window=128), dict(sinks=True)], ids=["window", "sinks"])
+def test_windows_and_sinks_are_refused(kwargs):
+    """A sliding-window or sink layer raises at its first forward, naming the Triton backend."""
+    from sgl_ray.errors import UnsupportedModelError
+
+    case = make_case(np.array([10, 3]), np.array([1, 5]), 8, 2, 64, torch.bfloat16, seed=1, **kwargs)
+    with pytest.raises(UnsupportedModelError, match="triton"):
+        run_flashinfer(case)
+
+
 def test_registry_names_flashinfer():
     from sgl_ray.attention import create_attention_backend
     from sgl_ray.attention.flashinfer_backend import FlashInferAttentionBackend

@@ -1,4 +1,5 @@
-"""The Triton attention backend against the torch backend (fp32 reference on the same inputs).
+"""The Triton attention backend against the torch backend (fp32 reference on the same inputs), and layers with a
+sliding window and/or attention sinks against a dense softmax written here (``dense_reference``).
 
 Every case lays its requests' tokens on shuffled, non-contiguous pool slots (``req_to_token`` rows in shuffled table
 rows), poisons every slot nothing has written (and the backend's output and scratch buffers) with NaN, and reads
@@ -42,7 +43,16 @@ class Case:
 
 
 def make_case(
-    prefix_lens, extend_lens, num_heads, num_kv_heads, head_dim, dtype, device="cuda", seed=0
+    prefix_lens,
+    extend_lens,
+    num_heads,
+    num_kv_heads,
+    head_dim,
+    dtype,
+    device="cuda",
+    seed=0,
+    sliding_window: int | None = None,
+    sinks: bool = False,
 ) -> Case:
     gen = torch.Generator(device).manual_seed(seed)
     prefix = np.asarray(prefix_lens, dtype=np.int64)
@@ -68,7 +78,17 @@ def make_case(
         buf[cached] = values.to(dtype)
     width = (num_heads + 2 * num_kv_heads) * head_dim
     qkv = torch.randn((int(ext.sum()), width), generator=gen, device=device).to(dtype)
-    layer = RadixAttention(num_heads, head_dim, head_dim**-0.5, num_kv_heads, LAYER_ID)
+    layer = RadixAttention(
+        num_heads,
+        head_dim,
+        head_dim**-0.5,
+        num_kv_heads,
+        LAYER_ID,
+        sliding_window=sliding_window,
+        sinks=sinks,
+    ).to(device)
+    if sinks:  # from negligible to dominant next to the ~N(0, 1) scores of a few hundred keys
+        layer.sinks.data = (torch.randn(num_heads, generator=gen, device=device) * 3 + 2).to(dtype)
     out_cache_loc = torch.cat([s[p:] for s, p in zip(slots, prefix, strict=True)])
     return Case(prefix, ext, slots, req_pool_idxs, req_to_token, out_cache_loc, pool, qkv, layer)
 
@@ -121,6 +141,40 @@ def reference(case: Case) -> torch.Tensor:
         return backend.forward(*split_qkv(case, torch.float32), case.layer, batch)
 
 
+def dense_reference(case: Case) -> torch.Tensor:
+    """Attention written out per request in fp64, as transformers' eager GPT-OSS attention: scores of every key of
+    the sequence, masked (causal, and ``i - window < j`` with a window) with -inf, the sink logit concatenated as
+    a last column, softmax, the sink column dropped. [T, H * D] in fp32."""
+    layer = case.layer
+    h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    q_all, k_all, v_all = (t.double() for t in split_qkv(case))
+    k_pool, v_pool = case.pool.k_buffers[LAYER_ID].double(), case.pool.v_buffers[LAYER_ID].double()
+    outs, row = [], 0
+    for slots, prefix, n in zip(case.slots, case.prefix_lens, case.extend_lens, strict=True):
+        prefix, n = int(prefix), int(n)
+        new = slice(row, row + n)
+        k = torch.cat([k_pool[slots[:prefix]], k_all[new].reshape(n, kvh, d)])  # [S, KVH, D]
+        v = torch.cat([v_pool[slots[:prefix]], v_all[new].reshape(n, kvh, d)])
+        k = k.transpose(0, 1).repeat_interleave(h // kvh, dim=0)  # [H, S, D], transformers' repeat_kv
+        v = v.transpose(0, 1).repeat_interleave(h // kvh, dim=0)
+        q = q_all[new].reshape(n, h, d).transpose(0, 1)  # [H, n, D]
+        scores = q @ k.transpose(1, 2) * layer.scaling  # [H, n, S]
+        i = torch.arange(prefix, prefix + n, device=q.device)[:, None]  # query positions
+        j = torch.arange(prefix + n, device=q.device)[None, :]  # key positions
+        visible = j <= i
+        if layer.sliding_window is not None:
+            visible &= j > i - layer.sliding_window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        if layer.sinks is not None:
+            sink = layer.sinks.detach().double().view(h, 1, 1).expand(h, n, 1)
+            scores = torch.cat([scores, sink], dim=-1)
+        scores = scores - scores.amax(dim=-1, keepdim=True)
+        probs = scores.softmax(dim=-1)[..., : prefix + n]  # the sink column dropped
+        outs.append((probs @ v).transpose(0, 1).reshape(n, h * d))
+        row += n
+    return torch.cat(outs).float()
+
+
 def run_triton(case: Case, num_kv_splits: int | None = None) -> torch.Tensor:
     from sgl_ray.attention.triton_backend import TritonAttentionBackend
 
@@ -130,8 +184,10 @@ def run_triton(case: Case, num_kv_splits: int | None = None) -> torch.Tensor:
 
 
 def check(case: Case, num_kv_splits: int | None = None, run=None) -> None:
-    """``run(case)``: the backend under test (default: Triton with ``num_kv_splits``)."""
-    expected = reference(case)  # before the run under test mutates case.pool
+    """``run(case)``: the backend under test (default: Triton with ``num_kv_splits``). The reference is the torch
+    backend, or for a layer with a window or sinks the dense softmax."""
+    special = case.layer.sliding_window is not None or case.layer.sinks is not None
+    expected = dense_reference(case) if special else reference(case)  # before the run mutates case.pool
     k_before = [b.clone() for b in case.pool.k_buffers]
     v_before = [b.clone() for b in case.pool.v_buffers]
     out = run_triton(case, num_kv_splits) if run is None else run(case)
@@ -270,6 +326,63 @@ def test_other_head_dims(head_dim):
     ext = np.array([1, 300, 1, 1, 70])
     prefix = np.array([2000, 100, 0, 500, 0])
     check(make_case(prefix, ext, 16, 2, head_dim, torch.bfloat16, seed=10))
+
+
+# --- sliding window and attention sinks ---------------------------------------------------------------------------
+
+# 1 (only itself), shorter than most sequences, about their length, longer than all
+WINDOWS = [None, 1, 100, 1000, 100_000]
+SINKS = [pytest.param(False, id="no-sinks"), pytest.param(True, id="sinks")]
+
+
+@pytest.mark.parametrize("sinks", SINKS)
+@pytest.mark.parametrize("window", WINDOWS, ids=lambda w: f"window-{w}")
+@pytest.mark.parametrize("num_kv_splits", [None, 1, 8])
+def test_decode_window_and_sinks(num_kv_splits, window, sinks):
+    """Ragged decode of a GPT-OSS-shaped layer (64 query heads over 8, head_dim 64); one split puts the sinks in
+    stage 1, more in the merge."""
+    if window is None and not sinks:
+        pytest.skip("the plain layer: the tests above")
+    seq = ragged_lens(24, 1, 3000, seed=14)
+    case = make_case(
+        seq - 1, np.ones_like(seq), 64, 8, 64, torch.bfloat16, seed=15, sliding_window=window, sinks=sinks
+    )
+    check(case, num_kv_splits=num_kv_splits)
+
+
+@pytest.mark.parametrize("sinks", SINKS)
+@pytest.mark.parametrize("window", WINDOWS, ids=lambda w: f"window-{w}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_extend_window_and_sinks(dtype, window, sinks):
+    """Extends over cached prefixes (windows starting inside the prefix and inside the new tokens) with decode
+    rows between them."""
+    if window is None and not sinks:
+        pytest.skip("the plain layer: the tests above")
+    ext = np.array([700, 2, 65, 1, 377, 129, 1])
+    prefix = np.array([900, 0, 7, 40, 640, 1, 0])
+    check(make_case(prefix, ext, 16, 4, 64, dtype, seed=16, sliding_window=window, sinks=sinks))
+
+
+@pytest.mark.parametrize("lens", [[1000], [31, 512]], ids=str)
+def test_window_and_sinks_from_graph_metadata(lens):
+    """A layer with a window and sinks run on the metadata of decode graphs (the short-sequence one, whose 32-key
+    splits prefetch, and the full-length one): the window and sinks need nothing per step but the layer."""
+    from sgl_ray.attention.triton_backend import TritonAttentionBackend
+
+    seq = np.array(lens)
+    for max_len in (1024 // len(seq), 8192):
+
+        def run(case, max_len=max_len):
+            backend = nan_buffers(TritonAttentionBackend(case.qkv.device))
+            batch = make_batch(case, case.pool, backend)
+            batch.extend_start_loc = torch.arange(len(seq), device=case.qkv.device)
+            batch.attn_metadata = backend.graph_metadata(batch, max_len)
+            return backend.forward(*split_qkv(case), case.layer, batch)
+
+        case = make_case(
+            seq - 1, np.ones_like(seq), 32, 8, 128, torch.bfloat16, seed=17, sliding_window=128, sinks=True
+        )
+        check(case, run=run)
 
 
 def test_store_only_at_out_cache_loc():

@@ -73,6 +73,38 @@ def test_attention_kernels_in_the_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+_SINKS_WINDOW = """
+import numpy as np, torch
+from tests.gpu.test_triton_attention import check, make_case
+
+def case(prefix, ext, window, sinks, dtype=torch.float32, seed=0):
+    return make_case(
+        np.array(prefix), np.array(ext), 4, 2, 32, dtype, device="cpu", seed=seed, sliding_window=window, sinks=sinks
+    )
+
+# decode: the sinks in stage 1 (one split) and in the merge; windows of 1, 16 and 50 keys over 1 .. 200
+seq = np.array([1, 40, 77, 200])
+for splits, window, sinks in [(1, 50, True), (4, 50, True), (8, 16, False), (2, None, True), (4, 1, True)]:
+    check(case(seq - 1, np.ones_like(seq), window, sinks, seed=splits), splits)
+# extend over cached prefixes (a window starting inside the prefix, a second query block) mixed with decode rows
+for window, sinks in [(30, True), (1, True), (1000, False), (None, True), (64, False)]:
+    check(case([30, 0, 100, 10, 3], [1, 5, 9, 70, 1], window, sinks, seed=7))
+# two short fp16 requests: the splits that load their first block before the wait (SHORT_DECODE)
+seq = np.array([33, 300])
+check(case(seq - 1, np.ones_like(seq), 40, True, dtype=torch.float16, seed=5))
+"""
+
+
+def test_sliding_window_and_sink_kernels_in_the_interpreter():
+    """Decode and extend of layers with a sliding window and/or attention sinks, against the dense softmax."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _SINKS_WINDOW], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_short_sequence_decode_graphs_are_asked_for_small_batches():
     pytest.importorskip("triton")
     import torch
