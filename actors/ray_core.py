@@ -246,6 +246,12 @@ class DataParallelCore(EngineCore):
             for k, v in per_group[0].items()
             if isinstance(v, int) and not isinstance(v, bool)  # counts add up; flags stay per group
         }
+        loads = [s["expert_tokens"] for s in per_group if "expert_tokens" in s]
+        if loads:  # the data-parallel groups' counts add up, expert by expert
+            total["expert_tokens"] = {
+                layer: [sum(c) for c in zip(*(load[layer] for load in loads), strict=True)]
+                for layer in loads[0]
+            }
         return {**total, "groups": per_group}
 
     def prefix_summary(self, block: int) -> frozenset[int]:

@@ -48,7 +48,7 @@ class GlobalScheduler(SchedulerCalls):
 
     def __init__(self, args: EngineArgs, max_rebuilds: int = 3) -> None:
         self.args = args
-        self.layout = ParallelLayout(args.tp_size, args.pp_size)
+        self.layout = ParallelLayout(args.tp_size, args.pp_size, args.ep_size)
         self.overlap = args.pp_size == 1 and not args.disable_overlap_schedule
         self.group = ShardGroup(args, self.layout, lagged=self.overlap)
         info = self.group.start()
@@ -108,8 +108,10 @@ class GlobalScheduler(SchedulerCalls):
                 return items
 
     def stats(self) -> dict[str, Any]:
+        load = self.group.expert_load()
         return {
             **self.loop.call(scheduler_stats),
+            **({"expert_tokens": load} if load is not None else {}),
             "num_rebuilds": self.num_rebuilds,
             "max_batches_in_flight": self.loop.max_in_flight,
             "overlap_schedule": self.overlap,

@@ -210,6 +210,16 @@ class ShardGroup:
         shares = ray.get([w.stop_step_trace.remote(batch_size, skip) for w in self.workers])
         return max((s for s in shares if s is not None), default=None)
 
+    def expert_load(self) -> dict[str, list[int]] | None:
+        """MoE models: tokens per expert of every sparse layer, added up over the shards that count them (see
+        ``sgl_ray.layers.moe.dispatch``; each stage's shards report their own layers)."""
+        total: dict[str, list[int]] = {}
+        for load in ray.get([w.expert_load.remote() for w in self.workers]):
+            for layer, counts in (load or {}).items():
+                have = total.setdefault(layer, [0] * len(counts))
+                total[layer] = [a + b for a, b in zip(have, counts, strict=True)]
+        return total or None
+
     def teardown(self) -> None:
         if self.dag is not None:
             try:

@@ -14,7 +14,7 @@ import torch
 
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.configs.model_config import ModelConfig, resolve_dtype
-from sgl_ray.model_loader import iter_weights, load_hf_config, resolve_model
+from sgl_ray.model_loader import WeightStream, load_hf_config, resolve_model
 from sgl_ray.parallel import ParallelLayout, free_port, init_shard_context, node_ip
 from sgl_ray.runner.memory import KVCapacity
 from sgl_ray.runner.model_runner import ModelRunner, PendingStep, RunnerInfo
@@ -122,7 +122,7 @@ class ShardWorker:
         source = resolve_model(args.model_path, revision=args.revision, weights=args.load_format != "dummy")
         hf_config = load_hf_config(source)
         config = ModelConfig(hf_config, resolve_dtype(args.dtype, hf_config, device), args.context_length)
-        self.runner = ModelRunner(args, config, iter_weights(source), shard=shard, allocate=False)
+        self.runner = ModelRunner(args, config, WeightStream(source), shard=shard, allocate=False)
         return self.runner.plan_capacity()
 
     def init_memory(self, capacity: KVCapacity) -> RunnerInfo:
@@ -175,6 +175,12 @@ class ShardWorker:
         torch.cuda.synchronize()
         steps = [s for s in trace if batch_size is None or s.batch_size == batch_size][skip:]
         return gpu_idle_fraction(steps) if len(steps) >= 2 else None
+
+    def expert_load(self) -> dict[str, list[int]] | None:
+        """MoE models: tokens routed to each expert per sparse layer of this shard's stage (see
+        ``ModelRunner.expert_load``); None for a dense model."""
+        assert self.runner is not None
+        return self.runner.expert_load()
 
     def ping(self) -> int:
         return self.rank

@@ -100,4 +100,16 @@ class Metrics:
         )
         for name, value, help_text in gauges:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
+        lines += _expert_tokens(engine.get("expert_tokens"))
         return "\n".join(lines) + "\n"
+
+
+def _expert_tokens(load: dict[str, list[int]] | None) -> list[str]:
+    """MoE models: tokens routed to each expert of each sparse layer (the input of expert placement)."""
+    if not load:
+        return []
+    name = "sgl_ray_moe_expert_tokens_total"
+    lines = [f"# HELP {name} Tokens routed to an expert of a sparse layer.", f"# TYPE {name} counter"]
+    for layer, counts in sorted(load.items(), key=lambda kv: int(kv[0])):
+        lines += [f'{name}{{layer="{layer}",expert="{e}"}} {c}' for e, c in enumerate(counts)]
+    return lines

@@ -24,10 +24,13 @@ class ParallelLayout:
 
     tp_size: int = 1
     pp_size: int = 1
+    ep_size: int = 1  # expert-parallel groups within each tensor-parallel group (MoE layers)
 
     def __post_init__(self) -> None:
         if self.tp_size < 1 or self.pp_size < 1:
             raise ValueError("tp_size and pp_size must be >= 1")
+        if self.ep_size < 1 or self.tp_size % self.ep_size:
+            raise ValueError(f"ep_size ({self.ep_size}) must divide tp_size ({self.tp_size})")
 
     @property
     def world_size(self) -> int:

@@ -40,6 +40,13 @@ class TorchDistCommunicator(Communicator):
         dist.all_gather(parts, tensor, group=self.group)
         return torch.cat(parts, dim=dim)
 
+    def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        out = torch.empty_like(tensor)
+        dist.all_to_all_single(out, tensor.contiguous(), group=self.group)
+        return out
+
 
 class TorchDistPipe(PipelineChannel):
     """Point-to-point activation hand-off between neighbouring pipeline stages (same tp rank)."""
@@ -94,4 +101,4 @@ def init_shard_context(
         prev_rank = rank - layout.tp_size if pp_rank > 0 else None
         next_rank = rank + layout.tp_size if pp_rank < layout.pp_size - 1 else None
         pipe = TorchDistPipe(prev_rank, next_rank)
-    return ShardContext(tp=tp, pp_rank=pp_rank, pp_size=layout.pp_size, pipe=pipe)
+    return ShardContext(tp=tp, pp_rank=pp_rank, pp_size=layout.pp_size, pipe=pipe, ep_size=layout.ep_size)

@@ -177,6 +177,37 @@ def hf_reference(smollm2_path, tiny_llama_path, tiny_qwen2_path, tiny_qwen3_path
     return get
 
 
+# --- tiny MoE models (tests/moe_models.py) -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def moe_model(tmp_path_factory, smollm2_path):
+    """``moe_model(name)`` -> the directory of that family's tiny random-weight model (built on first use)."""
+    from .moe_models import moe_config
+
+    built: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in built:
+            built[name] = save_tiny_model(moe_config(name), tmp_path_factory.mktemp(name), smollm2_path)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def moe_reference(moe_model):
+    """``moe_reference(name)`` -> a :class:`GreedyReference` of transformers on that tiny MoE model."""
+    loaded: dict[str, GreedyReference] = {}
+
+    def get(name: str) -> GreedyReference:
+        if name not in loaded:
+            loaded[name] = GreedyReference(_hf_model(moe_model(name)))
+        return loaded[name]
+
+    return get
+
+
 # --- LoRA adapters (tests/lora/adapters.py) ----------------------------------------------------------------------
 
 

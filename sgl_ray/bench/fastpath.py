@@ -199,7 +199,8 @@ def run_roofline(
         "matmul_TFLOPs": rates.matmul_flops_per_s / 1e12,
         "kv_token_capacity": num_slots,
         "max_running_requests": max_reqs,
-        "weight_GB": cost.weight_bytes / 1e9,
+        "weight_GB": cost.total_weight_bytes / 1e9,
+        **({"bs1_weight_GB": cost.step_weight_bytes(1) / 1e9} if cost.num_experts else {}),
         "cuda_graphs": bool(runner is not None and runner.cuda_graphs is not None),
         "overlap": not args.disable_overlap_schedule and runner is not None,
     }

@@ -13,6 +13,11 @@ by a large device-to-device copy) and matmul rate ``rate`` (a large bf16 GEMM), 
 ``P`` counts the parameters used in matmuls (every layer plus the LM head; the input embedding is a row gather,
 so it is not read whole), ``W`` their bytes.
 
+MoE models multiply each token by its ``k`` routed experts only, and a step reads the experts its tokens were
+routed to: with ``E`` experts and ``n`` tokens routed uniformly at random, ``E * (1 - (1 - k / E) ** n)`` of them
+per sparse layer on average (``k`` at batch 1, all of them for a large prefill). ``W`` then depends on the step
+(:meth:`ModelCost.step_weight_bytes`).
+
 That ``max`` assumes the weight reads, the KV reads and the FLOPs of a step could all overlap. The engine runs a
 step's kernels one after another, and its two kinds of work have different limits: the GEMMs (weights, ``2 * P``
 FLOPs per token) and attention (KV bytes, ``4 * ctx * H * D * layers`` FLOPs per token). The *phased* floor
@@ -53,20 +58,44 @@ class ModelCost:
     attn_flops_per_ctx: (
         float  # attention FLOPs per new token per context token (4 * heads * head_dim * layers)
     )
+    # MoE: bytes of one routed expert summed over the sparse layers (not in weight_bytes), experts, top-k
+    expert_bytes: float = 0.0
+    num_experts: int = 0
+    top_k: int = 0
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> ModelCost:
         h, d, layers = config.hidden_size, config.head_dim, config.num_layers
         q, kv = config.num_heads * d, config.num_kv_heads * d
-        per_layer = h * q + 2 * h * kv + q * h + 3 * h * config.intermediate_size
-        params = layers * per_layer + h * config.vocab_size
+        sparse = sum(config.is_sparse_layer(i) for i in range(layers))
+        attention = h * q + 2 * h * kv + q * h
+        expert = 3 * h * config.moe_intermediate_size
+        always = layers * attention + (layers - sparse) * 3 * h * config.intermediate_size
+        always += sparse * (h * config.num_experts + 3 * h * config.shared_expert_intermediate_size)
+        always += h * config.vocab_size  # the LM head
         elem = torch.tensor([], dtype=config.dtype).element_size()
         return cls(
-            matmul_params=float(params),
-            weight_bytes=float(params * elem),
+            matmul_params=float(always + sparse * config.num_experts_per_tok * expert),
+            weight_bytes=float(always * elem),
             kv_bytes_per_token=float(config.kv_bytes_per_token()),
             attn_flops_per_ctx=float(4 * q * layers),
+            expert_bytes=float(sparse * expert * elem),
+            num_experts=config.num_experts,
+            top_k=config.num_experts_per_tok,
         )
+
+    def step_weight_bytes(self, tokens: float) -> float:
+        """Weight bytes a step of ``tokens`` tokens reads: every dense weight, and (MoE) the experts that
+        uniformly random routing touches on average (see the module docstring)."""
+        if not self.num_experts:
+            return self.weight_bytes
+        touched = self.num_experts * (1 - (1 - self.top_k / self.num_experts) ** tokens)
+        return self.weight_bytes + touched * self.expert_bytes
+
+    @property
+    def total_weight_bytes(self) -> float:
+        """Every weight, all experts included (what the device holds)."""
+        return self.weight_bytes + self.num_experts * self.expert_bytes
 
 
 def decode_step_s(
@@ -74,7 +103,7 @@ def decode_step_s(
 ) -> float:
     """Floor of one decode step of ``batch`` requests at ``context`` tokens each (``phased``: see the module)."""
     bw, rate = rates.copy_bytes_per_s, rates.matmul_flops_per_s
-    gemm_bytes, gemm_flops = cost.weight_bytes, batch * 2 * cost.matmul_params
+    gemm_bytes, gemm_flops = cost.step_weight_bytes(batch), batch * 2 * cost.matmul_params
     attn_bytes = batch * context * cost.kv_bytes_per_token
     attn_flops = batch * cost.attn_flops_per_ctx * context
     if phased:
@@ -95,7 +124,7 @@ def prefill_s(
     new = input_len - cached
     attn = num * cost.attn_flops_per_ctx * (input_len**2 - cached**2) / 2  # causal: the sum of the contexts
     gemm = num * 2 * cost.matmul_params * new
-    rate, weights_s = rates.matmul_flops_per_s, cost.weight_bytes / rates.copy_bytes_per_s
+    rate, weights_s = rates.matmul_flops_per_s, cost.step_weight_bytes(num * new) / rates.copy_bytes_per_s
     if phased:
         return max(gemm / rate, weights_s) + attn / rate
     return max((gemm + attn) / rate, weights_s)

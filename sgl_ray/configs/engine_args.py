@@ -102,6 +102,25 @@ class EngineArgs:
     tp_size: int = field(default=1, metadata={"help": "tensor-parallel shards (Ray actors)"})
     pp_size: int = field(default=1, metadata={"help": "pipeline-parallel stages (Ray actors)"})
     dp_size: int = field(default=1, metadata={"help": "data-parallel engine groups"})
+    ep_size: int = field(
+        default=1,
+        metadata={
+            "help": "expert-parallel groups within the tensor-parallel shards (MoE models): each holds "
+            "num_experts / ep_size experts; must divide tp_size"
+        },
+    )
+    moe_a2a_backend: str = field(
+        default="none",
+        metadata={
+            "help": "how MoE layers move tokens between expert-parallel shards: none (every shard holds every "
+            "token after tensor-parallel attention; experts' partial sums are all-reduced) | all_to_all (each shard "
+            "routes a slice of the tokens and sends them to their experts' shards and back; needs ep_size == "
+            "tp_size)"
+        },
+    )
+    moe_runner_backend: str = field(
+        default="auto", metadata={"help": "MoE expert kernels: auto | triton (CUDA) | torch"}
+    )
     use_ray: bool = field(default=False, metadata={"help": "run in Ray actors even at size 1"})
     ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: local)"})
     enable_lora: bool = field(
@@ -138,9 +157,19 @@ class EngineArgs:
             raise bad("max_prefill_tokens", "must be >= 1")
         if self.chunked_prefill_size is not None and self.chunked_prefill_size == 0:
             raise bad("chunked_prefill_size", "use -1 to disable chunking")
-        for name in ("tp_size", "pp_size", "dp_size"):
+        for name in ("tp_size", "pp_size", "dp_size", "ep_size"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
+        if self.tp_size % self.ep_size:
+            raise bad("ep_size", f"must divide tp_size ({self.tp_size}), got {self.ep_size}")
+        if self.moe_a2a_backend not in ("none", "all_to_all"):
+            raise bad("moe_a2a_backend", "must be 'none' or 'all_to_all'")
+        if self.moe_a2a_backend == "all_to_all" and self.ep_size != self.tp_size:
+            raise bad(
+                "moe_a2a_backend", f"all_to_all needs ep_size == tp_size ({self.ep_size} != {self.tp_size})"
+            )
+        if self.moe_runner_backend not in ("auto", "triton", "torch"):
+            raise bad("moe_runner_backend", "must be 'auto', 'triton' or 'torch'")
         splits = self.triton_attention_num_kv_splits
         if splits is not None and not (1 <= splits <= 64 and splits & (splits - 1) == 0):
             raise bad("triton_attention_num_kv_splits", f"must be a power of two from 1 to 64, got {splits}")

@@ -13,6 +13,9 @@ from sgl_ray.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
+# Model files that honour their configs' sliding windows (per layer, ``layer_types``).
+SLIDING_WINDOW_ARCHITECTURES = frozenset({"GptOssForCausalLM"})
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -119,15 +122,29 @@ class ModelConfig:
     @cached_property
     def context_length(self) -> int:
         """The override, else ``max_position_embeddings`` — capped at the sliding window of models that use one
-        (sliding-window attention is not implemented, so longer contexts would silently diverge)."""
+        where the model file does not implement it (longer contexts would silently diverge)."""
         if self.context_length_override:
             return self.context_length_override
         length = int(getattr(self.hf_config, "max_position_embeddings", 4096))
         window = getattr(self.hf_config, "sliding_window", None)
+        if self.architecture in SLIDING_WINDOW_ARCHITECTURES:
+            return length
         if window and getattr(self.hf_config, "use_sliding_window", True) and window < length:
             logger.warning("context length capped at the sliding window (%d tokens)", window)
             length = int(window)
         return length
+
+    def sliding_window_of(self, layer: int) -> int | None:
+        """The attention window of decoder layer ``layer`` (keys within the last ``W`` positions), or None for
+        full attention — for the architectures in :data:`SLIDING_WINDOW_ARCHITECTURES`, whose configs list
+        ``layer_types``; every other model attends fully (and :attr:`context_length` is capped instead)."""
+        if self.architecture not in SLIDING_WINDOW_ARCHITECTURES:
+            return None
+        types = getattr(self.hf_config, "layer_types", None)
+        window = getattr(self.hf_config, "sliding_window", None)
+        if not window or (types is not None and types[layer] != "sliding_attention"):
+            return None
+        return int(window)
 
     @cached_property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -135,6 +152,78 @@ class ModelConfig:
         if eos is None:
             return ()
         return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+    @cached_property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer (0 for a dense model)."""
+        hf = self.hf_config
+        return int(getattr(hf, "num_experts", None) or getattr(hf, "num_local_experts", None) or 0)
+
+    @cached_property
+    def moe_intermediate_size(self) -> int:
+        return int(getattr(self.hf_config, "moe_intermediate_size", None) or self.intermediate_size)
+
+    @cached_property
+    def num_experts_per_tok(self) -> int:
+        return int(getattr(self.hf_config, "num_experts_per_tok", 0) or 0)
+
+    @cached_property
+    def shared_expert_intermediate_size(self) -> int:
+        """Intermediate size of the shared experts of a sparse layer (0: none): Qwen2-MoE's
+        ``shared_expert_intermediate_size``, or DeepSeek's ``n_shared_experts`` experts."""
+        hf = self.hf_config
+        if size := getattr(hf, "shared_expert_intermediate_size", None):
+            return int(size)
+        return int(getattr(hf, "n_shared_experts", 0) or 0) * self.moe_intermediate_size
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` has an MoE block: every layer of an MoE model but those kept dense by
+        ``mlp_only_layers``, ``decoder_sparse_step`` (Qwen-MoE) or ``first_k_dense_replace`` (DeepSeek)."""
+        hf = self.hf_config
+        if not self.num_experts or layer in (getattr(hf, "mlp_only_layers", None) or ()):
+            return False
+        step = int(getattr(hf, "decoder_sparse_step", 1) or 1)
+        return (layer + 1) % step == 0 and layer >= int(getattr(hf, "first_k_dense_replace", 0) or 0)
+
+    def check_parallel(self, tp_size: int, ep_size: int = 1) -> None:
+        """Raise :class:`InvalidRequestError` at start for a layout the model cannot be split into (instead of a
+        failure inside the shard actors).
+
+        Example::
+
+            >>> from transformers import MixtralConfig
+            >>> ModelConfig(MixtralConfig(num_local_experts=8), torch.float32).check_parallel(4, ep_size=4)
+            >>> ModelConfig(MixtralConfig(num_local_experts=6), torch.float32).check_parallel(4, ep_size=4)
+            Traceback (most recent call last):
+            ...
+            sgl_ray.errors.InvalidRequestError: ep_size: 4 does not divide the model's 6 experts
+        """
+        if self.num_heads % tp_size:
+            raise InvalidRequestError(
+                f"tp_size: {tp_size} does not divide the model's {self.num_heads} attention heads",
+                param="tp_size",
+            )
+        kv = self.num_kv_heads
+        if kv % tp_size and tp_size % kv:
+            raise InvalidRequestError(
+                f"tp_size: {tp_size} neither divides nor is a multiple of the model's {kv} KV heads",
+                param="tp_size",
+            )
+        if ep_size == 1:
+            return
+        if not self.num_experts:
+            raise InvalidRequestError("ep_size: the model has no experts (not an MoE model)", param="ep_size")
+        if self.num_experts % ep_size:
+            raise InvalidRequestError(
+                f"ep_size: {ep_size} does not divide the model's {self.num_experts} experts", param="ep_size"
+            )
+        moe_tp = tp_size // ep_size
+        if self.moe_intermediate_size % moe_tp:
+            raise InvalidRequestError(
+                f"ep_size: the experts' intermediate size ({self.moe_intermediate_size}) is not divisible by "
+                f"tp_size / ep_size ({moe_tp})",
+                param="ep_size",
+            )
 
     def kv_bytes_per_token(self, tp_size: int = 1) -> int:
         """Bytes of K and V one token occupies across all layers of one tensor-parallel shard."""

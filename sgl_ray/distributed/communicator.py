@@ -34,6 +34,11 @@ class Communicator(ABC):
     @abstractmethod
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor: ...
 
+    def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` [world_size, ...]: row ``d`` goes to rank ``d``; returns [world_size, ...] whose row ``s`` came
+        from rank ``s`` (equal sizes, no host synchronisation: safe inside CUDA graphs)."""
+        raise NotImplementedError(f"{type(self).__name__} has no all_to_all")
+
 
 class SingleProcessCommunicator(Communicator):
     """The group of one: every collective is the identity."""
@@ -50,4 +55,7 @@ class SingleProcessCommunicator(Communicator):
         return tensor
 
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return tensor
+
+    def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor

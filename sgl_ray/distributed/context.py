@@ -1,4 +1,4 @@
-"""What one model shard knows about its place in the parallel layout (tensor and pipeline parallelism)."""
+"""What one model shard knows about its place in the parallel layout (tensor, pipeline and expert parallelism)."""
 
 from __future__ import annotations
 
@@ -28,12 +28,19 @@ class PipelineChannel(ABC):
 
 @dataclass(frozen=True)
 class ShardContext:
-    """Tensor-parallel group of this shard plus its pipeline stage (``pipe`` is None for a single stage)."""
+    """Tensor-parallel group of this shard plus its pipeline stage (``pipe`` is None for a single stage).
+
+    ``ep_size`` splits the tensor-parallel group into that many expert-parallel groups for MoE layers (each holds
+    ``num_experts / ep_size`` experts; see ``sgl_ray.layers.moe.experts.ExpertPlacement``)."""
 
     tp: Communicator = field(default_factory=SingleProcessCommunicator)
     pp_rank: int = 0
     pp_size: int = 1
     pipe: PipelineChannel | None = None
+    ep_size: int = 1
+    moe_a2a_backend: str = (
+        "none"  # how MoE layers move tokens to their experts (see sgl_ray.layers.moe.dispatch)
+    )
 
     @property
     def is_first_stage(self) -> bool:

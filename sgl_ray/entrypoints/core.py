@@ -194,7 +194,11 @@ class InProcessCore(SchedulerCalls, EngineCore):
         self.loop.abort(rid)
 
     def stats(self) -> dict[str, Any]:
-        return self.loop.call(scheduler_stats)
+        def both(s: Scheduler) -> dict[str, Any]:
+            load = self.runner.expert_load() if self.runner is not None else None
+            return {**scheduler_stats(s), **({"expert_tokens": load} if load is not None else {})}
+
+        return self.loop.call(both)
 
     def shutdown(self) -> None:
         """Stop the loop, then let go of the runner: its weights, KV pool and CUDA graphs go back to the device

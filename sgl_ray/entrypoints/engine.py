@@ -16,8 +16,8 @@ from sgl_ray.entrypoints.requests import RequestSpec, ResultBuilder, normalize_b
 from sgl_ray.errors import InvalidRequestError
 from sgl_ray.lora.adapter import check_adapter, parse_lora_paths, resolve_max_rank
 from sgl_ray.model_loader import (
+    WeightStream,
     default_model_path,
-    iter_weights,
     load_hf_config,
     load_tokenizer,
     resolve_model,
@@ -60,6 +60,7 @@ class Engine:
         self.model_config = ModelConfig(
             hf_config, resolve_dtype(args.dtype, hf_config, device), args.context_length
         )
+        self.model_config.check_parallel(args.tp_size, args.ep_size)
         self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer_path)
         self.eos_token_ids = self._eos_ids(self.model_config.eos_token_ids)
         self._rng = random.Random(args.random_seed)
@@ -67,7 +68,7 @@ class Engine:
         if args.uses_ray:
             self._core: EngineCore = create_ray_core(args.replace(model_path=path), self.model_config)
         else:
-            self._core = InProcessCore(args, self.model_config, iter_weights(source), self.tokenizer)
+            self._core = InProcessCore(args, self.model_config, WeightStream(source), self.tokenizer)
 
     @staticmethod
     def _resolve_lora(args: EngineArgs, hf_config) -> EngineArgs:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from sgl_ray.configs.model_config import ModelConfig
 from sgl_ray.errors import InvalidRequestError
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -60,6 +61,12 @@ def read_adapter_config(path: str) -> AdapterConfig:
         raise _bad(path, f"adapter_config.json is unreadable: {e}") from None
     if str(raw.get("peft_type", "LORA")).upper() != "LORA":
         raise _bad(path, f"peft_type {raw.get('peft_type')!r} is not LORA")
+    if raw.get("target_parameters"):  # peft's LoRA on parameters: an MoE layer's fused experts
+        raise _bad(
+            path,
+            f"target_parameters={raw['target_parameters']!r}: LoRA on the experts of an MoE layer is not "
+            "supported (adapters may target the attention projections and the dense layers' MLPs)",
+        )
     for key, ok in (
         ("use_dora", not raw.get("use_dora")),
         ("bias", raw.get("bias", "none") == "none"),
@@ -176,7 +183,18 @@ def check_adapter(path: str, hf_config, max_rank: int) -> AdapterConfig:
         "up_proj": (hidden, inter),
         "down_proj": (inter, hidden),
     }
+    moe = ModelConfig(hf_config, torch.float32)  # which layers are sparse (MoE models)
     for (layer, module), (a, b) in load_adapter_weights(config).items():
+        if (
+            module in ("gate_proj", "up_proj", "down_proj")
+            and layer < moe.num_layers
+            and moe.is_sparse_layer(layer)
+        ):
+            raise _bad(
+                path,
+                f"layer {layer} {module}: LoRA on the experts of an MoE layer is not supported "
+                "(adapters may target the attention projections and the dense layers' MLPs)",
+            )
         fan_in, fan_out = shapes[module]
         if layer >= hf_config.num_hidden_layers or a.shape[1] != fan_in or b.shape[0] != fan_out:
             raise _bad(

@@ -17,12 +17,13 @@ from sgl_ray.model_loader.default_model import (
 )
 from sgl_ray.model_loader.gguf import GGUF_ARCHS, convert_gguf_metadata, hf_tensor_name, iter_gguf_weights
 from sgl_ray.model_loader.source import ModelSource, load_hf_config, load_tokenizer, resolve_model
-from sgl_ray.model_loader.weights import iter_safetensors, iter_weights
+from sgl_ray.model_loader.weights import WeightStream, iter_safetensors, iter_weights
 
 __all__ = [
     "DEFAULT_MODEL",
     "GGUF_ARCHS",
     "ModelSource",
+    "WeightStream",
     "WheelModel",
     "convert_gguf_metadata",
     "default_model_path",

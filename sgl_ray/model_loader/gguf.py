@@ -4,7 +4,8 @@ A GGUF file carries everything (hyper-parameters, tokenizer, quantized tensors) 
 engine works in Hugging Face terms, so this module
 
 * streams tensors out of the file, dequantized to float32 and renamed (``blk.3.attn_q.weight`` →
-  ``model.layers.3.self_attn.q_proj.weight``), undoing the Q/K row permutation llama.cpp applies to llama models;
+  ``model.layers.3.self_attn.q_proj.weight``), undoing the Q/K row permutation llama.cpp applies to llama models
+  and splitting MoE files' stacked experts into HF's per-expert tensors (:mod:`~sgl_ray.model_loader.gguf_moe`);
 * converts the metadata once into a directory with ``config.json``, tokenizer files and ``generation_config.json``
   under ``<cache_dir>/gguf/<stem>-<key>``, because transformers' GGUF tokenizer conversion takes seconds.
 """
@@ -16,9 +17,10 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -26,6 +28,15 @@ import torch
 
 from sgl_ray.errors import ModelLoadError, UnsupportedModelError
 from sgl_ray.model_loader.gguf_header import GGUFFile
+from sgl_ray.model_loader.gguf_moe import (
+    MOE_BLOCK_NAMES,
+    check_moe_layout,
+    hf_shape,
+    is_expert_stack,
+    iter_stacked_experts,
+    moe_config_fields,
+    stacked_expert_name,
+)
 from sgl_ray.model_loader.gguf_quants import dequantize
 
 GGUF_SUFFIX = ".gguf"
@@ -45,6 +56,9 @@ GGUF_ARCHS: dict[str, GGUFArch] = {
     "llama": GGUFArch(permute_qk=True),  # also Mistral and SmolLM, which llama.cpp files as "llama"
     "qwen2": GGUFArch(permute_qk=False),
     "qwen3": GGUFArch(permute_qk=False),
+    # llama.cpp's converter permutes Q/K for llama only; the Qwen MoE families keep HF's row order, like qwen2/qwen3
+    "qwen2moe": GGUFArch(permute_qk=False),
+    "qwen3moe": GGUFArch(permute_qk=False),
 }
 """GGUF architectures whose tensors :func:`iter_gguf_weights` can map."""
 
@@ -61,6 +75,7 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    **MOE_BLOCK_NAMES,
 }
 _IGNORED = {
     "rope_freqs"
@@ -69,14 +84,23 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def hf_tensor_name(gguf_name: str, expert: int | None = None) -> str | None:
     """The Hugging Face parameter name of a GGUF tensor, ``None`` for tensors with no HF counterpart.
+
+    A stacked-experts tensor (``blk.N.ffn_{gate,up,down}_exps``) holds all routed experts of a layer, each one HF
+    tensor: ``expert`` picks which name.
 
     >>> hf_tensor_name("blk.7.ffn_down.weight")
     'model.layers.7.mlp.down_proj.weight'
     >>> hf_tensor_name("token_embd.weight")
     'model.embed_tokens.weight'
+    >>> hf_tensor_name("blk.1.ffn_gate_exps.weight", expert=3)
+    'model.layers.1.mlp.experts.3.gate_proj.weight'
     """
+    if is_expert_stack(gguf_name):
+        if expert is None:
+            raise ValueError(f"GGUF tensor {gguf_name!r} stacks one tensor per expert: pass expert=")
+        return stacked_expert_name(gguf_name, expert)
     if match := _BLOCK_RE.fullmatch(gguf_name):
         layer, part, kind = match.groups()
         if part in _BLOCK_NAMES:
@@ -108,6 +132,7 @@ def gguf_architecture(path: Path, reader: GGUFFile | None = None) -> str:
         raise UnsupportedModelError(
             f"GGUF architecture {arch!r} of {str(path)!r} is not supported (supported: {sorted(GGUF_ARCHS)})"
         )
+    check_moe_layout(arch, reader, str(path))
     return arch
 
 
@@ -119,10 +144,15 @@ def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return split.swapaxes(1, 2).reshape(weight.shape)
 
 
-def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, float32 tensor)`` for every tensor of a GGUF file, one dequantized tensor at a time.
+def iter_gguf_weights(
+    path: Path, wanted: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, float32 tensor)`` for every tensor of a GGUF file (those whose name ``wanted`` accepts,
+    when given; the others are not dequantized), one dequantized tensor at a time.
 
-    Tied models have no ``output`` tensor, so no ``lm_head.weight`` is yielded for them.
+    A stacked-experts tensor yields one tensor per expert under HF's per-expert names, in expert order;
+    ``wanted`` is asked per expert, and only the wanted experts' rows are dequantized (an expert-parallel shard
+    never reads the others'). Tied models have no ``output`` tensor, so no ``lm_head.weight`` is yielded for them.
 
     >>> from sgl_ray.model_loader import default_model_path
     >>> name, tensor = next(iter_gguf_weights(default_model_path()))
@@ -134,8 +164,12 @@ def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     num_heads = int(reader.fields[f"{arch}.attention.head_count"])
     num_kv_heads = int(reader.fields.get(f"{arch}.attention.head_count_kv", num_heads))
     for tensor in reader.tensors:
+        if is_expert_stack(tensor.name):
+            for name, weight in iter_stacked_experts(tensor, wanted):
+                yield name, _to_torch(weight)
+            continue
         name = hf_tensor_name(tensor.name)
-        if name is None:
+        if name is None or (wanted is not None and not wanted(name)):
             continue
         weight = dequantize(tensor.data, tensor.tensor_type)  # numpy order: reversed ggml dims
         weight = weight.reshape([int(d) for d in reversed(tensor.shape)])
@@ -143,10 +177,14 @@ def iter_gguf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             weight = _unpermute(weight, num_heads)
         elif GGUF_ARCHS[arch].permute_qk and ".self_attn.k_proj." in name:
             weight = _unpermute(weight, num_kv_heads)
-        weight = np.ascontiguousarray(weight, dtype=np.float32)
-        if not weight.flags.writeable:
-            weight = weight.copy()  # a view into the read-only memory map (unquantized tensors)
-        yield name, torch.from_numpy(weight)
+        yield name, _to_torch(hf_shape(name, weight))
+
+
+def _to_torch(weight: np.ndarray) -> torch.Tensor:
+    weight = np.ascontiguousarray(weight, dtype=np.float32)
+    if not weight.flags.writeable:
+        weight = weight.copy()  # a view into the read-only memory map (unquantized tensors)
+    return torch.from_numpy(weight)
 
 
 def _gguf_dtype(reader: GGUFFile) -> str:
@@ -186,11 +224,11 @@ def convert_gguf_metadata(path: Path, cache_dir: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     reader = _reader(path)
-    gguf_architecture(path, reader)  # fail before the slow conversion
+    arch = gguf_architecture(path, reader)  # fail before the slow conversion
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _write_hf_files(path, staging, dtype=_gguf_dtype(reader))
+        _write_hf_files(path, staging, dtype=_gguf_dtype(reader), overrides=moe_config_fields(arch, reader))
         try:
             os.rename(staging, target)
         except OSError:
@@ -205,7 +243,7 @@ def convert_gguf_metadata(path: Path, cache_dir: Path) -> Path:
     return target
 
 
-def _write_hf_files(path: Path, out_dir: Path, *, dtype: str) -> None:
+def _write_hf_files(path: Path, out_dir: Path, *, dtype: str, overrides: dict[str, Any]) -> None:
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -216,6 +254,7 @@ def _write_hf_files(path: Path, out_dir: Path, *, dtype: str) -> None:
         )
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     config.dtype = dtype
+    config.update(overrides)
     config.save_pretrained(out_dir)
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

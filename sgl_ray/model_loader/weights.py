@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -12,8 +12,32 @@ from sgl_ray.model_loader.gguf import iter_gguf_weights
 from sgl_ray.model_loader.source import ModelSource
 
 
-def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every weight of ``source`` under its Hugging Face name, never the whole state dict at once.
+class WeightStream:
+    """The weights of ``source`` as an iterable of ``(name, tensor)`` (:func:`iter_weights` on each iteration);
+    :meth:`only` narrows it to the names a shard reads, so the others are never read from disk.
+
+    >>> from sgl_ray.model_loader import default_model_path, resolve_model
+    >>> stream = WeightStream(resolve_model(str(default_model_path())))
+    >>> [name for name, _ in stream.only(lambda n: n.endswith("layers.0.input_layernorm.weight"))]
+    ['model.layers.0.input_layernorm.weight']
+    """
+
+    def __init__(self, source: ModelSource, wanted: Callable[[str], bool] | None = None) -> None:
+        self.source = source
+        self.wanted = wanted
+
+    def only(self, wanted: Callable[[str], bool]) -> WeightStream:
+        return WeightStream(self.source, wanted)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter_weights(self.source, self.wanted)
+
+
+def iter_weights(
+    source: ModelSource, wanted: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every weight of ``source`` under its Hugging Face name (those ``wanted`` accepts, when given, the
+    others not even read), never the whole state dict at once.
 
     Safetensors tensors keep their stored dtype; GGUF tensors come out dequantized as float32. The caller casts and
     shards. Tied models yield no ``lm_head.weight``.
@@ -25,12 +49,14 @@ def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     """
     if source.format == "gguf":
         (gguf_file,) = source.weight_files
-        yield from iter_gguf_weights(gguf_file)
+        yield from iter_gguf_weights(gguf_file, wanted)
     else:
-        yield from iter_safetensors(source.weight_files)
+        yield from iter_safetensors(source.weight_files, wanted)
 
 
-def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(
+    files: Iterable[Path], wanted: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` from safetensors files in order, reading each tensor only when it is reached.
 
     >>> import tempfile, safetensors.torch
@@ -45,7 +71,8 @@ def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]
         try:
             with safe_open(path, framework="pt") as handle:
                 for name in handle.keys():
-                    yield name, handle.get_tensor(name)
+                    if wanted is None or wanted(name):
+                        yield name, handle.get_tensor(name)
         except (OSError, ValueError, RuntimeError) as exc:  # truncated or corrupt file
             raise ModelLoadError(f"cannot read safetensors file {path}: {exc}") from exc
 

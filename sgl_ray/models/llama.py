@@ -1,12 +1,16 @@
-"""Llama-family decoder (Llama 2/3, Mistral, SmolLM2) — also the base of Qwen2 and Qwen3.
+"""Llama-family decoder (Llama 2/3, Mistral, SmolLM2) — also the base of Qwen2/3 and of the MoE families.
 
-Families differ only in flags (:class:`DecoderFlags`): projection biases and per-head q/k RMSNorm.
+Families differ only in flags (:class:`DecoderFlags`: projection biases, q/k RMSNorm per head or over the whole
+projection, q/k/v clipping, attention sinks) and in the MLP of each layer (:meth:`LlamaForCausalLM.make_mlp`:
+dense here, a ``SparseMoeBlock`` in the MoE families). Per-layer sliding windows come from the HF config
+(:meth:`ModelConfig.sliding_window_of`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -40,7 +44,9 @@ Intermediate = tuple[torch.Tensor, torch.Tensor]  # (hidden, residual) handed to
 class DecoderFlags:
     qkv_bias: bool = False
     o_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: Literal["none", "head", "full"] = "none"  # RMSNorm of q and k per head (Qwen3) or whole (OLMoE)
+    clip_qkv: float | None = None  # clamp q, k, v to [-c, c] after the projection (OLMoE)
+    sinks: bool = False  # a learned attention-sink logit per head (GPT-OSS)
 
     @classmethod
     def for_llama(cls, config: ModelConfig) -> DecoderFlags:
@@ -55,24 +61,48 @@ class LlamaAttention(nn.Module):
         layer_id: int,
         flags: DecoderFlags,
         tp: Communicator,
+        global_layer_id: int | None = None,
     ) -> None:
+        """``layer_id``: the layer's index in this stage's KV pool; ``global_layer_id``: in the model."""
         super().__init__()
+        global_layer_id = layer_id if global_layer_id is None else global_layer_id
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, flags.qkv_bias, tp
         )
         self.o_proj = RowParallelLinear(
             config.num_heads * config.head_dim, config.hidden_size, flags.o_bias, tp
         )
-        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if flags.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if flags.qk_norm else None
+        self.tp = tp
+        self.qk_norm = flags.qk_norm
+        self.clip_qkv = flags.clip_qkv
+        q_width, k_width = config.head_dim, config.head_dim
+        if (
+            flags.qk_norm == "full"
+        ):  # over the whole projection of all ranks (gathered under tensor parallelism)
+            q_width, k_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        has_norm = flags.qk_norm != "none"
+        self.q_norm = RMSNorm(q_width, config.rms_norm_eps) if has_norm else None
+        self.k_norm = RMSNorm(k_width, config.rms_norm_eps) if has_norm else None
         qkv = self.qkv_proj
         self.attn = RadixAttention(
-            qkv.num_heads, qkv.head_dim, config.head_dim**-0.5, qkv.num_kv_heads, layer_id
+            qkv.num_heads,
+            qkv.head_dim,
+            config.head_dim**-0.5,
+            qkv.num_kv_heads,
+            layer_id,
+            sliding_window=config.sliding_window_of(global_layer_id),
+            sinks=flags.sinks,
+            tp_rank=tp.rank,
         )
+
+    @property
+    def plain(self) -> bool:
+        """No op between the QKV projection and rotary (no q/k norm, no clipping): the fused paths apply."""
+        return self.q_norm is None and self.clip_qkv is None
 
     def fuses_rotary_store(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
         """Whether the QKV projection of ``x`` can rotate q and k and store k and v itself (one CUDA row)."""
-        return self.q_norm is None and batch.kv_pool.dtype == x.dtype and fuses_rotary_store(self.qkv_proj, x)
+        return self.plain and batch.kv_pool.dtype == x.dtype and fuses_rotary_store(self.qkv_proj, x)
 
     def store_args(self, cos_sin: CosSin, batch: ForwardBatch) -> object:
         """The ``triton_ops.RotaryStore`` of this layer's step (also ``rotary_store``'s arguments after qkv)."""
@@ -88,6 +118,33 @@ class LlamaAttention(nn.Module):
         q, k = qkv[:, : p.q_size], qkv[:, p.q_size : p.q_size + p.kv_size]
         return self.attn(q, k, qkv[:, p.q_size + p.kv_size :], batch, kv_stored=True)
 
+    def _norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's q [T, H * D] and k [T, KVH * D] -> normed, as [T, H, D] and [T, KVH, D]."""
+        assert self.q_norm is not None and self.k_norm is not None
+        t, d = q.shape[0], self.qkv_proj.head_dim
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q.reshape(t, -1, d)), self.k_norm(k.reshape(t, -1, d))
+        elif self.tp.world_size == 1:
+            q, k = self.q_norm(q).view(t, -1, d), self.k_norm(k).view(t, -1, d)
+        else:
+            q, k = self._norm_whole_qk(q, k)
+        if self.clip_qkv is not None:
+            q, k = q.clamp(-self.clip_qkv, self.clip_qkv), k.clamp(-self.clip_qkv, self.clip_qkv)
+        return q, k
+
+    def _norm_whole_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.q_norm is not None and self.k_norm is not None
+        t, d = q.shape[0], self.qkv_proj.head_dim
+        # Whole-projection norms under tensor parallelism: gather every rank's slice (KV heads replicated on
+        # ``kv_replicas`` consecutive ranks are taken once), norm, and keep this rank's slice.
+        rank, replicas = self.tp.rank, self.qkv_proj.kv_replicas
+        q_full = self.tp.all_gather(q.contiguous(), dim=-1)
+        k_parts = self.tp.all_gather(k.contiguous(), dim=-1).split(k.shape[1], dim=-1)
+        k_full = torch.cat(k_parts[::replicas], dim=-1)
+        q = self.q_norm(q_full).split(q.shape[1], dim=-1)[rank]
+        k = self.k_norm(k_full).split(k.shape[1], dim=-1)[rank // replicas]
+        return q.reshape(t, -1, d), k.reshape(t, -1, d)
+
     def forward(
         self, cos_sin: CosSin, qkv: torch.Tensor, batch: ForwardBatch, rotated_and_stored: bool = False
     ) -> torch.Tensor:
@@ -98,37 +155,34 @@ class LlamaAttention(nn.Module):
         t, d = qkv.shape[0], p.head_dim
         if rotated_and_stored:
             return self.o_proj(self.attend_stored(qkv, batch))
-        if self.q_norm is None and qkv.is_cuda and batch.kv_pool.dtype == qkv.dtype:
+        if self.plain and qkv.is_cuda and batch.kv_pool.dtype == qkv.dtype:
             # one kernel: rotate q and k, store k and v in the KV pool
             q, k = cuda_ops().rotary_store(qkv, *self.store_args(cos_sin, batch))
             v = qkv[:, p.q_size + p.kv_size :]
             return self.o_proj(self.attn(q.view(t, -1), k.view(t, -1), v, batch, kv_stored=True))
         if self.q_norm is None:  # rotate q and k (adjacent in qkv) in one pass
-            qk = RotaryEmbedding.apply(
-                qkv[:, : p.q_size + p.kv_size].view(t, -1, d), cos_sin
-            )  # [T, H + KVH, D]
+            qk = qkv[:, : p.q_size + p.kv_size].view(t, -1, d)
+            if self.clip_qkv is not None:
+                qk = qk.clamp(-self.clip_qkv, self.clip_qkv)
+            qk = RotaryEmbedding.apply(qk, cos_sin)  # [T, H + KVH, D]
             q, k = qk[:, : p.num_heads], qk[:, p.num_heads :]
         else:
-            q, k = (
-                qkv[:, : p.q_size].reshape(t, -1, d),
-                qkv[:, p.q_size : p.q_size + p.kv_size].reshape(t, -1, d),
-            )
-            q, k = (
-                RotaryEmbedding.apply(self.q_norm(q), cos_sin),
-                RotaryEmbedding.apply(self.k_norm(k), cos_sin),
-            )
+            q, k = self._norm_qk(qkv[:, : p.q_size], qkv[:, p.q_size : p.q_size + p.kv_size])
+            q, k = RotaryEmbedding.apply(q, cos_sin), RotaryEmbedding.apply(k, cos_sin)
         v = qkv[:, p.q_size + p.kv_size :]
+        if self.clip_qkv is not None:  # after the q/k norms (OLMoE)
+            v = v.clamp(-self.clip_qkv, self.clip_qkv)
         out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v, batch)
         return self.o_proj(out)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, tp: Communicator) -> None:
+    def __init__(self, config: ModelConfig, tp: Communicator, intermediate_size: int | None = None) -> None:
         super().__init__()
         act = getattr(config.hf_config, "hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise UnsupportedModelError(f"activation {act!r} is not supported (only silu)")
-        inter = config.intermediate_size
+        inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], False, tp)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, False, tp)
         self.act = SiluAndMul()
@@ -140,12 +194,32 @@ class LlamaMLP(nn.Module):
         """``down_proj(silu(gate) * up)``, one kernel on a single CUDA row."""
         return silu_mul_linear(self.act, self.down_proj, gate_up)
 
+    def forward_normed(
+        self, norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(norm(hidden + residual)), hidden + residual)``: the decoder layer's second half, the norm
+        fused into the gate/up projection where that pays (``fused_linear.norm_linear``)."""
+        gate_up, residual = norm_linear(norm, self.gate_up_proj, hidden, residual)
+        return self.down(gate_up), residual
+
+
+MlpFactory = Callable[[int], nn.Module]  # global layer index -> that layer's MLP (dense or MoE)
+
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, flags: DecoderFlags, tp: Communicator) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        flags: DecoderFlags,
+        tp: Communicator,
+        mlp: nn.Module | None = None,
+        global_layer_id: int | None = None,
+    ) -> None:
+        """``mlp``: anything with ``forward_normed`` (default: the dense :class:`LlamaMLP`)."""
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id, flags, tp)
-        self.mlp = LlamaMLP(config, tp)
+        self.self_attn = LlamaAttention(config, layer_id, flags, tp, global_layer_id)
+        self.mlp = mlp if mlp is not None else LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -163,16 +237,15 @@ class LlamaDecoderLayer(nn.Module):
         else:
             qkv, residual = norm_linear(self.input_layernorm, attn.qkv_proj, hidden, residual)
             hidden = attn(cos_sin, qkv, batch)
-        gate_up, residual = norm_linear(
-            self.post_attention_layernorm, self.mlp.gate_up_proj, hidden, residual
-        )
-        return self.mlp.down(gate_up), residual
+        return self.mlp.forward_normed(self.post_attention_layernorm, hidden, residual, batch)
 
     def runs_folded(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
         """Whether :meth:`forward_folded` takes a step whose rows are like ``x`` (one CUDA row, plain layers)."""
         attn, mlp = self.self_attn, self.mlp
-        return attn.fuses_rotary_store(x, batch) and one_row_gemvs(
-            x, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+        return (
+            isinstance(mlp, LlamaMLP)
+            and attn.fuses_rotary_store(x, batch)
+            and one_row_gemvs(x, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         )
 
     def forward_folded(
@@ -204,7 +277,9 @@ class MissingLayer(nn.Module):
 class LlamaModel(nn.Module):
     """The decoder stack of one pipeline stage: embedding on the first stage, final norm on the last."""
 
-    def __init__(self, config: ModelConfig, flags: DecoderFlags, shard: ShardContext) -> None:
+    def __init__(
+        self, config: ModelConfig, flags: DecoderFlags, shard: ShardContext, make_mlp: MlpFactory
+    ) -> None:
         super().__init__()
         tp = shard.tp
         self.start, self.end = shard.layer_range(config.num_layers)
@@ -216,7 +291,7 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_parameters, config.context_length)
         # A layer's KV lives at index (layer - start) of this stage's pool.
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i - self.start, flags, tp)
+            LlamaDecoderLayer(config, i - self.start, flags, tp, make_mlp(i), i)
             if self.start <= i < self.end
             else MissingLayer()
             for i in range(config.num_layers)
@@ -265,6 +340,8 @@ class LlamaForCausalLM(nn.Module):
         ("gate_up_proj", "gate_proj", 0),
         ("gate_up_proj", "up_proj", 1),
     )
+    # name -> (parameter, shard_id) tried before stacked_params (MoE families route their experts through it)
+    weight_remap: Callable[[str], tuple[str, object] | None] | None = None
 
     def __init__(
         self, config: ModelConfig, shard: ShardContext | None = None, flags: DecoderFlags | None = None
@@ -272,12 +349,17 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         shard = shard or ShardContext()
         self.config = config
-        self.model = LlamaModel(config, flags or DecoderFlags.for_llama(config), shard)
+        self.shard = shard
+        self.model = LlamaModel(config, flags or DecoderFlags.for_llama(config), shard, self.make_mlp)
         self.lm_head = None
         if shard.is_last_stage:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, shard.tp)
             if config.tie_word_embeddings and self.model.embed_tokens is not None:
                 self.lm_head.tie(self.model.embed_tokens)
+
+    def make_mlp(self, layer: int) -> nn.Module:
+        """The MLP of decoder layer ``layer`` (families with MoE layers override this)."""
+        return LlamaMLP(self.config, self.shard.tp)
 
     @property
     def num_local_layers(self) -> int:
@@ -300,8 +382,8 @@ class LlamaForCausalLM(nn.Module):
         keeps its scale. Only for a single unsharded stage without LoRA (``fused_linear.fold_norms_if_supported``)."""
         model = self.model
         layers = model.layers[model.start : model.end]
-        if any(layer.self_attn.q_norm is not None for layer in layers):
-            return  # per-head q/k norms (Qwen3): the folded layer step does not take them, so nothing to gain
+        if any(not layer.self_attn.plain or not isinstance(layer.mlp, LlamaMLP) for layer in layers):
+            return  # q/k norms (Qwen3), clipping, MoE: the folded layer step does not take them, nothing to gain
         for layer in layers:
             pairs = (
                 (layer.input_layernorm, layer.self_attn.qkv_proj),
@@ -328,4 +410,4 @@ class LlamaForCausalLM(nn.Module):
                     yield name, tensor
 
         skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if shares_embedding else ())
-        load_stacked_weights(self, renamed(), self.stacked_params, skip)
+        load_stacked_weights(self, renamed(), self.stacked_params, skip, self.weight_remap)

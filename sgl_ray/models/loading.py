@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -18,12 +18,15 @@ def load_stacked_weights(
     weights: Iterable[tuple[str, torch.Tensor]],
     stacked_params: Sequence[tuple[str, str, object]],
     skip_suffixes: Sequence[str] = (),
+    remap: Callable[[str], tuple[str, object] | None] | None = None,
 ) -> None:
     """Load ``(hf_name, tensor)`` pairs one at a time.
 
-    ``stacked_params`` rows ``(fused_name, checkpoint_name, shard_id)`` route e.g. ``q_proj`` into ``qkv_proj``
-    with ``shard_id="q"``. Every parameter must be written at least once, or :class:`ModelLoadError` names the
-    missing ones; unknown checkpoint tensors are skipped with a debug log.
+    ``remap(name)``, when given and not None for a name, says its ``(parameter, shard_id)`` first (routed
+    experts: ``sgl_ray.layers.moe.experts.expert_weight_target``). Otherwise ``stacked_params`` rows
+    ``(fused_name, checkpoint_name, shard_id)`` route e.g. ``q_proj`` into ``qkv_proj`` with ``shard_id="q"``.
+    Every parameter must be written at least once, or :class:`ModelLoadError` names the missing ones; unknown
+    checkpoint tensors are skipped with a debug log.
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
@@ -31,10 +34,13 @@ def load_stacked_weights(
         if any(name.endswith(s) for s in skip_suffixes):
             continue
         target, shard_id = name, None
-        for fused, part, sid in stacked_params:
-            if f".{part}." in name:
-                target, shard_id = name.replace(f".{part}.", f".{fused}."), sid
-                break
+        if remap is not None and (routed := remap(name)) is not None:
+            target, shard_id = routed
+        else:
+            for fused, part, sid in stacked_params:
+                if f".{part}." in name:
+                    target, shard_id = name.replace(f".{part}.", f".{fused}."), sid
+                    break
         param = params.get(target)
         if param is None:
             logger.debug("skipping checkpoint tensor %s (no matching parameter)", name)

@@ -15,4 +15,4 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 class Qwen3ForCausalLM(LlamaForCausalLM):
     def __init__(self, config: ModelConfig, shard: ShardContext | None = None) -> None:
         bias = bool(getattr(config.hf_config, "attention_bias", False))
-        super().__init__(config, shard, DecoderFlags(qkv_bias=bias, o_bias=bias, qk_norm=True))
+        super().__init__(config, shard, DecoderFlags(qkv_bias=bias, o_bias=bias, qk_norm="head"))

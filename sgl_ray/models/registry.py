@@ -13,6 +13,11 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("sgl_ray.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("sgl_ray.models.qwen", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("sgl_ray.models.qwen", "Qwen3ForCausalLM"),
+    "MixtralForCausalLM": ("sgl_ray.models.mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("sgl_ray.models.qwen_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("sgl_ray.models.qwen_moe", "Qwen3MoeForCausalLM"),
+    "OlmoeForCausalLM": ("sgl_ray.models.olmoe", "OlmoeForCausalLM"),
+    "GptOssForCausalLM": ("sgl_ray.models.gpt_oss", "GptOssForCausalLM"),
 }
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from sgl_ray.attention.base import AttentionBackend
+from sgl_ray.layers.moe.base import MoEBackend
 from sgl_ray.lora.backend import GraphLoRABatch, decode_segments
 from sgl_ray.lora.weights import LoRAWeights
 from sgl_ray.mem_cache.kv_pool import KVPool
@@ -72,8 +73,10 @@ class CudaGraphRunner:
         max_bs: int,
         context_length: int,
         lora: LoRAWeights | None = None,
+        moe_backend: MoEBackend | None = None,
     ) -> None:
         self.model = model
+        self.moe_backend = moe_backend
         self.attn_backend = attn_backend
         self.kv_pool = kv_pool
         self.req_to_token = req_to_token
@@ -137,6 +140,7 @@ class CudaGraphRunner:
             kv_pool=self.kv_pool,
             req_to_token=self.req_to_token,
             attn_backend=self.attn_backend,
+            moe_backend=self.moe_backend,
         )
         batch.attn_metadata = self.attn_backend.graph_metadata(batch, max_len)
         return batch

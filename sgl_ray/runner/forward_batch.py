@@ -10,6 +10,7 @@ import torch
 
 if TYPE_CHECKING:
     from sgl_ray.attention.base import AttentionBackend
+    from sgl_ray.layers.moe.base import MoEBackend
     from sgl_ray.mem_cache.kv_pool import KVPool
 
 
@@ -37,6 +38,7 @@ class ForwardBatch:
     req_to_token: torch.Tensor  # [max_reqs, max_context]
     attn_backend: AttentionBackend
     attn_metadata: Any = None
+    moe_backend: MoEBackend | None = None  # set for models with MoE layers
 
     @property
     def batch_size(self) -> int:

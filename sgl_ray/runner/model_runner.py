@@ -6,6 +6,7 @@ about requests arrives in plans, so the same class serves the in-process engine 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -19,9 +20,10 @@ from sgl_ray.configs.model_config import ModelConfig
 from sgl_ray.distributed import ShardContext
 from sgl_ray.layers.fused_linear import fold_norms_if_supported
 from sgl_ray.layers.linear import store_weights_input_major
+from sgl_ray.layers.moe.base import create_moe_backend
 from sgl_ray.lora.weights import LoRAWeights
 from sgl_ray.mem_cache.kv_pool import KVPool, ReqToTokenTable
-from sgl_ray.model_loader.weights import fill_random_weights
+from sgl_ray.model_loader.weights import WeightStream, fill_random_weights
 from sgl_ray.models.registry import get_model_class
 from sgl_ray.runner.cuda_graph import CudaGraphRunner
 from sgl_ray.runner.forward_batch import ForwardBatch
@@ -83,7 +85,7 @@ class ModelRunner:
         self.args = args
         self.config = model_config
         self.device = args.torch_device()
-        self.shard = shard or ShardContext()
+        self.shard = dataclasses.replace(shard or ShardContext(), moe_a2a_backend=args.moe_a2a_backend)
         if args.num_threads and self.device.type == "cpu":
             torch.set_num_threads(args.num_threads)
         self.model = self._load_model(weights)
@@ -96,6 +98,12 @@ class ModelRunner:
         )
         self.attn_backend = create_attention_backend(
             args.attention_backend, self.device, args.triton_attention_num_kv_splits
+        )
+        # MoE models only: the experts' kernels (see sgl_ray.layers.moe)
+        self.moe_backend = (
+            create_moe_backend(args.moe_runner_backend, self.device)
+            if hasattr(self.model, "moe_blocks")
+            else None
         )
         self.sampler = Sampler()
         self.cuda_graphs: CudaGraphRunner | None = None
@@ -148,6 +156,7 @@ class ModelRunner:
                 min(self.args.cuda_graph_max_bs, capacity.max_reqs),
                 model_config.context_length,
                 self.lora,
+                self.moe_backend,
             )
         return self.info
 
@@ -158,6 +167,7 @@ class ModelRunner:
             and not self.args.disable_cuda_graph
             and self.shard.pp_size == 1
             and self.attn_backend.supports_cuda_graph
+            and (self.moe_backend is None or self.moe_backend.supports_cuda_graph)
         )
 
     def plan_capacity(self) -> KVCapacity:
@@ -177,11 +187,22 @@ class ModelRunner:
         if self.args.load_format == "dummy":
             fill_random_weights(model, seed=self.args.random_seed or 0)
         else:
+            wanted = getattr(model, "wants_weight", None)
+            if wanted is not None and isinstance(weights, WeightStream):
+                weights = weights.only(wanted)  # e.g. other expert-parallel ranks' experts are never read
             model.load_weights(weights)
         if self.device.type == "cpu":
             store_weights_input_major(model)
         fold_norms_if_supported(model, self.device, self.config.dtype, self.shard, self.args.lora_enabled)
         return model.eval()
+
+    def expert_load(self) -> dict[str, list[int]] | None:
+        """MoE models: tokens routed to each expert so far, per sparse layer of this shard's stage
+        (``{str(layer): [count per global expert]}``); None for a dense model."""
+        load = getattr(self.model, "expert_load", None)
+        if load is None:
+            return None
+        return {str(layer): counts.tolist() for layer, counts in load().items()} or None
 
     def execute(self, plan: StepPlan) -> StepOutput:
         """Run one step; ``compute_s`` of the answer is the time spent here."""
@@ -332,6 +353,7 @@ class ModelRunner:
             kv_pool=self.kv_pool,
             req_to_token=self.req_table.table,
             attn_backend=self.attn_backend,
+            moe_backend=self.moe_backend,
         )
         self.attn_backend.init_forward_metadata(batch)
         return batch, sample_rows, logprob_rows.astype(np.int64)

@@ -52,6 +52,35 @@ def test_model_cost_counts_every_matmul_weight_of_llama_8b():
     assert 190 < floor < 200
 
 
+def test_moe_cost_counts_the_experts_a_step_touches():
+    """Qwen3-MoE with a dense layer and Qwen2-MoE's shared experts against the real modules' weights: all of them
+    are held, a token multiplies the dense part and its top-k experts, and a bs1 step reads k experts per layer."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    shape = dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, num_hidden_layers=3
+    )
+    for hf_cls, config in (
+        (Qwen3MoeForCausalLM, Qwen3MoeConfig(**shape, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                                             num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1])),
+        (Qwen2MoeForCausalLM, Qwen2MoeConfig(**shape, intermediate_size=96, moe_intermediate_size=32,
+                                             shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2)),
+    ):  # fmt: skip
+        with torch.device("meta"):
+            model = hf_cls(config)
+        params = dict(model.named_parameters())
+        # (the roofline leaves out vectors: norms, biases, Qwen2-MoE's one-row shared-expert gate)
+        skip = ("norm", "embed_tokens", ".bias", "shared_expert_gate")
+        held = sum(p.numel() for n, p in params.items() if not any(s in n for s in skip))
+        experts = sum(p.numel() for n, p in params.items() if ".experts." in n)
+        cost = ModelCost.from_config(ModelConfig(config, torch.bfloat16))
+        assert cost.total_weight_bytes == 2 * held
+        per_expert = experts // 8
+        assert cost.step_weight_bytes(1) == 2 * (held - experts + 2 * per_expert)
+        assert cost.matmul_params == held - experts + 2 * per_expert
+        assert cost.step_weight_bytes(10_000) == pytest.approx(cost.total_weight_bytes)
+
+
 def test_decode_floor_turns_compute_bound_at_large_batch():
     cost = ModelCost.from_config(ModelConfig(LlamaConfig(**LLAMA_8B), torch.bfloat16))
     small, large = decode_step_s(cost, H100ISH, 1, 512), decode_step_s(cost, H100ISH, 1024, 512)

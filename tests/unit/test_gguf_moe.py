@@ -1,0 +1,219 @@
+"""MoE GGUF files (llama.cpp's ``qwen2moe``/``qwen3moe``) written here the way llama.cpp's converter writes them,
+from the tiny random-weight models of ``tests/moe_models.py``: every tensor maps to its HF name, the stacked experts
+split into exactly the original per-expert weights, an expert-parallel filter reads only its experts' rows, the
+converted config keeps the MoE sizes, and the engine on the ``.gguf`` gives transformers' greedy tokens on the
+original safetensors. Mixtral (``llama`` with experts) is refused: transformers has no config for it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import quantize
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+import sgl_ray
+from sgl_ray.errors import UnsupportedModelError
+from sgl_ray.model_loader import gguf_moe, hf_tensor_name, iter_gguf_weights, load_hf_config, resolve_model
+from sgl_ray.model_loader.gguf_header import GGUFFile
+
+_Q8 = gguf.GGMLQuantizationType.Q8_0
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
+NEW = 8
+GREEDY = {"temperature": 0.0, "max_new_tokens": NEW, "ignore_eos": True}
+
+
+def write_moe_gguf(
+    model_dir: str, arch: str, path: Path, tokenizer_gguf: str, quantize_experts: bool = False
+) -> dict[str, np.ndarray]:
+    """A GGUF of the model in ``model_dir`` with the metadata llama.cpp's converter writes for ``arch`` (its
+    ``TextModel`` and ``Qwen2MoeModel.set_gguf_parameters``), SmolLM2's tokenizer metadata, and the tensors: experts
+    stacked ``[E, rows, cols]`` per projection (Q8_0 when ``quantize_experts``), ``ffn_gate_inp_shexp`` squeezed to
+    ``[H]`` as older converters wrote it. Returns the tensors as stored (quantized ones as their dequantized
+    values), by GGUF name."""
+    config = AutoConfig.from_pretrained(model_dir)
+    state = load_file(Path(model_dir) / "model.safetensors")  # transformers saves per-expert names
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_expert_count(config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    if "head_dim" in config.to_diff_dict():
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantize_experts else gguf.LlamaFileType.ALL_F32)
+    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if getattr(config, "shared_expert_intermediate_size", 0):
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    _copy_tokenizer(writer, GGUFFile(tokenizer_gguf).fields)
+
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
+    # llama.cpp has no dense MLP in qwen3moe; our loader takes one (mlp_only_layers) under llama's names
+    dense_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    stored: dict[str, np.ndarray] = {}
+    stacks: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+    for name, tensor in state.items():
+        if m := _EXPERT.fullmatch(name):
+            stacks.setdefault((m[1], m[3]), {})[int(m[2])] = tensor.numpy()
+            continue
+        base, suffix = name.rsplit(".", 1)
+        gguf_name = f"{names.get_name(base) or dense_names.get_name(base)}.{suffix}"
+        weight = tensor.numpy()
+        if gguf_name.endswith("ffn_gate_inp_shexp.weight"):
+            weight = weight.reshape(-1)
+        stored[gguf_name] = weight
+        writer.add_tensor(gguf_name, weight)
+    for (layer, part), experts in stacks.items():
+        gguf_name = f"blk.{layer}.ffn_{part}_exps.weight"
+        weight = np.stack([experts[e] for e in range(len(experts))])  # converter: torch.stack(dim=0)
+        if quantize_experts:
+            packed = quantize(weight, _Q8)
+            writer.add_tensor(gguf_name, packed, raw_dtype=_Q8)
+            weight = gguf.quants.dequantize(packed, _Q8)
+        stored[gguf_name] = weight
+        if not quantize_experts:
+            writer.add_tensor(gguf_name, weight)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return stored
+
+
+def _copy_tokenizer(writer: gguf.GGUFWriter, fields: dict) -> None:
+    """What llama.cpp's ``_set_vocab_gpt2`` writes for a GPT-2 style BPE (SmolLM2's)."""
+    writer.add_tokenizer_model(fields["tokenizer.ggml.model"])
+    writer.add_tokenizer_pre(fields["tokenizer.ggml.pre"])
+    writer.add_token_list(fields["tokenizer.ggml.tokens"])
+    writer.add_token_types(fields["tokenizer.ggml.token_type"])
+    writer.add_token_merges(fields["tokenizer.ggml.merges"])
+    writer.add_bos_token_id(fields["tokenizer.ggml.bos_token_id"])
+    writer.add_eos_token_id(fields["tokenizer.ggml.eos_token_id"])
+    writer.add_unk_token_id(fields["tokenizer.ggml.unknown_token_id"])
+    writer.add_pad_token_id(fields["tokenizer.ggml.padding_token_id"])
+    writer.add_add_bos_token(fields["tokenizer.ggml.add_bos_token"])
+    writer.add_chat_template(fields["tokenizer.chat_template"])
+
+
+@pytest.fixture(scope="module")
+def moe_ggufs(moe_model, smollm2_path, tmp_path_factory):
+    """``moe_ggufs(name, quantized)`` -> (gguf path, tensors as stored); each file written once."""
+    arch = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}
+    made: dict[tuple[str, bool], tuple[Path, dict[str, np.ndarray]]] = {}
+
+    def get(name: str, quantized: bool = False) -> tuple[Path, dict[str, np.ndarray]]:
+        if (name, quantized) not in made:
+            path = tmp_path_factory.mktemp("gguf_moe") / f"{name}{'-q8_0' if quantized else ''}.gguf"
+            stored = write_moe_gguf(moe_model(name), arch[name], path, smollm2_path, quantized)
+            made[name, quantized] = path, stored
+        return made[name, quantized]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    ("name", "quantized"), [("qwen3_moe", False), ("qwen2_moe", False), ("qwen3_moe", True)]
+)
+def test_every_tensor_maps_and_experts_equal_the_original(name, quantized, moe_ggufs, moe_model) -> None:
+    path, stored = moe_ggufs(name, quantized)
+    original = load_file(Path(moe_model(name)) / "model.safetensors")
+    for tensor in GGUFFile(path).tensors:  # every GGUF tensor has HF names, all of them in the original
+        if gguf_moe.is_expert_stack(tensor.name):
+            assert {hf_tensor_name(tensor.name, expert=e) for e in range(tensor.shape[2])} <= set(original)
+        else:
+            assert hf_tensor_name(tensor.name) in original, tensor.name
+    ours = dict(iter_gguf_weights(path))
+    assert set(ours) == set(original)
+    for hf_name, weight in ours.items():
+        assert weight.dtype == torch.float32 and weight.shape == original[hf_name].shape, hf_name
+        if quantized and (m := _EXPERT.fullmatch(hf_name)):  # Q8_0: the reference dequantizer's values
+            expected = torch.from_numpy(stored[f"blk.{m[1]}.ffn_{m[3]}_exps.weight"][int(m[2])])
+        else:
+            expected = original[hf_name]
+        assert torch.equal(weight, expected), hf_name
+    with pytest.raises(ValueError, match="pass expert="):
+        hf_tensor_name("blk.0.ffn_up_exps.weight")
+
+
+def test_wanted_experts_only_and_only_their_rows(moe_ggufs, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, stored = moe_ggufs("qwen3_moe", quantized=True)
+    rows_read: list[int] = []
+    real = gguf_moe.dequantize
+
+    def spy(data, qtype):
+        rows_read.append(data.shape[0])
+        return real(data, qtype)
+
+    monkeypatch.setattr(gguf_moe, "dequantize", spy)
+
+    def wanted(name: str) -> bool:  # what an expert-parallel rank holding experts 4..7 of layer 0 asks
+        m = _EXPERT.fullmatch(name)
+        return m is not None and m[1] == "0" and 4 <= int(m[2]) < 8
+
+    got = dict(iter_gguf_weights(path, wanted))
+    parts = ("gate", "up", "down")
+    assert set(got) == {f"model.layers.0.mlp.experts.{e}.{p}_proj.weight" for e in range(4, 8) for p in parts}
+    for hf_name, weight in got.items():
+        m = _EXPERT.fullmatch(hf_name)
+        assert torch.equal(weight, torch.from_numpy(stored[f"blk.0.ffn_{m[3]}_exps.weight"][int(m[2])]))
+    # 4 experts x (gate, up: I rows; down: H rows), each dequantized alone; layer 2's stacks never read
+    assert sorted(rows_read) == sorted([32] * 8 + [64] * 4)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe"])
+def test_engine_on_gguf_matches_transformers_on_the_original(
+    name, moe_ggufs, moe_model, moe_reference, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = moe_ggufs(name)
+    monkeypatch.setenv("SGL_RAY_CACHE_DIR", str(tmp_path))  # the converted config/tokenizer dir goes there
+    original = AutoConfig.from_pretrained(moe_model(name))
+    converted = load_hf_config(resolve_model(str(path)))
+    assert converted.model_type == original.model_type
+    for field in (
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+        "mlp_only_layers",
+        "norm_topk_prob",
+        "head_dim",
+        "num_key_value_heads",
+        "tie_word_embeddings",
+    ):
+        assert getattr(converted, field, None) == getattr(original, field, None), field
+    with sgl_ray.Engine(str(path), chunked_prefill_size=16, max_total_tokens=1024) as engine:
+        prompts = ["The capital of France is", "def fibonacci(n):\n    " * 3, "Hi"]
+        lists = [engine.tokenizer.encode(p) for p in prompts]
+        outs = engine.generate(input_ids=lists, sampling_params=GREEDY)
+    reference = moe_reference(name)
+    for ids, out in zip(lists, outs, strict=True):
+        assert out["output_ids"] == reference(ids, NEW), f"mismatch for a {len(ids)}-token prompt"
+
+
+def test_mixtral_as_llama_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "mixtral.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_head_count(4)
+    writer.add_expert_count(4)
+    writer.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, 32, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModelError, match="Mixtral-style"):
+        next(iter_gguf_weights(path))
+    with pytest.raises(UnsupportedModelError, match="Mixtral-style"):
+        resolve_model(str(path))
