@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from sgl_ray.layers.moe.base import TopK, count_experts
+from sgl_ray.layers.moe.base import TopK
 
 if TYPE_CHECKING:
     from sgl_ray.layers.moe.layer import SparseMoeBlock
@@ -61,9 +61,9 @@ class ReplicatedTokens(TokenDispatch):
         return rank == 0
 
     def run(self, block: SparseMoeBlock, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        topk = block.route(x)
         counts = block.expert_counts if block.counts_load else None
-        out = block.run_experts(x, topk, batch, counts, real_rows(batch))
+        topk = block.route(x, counts, batch.out_cache_loc)  # padding rows write slot 0: not counted
+        out = block.run_experts(x, topk, batch)
         if block.shared_experts is not None:
             out = out + block.shared(x)
         tp = block.tp
@@ -85,16 +85,14 @@ class AllToAllTokens(TokenDispatch):
         mine = padded[rows]  # [c, H]
         in_range = torch.arange(ep * c, device=x.device)[rows] < t  # the last slice's padding routes nowhere
         real = F.pad(real_rows(batch), (0, ep * c - t))[rows] & in_range
-        topk = block.route(mine)
+        topk = block.route(mine, block.expert_counts if block.counts_load else None, real)
         ids = topk.ids.masked_fill(~in_range[:, None], -1)  # [c, k]
-        if block.counts_load:
-            count_experts(block.expert_counts, ids, real)
         k = ids.shape[1]
         meta = torch.cat([ids.float(), topk.weights], dim=1)  # [c, 2k]: ids are exact in float32
         recv_x = group.all_to_all(mine.unsqueeze(0).expand(ep, c, h).contiguous())  # [ep, c, H]
         recv_meta = group.all_to_all(meta.unsqueeze(0).expand(ep, c, 2 * k).contiguous())
         routed = TopK(recv_meta[..., k:].reshape(-1, k), recv_meta[..., :k].reshape(-1, k).round().int())
-        out = block.run_experts(recv_x.view(ep * c, h), routed, batch, None, None)  # [ep * c, H]
+        out = block.run_experts(recv_x.view(ep * c, h), routed, batch)  # [ep * c, H]
         back = group.all_to_all(out.view(ep, c, h))  # [ep, c, H]: row d from expert rank d
         y = back.float().sum(dim=0).to(x.dtype)  # [c, H]
         if block.shared_experts is not None:

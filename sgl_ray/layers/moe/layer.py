@@ -24,7 +24,7 @@ from torch import nn
 from sgl_ray.distributed import ShardContext
 from sgl_ray.layers.activation import SiluAndMul
 from sgl_ray.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear, linear
-from sgl_ray.layers.moe.base import Activation, TopK
+from sgl_ray.layers.moe.base import Activation, TopK, count_experts
 from sgl_ray.layers.moe.dispatch import DISPATCHES
 from sgl_ray.layers.moe.experts import ExpertPlacement, FusedExperts
 from sgl_ray.layers.moe.router import RouterConfig, select_experts
@@ -32,6 +32,13 @@ from sgl_ray.layers.moe.router import RouterConfig, select_experts
 if TYPE_CHECKING:
     from sgl_ray.layers.norm import RMSNorm
     from sgl_ray.runner.forward_batch import ForwardBatch
+
+
+def triton_router():
+    """:mod:`sgl_ray.layers.moe.triton_router`, imported on first use (CPU installs may lack Triton)."""
+    from sgl_ray.layers.moe import triton_router as module
+
+    return module
 
 
 @dataclass(frozen=True)
@@ -122,22 +129,26 @@ class SparseMoeBlock(nn.Module):
             "expert_counts", torch.zeros(config.num_experts, dtype=torch.int64), persistent=False
         )
 
-    def route(self, x: torch.Tensor) -> TopK:
-        return select_experts(self.gate(x), self.config.router, self.gate.e_score_correction_bias)
+    def route(
+        self, x: torch.Tensor, counts: torch.Tensor | None = None, count_rows: torch.Tensor | None = None
+    ) -> TopK:
+        """The experts of each token of ``x``; with ``counts``, the chosen experts of rows whose ``count_rows``
+        entry is nonzero (every row when None) are counted too. One kernel on CUDA
+        (:mod:`sgl_ray.layers.moe.triton_router`)."""
+        logits = self.gate(x)  # [T, E]
+        config, bias = self.config.router, self.gate.e_score_correction_bias
+        if logits.is_cuda and triton_router().supports(config):
+            return triton_router().topk_router(logits, config, bias, counts, count_rows)
+        topk = select_experts(logits, config, bias)
+        if counts is not None:
+            count_experts(counts, topk.ids, None if count_rows is None else count_rows != 0)
+        return topk
 
-    def run_experts(
-        self,
-        x: torch.Tensor,
-        topk: TopK,
-        batch: ForwardBatch,
-        counts: torch.Tensor | None,
-        count_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def run_experts(self, x: torch.Tensor, topk: TopK, batch: ForwardBatch) -> torch.Tensor:
         """This rank's experts over ``x`` (pairs of other ranks' experts skipped): partial sums [T, H]."""
         backend = batch.moe_backend
         assert backend is not None, "the runner sets ForwardBatch.moe_backend for models with MoE layers"
-        first = self.experts.placement.first_expert
-        return backend.run_experts(x, self.experts.weights(), topk, first, counts, count_mask)
+        return backend.run_experts(x, self.experts.weights(), topk, self.experts.placement.first_expert)
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:
         assert self.shared_experts is not None
