@@ -1,0 +1,32 @@
+"""The Triton MoE kernels under Triton's CPU interpreter: the align step's exact output (one chunk and many),
+and both paths (small batch and grouped GEMM) against the torch backend on tiny shapes, with an EP range, -1
+ids, an expert that takes every token, biases, both activations and counts (the device runs the full set:
+tests/gpu/test_moe_kernels.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_SCRIPT = """
+import torch
+from tests.gpu.test_moe_kernels import check_paths, check_sort_pairs
+check_sort_pairs("cpu", 3, 2, 4, 0, 4, 16)
+check_sort_pairs("cpu", 300, 8, 64, 64, 256, 32)  # 38 chunks
+check_sort_pairs("cpu", 2100, 8, 4, 4, 12, 64)  # chunks of two one-hot tiles
+check_paths("cpu", torch.float32)
+check_paths("cpu", torch.float16)
+"""
+
+
+def test_moe_kernels_in_the_interpreter() -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
