@@ -159,10 +159,24 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 @triton.jit
+def _head_rmsnorm(x1, x2, w_row, offs, eps, HALF: tl.constexpr):
+    """RMSNorm of each head (row) of ``[x1 | x2]`` with the weight at ``w_row`` [2 * HALF], rounded like
+    ``RMSNorm``: normalized in fp32, cast to the activation dtype, then times the weight in that dtype."""
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(a * a, 1) + tl.sum(b * b, 1)) / (2 * HALF) + eps)[:, None]
+    w1 = tl.load(w_row + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
+    w2 = tl.load(w_row + HALF + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
+    n1 = (w1 * (a * rstd).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+    n2 = (w2 * (b * rstd).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+    return n1, n2
+
+
+@triton.jit
 def _rotary_store_kernel(
-    QKV, Cos, Sin, QOut, KOut, KCache, VCache, Loc, stride_qkv, stride_ct, stride_qo, stride_ko, stride_cache,
+    QKV, Cos, Sin, QOut, KOut, KCache, VCache, Loc, QNorm, KNorm, eps,
+    stride_qkv, stride_ct, stride_qo, stride_ko, stride_cache,
     num_heads, num_kv_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
     # program (t, head block) over the H query, KVH key and KVH value heads of token t's QKV row
     pdl_enter(USE_PDL)
@@ -177,7 +191,14 @@ def _rotary_store_kernel(
     in_mask = (is_q | is_k | is_v)[:, None] & d_mask
     x1 = tl.load(x_row, mask=in_mask, other=0.0)
     x2 = tl.load(x_row + HALF, mask=in_mask, other=0.0)
-    o1, o2 = _rotate_halves(x1, x2, Cos + t * stride_ct, Sin + t * stride_ct, offs, HALF)
+    if NORM:  # per-head q/k RMSNorm (Qwen3) before the rotation; a program's heads are all q, or k, or v ...
+        qn1, qn2 = _head_rmsnorm(x1, x2, QNorm, offs, eps, HALF)
+        kn1, kn2 = _head_rmsnorm(x1, x2, KNorm, offs, eps, HALF)
+        r1 = tl.where(is_q[:, None], qn1, tl.where(is_k[:, None], kn1, x1))  # ... or a mix at the edges
+        r2 = tl.where(is_q[:, None], qn2, tl.where(is_k[:, None], kn2, x2))
+        o1, o2 = _rotate_halves(r1, r2, Cos + t * stride_ct, Sin + t * stride_ct, offs, HALF)
+    else:
+        o1, o2 = _rotate_halves(x1, x2, Cos + t * stride_ct, Sin + t * stride_ct, offs, HALF)
     q_mask = is_q[:, None] & d_mask
     q_row = QOut + t * stride_qo + heads[:, None] * (2 * HALF) + offs[None, :]
     tl.store(q_row, o1, mask=q_mask)
@@ -204,10 +225,14 @@ def rotary_store(
     v_cache: torch.Tensor,
     num_heads: int,
     num_kv_heads: int,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary on the query and key heads of ``qkv`` [T, (H + 2 KVH) D] (unit last stride) plus the KV-cache
     store, in one launch: the rotated keys and the values go to ``k_cache``/``v_cache`` [slots, KVH, D] rows
-    ``loc`` [T]. Returns the rotated q [T, H, D] and k [T, KVH, D] (contiguous)."""
+    ``loc`` [T]. With ``q_norm``/``k_norm`` ([D] weights, Qwen3), each query and key head is RMS-normed first.
+    Returns the rotated q [T, H, D] and k [T, KVH, D] (contiguous)."""
     t = qkv.shape[0]
     d = k_cache.shape[-1]
     q = torch.empty((t, num_heads, d), dtype=qkv.dtype, device=qkv.device)
@@ -216,9 +241,12 @@ def rotary_store(
     block_h = min(16, triton.next_power_of_2(total))
     if t:
         pdl = use_pdl(qkv)
+        norm = q_norm is not None
+        assert norm == (k_norm is not None), "q and k norms go together"
         _rotary_store_kernel[(t, triton.cdiv(total, block_h))](
-            qkv, cos, sin, q, k, k_cache, v_cache, loc, qkv.stride(0), cos.stride(0), q.stride(0), k.stride(0),
-            k_cache.stride(0), num_heads, num_kv_heads,
-            HALF=d // 2, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2), USE_PDL=pdl, **launch_args(pdl),
+            qkv, cos, sin, q, k, k_cache, v_cache, loc, q_norm if norm else qkv, k_norm if norm else qkv, eps,
+            qkv.stride(0), cos.stride(0), q.stride(0), k.stride(0), k_cache.stride(0), num_heads, num_kv_heads,
+            HALF=d // 2, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2), USE_PDL=pdl, NORM=norm,
+            **launch_args(pdl),
         )  # fmt: skip
     return q, k

@@ -155,9 +155,14 @@ class LlamaAttention(nn.Module):
         t, d = qkv.shape[0], p.head_dim
         if rotated_and_stored:
             return self.o_proj(self.attend_stored(qkv, batch))
-        if self.plain and qkv.is_cuda and batch.kv_pool.dtype == qkv.dtype:
-            # one kernel: rotate q and k, store k and v in the KV pool
-            q, k = cuda_ops().rotary_store(qkv, *self.store_args(cos_sin, batch))
+        head_norms = self.qk_norm == "head" and self.clip_qkv is None
+        if (self.plain or head_norms) and qkv.is_cuda and batch.kv_pool.dtype == qkv.dtype:
+            # one kernel: (per-head q/k norms,) rotate q and k, store k and v in the KV pool
+            norms = {}
+            if head_norms:
+                assert self.q_norm is not None and self.k_norm is not None
+                norms = dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, eps=self.q_norm.eps)
+            q, k = cuda_ops().rotary_store(qkv, *self.store_args(cos_sin, batch), **norms)
             v = qkv[:, p.q_size + p.kv_size :]
             return self.o_proj(self.attn(q.view(t, -1), k.view(t, -1), v, batch, kv_stored=True))
         if self.q_norm is None:  # rotate q and k (adjacent in qkv) in one pass

@@ -65,10 +65,14 @@ def test_rotary_matches_torch_on_strided_qk(dtype, heads, kv_heads, head_dim):
     torch.testing.assert_close(out, expected, **ULP2[dtype])
 
 
-def check_rotary_store(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> None:
-    """The fused rotary + KV store against the torch path: rotate q and k, ``index_copy_`` k and v into the pool
-    (also run on the CPU by Triton's interpreter: tests/unit/test_triton_interpreter.py)."""
+def check_rotary_store(
+    device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, norms: bool = False
+) -> None:
+    """The fused rotary + KV store against the torch path: (with ``norms``, Qwen3's per-head q/k RMSNorm first,)
+    rotate q and k, ``index_copy_`` k and v into the pool (also run on the CPU by Triton's interpreter:
+    tests/unit/test_triton_interpreter.py)."""
     from sgl_ray.layers import triton_ops
+    from sgl_ray.layers.norm import RMSNorm
 
     tokens, slots = 11, 64
     g = torch.Generator().manual_seed(heads)
@@ -78,8 +82,16 @@ def check_rotary_store(device: str, dtype: torch.dtype, heads: int, kv_heads: in
     loc = torch.randperm(slots - 1, generator=g)[:tokens].add(1).to(device)
     k_cache = torch.full((slots, kv_heads, head_dim), 7.0, dtype=dtype, device=device)  # poison
     v_cache = k_cache.clone()
-    q, k = triton_ops.rotary_store(qkv, cos, sin, loc, k_cache, v_cache, heads, kv_heads)
     qk = qkv[:, : (heads + kv_heads) * head_dim].view(tokens, -1, head_dim)
+    kwargs = {}
+    if norms:
+        q_norm, k_norm = (RMSNorm(head_dim, 1e-6).to(device, dtype) for _ in range(2))
+        for n in (q_norm, k_norm):
+            n.weight.copy_(1 + 0.3 * torch.randn(head_dim, generator=g).to(device, dtype))
+        kwargs = dict(q_norm=q_norm.weight, k_norm=k_norm.weight, eps=1e-6)
+        # the torch path, one head at a time (RMSNorm's CUDA kernel takes 2-D rows)
+        qk = torch.cat([q_norm._norm(qk[:, :heads]), k_norm._norm(qk[:, heads:])], dim=1)
+    q, k = triton_ops.rotary_store(qkv, cos, sin, loc, k_cache, v_cache, heads, kv_heads, **kwargs)
     expected = qk * cos + rotate_half(qk) * sin
     tol = ULP2[dtype]
     torch.testing.assert_close(q, expected[:, :heads], **tol)
@@ -94,8 +106,9 @@ def check_rotary_store(device: str, dtype: torch.dtype, heads: int, kv_heads: in
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64), (4, 2, 16)])
-def test_rotary_store_matches_rotary_and_index_copy(dtype, heads, kv_heads, head_dim):
-    check_rotary_store("cuda", dtype, heads, kv_heads, head_dim)
+@pytest.mark.parametrize("norms", [False, True])
+def test_rotary_store_matches_rotary_and_index_copy(dtype, heads, kv_heads, head_dim, norms):
+    check_rotary_store("cuda", dtype, heads, kv_heads, head_dim, norms)
 
 
 def check_qkv_rotary_store_gemv(

@@ -23,6 +23,7 @@ check_gemv("cpu", torch.float16)
 check_fused_gemvs("cpu", torch.float16)
 for shape in [(4, 2, 16), (9, 3, 64)]:
     check_rotary_store("cpu", torch.float32, *shape)
+    check_rotary_store("cpu", torch.float32, *shape, norms=True)
 for shape in [(4, 1, 16), (6, 2, 64)]:
     check_qkv_rotary_store_gemv("cpu", torch.float16, *shape)
 check_norm_in_gemvs("cpu", torch.float16)
