@@ -41,7 +41,9 @@ from sgl_ray.configs.engine_args import EngineArgs
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` sub-commands to ``parser`` (the ``sgl-ray bench`` parser)."""
     sub = parser.add_subparsers(
-        dest="bench_command", required=True, metavar="{offline,serving,roofline,step-profile,lora,structured}"
+        dest="bench_command",
+        required=True,
+        metavar="{offline,serving,roofline,step-profile,lora,structured,moe-kernels}",
     )
     offline = sub.add_parser(
         "offline",
@@ -92,6 +94,14 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     _add_step_profile_args(sub)
     _add_lora_args(sub)
     add_structured_args(sub)
+    moe = sub.add_parser(
+        "moe-kernels",
+        help="the MoE expert kernels alone (CUDA): --tune the launch table, or --bench it against the torch experts",
+    )
+    moe.set_defaults(bench_func=_moe_kernels)
+    from sgl_ray.bench.moe_kernels import add_args as add_moe_kernel_args  # imports torch only
+
+    add_moe_kernel_args(moe)
 
 
 def _triple(text: str) -> tuple[int, ...]:
@@ -277,6 +287,12 @@ def _add_serving_args(sub: argparse._SubParsersAction) -> None:
 def run_bench(ns: argparse.Namespace) -> int:
     """Run the ``bench`` sub-command parsed into ``ns``; returns the exit status."""
     return ns.bench_func(ns)
+
+
+def _moe_kernels(ns: argparse.Namespace) -> int:
+    from sgl_ray.bench import moe_kernels
+
+    return moe_kernels.run(ns)
 
 
 def _offline(ns: argparse.Namespace) -> int:

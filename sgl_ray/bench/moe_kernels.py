@@ -311,11 +311,15 @@ def _row(shape: Shape, r: dict) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """The options of ``sgl-ray bench moe-kernels`` (and ``python -m sgl_ray.bench.moe_kernels``)."""
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--tune", action="store_true")
-    mode.add_argument("--bench", action="store_true")
+    mode.add_argument(
+        "--tune", action="store_true", help="measure candidate launch configs, print table rows"
+    )
+    mode.add_argument(
+        "--bench", action="store_true", help="time the table's configs against the torch experts"
+    )
     parser.add_argument("--shape", action="append", choices=list(SHAPES), help="default: all")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
@@ -323,7 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=12, help="processes that compile the candidates")
     parser.add_argument("--save", help="--tune: write the rows as JSON here")
     parser.add_argument("--configs", help="--bench: a JSON table from --tune --save (else the repository's)")
-    ns = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_args(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(ns: argparse.Namespace) -> int:
     dtype, tokens = getattr(torch, ns.dtype), [int(t) for t in ns.tokens.split(",")]
     shapes = [SHAPES[s] for s in ns.shape or SHAPES]
     print(
