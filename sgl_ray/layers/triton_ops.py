@@ -238,10 +238,11 @@ def rotary_store(
     q = torch.empty((t, num_heads, d), dtype=qkv.dtype, device=qkv.device)
     k = torch.empty((t, num_kv_heads, d), dtype=qkv.dtype, device=qkv.device)
     total = num_heads + 2 * num_kv_heads
-    block_h = min(16, triton.next_power_of_2(total))
+    norm = q_norm is not None
+    # with the norms a program does more per head: smaller head blocks spread one row over more programs
+    block_h = min(4 if norm else 16, triton.next_power_of_2(total))
     if t:
         pdl = use_pdl(qkv)
-        norm = q_norm is not None
         assert norm == (k_norm is not None), "q and k norms go together"
         _rotary_store_kernel[(t, triton.cdiv(total, block_h))](
             qkv, cos, sin, q, k, k_cache, v_cache, loc, q_norm if norm else qkv, k_norm if norm else qkv, eps,

@@ -31,7 +31,9 @@ class GptOssForCausalLM(MoeForCausalLM):
     def moe_config(self) -> MoEConfig:
         hf = self.config.hf_config
         router = RouterConfig(num_experts_of(hf), hf.num_experts_per_tok, softmax_after_topk=True)
-        activation = Activation("swigluoai", float(hf.swiglu_alpha), float(hf.swiglu_limit))
+        # configs of older transformers carry only the limit (the alpha was a constant of the model code)
+        alpha, limit = getattr(hf, "swiglu_alpha", 1.702), getattr(hf, "swiglu_limit", 7.0)
+        activation = Activation("swigluoai", float(alpha), float(limit))
         return MoEConfig(
             router, hf.intermediate_size, activation=activation, expert_bias=True, router_bias=True
         )
