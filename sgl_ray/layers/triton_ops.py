@@ -239,8 +239,7 @@ def rotary_store(
     k = torch.empty((t, num_kv_heads, d), dtype=qkv.dtype, device=qkv.device)
     total = num_heads + 2 * num_kv_heads
     norm = q_norm is not None
-    # with the norms a program does more per head: smaller head blocks spread one row over more programs
-    block_h = min(4 if norm else 16, triton.next_power_of_2(total))
+    block_h = min(16, triton.next_power_of_2(total))
     if t:
         pdl = use_pdl(qkv)
         assert norm == (k_norm is not None), "q and k norms go together"
