@@ -5,7 +5,8 @@ engine works in Hugging Face terms, so this module
 
 * streams tensors out of the file, dequantized to float32 and renamed (``blk.3.attn_q.weight`` →
   ``model.layers.3.self_attn.q_proj.weight``), undoing the Q/K row permutation llama.cpp applies to llama models
-  and splitting MoE files' stacked experts into HF's per-expert tensors (:mod:`~sgl_ray.model_loader.gguf_moe`);
+  (Mixtral included) and splitting MoE files' stacked experts into HF's per-expert tensors
+  (:mod:`~sgl_ray.model_loader.gguf_moe`);
 * converts the metadata once into a directory with ``config.json``, tokenizer files and ``generation_config.json``
   under ``<cache_dir>/gguf/<stem>-<key>``, because transformers' GGUF tokenizer conversion takes seconds.
 """
@@ -20,7 +21,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
@@ -29,15 +30,23 @@ import torch
 from sgl_ray.errors import ModelLoadError, UnsupportedModelError
 from sgl_ray.model_loader.gguf_header import GGUFFile
 from sgl_ray.model_loader.gguf_moe import (
-    MOE_BLOCK_NAMES,
+    MIXTRAL_NAMES,
+    QWEN_MOE_NAMES,
+    SHARED_EXPERT_NAMES,
+    MoENames,
     check_moe_layout,
     hf_shape,
     is_expert_stack,
+    is_mixtral,
     iter_stacked_experts,
+    mixtral_config,
     moe_config_fields,
-    stacked_expert_name,
+    moe_tensor_name,
 )
 from sgl_ray.model_loader.gguf_quants import dequantize
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 GGUF_SUFFIX = ".gguf"
 _CONVERSION_VERSION = 1
@@ -50,10 +59,13 @@ class GGUFArch:
 
     permute_qk: bool
     """llama.cpp's converter reorders Q/K rows (interleaved rotary pairs) for this family; undo it on load."""
+    moe_names: MoENames = QWEN_MOE_NAMES
+    """The HF names of the router and routed experts, for files with experts."""
 
 
 GGUF_ARCHS: dict[str, GGUFArch] = {
-    "llama": GGUFArch(permute_qk=True),  # also Mistral and SmolLM, which llama.cpp files as "llama"
+    # also Mistral and SmolLM, and Mixtral (with llama.expert_count > 0), which llama.cpp files as "llama"
+    "llama": GGUFArch(permute_qk=True, moe_names=MIXTRAL_NAMES),
     "qwen2": GGUFArch(permute_qk=False),
     "qwen3": GGUFArch(permute_qk=False),
     # llama.cpp's converter permutes Q/K for llama only; the Qwen MoE families keep HF's row order, like qwen2/qwen3
@@ -75,7 +87,7 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
-    **MOE_BLOCK_NAMES,
+    **SHARED_EXPERT_NAMES,
 }
 _IGNORED = {
     "rope_freqs"
@@ -84,23 +96,29 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 
 
-def hf_tensor_name(gguf_name: str, expert: int | None = None) -> str | None:
-    """The Hugging Face parameter name of a GGUF tensor, ``None`` for tensors with no HF counterpart.
+def hf_tensor_name(gguf_name: str, expert: int | None = None, arch: str = "llama") -> str | None:
+    """The Hugging Face parameter name of a GGUF tensor of a file of architecture ``arch``, ``None`` for tensors
+    with no HF counterpart.
 
     A stacked-experts tensor (``blk.N.ffn_{gate,up,down}_exps``) holds all routed experts of a layer, each one HF
-    tensor: ``expert`` picks which name.
+    tensor: ``expert`` picks which name. The router's and experts' names depend on the family: ``llama`` files
+    with experts are Mixtral.
 
     >>> hf_tensor_name("blk.7.ffn_down.weight")
     'model.layers.7.mlp.down_proj.weight'
     >>> hf_tensor_name("token_embd.weight")
     'model.embed_tokens.weight'
-    >>> hf_tensor_name("blk.1.ffn_gate_exps.weight", expert=3)
+    >>> hf_tensor_name("blk.1.ffn_gate_exps.weight", expert=3, arch="qwen3moe")
     'model.layers.1.mlp.experts.3.gate_proj.weight'
+    >>> hf_tensor_name("blk.1.ffn_gate_exps.weight", expert=3)
+    'model.layers.1.block_sparse_moe.experts.3.w1.weight'
     """
-    if is_expert_stack(gguf_name):
-        if expert is None:
-            raise ValueError(f"GGUF tensor {gguf_name!r} stacks one tensor per expert: pass expert=")
-        return stacked_expert_name(gguf_name, expert)
+    if arch not in GGUF_ARCHS:
+        raise UnsupportedModelError(
+            f"GGUF architecture {arch!r} is not supported (supported: {sorted(GGUF_ARCHS)})"
+        )
+    if (name := moe_tensor_name(gguf_name, GGUF_ARCHS[arch].moe_names, expert)) is not None:
+        return name
     if match := _BLOCK_RE.fullmatch(gguf_name):
         layer, part, kind = match.groups()
         if part in _BLOCK_NAMES:
@@ -165,10 +183,10 @@ def iter_gguf_weights(
     num_kv_heads = int(reader.fields.get(f"{arch}.attention.head_count_kv", num_heads))
     for tensor in reader.tensors:
         if is_expert_stack(tensor.name):
-            for name, weight in iter_stacked_experts(tensor, wanted):
+            for name, weight in iter_stacked_experts(tensor, GGUF_ARCHS[arch].moe_names, wanted):
                 yield name, _to_torch(weight)
             continue
-        name = hf_tensor_name(tensor.name)
+        name = hf_tensor_name(tensor.name, arch=arch)
         if name is None or (wanted is not None and not wanted(name)):
             continue
         weight = dequantize(tensor.data, tensor.tensor_type)  # numpy order: reversed ggml dims
@@ -228,7 +246,7 @@ def convert_gguf_metadata(path: Path, cache_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _write_hf_files(path, staging, dtype=_gguf_dtype(reader), overrides=moe_config_fields(arch, reader))
+        _write_hf_files(path, staging, reader, arch)
         try:
             os.rename(staging, target)
         except OSError:
@@ -243,18 +261,27 @@ def convert_gguf_metadata(path: Path, cache_dir: Path) -> Path:
     return target
 
 
-def _write_hf_files(path: Path, out_dir: Path, *, dtype: str, overrides: dict[str, Any]) -> None:
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+def _hf_config(path: Path, reader: GGUFFile, arch: str) -> PretrainedConfig:
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    if is_mixtral(arch, reader):  # transformers would read it as a dense Llama
+        return AutoConfig.for_model(**mixtral_config(reader))
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UnsupportedModelError(
             f"GGUF model type {config.model_type!r} of {str(path)!r} is not a causal LM"
         )
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
-    config.dtype = dtype
-    config.update(overrides)
+    config.update(moe_config_fields(arch, reader))
+    return config
+
+
+def _write_hf_files(path: Path, out_dir: Path, reader: GGUFFile, arch: str) -> None:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    config = _hf_config(path, reader, arch)
+    config.dtype = _gguf_dtype(reader)
     config.save_pretrained(out_dir)
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
