@@ -9,8 +9,6 @@ dense here, a ``SparseMoeBlock`` in the MoE families). Per-layer sliding windows
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
@@ -20,165 +18,22 @@ from sgl_ray.distributed import Communicator, ShardContext
 from sgl_ray.errors import UnsupportedModelError
 from sgl_ray.layers import fused_linear
 from sgl_ray.layers.activation import SiluAndMul
-from sgl_ray.layers.attention import RadixAttention
 from sgl_ray.layers.cuda_ops import cuda_ops
 from sgl_ray.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from sgl_ray.layers.fused_linear import (
-    fuses_rotary_store,
     norm_linear,
     norm_qkv_rotary_store,
     one_row_gemvs,
     silu_mul_linear,
 )
-from sgl_ray.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from sgl_ray.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from sgl_ray.layers.norm import RMSNorm
 from sgl_ray.layers.rotary import RotaryEmbedding
+from sgl_ray.models.llama_attention import CosSin, DecoderFlags, LlamaAttention
 from sgl_ray.models.loading import load_stacked_weights
 from sgl_ray.runner.forward_batch import ForwardBatch
 
-CosSin = tuple[torch.Tensor, torch.Tensor]
 Intermediate = tuple[torch.Tensor, torch.Tensor]  # (hidden, residual) handed to the next pipeline stage
-
-
-@dataclass(frozen=True)
-class DecoderFlags:
-    qkv_bias: bool = False
-    o_bias: bool = False
-    qk_norm: Literal["none", "head", "full"] = "none"  # RMSNorm of q and k per head (Qwen3) or whole (OLMoE)
-    clip_qkv: float | None = None  # clamp q, k, v to [-c, c] after the projection (OLMoE)
-    sinks: bool = False  # a learned attention-sink logit per head (GPT-OSS)
-
-    @classmethod
-    def for_llama(cls, config: ModelConfig) -> DecoderFlags:
-        bias = bool(getattr(config.hf_config, "attention_bias", False))
-        return cls(qkv_bias=bias, o_bias=bias)
-
-
-class LlamaAttention(nn.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        layer_id: int,
-        flags: DecoderFlags,
-        tp: Communicator,
-        global_layer_id: int | None = None,
-    ) -> None:
-        """``layer_id``: the layer's index in this stage's KV pool; ``global_layer_id``: in the model."""
-        super().__init__()
-        global_layer_id = layer_id if global_layer_id is None else global_layer_id
-        self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads, flags.qkv_bias, tp
-        )
-        self.o_proj = RowParallelLinear(
-            config.num_heads * config.head_dim, config.hidden_size, flags.o_bias, tp
-        )
-        self.tp = tp
-        self.qk_norm = flags.qk_norm
-        self.clip_qkv = flags.clip_qkv
-        q_width, k_width = config.head_dim, config.head_dim
-        if (
-            flags.qk_norm == "full"
-        ):  # over the whole projection of all ranks (gathered under tensor parallelism)
-            q_width, k_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        has_norm = flags.qk_norm != "none"
-        self.q_norm = RMSNorm(q_width, config.rms_norm_eps) if has_norm else None
-        self.k_norm = RMSNorm(k_width, config.rms_norm_eps) if has_norm else None
-        qkv = self.qkv_proj
-        self.attn = RadixAttention(
-            qkv.num_heads,
-            qkv.head_dim,
-            config.head_dim**-0.5,
-            qkv.num_kv_heads,
-            layer_id,
-            sliding_window=config.sliding_window_of(global_layer_id),
-            sinks=flags.sinks,
-            tp_rank=tp.rank,
-        )
-
-    @property
-    def plain(self) -> bool:
-        """No op between the QKV projection and rotary (no q/k norm, no clipping): the fused paths apply."""
-        return self.q_norm is None and self.clip_qkv is None
-
-    def fuses_rotary_store(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
-        """Whether the QKV projection of ``x`` can rotate q and k and store k and v itself (one CUDA row)."""
-        return self.plain and batch.kv_pool.dtype == x.dtype and fuses_rotary_store(self.qkv_proj, x)
-
-    def store_args(self, cos_sin: CosSin, batch: ForwardBatch) -> object:
-        """The ``triton_ops.RotaryStore`` of this layer's step (also ``rotary_store``'s arguments after qkv)."""
-        k_cache, v_cache = batch.kv_pool.get_kv(self.attn.layer_id)
-        p = self.qkv_proj
-        return cuda_ops().RotaryStore(
-            *cos_sin, batch.out_cache_loc, k_cache, v_cache, p.num_heads, p.num_kv_heads
-        )
-
-    def attend_stored(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """Attention of the rotated q in ``qkv`` over the pool, which holds this step's k and v already."""
-        p = self.qkv_proj
-        q, k = qkv[:, : p.q_size], qkv[:, p.q_size : p.q_size + p.kv_size]
-        return self.attn(q, k, qkv[:, p.q_size + p.kv_size :], batch, kv_stored=True)
-
-    def _norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's q [T, H * D] and k [T, KVH * D] -> normed, as [T, H, D] and [T, KVH, D]."""
-        assert self.q_norm is not None and self.k_norm is not None
-        t, d = q.shape[0], self.qkv_proj.head_dim
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q.reshape(t, -1, d)), self.k_norm(k.reshape(t, -1, d))
-        elif self.tp.world_size == 1:
-            q, k = self.q_norm(q).view(t, -1, d), self.k_norm(k).view(t, -1, d)
-        else:
-            q, k = self._norm_whole_qk(q, k)
-        if self.clip_qkv is not None:
-            q, k = q.clamp(-self.clip_qkv, self.clip_qkv), k.clamp(-self.clip_qkv, self.clip_qkv)
-        return q, k
-
-    def _norm_whole_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.q_norm is not None and self.k_norm is not None
-        t, d = q.shape[0], self.qkv_proj.head_dim
-        # Whole-projection norms under tensor parallelism: gather every rank's slice (KV heads replicated on
-        # ``kv_replicas`` consecutive ranks are taken once), norm, and keep this rank's slice.
-        rank, replicas = self.tp.rank, self.qkv_proj.kv_replicas
-        q_full = self.tp.all_gather(q.contiguous(), dim=-1)
-        k_parts = self.tp.all_gather(k.contiguous(), dim=-1).split(k.shape[1], dim=-1)
-        k_full = torch.cat(k_parts[::replicas], dim=-1)
-        q = self.q_norm(q_full).split(q.shape[1], dim=-1)[rank]
-        k = self.k_norm(k_full).split(k.shape[1], dim=-1)[rank // replicas]
-        return q.reshape(t, -1, d), k.reshape(t, -1, d)
-
-    def forward(
-        self, cos_sin: CosSin, qkv: torch.Tensor, batch: ForwardBatch, rotated_and_stored: bool = False
-    ) -> torch.Tensor:
-        """From the output of ``qkv_proj``, which the decoder layer runs (see ``fused_linear.norm_linear``):
-        ``[T, (H + 2 * KVH) * D]`` -> the output of ``o_proj``. ``rotated_and_stored``: q and k in ``qkv`` are
-        rotated and k and v are in the pool (``fused_linear.norm_qkv_rotary_store``)."""
-        p = self.qkv_proj
-        t, d = qkv.shape[0], p.head_dim
-        if rotated_and_stored:
-            return self.o_proj(self.attend_stored(qkv, batch))
-        head_norms = self.qk_norm == "head" and self.clip_qkv is None
-        if (self.plain or head_norms) and qkv.is_cuda and batch.kv_pool.dtype == qkv.dtype:
-            # one kernel: (per-head q/k norms,) rotate q and k, store k and v in the KV pool
-            norms = {}
-            if head_norms:
-                assert self.q_norm is not None and self.k_norm is not None
-                norms = dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, eps=self.q_norm.eps)
-            q, k = cuda_ops().rotary_store(qkv, *self.store_args(cos_sin, batch), **norms)
-            v = qkv[:, p.q_size + p.kv_size :]
-            return self.o_proj(self.attn(q.view(t, -1), k.view(t, -1), v, batch, kv_stored=True))
-        if self.q_norm is None:  # rotate q and k (adjacent in qkv) in one pass
-            qk = qkv[:, : p.q_size + p.kv_size].view(t, -1, d)
-            if self.clip_qkv is not None:
-                qk = qk.clamp(-self.clip_qkv, self.clip_qkv)
-            qk = RotaryEmbedding.apply(qk, cos_sin)  # [T, H + KVH, D]
-            q, k = qk[:, : p.num_heads], qk[:, p.num_heads :]
-        else:
-            q, k = self._norm_qk(qkv[:, : p.q_size], qkv[:, p.q_size : p.q_size + p.kv_size])
-            q, k = RotaryEmbedding.apply(q, cos_sin), RotaryEmbedding.apply(k, cos_sin)
-        v = qkv[:, p.q_size + p.kv_size :]
-        if self.clip_qkv is not None:  # after the q/k norms (OLMoE)
-            v = v.clamp(-self.clip_qkv, self.clip_qkv)
-        out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v, batch)
-        return self.o_proj(out)
 
 
 class LlamaMLP(nn.Module):
