@@ -11,7 +11,9 @@ inside the next projection's GEMV as it reads its input (:mod:`sgl_ray.layers.tr
 - folded norms (``FOLD_NORMS``, :func:`fold_norms_if_supported`): each decoder layer's norm scales go into the
   projection after the norm at load, and on one row the norm is split over the GEMVs around it: the producer
   (O, down) adds the residual and writes sums of squares, the consumer (QKV, gate/up) scales its product
-  (``LlamaDecoderLayer.forward_folded``). Measured on an H200: 80-110 µs less per bs1 step of the 8B shape.
+  (``LlamaDecoderLayer.forward_folded``; in MoE layers the router's GEMV and the experts' two GEMVs play the
+  consumer and producer, ``SparseMoeBlock.forward_folded``). Measured on an H200: 80-110 µs less per bs1 step of
+  the 8B shape.
 
 The RMSNorm fusion is off (``FUSE_NORM``: it measured slower). Anything else (several rows, a CPU, LoRA-wrapped
 layers, fp32) takes the separate modules, with the same results up to the order of the RMSNorm sum.

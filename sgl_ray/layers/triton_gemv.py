@@ -28,7 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
-from sgl_ray.layers.triton_gemv_epilogues import NormOfInput, RotaryStore, rotary_store_epilogue
+from sgl_ray.layers.triton_gemv_epilogues import (
+    NormOfInput,
+    RotaryStore,
+    head_norm_rotary_store_epilogue,
+    rotary_store_epilogue,
+)
 from sgl_ray.layers.triton_pdl import launch_args, pdl_enter, use_pdl
 
 MAX_ROWS = 1  # from 2 rows on cuBLAS was faster on an H200 (8B shapes), and from 4 by far
@@ -96,11 +101,12 @@ def _input(
 def _gemv_kernel(
     X, W, Bias, Y, R, NormW, ROut, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_rom, eps,
     Cos, Sin, Loc, KCache, VCache, stride_ct, stride_cache, num_heads, num_kv_heads,
-    Res, stride_res, SqOut, SqIn, num_parts,
+    Res, stride_res, SqOut, SqIn, num_parts, QNorm, KNorm, Counters, head_eps,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, LANE_ACC: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROTARY_STORE: tl.constexpr, HALF: tl.constexpr,
-    ADD_RESIDUAL: tl.constexpr, SCALE_BY_SQ: tl.constexpr, SQ_BLOCK: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr, SCALE_BY_SQ: tl.constexpr, SQ_BLOCK: tl.constexpr, HEAD_NORM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if ROTARY_STORE:
@@ -186,6 +192,11 @@ def _gemv_kernel(
         tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], h, mask=out_mask)
         hf = h.to(tl.float32)
         tl.store(SqOut + offs_m * tl.num_programs(0) + pid, tl.sum(hf * hf, axis=1), mask=mask_m)
+    elif ROTARY_STORE and HEAD_NORM:
+        head_norm_rotary_store_epilogue(
+            Y, y, Cos, Sin, Loc, KCache, VCache, QNorm, KNorm, Counters, head_eps, offs_m, mask_m, head, i0,
+            stride_ym, stride_ct, stride_cache, num_heads, num_kv_heads, M_PAD, PAIRS, HALF, BLOCK_D,
+        )  # fmt: skip
     elif ROTARY_STORE:
         rotary_store_epilogue(
             Y, y, Cos, Sin, Loc, KCache, VCache, offs_m, mask_m, head, i0, stride_ym, stride_ct, stride_cache,
@@ -251,6 +262,7 @@ def _launch(
     r = residual if residual is not None else x
     ro = r_out if r_out is not None else x
     rs = rotary or RotaryStore(x, x, x, x, x, 0, 0)
+    head_norm = rs.q_norm is not None
     grid = triton.cdiv(n, config.block_n)
     sq_out = torch.empty((m, grid), dtype=torch.float32, device=x.device) if add_to is not None else None
     sq_in = sumsq if sumsq is not None else x
@@ -260,12 +272,14 @@ def _launch(
         ro, m, n, k, x.stride(0), weight.stride(0), out.stride(0), r.stride(0), ro.stride(0), eps,
         rs.cos, rs.sin, rs.loc, rs.k_cache, rs.v_cache, rs.cos.stride(0), rs.k_cache.stride(0), rs.num_heads,
         rs.num_kv_heads, add_to if add_to is not None else x, (add_to if add_to is not None else x).stride(0),
-        sq_out if sq_out is not None else x, sq_in, num_parts,
+        sq_out if sq_out is not None else x, sq_in, num_parts, rs.q_norm if head_norm else x,
+        rs.k_norm if head_norm else x, rs.counters if head_norm else x, rs.norm_eps,
         M_PAD=triton.next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
         EVEN_K=k % block_k == 0, LANE_ACC=config.lane_acc, USE_PDL=pdl, PREFETCH_K=prefetch_k,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, ROTARY_STORE=rotary is not None, HALF=half,
         ADD_RESIDUAL=add_to is not None, SCALE_BY_SQ=sumsq is not None,
-        SQ_BLOCK=min(1024, triton.next_power_of_2(num_parts)),
+        SQ_BLOCK=min(1024, triton.next_power_of_2(num_parts)), HEAD_NORM=head_norm,
+        BLOCK_D=triton.next_power_of_2(half),
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_args(pdl),
     )  # fmt: skip
     return out, (r_out if add_to is None else sq_out)
@@ -335,6 +349,11 @@ def qkv_rotary_store_gemv(
         or rotary.v_cache.stride() != rotary.k_cache.stride()
     ):
         raise ValueError("the KV cache needs [slots, KVH, D] rows of unit stride")
+    if rotary.q_norm is not None:
+        qk_heads = rotary.num_heads + rotary.num_kv_heads
+        c = rotary.counters
+        if rotary.k_norm is None or c is None or c.dtype != torch.int32 or c.numel() < qk_heads:
+            raise ValueError(f"per-head q/k norms need both weights and {qk_heads} int32 zero counters")
     sumsq, eps = norm if norm is not None else (None, 0.0)
     return _launch(x, weight, bias, x.shape[1], config, pdl, eps=eps, rotary=rotary, sumsq=sumsq)[0]
 

@@ -24,6 +24,12 @@ class RotaryStore(NamedTuple):
     v_cache: torch.Tensor
     num_heads: int
     num_kv_heads: int
+    # Per-head RMSNorm of q and k before the rotation (Qwen3): the norms' [D] weights, their eps, and int32 zeros,
+    # one per q and k head, that the GEMV's programs count on (left zero again; see head_norm_rotary_store_epilogue)
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    norm_eps: float = 1e-6
+    counters: torch.Tensor | None = None
 
 
 class NormOfInput(NamedTuple):
@@ -31,6 +37,16 @@ class NormOfInput(NamedTuple):
 
     sumsq: torch.Tensor  # [M, parts], fp32: sums of h^2 over parts of each row (from residual_gemv)
     eps: float
+
+
+@triton.jit
+def rstd_of_parts(sq_row, num_parts, width, eps, SQ_BLOCK: tl.constexpr):
+    """``1 / sqrt(mean(h^2) + eps)`` of a row whose sums of squares by parts are at ``sq_row`` [num_parts]."""
+    offs = tl.arange(0, SQ_BLOCK)
+    sq = tl.zeros([SQ_BLOCK], dtype=tl.float32)
+    for p0 in range(0, num_parts, SQ_BLOCK):
+        sq += tl.load(sq_row + p0 + offs, mask=p0 + offs < num_parts, other=0.0)
+    return 1.0 / tl.sqrt(tl.sum(sq, axis=0) / width + eps)
 
 
 @triton.jit
@@ -42,6 +58,63 @@ def rope_rotate(x1, x2, c, s):
     o1 = ((x1f * c).to(dt).to(tl.float32) + (-x2f * s).to(dt).to(tl.float32)).to(dt)
     o2 = ((x2f * c).to(dt).to(tl.float32) + (x1f * s).to(dt).to(tl.float32)).to(dt)
     return o1, o2
+
+
+@triton.jit
+def head_rmsnorm(x1, x2, w_row, offs, eps, HALF: tl.constexpr):
+    """RMSNorm of each head (row) of ``[x1 | x2]`` with the weight at ``w_row`` [2 * HALF], rounded like
+    ``RMSNorm``: normalized in fp32, cast to the activation dtype, then times the weight in that dtype."""
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(a * a, 1) + tl.sum(b * b, 1)) / (2 * HALF) + eps)[:, None]
+    w1 = tl.load(w_row + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
+    w2 = tl.load(w_row + HALF + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
+    n1 = (w1 * (a * rstd).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+    n2 = (w2 * (b * rstd).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+    return n1, n2
+
+
+@triton.jit
+def head_norm_rotary_store_epilogue(
+    Y, y, Cos, Sin, Loc, KCache, VCache, QNorm, KNorm, Counters, norm_eps, offs_m, mask_m, head, i0, stride_ym,
+    stride_ct, stride_cache, num_heads, num_kv_heads, M_PAD: tl.constexpr, PAIRS: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """:func:`rotary_store_epilogue` with a per-head RMSNorm of q and k first, which needs the whole head: each
+    program stores its outputs of a q or k head as they are, then counts itself done on the head's counter; the
+    last of the head's programs reads the head back (from L2), norms, rotates and stores it (k into the cache
+    too) and zeroes the counter for the next launch. The same bits as the GEMV then ``triton_ops.rotary_store``
+    with norms. v heads take the plain epilogue."""
+    if head >= num_heads + num_kv_heads:
+        rotary_store_epilogue(
+            Y, y, Cos, Sin, Loc, KCache, VCache, offs_m, mask_m, head, i0, stride_ym, stride_ct, stride_cache,
+            num_heads, num_kv_heads, M_PAD, PAIRS, HALF,
+        )  # fmt: skip
+    else:
+        x1, x2 = tl.split(tl.reshape(y.to(Y.dtype.element_ty), [M_PAD, PAIRS, 2]))
+        offs_i = i0 + tl.arange(0, PAIRS)
+        row = Y + (offs_m * stride_ym)[:, None] + head * (2 * HALF)
+        tl.store(row + offs_i[None, :], x1, mask=mask_m[:, None])
+        tl.store(row + HALF + offs_i[None, :], x2, mask=mask_m[:, None])
+        tl.debug_barrier()  # every thread's stores before the release below
+        done = tl.atomic_add(Counters + head, 1, sem="acq_rel")
+        if done == HALF // PAIRS - 1:  # the head's last program: the whole head is in Y
+            tl.store(Counters + head, 0)
+            offs = tl.arange(0, BLOCK_D)
+            mask = mask_m[:, None] & (offs < HALF)[None, :]
+            a = tl.load(row + offs[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+            b = tl.load(row + HALF + offs[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+            is_q = head < num_heads
+            n1, n2 = head_rmsnorm(a, b, QNorm if is_q else KNorm, offs, norm_eps, HALF)
+            c = tl.load(Cos + (offs_m * stride_ct)[:, None] + offs[None, :], mask=mask, other=0.0)
+            s = tl.load(Sin + (offs_m * stride_ct)[:, None] + offs[None, :], mask=mask, other=0.0)
+            o1, o2 = rope_rotate(n1, n2, c.to(tl.float32), s.to(tl.float32))
+            tl.store(row + offs[None, :], o1, mask=mask)
+            tl.store(row + HALF + offs[None, :], o2, mask=mask)
+            if not is_q:
+                rows = (tl.load(Loc + offs_m, mask=mask_m, other=0).to(tl.int64) * stride_cache)[:, None]
+                c_ptrs = KCache + rows + (head - num_heads) * (2 * HALF) + offs[None, :]
+                tl.store(c_ptrs, o1, mask=mask)
+                tl.store(c_ptrs + HALF, o2, mask=mask)
 
 
 @triton.jit

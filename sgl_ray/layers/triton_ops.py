@@ -27,7 +27,7 @@ from sgl_ray.layers.triton_gemv import (
     silu_mul_gemv,
 )
 from sgl_ray.layers.triton_gemv import supports as gemv_supports
-from sgl_ray.layers.triton_gemv_epilogues import rope_rotate
+from sgl_ray.layers.triton_gemv_epilogues import head_rmsnorm, rope_rotate
 from sgl_ray.layers.triton_pdl import launch_args, pdl_enter, use_pdl
 
 __all__ = [
@@ -159,19 +159,6 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 @triton.jit
-def _head_rmsnorm(x1, x2, w_row, offs, eps, HALF: tl.constexpr):
-    """RMSNorm of each head (row) of ``[x1 | x2]`` with the weight at ``w_row`` [2 * HALF], rounded like
-    ``RMSNorm``: normalized in fp32, cast to the activation dtype, then times the weight in that dtype."""
-    a, b = x1.to(tl.float32), x2.to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(a * a, 1) + tl.sum(b * b, 1)) / (2 * HALF) + eps)[:, None]
-    w1 = tl.load(w_row + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
-    w2 = tl.load(w_row + HALF + offs, mask=offs < HALF, other=0.0)[None, :].to(tl.float32)
-    n1 = (w1 * (a * rstd).to(x1.dtype).to(tl.float32)).to(x1.dtype)
-    n2 = (w2 * (b * rstd).to(x1.dtype).to(tl.float32)).to(x1.dtype)
-    return n1, n2
-
-
-@triton.jit
 def _rotary_store_kernel(
     QKV, Cos, Sin, QOut, KOut, KCache, VCache, Loc, QNorm, KNorm, eps,
     stride_qkv, stride_ct, stride_qo, stride_ko, stride_cache,
@@ -192,8 +179,8 @@ def _rotary_store_kernel(
     x1 = tl.load(x_row, mask=in_mask, other=0.0)
     x2 = tl.load(x_row + HALF, mask=in_mask, other=0.0)
     if NORM:  # per-head q/k RMSNorm (Qwen3) before the rotation; a program's heads are all q, or k, or v ...
-        qn1, qn2 = _head_rmsnorm(x1, x2, QNorm, offs, eps, HALF)
-        kn1, kn2 = _head_rmsnorm(x1, x2, KNorm, offs, eps, HALF)
+        qn1, qn2 = head_rmsnorm(x1, x2, QNorm, offs, eps, HALF)
+        kn1, kn2 = head_rmsnorm(x1, x2, KNorm, offs, eps, HALF)
         r1 = tl.where(is_q[:, None], qn1, tl.where(is_k[:, None], kn1, x1))  # ... or a mix at the edges
         r2 = tl.where(is_q[:, None], qn2, tl.where(is_k[:, None], kn2, x2))
         o1, o2 = _rotate_halves(r1, r2, Cos + t * stride_ct, Sin + t * stride_ct, offs, HALF)

@@ -112,11 +112,13 @@ def test_rotary_store_matches_rotary_and_index_copy(dtype, heads, kv_heads, head
 
 
 def check_qkv_rotary_store_gemv(
-    device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, pdl: bool | None = None
-) -> None:
+    device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, pdl: bool | None = None,
+    norms: bool = False,
+) -> None:  # fmt: skip
     """The QKV GEMV with rotary and the KV store as its epilogue against the GEMV then ``rotary_store``, in the
     same launch shape: the same bits, and k and v in the pool only at the step's rows (also run on the CPU by
-    Triton's interpreter: tests/unit/test_triton_interpreter.py)."""
+    Triton's interpreter: tests/unit/test_triton_interpreter.py). ``norms``: with per-head q/k RMSNorms first
+    (Qwen3), whose counters are zero again after every launch."""
     from sgl_ray.layers import triton_ops
     from sgl_ray.layers.triton_gemv import GemvConfig
 
@@ -126,15 +128,26 @@ def check_qkv_rotary_store_gemv(
     n = (heads + 2 * kv_heads) * head_dim
     w = (torch.randn(n, hidden, generator=g) / hidden**0.5).to(device, dtype)
     configs = [None, GemvConfig(4, 64, 2, 2), GemvConfig(8, 32, 4, 3, lane_acc=False, prefetch=2)]
+    extra = {}
+    if norms:
+        weights = [(1 + 0.3 * torch.randn(head_dim, generator=g)).to(device, dtype) for _ in range(2)]
+        extra = dict(q_norm=weights[0], k_norm=weights[1], eps=1e-6)
+        counters = torch.zeros(heads + kv_heads, dtype=torch.int32, device=device)
     for bias, cfg in zip([None, torch.randn(n, generator=g).to(device, dtype), None], configs, strict=True):
         x = torch.randn(1, hidden + 8, generator=g).to(device, dtype)[:, 4 : 4 + hidden]  # a strided row
         cos, sin = rope.cos_sin(torch.randint(0, 4096, (1,), generator=g).to(device), dtype)
         loc = torch.randint(1, slots, (1,), generator=g).to(device)
         caches = [torch.full((slots, kv_heads, head_dim), 7.0, dtype=dtype, device=device) for _ in range(4)]
         qkv = triton_ops.gemv(x, w, bias, config=cfg, pdl=pdl)
-        q, k = triton_ops.rotary_store(qkv, cos, sin, loc, caches[0], caches[1], heads, kv_heads)
+        q, k = triton_ops.rotary_store(qkv, cos, sin, loc, caches[0], caches[1], heads, kv_heads, **extra)
         store = triton_ops.RotaryStore(cos, sin, loc, caches[2], caches[3], heads, kv_heads)
+        if norms:
+            store = store._replace(
+                q_norm=extra["q_norm"], k_norm=extra["k_norm"], norm_eps=extra["eps"], counters=counters
+            )
         out = triton_ops.qkv_rotary_store_gemv(x, w, bias, store, config=cfg, pdl=pdl)
+        if norms:
+            assert not counters.any(), "the head counters are left zero for the next launch"
         assert out.shape == (1, n) and out.dtype == dtype
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
         assert torch.equal(out[:, :q_size], q.view(1, -1))
@@ -147,8 +160,11 @@ def check_qkv_rotary_store_gemv(
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pdl", [False, None], ids=["plain", "pdl-if-supported"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (6, 2, 64), (4, 1, 16)])
-def test_qkv_gemv_with_rotary_store_matches_the_separate_kernels(dtype, pdl, heads, kv_heads, head_dim):
-    check_qkv_rotary_store_gemv("cuda", dtype, heads, kv_heads, head_dim, pdl)
+@pytest.mark.parametrize("norms", [False, True], ids=["", "qk-norms"])
+def test_qkv_gemv_with_rotary_store_matches_the_separate_kernels(
+    dtype, pdl, heads, kv_heads, head_dim, norms
+):
+    check_qkv_rotary_store_gemv("cuda", dtype, heads, kv_heads, head_dim, pdl, norms)
 
 
 def check_norm_in_gemvs(device: str, dtype: torch.dtype, pdl: bool | None = None) -> None:

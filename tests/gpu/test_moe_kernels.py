@@ -159,6 +159,36 @@ def check_paths(device: str, dtype: torch.dtype) -> None:
         check_case(case, config)
 
 
+def check_residual_step(device: str, dtype: torch.dtype, config: LaunchConfig | None = None) -> None:
+    """``run_experts_residual`` (one row; the norm's scale ``g`` folded into ``w13``; the norm's sums of squares
+    by parts in) against the torch experts on ``g * rmsnorm(h)`` plus ``h``, and the sums of squares it writes
+    against the result's. Biases, an EP range with -1 ids, both activations."""
+    from sgl_ray.layers.moe.triton_backend import TritonMoEBackend
+    from sgl_ray.layers.triton_gemv_epilogues import NormOfInput
+
+    for seed, (act, bias, ep) in enumerate(
+        [(SILU, False, {}), (SWIGLU, True, dict(first_expert=4, num_global=12))]
+    ):
+        case = make_case(
+            device, dtype, 1, 4, 4, hidden=96, inter=48, activation=act, bias=bias, seed=seed, **ep
+        )
+        h, weights, topk, first, _ = case
+        g = torch.rand(h.shape[1], generator=torch.Generator().manual_seed(seed)).to(device) + 0.5
+        folded = weights._replace(w13=(weights.w13.float() * g).to(dtype))
+        eps = 1e-6
+        sq = h.float().pow(2)
+        parts = torch.stack([sq[:, :40].sum(1), sq[:, 40:].sum(1)], dim=1).contiguous()  # any split will do
+        backend = TritonMoEBackend(config, empty=poisoned_empty)
+        assert backend.runs_residual(h, folded, 4)
+        out, sumsq = backend.run_experts_residual(h, NormOfInput(parts, eps), folded, topk, first)
+        x = (h.float() * torch.rsqrt(sq.mean(1, keepdim=True) + eps) * g).to(dtype)
+        ref = h.float() + TorchMoEBackend().run_experts(x, weights, topk, first).float()
+        assert out.dtype == dtype and out.shape == h.shape
+        torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+        assert sumsq.dtype == torch.float32 and sumsq.shape[0] == 1
+        torch.testing.assert_close(sumsq.sum(1), out.float().pow(2).sum(1), atol=1e-3, rtol=1e-4)
+
+
 DTYPES = [torch.bfloat16, torch.float32]
 # T x k x E over the brief's grid (k <= E); activation, biases and an EP range rotate through the cases.
 GRID = [(t, k, e) for t, k, e in itertools.product([1, 3, 64, 300], [1, 2, 8], [4, 8, 64]) if k <= e]
@@ -209,6 +239,12 @@ def test_sort_pairs(
 def test_paths_subset_on_cuda() -> None:
     check_paths("cuda", torch.float32)
     check_paths("cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_residual_step(dtype: torch.dtype) -> None:
+    check_residual_step("cuda", dtype)
+    check_residual_step("cuda", dtype, small())  # the default launch shape (the table has tuned ones)
 
 
 def test_no_tokens_and_fp16() -> None:

@@ -37,8 +37,50 @@ def check_router(device: str, config: RouterConfig, tokens: int = 7) -> None:
     assert torch.equal(counts, expected), config
 
 
+def check_gate_router(device: str, config: RouterConfig, dtype: torch.dtype = torch.float32) -> None:
+    """The router's GEMV and top-k in one launch (one row), plain and with the RMSNorm before it as a scale of the
+    product (sums of squares by parts in), with a gate bias, against ``F.linear`` then ``select_experts``; its
+    counter is zero again after each launch."""
+    from sgl_ray.layers.moe.triton_router import gate_topk_router
+    from sgl_ray.layers.triton_gemv_epilogues import NormOfInput
+
+    e, hidden = config.num_experts, 200
+    g = torch.Generator().manual_seed(e + config.top_k)
+    weight = (torch.randn(e, hidden, generator=g) / hidden**0.5).to(device, dtype)
+    gate_bias = (torch.randn(e, generator=g) * 0.1).to(device, dtype) if config.softmax_after_topk else None
+    bias = (torch.randn(e, generator=g) * 0.1).to(device) if config.correction_bias else None
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    for normed in (False, True, True):
+        x = (torch.randn(1, hidden, generator=g) * 3).to(device, dtype)
+        sq = x.float().pow(2)
+        parts = torch.stack([sq[:, :72].sum(1), sq[:, 72:].sum(1)], dim=1).contiguous()
+        norm = NormOfInput(parts, 1e-6) if normed else None
+        inp = x.float() * torch.rsqrt(sq.mean(1, keepdim=True) + 1e-6) if normed else x.float()
+        logits = torch.nn.functional.linear(inp, weight.float())
+        if gate_bias is not None:
+            logits = logits + gate_bias.float()
+        want = select_experts(logits.to(dtype).float(), config, bias)
+        counts = torch.zeros(e, dtype=torch.int64, device=device)
+        got = gate_topk_router(x, weight, gate_bias, config, counter, norm, bias, counts)
+        assert int(counter.item()) == 0, "the counter is left zero for the next launch"
+        assert torch.equal(got.ids.sort(1).values, want.ids.sort(1).values), config
+        order_got, order_want = got.ids.long().argsort(1), want.ids.long().argsort(1)
+        torch.testing.assert_close(got.weights.gather(1, order_got), want.weights.gather(1, order_want))
+        expected = torch.zeros_like(counts)
+        count_experts(expected, want.ids, None)
+        assert torch.equal(counts, expected), config
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("config", CONFIGS)
 def test_fused_router_matches_torch(config):
     check_router("cuda", config, tokens=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gate_and_topk_in_one_launch(config, dtype):
+    check_gate_router("cuda", config, dtype)

@@ -1,4 +1,4 @@
-"""The fused top-k router kernel in Triton's CPU interpreter (its checks: ``tests/gpu/test_moe_router.py``)."""
+"""The fused top-k router kernels (alone, and with the router's GEMV) in Triton's CPU interpreter (its checks: ``tests/gpu/test_moe_router.py``)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 _SCRIPT = """
-from tests.gpu.test_moe_router import CONFIGS, check_router
+from tests.gpu.test_moe_router import CONFIGS, check_gate_router, check_router
 for config in CONFIGS:
     check_router("cpu", config)
+    check_gate_router("cpu", config)
 """
 
 

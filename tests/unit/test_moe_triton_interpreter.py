@@ -16,12 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 _SCRIPT = """
 import torch
-from tests.gpu.test_moe_kernels import check_paths, check_sort_pairs
+from tests.gpu.test_moe_kernels import TINY_SMALL, check_paths, check_residual_step, check_sort_pairs
 check_sort_pairs("cpu", 3, 2, 4, 0, 4, 16)
 check_sort_pairs("cpu", 300, 8, 64, 64, 256, 32)  # 38 chunks
 check_sort_pairs("cpu", 2100, 8, 4, 4, 12, 64)  # chunks of two one-hot tiles
 check_paths("cpu", torch.float32)
 check_paths("cpu", torch.float16)
+check_residual_step("cpu", torch.float32, TINY_SMALL)
+check_residual_step("cpu", torch.float16, TINY_SMALL)
 """
 
 

@@ -26,6 +26,7 @@ for shape in [(4, 2, 16), (9, 3, 64)]:
     check_rotary_store("cpu", torch.float32, *shape, norms=True)
 for shape in [(4, 1, 16), (6, 2, 64)]:
     check_qkv_rotary_store_gemv("cpu", torch.float16, *shape)
+check_qkv_rotary_store_gemv("cpu", torch.float16, 4, 1, 16, norms=True)
 check_norm_in_gemvs("cpu", torch.float16)
 rope = RotaryEmbedding(32, {"rope_theta": 10000.0}, 512)
 cos, sin = rope.cos_sin(torch.randint(0, 512, (5,)), torch.float32)

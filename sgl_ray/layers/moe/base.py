@@ -82,6 +82,19 @@ class MoEBackend(ABC):
         count_mask: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
+    def runs_residual(self, x: torch.Tensor, weights: ExpertWeights, top_k: int) -> bool:
+        """Whether :meth:`run_experts_residual` takes a batch like ``x`` (the one-row steps of a model whose
+        norm scales are folded into the projections, see ``LlamaDecoderLayer.forward_folded``)."""
+        return False
+
+    def run_experts_residual(
+        self, h: torch.Tensor, norm: object, weights: ExpertWeights, topk: TopK, first_expert: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h + experts(rmsnorm(h)), sumsq)`` with the norm's scale folded into ``w13`` and ``norm`` a
+        ``triton_gemv_epilogues.NormOfInput`` (the sums of squares of ``h`` by parts); ``sumsq`` the same of the
+        result. Only where :meth:`runs_residual`."""
+        raise NotImplementedError(f"{type(self).__name__} has no residual expert step")
+
 
 _BACKENDS: dict[str, tuple[str, str]] = {
     "torch": ("sgl_ray.layers.moe.torch_backend", "TorchMoEBackend"),

@@ -128,6 +128,8 @@ class SparseMoeBlock(nn.Module):
         self.register_buffer(
             "expert_counts", torch.zeros(config.num_experts, dtype=torch.int64), persistent=False
         )
+        # for the one-row step whose router GEMV also routes (triton_router.gate_topk_router)
+        self.register_buffer("router_counter", torch.zeros(1, dtype=torch.int32), persistent=False)
 
     def route(
         self, x: torch.Tensor, counts: torch.Tensor | None = None, count_rows: torch.Tensor | None = None
@@ -135,7 +137,11 @@ class SparseMoeBlock(nn.Module):
         """The experts of each token of ``x``; with ``counts``, the chosen experts of rows whose ``count_rows``
         entry is nonzero (every row when None) are counted too. One kernel on CUDA
         (:mod:`sgl_ray.layers.moe.triton_router`)."""
-        logits = self.gate(x)  # [T, E]
+        return self._select(self.gate(x), counts, count_rows)
+
+    def _select(
+        self, logits: torch.Tensor, counts: torch.Tensor | None, count_rows: torch.Tensor | None
+    ) -> TopK:
         config, bias = self.config.router, self.gate.e_score_correction_bias
         if logits.is_cuda and triton_router().supports(config):
             return triton_router().topk_router(logits, config, bias, counts, count_rows)
@@ -166,3 +172,54 @@ class SparseMoeBlock(nn.Module):
         """``(self(norm(hidden + residual)), hidden + residual)``: the decoder layer's second half."""
         x, residual = norm(hidden, residual)
         return self(x, batch), residual
+
+    @torch.no_grad()
+    def fold_input_norm(self, g: torch.Tensor) -> None:
+        """Fold the scale ``g`` [H] of the RMSNorm before the block into every weight that reads its output
+        (``W diag(g)``, rounded once): the router, the routed experts' gate/up and the shared experts."""
+        weights = [self.gate.weight, *self.experts.w13.data]  # one expert at a time: no full fp32 copy
+        if self.shared_experts is not None:
+            weights.append(self.shared_experts.gate_up_proj.weight)
+        if self.shared_expert_gate is not None:
+            weights.append(self.shared_expert_gate.weight)
+        g = g.float()
+        for w in weights:
+            w.data.copy_(w.data.float() * g)
+
+    def runs_folded(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
+        """Whether :meth:`forward_folded` takes a step whose rows are like ``x``: one CUDA row on one rank, no
+        shared experts, and a backend with the residual expert step."""
+        backend = batch.moe_backend
+        return (
+            x.is_cuda
+            and self.tp.world_size == 1
+            and self.shared_experts is None
+            and backend is not None
+            and backend.runs_residual(x, self.experts.weights(), self.config.router.top_k)
+            and self.gate.weight.dtype == x.dtype
+        )
+
+    def forward_folded(
+        self, h: torch.Tensor, norm: object, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on the residual stream ``h`` of a model whose norm scales are folded in
+        (:meth:`fold_input_norm`), its RMSNorm inside the router's GEMV and the experts' first GEMV (``norm``: a
+        ``triton_gemv_epilogues.NormOfInput``): returns ``(h + block(rmsnorm(h)), sumsq)`` for the next layer
+        (see ``LlamaDecoderLayer.forward_folded``). Only where :meth:`runs_folded`."""
+        from sgl_ray.layers.cuda_ops import cuda_ops
+
+        counts = self.expert_counts if self.counts_load else None
+        rows = batch.out_cache_loc  # padding rows write slot 0: not counted
+        config, gate = self.config.router, self.gate
+        if triton_router().supports(config):  # the router's GEMV and the choice in one launch
+            topk = triton_router().gate_topk_router(
+                h, gate.weight, gate.bias, config, self.router_counter, norm, gate.e_score_correction_bias,
+                counts, rows,
+            )  # fmt: skip
+        else:
+            topk = self._select(cuda_ops().normed_gemv(h, norm, gate.weight, gate.bias), counts, rows)
+        backend = batch.moe_backend
+        assert backend is not None
+        return backend.run_experts_residual(
+            h, norm, self.experts.weights(), topk, self.experts.placement.first_expert
+        )

@@ -78,6 +78,23 @@ class TritonMoEBackend(MoEBackend):
             config.atomic_combine, self._empty,
         )  # fmt: skip
 
+    def runs_residual(self, x: torch.Tensor, weights: ExpertWeights, top_k: int) -> bool:
+        return x.shape[0] == 1 and self.config_for(x, weights, top_k).small_batch
+
+    def run_experts_residual(
+        self, h: torch.Tensor, norm: object, weights: ExpertWeights, topk: TopK, first_expert: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check(h, weights, topk, None, None)
+        config = self.config_for(h, weights, topk.ids.shape[1])
+        if not config.small_batch:
+            raise ValueError(f"the residual expert step runs on the small-batch path ({h.shape[0]} rows)")
+        ids = topk.ids.to(torch.int32).contiguous()
+        route_weights = topk.weights.to(torch.float32).contiguous()
+        return small_batch_experts(
+            h, weights, route_weights, ids, first_expert, config.gemv1, config.gemv2, None, None, self._empty,
+            norm=norm, add_residual=True,
+        )  # fmt: skip
+
 
 def _check(
     x: torch.Tensor,

@@ -7,6 +7,10 @@ add the correction bias for the choice, take the best expert ``k`` times (ties t
 ``torch.topk`` on a CPU), then renormalize / softmax the ``k`` weights and scale them. Rows whose ``count_rows``
 entry is nonzero add one per chosen expert to ``counts``. Grouped top-k (DeepSeek) stays on the torch path
 (:func:`supports`).
+
+On one-row steps :func:`gate_topk_router` also computes the logits (the router's GEMV, with the RMSNorm before it
+as a scale of the product, as ``triton_gemv.normed_gemv`` does): each program writes its experts' logits and
+counts itself done on a counter; the last one routes the row, so the choice needs no launch of its own.
 """
 
 from __future__ import annotations
@@ -17,26 +21,24 @@ import triton.language as tl
 
 from sgl_ray.layers.moe.base import TopK
 from sgl_ray.layers.moe.router import RouterConfig
+from sgl_ray.layers.triton_gemv_epilogues import NormOfInput, rstd_of_parts
+from sgl_ray.layers.triton_pdl import launch_args, pdl_enter, use_pdl
 
 
 def supports(config: RouterConfig) -> bool:
     return config.num_expert_group is None and config.num_experts <= 1024
 
 
-# fmt: off
 @triton.jit
-def _topk_router(
-    Logits, Bias, Weights, Ids, Counts, CountRows,
-    num_experts, stride_l, scale,
-    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    SIGMOID: tl.constexpr, AFTER_TOPK: tl.constexpr, RENORMALIZE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, COUNT: tl.constexpr,
-):
-    # fmt: on
-    t = tl.program_id(0)
+def _route_row(
+    logits, Bias, Weights, Ids, Counts, CountRows, t, num_experts, scale, TOP_K: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SIGMOID: tl.constexpr, AFTER_TOPK: tl.constexpr,
+    RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr,
+):  # fmt: skip
+    """Token ``t``'s choice from its logits [BLOCK_E] (fp32, ``-inf`` past ``num_experts``): the module docstring's
+    steps, written to row ``t`` of ``Weights``/``Ids`` and counted."""
     offs = tl.arange(0, BLOCK_E)
     valid = offs < num_experts
-    logits = tl.load(Logits + t * stride_l + offs, mask=valid, other=float("-inf")).to(tl.float32)  # [E]
     if AFTER_TOPK:
         scores = logits
     elif SIGMOID:
@@ -72,6 +74,23 @@ def _topk_router(
             tl.atomic_add(Counts + ids, tl.full([BLOCK_K], 1, tl.int64), mask=in_k)
 
 
+@triton.jit
+def _topk_router(
+    Logits, Bias, Weights, Ids, Counts, CountRows, num_experts, stride_l, scale,
+    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SIGMOID: tl.constexpr,
+    AFTER_TOPK: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_E)
+    logits = tl.load(Logits + t * stride_l + offs, mask=offs < num_experts, other=float("-inf")).to(
+        tl.float32
+    )
+    _route_row(
+        logits, Bias, Weights, Ids, Counts, CountRows, t, num_experts, scale, TOP_K, BLOCK_E, BLOCK_K, SIGMOID,
+        AFTER_TOPK, RENORMALIZE, HAS_BIAS, COUNT,
+    )  # fmt: skip
+
+
 def topk_router(
     logits: torch.Tensor,
     config: RouterConfig,
@@ -103,4 +122,96 @@ def topk_router(
         num_warps=1 if e <= 256 else 4,
     )
     # fmt: on
+    return TopK(weights, ids)
+
+
+@triton.jit
+def _gate_topk_kernel(
+    X, W, GateBias, SqIn, num_parts, eps, hidden, stride_wn, Logits, Counter,
+    Bias, Weights, Ids, Counts, CountRows, num_experts, scale,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, EVEN_H: tl.constexpr, SCALE_BY_SQ: tl.constexpr,
+    SQ_BLOCK: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SIGMOID: tl.constexpr,
+    AFTER_TOPK: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < num_experts
+    offs_h = tl.arange(0, BLOCK_H)
+    w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
+    pdl_enter(USE_PDL)
+    acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    for h0 in range(0, hidden, BLOCK_H):
+        cols = h0 + offs_h
+        if EVEN_H:
+            w = tl.load(w_rows + cols[None, :], mask=n_ok[:, None], other=0.0)
+            x = tl.load(X + cols)
+        else:
+            w = tl.load(w_rows + cols[None, :], mask=n_ok[:, None] & (cols < hidden)[None, :], other=0.0)
+            x = tl.load(X + cols, mask=cols < hidden, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if SCALE_BY_SQ:
+        y = y * rstd_of_parts(SqIn, num_parts, hidden, eps, SQ_BLOCK)
+    if HAS_GATE_BIAS:
+        y += tl.load(GateBias + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    y = y.to(X.dtype.element_ty).to(tl.float32)  # rounded as the GEMV's output is
+    tl.store(Logits + offs_n, y, mask=n_ok)
+    tl.debug_barrier()  # every thread's stores before the release below
+    done = tl.atomic_add(Counter, 1, sem="acq_rel")
+    if done == tl.num_programs(0) - 1:  # the last program: every logit is written
+        tl.store(Counter, 0)
+        offs = tl.arange(0, BLOCK_E)
+        logits = tl.load(Logits + offs, mask=offs < num_experts, other=float("-inf"), cache_modifier=".cg")
+        _route_row(
+            logits, Bias, Weights, Ids, Counts, CountRows, 0, num_experts, scale, TOP_K, BLOCK_E, BLOCK_K,
+            SIGMOID, AFTER_TOPK, RENORMALIZE, HAS_BIAS, COUNT,
+        )  # fmt: skip
+
+
+def gate_topk_router(
+    x: torch.Tensor,  # [1, H]
+    weight: torch.Tensor,  # [E, H], the router's (with the norm's scale folded in when ``norm``)
+    gate_bias: torch.Tensor | None,
+    config: RouterConfig,
+    counter: torch.Tensor,  # int32 [1], zero (left zero)
+    norm: NormOfInput | None = None,
+    correction_bias: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+    count_rows: torch.Tensor | None = None,
+) -> TopK:
+    """:func:`topk_router` of ``x W^T + b`` (of ``rmsnorm(x)`` with ``norm``: see ``triton_gemv.normed_gemv``) in
+    one launch, for one row; the logits are rounded to ``x``'s dtype as the GEMV's output is."""
+    assert supports(config), "grouped top-k runs on the torch path"
+    e, hidden = weight.shape
+    if x.dim() != 2 or x.shape != (1, hidden) or x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(
+            f"one row of {hidden} (unit stride) for a [{e}, {hidden}] router, got {tuple(x.shape)}"
+        )
+    if counter.dtype != torch.int32 or counter.numel() < 1:
+        raise ValueError("counter must be an int32 tensor of zeros")
+    k = config.top_k
+    weights = torch.empty(1, k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(1, k, dtype=torch.int32, device=x.device)
+    logits = torch.empty(e, dtype=torch.float32, device=x.device)
+    count = counts is not None
+    if count and count_rows is None:
+        count_rows = torch.ones(1, dtype=torch.bool, device=x.device)
+    sq_in = norm.sumsq if norm is not None else x
+    num_parts = sq_in.shape[1] if norm is not None else 1
+    block_n = min(8, triton.next_power_of_2(e))
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    pdl = use_pdl(x)
+    _gate_topk_kernel[(triton.cdiv(e, block_n),)](
+        x, weight, gate_bias if gate_bias is not None else weight, sq_in, num_parts,
+        norm.eps if norm is not None else 0.0, hidden, weight.stride(0), logits, counter,
+        correction_bias if correction_bias is not None else logits, weights, ids,
+        counts if count else ids, count_rows if count else ids, e, config.routed_scaling_factor,
+        BLOCK_N=block_n, BLOCK_H=block_h, EVEN_H=hidden % block_h == 0, SCALE_BY_SQ=norm is not None,
+        SQ_BLOCK=min(1024, triton.next_power_of_2(num_parts)), HAS_GATE_BIAS=gate_bias is not None,
+        USE_PDL=pdl, TOP_K=k, BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(k),
+        SIGMOID=config.scoring == "sigmoid", AFTER_TOPK=config.softmax_after_topk,
+        RENORMALIZE=config.renormalize, HAS_BIAS=correction_bias is not None, COUNT=count,
+        num_warps=4, **launch_args(pdl),
+    )  # fmt: skip
     return TopK(weights, ids)

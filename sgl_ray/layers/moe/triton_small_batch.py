@@ -8,6 +8,11 @@ sorting launches; what bounds a decode step is reading the active experts' weigh
     gemv2, one program per (token t, BLOCK_N rows of H):  out[t, rows] = sum_j w_tj (w2[e_tj][rows] @ h[t*k+j] + b2)
            (the combine inside the program: the k pairs of a token in one loop, fp32 throughout, one store)
 
+On the one-row steps of a model whose norm scales are folded into the projections (``LlamaDecoderLayer.
+forward_folded``) the two launches also carry the norm around them: gemv1 reads the residual stream ``h`` and
+scales its products by RMSNorm's ``1 / sqrt(mean(h^2) + eps)`` from the sums of squares the previous GEMV wrote by
+parts, and gemv2 adds ``h`` to its output and writes that sum's squares by parts for the next layer's norm.
+
 Programs are numbered pair-fastest (token-fastest), so the programs of two pairs that share an expert read the
 same weight rows at about the same time and the second read is an L2 hit: DRAM sees each active expert once.
 The loops keep a [BLOCK_N, BLOCK_K] fp32 partial product per lane and reduce it once at the end. ``counts``
@@ -32,15 +37,17 @@ import triton.language as tl
 from sgl_ray.layers.moe.base import ExpertWeights
 from sgl_ray.layers.moe.triton_configs import GemvConfig
 from sgl_ray.layers.moe.triton_kernels import act_fn, activation_code
+from sgl_ray.layers.triton_gemv_epilogues import NormOfInput, rstd_of_parts
 from sgl_ray.layers.triton_pdl import launch_args, pdl_enter, use_pdl
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _gemv_gate_up_kernel(
     X, W13, B13, Hout, Ids, Counts, CountMask, num_pairs, first_expert, num_local, top_k, inter, hidden,
-    stride_xt, stride_we, stride_wn, stride_be, stride_ht, alpha, limit,
+    stride_xt, stride_we, stride_wn, stride_be, stride_ht, alpha, limit, SqIn, num_parts, eps,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_MASK: tl.constexpr, USE_PDL: tl.constexpr,
+    SCALE_BY_SQ: tl.constexpr, SQ_BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     p = pid % num_pairs
@@ -78,6 +85,10 @@ def _gemv_gate_up_kernel(
         acc_u += wu.to(tl.float32) * xv[None, :]
     gate = tl.sum(acc_g, axis=1)  # [BLOCK_N]
     up = tl.sum(acc_u, axis=1)
+    if SCALE_BY_SQ:  # RMSNorm's scale of the token's row, from the sums of squares of its parts
+        rstd = rstd_of_parts(SqIn + (p // top_k).to(tl.int64) * num_parts, num_parts, hidden, eps, SQ_BLOCK)
+        gate = gate * rstd
+        up = up * rstd
     if HAS_BIAS:
         b_row = B13 + e.to(tl.int64) * stride_be
         gate += tl.load(b_row + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -120,9 +131,9 @@ def _down_step(acc, w, Hin, pair, route, cols, local, inter, stride_ht):
 @triton.jit(do_not_specialize=["num_tokens"])
 def _gemv_down_combine_kernel(
     Hin, W2, B2, Out, Ids, RouteW, num_tokens, first_expert, num_local, hidden, inter,
-    stride_ht, stride_we, stride_wn, stride_be, stride_ot,
+    stride_ht, stride_we, stride_wn, stride_be, stride_ot, Res, stride_res, SqOut,
     TOP_K: tl.constexpr, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     t = pid % num_tokens
@@ -162,15 +173,31 @@ def _gemv_down_combine_kernel(
                 b_ptrs, mask=local[:, None] & (offs_n < hidden)[None, :], other=0.0
             )  # [PAIRS, BLOCK_N]
             y += tl.sum(b.to(tl.float32) * route[:, None], axis=0)
-    tl.store(Out + t.to(tl.int64) * stride_ot + offs_n, y.to(Out.dtype.element_ty), mask=offs_n < hidden)
+    n_ok = offs_n < hidden
+    out = y.to(Out.dtype.element_ty)
+    if (
+        ADD_RESIDUAL
+    ):  # h = residual + y, rounded as the RMSNorm kernel's add rounds it; and this part's sum of h^2
+        r = tl.load(Res + t.to(tl.int64) * stride_res + offs_n, mask=n_ok, other=0.0)
+        out = (out.to(tl.float32) + r.to(tl.float32)).to(Out.dtype.element_ty)
+        hf = tl.where(n_ok, out.to(tl.float32), 0.0)
+        tl.store(SqOut + t.to(tl.int64) * (tl.num_programs(0) // num_tokens) + nb, tl.sum(hf * hf, axis=0))
+    tl.store(Out + t.to(tl.int64) * stride_ot + offs_n, out, mask=n_ok)
 
 
 def small_batch_experts(
     x: torch.Tensor, weights: ExpertWeights, route_weights: torch.Tensor, ids: torch.Tensor,
     first_expert: int, gemv1: GemvConfig, gemv2: GemvConfig, counts: torch.Tensor | None,
-    count_mask: torch.Tensor | None, empty: Callable[..., torch.Tensor],
-) -> torch.Tensor:  # fmt: skip
-    """The whole MoE of a small batch in two launches (see the module docstring); ``out`` [T, H] in x.dtype."""
+    count_mask: torch.Tensor | None, empty: Callable[..., torch.Tensor], norm: NormOfInput | None = None,
+    add_residual: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The whole MoE of a small batch in two launches (see the module docstring); ``out`` [T, H] in x.dtype.
+
+    ``norm``: ``x`` is the residual stream ``h`` whose RMSNorm the experts take, with the norm's scale folded
+    into ``w13`` (``W diag(g)``) and ``norm.sumsq`` its sums of squares by parts: gemv1 scales its products by
+    ``1 / sqrt(mean(h^2) + eps)`` (as ``triton_gemv.normed_gemv`` does). ``add_residual``: returns
+    ``(x + out, sumsq)`` instead, ``sumsq`` [T, parts] fp32 the sums of squares of that sum by parts, for the next
+    layer's norm (as ``triton_gemv.residual_gemv`` does)."""
     w13, w2, b13, b2, act = weights
     num_local, hidden, inter = w2.shape
     tokens, top_k = ids.shape
@@ -178,21 +205,33 @@ def small_batch_experts(
     pdl = use_pdl(x)
     h = empty((num_pairs, inter), dtype=x.dtype, device=x.device)
     block_k1 = min(gemv1.block_k, triton.next_power_of_2(hidden))
+    sq_in = norm.sumsq if norm is not None else x
+    if norm is not None and (sq_in.dim() != 2 or sq_in.shape[0] != tokens or not sq_in.is_contiguous()):
+        raise ValueError(
+            f"norm.sumsq must be a contiguous [{tokens}, parts] tensor, got {tuple(sq_in.shape)}"
+        )
+    num_parts = sq_in.shape[1] if norm is not None else 1
     _gemv_gate_up_kernel[(triton.cdiv(inter, gemv1.block_n) * num_pairs,)](
         x, w13, b13 if b13 is not None else w13, h, ids, counts if counts is not None else ids,
         count_mask if count_mask is not None else ids, num_pairs, first_expert, num_local, top_k, inter, hidden,
         x.stride(0), w13.stride(0), w13.stride(1), b13.stride(0) if b13 is not None else 0, h.stride(0),
-        act.alpha, act.limit, BLOCK_N=gemv1.block_n, BLOCK_K=block_k1, EVEN_K=hidden % block_k1 == 0,
+        act.alpha, act.limit, sq_in, num_parts, norm.eps if norm is not None else 0.0,
+        BLOCK_N=gemv1.block_n, BLOCK_K=block_k1, EVEN_K=hidden % block_k1 == 0,
         HAS_BIAS=b13 is not None, ACT=activation_code(act), HAS_COUNTS=counts is not None,
-        HAS_MASK=count_mask is not None, USE_PDL=pdl, num_warps=gemv1.num_warps, num_stages=gemv1.num_stages,
-        **launch_args(pdl),
+        HAS_MASK=count_mask is not None, USE_PDL=pdl, SCALE_BY_SQ=norm is not None,
+        SQ_BLOCK=min(1024, triton.next_power_of_2(num_parts)), num_warps=gemv1.num_warps,
+        num_stages=gemv1.num_stages, **launch_args(pdl),
     )  # fmt: skip
     out = empty((tokens, hidden), dtype=x.dtype, device=x.device)
+    row_blocks = triton.cdiv(hidden, gemv2.block_n)
+    sq_out = empty((tokens, row_blocks), dtype=torch.float32, device=x.device) if add_residual else None
     block_k2 = min(gemv2.block_k, triton.next_power_of_2(inter))
-    _gemv_down_combine_kernel[(triton.cdiv(hidden, gemv2.block_n) * tokens,)](
+    _gemv_down_combine_kernel[(row_blocks * tokens,)](
         h, w2, b2 if b2 is not None else w2, out, ids, route_weights, tokens, first_expert, num_local, hidden,
         inter, h.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0, out.stride(0),
-        TOP_K=top_k, PAIRS=min(gemv2.pairs, triton.next_power_of_2(top_k)), BLOCK_N=gemv2.block_n, BLOCK_K=block_k2, HAS_BIAS=b2 is not None, USE_PDL=pdl, num_warps=gemv2.num_warps, num_stages=gemv2.num_stages,
-        **launch_args(pdl),
+        x, x.stride(0), sq_out if sq_out is not None else out,
+        TOP_K=top_k, PAIRS=min(gemv2.pairs, triton.next_power_of_2(top_k)), BLOCK_N=gemv2.block_n,
+        BLOCK_K=block_k2, HAS_BIAS=b2 is not None, USE_PDL=pdl, ADD_RESIDUAL=add_residual,
+        num_warps=gemv2.num_warps, num_stages=gemv2.num_stages, **launch_args(pdl),
     )  # fmt: skip
-    return out
+    return (out, sq_out) if add_residual else out
