@@ -13,8 +13,12 @@ from sgl_ray.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
-# Model files that honour their configs' sliding windows (per layer, ``layer_types``).
-SLIDING_WINDOW_ARCHITECTURES = frozenset({"GptOssForCausalLM"})
+# Model files that honour their configs' sliding windows: on the layers ``layer_types`` marks
+# "sliding_attention" (GPT-OSS; Qwen2/3's from ``use_sliding_window`` and ``max_window_layers``), else on every
+# layer (Mistral, Phi-3).
+SLIDING_WINDOW_ARCHITECTURES = frozenset(
+    {"GptOssForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"}
+)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -117,7 +121,24 @@ class ModelConfig:
         if "rope_theta" not in out:
             out["rope_theta"] = getattr(self.hf_config, "rope_theta", 10000.0)
         out["rope_type"] = out.get("rope_type") or out.get("type") or "default"
+        if out["rope_type"] == "longrope":  # Phi-3 keeps the original context outside the rope parameters
+            hf = self.hf_config
+            for key in ("original_max_position_embeddings", "max_position_embeddings"):
+                out.setdefault(key, getattr(hf, key, None))
         return out
+
+    @cached_property
+    def rotary_dim(self) -> int:
+        """The leading dimensions of each head that rotary rotates (``partial_rotary_factor`` of the head)."""
+        factor = self.rope_parameters.get("partial_rotary_factor")
+        if factor is None:
+            factor = getattr(self.hf_config, "partial_rotary_factor", None) or 1.0
+        return int(self.head_dim * float(factor))
+
+    @cached_property
+    def embedding_multiplier(self) -> float:
+        """Scale of the token embeddings before the first layer (Granite's ``embedding_multiplier``)."""
+        return float(getattr(self.hf_config, "embedding_multiplier", None) or 1.0)
 
     @cached_property
     def context_length(self) -> int:
@@ -136,12 +157,15 @@ class ModelConfig:
 
     def sliding_window_of(self, layer: int) -> int | None:
         """The attention window of decoder layer ``layer`` (keys within the last ``W`` positions), or None for
-        full attention — for the architectures in :data:`SLIDING_WINDOW_ARCHITECTURES`, whose configs list
-        ``layer_types``; every other model attends fully (and :attr:`context_length` is capped instead)."""
+        full attention — for the architectures in :data:`SLIDING_WINDOW_ARCHITECTURES`: the layers their
+        ``layer_types`` mark sliding, or every layer where the config has no ``layer_types`` (Mistral, Phi-3);
+        every other model attends fully (and :attr:`context_length` is capped instead)."""
         if self.architecture not in SLIDING_WINDOW_ARCHITECTURES:
             return None
         types = getattr(self.hf_config, "layer_types", None)
         window = getattr(self.hf_config, "sliding_window", None)
+        if not getattr(self.hf_config, "use_sliding_window", True):  # Qwen2/3 configs may disable theirs
+            return None
         if not window or (types is not None and types[layer] != "sliding_attention"):
             return None
         return int(window)

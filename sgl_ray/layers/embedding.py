@@ -16,9 +16,13 @@ from sgl_ray.layers.linear import linear
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int, tp: Communicator | None = None) -> None:
+    def __init__(
+        self, vocab_size: int, hidden_size: int, tp: Communicator | None = None, multiplier: float = 1.0
+    ) -> None:
+        """``multiplier``: a scale of the looked-up rows (Granite's ``embedding_multiplier``)."""
         super().__init__()
         self.tp = tp or SingleProcessCommunicator()
+        self.multiplier = multiplier
         self.vocab_size = vocab_size
         self.shard_size = -(-vocab_size // self.tp.world_size)
         self.vocab_start = self.tp.rank * self.shard_size
@@ -33,12 +37,14 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
         if self.tp.world_size == 1:
-            return F.embedding(input_ids, self.weight)
-        local = input_ids - self.vocab_start
-        outside = (local < 0) | (local >= self.shard_size)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
-        out.masked_fill_(outside.unsqueeze(-1), 0.0)
-        return self.tp.all_reduce(out)
+            out = F.embedding(input_ids, self.weight)
+        else:
+            local = input_ids - self.vocab_start
+            outside = (local < 0) | (local >= self.shard_size)
+            out = F.embedding(local.masked_fill(outside, 0), self.weight)
+            out.masked_fill_(outside.unsqueeze(-1), 0.0)
+            out = self.tp.all_reduce(out)
+        return out if self.multiplier == 1.0 else out * self.multiplier
 
 
 class ParallelLMHead(VocabParallelEmbedding):

@@ -62,6 +62,25 @@ class LlamaMLP(nn.Module):
         gate_up, residual = norm_linear(norm, self.gate_up_proj, hidden, residual)
         return self.down(gate_up), residual
 
+    @torch.no_grad()
+    def fold_input_norm(self, g: torch.Tensor) -> None:
+        """Fold the scale ``g`` of the norm before the MLP into ``gate_up_proj`` (``W diag(g)``, rounded once)."""
+        g = g.float()
+        for rows in self.gate_up_proj.weight.data.split(4096):  # an fp32 copy of a few rows at a time
+            rows.copy_(rows.float() * g)
+
+    def runs_folded(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
+        return one_row_gemvs(x, self.gate_up_proj, self.down_proj)
+
+    def forward_folded(
+        self, h: torch.Tensor, norm: object, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h + mlp(rmsnorm(h)), sumsq)`` on one CUDA row, the norm (``NormOfInput``) inside the gate/up GEMV
+        and the residual add with the next norm's sums of squares in the down GEMV."""
+        ops = cuda_ops()
+        gate_up = ops.normed_gemv(h, norm, self.gate_up_proj.weight)
+        return ops.residual_gemv(gate_up, self.down_proj.weight, h, silu_mul=True)
+
 
 MlpFactory = Callable[[int], nn.Module]  # global layer index -> that layer's MLP (dense or MoE)
 
@@ -78,6 +97,8 @@ class LlamaDecoderLayer(nn.Module):
     ) -> None:
         """``mlp``: anything with ``forward_normed`` (default: the dense :class:`LlamaMLP`)."""
         super().__init__()
+        if not flags.llama_layer:
+            raise ValueError("post-norms or residual multipliers need decoder_variants.VariantDecoderLayer")
         self.self_attn = LlamaAttention(config, layer_id, flags, tp, global_layer_id)
         self.mlp = mlp if mlp is not None else LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -101,33 +122,41 @@ class LlamaDecoderLayer(nn.Module):
 
     def runs_folded(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
         """Whether :meth:`forward_folded` takes a step whose rows are like ``x`` (one CUDA row, plain layers)."""
-        attn, mlp = self.self_attn, self.mlp
-        return (
-            isinstance(mlp, LlamaMLP)
-            and attn.fuses_rotary_store(x, batch)
-            and one_row_gemvs(x, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        attn = self.self_attn
+        qkv_ok = attn.fuses_rotary_store(x, batch) or (
+            attn.folds_input_norm and batch.kv_pool.dtype == x.dtype and one_row_gemvs(x, attn.qkv_proj)
         )
+        return qkv_ok and one_row_gemvs(x, attn.o_proj) and self.mlp.runs_folded(x, batch)
 
     def forward_folded(
         self, cos_sin: CosSin, h: torch.Tensor, sumsq: torch.Tensor | None, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer on one row of a model whose norm scales are folded into the projections after them
         (:meth:`LlamaForCausalLM.fold_norm_weights`), with no kernel for its norms: ``h`` is the residual
-        stream (the previous layer's down projection added it) and ``sumsq`` the sums of its squares by parts
-        (``None`` on the first layer, whose norm runs as a kernel). Returns the same for the next layer."""
+        stream (the previous layer's last projection added it) and ``sumsq`` the sums of its squares by parts
+        (``None`` on the first layer, whose norm runs as a kernel). Returns the same for the next layer. The MLP
+        (dense, or an MoE block) runs its half itself (``forward_folded``)."""
         ops = cuda_ops()
-        attn, mlp = self.self_attn, self.mlp
+        attn = self.self_attn
         qkv_p, o_p = attn.qkv_proj, attn.o_proj
-        store = attn.store_args(cos_sin, batch)
         if sumsq is None:
             x, norm = self.input_layernorm(h), None
         else:
             x, norm = h, ops.NormOfInput(sumsq, self.input_layernorm.eps)
-        qkv = ops.qkv_rotary_store_gemv(x, qkv_p.weight, qkv_p.bias, store, norm=norm)
-        h, sumsq = ops.residual_gemv(attn.attend_stored(qkv, batch), o_p.weight, h, o_p.bias)
-        norm = ops.NormOfInput(sumsq, self.post_attention_layernorm.eps)
-        gate_up = ops.normed_gemv(h, norm, mlp.gate_up_proj.weight)
-        return ops.residual_gemv(gate_up, mlp.down_proj.weight, h, silu_mul=True)
+        if attn.fuses_rotary_store(x, batch):  # rotary and the KV store in the QKV GEMV's epilogue
+            store = attn.store_args(cos_sin, batch)
+            out = attn.attend_stored(
+                ops.qkv_rotary_store_gemv(x, qkv_p.weight, qkv_p.bias, store, norm=norm), batch
+            )
+        else:  # per-head q/k norms first: rotary and the store in a kernel of their own
+            qkv = (
+                ops.gemv(x, qkv_p.weight, qkv_p.bias)
+                if norm is None
+                else ops.normed_gemv(x, norm, qkv_p.weight, qkv_p.bias)
+            )
+            out = attn.rotate_store_attend(cos_sin, qkv, batch)
+        h, sumsq = ops.residual_gemv(out, o_p.weight, h, o_p.bias)
+        return self.mlp.forward_folded(h, ops.NormOfInput(sumsq, self.post_attention_layernorm.eps), batch)
 
 
 class MissingLayer(nn.Module):
@@ -138,20 +167,32 @@ class LlamaModel(nn.Module):
     """The decoder stack of one pipeline stage: embedding on the first stage, final norm on the last."""
 
     def __init__(
-        self, config: ModelConfig, flags: DecoderFlags, shard: ShardContext, make_mlp: MlpFactory
+        self,
+        config: ModelConfig,
+        flags: DecoderFlags,
+        shard: ShardContext,
+        make_mlp: MlpFactory,
+        layer_cls: type[nn.Module] = LlamaDecoderLayer,
     ) -> None:
+        """``layer_cls``: the decoder layer (:class:`LlamaDecoderLayer`'s constructor and forward)."""
         super().__init__()
         tp = shard.tp
         self.start, self.end = shard.layer_range(config.num_layers)
         self.embed_tokens = (
-            VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+            VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp, config.embedding_multiplier)
             if shard.is_first_stage
             else None
         )
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_parameters, config.context_length)
+        self.rotary = RotaryEmbedding(
+            config.head_dim,
+            config.rope_parameters,
+            config.context_length,
+            config.rotary_dim,
+            flags.rotary_interleaved,
+        )
         # A layer's KV lives at index (layer - start) of this stage's pool.
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i - self.start, flags, tp, make_mlp(i), i)
+            layer_cls(config, i - self.start, flags, tp, make_mlp(i), i)
             if self.start <= i < self.end
             else MissingLayer()
             for i in range(config.num_layers)
@@ -169,9 +210,9 @@ class LlamaModel(nn.Module):
             hidden, residual = self.embed_tokens(batch.input_ids), None
         else:
             hidden, residual = intermediate
-        cos_sin = self.rotary.cos_sin(batch.positions, hidden.dtype)
+        cos_sin = self.rotary.cos_sin_for(batch, hidden.dtype)
         layers = self.layers[self.start : self.end]
-        if self.norms_folded and fused_linear.FOLD_NORMS and layers[0].runs_folded(hidden, batch):
+        if self.norms_folded and fused_linear.FOLD_NORMS and self._runs_folded(layers, hidden, batch):
             assert intermediate is None and self.norm is not None, "folded norms need a single stage"
             h, sumsq = hidden, None
             for layer in layers:
@@ -184,6 +225,13 @@ class LlamaModel(nn.Module):
             return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    @staticmethod
+    def _runs_folded(layers: Iterable[LlamaDecoderLayer], x: torch.Tensor, batch: ForwardBatch) -> bool:
+        """Whether every layer takes its folded step: checked on one layer of each kind of MLP (dense, MoE),
+        whose shapes the model's layers share."""
+        one_of_each = {type(layer.mlp): layer for layer in layers}
+        return all(layer.runs_folded(x, batch) for layer in one_of_each.values())
 
 
 class LlamaForCausalLM(nn.Module):
@@ -202,6 +250,7 @@ class LlamaForCausalLM(nn.Module):
     )
     # name -> (parameter, shard_id) tried before stacked_params (MoE families route their experts through it)
     weight_remap: Callable[[str], tuple[str, object] | None] | None = None
+    decoder_layer: type[nn.Module] = LlamaDecoderLayer  # see models.decoder_variants
 
     def __init__(
         self, config: ModelConfig, shard: ShardContext | None = None, flags: DecoderFlags | None = None
@@ -210,7 +259,8 @@ class LlamaForCausalLM(nn.Module):
         shard = shard or ShardContext()
         self.config = config
         self.shard = shard
-        self.model = LlamaModel(config, flags or DecoderFlags.for_llama(config), shard, self.make_mlp)
+        flags = flags or DecoderFlags.for_llama(config)
+        self.model = LlamaModel(config, flags, shard, self.make_mlp, self.decoder_layer)
         self.lm_head = None
         if shard.is_last_stage:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, shard.tp)
@@ -242,17 +292,17 @@ class LlamaForCausalLM(nn.Module):
         keeps its scale. Only for a single unsharded stage without LoRA (``fused_linear.fold_norms_if_supported``)."""
         model = self.model
         layers = model.layers[model.start : model.end]
-        if any(not layer.self_attn.plain or not isinstance(layer.mlp, LlamaMLP) for layer in layers):
-            return  # q/k norms (Qwen3), clipping, MoE: the folded layer step does not take them, nothing to gain
+        if any(
+            not layer.self_attn.folds_input_norm or not hasattr(layer.mlp, "fold_input_norm")
+            for layer in layers
+        ):
+            return  # clipping, whole-projection q/k norms (OLMoE): the folded layer step does not take them
         for layer in layers:
-            pairs = (
-                (layer.input_layernorm, layer.self_attn.qkv_proj),
-                (layer.post_attention_layernorm, layer.mlp.gate_up_proj),
-            )
-            for norm, proj in pairs:
-                g = norm.weight.float()
-                for rows in proj.weight.data.split(4096):  # an fp32 copy of a few rows at a time
-                    rows.copy_(rows.float() * g)
+            qkv_rows, g = layer.self_attn.qkv_proj.weight.data, layer.input_layernorm.weight.float()
+            for rows in qkv_rows.split(4096):  # an fp32 copy of a few rows at a time
+                rows.copy_(rows.float() * g)
+            layer.mlp.fold_input_norm(layer.post_attention_layernorm.weight)
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight.fill_(1.0)
         model.norms_folded = True
 

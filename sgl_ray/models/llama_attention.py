@@ -30,6 +30,18 @@ class DecoderFlags:
     qk_norm: Literal["none", "head", "full"] = "none"  # RMSNorm of q and k per head (Qwen3) or whole (OLMoE)
     clip_qkv: float | None = None  # clamp q, k, v to [-c, c] after the projection (OLMoE)
     sinks: bool = False  # a learned attention-sink logit per head (GPT-OSS)
+    attn_scale: float | None = None  # softmax scale; None: head_dim ** -0.5 (Granite: attention_multiplier)
+    rotary_interleaved: bool = False  # rotary on pairs (2i, 2i + 1) instead of halves (GLM)
+    # The layer's shape beyond Llama's (models.decoder_variants.VariantDecoderLayer): where its RMSNorms sit —
+    # before each block (Llama), after it on the block's output (OLMo 2) or both (GLM-4) — and a scale of the
+    # blocks' outputs before the residual add (Granite).
+    norms: Literal["pre", "post", "sandwich"] = "pre"
+    residual_multiplier: float = 1.0
+
+    @property
+    def llama_layer(self) -> bool:
+        """Whether ``LlamaDecoderLayer`` (and its fused CUDA paths) implements the layer."""
+        return self.norms == "pre" and self.residual_multiplier == 1.0
 
     @classmethod
     def for_llama(cls, config: ModelConfig) -> DecoderFlags:
@@ -58,6 +70,9 @@ class LlamaAttention(nn.Module):
         self.tp = tp
         self.qk_norm = flags.qk_norm
         self.clip_qkv = flags.clip_qkv
+        self.rotary_interleaved = flags.rotary_interleaved
+        # The fused CUDA rotary kernels rotate whole heads by halves (NeoX).
+        self.neox_rotary = config.rotary_dim == config.head_dim and not flags.rotary_interleaved
         q_width, k_width = config.head_dim, config.head_dim
         if (
             flags.qk_norm == "full"
@@ -66,11 +81,15 @@ class LlamaAttention(nn.Module):
         has_norm = flags.qk_norm != "none"
         self.q_norm = RMSNorm(q_width, config.rms_norm_eps) if has_norm else None
         self.k_norm = RMSNorm(k_width, config.rms_norm_eps) if has_norm else None
+        # one per q and k head of this rank, for the QKV GEMV that norms them itself (triton_gemv_epilogues)
+        heads = self.qkv_proj.num_heads + self.qkv_proj.num_kv_heads
+        counters = torch.zeros(heads, dtype=torch.int32) if flags.qk_norm == "head" else None
+        self.register_buffer("head_counters", counters, persistent=False)
         qkv = self.qkv_proj
         self.attn = RadixAttention(
             qkv.num_heads,
             qkv.head_dim,
-            config.head_dim**-0.5,
+            config.head_dim**-0.5 if flags.attn_scale is None else flags.attn_scale,
             qkv.num_kv_heads,
             layer_id,
             sliding_window=config.sliding_window_of(global_layer_id),
@@ -80,19 +99,38 @@ class LlamaAttention(nn.Module):
 
     @property
     def plain(self) -> bool:
-        """No op between the QKV projection and rotary (no q/k norm, no clipping): the fused paths apply."""
-        return self.q_norm is None and self.clip_qkv is None
+        """No op between the QKV projection and rotary (no q/k norm, no clipping) and a NeoX rotary of whole
+        heads: the fused paths apply."""
+        return self.q_norm is None and self.clip_qkv is None and self.neox_rotary
+
+    @property
+    def folds_input_norm(self) -> bool:
+        """Whether a one-row step can take the norm before this block inside the QKV GEMV (folded norms, see
+        ``LlamaDecoderLayer.forward_folded``): plain, or per-head q/k norms without clipping (Qwen3)."""
+        return self.plain or (self.qk_norm == "head" and self.clip_qkv is None and self.neox_rotary)
 
     def fuses_rotary_store(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
         """Whether the QKV projection of ``x`` can rotate q and k and store k and v itself (one CUDA row)."""
-        return self.plain and batch.kv_pool.dtype == x.dtype and fuses_rotary_store(self.qkv_proj, x)
+        return (
+            self.folds_input_norm and batch.kv_pool.dtype == x.dtype and fuses_rotary_store(self.qkv_proj, x)
+        )
 
     def store_args(self, cos_sin: CosSin, batch: ForwardBatch) -> object:
-        """The ``triton_ops.RotaryStore`` of this layer's step (also ``rotary_store``'s arguments after qkv)."""
+        """The ``triton_ops.RotaryStore`` of this layer's step: rotary, the KV-pool store and, with per-head q/k
+        norms, those norms (``triton_ops.rotary_store`` takes the same after qkv)."""
         k_cache, v_cache = batch.kv_pool.get_kv(self.attn.layer_id)
         p = self.qkv_proj
-        return cuda_ops().RotaryStore(
+        store = cuda_ops().RotaryStore(
             *cos_sin, batch.out_cache_loc, k_cache, v_cache, p.num_heads, p.num_kv_heads
+        )
+        if self.q_norm is None:
+            return store
+        assert self.k_norm is not None and self.qk_norm == "head"
+        return store._replace(
+            q_norm=self.q_norm.weight,
+            k_norm=self.k_norm.weight,
+            norm_eps=self.q_norm.eps,
+            counters=self.head_counters,
         )
 
     def attend_stored(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -100,6 +138,16 @@ class LlamaAttention(nn.Module):
         p = self.qkv_proj
         q, k = qkv[:, : p.q_size], qkv[:, p.q_size : p.q_size + p.kv_size]
         return self.attn(q, k, qkv[:, p.q_size + p.kv_size :], batch, kv_stored=True)
+
+    def rotate_store_attend(self, cos_sin: CosSin, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """On CUDA, where :attr:`folds_input_norm`: (per-head q/k norms,) rotary on q and k and the KV-pool store
+        of k and v in one kernel, then attention; returns the attention output before ``o_proj``."""
+        p, store = self.qkv_proj, self.store_args(cos_sin, batch)
+        q, k = cuda_ops().rotary_store(
+            qkv, *store[:7], q_norm=store.q_norm, k_norm=store.k_norm, eps=store.norm_eps
+        )
+        t, v = qkv.shape[0], qkv[:, p.q_size + p.kv_size :]
+        return self.attn(q.view(t, -1), k.view(t, -1), v, batch, kv_stored=True)
 
     def _norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's q [T, H * D] and k [T, KVH * D] -> normed, as [T, H, D] and [T, KVH, D]."""
@@ -138,25 +186,19 @@ class LlamaAttention(nn.Module):
         t, d = qkv.shape[0], p.head_dim
         if rotated_and_stored:
             return self.o_proj(self.attend_stored(qkv, batch))
-        head_norms = self.qk_norm == "head" and self.clip_qkv is None
-        if (self.plain or head_norms) and qkv.is_cuda and batch.kv_pool.dtype == qkv.dtype:
-            # one kernel: (per-head q/k norms,) rotate q and k, store k and v in the KV pool
-            norms = {}
-            if head_norms:
-                assert self.q_norm is not None and self.k_norm is not None
-                norms = dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, eps=self.q_norm.eps)
-            q, k = cuda_ops().rotary_store(qkv, *self.store_args(cos_sin, batch), **norms)
-            v = qkv[:, p.q_size + p.kv_size :]
-            return self.o_proj(self.attn(q.view(t, -1), k.view(t, -1), v, batch, kv_stored=True))
+        if self.folds_input_norm and qkv.is_cuda and batch.kv_pool.dtype == qkv.dtype:
+            return self.o_proj(self.rotate_store_attend(cos_sin, qkv, batch))
         if self.q_norm is None:  # rotate q and k (adjacent in qkv) in one pass
             qk = qkv[:, : p.q_size + p.kv_size].view(t, -1, d)
             if self.clip_qkv is not None:
                 qk = qk.clamp(-self.clip_qkv, self.clip_qkv)
-            qk = RotaryEmbedding.apply(qk, cos_sin)  # [T, H + KVH, D]
+            qk = RotaryEmbedding.apply(qk, cos_sin, self.rotary_interleaved)  # [T, H + KVH, D]
             q, k = qk[:, : p.num_heads], qk[:, p.num_heads :]
         else:
             q, k = self._norm_qk(qkv[:, : p.q_size], qkv[:, p.q_size : p.q_size + p.kv_size])
-            q, k = RotaryEmbedding.apply(q, cos_sin), RotaryEmbedding.apply(k, cos_sin)
+            interleaved = self.rotary_interleaved
+            q = RotaryEmbedding.apply(q, cos_sin, interleaved)
+            k = RotaryEmbedding.apply(k, cos_sin, interleaved)
         v = qkv[:, p.q_size + p.kv_size :]
         if self.clip_qkv is not None:  # after the q/k norms (OLMoE)
             v = v.clamp(-self.clip_qkv, self.clip_qkv)

@@ -62,3 +62,23 @@ def load_stacked_weights(
         raise ModelLoadError(
             f"checkpoint is missing weights: {missing[:8]}{' …' if len(missing) > 8 else ''}"
         )
+
+
+def split_fused_projections(
+    weights: Iterable[tuple[str, torch.Tensor]], q_size: int, kv_size: int
+) -> Iterable[tuple[str, torch.Tensor]]:
+    """Checkpoints that store q/k/v as one ``qkv_proj`` [q_size + 2 * kv_size, ...] (Phi-3) or gate/up as one
+    ``gate_up_proj`` [2 * intermediate, ...] (Phi-3, GLM-4) → the separate ``q_proj``/``k_proj``/``v_proj`` and
+    ``gate_proj``/``up_proj`` tensors (views), which the stacked parameters' loaders then cut per rank as usual
+    (a rank's slice of a fused tensor is not a contiguous block of it)."""
+    for name, tensor in weights:
+        if ".qkv_proj." in name:
+            parts = zip(("q_proj", "k_proj", "v_proj"), tensor.split([q_size, kv_size, kv_size]), strict=True)
+            for part, piece in parts:
+                yield name.replace(".qkv_proj.", f".{part}."), piece
+        elif ".gate_up_proj." in name:
+            gate, up = tensor.chunk(2, dim=0)
+            yield name.replace(".gate_up_proj.", ".gate_proj."), gate
+            yield name.replace(".gate_up_proj.", ".up_proj."), up
+        else:
+            yield name, tensor

@@ -61,3 +61,32 @@ def test_moe_greedy_matches_transformers(name, moe_model, moe_reference):
         again = check_exact(engine, ref, lists[-2:])  # the shared few-shot prefix is cached now
         assert all(o["meta_info"]["cached_tokens"] >= len(lists[-1]) // 2 for o in again)
         check_expert_load(engine.get_stats(), name, computed_tokens(first + again))
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe"])
+def test_norm_scales_folded_into_moe_layers(name, moe_model, tmp_path, monkeypatch):
+    """``fold_norm_weights`` (done on CUDA at load, where one-row steps then run each norm inside the GEMVs
+    around it) keeps an MoE model: random norm scales moved into the QKV weights and into the router, every
+    expert's gate/up and the shared experts (with their gate), the norms set to 1, give transformers' greedy
+    tokens on the unfolded model (fp32, CPU). Qwen3-MoE mixes a dense layer in; Qwen2-MoE has shared experts."""
+    import torch
+
+    from sgl_ray.model_loader import load_tokenizer, resolve_model
+    from sgl_ray.runner import model_runner
+
+    from ..conftest import GreedyReference, _hf_model
+
+    hf = _hf_model(moe_model(name))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight.copy_(1 + 0.4 * (torch.rand(norm.weight.shape, generator=g) - 0.5))
+    hf.save_pretrained(tmp_path)
+    load_tokenizer(resolve_model(moe_model(name))).save_pretrained(tmp_path)
+    monkeypatch.setattr(model_runner, "fold_norms_if_supported", lambda model, *_: model.fold_norm_weights())
+    with sgl_ray.Engine(str(tmp_path), max_total_tokens=4096) as engine:
+        model = engine._core.runner.model.model
+        assert model.norms_folded
+        assert all(bool((layer.post_attention_layernorm.weight == 1).all()) for layer in model.layers)
+        check_exact(engine, GreedyReference(hf), token_lists(engine.tokenizer)[:4])

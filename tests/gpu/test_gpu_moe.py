@@ -49,9 +49,15 @@ def moe_dirs(tmp_path_factory):
     made: dict[str, str] = {}
 
     def get(name: str) -> str:
+        """``name`` or ``name:scaled`` (random RMSNorm scales, 1 +- 0.2: what folding them must keep)."""
         if name not in made:
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(_config(name), dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(_config(name.split(":")[0]), dtype=torch.bfloat16)
+            if name.endswith(":scaled"):
+                with torch.no_grad():
+                    for layer in model.model.layers:
+                        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                            norm.weight.uniform_(0.8, 1.2)
             path = tmp_path_factory.mktemp(name)
             model.save_pretrained(path)
             made[name] = str(path)
@@ -134,6 +140,51 @@ def test_moe_graphs_match_eager_and_torch_experts(moe_dirs):
             lps_a = [lp for lp, _ in a["meta_info"]["output_token_logprobs"]]
             lps_b = [lp for lp, _ in b["meta_info"]["output_token_logprobs"]]
             assert lps_b == pytest.approx(lps_a, abs=0.15), key  # torch: other bf16 roundings
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_folded_norms_in_one_row_moe_steps(moe_dirs, name, monkeypatch):
+    """One-row steps with the norm scales folded (each norm inside the GEMVs around it: QKV, the router's, the
+    experts' first; the residual adds in O's and the experts' second) against the same steps with the norm
+    kernels, both against transformers in fp32 on the same weights, teacher-forced on each run's own tokens:
+    the first token is the reference's choice, the folded run is as close on average, and no token is far off."""
+    from transformers import AutoModelForCausalLM
+
+    from sgl_ray.layers import fused_linear
+    from sgl_ray.layers.moe.layer import SparseMoeBlock
+
+    path, prompts = moe_dirs(f"{name}:scaled"), [[17]] + _prompts()
+    runs = {}
+    folded = SparseMoeBlock.forward_folded
+    for fold in (True, False):
+        monkeypatch.setattr(fused_linear, "FOLD_NORMS", fold)
+        calls = []
+        monkeypatch.setattr(
+            SparseMoeBlock, "forward_folded", lambda self, *a, c=calls: c.append(1) or folded(self, *a)
+        )
+        with _engine(path) as eng:
+            assert eng._core.runner.model.model.norms_folded == fold
+            runs[fold] = [_greedy(eng, [ids])[0] for ids in prompts]
+        assert bool(calls) == fold, "the folded MoE step ran where it should not, or not where it should"
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    stats, report = {}, []
+    for fold, outs in runs.items():
+        diffs, gaps = [], []
+        for ids, out in zip(prompts, outs, strict=True):
+            toks = out["output_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(ref(torch.tensor([ids + toks], device="cuda")).logits[0].float(), -1)
+            rows = logp[len(ids) - 1 : len(ids) - 1 + NEW]
+            assert toks[0] == int(rows[0].argmax()), f"fold={fold}, {len(ids)}-token prompt"
+            lps = [lp for lp, _ in out["meta_info"]["output_token_logprobs"]]
+            diffs += [abs(lp - row[t].item()) for lp, row, t in zip(lps, rows, toks, strict=True)]
+            gaps += [(row.max() - row[t]).item() for row, t in zip(rows, toks, strict=True)]
+        stats[fold] = (sum(diffs) / len(diffs), max(diffs), max(gaps))
+        report.append(f"{name} fold={fold}: logprob diff mean {stats[fold][0]:.3f} max {stats[fold][1]:.3f}; "
+                      f"max gap below the best {stats[fold][2]:.3f}")  # fmt: skip
+    print(*report, sep="\n")
+    assert stats[True][0] <= 1.5 * stats[False][0] + 0.02, "\n".join(report)
+    assert max(stats[True][1], stats[True][2]) < 2.0, "\n".join(report)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config
 
 from sgl_ray.configs.model_config import ModelConfig, resolve_dtype
 
@@ -26,12 +26,17 @@ def test_shapes_and_rope_parameters_from_llama_config():
     assert mc.kv_bytes_per_token() == 2 * cfg.num_hidden_layers * 2 * 16 * 4
 
 
-def test_context_length_override_and_sliding_window_cap():
-    mistral = MistralConfig(max_position_embeddings=32768, sliding_window=4096)
-    assert ModelConfig(mistral, torch.float32).context_length == 4096
-    assert ModelConfig(mistral, torch.float32, context_length_override=1000).context_length == 1000
+def test_context_length_override_and_sliding_windows():
+    """Mistral's window is honoured on every layer, Qwen2's only where ``use_sliding_window`` is on; a model file
+    that does not implement its config's window (Mixtral) caps the context at it instead."""
+    mistral = ModelConfig(MistralConfig(max_position_embeddings=32768, sliding_window=4096), torch.float32)
+    assert mistral.context_length == 32768 and mistral.sliding_window_of(0) == 4096
+    assert ModelConfig(mistral.hf_config, torch.float32, context_length_override=1000).context_length == 1000
     qwen = Qwen2Config(max_position_embeddings=32768, sliding_window=4096, use_sliding_window=False)
     assert ModelConfig(qwen, torch.float32).context_length == 32768
+    assert ModelConfig(qwen, torch.float32).sliding_window_of(0) is None
+    mixtral = MixtralConfig(max_position_embeddings=32768, sliding_window=4096)
+    assert ModelConfig(mixtral, torch.float32).context_length == 4096
 
 
 def test_auto_dtype():
