@@ -31,7 +31,8 @@ def build_openai_app(args: dict[str, Any] | None = None) -> Application:
     """An OpenAI-compatible app: an ``OpenAIIngress`` in front of ``LLMServer`` replicas (one engine each) with
     token-exact cache-aware routing.
 
-    ``args``: any :class:`~sgl_ray.EngineArgs` field (``model_path``, ``tp_size``, ``max_total_tokens`` …), the
+    ``args``: any :class:`~sgl_ray.EngineArgs` field (``model_path``, ``tp_size``, ``max_total_tokens``,
+    ``tool_call_parser``, ``reasoning_parser`` …), the
     ingress options ``served_model_name``, ``api_key``, ``max_body_bytes``, and the ``LLMServer`` deployment's
     ``num_replicas``, ``autoscaling_config`` (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``,
     delays), ``max_ongoing_requests``, ``ray_actor_options``; ``router`` (``prefix-cache``, the default, Serve's
@@ -82,6 +83,8 @@ def build_openai_app(args: dict[str, Any] | None = None) -> Application:
     )
     ingress_config = {k: args[k] for k in _INGRESS_KEYS if k in args}
     ingress_config.update(
+        tool_call_parser=engine_args.tool_call_parser,
+        reasoning_parser=engine_args.reasoning_parser,
         model_path=engine_kwargs["model_path"],
         context_length=engine_kwargs.get("context_length"),
         tokenizer_path=engine_kwargs.get("tokenizer_path"),

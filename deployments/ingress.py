@@ -36,9 +36,11 @@ from sgl_ray.deployments.responses import (
     unwrap,
 )
 from sgl_ray.errors import InvalidRequestError, SglRayError
+from sgl_ray.function_call import DEFAULT_TOOL_CALL_PARSER, detect_tool_call_parser, get_tool_call_parser
 from sgl_ray.lang.template import role_format_from_tokenizer
 from sgl_ray.lora.adapter import parse_lora_paths
 from sgl_ray.model_loader import load_hf_config, load_tokenizer, resolve_model
+from sgl_ray.reasoning import get_reasoning_parser
 from sgl_ray.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,17 @@ class OpenAIIngress:
         self.context_length, self.vocab_size = mc.context_length, mc.vocab_size
         self.created = P.now()
         self.role_format = role_format_from_tokenizer(self.tokenizer).to_dict()
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        template = "\n".join(template.values()) if isinstance(template, dict) else template
+        self.tool_call_parser = (
+            config.get("tool_call_parser") or detect_tool_call_parser(template) or DEFAULT_TOOL_CALL_PARSER
+        )
+        # a template that does not render assistant tool calls sees them as text in the parser's format
+        self.calls_as_text = (
+            None if "tool_calls" in template else get_tool_call_parser(self.tool_call_parser)([]).format_calls
+        )
+        reasoning = config.get("reasoning_parser")
+        self.reasoning_parser = get_reasoning_parser(reasoning) if reasoning else None
         self.metrics = Metrics()
         self.lora = IngressAdapters(
             self.model_id,
@@ -194,13 +207,19 @@ class OpenAIIngress:
         req = P.decode_request("chat", await self._body(request))
         req.check()
         lora = await self.lora.resolve(req.model)
+        parsing = P.chat_output_parsing(req, self.tool_call_parser, self.reasoning_parser)
         ids = P.render_chat(
-            self.tokenizer, req.messages, tools=req.tools, template_kwargs=req.chat_template_kwargs
+            self.tokenizer,
+            req.messages,
+            tools=req.tools if parsing.tools and parsing.tools.parser else None,
+            template_kwargs=req.chat_template_kwargs,
+            calls_as_text=self.calls_as_text,
         )
         P.check_prompt_length(len(ids), self.context_length)
         params = P.to_sampling_params(req, self.vocab_size, self.context_length, len(ids))
+        params = P.output_params(req, params, parsing)
         outputs = await primed(self._outputs([ids], params, P.logprob_options(req), lora), req.stream, params)
-        kw = {"model": self.model_id, "token_texts": self.token_texts}
+        kw = {"model": self.model_id, "token_texts": self.token_texts, "parsing": parsing}
         if req.stream:
             assembler = P.ChatStreamAssembler.from_request(req, include_usage=req.include_usage, **kw)
         else:
@@ -235,7 +254,8 @@ class OpenAIIngress:
         return await self._run(assembler, outputs, bool(req.stream), started)
 
     async def generate(self, request: Request) -> Response:
-        """SGLang-native: ``{"text" | "input_ids", "sampling_params", "stream", "return_logprob", ...}``."""
+        """SGLang-native: ``{"text" | "input_ids", "sampling_params", "stream", "return_logprob", ...}``; with
+        ``separate_reasoning`` each result's reasoning is in ``reasoning_text`` and ``text`` is the answer."""
         started = time.perf_counter()
         req = P.decode_request("generate", await self._body(request))
         req.check()
@@ -258,6 +278,12 @@ class OpenAIIngress:
             raise InvalidRequestError(
                 "sampling_params list must match the number of prompts", param="sampling_params"
             )
+        if req.separate_reasoning and self.reasoning_parser is None:
+            raise InvalidRequestError(
+                "'separate_reasoning' needs a server started with a reasoning parser (--reasoning-parser).",
+                param="separate_reasoning",
+            )
+        reasoning = self.reasoning_parser if req.separate_reasoning else None
         lp = P.LogprobOptions(req.return_logprob, req.top_logprobs_num, req.logprob_start_len)
         # One replica call per distinct parameter set: all prompts together when they share it.
         if isinstance(sp, list):
@@ -268,7 +294,7 @@ class OpenAIIngress:
         streams = []
         for ids_list, params in calls:
             base = len(results)
-            results += [NativeResult(req.return_logprob) for _ in range(len(ids_list) * params.n)]
+            results += [NativeResult(req.return_logprob, reasoning) for _ in range(len(ids_list) * params.n)]
             streams.append(
                 (base, await primed(self._outputs(ids_list, params, lp, req.lora_path), req.stream, params))
             )

@@ -17,6 +17,7 @@ from starlette.responses import Response, StreamingResponse
 from sgl_ray import protocol as P
 from sgl_ray.entrypoints.requests import ResultBuilder
 from sgl_ray.errors import SglRayError
+from sgl_ray.reasoning import ReasoningParser
 from sgl_ray.sampling.params import SamplingParams
 from sgl_ray.scheduler.output import RequestOutput
 
@@ -127,21 +128,36 @@ async def assembled_response(
 
 
 class NativeResult:
-    """``/generate`` results in the engine's own shape (cumulative in the end, per-chunk deltas when streamed)."""
+    """``/generate`` results in the engine's own shape (cumulative in the end, per-chunk deltas when streamed).
+    With a ``reasoning`` parser class, ``text`` is the answer and ``reasoning_text`` the reasoning."""
 
-    def __init__(self, return_logprob: bool) -> None:
+    def __init__(self, return_logprob: bool, reasoning: type[ReasoningParser] | None = None) -> None:
         self.builder: ResultBuilder | None = None
         self.return_logprob = return_logprob
+        self.reasoning = reasoning() if reasoning is not None else None
 
     def add(self, out: RequestOutput) -> dict[str, Any]:
         if self.builder is None:
             self.builder = ResultBuilder(out.rid, self.return_logprob)
         self.builder.add(out)
-        return self.builder.chunk(out)
+        chunk = self.builder.chunk(out)
+        if self.reasoning is not None:
+            split = self.reasoning.feed(out.text)
+            if out.finished:
+                tail = self.reasoning.flush()
+                split = split._replace(
+                    reasoning=split.reasoning + tail.reasoning, content=split.content + tail.content
+                )
+            chunk["text"], chunk["reasoning_text"] = split.content, split.reasoning
+        return chunk
 
     def result(self) -> dict[str, Any]:
         assert self.builder is not None
-        return self.builder.result()
+        result = self.builder.result()
+        if self.reasoning is not None:
+            split = type(self.reasoning)().parse(result["text"])
+            result["text"], result["reasoning_text"] = split.content, split.reasoning
+        return result
 
 
 async def native_response(

@@ -140,6 +140,17 @@ class EngineArgs:
         default=None,
         metadata={"help": "torch (CPU default) | triton (GPU default) | flashinfer (GPU, optional package)"},
     )
+    tool_call_parser: str | None = field(
+        default=None,
+        metadata={
+            "help": "the model's tool-call format: llama3 | qwen25 | hermes | mistral | deepseekv3 | pythonic "
+            "(default: detected from the chat template, else hermes)"
+        },
+    )
+    reasoning_parser: str | None = field(
+        default=None,
+        metadata={"help": "split reasoning from the answer: deepseek-r1 | qwen3 | think (default: off)"},
+    )
 
     def __post_init__(self) -> None:
         def bad(param: str, msg: str) -> InvalidRequestError:
@@ -189,6 +200,16 @@ class EngineArgs:
             raise bad("max_lora_rank", "must be >= 1")
         if self.schedule_policy not in get_args(SchedulePolicyName):
             raise bad("schedule_policy", f"must be one of {get_args(SchedulePolicyName)}")
+        if self.tool_call_parser is not None:
+            from sgl_ray.function_call.registry import TOOL_CALL_PARSERS
+
+            if self.tool_call_parser not in TOOL_CALL_PARSERS:
+                raise bad("tool_call_parser", f"must be one of {sorted(TOOL_CALL_PARSERS)}")
+        if self.reasoning_parser is not None:
+            from sgl_ray.reasoning import REASONING_PARSERS
+
+            if self.reasoning_parser not in REASONING_PARSERS:
+                raise bad("reasoning_parser", f"must be one of {sorted(REASONING_PARSERS)}")
 
     @property
     def uses_ray(self) -> bool:

@@ -1,9 +1,10 @@
 """The grammar-backend seam: what the scheduler needs to constrain a request's tokens to a grammar.
 
-A :class:`GrammarBackend` compiles a :class:`GrammarSpec` (JSON schema, regex, EBNF, or any JSON object) into an
-opaque compiled grammar, once per distinct spec; :meth:`GrammarBackend.matcher` then starts a per-request
-:class:`GrammarMatcher` over it. Bitmasks are packed int32 rows of ``ceil(vocab_size / 32)`` words: bit ``t % 32``
-of word ``t // 32`` set means token ``t`` is allowed (the layout of :mod:`sgl_ray.sampling.bitmask`).
+A :class:`GrammarBackend` compiles a :class:`GrammarSpec` (JSON schema, regex, EBNF, any JSON object, or an
+xgrammar structural tag) into an opaque compiled grammar, once per distinct spec; :meth:`GrammarBackend.matcher`
+then starts a per-request :class:`GrammarMatcher` over it. Bitmasks are packed int32 rows of
+``ceil(vocab_size / 32)`` words: bit ``t % 32`` of word ``t // 32`` set means token ``t`` is allowed (the layout of
+:mod:`sgl_ray.sampling.bitmask`).
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-GrammarKind = Literal["json_schema", "regex", "ebnf", "json_object"]
-GRAMMAR_KINDS: tuple[str, ...] = ("json_schema", "regex", "ebnf", "json_object")
+GrammarKind = Literal["json_schema", "regex", "ebnf", "json_object", "structural_tag"]
+GRAMMAR_KINDS: tuple[str, ...] = ("json_schema", "regex", "ebnf", "json_object", "structural_tag")
 
 
 class GrammarSpec(NamedTuple):
     """What a request is constrained to; also the compile-cache key."""
 
     kind: str  # one of GRAMMAR_KINDS
-    value: str  # the schema / regex / grammar text ("" for json_object)
+    value: str  # the schema / regex / grammar / structural-tag JSON text ("" for json_object)
 
 
 def bitmask_width(vocab_size: int) -> int:

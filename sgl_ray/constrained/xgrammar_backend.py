@@ -61,6 +61,9 @@ class XGrammarBackend(GrammarBackend):
                 return self._compiler.compile_regex(spec.value)
             if spec.kind == "ebnf":
                 return self._compiler.compile_grammar(spec.value)
+            if spec.kind == "structural_tag":
+                _check_json(spec.value)
+                return self._compiler.compile_structural_tag(spec.value)
         except (RuntimeError, ValueError, TypeError) as e:
             raise InvalidRequestError(f"{spec.kind}: {_clean(e)}", param=spec.kind) from None
         raise InvalidRequestError(f"unknown grammar kind {spec.kind!r}", param="grammar")

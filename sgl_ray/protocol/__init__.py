@@ -17,11 +17,22 @@ Example (a non-streaming chat completion)::
 
 Streaming uses :class:`ChatStreamAssembler` (``add`` → chunks, each sent as ``sse_event(chunk)``; then
 ``finish()`` and ``SSE_DONE``). Errors: ``error_body(err)`` with ``err.status_code``.
+
+Tool calls and reasoning: ``parsing = P.chat_output_parsing(req, "qwen25", reasoning_parser_class)``, then
+``params = P.output_params(req, params, parsing)`` (the forced call format, a grammar moved after the reasoning)
+and ``parsing=parsing`` to either assembler (``reasoning_content``, ``tool_calls``, ``finish_reason: "tool_calls"``).
 """
 
 from __future__ import annotations
 
 from sgl_ray.protocol.chat_output import ChatResponseBuilder, ChatStreamAssembler
+from sgl_ray.protocol.chat_parsing import (
+    ChoiceParser,
+    OutputParsing,
+    ParsedChoice,
+    chat_output_parsing,
+    output_params,
+)
 from sgl_ray.protocol.chat_template import message_dicts, render_chat
 from sgl_ray.protocol.choices import UsageTracker, visible_logprobs
 from sgl_ray.protocol.completion_output import CompletionResponseBuilder, CompletionStreamAssembler
@@ -51,16 +62,21 @@ from sgl_ray.protocol.responses import (
     CompletionChunk,
     CompletionLogprobs,
     CompletionResponse,
+    FunctionCall,
+    FunctionCallDelta,
     GenerateResponse,
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    ToolCallDeltaOut,
+    ToolCallOut,
     TopLogprob,
     Usage,
     encode,
     error_body,
     internal_error_body,
     new_request_id,
+    new_tool_call_id,
     now,
     openai_finish_reason,
     sse_error,
@@ -79,8 +95,23 @@ from sgl_ray.protocol.sampling import (
     to_sampling_params,
 )
 from sgl_ray.protocol.structured import JsonSchemaFormat, ResponseFormat, grammar_fields
+from sgl_ray.protocol.tools import ToolChoice, ToolPlan, parse_tool_choice, parse_tools
 
 __all__ = [
+    "ChoiceParser",
+    "FunctionCall",
+    "FunctionCallDelta",
+    "OutputParsing",
+    "ParsedChoice",
+    "ToolCallDeltaOut",
+    "ToolCallOut",
+    "ToolChoice",
+    "ToolPlan",
+    "chat_output_parsing",
+    "new_tool_call_id",
+    "output_params",
+    "parse_tool_choice",
+    "parse_tools",
     "JsonSchemaFormat",
     "ResponseFormat",
     "grammar_fields",

@@ -8,6 +8,10 @@ chunk per output that adds text or logprobs (``delta: {"content": ...}``); then 
 ``delta: {}`` and the ``finish_reason``. The contents concatenate to the non-streamed ``message.content``.
 With ``include_usage`` every chunk has ``"usage": null`` and :meth:`ChatStreamAssembler.finish` adds a last
 chunk with ``choices: []`` and the request's usage.
+
+With ``parsing`` (tool calls, a reasoning parser; see :mod:`sgl_ray.protocol.chat_parsing`) each choice's text is
+split into ``reasoning_content``, ``content`` and ``tool_calls`` deltas instead, and a choice that stopped after
+calling tools finishes with ``"tool_calls"``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from msgspec import UNSET
 
+from sgl_ray.protocol.chat_parsing import ChoiceParser, ChoicePieces, OutputParsing
 from sgl_ray.protocol.choices import UsageTracker, check_index, visible_logprobs
 from sgl_ray.protocol.logprobs import TokenTexts, chat_logprob_entries
 from sgl_ray.protocol.requests import ChatCompletionRequest
@@ -29,6 +34,10 @@ from sgl_ray.protocol.responses import (
     ChatDelta,
     ChatLogprobEntry,
     ChatLogprobs,
+    FunctionCall,
+    FunctionCallDelta,
+    ToolCallDeltaOut,
+    ToolCallOut,
     new_request_id,
     now,
     openai_finish_reason,
@@ -53,6 +62,7 @@ class _ChatChoices:
         request_id: str | None = None,
         created: int | None = None,
         system_fingerprint: str | None = None,
+        parsing: OutputParsing | None = None,
     ) -> None:
         if logprobs and token_texts is None:
             raise ValueError("logprobs need token_texts (a TokenTexts for the model's tokenizer)")
@@ -65,6 +75,8 @@ class _ChatChoices:
         self._texts = token_texts
         self._finished: set[int] = set()
         self._usage = UsageTracker(n)
+        self._parsing = parsing if parsing is not None and parsing.active else None
+        self._parsers: dict[int, ChoiceParser] = {}
 
     @classmethod
     def from_request(
@@ -77,6 +89,13 @@ class _ChatChoices:
     ) -> _T:
         """Configured from ``req``'s ``n`` and ``logprobs`` (and, for a stream, ``include_usage``)."""
         return cls(model=model, n=req.n or 1, logprobs=bool(req.logprobs), token_texts=token_texts, **kw)
+
+    def _parser(self, index: int) -> ChoiceParser | None:
+        if self._parsing is None:
+            return None
+        if index not in self._parsers:
+            self._parsers[index] = self._parsing.new_choice()
+        return self._parsers[index]
 
     @property
     def done(self) -> bool:
@@ -129,15 +148,29 @@ class ChatStreamAssembler(_ChatChoices):
         """The chunks for one engine output of choice ``index``."""
         chunks = [] if index in self._started else [self._role_chunk(index)]
         entries = self._absorb(index, out)
-        if out.text or entries:
-            logprobs = ChatLogprobs(content=entries) if entries is not None else None
-            chunks.append(
-                self._chunk(
-                    ChatChunkChoice(index=index, delta=ChatDelta(content=out.text), logprobs=logprobs)
+        logprobs = ChatLogprobs(content=entries) if entries is not None else None
+        parser = self._parser(index)
+        if parser is None:
+            if out.text or entries:
+                delta = ChatDelta(content=out.text)
+                chunks.append(self._chunk(ChatChunkChoice(index=index, delta=delta, logprobs=logprobs)))
+        else:
+            pieces = parser.feed(out.text)
+            if out.finished:
+                tail = parser.flush()
+                pieces = ChoicePieces(
+                    pieces.reasoning + tail.reasoning,
+                    pieces.content + tail.content,
+                    pieces.calls + tail.calls,
                 )
-            )
+            deltas = _piece_deltas(parser, pieces)
+            if entries and not deltas:  # the tokens' text is held back for now: their logprobs are not
+                deltas = [ChatDelta(content="")]
+            for i, delta in enumerate(deltas):
+                lp = logprobs if i == 0 else None
+                chunks.append(self._chunk(ChatChunkChoice(index=index, delta=delta, logprobs=lp)))
         if out.finished:
-            reason = openai_finish_reason(out.finish_reason)
+            reason = _finish_reason(out, parser)
             chunks.append(self._chunk(ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason)))
         return chunks
 
@@ -201,7 +234,7 @@ class ChatResponseBuilder(_ChatChoices):
         choices = [
             ChatChoice(
                 index=i,
-                message=AssistantMessage(content="".join(self._text.get(i, []))),
+                message=self._message(i),
                 logprobs=ChatLogprobs(content=self._entries.get(i, [])) if self._logprobs else None,
                 finish_reason=self._reason.get(i),
             )
@@ -215,3 +248,49 @@ class ChatResponseBuilder(_ChatChoices):
             usage=self._usage.usage(),
             system_fingerprint=self.system_fingerprint,
         )
+
+    def _message(self, index: int) -> AssistantMessage:
+        text = "".join(self._text.get(index, []))
+        parser = self._parser(index)
+        if parser is None:
+            return AssistantMessage(content=text)
+        parsed = parser.parse(text)
+        message = AssistantMessage(content=parsed.content or (None if parsed.calls else parsed.content))
+        if parsed.reasoning is not None:
+            message.reasoning_content = parsed.reasoning or None
+        if parsed.calls:
+            message.tool_calls = [
+                ToolCallOut(id=parser.call_id(k), function=FunctionCall(name=c.name, arguments=c.arguments))
+                for k, c in enumerate(parsed.calls)
+            ]
+            if self._reason.get(index) == "stop":
+                self._reason[index] = "tool_calls"
+        return message
+
+
+def _piece_deltas(parser: ChoiceParser, pieces: ChoicePieces) -> list[ChatDelta]:
+    """The deltas of one output's parsed pieces: reasoning, then content, then one per tool-call piece."""
+    deltas = []
+    if pieces.reasoning:
+        deltas.append(ChatDelta(reasoning_content=pieces.reasoning))
+    if pieces.content:
+        deltas.append(ChatDelta(content=pieces.content))
+    for piece in pieces.calls:
+        if piece.name is not None:
+            call = ToolCallDeltaOut(
+                index=piece.index,
+                id=parser.call_id(piece.index),
+                type="function",
+                function=FunctionCallDelta(name=piece.name, arguments=piece.arguments),
+            )
+        else:
+            call = ToolCallDeltaOut(index=piece.index, function=FunctionCallDelta(arguments=piece.arguments))
+        deltas.append(ChatDelta(tool_calls=[call]))
+    return deltas
+
+
+def _finish_reason(out: RequestOutput, parser: ChoiceParser | None) -> str | None:
+    reason = openai_finish_reason(out.finish_reason)
+    if reason == "stop" and parser is not None and parser.call_ids:
+        return "tool_calls"
+    return reason

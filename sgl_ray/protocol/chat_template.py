@@ -3,23 +3,31 @@
 Invariant: ``render_chat(tok, messages)`` equals ``tok.apply_chat_template(dicts, tokenize=True,
 add_generation_prompt=True)``'s ids, where ``dicts`` are the messages as :func:`message_dicts` gives them: text
 parts joined with newlines, ``developer`` sent as ``system`` (chat templates predate that role), null content as
-``""``. Template failures caused by the messages (a template's ``raise_exception``, non-alternating roles) are
+``""``, and a tool call's JSON-string ``arguments`` as the object they encode (what templates that render calls
+expect). Template failures caused by the messages (a template's ``raise_exception``, non-alternating roles) are
 400s with ``param="messages"``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jinja2 import TemplateError
 
 from sgl_ray.errors import InvalidRequestError
+from sgl_ray.function_call import ToolCall
 from sgl_ray.protocol.requests import ChatMessage
 
+CallsAsText = Callable[[list[ToolCall]], str]
 
-def message_dicts(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The messages as the plain dicts chat templates expect."""
+
+def message_dicts(
+    messages: Sequence[ChatMessage | Mapping[str, Any]], calls_as_text: CallsAsText | None = None
+) -> list[dict[str, Any]]:
+    """The messages as the plain dicts chat templates expect. With ``calls_as_text`` (for a template that does not
+    render ``tool_calls``) an assistant message's calls are written into its content instead."""
     out: list[dict[str, Any]] = []
     for m in messages:
         if not isinstance(m, ChatMessage):
@@ -29,8 +37,11 @@ def message_dicts(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[d
         d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text() or ""}
         if m.name is not None:
             d["name"] = m.name
-        if m.tool_calls is not None:
-            d["tool_calls"] = m.tool_calls
+        if m.tool_calls and calls_as_text is not None:
+            calls = calls_as_text([_call(c) for c in m.tool_calls])
+            d["content"] = f"{d['content']}\n{calls}" if d["content"] else calls
+        elif m.tool_calls is not None:
+            d["tool_calls"] = [_template_call(c) for c in m.tool_calls]
         if m.tool_call_id is not None:
             d["tool_call_id"] = m.tool_call_id
         out.append(d)
@@ -44,11 +55,13 @@ def render_chat(
     *,
     tools: list[dict[str, Any]] | None = None,
     template_kwargs: Mapping[str, Any] | None = None,
+    calls_as_text: CallsAsText | None = None,
 ) -> list[int]:
     """Prompt token ids of ``messages`` under ``tokenizer``'s chat template.
 
     ``tools`` is passed to the template (templates that know tools render them); ``template_kwargs`` are extra
-    template variables (e.g. ``{"enable_thinking": False}`` for Qwen3).
+    template variables (e.g. ``{"enable_thinking": False}`` for Qwen3). ``calls_as_text``: see
+    :func:`message_dicts`.
 
     Example::
 
@@ -66,7 +79,10 @@ def render_chat(
         kwargs["tools"] = tools
     try:
         out = tokenizer.apply_chat_template(
-            message_dicts(messages), tokenize=True, add_generation_prompt=add_generation_prompt, **kwargs
+            message_dicts(messages, calls_as_text),
+            tokenize=True,
+            add_generation_prompt=add_generation_prompt,
+            **kwargs,
         )
     except InvalidRequestError:
         raise
@@ -87,3 +103,20 @@ def _ids(out: Any) -> list[int]:
     if out and isinstance(out[0], (list, tuple)):
         out = out[0]
     return [int(t) for t in out]
+
+
+def _call(call: Mapping[str, Any]) -> ToolCall:
+    fn = call["function"]
+    args = fn.get("arguments", "{}")
+    return ToolCall(fn["name"], args if isinstance(args, str) else json.dumps(args))
+
+
+def _template_call(call: Mapping[str, Any]) -> dict[str, Any]:
+    fn = call.get("function")
+    if not isinstance(fn, Mapping) or not isinstance(fn.get("arguments"), str):
+        return dict(call)
+    try:
+        args = json.loads(fn["arguments"])
+    except json.JSONDecodeError:
+        return dict(call)
+    return {**call, "function": {**fn, "arguments": args}} if isinstance(args, dict) else dict(call)

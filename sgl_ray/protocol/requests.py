@@ -2,7 +2,7 @@
 
 Invariants:
 
-* Unknown fields are ignored (OpenAI clients send fields we do not know, e.g. ``parallel_tool_calls``); known
+* Unknown fields are ignored (OpenAI clients send fields we do not know, e.g. ``store``); known
   fields are type-checked strictly by msgspec (``"n": "2"`` or ``"max_tokens": 1.5`` is a 400).
 * Every optional OpenAI field is nullable (``"temperature": null`` means "use the default"), as in OpenAI's spec;
   defaults are resolved in :mod:`sgl_ray.protocol.sampling`, not here.
@@ -19,6 +19,7 @@ import msgspec
 
 from sgl_ray.errors import InvalidRequestError
 from sgl_ray.protocol.structured import ResponseFormat
+from sgl_ray.protocol.tools import check_message_tool_calls, parse_tool_choice, parse_tools
 from sgl_ray.sampling.params import SamplingParams
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
@@ -44,7 +45,8 @@ class ContentPart(_Body, kw_only=True):
 
 class ChatMessage(_Body, kw_only=True):
     """One chat message. ``content`` is a string, a list of text parts, or null (an assistant turn that only
-    calls tools). ``tool_calls`` is kept raw for the chat template."""
+    calls tools). ``tool_calls`` (assistant) is kept raw for the chat template; a ``tool`` message answers the call
+    ``tool_call_id``."""
 
     role: Role
     content: str | list[ContentPart] | None = None
@@ -59,6 +61,7 @@ class ChatMessage(_Body, kw_only=True):
         return "\n".join(part.text or "" for part in self.content)
 
     def check(self) -> None:
+        check_message_tool_calls(self.role, self.tool_calls, self.tool_call_id)
         if isinstance(self.content, list):
             for part in self.content:
                 if part.type in _IMAGE_PART_TYPES:
@@ -120,7 +123,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     """``POST /v1/chat/completions``.
 
     ``max_completion_tokens`` takes precedence over the deprecated ``max_tokens``. ``tools`` and ``tool_choice``
-    are kept raw (validated by the layers that implement them).
+    are kept raw and checked here (see :mod:`sgl_ray.protocol.tools`).
 
     Example::
 
@@ -137,7 +140,9 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    separate_reasoning: bool | None = None  # SGLang: false keeps the reasoning in the content
 
     @property
     def max_tokens_param(self) -> str:
@@ -155,6 +160,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
             )
         for message in self.messages:
             message.check()
+        parse_tool_choice(self.tool_choice, parse_tools(self.tools))
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError(
                 "Invalid value for 'top_logprobs': 'logprobs' must be true when 'top_logprobs' is set.",
@@ -229,6 +235,7 @@ class GenerateRequest(_Body, kw_only=True):
     top_logprobs_num: int = 0
     rid: str | None = None
     lora_path: str | None = None  # a loaded LoRA adapter's name
+    separate_reasoning: bool = False  # split the server's reasoning parser's reasoning into "reasoning_text"
 
     def check(self) -> None:
         if (self.text is None) == (self.input_ids is None):

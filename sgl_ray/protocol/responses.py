@@ -5,7 +5,9 @@ Invariants:
 * Field order and names follow OpenAI's API reference; ``msgspec.UNSET`` fields are left out of the JSON
   (``system_fingerprint`` when unknown; a chunk's ``usage`` unless ``stream_options.include_usage`` asked for
   it, in which case every chunk carries ``"usage": null`` and the last one the totals, as OpenAI does).
-* ``finish_reason`` is ``"stop"``, ``"length"`` or ``"abort"`` (see :func:`openai_finish_reason`).
+* ``finish_reason`` is ``"stop"``, ``"length"`` or ``"abort"`` (see :func:`openai_finish_reason`), or
+  ``"tool_calls"`` for a chat choice that stopped after calling tools.
+* ``reasoning_content`` and ``tool_calls`` appear only where a reasoning parser or tool calling produced them.
 * Every body here is a ``msgspec.Struct``; :func:`encode` / :func:`sse_event` serialise any of them.
 """
 
@@ -22,6 +24,7 @@ from msgspec import UNSET, UnsetType
 from sgl_ray.errors import SglRayError
 
 CHAT_ID_PREFIX = "chatcmpl"
+TOOL_CALL_ID_PREFIX = "call"
 COMPLETION_ID_PREFIX = "cmpl"
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -66,9 +69,24 @@ class ChatLogprobs(_Out, kw_only=True):
     content: list[ChatLogprobEntry] | None
 
 
+class FunctionCall(_Out, kw_only=True):
+    name: str
+    arguments: str  # JSON text of the arguments object
+
+
+class ToolCallOut(_Out, kw_only=True):
+    """One call in ``message.tool_calls``."""
+
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(_Out, kw_only=True):
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | None | UnsetType = UNSET
+    tool_calls: list[ToolCallOut] | UnsetType = UNSET
 
 
 class ChatChoice(_Out, kw_only=True):
@@ -90,12 +108,29 @@ class ChatCompletionResponse(_Out, kw_only=True):
     system_fingerprint: str | UnsetType = UNSET
 
 
+class FunctionCallDelta(_Out, kw_only=True):
+    name: str | UnsetType = UNSET
+    arguments: str = ""
+
+
+class ToolCallDeltaOut(_Out, kw_only=True):
+    """A piece of call ``index``: the first has ``id``, ``type`` and ``function.name``, later ones add
+    ``function.arguments`` text."""
+
+    index: int
+    id: str | UnsetType = UNSET
+    type: str | UnsetType = UNSET
+    function: FunctionCallDelta
+
+
 class ChatDelta(_Out, kw_only=True):
-    """A chunk's ``delta``: ``{"role": "assistant", "content": ""}`` first, then ``{"content": ...}``, then
-    ``{}`` beside the ``finish_reason``."""
+    """A chunk's ``delta``: ``{"role": "assistant", "content": ""}`` first, then ``{"content": ...}`` (or
+    ``{"reasoning_content": ...}``, or ``{"tool_calls": [...]}``), then ``{}`` beside the ``finish_reason``."""
 
     role: str | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    reasoning_content: str | UnsetType = UNSET
+    tool_calls: list[ToolCallDeltaOut] | UnsetType = UNSET
 
 
 class ChatChunkChoice(_Out, kw_only=True):
@@ -215,6 +250,11 @@ def openai_finish_reason(reason: Mapping[str, Any] | None) -> str | None:
 def new_request_id(prefix: str) -> str:
     """``chatcmpl-<32 hex>`` / ``cmpl-<32 hex>``."""
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def new_tool_call_id() -> str:
+    """``call_<24 hex>``: the id of one tool call."""
+    return f"{TOOL_CALL_ID_PREFIX}_{uuid.uuid4().hex[:24]}"
 
 
 def now() -> int:

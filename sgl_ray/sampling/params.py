@@ -11,6 +11,7 @@ from sgl_ray.errors import InvalidRequestError
 
 _MAX_STOP_STRINGS = 64
 _MAX_N = 128
+_GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -45,10 +46,12 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     n: int = 1
     seed: int | None = None
     logit_bias: dict[int, float] | None = None
-    # Structured outputs (at most one): the output must match a JSON schema, a regex or an EBNF (GBNF) grammar.
+    # Structured outputs (at most one): the output must match a JSON schema, a regex, an EBNF (GBNF) grammar or an
+    # xgrammar structural tag (JSON; what tool calling uses to force a model's call format).
     json_schema: str | dict[str, Any] | None = None
     regex: str | None = None
     ebnf: str | None = None
+    structural_tag: str | dict[str, Any] | None = None
 
     def normalized(self) -> SamplingParams:
         """A copy with ``stop`` as a list, ``top_k`` disabled as -1, and every field validated."""
@@ -63,6 +66,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             json_schema=json.dumps(self.json_schema)
             if isinstance(self.json_schema, dict)
             else self.json_schema,
+            structural_tag=json.dumps(self.structural_tag)
+            if isinstance(self.structural_tag, dict)
+            else self.structural_tag,
         )
         p.validate()
         return p
@@ -112,22 +118,22 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 raise bad("logit_bias", f"token id {tid} is outside the vocabulary")
             if not (-100.0 <= float(bias) <= 100.0):
                 raise bad("logit_bias", f"bias for token {tid} must be in [-100, 100], got {bias}")
-        grammars = [k for k in ("json_schema", "regex", "ebnf") if getattr(self, k) is not None]
+        grammars = [k for k in _GRAMMAR_FIELDS if getattr(self, k) is not None]
         if len(grammars) > 1:
             raise bad(
-                grammars[1], f"only one of json_schema, regex, ebnf may be set (got {', '.join(grammars)})"
+                grammars[1],
+                f"only one of {', '.join(_GRAMMAR_FIELDS)} may be set (got {', '.join(grammars)})",
             )
         for kind in grammars:
             value = getattr(self, kind)
+            as_object = kind in ("json_schema", "structural_tag")
             if (isinstance(value, str) and not value.strip()) or not isinstance(value, (str, dict)):
-                raise bad(
-                    kind, "must be a non-empty string" + (" or an object" if kind == "json_schema" else "")
-                )
+                raise bad(kind, "must be a non-empty string" + (" or an object" if as_object else ""))
 
     @property
     def grammar(self) -> tuple[str, str] | None:
         """``(kind, text)`` of the grammar constraining the output, or None."""
-        for kind in ("json_schema", "regex", "ebnf"):
+        for kind in _GRAMMAR_FIELDS:
             value = getattr(self, kind)
             if value is not None:
                 return kind, value if isinstance(value, str) else json.dumps(value)

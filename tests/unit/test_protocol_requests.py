@@ -22,7 +22,13 @@ def test_chat_request_as_the_openai_client_sends_it():
         "messages": [
             {"role": "developer", "content": "Be brief."},
             {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                ],
+            },
             {"role": "tool", "content": "42", "tool_call_id": "c1"},
         ],
         "model": "smollm2",
@@ -44,7 +50,7 @@ def test_chat_request_as_the_openai_client_sends_it():
         "response_format": {"type": "json_object"},
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
         "tool_choice": "auto",
-        "parallel_tool_calls": False,  # unknown to us: ignored
+        "parallel_tool_calls": False,
         "store": False,
         "metadata": {"k": "v"},
         "top_k": 20,
