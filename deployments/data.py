@@ -18,19 +18,22 @@ column to join back). With ``order_by_prefix=False`` rows stream through in inpu
 
 Each engine actor runs up to ``max_concurrent_batches`` batches at once (all rows of a batch are submitted
 together), so continuous batching overlaps the tail of one batch with the next.
+
+Tools: a ``messages`` row with ``tools`` (OpenAI's chat shape, a list or its JSON text) and optionally
+``tool_choice`` is rendered and planned as ``/v1/chat/completions`` does (``required`` or a named function forces
+the call format), and its output parsed into the ``tool_calls`` column (null for rows without tools).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from sgl_ray.configs.engine_args import EngineArgs
+from sgl_ray.deployments.data_rows import prompt_ids, prompt_key, row_tools, sampling_params, without_nulls
 from sgl_ray.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -42,7 +45,7 @@ Row = dict[str, Any]
 PROMPT_KEY = (
     "__sgl_prompt_key"  # internal column: the rows' prompt_key, sorted on, dropped by the engine stage
 )
-_INPUT_COLUMNS = ("input_ids", "messages", "prompt", "sampling_params")
+_INPUT_COLUMNS = ("input_ids", "messages", "prompt", "sampling_params", "tools", "tool_choice")
 OUTPUT_COLUMNS = (
     "generated_text",
     "generated_tokens",
@@ -50,6 +53,7 @@ OUTPUT_COLUMNS = (
     "num_generated_tokens",
     "num_cached_tokens",
     "finish_reason",
+    "tool_calls",
 )
 
 
@@ -102,63 +106,6 @@ def _cluster_has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-# --- rows → sort keys and prompt token ids --------------------------------------------------------------------------------------
-
-
-def prompt_key(row: Mapping[str, Any]) -> bytes:
-    """A sort key under which rows whose prompts share a prefix sit together, computed without a tokenizer:
-    ``input_ids`` as big-endian ``uint32`` bytes (byte order is token order), ``messages`` as their roles and
-    contents, ``prompt`` as UTF-8 (byte order is code-point order, so a shared text prefix is a shared key prefix).
-
-    >>> k = [prompt_key({"prompt": p}) for p in ("System: be brief. Q1", "Hello", "System: be brief. Q2")]
-    >>> sorted(k) == [k[1], k[0], k[2]]
-    True
-    >>> prompt_key({"input_ids": [1, 2]}) < prompt_key({"input_ids": [1, 2, 0]}) < prompt_key({"input_ids": [256]})
-    True
-    """
-    ids = row.get("input_ids")
-    if ids is not None:
-        return np.asarray(ids, dtype=">u4").tobytes()
-    messages = row.get("messages")
-    if messages is not None:
-        return b"".join(f"{m.get('role')}\x1e{m.get('content')}\x1f".encode() for m in messages)
-    return str(row.get("prompt", "")).encode()
-
-
-def prompt_ids(tokenizer: Any, row: Mapping[str, Any], apply_chat_template: bool) -> list[int]:
-    """The prompt of one row: its ``input_ids``, else its ``messages`` under the chat template, else its
-    ``prompt`` text (tokenized as ``Engine.generate(prompt=...)`` would)."""
-    ids = row.get("input_ids")
-    if ids is not None:
-        return [int(t) for t in ids]
-    messages = row.get("messages")
-    if messages is not None:
-        if not apply_chat_template:
-            raise InvalidRequestError(
-                "rows with `messages` need ProcessorConfig(apply_chat_template=True)", param="messages"
-            )
-        from sgl_ray.protocol.chat_template import render_chat
-
-        # Arrow fills keys missing from some messages with None: drop them again.
-        return render_chat(tokenizer, [{k: v for k, v in dict(m).items() if v is not None} for m in messages])
-    prompt = row.get("prompt")
-    if prompt is None:
-        raise InvalidRequestError(
-            "each row needs `prompt`, `messages` or `input_ids` (set them in preprocess)"
-        )
-    return tokenizer.encode(str(prompt))
-
-
-def sampling_params(value: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A row's ``sampling_params`` as plain Python values (Arrow gives absent keys as None: dropped)."""
-    out = {k: v for k, v in dict(value or {}).items() if v is not None}
-    if out.get("n", 1) != 1:
-        raise InvalidRequestError(
-            "the Ray Data processor returns one completion per row: n must be 1", param="n"
-        )
-    return out
-
-
 # --- stages (callable classes: one instance per Ray Data actor) -----------------------------------------------------
 
 
@@ -182,11 +129,44 @@ class _EngineStage:
         self, engine_kwargs: dict[str, Any], apply_chat_template: bool, max_concurrent_batches: int
     ) -> None:
         import sgl_ray
+        from sgl_ray.protocol.tool_prompt import ToolFormat
+        from sgl_ray.reasoning import get_reasoning_parser
 
         self.engine = sgl_ray.Engine(**engine_kwargs)
         self.apply_chat_template = apply_chat_template
         self.max_concurrent_batches = max_concurrent_batches
         self._slots: asyncio.Semaphore | None = None  # made in the actor's event loop, on first use
+        args = self.engine.args
+        self.tool_format = ToolFormat.for_tokenizer(self.engine.tokenizer, args.tool_call_parser)
+        self.reasoning = get_reasoning_parser(args.reasoning_parser) if args.reasoning_parser else None
+
+    def _request(self, row: Row) -> tuple[list[int], Any, Any]:
+        """``(prompt ids, sampling params, tool prompt or None)`` of one row."""
+        params = sampling_params(row.get("sampling_params"))
+        tools, tool_choice = row_tools(row)
+        if tools is None:
+            if tool_choice is not None:
+                raise InvalidRequestError("a row's tool_choice needs tools", param="tool_choice")
+            return prompt_ids(self.engine.tokenizer, row, self.apply_chat_template), params, None
+        if row.get("messages") is None or not self.apply_chat_template:
+            raise InvalidRequestError(
+                "rows with `tools` need `messages` and ProcessorConfig(apply_chat_template=True)",
+                param="tools",
+            )
+        from sgl_ray.entrypoints.requests import to_sampling_params
+        from sgl_ray.protocol.tool_prompt import tool_prompt
+
+        messages = [without_nulls(dict(m)) for m in row["messages"]]
+        prompt = tool_prompt(
+            self.engine.tokenizer,
+            self.tool_format,
+            messages,
+            tools,
+            to_sampling_params(params),
+            tool_choice=tool_choice,
+            reasoning=self.reasoning,
+        )
+        return prompt.input_ids, prompt.params, prompt
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa
@@ -196,12 +176,11 @@ class _EngineStage:
         rows = [{c: values[i] for c, values in inputs.items()} for i in range(batch.num_rows)]
         if not rows:
             return batch
-        token_lists = [prompt_ids(self.engine.tokenizer, r, self.apply_chat_template) for r in rows]
-        params = [sampling_params(r.get("sampling_params")) for r in rows]
+        token_lists, params, prompts = zip(*(self._request(r) for r in rows), strict=True)
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_concurrent_batches)
         async with self._slots:
-            outs = await self.engine.async_generate(input_ids=token_lists, sampling_params=params)
+            outs = await self.engine.async_generate(input_ids=list(token_lists), sampling_params=list(params))
         assert isinstance(outs, list)
         meta = [o["meta_info"] for o in outs]
         columns = {
@@ -214,7 +193,18 @@ class _EngineStage:
         }
         for name, values in columns.items():
             batch = batch.append_column(name, pa.array(values))
-        return batch
+        calls = [
+            None if p is None else [c._asdict() for c in p.parse(o["text"]).calls]
+            for p, o in zip(prompts, outs, strict=True)
+        ]
+        return batch.append_column("tool_calls", pa.array(calls, type=tool_calls_type()))
+
+
+def tool_calls_type() -> pa.DataType:
+    """The ``tool_calls`` column: per row, null (no tools) or a list of ``{name, arguments}`` (arguments: JSON)."""
+    import pyarrow as pa
+
+    return pa.list_(pa.struct([("name", pa.string()), ("arguments", pa.string())]))
 
 
 # --- the public builder -------------------------------------------------------------------------------------------
@@ -277,9 +267,11 @@ def build_processor(
 
     ``preprocess(row)`` must give each row a ``prompt`` (text), ``messages`` (a chat, rendered with the model's
     chat template when ``config.apply_chat_template``) or ``input_ids``, and optionally ``sampling_params`` (a
-    dict). Each output row keeps its columns and gains ``generated_text``, ``generated_tokens``,
-    ``num_input_tokens``, ``num_generated_tokens``, ``num_cached_tokens`` and ``finish_reason``; then
-    ``postprocess(row)`` shapes it.
+    dict). A ``messages`` row may add ``tools`` (OpenAI's chat shape; a list, or its JSON text to keep schemas
+    exact through Arrow) and ``tool_choice``. Each output row keeps its columns and gains ``generated_text``,
+    ``generated_tokens``, ``num_input_tokens``, ``num_generated_tokens``, ``num_cached_tokens``, ``finish_reason``
+    and ``tool_calls`` (the calls parsed from the output: ``[{"name", "arguments"}]``, null for rows without
+    tools); then ``postprocess(row)`` shapes it.
 
     Example::
 

@@ -36,7 +36,6 @@ from sgl_ray.deployments.responses import (
     unwrap,
 )
 from sgl_ray.errors import InvalidRequestError, SglRayError
-from sgl_ray.function_call import DEFAULT_TOOL_CALL_PARSER, detect_tool_call_parser, get_tool_call_parser
 from sgl_ray.lang.template import role_format_from_tokenizer
 from sgl_ray.lora.adapter import parse_lora_paths
 from sgl_ray.model_loader import load_hf_config, load_tokenizer, resolve_model
@@ -49,9 +48,9 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class OpenAIIngress:
-    """Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``POST /generate``,
-    ``GET /health``, ``GET /metrics``, ``POST /flush_cache``, ``GET /get_model_info``, ``POST /tokenize``,
-    ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``.
+    """Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``, ``GET /v1/models``,
+    ``POST /generate``, ``GET /health``, ``GET /metrics``, ``POST /flush_cache``, ``GET /get_model_info``,
+    ``POST /tokenize``, ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``.
 
     ``registry``: a handle to the app's ``LoRARegistry`` deployment, which every ingress replica follows (without
     one, adapters loaded at run time are known to this replica only).
@@ -75,15 +74,8 @@ class OpenAIIngress:
         self.context_length, self.vocab_size = mc.context_length, mc.vocab_size
         self.created = P.now()
         self.role_format = role_format_from_tokenizer(self.tokenizer).to_dict()
-        template = getattr(self.tokenizer, "chat_template", None) or ""
-        template = "\n".join(template.values()) if isinstance(template, dict) else template
-        self.tool_call_parser = (
-            config.get("tool_call_parser") or detect_tool_call_parser(template) or DEFAULT_TOOL_CALL_PARSER
-        )
         # a template that does not render assistant tool calls sees them as text in the parser's format
-        self.calls_as_text = (
-            None if "tool_calls" in template else get_tool_call_parser(self.tool_call_parser)([]).format_calls
-        )
+        self.tool_format = P.ToolFormat.for_tokenizer(self.tokenizer, config.get("tool_call_parser"))
         reasoning = config.get("reasoning_parser")
         self.reasoning_parser = get_reasoning_parser(reasoning) if reasoning else None
         self.metrics = Metrics()
@@ -103,6 +95,7 @@ class OpenAIIngress:
         self.routes: dict[tuple[str, str], Handler] = {
             ("POST", "/v1/chat/completions"): self.chat,
             ("POST", "/v1/completions"): self.completions,
+            ("POST", "/v1/responses"): self.responses,
             ("GET", "/v1/models"): self.models,
             ("POST", "/generate"): self.generate,
             ("GET", "/health"): self.health,
@@ -202,28 +195,45 @@ class OpenAIIngress:
         self.metrics.latency(tracker.ttft, tracker.itls)
 
     # --- routes --------------------------------------------------------------------------------------------------
-    async def chat(self, request: Request) -> Response:
-        started = time.perf_counter()
-        req = P.decode_request("chat", await self._body(request))
-        req.check()
-        lora = await self.lora.resolve(req.model)
-        parsing = P.chat_output_parsing(req, self.tool_call_parser, self.reasoning_parser)
+    def _chat_inputs(self, req: P.ChatCompletionRequest) -> tuple[list[int], SamplingParams, P.OutputParsing]:
+        """A chat request's prompt ids, sampling parameters and output parsing (tools, reasoning)."""
+        parsing = P.chat_output_parsing(req, self.tool_format.parser, self.reasoning_parser)
         ids = P.render_chat(
             self.tokenizer,
             req.messages,
             tools=req.tools if parsing.tools and parsing.tools.parser else None,
             template_kwargs=req.chat_template_kwargs,
-            calls_as_text=self.calls_as_text,
+            calls_as_text=self.tool_format.calls_as_text,
         )
         P.check_prompt_length(len(ids), self.context_length)
         params = P.to_sampling_params(req, self.vocab_size, self.context_length, len(ids))
-        params = P.output_params(req, params, parsing)
+        return ids, P.output_params(req, params, parsing), parsing
+
+    async def chat(self, request: Request) -> Response:
+        started = time.perf_counter()
+        req = P.decode_request("chat", await self._body(request))
+        req.check()
+        lora = await self.lora.resolve(req.model)
+        ids, params, parsing = self._chat_inputs(req)
         outputs = await primed(self._outputs([ids], params, P.logprob_options(req), lora), req.stream, params)
         kw = {"model": self.model_id, "token_texts": self.token_texts, "parsing": parsing}
         if req.stream:
             assembler = P.ChatStreamAssembler.from_request(req, include_usage=req.include_usage, **kw)
         else:
             assembler = P.ChatResponseBuilder.from_request(req, **kw)
+        return await self._run(assembler, outputs, bool(req.stream), started)
+
+    async def responses(self, request: Request) -> Response:
+        """OpenAI's Responses API, stateless, on the chat path (see :mod:`sgl_ray.protocol.responses_api`)."""
+        started = time.perf_counter()
+        req = P.decode_request("responses", await self._body(request))
+        lora = await self.lora.resolve(req.model)
+        with P.responses_errors():  # the chat path's 400s, in the Responses API's field names
+            ids, params, parsing = self._chat_inputs(req.to_chat())
+            no_logprobs = P.LogprobOptions(False, 0, -1)
+            outputs = await primed(self._outputs([ids], params, no_logprobs, lora), req.stream, params)
+        draft = P.ResponseDraft(req, self.model_id)
+        assembler = (P.ResponseStreamAssembler if req.stream else P.ResponseBuilder)(draft, parsing)
         return await self._run(assembler, outputs, bool(req.stream), started)
 
     async def completions(self, request: Request) -> Response:

@@ -98,29 +98,33 @@ async def assembled_response(
     assembler, outputs: AsyncIterator, stream: bool, tracker: Latency, record: Callable[[Latency], None]
 ) -> Response:
     """An OpenAI response from ``assembler`` (a protocol response builder, or a stream assembler when ``stream``);
-    ``record(tracker)`` runs once the request completed."""
+    ``record(tracker)`` runs once the request completed. A stream assembler's ``framing()`` (if it has one) says
+    how its events are written; chat's ``data:`` events and ``[DONE]`` otherwise."""
     if not stream:
         async for index, out in outputs:
             tracker.saw(out)
             assembler.add(index, out)
         record(tracker)
         return json_response(P.encode(assembler.build()))
+    framing: P.SSEFraming = assembler.framing() if hasattr(assembler, "framing") else P.CHAT_SSE
 
     async def events() -> AsyncIterator[bytes]:
         try:
             for chunk in getattr(assembler, "start", list)():
-                yield P.sse_event(chunk)
+                yield framing.event(chunk)
             async for index, out in outputs:
                 tracker.saw(out)
                 for chunk in assembler.add(index, out):
-                    yield P.sse_event(chunk)
+                    yield framing.event(chunk)
             for chunk in assembler.finish():
-                yield P.sse_event(chunk)
-            yield P.SSE_DONE
+                yield framing.event(chunk)
+            if framing.done:
+                yield framing.done
             record(tracker)
         except SglRayError as e:
-            yield P.sse_error(e)
-            yield P.SSE_DONE
+            yield framing.error(e)
+            if framing.done:
+                yield framing.done
         finally:
             await outputs.aclose()
 

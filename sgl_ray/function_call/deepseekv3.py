@@ -18,7 +18,7 @@ from sgl_ray.function_call.base import (
     tag,
     tags_format,
 )
-from sgl_ray.function_call.json_scan import InvalidJSON, loads, skip_ws, value_end
+from sgl_ray.function_call.json_scan import InvalidJSON, escape_controls, loads, skip_ws, value_end
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
@@ -94,8 +94,8 @@ class DeepSeekV3Parser(ToolCallParser):
         except InvalidJSON:
             raise _NotACall from None
         if end is None:
-            return PartialCall(name, text[args:], False), -1
-        arguments = text[args:end]
+            return PartialCall(name, escape_controls(text[args:]), False), -1
+        arguments = escape_controls(text[args:end])
         try:
             loads(arguments)
         except InvalidJSON:

@@ -29,6 +29,9 @@ def skip_ws(text: str, i: int) -> int:
     return i
 
 
+_CONTROL = re.compile(r"[\x00-\x1f]")
+
+
 def string_end(text: str, i: int) -> int | None:
     """End (exclusive) of the JSON string opening at ``text[i]`` (a ``"``), or None if the text ends inside it."""
     i += 1
@@ -42,10 +45,29 @@ def string_end(text: str, i: int) -> int | None:
             continue
         if c == '"':
             return i + 1
-        if c < " ":
-            raise InvalidJSON(f"control character in a string at {i}")
-        i += 1
+        i += 1  # raw control characters are let through (see escape_controls)
     return None
+
+
+def escape_controls(text: str) -> str:
+    """``text`` (JSON, or the start of it) with each raw control character inside a string written as its
+    ``\\u00XX`` escape: JSON forbids them there, and some grammars let a model write them. A prefix of the text
+    maps to a prefix of the result, so streamed argument pieces stay consistent with the whole."""
+    if not _CONTROL.search(text):
+        return text
+    out, in_string, escaped = [], False, False
+    for c in text:
+        if in_string and not escaped and c < " ":
+            out.append(f"\\u{ord(c):04x}")
+            continue
+        out.append(c)
+        if escaped:
+            escaped = False
+        elif c == "\\" and in_string:
+            escaped = True
+        elif c == '"':
+            in_string = not in_string
+    return "".join(out)
 
 
 def _scalar_end(text: str, i: int) -> int | None:
@@ -191,7 +213,7 @@ def scan_call_object(text: str, i: int, arg_keys: tuple[str, ...] = ARGUMENT_KEY
         end = value_end(text, i)
         if key in arg_keys:
             if end is None:
-                return CallObject(None, name, text[i:] if text[i] == "{" else "")
+                return CallObject(None, name, escape_controls(text[i:]) if text[i] == "{" else "")
             arguments = _arguments_text(text[i:end])
         elif end is None:
             return CallObject(None, name, arguments)
@@ -205,10 +227,11 @@ def scan_call_object(text: str, i: int, arg_keys: tuple[str, ...] = ARGUMENT_KEY
 
 def _arguments_text(raw: str) -> str:
     if raw.startswith("{"):
+        raw = escape_controls(raw)
         loads(raw)  # the scan does not check what follows "\u"
         return raw
     if raw.startswith('"'):
-        inner = loads(raw)
+        inner = escape_controls(loads(raw))
         if isinstance(loads(inner), dict):
             return inner
     if raw == "null":
@@ -217,8 +240,9 @@ def _arguments_text(raw: str) -> str:
 
 
 def loads(text: str) -> Any:
-    """``json.loads`` whose every failure is :class:`InvalidJSON` (the scanner does not check escapes)."""
+    """``json.loads`` whose every failure is :class:`InvalidJSON` (the scanner does not check escapes); raw
+    control characters inside strings are read as themselves."""
     try:
-        return json.loads(text)
+        return json.loads(text, strict=False)
     except (json.JSONDecodeError, RecursionError):
         raise InvalidJSON(f"not valid JSON: {text[:40]!r}") from None

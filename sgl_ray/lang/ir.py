@@ -13,6 +13,7 @@ from typing import Any
 
 from sgl_ray.errors import InvalidRequestError, UnsupportedFeatureError
 from sgl_ray.lang.choices import ChoicesMethod, token_length_normalized
+from sgl_ray.protocol.tools import parse_tool_choice, parse_tools
 
 _ROLE_NAMES = ("system", "user", "assistant")
 
@@ -93,9 +94,18 @@ class GenParams:
 
 
 @dataclass(frozen=True)
+class GenTools:
+    """The functions a ``gen`` may call (OpenAI's chat shape) and its ``tool_choice`` (None: ``auto``)."""
+
+    tools: tuple[dict[str, Any], ...]
+    choice: str | dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class Gen(Expr):
     name: str | None
     params: GenParams = field(default_factory=GenParams)
+    tools: GenTools | None = None
 
 
 @dataclass(frozen=True)
@@ -124,15 +134,23 @@ def gen(
     json_schema: str | dict[str, Any] | None = None,
     choices: list[str] | None = None,
     choices_method: ChoicesMethod | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: str | dict[str, Any] | None = None,
 ) -> Expr:
     """Generate text into variable ``name`` (read it back as ``s[name]``).
 
     ``regex`` and ``json_schema`` (a dict or a JSON string) constrain the output where the server supports
     structured outputs. ``gen(name, choices=[...])`` is :func:`select`.
 
+    ``tools`` (OpenAI's chat shape: ``{"type": "function", "function": {"name", "parameters"}}``) and
+    ``tool_choice`` (``"auto"``, the default; ``"required"``; ``"none"``; or a named function) let the model call
+    functions, as ``/v1/chat/completions`` does: the gen must open an assistant turn, ``s[name]`` is the text
+    around the calls and ``s.tool_calls(name)`` the parsed calls.
+
     Example::
 
         >>> s += "The capital of France is" + gen("city", max_tokens=8, stop=".")  # doctest: +SKIP
+        >>> s += assistant(gen("call", tools=TOOLS, tool_choice="required"))  # doctest: +SKIP
     """
     if choices is not None:
         return select(name, choices, choices_method=choices_method or token_length_normalized)
@@ -141,6 +159,10 @@ def gen(
     if regex is not None and json_schema is not None:
         raise InvalidRequestError("pass at most one of regex and json_schema", param="json_schema")
     schema = json.dumps(json_schema) if isinstance(json_schema, dict) else json_schema
+    gen_tools = None
+    if tools is not None or tool_choice is not None:
+        parse_tool_choice(tool_choice, parse_tools(tools))  # a 400-style error now, not at run time
+        gen_tools = GenTools(tuple(tools or ()), tool_choice)
     params = GenParams(
         max_new_tokens=max_tokens,
         min_new_tokens=min_tokens,
@@ -158,7 +180,7 @@ def gen(
         regex=regex,
         json_schema=schema,
     )
-    return Gen(name, params)
+    return Gen(name, params, gen_tools)
 
 
 def select(

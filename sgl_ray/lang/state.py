@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sgl_ray.errors import InvalidRequestError
+from sgl_ray.function_call import ToolCall
 from sgl_ray.lang.backends.base import Backend, Prompt
 from sgl_ray.lang.choices import decision_meta
 from sgl_ray.lang.ir import (
@@ -71,7 +72,7 @@ class _Worker:
 
 class ProgramState:
     """The state of one running program. Append with ``+=``; read with ``s["name"]``, ``text()``,
-    ``messages()``, ``get_meta_info(name)``; ``fork(n)`` branches it.
+    ``messages()``, ``get_meta_info(name)``, ``tool_calls(name)``; ``fork(n)`` branches it.
 
     Example::
 
@@ -94,6 +95,7 @@ class ProgramState:
         self._roles_seen = False
         self._vars: dict[str, Any] = {}
         self._meta: dict[str, Any] = {}
+        self._calls: dict[str, list[ToolCall]] = {}
         self._error: BaseException | None = None
         self._worker = _Worker()
         self._children: list[ProgramState] = []
@@ -175,11 +177,20 @@ class ProgramState:
         if self._stream is not None:
             stream = self._stream
             sink = lambda delta: stream.put((expr.name, delta))  # noqa: E731
-        result = self.backend.generate(self._prompt(), params, sink)
+        if expr.tools is None:
+            result = self.backend.generate(self._prompt(), params, sink)
+        else:
+            result = self.backend.generate(self._prompt(), params, sink, tools=expr.tools)
         self._append(result.text, expr.name, emit=sink is None)
         if expr.name is not None:
             self._vars[expr.name] = result.text
             self._meta[expr.name] = result.meta_info
+            if result.tool_calls is not None:
+                self._calls[expr.name] = list(result.tool_calls)
+                self._meta[expr.name] = {
+                    **result.meta_info,
+                    "tool_calls": [c._asdict() for c in result.tool_calls],
+                }
 
     def _select(self, expr: Select) -> None:
         conditional = self.backend.choice_logprobs(self._text, expr.choices)
@@ -236,6 +247,15 @@ class ProgramState:
         self.sync()
         return self._meta[name]
 
+    def tool_calls(self, name: str) -> list[ToolCall]:
+        """The calls a ``gen(name, tools=...)`` made (``ToolCall(name, arguments)``, arguments as JSON text); []
+        when it made none or had no tools. The calls stay out of the text and the messages (a follow-up turn sees
+        the content only): send their results back as a turn of your own."""
+        self.sync()
+        if name not in self._vars:
+            raise KeyError(f"no variable {name!r} (variables: {sorted(self._vars)})")
+        return list(self._calls.get(name, []))
+
     def variables(self) -> dict[str, Any]:
         self.sync()
         return dict(self._vars)
@@ -281,7 +301,7 @@ class ProgramState:
             child = ProgramState(self.backend, self.defaults)
             child._format, child._text, child._messages = self._format, self._text, list(self._messages)
             child._role, child._role_start, child._roles_seen = self._role, self._role_start, self._roles_seen
-            child._vars, child._meta = dict(self._vars), dict(self._meta)
+            child._vars, child._meta, child._calls = dict(self._vars), dict(self._meta), dict(self._calls)
             children.append(child)
         self._children += children
         return ForkGroup(self, children)

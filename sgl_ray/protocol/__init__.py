@@ -21,6 +21,11 @@ Streaming uses :class:`ChatStreamAssembler` (``add`` → chunks, each sent as ``
 Tool calls and reasoning: ``parsing = P.chat_output_parsing(req, "qwen25", reasoning_parser_class)``, then
 ``params = P.output_params(req, params, parsing)`` (the forced call format, a grammar moved after the reasoning)
 and ``parsing=parsing`` to either assembler (``reasoning_content``, ``tool_calls``, ``finish_reason: "tool_calls"``).
+Callers that drive an engine directly render and plan the same way with :func:`tool_prompt`.
+
+The Responses API (``/v1/responses``): ``P.decode_request("responses", body).to_chat()`` is the chat request it
+means (inside ``with P.responses_errors():``); :class:`ResponseBuilder` / :class:`ResponseStreamAssembler` make its
+output (see :mod:`sgl_ray.protocol.responses_api`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from sgl_ray.protocol.chat_parsing import (
     OutputParsing,
     ParsedChoice,
     chat_output_parsing,
+    constrain_output,
     output_params,
 )
 from sgl_ray.protocol.chat_template import message_dicts, render_chat
@@ -48,6 +54,7 @@ from sgl_ray.protocol.requests import (
     TokenizeRequest,
 )
 from sgl_ray.protocol.responses import (
+    CHAT_SSE,
     SSE_DONE,
     AdapterCard,
     AssistantMessage,
@@ -68,6 +75,7 @@ from sgl_ray.protocol.responses import (
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    SSEFraming,
     ToolCallDeltaOut,
     ToolCallOut,
     TopLogprob,
@@ -82,6 +90,14 @@ from sgl_ray.protocol.responses import (
     sse_error,
     sse_event,
 )
+from sgl_ray.protocol.responses_api import (
+    ResponseBuilder,
+    ResponseDraft,
+    ResponseObject,
+    ResponsesRequest,
+    ResponseStreamAssembler,
+    responses_errors,
+)
 from sgl_ray.protocol.sampling import (
     CONTEXT_LENGTH_EXCEEDED,
     MAX_CHAT_TOP_LOGPROBS,
@@ -95,9 +111,23 @@ from sgl_ray.protocol.sampling import (
     to_sampling_params,
 )
 from sgl_ray.protocol.structured import JsonSchemaFormat, ResponseFormat, grammar_fields
-from sgl_ray.protocol.tools import ToolChoice, ToolPlan, parse_tool_choice, parse_tools
+from sgl_ray.protocol.tool_prompt import ToolFormat, ToolPrompt, tool_prompt
+from sgl_ray.protocol.tools import ToolChoice, ToolPlan, parse_function, parse_tool_choice, parse_tools
 
 __all__ = [
+    "CHAT_SSE",
+    "ResponseBuilder",
+    "ResponseDraft",
+    "ResponseObject",
+    "ResponseStreamAssembler",
+    "ResponsesRequest",
+    "SSEFraming",
+    "ToolFormat",
+    "ToolPrompt",
+    "constrain_output",
+    "parse_function",
+    "responses_errors",
+    "tool_prompt",
     "ChoiceParser",
     "FunctionCall",
     "FunctionCallDelta",

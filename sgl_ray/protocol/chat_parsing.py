@@ -120,6 +120,14 @@ def output_params(
     """``params`` with what ``parsing`` needs from the engine: the call format forced for ``tool_choice``
     ``required`` or a named function, a request's grammar moved after the reasoning when a reasoning parser is on
     (as a structural tag), and special tokens kept for parsers whose markers are special tokens."""
+    return constrain_output(params, parsing, req.skip_special_tokens)
+
+
+def constrain_output(
+    params: SamplingParams, parsing: OutputParsing, skip_special_tokens: bool | None = None
+) -> SamplingParams:
+    """:func:`output_params` for callers without a chat request (the frontend language, Ray Data):
+    ``skip_special_tokens`` is what the caller asked for (None: not set, so parsers may keep special tokens)."""
     tools = parsing.tools
     calls = tools.call_format() if tools is not None else None
     grammar = params.grammar
@@ -135,7 +143,7 @@ def output_params(
         tag = after_reasoning(parsing.reasoning, answer) if parsing.reasoning else _tag(answer)
         changes = {"json_schema": None, "regex": None, "ebnf": None, "structural_tag": json.dumps(tag)}
     parser = tools.parser if tools is not None else None
-    if parser is not None and parser.needs_special_tokens and req.skip_special_tokens is None:
+    if parser is not None and parser.needs_special_tokens and skip_special_tokens is None:
         changes["skip_special_tokens"] = False
     return msgspec.structs.replace(params, **changes).normalized() if changes else params
 

@@ -20,14 +20,16 @@ from sgl_ray.protocol.requests import (
     GenerateRequest,
     TokenizeRequest,
 )
+from sgl_ray.protocol.responses_api.request import ResponsesRequest
 
-RequestKind = Literal["chat", "completion", "generate", "tokenize"]
+RequestKind = Literal["chat", "completion", "generate", "tokenize", "responses"]
 
-REQUEST_TYPES: dict[str, type[AnyRequest]] = {
+REQUEST_TYPES: dict[str, type[AnyRequest | ResponsesRequest]] = {
     "chat": ChatCompletionRequest,
     "completion": CompletionRequest,
     "generate": GenerateRequest,
     "tokenize": TokenizeRequest,
+    "responses": ResponsesRequest,
 }
 # Decoders are stateless and thread-safe; building one compiles the type once.
 _DECODERS = {kind: msgspec.json.Decoder(t) for kind, t in REQUEST_TYPES.items()}
@@ -46,8 +48,11 @@ def decode_request(kind: Literal["completion"], body: bytes) -> CompletionReques
 def decode_request(kind: Literal["generate"], body: bytes) -> GenerateRequest: ...
 @overload
 def decode_request(kind: Literal["tokenize"], body: bytes) -> TokenizeRequest: ...
-def decode_request(kind: RequestKind, body: bytes) -> AnyRequest:
-    """Decode and check one request body of ``kind`` (``"chat"``, ``"completion"``, ``"generate"`` or ``"tokenize"``).
+@overload
+def decode_request(kind: Literal["responses"], body: bytes) -> ResponsesRequest: ...
+def decode_request(kind: RequestKind, body: bytes) -> AnyRequest | ResponsesRequest:
+    """Decode and check one request body of ``kind`` (``"chat"``, ``"completion"``, ``"generate"``, ``"tokenize"``
+    or ``"responses"``).
 
     Example::
 

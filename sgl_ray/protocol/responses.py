@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -285,3 +285,15 @@ def internal_error_body(message: str = "Internal server error") -> bytes:
 def sse_error(err: SglRayError) -> bytes:
     """An error event for a stream that already started (the HTTP status was already sent as 200)."""
     return b"data: " + error_body(err) + b"\n\n"
+
+
+class SSEFraming(NamedTuple):
+    """How a stream's events are written: each event, an error after the stream started, and the closing bytes."""
+
+    event: Callable[[Any], bytes]
+    error: Callable[[SglRayError], bytes]
+    done: bytes
+
+
+CHAT_SSE = SSEFraming(sse_event, sse_error, SSE_DONE)
+"""Chat and completions streams: ``data: {json}`` events, ``data: [DONE]`` at the end."""

@@ -42,30 +42,36 @@ def parse_tools(tools: list[dict[str, Any]] | None) -> list[Tool]:
         fn = item.get("function")
         if not isinstance(fn, dict):
             raise InvalidRequestError(f"Missing required parameter: '{where}.function'.", param="tools")
-        name = fn.get("name")
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        tool = parse_function(fn, f"{where}.function")
+        if any(t.name == tool.name for t in out):
             raise InvalidRequestError(
-                f"Invalid '{where}.function.name': expected 1 to 64 letters, digits, underscores or dashes, "
-                f"got {name!r}.",
-                param="tools",
+                f"Invalid 'tools': the function name '{tool.name}' is repeated.", param="tools"
             )
-        if any(t.name == name for t in out):
-            raise InvalidRequestError(
-                f"Invalid 'tools': the function name '{name}' is repeated.", param="tools"
-            )
-        params = fn.get("parameters")
-        if params is None:
-            params = _NO_ARGUMENTS
-        if not isinstance(params, dict) or params.get("type", "object") != "object":
-            raise InvalidRequestError(
-                f"Invalid '{where}.function.parameters': expected a JSON schema of an object.", param="tools"
-            )
-        if fn.get("description") is not None and not isinstance(fn["description"], str):
-            raise InvalidRequestError(
-                f"Invalid type for '{where}.function.description': expected a string.", param="tools"
-            )
-        out.append(Tool(name, params))
+        out.append(tool)
     return out
+
+
+def parse_function(fn: dict[str, Any], where: str) -> Tool:
+    """One function definition (``name``, ``description``?, ``parameters``?), checked; ``where`` is its path in
+    the request for error messages (``tools[0].function`` in chat, ``tools[0]`` in the Responses API)."""
+    name = fn.get("name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidRequestError(
+            f"Invalid '{where}.name': expected 1 to 64 letters, digits, underscores or dashes, got {name!r}.",
+            param="tools",
+        )
+    params = fn.get("parameters")
+    if params is None:
+        params = _NO_ARGUMENTS
+    if not isinstance(params, dict) or params.get("type", "object") != "object":
+        raise InvalidRequestError(
+            f"Invalid '{where}.parameters': expected a JSON schema of an object.", param="tools"
+        )
+    if fn.get("description") is not None and not isinstance(fn["description"], str):
+        raise InvalidRequestError(
+            f"Invalid type for '{where}.description': expected a string.", param="tools"
+        )
+    return Tool(name, params)
 
 
 def parse_tool_choice(tool_choice: str | dict[str, Any] | None, tools: list[Tool]) -> ToolChoice:

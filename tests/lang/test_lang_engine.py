@@ -58,3 +58,46 @@ def test_fork_stream_and_batch_on_the_engine(engine_backend):
     assert batch[0].text() == streamed.text()
     with pytest.raises(InvalidRequestError, match="top_p"):
         qa.run("Hi", backend=engine_backend, top_p=0.0)
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def test_gen_with_tools_on_the_engine(engine_backend):
+    """A named function is forced and parsed in process (the chat path's template, grammar and parser); the call
+    stays out of the text, and the next turn is a plain gen."""
+    import json
+
+    import jsonschema
+
+    @sgl.function
+    def agent(s):
+        s += sgl.user("What is the weather in Paris?")
+        s += sgl.assistant(sgl.gen("call", max_tokens=64, tools=TOOLS, tool_choice=NAMED, seed=7))
+        s += sgl.user("It is 18 degrees. Say thanks.")
+        s += sgl.assistant(sgl.gen("reply", max_tokens=4))
+
+    state = agent.run(backend=engine_backend, temperature=0.7)
+    [call] = state.tool_calls("call")
+    assert call.name == "get_weather" and state["call"] == ""
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    assert state.get_meta_info("call")["tool_calls"] == [call._asdict()]
+    assert state.tool_calls("reply") == [] and isinstance(state["reply"], str)
+    assert [m["content"] for m in state.messages()][1] == ""
+    with pytest.raises(InvalidRequestError, match="assistant turn"):
+
+        @sgl.function
+        def no_turn(s):
+            s += sgl.user("Hi") + sgl.gen("x", max_tokens=2, tools=TOOLS)
+
+        no_turn.run(backend=engine_backend)

@@ -212,3 +212,38 @@ def test_openai_backend_on_the_same_server(serve_url, endpoint):
             s += "Hi" + sgl.gen("x", max_tokens=2)
 
         no_turn.run(backend=chat)
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
+
+
+@sgl.function
+def call_tool(s, question):
+    s += sgl.user(question)
+    named = {"type": "function", "function": {"name": "get_weather"}}  # one call, then the turn ends
+    s += sgl.assistant(sgl.gen("call", max_tokens=64, tools=TOOLS, tool_choice=named, seed=7))
+
+
+def test_gen_with_tools_on_the_server(serve_url, endpoint):
+    """Both server backends reach /v1/chat/completions with the tools: the same seeded calls, streamed or not."""
+    import json
+
+    import jsonschema
+
+    chat = sgl.OpenAI("smollm2", base_url=f"{serve_url}/v1", api_key=API_KEY, max_retries=0)
+    native = call_tool.run("What is the weather in Paris?", backend=endpoint, temperature=0.7)
+    calls = native.tool_calls("call")
+    assert native["call"] == "" and native.get_meta_info("call")["finish_reason"] == "tool_calls"
+    assert [c.name for c in calls] == ["get_weather"]
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER)
+    via_chat = call_tool.run("What is the weather in Paris?", backend=chat, temperature=0.7)
+    assert via_chat.tool_calls("call") == calls
+    streamed = call_tool.run("What is the weather in Paris?", backend=chat, temperature=0.7, stream=True)
+    assert "".join(streamed.text_iter()) == streamed.text()
+    assert streamed.tool_calls("call") == calls

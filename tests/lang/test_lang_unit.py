@@ -98,6 +98,19 @@ def test_expressions_compose_and_validate():
         sgl.gen("x", regex="a+", json_schema={"type": "string"})
 
 
+def test_gen_with_tools_validates_them_when_written():
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    g = sgl.gen("call", tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert g.tools.tools == tuple(tools) and g.params.to_native() == {}
+    for kwargs in (
+        {"tool_choice": "required"},  # no tools
+        {"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        {"tools": [{"type": "function", "function": {"name": "bad name"}}]},
+    ):
+        with pytest.raises(InvalidRequestError):
+            sgl.gen("call", **kwargs)
+
+
 def test_image_raises_a_typed_error():
     with pytest.raises(UnsupportedFeatureError, match="image"):
         sgl.image("cat.png")

@@ -3,6 +3,7 @@ ordering rows by prompt prefix turns recomputed shared prefixes into prefix-cach
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -164,3 +165,50 @@ def test_chat_messages_and_input_ids_rows(ray_cluster, tiny_qwen2_path):
         rows = build_processor(config, preprocess=preprocess)(ray_data.from_items(items)).take_all()
         got = {r["id"]: list(r["generated_tokens"]) for r in rows}
         assert got == {0: expected[0], 1: expected[1], 2: expected[2], 3: expected[0]}
+
+
+def test_tool_rows_return_parsed_calls(ray_cluster, tiny_qwen2_path):
+    """A row with ``tools`` and ``tool_choice: "required"`` gets the forced call, parsed into ``tool_calls`` (the
+    same call the engine gives for the chat path's prompt and grammar); a row without tools gets null."""
+    import jsonschema
+
+    from sgl_ray.protocol import ToolFormat, tool_prompt
+    from sgl_ray.sampling.params import SamplingParams
+
+    schema = {
+        "type": "object",
+        # enums: free strings from random weights may hold raw control characters, which JSON does not allow
+        "properties": {
+            "city": {"enum": ["Paris", "Rome"]},
+            "unit": {"enum": ["celsius", "fahrenheit"]},
+        },
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+    }
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": schema}}]
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    greedy = {"temperature": 0.0, "max_new_tokens": 96}
+    with sgl_ray.Engine(tiny_qwen2_path, max_total_tokens=2048) as engine:
+        fmt = ToolFormat.for_tokenizer(engine.tokenizer)
+        prompt = tool_prompt(
+            engine.tokenizer, fmt, ask, tools, SamplingParams(**greedy), tool_choice="required"
+        )
+        out = engine.generate(input_ids=prompt.input_ids, sampling_params=prompt.params)
+        expected = [c._asdict() for c in prompt.parse(out["text"]).calls]
+    assert expected
+    for call in expected:
+        jsonschema.validate(json.loads(call["arguments"]), schema)
+
+    items = [
+        {"id": 0, "messages": ask, "tools": json.dumps(tools), "tool_choice": "required"},
+        {"id": 1, "messages": ask, "tools": None, "tool_choice": None},
+    ]
+    config = ProcessorConfig(
+        engine_kwargs={"model_path": tiny_qwen2_path, "max_total_tokens": 2048},
+        apply_chat_template=True,
+        order_by_prefix=False,
+    )
+    processor = build_processor(config, preprocess=lambda row: {**row, "sampling_params": greedy})
+    rows = {r["id"]: r for r in processor(ray_data.from_items(items)).take_all()}
+    assert list(rows[0]["tool_calls"]) == expected and rows[0]["generated_text"] == out["text"]
+    assert rows[1]["tool_calls"] is None

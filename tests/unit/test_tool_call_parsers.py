@@ -272,3 +272,15 @@ def test_mangled_outputs_never_raise(name):
                 )
             streamed = _stream(cls(TOOLS), _pieces(mangled, rng.randint(0, 99)))
             assert len(streamed.content) <= len(mangled)
+
+
+def test_raw_control_characters_in_arguments_come_back_escaped():
+    """A grammar may let a raw control character into a string (JSON forbids them): the call still parses, whole
+    and streamed alike, and its arguments reach the client as valid JSON with the character escaped."""
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa\x0eris"}}\n</tool_call>'
+    cls = get_tool_call_parser("hermes")
+    out = cls(TOOLS).parse(text)
+    assert [c.name for c in out.calls] == ["get_weather"]
+    assert json.loads(out.calls[0].arguments) == {"city": "Pa\x0eris"}
+    assert "\x0e" not in out.calls[0].arguments
+    assert _stream(cls(TOOLS), list(text)) == out

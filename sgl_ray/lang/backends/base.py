@@ -12,7 +12,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
-from sgl_ray.lang.ir import GenParams
+from sgl_ray.errors import InvalidRequestError
+from sgl_ray.function_call import ToolCall
+from sgl_ray.lang.ir import GenParams, GenTools
 from sgl_ray.lang.template import RoleFormat
 
 DeltaSink = Callable[[str], None]
@@ -30,15 +32,19 @@ class Prompt(NamedTuple):
 class GenResult(NamedTuple):
     text: str
     meta_info: dict[str, Any]  # prompt_tokens, completion_tokens, cached_tokens, finish_reason where known
+    tool_calls: list[ToolCall] | None = None  # the parsed calls of a gen with tools (None without tools)
 
 
 class Backend(ABC):
     """Contract:
 
     - ``role_format()`` — how this model writes roles (its chat template), fetched once and cached.
-    - ``generate(prompt, params, on_delta)`` — the continuation of ``prompt.text`` under ``params``; with
-      ``on_delta`` it streams, calling it with each text delta before returning the whole result. Server errors
-      raise typed :mod:`sgl_ray.errors` exceptions.
+    - ``generate(prompt, params, on_delta, tools=None)`` — the continuation of ``prompt.text`` under ``params``;
+      with ``on_delta`` it streams, calling it with each text delta before returning the whole result. Server
+      errors raise typed :mod:`sgl_ray.errors` exceptions. With ``tools`` the prompt must end in an open,
+      empty assistant turn: the reply to ``prompt.messages`` is generated as a chat completion with those tools,
+      ``text`` is its content and ``tool_calls`` its calls (backends that cannot raise
+      :class:`~sgl_ray.errors.UnsupportedFeatureError`).
     - ``choice_logprobs(context, choices)`` — for each choice, the logprobs of the tokens ``context + choice``
       adds after ``context`` (each list non-empty, ``context`` may be "").
     - ``cache_prefix(text)`` — warm the server's prefix cache with ``text`` (forks call it); may do nothing.
@@ -49,7 +55,13 @@ class Backend(ABC):
     def role_format(self) -> RoleFormat: ...
 
     @abstractmethod
-    def generate(self, prompt: Prompt, params: GenParams, on_delta: DeltaSink | None = None) -> GenResult: ...
+    def generate(
+        self,
+        prompt: Prompt,
+        params: GenParams,
+        on_delta: DeltaSink | None = None,
+        tools: GenTools | None = None,
+    ) -> GenResult: ...
 
     @abstractmethod
     def choice_logprobs(self, context: str, choices: Sequence[str]) -> list[list[float]]: ...
@@ -63,6 +75,12 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+
+def require_assistant_turn(prompt: Prompt, why: str) -> None:
+    """Raise unless the gen opens an assistant turn (chat APIs generate a whole assistant message)."""
+    if prompt.open_role != "assistant" or prompt.open_content:
+        raise InvalidRequestError(f"{why}, gen() must start an assistant turn: s += assistant(gen(...))")
 
 
 def join_stream(chunks: Iterable[dict], on_delta: DeltaSink) -> GenResult:

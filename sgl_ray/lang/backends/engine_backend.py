@@ -6,8 +6,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from sgl_ray.errors import InvalidRequestError
-from sgl_ray.lang.backends.base import DeltaSink, GenResult, Prompt, TokenScoringBackend, join_stream
-from sgl_ray.lang.ir import GenParams
+from sgl_ray.lang.backends.base import (
+    DeltaSink,
+    GenResult,
+    Prompt,
+    TokenScoringBackend,
+    join_stream,
+    require_assistant_turn,
+)
+from sgl_ray.lang.ir import GenParams, GenTools
 from sgl_ray.lang.template import RoleFormat, role_format_from_tokenizer
 
 
@@ -27,18 +34,56 @@ class EngineBackend(TokenScoringBackend):
             )
         self.engine = engine
         self._format: RoleFormat | None = None
+        self._tool_format: Any = None  # the engine's ToolFormat, on first use
 
     def role_format(self) -> RoleFormat:
         if self._format is None:
             self._format = role_format_from_tokenizer(self.engine.tokenizer)
         return self._format
 
-    def generate(self, prompt: Prompt, params: GenParams, on_delta: DeltaSink | None = None) -> GenResult:
+    def generate(
+        self,
+        prompt: Prompt,
+        params: GenParams,
+        on_delta: DeltaSink | None = None,
+        tools: GenTools | None = None,
+    ) -> GenResult:
+        if tools is not None:
+            return self._generate_with_tools(prompt, params, tools, on_delta)
         sp = params.to_native()
         if on_delta is None:
             out = self.engine.generate(prompt.text, sp)
             return GenResult(out["text"], out["meta_info"])
         return join_stream(self.engine.generate(prompt.text, sp, stream=True), on_delta)
+
+    def _generate_with_tools(
+        self, prompt: Prompt, params: GenParams, tools: GenTools, on_delta: DeltaSink | None
+    ) -> GenResult:
+        """The chat path in process: the turns rendered with the chat template and the tools, the call format
+        forced for ``required`` or a named function, the output parsed with the engine's tool-call parser (and
+        reasoning parser, if it has one)."""
+        from sgl_ray.entrypoints.requests import to_sampling_params
+        from sgl_ray.protocol.tool_prompt import ToolFormat, tool_prompt
+        from sgl_ray.reasoning import get_reasoning_parser
+
+        require_assistant_turn(prompt, "with tools")
+        args = self.engine.args
+        if self._tool_format is None:
+            self._tool_format = ToolFormat.for_tokenizer(self.engine.tokenizer, args.tool_call_parser)
+        planned = tool_prompt(
+            self.engine.tokenizer,
+            self._tool_format,
+            prompt.messages,
+            list(tools.tools),
+            to_sampling_params(params.to_native()),
+            tool_choice=tools.choice,
+            reasoning=get_reasoning_parser(args.reasoning_parser) if args.reasoning_parser else None,
+        )
+        out = self.engine.generate(input_ids=planned.input_ids, sampling_params=planned.params)
+        parsed = planned.parse(out["text"])
+        if on_delta is not None and parsed.content:
+            on_delta(parsed.content)
+        return GenResult(parsed.content, out["meta_info"], parsed.calls)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.engine.tokenizer.encode(t) for t in texts]

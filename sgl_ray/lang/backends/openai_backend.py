@@ -6,10 +6,11 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sgl_ray.errors import InvalidRequestError, UnsupportedFeatureError
-from sgl_ray.lang.backends.base import Backend, DeltaSink, GenResult, Prompt
+from sgl_ray.errors import UnsupportedFeatureError
+from sgl_ray.function_call import ToolCall
+from sgl_ray.lang.backends.base import Backend, DeltaSink, GenResult, Prompt, require_assistant_turn
 from sgl_ray.lang.backends.http import error_from_body
-from sgl_ray.lang.ir import GenParams
+from sgl_ray.lang.ir import GenParams, GenTools
 from sgl_ray.lang.template import RoleFormat
 
 _NATIVE_ONLY = (
@@ -34,7 +35,8 @@ class OpenAI(Backend):
       and ``max_tokens=0`` (our server supports it; servers that do not answer with an error).
 
     Parameters outside the OpenAI API (``top_k``, ``min_p``, ``regex``, …) go in ``extra_body``;
-    ``json_schema`` becomes ``response_format``.
+    ``json_schema`` becomes ``response_format``. A ``gen`` with ``tools`` (chat models only) passes ``tools`` and
+    ``tool_choice`` through and returns the server's ``tool_calls``.
 
     Example::
 
@@ -94,14 +96,25 @@ class OpenAI(Backend):
             body = e.body if isinstance(e.body, dict) else {"message": str(e)}  # the client unwraps "error"
             raise error_from_body(e.status_code, body if "error" in body else {"error": body}) from None
 
-    def generate(self, prompt: Prompt, params: GenParams, on_delta: DeltaSink | None = None) -> GenResult:
+    def generate(
+        self,
+        prompt: Prompt,
+        params: GenParams,
+        on_delta: DeltaSink | None = None,
+        tools: GenTools | None = None,
+    ) -> GenResult:
         kw = self._kwargs(params)
         stream = on_delta is not None
-        if self.is_chat_model:
-            if prompt.open_role != "assistant" or prompt.open_content:
-                raise InvalidRequestError(
-                    "with a chat model, gen() must start an assistant turn: s += assistant(gen(...))"
+        if tools is not None:
+            if not self.is_chat_model:
+                raise UnsupportedFeatureError(
+                    "gen(tools=...) needs a chat model: OpenAI(..., is_chat_model=True)", param="tools"
                 )
+            kw["tools"] = list(tools.tools)
+            if tools.choice is not None:
+                kw["tool_choice"] = tools.choice
+        if self.is_chat_model:
+            require_assistant_turn(prompt, "with a chat model")
             kw["messages"] = prompt.messages
             fn = self.client.chat.completions.create
         else:
@@ -111,8 +124,14 @@ class OpenAI(Backend):
             r = self._call(fn, **kw)
             choice = r.choices[0]
             text = choice.message.content if self.is_chat_model else choice.text
-            return GenResult(text or "", _meta(r.usage, choice.finish_reason))
+            calls = None
+            if tools is not None:
+                calls = [
+                    ToolCall(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []
+                ]
+            return GenResult(text or "", _meta(r.usage, choice.finish_reason), calls)
         text, finish, usage = "", None, None
+        pieces: dict[int, list[str]] = {}  # call index → [name, arguments]
         for chunk in self._call(fn, stream=True, stream_options={"include_usage": True}, **kw):
             usage = chunk.usage or usage
             if not chunk.choices:
@@ -122,8 +141,13 @@ class OpenAI(Backend):
             if delta:
                 on_delta(delta)
                 text += delta
+            for piece in (c.delta.tool_calls or []) if self.is_chat_model else []:
+                call = pieces.setdefault(piece.index, ["", ""])
+                call[0] = (piece.function.name if piece.function else None) or call[0]
+                call[1] += (piece.function.arguments if piece.function else None) or ""
             finish = c.finish_reason or finish
-        return GenResult(text, _meta(usage, finish))
+        calls = [ToolCall(*pieces[i]) for i in sorted(pieces)] if tools is not None else None
+        return GenResult(text, _meta(usage, finish), calls)
 
     def choice_logprobs(self, context: str, choices: Sequence[str]) -> list[list[float]]:
         if self.is_chat_model:

@@ -6,10 +6,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from sgl_ray.errors import RemoteError
-from sgl_ray.lang.backends.base import DeltaSink, GenResult, Prompt, TokenScoringBackend, join_stream
+from sgl_ray.function_call import ToolCall
+from sgl_ray.lang.backends.base import (
+    DeltaSink,
+    GenResult,
+    Prompt,
+    TokenScoringBackend,
+    join_stream,
+    require_assistant_turn,
+)
 from sgl_ray.lang.backends.http import JSONClient
-from sgl_ray.lang.ir import GenParams
+from sgl_ray.lang.ir import GenParams, GenTools
 from sgl_ray.lang.template import RoleFormat
+
+_CHAT_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 
 class RuntimeEndpoint(TokenScoringBackend):
@@ -18,7 +28,8 @@ class RuntimeEndpoint(TokenScoringBackend):
     The chat template comes from ``GET /get_model_info``; ``gen`` posts the state's text to ``/generate``;
     ``select`` tokenizes through ``/tokenize`` and scores all choices in one ``/generate`` call with prompt
     logprobs and ``max_new_tokens=0``. Forks share their prefix through the server's radix cache
-    (``s.get_meta_info(name)["cached_tokens"]``).
+    (``s.get_meta_info(name)["cached_tokens"]``). A ``gen`` with ``tools`` posts the turns to the server's
+    ``/v1/chat/completions`` instead, which renders, constrains and parses the calls.
 
     Example::
 
@@ -43,12 +54,47 @@ class RuntimeEndpoint(TokenScoringBackend):
             self._format = RoleFormat.from_dict(self.get_model_info()["role_format"])
         return self._format
 
-    def generate(self, prompt: Prompt, params: GenParams, on_delta: DeltaSink | None = None) -> GenResult:
+    def generate(
+        self,
+        prompt: Prompt,
+        params: GenParams,
+        on_delta: DeltaSink | None = None,
+        tools: GenTools | None = None,
+    ) -> GenResult:
+        if tools is not None:
+            return self._chat_with_tools(prompt, params, tools, on_delta)
         body = {"text": prompt.text, "sampling_params": params.to_native(), "stream": on_delta is not None}
         if on_delta is None:
             out = self.client.post("/generate", body)
             return GenResult(out["text"], out["meta_info"])
         return join_stream(self.client.stream("/generate", body), on_delta)
+
+    def _chat_with_tools(
+        self, prompt: Prompt, params: GenParams, tools: GenTools, on_delta: DeltaSink | None
+    ) -> GenResult:
+        require_assistant_turn(prompt, "with tools")
+        # the chat endpoint takes the native extras (top_k, regex, ignore_eos, …) under the same names
+        body: dict[str, Any] = {_CHAT_NAMES.get(k, k): v for k, v in params.to_native().items()}
+        body.update(messages=prompt.messages, tools=list(tools.tools))
+        if tools.choice is not None:
+            body["tool_choice"] = tools.choice
+        r = self.client.post("/v1/chat/completions", body)
+        choice, usage = r["choices"][0], r["usage"]
+        message = choice["message"]
+        calls = [
+            ToolCall(c["function"]["name"], c["function"]["arguments"])
+            for c in message.get("tool_calls") or []
+        ]
+        text = message.get("content") or ""
+        if on_delta is not None and text:
+            on_delta(text)
+        meta = {
+            "finish_reason": choice["finish_reason"],
+            "prompt_tokens": usage["prompt_tokens"],
+            "completion_tokens": usage["completion_tokens"],
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+        }
+        return GenResult(text, meta, calls)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return self.client.post("/tokenize", {"text": list(texts)})["tokens"]
