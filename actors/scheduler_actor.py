@@ -112,6 +112,8 @@ class GlobalScheduler(SchedulerCalls):
         return {
             **self.loop.call(scheduler_stats),
             **({"expert_tokens": load} if load is not None else {}),
+            "weight_bytes": sum(self.group.weight_bytes),  # over the group's shards
+            "weight_bytes_per_shard": self.group.weight_bytes,
             "num_rebuilds": self.num_rebuilds,
             "max_batches_in_flight": self.loop.max_in_flight,
             "overlap_schedule": self.overlap,

@@ -98,6 +98,7 @@ class ShardGroup:
         self._tail: LaggedStep | None = None  # lagged: the last step sent, its output not yet asked for
         self._masks_due: LaggedStep | None = None  # lagged: sent with ``mask_deferred``, masks not given yet
         self._masks: DeferredMasks | None = None  # lagged: given, to travel with the next call
+        self.weight_bytes: list[int] = []  # per rank, set by start()
 
     def start(self) -> RunnerInfo:
         t0 = time.monotonic()
@@ -123,6 +124,7 @@ class ShardGroup:
             num_slots=min(p.num_slots for p in proposals), max_reqs=min(p.max_reqs for p in proposals)
         )
         infos = ray.get([w.init_memory.remote(capacity) for w in self.workers])
+        self.weight_bytes = [info.weight_bytes for info in infos]  # per rank, weights as held
         with InputNode() as sent:  # a StepPlan, or (lagged) a ShardCall
             dag = MultiOutputNode([(w.step if self.lagged else w.execute).bind(sent) for w in self.workers])
         self.dag = dag.experimental_compile()

@@ -9,6 +9,7 @@ Examples::
     sgl-ray bench offline --model-path /models/qwen2 --max-total-tokens 65536 --output-file results.jsonl
     sgl-ray bench serving --base-url http://127.0.0.1:8000 --num-prompts 64 --random-input-len 256 --plot s.png
     sgl-ray bench structured --num-prompts 16                # JSON schema: free vs constrained vs jump-forward
+    sgl-ray bench gguf-quantized                             # GGUF kept quantized vs dequantized at load
     sgl-ray bench serving --backend sglang-generate --dataset shared-prefix --prefix-len 1024 --num-prefixes 4 \
         --request-rate 8 --max-concurrency 16 --flush-cache
     sgl-ray bench lora --adapters 1 4 16 --num-prompts 64 --device cuda --dtype bfloat16 --model-path /models/llama
@@ -32,6 +33,7 @@ import sys
 from sgl_ray.bench.datasets import DATASETS, DatasetConfig
 from sgl_ray.bench.offline import WORKLOADS, OfflineConfig, run_offline
 from sgl_ray.bench.plot import plot_serving
+from sgl_ray.bench.quantized import add_gguf_quantized_args
 from sgl_ray.bench.report import format_header, format_table, plot, to_record, write_jsonl
 from sgl_ray.bench.serving import BACKENDS, ServingConfig, ServingResult, run_serving_benchmark
 from sgl_ray.bench.structured import add_structured_args
@@ -43,7 +45,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(
         dest="bench_command",
         required=True,
-        metavar="{offline,serving,roofline,step-profile,lora,structured,moe-kernels}",
+        metavar="{offline,serving,roofline,step-profile,lora,structured,gguf-quantized,moe-kernels}",
     )
     offline = sub.add_parser(
         "offline",
@@ -94,6 +96,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     _add_step_profile_args(sub)
     _add_lora_args(sub)
     add_structured_args(sub)
+    add_gguf_quantized_args(sub)
     moe = sub.add_parser(
         "moe-kernels",
         help="the MoE expert kernels alone (CUDA): --tune the launch table, or --bench it against the torch experts",

@@ -9,9 +9,13 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from sgl_ray.errors import InvalidRequestError
+from sgl_ray.errors import InvalidRequestError, UnsupportedModelError
 
 SchedulePolicyName = Literal["fcfs", "lpm", "dfs-weight", "priority"]
+QUANTIZATION_METHODS = ("gguf", "none")
+GGUF_KEPT_QUANTIZED_BY_DEFAULT = False
+"""Whether ``quantization`` unset keeps a GGUF file quantized on a CPU. Off: on the 2-core CPU of
+docs/benchmarks.md (2026-12-07) the kept blocks took 1/6.7 of the memory but decoded at batch 1 at 0.27x the speed."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,13 @@ class EngineArgs:
     )
     load_format: str = field(
         default="auto", metadata={"help": "auto (the model's files) | dummy (random weights, for benchmarks)"}
+    )
+    quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "weights held quantized: gguf (a GGUF file's blocks stay in memory and are decoded inside each "
+            "matmul; CPU; about 1/5 of the memory, slower) | none (dequantize to --dtype at load; the default)"
+        },
     )
     grammar_backend: str = field(default="xgrammar", metadata={"help": "structured-output grammar backend"})
     grammar_compile_timeout: float = field(
@@ -190,6 +201,8 @@ class EngineArgs:
             raise bad("grammar_compile_timeout", "must be > 0")
         if self.load_format not in ("auto", "dummy"):
             raise bad("load_format", "must be 'auto' or 'dummy'")
+        if self.quantization not in (None, *QUANTIZATION_METHODS):
+            raise bad("quantization", f"must be one of {QUANTIZATION_METHODS}")
         if isinstance(self.lora_paths, dict):
             object.__setattr__(self, "lora_paths", tuple(f"{k}={v}" for k, v in self.lora_paths.items()))
         elif self.lora_paths is not None:
@@ -238,6 +251,28 @@ class EngineArgs:
         return (
             not self.disable_jump_forward if self.disable_jump_forward is not None else device.type != "cuda"
         )
+
+    def effective_quantization(self, device: torch.device, weight_format: str) -> str | None:
+        """How the weights are held: ``"gguf"`` (a GGUF file's blocks, decoded inside each matmul) or None
+        (dequantized to ``dtype`` at load, the default: see :data:`GGUF_KEPT_QUANTIZED_BY_DEFAULT`). Asking for
+        ``"gguf"`` where it cannot be raises :class:`UnsupportedModelError`."""
+        if self.quantization == "none" or (self.quantization is None and not GGUF_KEPT_QUANTIZED_BY_DEFAULT):
+            return None
+        explicit = self.quantization == "gguf"
+        if weight_format != "gguf":
+            if explicit:
+                raise UnsupportedModelError(
+                    f"quantization='gguf' needs a .gguf model file, not {weight_format}"
+                )
+            return None
+        if device.type != "cpu":
+            if explicit:
+                raise UnsupportedModelError(
+                    "quantization='gguf' (GGUF blocks decoded inside each matmul) runs on CPU only for now; "
+                    f"on {device.type} use quantization='none' to dequantize the file at load"
+                )
+            return None
+        return "gguf"
 
     def replace(self, **changes: Any) -> EngineArgs:
         return dataclasses.replace(self, **changes)

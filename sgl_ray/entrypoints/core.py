@@ -195,8 +195,13 @@ class InProcessCore(SchedulerCalls, EngineCore):
 
     def stats(self) -> dict[str, Any]:
         def both(s: Scheduler) -> dict[str, Any]:
-            load = self.runner.expert_load() if self.runner is not None else None
-            return {**scheduler_stats(s), **({"expert_tokens": load} if load is not None else {})}
+            runner = self.runner
+            load = runner.expert_load() if runner is not None else None
+            return {
+                **scheduler_stats(s),
+                **({"expert_tokens": load} if load is not None else {}),
+                **({"weight_bytes": runner.weight_bytes} if runner is not None else {}),
+            }
 
         return self.loop.call(both)
 

@@ -3,6 +3,9 @@
 Rank r owns vocabulary rows ``[r * shard, (r + 1) * shard)`` with ``shard = ceil(vocab / world)``; the last shard is
 padded with zero rows. The embedding all-reduces (each token's row lives on one rank); the LM head all-gathers the
 logit shards and drops the padding.
+
+A quantized table (:class:`~sgl_ray.layers.quantization.QuantizedWeight`) decodes only the looked-up rows; a head
+tied to it multiplies by the same quantized table.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from torch import nn
 
 from sgl_ray.distributed import Communicator, SingleProcessCommunicator
 from sgl_ray.layers.linear import linear
+from sgl_ray.layers.quantization import DenseRows, QuantizedMatrix, QuantizedWeight, load_rows
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -28,20 +32,38 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = self.tp.rank * self.shard_size
         self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        self.weight.accepts_quantized = True  # type: ignore[attr-defined]
+        self._tied_heads: list[ParallelLMHead] = []  # share this weight (see ParallelLMHead.tie)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor | QuantizedMatrix, shard_id: object = None
+    ) -> None:
         if loaded.shape[1] != param.shape[1] or loaded.shape[0] < self.vocab_size:
             raise ValueError(f"embedding shape mismatch: {tuple(loaded.shape)} for vocab {self.vocab_size}")
         rows = max(0, min(self.shard_size, self.vocab_size - self.vocab_start))
-        param.data[:rows].copy_(loaded.narrow(0, self.vocab_start, rows))
+        load_rows(self, param, 0, loaded.narrow(0, self.vocab_start, rows))
+        weight = self.weight
+        if isinstance(weight, QuantizedWeight):
+            if rows < self.shard_size:  # the last shard's padding
+                weight.put(
+                    rows, DenseRows(torch.zeros(self.shard_size - rows, weight.cols, dtype=weight.dtype))
+                )
+            for head in self._tied_heads:  # they held the dense parameter this replaced
+                del head.weight
+                head.weight = weight
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, QuantizedWeight):
+            return self.weight.embedding(ids)
+        return F.embedding(ids, self.weight)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
         if self.tp.world_size == 1:
-            out = F.embedding(input_ids, self.weight)
+            out = self._lookup(input_ids)
         else:
             local = input_ids - self.vocab_start
             outside = (local < 0) | (local >= self.shard_size)
-            out = F.embedding(local.masked_fill(outside, 0), self.weight)
+            out = self._lookup(local.masked_fill(outside, 0))
             out.masked_fill_(outside.unsqueeze(-1), 0.0)
             out = self.tp.all_reduce(out)
         return out if self.multiplier == 1.0 else out * self.multiplier
@@ -52,6 +74,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def tie(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
+        embedding._tied_heads.append(self)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
         logits = linear(hidden, self.weight)

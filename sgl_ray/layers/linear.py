@@ -4,6 +4,9 @@ Each parameter carries ``weight_loader(param, loaded_weight, shard_id=None)``, s
 maps checkpoint names to parameters; how a full checkpoint tensor is cut for this rank lives with the layer.
 
 Shapes follow ``torch.nn.functional.linear``: ``weight`` is ``[out_features_on_this_rank, in_features_on_this_rank]``.
+A quantized checkpoint piece (:class:`~sgl_ray.layers.quantization.QuantizedMatrix`) is cut the same way, rows
+anywhere and columns on its blocks' boundaries, and makes ``weight`` a
+:class:`~sgl_ray.layers.quantization.QuantizedWeight` (see :func:`~sgl_ray.layers.quantization.load_rows`).
 """
 
 from __future__ import annotations
@@ -14,11 +17,17 @@ from torch import nn
 
 from sgl_ray.distributed import Communicator, SingleProcessCommunicator
 from sgl_ray.layers.cuda_ops import cuda_ops
+from sgl_ray.layers.quantization import QuantizedMatrix, QuantizedWeight, load_rows, narrow_columns
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """``F.linear``, except that what the Triton GEMV takes on CUDA (a single row: faster than cuBLAS at batch 1,
-    and launched so that it streams its weights while the kernel before it finishes) goes there."""
+    and launched so that it streams its weights while the kernel before it finishes) goes there, and a quantized
+    weight decodes inside its own product."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.linear(x, bias)
     if x.is_cuda and cuda_ops().gemv_supports(x, weight):
         return cuda_ops().gemv(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -38,22 +47,25 @@ class _Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        self.weight.accepts_quantized = True  # type: ignore[attr-defined]
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         else:
             self.register_parameter("bias", None)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        _copy(param.data, loaded)
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
+        self._load_whole(param, loaded)
+
+    def _load_whole(self, param: nn.Parameter, loaded: Loaded) -> None:
+        if tuple(param.shape) != tuple(loaded.shape):
+            raise ValueError(
+                f"weight shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}"
+            )
+        load_rows(self, param, 0, loaded)
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    if dst.shape != src.shape:
-        raise ValueError(
-            f"weight shape mismatch: parameter {tuple(dst.shape)} vs checkpoint {tuple(src.shape)}"
-        )
-    dst.copy_(src)
+Loaded = torch.Tensor | QuantizedMatrix  # a checkpoint tensor as the loaders take it
 
 
 class ReplicatedLinear(_Linear):
@@ -72,9 +84,9 @@ class ColumnParallelLinear(_Linear):
         tp = tp or SingleProcessCommunicator()
         super().__init__(in_features, _divide(out_features, tp.world_size, "output size"), bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
         rows = param.shape[0]
-        _copy(param.data, loaded.narrow(0, self.tp.rank * rows, rows))
+        self._load_whole(param, loaded.narrow(0, self.tp.rank * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
@@ -92,12 +104,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(in_features, sum(output_sizes), bias, tp)
         self.output_sizes = [_divide(s, self.tp.world_size, "output size") for s in output_sizes]
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
         if not isinstance(shard_id, int):
             raise ValueError("MergedColumnParallelLinear needs an integer shard_id")
         size = self.output_sizes[shard_id]
         offset = sum(self.output_sizes[:shard_id])
-        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp.rank * size, size))
+        load_rows(self, param, offset, loaded.narrow(0, self.tp.rank * size, size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -137,7 +149,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
         rank = self.tp.rank
         if shard_id == "q":
             offset, size, start = 0, self.q_size, rank * self.q_size
@@ -146,7 +158,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             size, start = self.kv_size, (rank // self.kv_replicas) * self.kv_size
         else:
             raise ValueError(f"QKVParallelLinear shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
-        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, start, size))
+        load_rows(self, param, offset, loaded.narrow(0, start, size))
 
 
 class RowParallelLinear(_Linear):
@@ -167,12 +179,12 @@ class RowParallelLinear(_Linear):
         super().__init__(_divide(in_features, tp.world_size, "input size"), out_features, bias, tp)
         self.reduce_results = reduce_results
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: object = None) -> None:
         if param.dim() == 1:  # bias: replicated
-            _copy(param.data, loaded)
+            self._load_whole(param, loaded)
             return
-        cols = param.shape[1]
-        _copy(param.data, loaded.narrow(1, self.tp.rank * cols, cols))
+        cols = param.shape[1]  # a quantized weight: only along its blocks
+        self._load_whole(param, narrow_columns(loaded, self.tp.rank * cols, cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
@@ -198,7 +210,7 @@ def store_weights_input_major(model: nn.Module) -> None:
         id(m.weight) for m in model.modules() if type(m) is VocabParallelEmbedding and hasattr(m, "weight")
     }
     for module in model.modules():
-        if not isinstance(module, (_Linear, ParallelLMHead)):
+        if not isinstance(module, (_Linear, ParallelLMHead)) or isinstance(module.weight, QuantizedWeight):
             continue
         w = module.weight
         transposed = w.data.t().contiguous().t()

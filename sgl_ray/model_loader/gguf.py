@@ -3,7 +3,8 @@
 A GGUF file carries everything (hyper-parameters, tokenizer, quantized tensors) in llama.cpp's own vocabulary. The
 engine works in Hugging Face terms, so this module
 
-* streams tensors out of the file, dequantized to float32 and renamed (``blk.3.attn_q.weight`` →
+* streams tensors out of the file, dequantized to float32 (or, with ``keep_quantized``, as
+  :class:`~sgl_ray.layers.quantization.GGUFMatrix` blocks) and renamed (``blk.3.attn_q.weight`` →
   ``model.layers.3.self_attn.q_proj.weight``), undoing the Q/K row permutation llama.cpp applies to llama models
   (Mixtral included) and splitting MoE files' stacked experts into HF's per-expert tensors
   (:mod:`~sgl_ray.model_loader.gguf_moe`);
@@ -28,6 +29,8 @@ import numpy as np
 import torch
 
 from sgl_ray.errors import ModelLoadError, UnsupportedModelError
+from sgl_ray.layers.quantization import GGUFMatrix
+from sgl_ray.layers.quantization.gguf_formats import FORMATS
 from sgl_ray.model_loader.gguf_header import GGUFFile
 from sgl_ray.model_loader.gguf_moe import (
     MIXTRAL_NAMES,
@@ -163,10 +166,14 @@ def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def iter_gguf_weights(
-    path: Path, wanted: Callable[[str], bool] | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
+    path: Path, wanted: Callable[[str], bool] | None = None, keep_quantized: bool = False
+) -> Iterator[tuple[str, torch.Tensor | GGUFMatrix]]:
     """Yield ``(hf_name, float32 tensor)`` for every tensor of a GGUF file (those whose name ``wanted`` accepts,
     when given; the others are not dequantized), one dequantized tensor at a time.
+
+    With ``keep_quantized``, a 2-D tensor of a block format that :data:`~sgl_ray.layers.quantization.gguf_formats.
+    FORMATS` decodes comes as a :class:`GGUFMatrix` of its blocks instead (rows permuted like the float tensor's);
+    routed experts, 1-D tensors and other formats still come dequantized.
 
     A stacked-experts tensor yields one tensor per expert under HF's per-expert names, in expert order;
     ``wanted`` is asked per expert, and only the wanted experts' rows are dequantized (an expert-parallel shard
@@ -189,13 +196,20 @@ def iter_gguf_weights(
         name = hf_tensor_name(tensor.name, arch=arch)
         if name is None or (wanted is not None and not wanted(name)):
             continue
-        weight = dequantize(tensor.data, tensor.tensor_type)  # numpy order: reversed ggml dims
-        weight = weight.reshape([int(d) for d in reversed(tensor.shape)])
+        blocks = keep_quantized and tensor.tensor_type in FORMATS and len(tensor.shape) == 2
+        if blocks:  # uint8 [rows, row bytes]: rows are whole blocks, so they permute like float rows
+            weight = tensor.data
+        else:
+            weight = dequantize(tensor.data, tensor.tensor_type)  # numpy order: reversed ggml dims
+            weight = weight.reshape([int(d) for d in reversed(tensor.shape)])
         if GGUF_ARCHS[arch].permute_qk and ".self_attn.q_proj." in name:
             weight = _unpermute(weight, num_heads)
         elif GGUF_ARCHS[arch].permute_qk and ".self_attn.k_proj." in name:
             weight = _unpermute(weight, num_kv_heads)
-        yield name, _to_torch(hf_shape(name, weight))
+        if blocks:
+            yield name, GGUFMatrix.from_blocks(torch.from_numpy(np.array(weight)), tensor.tensor_type)
+        else:
+            yield name, _to_torch(hf_shape(name, weight))
 
 
 def _to_torch(weight: np.ndarray) -> torch.Tensor:

@@ -8,13 +8,15 @@ from pathlib import Path
 import torch
 
 from sgl_ray.errors import ModelLoadError
+from sgl_ray.layers.quantization import QuantizedMatrix
 from sgl_ray.model_loader.gguf import iter_gguf_weights
 from sgl_ray.model_loader.source import ModelSource
 
 
 class WeightStream:
     """The weights of ``source`` as an iterable of ``(name, tensor)`` (:func:`iter_weights` on each iteration);
-    :meth:`only` narrows it to the names a shard reads, so the others are never read from disk.
+    :meth:`only` narrows it to the names a shard reads, so the others are never read from disk, and
+    :meth:`quantized` keeps a GGUF file's blocks quantized (``keep_quantized`` of :func:`iter_weights`).
 
     >>> from sgl_ray.model_loader import default_model_path, resolve_model
     >>> stream = WeightStream(resolve_model(str(default_model_path())))
@@ -22,25 +24,32 @@ class WeightStream:
     ['model.layers.0.input_layernorm.weight']
     """
 
-    def __init__(self, source: ModelSource, wanted: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self, source: ModelSource, wanted: Callable[[str], bool] | None = None, keep_quantized: bool = False
+    ) -> None:
         self.source = source
         self.wanted = wanted
+        self.keep_quantized = keep_quantized
 
     def only(self, wanted: Callable[[str], bool]) -> WeightStream:
-        return WeightStream(self.source, wanted)
+        return WeightStream(self.source, wanted, self.keep_quantized)
 
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter_weights(self.source, self.wanted)
+    def quantized(self, keep: bool = True) -> WeightStream:
+        return WeightStream(self.source, self.wanted, keep)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor | QuantizedMatrix]]:
+        return iter_weights(self.source, self.wanted, self.keep_quantized)
 
 
 def iter_weights(
-    source: ModelSource, wanted: Callable[[str], bool] | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
+    source: ModelSource, wanted: Callable[[str], bool] | None = None, keep_quantized: bool = False
+) -> Iterator[tuple[str, torch.Tensor | QuantizedMatrix]]:
     """Yield every weight of ``source`` under its Hugging Face name (those ``wanted`` accepts, when given, the
     others not even read), never the whole state dict at once.
 
-    Safetensors tensors keep their stored dtype; GGUF tensors come out dequantized as float32. The caller casts and
-    shards. Tied models yield no ``lm_head.weight``.
+    Safetensors tensors keep their stored dtype; GGUF tensors come out dequantized as float32, or with
+    ``keep_quantized`` as :class:`~sgl_ray.layers.quantization.QuantizedMatrix` blocks where their format allows.
+    The caller casts and shards. Tied models yield no ``lm_head.weight``.
 
     >>> from sgl_ray.model_loader import default_model_path, resolve_model
     >>> weights = dict(iter_weights(resolve_model(str(default_model_path()))))
@@ -49,7 +58,7 @@ def iter_weights(
     """
     if source.format == "gguf":
         (gguf_file,) = source.weight_files
-        yield from iter_gguf_weights(gguf_file, wanted)
+        yield from iter_gguf_weights(gguf_file, wanted, keep_quantized)
     else:
         yield from iter_safetensors(source.weight_files, wanted)
 

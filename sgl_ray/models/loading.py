@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sgl_ray.errors import ModelLoadError
+from sgl_ray.layers.quantization import QuantizedMatrix
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ def load_stacked_weights(
     experts: ``sgl_ray.layers.moe.experts.expert_weight_target``). Otherwise ``stacked_params`` rows
     ``(fused_name, checkpoint_name, shard_id)`` route e.g. ``q_proj`` into ``qkv_proj`` with ``shard_id="q"``.
     Every parameter must be written at least once, or :class:`ModelLoadError` names the missing ones; unknown
-    checkpoint tensors are skipped with a debug log.
+    checkpoint tensors are skipped with a debug log. A quantized tensor (:class:`QuantizedMatrix`) reaches only a
+    parameter marked ``accepts_quantized`` (linear layers, embeddings); any other is given its float values.
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
@@ -46,6 +48,8 @@ def load_stacked_weights(
             logger.debug("skipping checkpoint tensor %s (no matching parameter)", name)
             continue
         loader = getattr(param, "weight_loader", None)
+        if isinstance(tensor, QuantizedMatrix) and not getattr(param, "accepts_quantized", False):
+            tensor = tensor.dequantize()
         with torch.no_grad():
             if loader is None:
                 if param.shape != tensor.shape:

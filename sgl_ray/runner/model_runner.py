@@ -21,6 +21,7 @@ from sgl_ray.distributed import ShardContext
 from sgl_ray.layers.fused_linear import fold_norms_if_supported
 from sgl_ray.layers.linear import store_weights_input_major
 from sgl_ray.layers.moe.base import create_moe_backend
+from sgl_ray.layers.quantization import weight_nbytes
 from sgl_ray.lora.weights import LoRAWeights
 from sgl_ray.mem_cache.kv_pool import KVPool, ReqToTokenTable
 from sgl_ray.model_loader.weights import WeightStream, fill_random_weights
@@ -63,6 +64,7 @@ class RunnerInfo:
     context_length: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
+    weight_bytes: int = 0  # this shard's weights as held (quantized ones at their encoded size)
 
 
 class ModelRunner:
@@ -89,6 +91,12 @@ class ModelRunner:
         if args.num_threads and self.device.type == "cpu":
             torch.set_num_threads(args.num_threads)
         self.model = self._load_model(weights)
+        self.weight_bytes = weight_nbytes(self.model)
+        logger.info(
+            "weights: %.1f MiB as held%s",
+            self.weight_bytes / 2**20,
+            f" (quantization={self.quantization})" if self.quantization else "",
+        )
         self.lora = (
             LoRAWeights(
                 self.model, args.max_loras_per_batch, args.max_lora_rank or 0, self.device, args.lora_backend
@@ -139,6 +147,7 @@ class ModelRunner:
             context_length=model_config.context_length,
             vocab_size=model_config.vocab_size,
             eos_token_ids=model_config.eos_token_ids,
+            weight_bytes=self.weight_bytes,
         )
         logger.info(
             "KV pool: %d slots (%.1f MiB), %d request slots",
@@ -176,6 +185,10 @@ class ModelRunner:
         return plan_kv_capacity(self.args, self.config, self.device, self.shard.tp.world_size, fraction)
 
     def _load_model(self, weights) -> torch.nn.Module:
+        weight_format = weights.source.format if isinstance(weights, WeightStream) else "tensors"
+        if self.args.load_format == "dummy":
+            weight_format = "dummy"
+        self.quantization = self.args.effective_quantization(self.device, weight_format)
         cls = get_model_class(self.config.architecture)
         prev = torch.get_default_dtype()
         torch.set_default_dtype(self.config.dtype)
@@ -187,9 +200,11 @@ class ModelRunner:
         if self.args.load_format == "dummy":
             fill_random_weights(model, seed=self.args.random_seed or 0)
         else:
-            wanted = getattr(model, "wants_weight", None)
-            if wanted is not None and isinstance(weights, WeightStream):
-                weights = weights.only(wanted)  # e.g. other expert-parallel ranks' experts are never read
+            if isinstance(weights, WeightStream):
+                wanted = getattr(model, "wants_weight", None)
+                if wanted is not None:
+                    weights = weights.only(wanted)  # e.g. other expert-parallel ranks' experts are never read
+                weights = weights.quantized(self.quantization == "gguf")
             model.load_weights(weights)
         if self.device.type == "cpu":
             store_weights_input_major(model)

@@ -212,6 +212,17 @@ def test_every_tensor_maps_and_experts_equal_the_original(
         hf_tensor_name("blk.0.ffn_up_exps.weight", arch=arch)
 
 
+def test_kept_quantized_stream_still_dequantizes_experts(moe_ggufs) -> None:
+    """``keep_quantized`` leaves routed experts to the MoE layers as float tensors (their Q8_0 stacks dequantized
+    per expert, as without it)."""
+    path, _ = moe_ggufs("qwen3_moe", quantized=True)
+    dense = dict(iter_gguf_weights(path))
+    kept = dict(iter_gguf_weights(path, keep_quantized=True))
+    assert kept.keys() == dense.keys()
+    for hf_name, weight in kept.items():
+        assert isinstance(weight, torch.Tensor) and torch.equal(weight, dense[hf_name]), hf_name
+
+
 @pytest.mark.parametrize(("name", "first", "end"), [("qwen3_moe", 4, 8), ("mixtral", 2, 4)])
 def test_wanted_experts_only_and_only_their_rows(
     name, first, end, moe_ggufs, moe_model, monkeypatch: pytest.MonkeyPatch
