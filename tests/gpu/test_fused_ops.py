@@ -167,20 +167,23 @@ def test_qkv_gemv_with_rotary_store_matches_the_separate_kernels(
     check_qkv_rotary_store_gemv("cuda", dtype, heads, kv_heads, head_dim, pdl, norms)
 
 
-def check_norm_in_gemvs(device: str, dtype: torch.dtype, pdl: bool | None = None) -> None:
+def check_norm_in_gemvs(
+    device: str, dtype: torch.dtype, pdl: bool | None = None, inner: int = 160, out_rows: int = 2 * 192 + 16
+) -> None:
     """RMSNorm split over two GEMVs, with its scale folded into the second's weights: the producer adds the
     residual (the same bits as the GEMV then the RMSNorm kernel's add) and writes its parts' sums of squares, the
     consumer scales its product by them; against RMSNorm then ``F.linear`` in fp32 (also run on the CPU by
-    Triton's interpreter: tests/unit/test_triton_interpreter.py)."""
+    Triton's interpreter: tests/unit/test_triton_interpreter.py, with a smaller ``inner`` (the producer's K) and
+    ``out_rows`` (the consumer's N))."""
     from sgl_ray.layers import triton_ops
     from sgl_ray.layers.triton_gemv import GemvConfig
 
     g = torch.Generator().manual_seed(3)
-    hidden, inner, heads, kv_heads, head_dim = 192, 160, 4, 2, 16
+    hidden, heads, kv_heads, head_dim = 192, 4, 2, 16
     norm = RMSNorm(hidden, eps=1e-5).to(device)
     norm.weight.data = (1 + 0.2 * torch.randn(hidden, generator=g)).to(device, dtype)
     w_in = (torch.randn(hidden, inner, generator=g) / inner**0.5).to(device, dtype)
-    w_out = (torch.randn(2 * hidden + 16, hidden, generator=g) / hidden**0.5).to(device, dtype)
+    w_out = (torch.randn(out_rows, hidden, generator=g) / hidden**0.5).to(device, dtype)
     folded = (w_out.float() * norm.weight.float()).to(dtype)
     bias = torch.randn(hidden, generator=g).to(device, dtype)
     tol = {torch.float16: dict(atol=4e-3, rtol=4e-3), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}[dtype]
@@ -225,13 +228,22 @@ def test_rmsnorm_split_over_two_gemvs_matches_the_norm_kernel(dtype, pdl):
     check_norm_in_gemvs("cuda", dtype, pdl)
 
 
-def check_gemv(device: str, dtype: torch.dtype, pdl: bool | None = None) -> None:
+GEMV_SHAPES = [(37, 100, False), (64, 1024, True), (4096, 576, False), (5, 3000, True)]  # (N, K, bias)
+
+
+def check_gemv(
+    device: str,
+    dtype: torch.dtype,
+    pdl: bool | None = None,
+    shapes: list[tuple[int, int, bool]] = GEMV_SHAPES,
+) -> None:
     """The batch-1 GEMV against ``F.linear`` in fp32 on the same inputs: ragged and even K, with and without
-    a bias, a strided row (also run on the CPU by Triton's interpreter: tests/unit/test_triton_interpreter.py)."""
+    a bias, a strided row (also run on the CPU by Triton's interpreter: tests/unit/test_triton_interpreter.py,
+    with a narrower N in place of 4096)."""
     from sgl_ray.layers.triton_gemv import GemvConfig, gemv
 
     g = torch.Generator().manual_seed(0)
-    for n, k, bias in [(37, 100, False), (64, 1024, True), (4096, 576, False), (5, 3000, True)]:
+    for n, k, bias in shapes:
         wide = torch.randn(1, k + 16, generator=g).to(device, dtype)
         x = wide[:, 8 : 8 + k]  # a row of a wider tensor, as q of the fused qkv
         w = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
@@ -252,15 +264,18 @@ def test_gemv_matches_linear(dtype, pdl):
     check_gemv("cuda", dtype, pdl)
 
 
-def check_fused_gemvs(device: str, dtype: torch.dtype, pdl: bool | None = None) -> None:
+def check_fused_gemvs(
+    device: str, dtype: torch.dtype, pdl: bool | None = None, shapes: list[tuple[int, int]] | None = None
+) -> None:
     """RMSNorm (with and without the residual add) and SiLU-and-mul fused into the GEMV, against the separate
-    torch ops (same rounding steps) followed by ``F.linear`` in fp32."""
+    torch ops (same rounding steps) followed by ``F.linear`` in fp32 (``shapes``: the (N, K) of the weights)."""
     from sgl_ray.layers.norm import RMSNorm
     from sgl_ray.layers.triton_gemv import GemvConfig, rmsnorm_gemv, silu_mul_gemv
 
     g = torch.Generator().manual_seed(0)
     configs = [None, GemvConfig(4, 128, 2, 3, prefetch=2), GemvConfig(8, 64, 4, 2, lane_acc=False)]
-    shapes = [(48, 256), (100, 1000)] + ([(4096, 576)] if device != "cpu" else [])  # the interpreter is slow
+    if shapes is None:  # the interpreter is slow
+        shapes = [(48, 256), (100, 1000)] + ([(4096, 576)] if device != "cpu" else [])
     for n, k in shapes:
         w = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
         x = (torch.randn(1, k, generator=g) * 3).to(device, dtype)

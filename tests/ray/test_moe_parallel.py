@@ -5,6 +5,8 @@ expert-load statistics come back from the shards."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import ray
 from transformers import MixtralConfig
@@ -34,21 +36,44 @@ GREEDY_STREAM = {"temperature": 0.0, "ignore_eos": True}
         ("gpt_oss", 2, 1, "none"),
     ],
 )
-def test_moe_parallel_greedy_matches_transformers(name, tp, ep, a2a, ray_cluster, moe_model, moe_reference):
-    with sgl_ray.Engine(
-        moe_model(name),
-        tp_size=tp,
-        ep_size=ep,
-        moe_a2a_backend=a2a,
-        chunked_prefill_size=16,
-        max_total_tokens=4096,
-    ) as engine:
+def test_moe_parallel_greedy_matches_transformers(
+    name, tp, ep, a2a, ray_cluster, moe_model, moe_reference, request
+):
+    with contextlib.ExitStack() as stack:
+        if (name, tp, ep, a2a) == QWEN3_MOE_EP:  # its engine is the dead-shard test's too
+            engine = request.getfixturevalue("qwen3_moe_ep_engine")
+            assert engine.flush_cache()
+        else:
+            engine = stack.enter_context(_engine(moe_model(name), tp, ep, a2a))
+        before = engine.get_stats().get("expert_tokens", {})
         lists = token_lists(engine.tokenizer)
         ref = moe_reference(name)
         first = check_exact(engine, ref, lists)
         again = check_exact(engine, ref, lists[-2:])
         assert all(o["meta_info"]["cached_tokens"] >= len(lists[-1]) // 2 for o in again)
-        check_expert_load(engine.get_stats(), name, computed_tokens(first + again))
+        stats = engine.get_stats()
+        stats["expert_tokens"] = {  # this test's tokens (none before on an engine of its own)
+            layer: [c - b for c, b in zip(counts, before.get(layer, [0] * len(counts)), strict=True)]
+            for layer, counts in stats["expert_tokens"].items()
+        }
+        check_expert_load(stats, name, computed_tokens(first + again))
+
+
+def _engine(path: str, tp: int, ep: int, a2a: str) -> sgl_ray.Engine:
+    return sgl_ray.Engine(
+        path, tp_size=tp, ep_size=ep, moe_a2a_backend=a2a, chunked_prefill_size=16, max_total_tokens=4096
+    )
+
+
+QWEN3_MOE_EP = ("qwen3_moe", 2, 2, "none")
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe_ep_engine(ray_cluster, moe_model):
+    """Qwen3-MoE with expert parallelism over two shard actors, started once for the greedy and dead-shard
+    tests (each flushes the prefix cache first)."""
+    with _engine(moe_model("qwen3_moe"), *QWEN3_MOE_EP[1:]) as engine:
+        yield engine
 
 
 def test_ep_size_must_divide_the_experts(ray_cluster, tmp_path):
@@ -63,18 +88,20 @@ def test_ep_size_must_divide_the_experts(ray_cluster, tmp_path):
         sgl_ray.Engine(path, tp_size=2, ep_size=4, skip_tokenizer_init=True)
 
 
-def test_dead_expert_parallel_shard_is_rebuilt(ray_cluster, moe_model, moe_reference):
+def test_dead_expert_parallel_shard_is_rebuilt(qwen3_moe_ep_engine, moe_reference):
     """The shard holding experts 4-7 dies mid-stream: the group is rebuilt (the new actor loads the same experts)
     and the request resumes from its tokens, greedy-identical to transformers."""
     new = 24
-    with sgl_ray.Engine(moe_model("qwen3_moe"), tp_size=2, ep_size=2, max_total_tokens=2048) as engine:
-        prompt = engine.tokenizer.encode("The quick brown fox jumps over")
-        ids = []
-        params = {**GREEDY_STREAM, "max_new_tokens": new}
-        for i, chunk in enumerate(engine.generate(input_ids=prompt, sampling_params=params, stream=True)):
-            ids += chunk["output_ids"]
-            if i == 4:
-                scheduler = engine._core.scheduler_actor()
-                ray.kill(ray.get(scheduler.shard_handles.remote())[1], no_restart=True)
-        assert ids == moe_reference("qwen3_moe")(prompt, new)
-        assert engine.get_stats()["num_rebuilds"] == 1
+    engine = qwen3_moe_ep_engine
+    assert engine.flush_cache()  # the prompt starts cold, as on a new engine
+    rebuilds = engine.get_stats()["num_rebuilds"]
+    prompt = engine.tokenizer.encode("The quick brown fox jumps over")
+    ids = []
+    params = {**GREEDY_STREAM, "max_new_tokens": new}
+    for i, chunk in enumerate(engine.generate(input_ids=prompt, sampling_params=params, stream=True)):
+        ids += chunk["output_ids"]
+        if i == 4:
+            scheduler = engine._core.scheduler_actor()
+            ray.kill(ray.get(scheduler.shard_handles.remote())[1], no_restart=True)
+    assert ids == moe_reference("qwen3_moe")(prompt, new)
+    assert engine.get_stats()["num_rebuilds"] == rebuilds + 1

@@ -13,6 +13,7 @@ from sgl_ray.model_loader import iter_weights, load_hf_config, load_tokenizer, r
 from sgl_ray.runner.model_runner import ModelRunner
 
 from .scheduler_harness import CONTEXT, MAX_REQS, POOL
+from .triton_interpreter import TritonInterpreter
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +28,13 @@ def model(tiny_qwen2_path: str) -> tuple[ModelRunner, Any]:
     )
     config = ModelConfig(load_hf_config(source), torch.float32, CONTEXT)
     return ModelRunner(args, config, iter_weights(source)), load_tokenizer(source)
+
+
+@pytest.fixture(scope="session")
+def triton_interpreter():
+    """``triton_interpreter.run(script)``: "" if the script ran to its end under Triton's CPU interpreter, else
+    its traceback (one process for the session's interpreter tests)."""
+    pytest.importorskip("triton")
+    interpreter = TritonInterpreter()
+    yield interpreter
+    interpreter.close()

@@ -5,15 +5,6 @@ tests/gpu/test_moe_kernels.py)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
 _SCRIPT = """
 import torch
 from tests.gpu.test_moe_kernels import TINY_SMALL, check_paths, check_residual_step, check_sort_pairs
@@ -27,8 +18,6 @@ check_residual_step("cpu", torch.float16, TINY_SMALL)
 """
 
 
-def test_moe_kernels_in_the_interpreter() -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_moe_kernels_in_the_interpreter(triton_interpreter) -> None:
+    error = triton_interpreter.run(_SCRIPT)
+    assert not error, error[-3000:]

@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
+# The interpreter runs every program of a launch in Python, so its time grows with the grid: the GEMV checks take
+# shapes of the GPU tests' residues (K ragged or even for every config's BLOCK_K, N a multiple of BLOCK_N or not,
+# N > K where the GPU test has it) at a fraction of their programs. (N, K) = (4096, 576) of check_gemv becomes
+# (128, 576): even K for BLOCK_K 64 without bias (the one such case), every BLOCK_N dividing N; (100, 1000) of
+# check_fused_gemvs becomes (36, 232): K ragged for every BLOCK_K, N ragged for BLOCK_N 8 and even for 4.
 _SCRIPT = """
 import torch
 from sgl_ray.layers import triton_ops
@@ -19,15 +17,17 @@ from sgl_ray.layers.rotary import RotaryEmbedding, rotate_half
 from tests.gpu.test_fused_ops import (
     check_fused_gemvs, check_gemv, check_norm_in_gemvs, check_qkv_rotary_store_gemv, check_rotary_store,
 )
-check_gemv("cpu", torch.float16)
-check_fused_gemvs("cpu", torch.float16)
+check_gemv("cpu", torch.float16, shapes=[(37, 100, False), (64, 1024, True), (128, 576, False), (5, 3000, True)])
+check_fused_gemvs("cpu", torch.float16, shapes=[(48, 256), (36, 232)])
 for shape in [(4, 2, 16), (9, 3, 64)]:
     check_rotary_store("cpu", torch.float32, *shape)
     check_rotary_store("cpu", torch.float32, *shape, norms=True)
-for shape in [(4, 1, 16), (6, 2, 64)]:
+for shape in [(4, 1, 16), (4, 2, 32)]:  # one KV head and several; heads of 16 and 32 (2-8 programs per head)
     check_qkv_rotary_store_gemv("cpu", torch.float16, *shape)
 check_qkv_rotary_store_gemv("cpu", torch.float16, 4, 1, 16, norms=True)
-check_norm_in_gemvs("cpu", torch.float16)
+# the producer's K (96 here, 160 on the GPU): ragged for the default BLOCK_K and 64, even for 32; the consumer's N
+# (208 here, 400 on the GPU): every BLOCK_N divides it, and it exceeds its K (192)
+check_norm_in_gemvs("cpu", torch.float16, inner=96, out_rows=192 + 16)
 rope = RotaryEmbedding(32, {"rope_theta": 10000.0}, 512)
 cos, sin = rope.cos_sin(torch.randint(0, 512, (5,)), torch.float32)
 qkv = torch.randn(5, 8 * 32)
@@ -36,11 +36,9 @@ torch.testing.assert_close(triton_ops.rotary(qk, cos, sin), qk * cos + rotate_ha
 """
 
 
-def test_rotary_and_gemv_kernels_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_rotary_and_gemv_kernels_in_the_interpreter(triton_interpreter):
+    error = triton_interpreter.run(_SCRIPT)
+    assert not error, error[-3000:]
 
 
 _ATTENTION = """
@@ -65,14 +63,10 @@ check(make_case(seq - 1, np.ones_like(seq), 4, 2, 32, torch.float16, device="cpu
 """
 
 
-def test_attention_kernels_in_the_interpreter():
+def test_attention_kernels_in_the_interpreter(triton_interpreter):
     """Decode (split-KV) and extend over a cached prefix, against the torch backend."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _ATTENTION], env=env, capture_output=True, text=True, cwd=ROOT
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    error = triton_interpreter.run(_ATTENTION)
+    assert not error, error[-3000:]
 
 
 _SINKS_WINDOW = """
@@ -97,14 +91,10 @@ check(case(seq - 1, np.ones_like(seq), 40, True, dtype=torch.float16, seed=5))
 """
 
 
-def test_sliding_window_and_sink_kernels_in_the_interpreter():
+def test_sliding_window_and_sink_kernels_in_the_interpreter(triton_interpreter):
     """Decode and extend of layers with a sliding window and/or attention sinks, against the dense softmax."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _SINKS_WINDOW], env=env, capture_output=True, text=True, cwd=ROOT
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    error = triton_interpreter.run(_SINKS_WINDOW)
+    assert not error, error[-3000:]
 
 
 def test_short_sequence_decode_graphs_are_asked_for_small_batches():
