@@ -354,7 +354,11 @@ def qkv_rotary_store_gemv(
         c = rotary.counters
         if rotary.k_norm is None or c is None or c.dtype != torch.int32 or c.numel() < qk_heads:
             raise ValueError(f"per-head q/k norms need both weights and {qk_heads} int32 zero counters")
-    sumsq, eps = norm if norm is not None else (None, 0.0)
+    if norm is not None and norm.weight is not None:
+        raise ValueError(
+            "the QKV GEMV takes weights with the norm's scale folded in (norm.weight must be None)"
+        )
+    sumsq, eps = (norm.sumsq, norm.eps) if norm is not None else (None, 0.0)
     return _launch(x, weight, bias, x.shape[1], config, pdl, eps=eps, rotary=rotary, sumsq=sumsq)[0]
 
 
@@ -390,4 +394,8 @@ def normed_gemv(
     """``rstd(h) (h W^T) (+ b)`` with ``rstd = 1 / sqrt(mean(h^2) + eps)`` from ``norm.sumsq``: RMSNorm then the
     projection, for weights with the norm's scale folded in. The loop is the plain GEMV's; only its result is
     scaled. Rounding differs from the separate kernels (which round the normed row to the activation dtype)."""
+    if norm.weight is not None:
+        raise ValueError(
+            "normed_gemv takes weights with the norm's scale folded in (norm.weight must be None)"
+        )
     return _launch(h, weight, bias, h.shape[1], config, pdl, eps=norm.eps, sumsq=norm.sumsq)[0]

@@ -37,6 +37,9 @@ class NormOfInput(NamedTuple):
 
     sumsq: torch.Tensor  # [M, parts], fp32: sums of h^2 over parts of each row (from residual_gemv)
     eps: float
+    # the norm's scale g [K] where it is not folded into the consumer's weights (MoE blocks, whose router would
+    # otherwise see the rounding of W diag(g)): the consumer multiplies its input by it (not normed_gemv)
+    weight: torch.Tensor | None = None
 
 
 @triton.jit

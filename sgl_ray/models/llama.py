@@ -63,11 +63,13 @@ class LlamaMLP(nn.Module):
         return self.down(gate_up), residual
 
     @torch.no_grad()
-    def fold_input_norm(self, g: torch.Tensor) -> None:
-        """Fold the scale ``g`` of the norm before the MLP into ``gate_up_proj`` (``W diag(g)``, rounded once)."""
+    def fold_input_norm(self, g: torch.Tensor) -> bool:
+        """Fold the scale ``g`` of the norm before the MLP into ``gate_up_proj`` (``W diag(g)``, rounded once);
+        returns True (the norm's weight may be set to 1)."""
         g = g.float()
         for rows in self.gate_up_proj.weight.data.split(4096):  # an fp32 copy of a few rows at a time
             rows.copy_(rows.float() * g)
+        return True
 
     def runs_folded(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
         return one_row_gemvs(x, self.gate_up_proj, self.down_proj)
@@ -103,6 +105,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = mlp if mlp is not None else LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp_folds_norm = (
+            False  # the post-attention norm's scale is in the MLP's weights (fold_norm_weights)
+        )
 
     def forward(
         self, cos_sin: CosSin, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
@@ -156,7 +161,9 @@ class LlamaDecoderLayer(nn.Module):
             )
             out = attn.rotate_store_attend(cos_sin, qkv, batch)
         h, sumsq = ops.residual_gemv(out, o_p.weight, h, o_p.bias)
-        return self.mlp.forward_folded(h, ops.NormOfInput(sumsq, self.post_attention_layernorm.eps), batch)
+        post = self.post_attention_layernorm
+        norm = ops.NormOfInput(sumsq, post.eps, None if self.mlp_folds_norm else post.weight)
+        return self.mlp.forward_folded(h, norm, batch)
 
 
 class MissingLayer(nn.Module):
@@ -288,7 +295,8 @@ class LlamaForCausalLM(nn.Module):
     def fold_norm_weights(self) -> None:
         """Fold each decoder layer's two RMSNorm scales ``g`` into the projection after them (``W diag(g)``,
         rounded once) and set the norms' weights to 1: the same model up to rounding, whose one-row steps then
-        run each norm inside those projections (:meth:`LlamaDecoderLayer.forward_folded`). The final norm
+        run each norm inside those projections (:meth:`LlamaDecoderLayer.forward_folded`). An MoE block keeps
+        its norm's scale and applies it in its kernels (``SparseMoeBlock.fold_input_norm``); the final norm
         keeps its scale. Only for a single unsharded stage without LoRA (``fused_linear.fold_norms_if_supported``)."""
         model = self.model
         layers = model.layers[model.start : model.end]
@@ -301,9 +309,10 @@ class LlamaForCausalLM(nn.Module):
             qkv_rows, g = layer.self_attn.qkv_proj.weight.data, layer.input_layernorm.weight.float()
             for rows in qkv_rows.split(4096):  # an fp32 copy of a few rows at a time
                 rows.copy_(rows.float() * g)
-            layer.mlp.fold_input_norm(layer.post_attention_layernorm.weight)
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight.fill_(1.0)
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.mlp_folds_norm = layer.mlp.fold_input_norm(layer.post_attention_layernorm.weight)
+            if layer.mlp_folds_norm:  # else the MLP applies the scale itself (MoE blocks)
+                layer.post_attention_layernorm.weight.fill_(1.0)
         model.norms_folded = True
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -66,9 +66,9 @@ def test_moe_greedy_matches_transformers(name, moe_model, moe_reference):
 @pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe"])
 def test_norm_scales_folded_into_moe_layers(name, moe_model, tmp_path, monkeypatch):
     """``fold_norm_weights`` (done on CUDA at load, where one-row steps then run each norm inside the GEMVs
-    around it) keeps an MoE model: random norm scales moved into the QKV weights and into the router, every
-    expert's gate/up and the shared experts (with their gate), the norms set to 1, give transformers' greedy
-    tokens on the unfolded model (fp32, CPU). Qwen3-MoE mixes a dense layer in; Qwen2-MoE has shared experts."""
+    around it) keeps an MoE model: random norm scales moved into the QKV weights and the dense layers' gate/up
+    (MoE blocks keep their norm's scale), those norms set to 1, give transformers' greedy tokens on the unfolded
+    model (fp32, CPU). Qwen3-MoE mixes a dense layer in; Qwen2-MoE has shared experts."""
     import torch
 
     from sgl_ray.model_loader import load_tokenizer, resolve_model
@@ -88,5 +88,9 @@ def test_norm_scales_folded_into_moe_layers(name, moe_model, tmp_path, monkeypat
     with sgl_ray.Engine(str(tmp_path), max_total_tokens=4096) as engine:
         model = engine._core.runner.model.model
         assert model.norms_folded
-        assert all(bool((layer.post_attention_layernorm.weight == 1).all()) for layer in model.layers)
+        for layer in model.layers:  # folded into dense MLPs; an MoE block keeps its norm's scale
+            moe = type(layer.mlp).__name__ == "SparseMoeBlock"
+            assert bool((layer.input_layernorm.weight == 1).all())
+            assert bool((layer.post_attention_layernorm.weight == 1).all()) != moe
+            assert layer.mlp_folds_norm != moe
         check_exact(engine, GreedyReference(hf), token_lists(engine.tokenizer)[:4])

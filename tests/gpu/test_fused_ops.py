@@ -150,10 +150,14 @@ def check_qkv_rotary_store_gemv(
             assert not counters.any(), "the head counters are left zero for the next launch"
         assert out.shape == (1, n) and out.dtype == dtype
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
-        assert torch.equal(out[:, :q_size], q.view(1, -1))
-        assert torch.equal(out[:, q_size : q_size + kv_size], k.view(1, -1))
+        # the same bits; with norms, the head's sum of squares is reduced in another order than the separate
+        # kernel's (one head per program instead of 16), so its rounding may move by a unit in the last place
+        same = ULP2[dtype] if norms else dict(atol=0, rtol=0)
+        torch.testing.assert_close(out[:, :q_size], q.view(1, -1), **same)
+        torch.testing.assert_close(out[:, q_size : q_size + kv_size], k.view(1, -1), **same)
         assert torch.equal(out[:, q_size + kv_size :], qkv[:, q_size + kv_size :])
-        assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+        torch.testing.assert_close(caches[2], caches[0], **same)
+        assert torch.equal(caches[3], caches[1])
         assert (caches[3][loc] != 7).any() and (caches[3][:1] == 7).all()
 
 

@@ -160,27 +160,27 @@ def check_paths(device: str, dtype: torch.dtype) -> None:
 
 
 def check_residual_step(device: str, dtype: torch.dtype, config: LaunchConfig | None = None) -> None:
-    """``run_experts_residual`` (one row; the norm's scale ``g`` folded into ``w13``; the norm's sums of squares
-    by parts in) against the torch experts on ``g * rmsnorm(h)`` plus ``h``, and the sums of squares it writes
+    """``run_experts_residual`` (one row; the norm's scale ``g`` folded into ``w13`` or passed to be applied; the
+    norm's sums of squares by parts in) against the torch experts on ``g * rmsnorm(h)`` plus ``h``, and the sums of squares it writes
     against the result's. Biases, an EP range with -1 ids, both activations."""
     from sgl_ray.layers.moe.triton_backend import TritonMoEBackend
     from sgl_ray.layers.triton_gemv_epilogues import NormOfInput
 
-    for seed, (act, bias, ep) in enumerate(
-        [(SILU, False, {}), (SWIGLU, True, dict(first_expert=4, num_global=12))]
-    ):
+    cases = [(SILU, False, {}, True), (SWIGLU, True, dict(first_expert=4, num_global=12), False)]
+    for seed, (act, bias, ep, fold) in enumerate(cases):
         case = make_case(
             device, dtype, 1, 4, 4, hidden=96, inter=48, activation=act, bias=bias, seed=seed, **ep
         )
         h, weights, topk, first, _ = case
         g = torch.rand(h.shape[1], generator=torch.Generator().manual_seed(seed)).to(device) + 0.5
-        folded = weights._replace(w13=(weights.w13.float() * g).to(dtype))
+        folded = weights._replace(w13=(weights.w13.float() * g).to(dtype)) if fold else weights
         eps = 1e-6
         sq = h.float().pow(2)
         parts = torch.stack([sq[:, :40].sum(1), sq[:, 40:].sum(1)], dim=1).contiguous()  # any split will do
         backend = TritonMoEBackend(config, empty=poisoned_empty)
         assert backend.runs_residual(h, folded, 4)
-        out, sumsq = backend.run_experts_residual(h, NormOfInput(parts, eps), folded, topk, first)
+        norm = NormOfInput(parts, eps, None if fold else g.to(dtype))  # the scale folded in, or applied
+        out, sumsq = backend.run_experts_residual(h, norm, folded, topk, first)
         x = (h.float() * torch.rsqrt(sq.mean(1, keepdim=True) + eps) * g).to(dtype)
         ref = h.float() + TorchMoEBackend().run_experts(x, weights, topk, first).float()
         assert out.dtype == dtype and out.shape == h.shape

@@ -50,12 +50,15 @@ def check_gate_router(device: str, config: RouterConfig, dtype: torch.dtype = to
     gate_bias = (torch.randn(e, generator=g) * 0.1).to(device, dtype) if config.softmax_after_topk else None
     bias = (torch.randn(e, generator=g) * 0.1).to(device) if config.correction_bias else None
     counter = torch.zeros(1, dtype=torch.int32, device=device)
-    for normed in (False, True, True):
+    scale = (1 + 0.3 * torch.randn(hidden, generator=g)).to(device, dtype)
+    for normed, scaled in ((False, False), (True, False), (True, True)):
         x = (torch.randn(1, hidden, generator=g) * 3).to(device, dtype)
         sq = x.float().pow(2)
         parts = torch.stack([sq[:, :72].sum(1), sq[:, 72:].sum(1)], dim=1).contiguous()
-        norm = NormOfInput(parts, 1e-6) if normed else None
+        norm = NormOfInput(parts, 1e-6, scale if scaled else None) if normed else None
         inp = x.float() * torch.rsqrt(sq.mean(1, keepdim=True) + 1e-6) if normed else x.float()
+        if scaled:
+            inp = inp * scale.float()
         logits = torch.nn.functional.linear(inp, weight.float())
         if gate_bias is not None:
             logits = logits + gate_bias.float()

@@ -173,18 +173,12 @@ class SparseMoeBlock(nn.Module):
         x, residual = norm(hidden, residual)
         return self(x, batch), residual
 
-    @torch.no_grad()
-    def fold_input_norm(self, g: torch.Tensor) -> None:
-        """Fold the scale ``g`` [H] of the RMSNorm before the block into every weight that reads its output
-        (``W diag(g)``, rounded once): the router, the routed experts' gate/up and the shared experts."""
-        weights = [self.gate.weight, *self.experts.w13.data]  # one expert at a time: no full fp32 copy
-        if self.shared_experts is not None:
-            weights.append(self.shared_experts.gate_up_proj.weight)
-        if self.shared_expert_gate is not None:
-            weights.append(self.shared_expert_gate.weight)
-        g = g.float()
-        for w in weights:
-            w.data.copy_(w.data.float() * g)
+    def fold_input_norm(self, g: torch.Tensor) -> bool:
+        """Nothing is folded: the norm before the block keeps its scale ``g``, which the one-row kernels apply to
+        their input as they read it (:meth:`forward_folded`). Folded into the router's weights, ``W diag(g)``
+        rounded to bf16 would move the routing logits of every step, prefill included, and flip close choices.
+        Returns False (the norm's weight stays)."""
+        return False
 
     def runs_folded(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
         """Whether :meth:`forward_folded` takes a step whose rows are like ``x``: one CUDA row on one rank, no
@@ -202,10 +196,10 @@ class SparseMoeBlock(nn.Module):
     def forward_folded(
         self, h: torch.Tensor, norm: object, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block on the residual stream ``h`` of a model whose norm scales are folded in
-        (:meth:`fold_input_norm`), its RMSNorm inside the router's GEMV and the experts' first GEMV (``norm``: a
-        ``triton_gemv_epilogues.NormOfInput``): returns ``(h + block(rmsnorm(h)), sumsq)`` for the next layer
-        (see ``LlamaDecoderLayer.forward_folded``). Only where :meth:`runs_folded`."""
+        """The block on the residual stream ``h``, its RMSNorm inside the router's GEMV and the experts' first GEMV
+        (``norm``: a ``triton_gemv_epilogues.NormOfInput`` with the norm's scale, see :meth:`fold_input_norm`):
+        returns ``(h + block(rmsnorm(h)), sumsq)`` for the next layer (see ``LlamaDecoderLayer.forward_folded``).
+        Only where :meth:`runs_folded`."""
         from sgl_ray.layers.cuda_ops import cuda_ops
 
         counts = self.expert_counts if self.counts_load else None
@@ -216,8 +210,9 @@ class SparseMoeBlock(nn.Module):
                 h, gate.weight, gate.bias, config, self.router_counter, norm, gate.e_score_correction_bias,
                 counts, rows,
             )  # fmt: skip
-        else:
-            topk = self._select(cuda_ops().normed_gemv(h, norm, gate.weight, gate.bias), counts, rows)
+        else:  # grouped top-k: the router's GEMV on the normed row, the choice on the torch path
+            x = cuda_ops().rmsnorm(h, norm.weight, norm.eps)
+            topk = self._select(cuda_ops().gemv(x, gate.weight, gate.bias), counts, rows)
         backend = batch.moe_backend
         assert backend is not None
         return backend.run_experts_residual(

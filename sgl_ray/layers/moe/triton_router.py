@@ -127,10 +127,10 @@ def topk_router(
 
 @triton.jit
 def _gate_topk_kernel(
-    X, W, GateBias, SqIn, num_parts, eps, hidden, stride_wn, Logits, Counter,
+    X, W, GateBias, SqIn, num_parts, eps, NormW, hidden, stride_wn, Logits, Counter,
     Bias, Weights, Ids, Counts, CountRows, num_experts, scale,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, EVEN_H: tl.constexpr, SCALE_BY_SQ: tl.constexpr,
-    SQ_BLOCK: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
+    SQ_BLOCK: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, USE_PDL: tl.constexpr, HAS_NORM_W: tl.constexpr,
     TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SIGMOID: tl.constexpr,
     AFTER_TOPK: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr,
 ):  # fmt: skip
@@ -145,11 +145,15 @@ def _gate_topk_kernel(
         cols = h0 + offs_h
         if EVEN_H:
             w = tl.load(w_rows + cols[None, :], mask=n_ok[:, None], other=0.0)
-            x = tl.load(X + cols)
+            x = tl.load(X + cols).to(tl.float32)
+            if HAS_NORM_W:
+                x = x * tl.load(NormW + cols).to(tl.float32)
         else:
             w = tl.load(w_rows + cols[None, :], mask=n_ok[:, None] & (cols < hidden)[None, :], other=0.0)
-            x = tl.load(X + cols, mask=cols < hidden, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            x = tl.load(X + cols, mask=cols < hidden, other=0.0).to(tl.float32)
+            if HAS_NORM_W:
+                x = x * tl.load(NormW + cols, mask=cols < hidden, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     if SCALE_BY_SQ:
         y = y * rstd_of_parts(SqIn, num_parts, hidden, eps, SQ_BLOCK)
@@ -180,8 +184,9 @@ def gate_topk_router(
     counts: torch.Tensor | None = None,
     count_rows: torch.Tensor | None = None,
 ) -> TopK:
-    """:func:`topk_router` of ``x W^T + b`` (of ``rmsnorm(x)`` with ``norm``: see ``triton_gemv.normed_gemv``) in
-    one launch, for one row; the logits are rounded to ``x``'s dtype as the GEMV's output is."""
+    """:func:`topk_router` of ``x W^T + b`` (of ``rmsnorm(x)`` with ``norm``, its scale ``norm.weight`` applied to
+    the input, or folded into ``weight`` when None; see ``triton_gemv.normed_gemv``) in one launch, for one row;
+    the logits are rounded to ``x``'s dtype as the GEMV's output is."""
     assert supports(config), "grouped top-k runs on the torch path"
     e, hidden = weight.shape
     if x.dim() != 2 or x.shape != (1, hidden) or x.stride(1) != 1 or weight.stride(1) != 1:
@@ -199,17 +204,19 @@ def gate_topk_router(
         count_rows = torch.ones(1, dtype=torch.bool, device=x.device)
     sq_in = norm.sumsq if norm is not None else x
     num_parts = sq_in.shape[1] if norm is not None else 1
+    norm_w = norm.weight if norm is not None else None
     block_n = min(8, triton.next_power_of_2(e))
     block_h = min(1024, triton.next_power_of_2(hidden))
     pdl = use_pdl(x)
     _gate_topk_kernel[(triton.cdiv(e, block_n),)](
         x, weight, gate_bias if gate_bias is not None else weight, sq_in, num_parts,
-        norm.eps if norm is not None else 0.0, hidden, weight.stride(0), logits, counter,
+        norm.eps if norm is not None else 0.0, norm_w if norm_w is not None else x, hidden, weight.stride(0),
+        logits, counter,
         correction_bias if correction_bias is not None else logits, weights, ids,
         counts if count else ids, count_rows if count else ids, e, config.routed_scaling_factor,
         BLOCK_N=block_n, BLOCK_H=block_h, EVEN_H=hidden % block_h == 0, SCALE_BY_SQ=norm is not None,
         SQ_BLOCK=min(1024, triton.next_power_of_2(num_parts)), HAS_GATE_BIAS=gate_bias is not None,
-        USE_PDL=pdl, TOP_K=k, BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(k),
+        USE_PDL=pdl, HAS_NORM_W=norm_w is not None, TOP_K=k, BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(k),
         SIGMOID=config.scoring == "sigmoid", AFTER_TOPK=config.softmax_after_topk,
         RENORMALIZE=config.renormalize, HAS_BIAS=correction_bias is not None, COUNT=count,
         num_warps=4, **launch_args(pdl),

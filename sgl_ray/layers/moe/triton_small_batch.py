@@ -44,10 +44,10 @@ from sgl_ray.layers.triton_pdl import launch_args, pdl_enter, use_pdl
 @triton.jit(do_not_specialize=["num_pairs"])
 def _gemv_gate_up_kernel(
     X, W13, B13, Hout, Ids, Counts, CountMask, num_pairs, first_expert, num_local, top_k, inter, hidden,
-    stride_xt, stride_we, stride_wn, stride_be, stride_ht, alpha, limit, SqIn, num_parts, eps,
+    stride_xt, stride_we, stride_wn, stride_be, stride_ht, alpha, limit, SqIn, num_parts, eps, NormW,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_MASK: tl.constexpr, USE_PDL: tl.constexpr,
-    SCALE_BY_SQ: tl.constexpr, SQ_BLOCK: tl.constexpr,
+    SCALE_BY_SQ: tl.constexpr, SQ_BLOCK: tl.constexpr, HAS_NORM_W: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     p = pid % num_pairs
@@ -76,11 +76,15 @@ def _gemv_gate_up_kernel(
             xv = tl.load(x_row + cols).to(tl.float32)
             wg = tl.load(g_rows + cols[None, :])
             wu = tl.load(u_rows + cols[None, :])
+            if HAS_NORM_W:
+                xv = xv * tl.load(NormW + cols).to(tl.float32)
         else:
             in_k = cols < hidden
             xv = tl.load(x_row + cols, mask=in_k, other=0.0).to(tl.float32)
             wg = tl.load(g_rows + cols[None, :], mask=in_k[None, :], other=0.0)
             wu = tl.load(u_rows + cols[None, :], mask=in_k[None, :], other=0.0)
+            if HAS_NORM_W:
+                xv = xv * tl.load(NormW + cols, mask=in_k, other=0.0).to(tl.float32)
         acc_g += wg.to(tl.float32) * xv[None, :]
         acc_u += wu.to(tl.float32) * xv[None, :]
     gate = tl.sum(acc_g, axis=1)  # [BLOCK_N]
@@ -193,9 +197,9 @@ def small_batch_experts(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The whole MoE of a small batch in two launches (see the module docstring); ``out`` [T, H] in x.dtype.
 
-    ``norm``: ``x`` is the residual stream ``h`` whose RMSNorm the experts take, with the norm's scale folded
-    into ``w13`` (``W diag(g)``) and ``norm.sumsq`` its sums of squares by parts: gemv1 scales its products by
-    ``1 / sqrt(mean(h^2) + eps)`` (as ``triton_gemv.normed_gemv`` does). ``add_residual``: returns
+    ``norm``: ``x`` is the residual stream ``h`` whose RMSNorm the experts take, ``norm.sumsq`` its sums of squares
+    by parts and ``norm.weight`` the norm's scale ``g`` (None: folded into ``w13`` as ``W diag(g)``): gemv1 reads
+    ``g * h`` and scales its products by ``1 / sqrt(mean(h^2) + eps)`` (as ``triton_gemv.normed_gemv`` does). ``add_residual``: returns
     ``(x + out, sumsq)`` instead, ``sumsq`` [T, parts] fp32 the sums of squares of that sum by parts, for the next
     layer's norm (as ``triton_gemv.residual_gemv`` does)."""
     w13, w2, b13, b2, act = weights
@@ -211,14 +215,17 @@ def small_batch_experts(
             f"norm.sumsq must be a contiguous [{tokens}, parts] tensor, got {tuple(sq_in.shape)}"
         )
     num_parts = sq_in.shape[1] if norm is not None else 1
+    norm_w = norm.weight if norm is not None else None
+    if norm_w is not None and norm_w.shape != (hidden,):
+        raise ValueError(f"norm.weight must be [{hidden}], got {tuple(norm_w.shape)}")
     _gemv_gate_up_kernel[(triton.cdiv(inter, gemv1.block_n) * num_pairs,)](
         x, w13, b13 if b13 is not None else w13, h, ids, counts if counts is not None else ids,
         count_mask if count_mask is not None else ids, num_pairs, first_expert, num_local, top_k, inter, hidden,
         x.stride(0), w13.stride(0), w13.stride(1), b13.stride(0) if b13 is not None else 0, h.stride(0),
-        act.alpha, act.limit, sq_in, num_parts, norm.eps if norm is not None else 0.0,
+        act.alpha, act.limit, sq_in, num_parts, norm.eps if norm is not None else 0.0, norm_w if norm_w is not None else x,
         BLOCK_N=gemv1.block_n, BLOCK_K=block_k1, EVEN_K=hidden % block_k1 == 0,
         HAS_BIAS=b13 is not None, ACT=activation_code(act), HAS_COUNTS=counts is not None,
-        HAS_MASK=count_mask is not None, USE_PDL=pdl, SCALE_BY_SQ=norm is not None,
+        HAS_MASK=count_mask is not None, USE_PDL=pdl, SCALE_BY_SQ=norm is not None, HAS_NORM_W=norm_w is not None,
         SQ_BLOCK=min(1024, triton.next_power_of_2(num_parts)), num_warps=gemv1.num_warps,
         num_stages=gemv1.num_stages, **launch_args(pdl),
     )  # fmt: skip
