@@ -234,64 +234,50 @@ def test_constrained_requests_run_ahead(engines, step_at_a_time, hf_reference):
     assert outs[6]["output_ids"] == ref(tok.encode(prompts[6]), 5)
 
 
-NO_JUMP_FORWARD = dict(use_ray=True, disable_jump_forward=True, max_total_tokens=4096)
-
-
-@pytest.fixture(scope="module")
-def no_jump_forward(ray_cluster, tiny_llama_path):
-    """One Ray engine (overlap on, jump-forward off) for the tests below that need one; each starts from an empty
-    prefix cache and counts its own deferred steps and rebuilds."""
-    with sgl_ray.Engine(tiny_llama_path, **NO_JUMP_FORWARD) as engine:
-        yield engine
-
-
-def test_steps_long_after_the_last_deferred_one(tiny_llama_path, no_jump_forward):
+def test_steps_long_after_the_last_deferred_one(ray_cluster, tiny_llama_path):
     """A constrained request ends early next to one that keeps decoding: dozens of calls go to the shards after
     the last deferred step. Answers read from a compiled-graph channel must not keep its buffer (an array still
     viewing it blocks the write of the 10th next answer there for good), so this ends, with no group rebuilt."""
     prompts = ["Item 0:", "Item 1:"]
     params = [{"temperature": 0.0, "max_new_tokens": 40, "regex": "[a-z]{3}"}, _greedy(3 * LONG)]
-    # one step at a time in-process, as step_at_a_time (Ray with overlap off gives the same tokens: the tests above)
-    sync = dict(disable_overlap_schedule=True, disable_jump_forward=True, max_total_tokens=4096)
-    with sgl_ray.Engine(tiny_llama_path, **sync) as engine:
+    kwargs = dict(use_ray=True, disable_jump_forward=True, max_total_tokens=4096)
+    with sgl_ray.Engine(tiny_llama_path, disable_overlap_schedule=True, **kwargs) as engine:
         expected = [o["output_ids"] for o in engine.generate(prompts, params)]
-    engine = no_jump_forward
-    assert engine.flush_cache()
-    before = engine.get_stats()
-    assert [o["output_ids"] for o in engine.generate(prompts, params)] == expected
-    stats = engine.get_stats()
-    assert stats["num_deferred_mask_steps"] > before["num_deferred_mask_steps"]
-    assert stats["num_rebuilds"] == before["num_rebuilds"]
+    with sgl_ray.Engine(tiny_llama_path, **kwargs) as engine:
+        assert [o["output_ids"] for o in engine.generate(prompts, params)] == expected
+        stats = engine.get_stats()
+        assert stats["num_deferred_mask_steps"] > 0 and stats["num_rebuilds"] == 0
     assert len(expected[1]) - len(expected[0]) > 10  # more calls after the constrained request than buffers
 
 
-def test_deferred_masks_without_jump_forward_through_abort_and_lost_shard(no_jump_forward, step_at_a_time):
+def test_deferred_masks_without_jump_forward_through_abort_and_lost_shard(
+    ray_cluster, tiny_llama_path, step_at_a_time
+):
     """Jump-forward off: every constrained step after the first runs ahead. A constrained stream abandoned
     mid-way frees its KV; one whose shard dies mid-way (steps and their masks lost with the group) resumes from
     its tokens on the rebuilt group and ends as one step at a time would."""
     prompts, params = _constrained_batch()
     expected = [o["output_ids"] for o in step_at_a_time]
-    engine = no_jump_forward
-    assert engine.flush_cache()
-    before = engine.get_stats()
-    assert [o["output_ids"] for o in engine.generate(prompts, params)] == expected
-    assert _deferred_steps(engine) > before["num_deferred_mask_steps"]
+    kwargs = dict(use_ray=True, disable_jump_forward=True, max_total_tokens=4096)
+    with sgl_ray.Engine(tiny_llama_path, **kwargs) as engine:
+        assert [o["output_ids"] for o in engine.generate(prompts, params)] == expected
+        assert _deferred_steps(engine) > 0
 
-    stream = engine.generate(prompts[4], params[4], stream=True)
-    next(stream)
-    stream.close()  # aborted with a deferred step on the shards
-    assert engine.generate(prompts[6], params[6])["output_ids"] == expected[6]
-    stats = engine.get_stats()
-    assert stats["num_running"] == 0 and stats["kv_free"] + stats["cache_size"] == stats["kv_capacity"]
+        stream = engine.generate(prompts[4], params[4], stream=True)
+        next(stream)
+        stream.close()  # aborted with a deferred step on the shards
+        assert engine.generate(prompts[6], params[6])["output_ids"] == expected[6]
+        stats = engine.get_stats()
+        assert stats["num_running"] == 0 and stats["kv_free"] + stats["cache_size"] == stats["kv_capacity"]
 
-    scheduler = engine._core.scheduler_actor()
-    ids: list[int] = []
-    for i, chunk in enumerate(engine.generate(prompts[4], params[4], stream=True)):
-        ids += chunk["output_ids"]
-        if i == 0:
-            ray.kill(ray.get(scheduler.shard_handles.remote())[0], no_restart=True)
-    assert ids == expected[4]
-    assert engine.get_stats()["num_rebuilds"] == before["num_rebuilds"] + 1
+        scheduler = engine._core.scheduler_actor()
+        ids: list[int] = []
+        for i, chunk in enumerate(engine.generate(prompts[4], params[4], stream=True)):
+            ids += chunk["output_ids"]
+            if i == 0:
+                ray.kill(ray.get(scheduler.shard_handles.remote())[0], no_restart=True)
+        assert ids == expected[4]
+        assert engine.get_stats()["num_rebuilds"] == 1
 
 
 def test_bench_roofline_through_ray_actors(ray_cluster, tmp_path, capsys):
