@@ -22,7 +22,6 @@ from gguf.quants import quantize
 from torch import nn
 
 from sgl_ray.configs.engine_args import EngineArgs
-from sgl_ray.distributed import Communicator
 from sgl_ray.errors import InvalidRequestError, UnsupportedModelError
 from sgl_ray.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from sgl_ray.layers.linear import (
@@ -38,6 +37,8 @@ from sgl_ray.layers.quantization import weight as weight_module
 from sgl_ray.layers.quantization.gguf_formats import FORMATS
 from sgl_ray.model_loader.gguf import iter_gguf_weights
 from sgl_ray.models.loading import load_stacked_weights
+
+from .ranks import RankOf
 
 Q = GGMLQuantizationType
 ROWS, COLS = 24, 512
@@ -146,37 +147,16 @@ def test_fused_projection_of_mixed_pieces():
     assert_product_close(quantized(x), x, dense.weight)
 
 
-class _RankOf(Communicator):
-    """A member of a tensor-parallel group that is never asked to communicate."""
-
-    def __init__(self, rank: int, size: int) -> None:
-        self._rank, self._size = rank, size
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._size
-
-    def all_reduce(self, tensor):
-        raise AssertionError("no collectives here")
-
-    def all_gather(self, tensor, dim=-1):
-        raise AssertionError("no collectives here")
-
-
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q4_1], ids=lambda q: q.name)
 def test_tensor_parallel_shards_along_blocks(qtype):
     m, reference, _ = matrix_and_reference(qtype)
     x = torch.randn(3, COLS)
     for rank in range(2):
-        column = ColumnParallelLinear(COLS, ROWS, tp=_RankOf(rank, 2))
+        column = ColumnParallelLinear(COLS, ROWS, tp=RankOf(rank, 2))
         column.weight_loader(column.weight, m)
         rows = reference[rank * ROWS // 2 : (rank + 1) * ROWS // 2]
         assert_product_close(column(x), x, rows)
-        row = RowParallelLinear(COLS, ROWS, tp=_RankOf(rank, 2))  # 256 columns a rank: whole K-quant blocks
+        row = RowParallelLinear(COLS, ROWS, tp=RankOf(rank, 2))  # 256 columns a rank: whole K-quant blocks
         row.weight_loader(row.weight, m)
         cols = slice(rank * COLS // 2, (rank + 1) * COLS // 2)
         assert_product_close(linear(x[:, cols], row.weight), x[:, cols], reference[:, cols])
@@ -184,7 +164,7 @@ def test_tensor_parallel_shards_along_blocks(qtype):
 
 def test_tensor_parallel_split_inside_a_block_names_the_option():
     m, _, _ = matrix_and_reference(Q.Q4_K)
-    row = RowParallelLinear(COLS, ROWS, tp=_RankOf(1, 4))  # 128 columns a rank: half a 256-value block
+    row = RowParallelLinear(COLS, ROWS, tp=RankOf(1, 4))  # 128 columns a rank: half a 256-value block
     with pytest.raises(UnsupportedModelError, match="quantization='none'"):
         row.weight_loader(row.weight, m)
 
@@ -200,7 +180,7 @@ def test_embedding_lookup_and_tied_head():
     h = torch.randn(2, 64)
     assert_product_close(head(h), h, reference)
     # the second of two vocabulary shards: rows 5..8 and one zero row of padding
-    shard = VocabParallelEmbedding(9, 64, tp=_RankOf(1, 2))
+    shard = VocabParallelEmbedding(9, 64, tp=RankOf(1, 2))
     shard.weight_loader(shard.weight, m)
     assert torch.equal(shard.weight.dequantize(), torch.cat([reference[5:], torch.zeros(1, 64)]))
 

@@ -20,13 +20,15 @@ from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
 from sgl_ray.configs.model_config import ModelConfig
-from sgl_ray.distributed import Communicator, ShardContext
+from sgl_ray.distributed import ShardContext
 from sgl_ray.errors import InvalidRequestError, ModelLoadError
 from sgl_ray.layers.moe.base import Activation, ExpertWeights, TopK, create_moe_backend
 from sgl_ray.layers.moe.experts import ExpertPlacement, FusedExperts, expert_weight_target
 from sgl_ray.layers.moe.router import RouterConfig, select_experts
 from sgl_ray.layers.moe.torch_backend import TorchMoEBackend
 from sgl_ray.models.qwen_moe import Qwen3MoeForCausalLM
+
+from .ranks import RankOf
 
 H, E = 32, 16
 
@@ -239,32 +241,11 @@ def test_fused_gpt_oss_layout(rank, tp, ep):
     torch.testing.assert_close(total, want, atol=1e-4, rtol=1e-4)
 
 
-class _RankOf(Communicator):
-    """A group member that is never asked to communicate (model construction only)."""
-
-    def __init__(self, rank: int, size: int) -> None:
-        self._rank, self._size = rank, size
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._size
-
-    def all_reduce(self, tensor):
-        raise AssertionError("no collectives here")
-
-    def all_gather(self, tensor, dim=-1):
-        raise AssertionError("no collectives here")
-
-
 def test_expert_parallel_rank_reads_only_its_experts():
     from ..moe_models import moe_config
 
     config = ModelConfig(moe_config("qwen3_moe"), torch.float32)
-    model = Qwen3MoeForCausalLM(config, ShardContext(tp=_RankOf(1, 2), ep_size=2))
+    model = Qwen3MoeForCausalLM(config, ShardContext(tp=RankOf(1, 2), ep_size=2))
     names = [
         f"model.layers.0.mlp.experts.{e}.{p}.weight"
         for e in range(8)
