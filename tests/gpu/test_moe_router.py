@@ -30,11 +30,27 @@ def check_router(device: str, config: RouterConfig, tokens: int = 7) -> None:
     rows = (torch.arange(tokens, device=device) % 3 != 2).to(torch.int64)  # every third row not counted
     got = topk_router(logits, config, bias, counts, rows)
     assert torch.equal(got.ids.sort(1).values, want.ids.sort(1).values), config
+    if device == "cpu":  # best first, as torch.topk orders them
+        assert torch.equal(got.ids, want.ids), config
     order_got, order_want = got.ids.long().argsort(1), want.ids.long().argsort(1)
     torch.testing.assert_close(got.weights.gather(1, order_got), want.weights.gather(1, order_want))
     expected = torch.zeros_like(counts)
     count_experts(expected, want.ids, rows != 0)
     assert torch.equal(counts, expected), config
+
+
+def check_router_ties(device: str, config: RouterConfig, tokens: int = 5) -> None:
+    """Logits with many equal values: the lowest ids win the ties and the slots come best first (torch.topk
+    leaves the order of ties unspecified, so the reference is a stable sort); the weights as the torch router's."""
+    from sgl_ray.layers.moe.triton_router import topk_router
+
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randint(0, 3, (tokens, config.num_experts), generator=g).float()
+    want_ids = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, : config.top_k]
+    got = topk_router(logits.to(device), config)
+    assert torch.equal(got.ids.cpu().long(), want_ids), config
+    want = select_experts(logits, config, None)  # the same values win, whichever ids torch picked
+    torch.testing.assert_close(got.weights.cpu(), want.weights)
 
 
 def check_gate_router(device: str, config: RouterConfig, dtype: torch.dtype = torch.float32) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 _SCRIPT = """
-from tests.gpu.test_moe_router import CONFIGS, check_gate_router, check_router
+from tests.gpu.test_moe_router import CONFIGS, check_gate_router, check_router, check_router_ties
 for config in CONFIGS:
     check_router("cpu", config)
     check_gate_router("cpu", config)
+    if not config.correction_bias:
+        check_router_ties("cpu", config)
 """
 
 

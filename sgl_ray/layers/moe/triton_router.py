@@ -3,14 +3,17 @@ the expert-load counts of a token row in one program, instead of ~7 small torch 
 each costs a few microseconds of a step that streams ~40 MB of expert weights per layer.
 
 One program per token: load its ``E`` logits, score them (softmax or sigmoid; GPT-OSS chooses on the raw logits),
-add the correction bias for the choice, take the best expert ``k`` times (ties to the lowest id, as
-``torch.topk`` on a CPU), then renormalize / softmax the ``k`` weights and scale them. Rows whose ``count_rows``
+add the correction bias for the choice, and choose the ``k`` best, best first (ties to the lowest id;
+``torch.topk`` leaves their order unspecified): up to 256 experts by ranking every expert at once (one
+[E, E] comparison summed, so a handful of block-wide reductions, each a barrier across the program's warps,
+instead of ~3 per chosen expert), above that one expert per round. Then renormalize / softmax the ``k`` weights and scale them. Rows whose ``count_rows``
 entry is nonzero add one per chosen expert to ``counts``. Grouped top-k (DeepSeek) stays on the torch path
 (:func:`supports`).
 
 On one-row steps :func:`gate_topk_router` also computes the logits (the router's GEMV, with the RMSNorm before it
 as a scale of the product, as ``triton_gemv.normed_gemv`` does): each program writes its experts' logits and
-counts itself done on a counter; the last one routes the row, so the choice needs no launch of its own.
+counts itself done on a counter; the last one routes the row, so the choice needs no launch of its own. The
+router's weights are read before the wait for the kernel before (programmatic dependent launch).
 """
 
 from __future__ import annotations
@@ -50,28 +53,52 @@ def _route_row(
     if HAS_BIAS:
         choice += tl.load(Bias + offs, mask=valid, other=0.0).to(tl.float32)
     choice = tl.where(valid, choice, float("-inf"))
-    slots = tl.arange(0, BLOCK_K)
-    ws = tl.zeros([BLOCK_K], dtype=tl.float32)
-    ids = tl.zeros([BLOCK_K], dtype=tl.int32)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(choice, 0)
-        idx = tl.min(tl.where(choice == best, offs, BLOCK_E), 0)  # the lowest id among equal scores
-        pick = offs == idx
-        ws = tl.where(slots == j, tl.sum(tl.where(pick, scores, 0.0), 0), ws)
-        ids = tl.where(slots == j, idx, ids)
-        choice = tl.where(pick, float("-inf"), choice)
-    in_k = slots < TOP_K
-    if AFTER_TOPK:  # softmax over the chosen logits
-        e = tl.where(in_k, tl.exp(ws - tl.max(tl.where(in_k, ws, float("-inf")), 0)), 0.0)
-        ws = e / tl.sum(e, 0)
-    elif RENORMALIZE:
-        ws = ws / (tl.sum(tl.where(in_k, ws, 0.0), 0) + 1e-20)
-    ws = ws * scale
-    tl.store(Weights + t * TOP_K + slots, ws, mask=in_k)
-    tl.store(Ids + t * TOP_K + slots, ids, mask=in_k)
-    if COUNT:
-        if tl.load(CountRows + t) != 0:
-            tl.atomic_add(Counts + ids, tl.full([BLOCK_K], 1, tl.int64), mask=in_k)
+    if BLOCK_E <= 256:
+        # Each expert's rank in one reduction: the experts that beat it (higher choice, or equal with a lower
+        # id). The chosen ones (rank < k) write themselves to slot ``rank``: about four block-wide reductions in
+        # all, where k rounds of max/argmin/sum cost ~3k (each a barrier across the program's warps).
+        other = tl.arange(0, BLOCK_E)
+        c_i = choice[:, None]
+        c_j = choice[None, :]
+        beats = (c_j > c_i) | ((c_j == c_i) & (other[None, :] < offs[:, None]))
+        rank = tl.sum(beats.to(tl.int32), axis=1)
+        chosen = valid & (rank < TOP_K)
+        if AFTER_TOPK:  # softmax over the chosen logits
+            e = tl.where(chosen, tl.exp(scores - tl.max(tl.where(chosen, scores, float("-inf")), 0)), 0.0)
+            ws = e / tl.sum(e, 0)
+        elif RENORMALIZE:
+            ws = scores / (tl.sum(tl.where(chosen, scores, 0.0), 0) + 1e-20)
+        else:
+            ws = scores
+        ws = ws * scale
+        tl.store(Weights + t * TOP_K + rank, ws, mask=chosen)
+        tl.store(Ids + t * TOP_K + rank, offs, mask=chosen)
+        if COUNT:
+            if tl.load(CountRows + t) != 0:
+                tl.atomic_add(Counts + offs, tl.full([BLOCK_E], 1, tl.int64), mask=chosen)
+    else:
+        slots = tl.arange(0, BLOCK_K)
+        ws = tl.zeros([BLOCK_K], dtype=tl.float32)
+        ids = tl.zeros([BLOCK_K], dtype=tl.int32)
+        for j in tl.static_range(TOP_K):
+            best = tl.max(choice, 0)
+            idx = tl.min(tl.where(choice == best, offs, BLOCK_E), 0)  # the lowest id among equal scores
+            pick = offs == idx
+            ws = tl.where(slots == j, tl.sum(tl.where(pick, scores, 0.0), 0), ws)
+            ids = tl.where(slots == j, idx, ids)
+            choice = tl.where(pick, float("-inf"), choice)
+        in_k = slots < TOP_K
+        if AFTER_TOPK:  # softmax over the chosen logits
+            e = tl.where(in_k, tl.exp(ws - tl.max(tl.where(in_k, ws, float("-inf")), 0)), 0.0)
+            ws = e / tl.sum(e, 0)
+        elif RENORMALIZE:
+            ws = ws / (tl.sum(tl.where(in_k, ws, 0.0), 0) + 1e-20)
+        ws = ws * scale
+        tl.store(Weights + t * TOP_K + slots, ws, mask=in_k)
+        tl.store(Ids + t * TOP_K + slots, ids, mask=in_k)
+        if COUNT:
+            if tl.load(CountRows + t) != 0:
+                tl.atomic_add(Counts + ids, tl.full([BLOCK_K], 1, tl.int64), mask=in_k)
 
 
 @triton.jit
@@ -139,17 +166,29 @@ def _gate_topk_kernel(
     n_ok = offs_n < num_experts
     offs_h = tl.arange(0, BLOCK_H)
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
+    # The weights do not depend on the kernel before: the first tile (with BLOCK_H >= H, the whole rows) is in
+    # flight before the wait for the input row.
+    if EVEN_H:
+        w_first = tl.load(w_rows + offs_h[None, :], mask=n_ok[:, None], other=0.0)
+    else:
+        w_first = tl.load(
+            w_rows + offs_h[None, :], mask=n_ok[:, None] & (offs_h < hidden)[None, :], other=0.0
+        )
     pdl_enter(USE_PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
     for h0 in range(0, hidden, BLOCK_H):
         cols = h0 + offs_h
-        if EVEN_H:
+        if h0 == 0:
+            w = w_first
+        elif EVEN_H:
             w = tl.load(w_rows + cols[None, :], mask=n_ok[:, None], other=0.0)
+        else:
+            w = tl.load(w_rows + cols[None, :], mask=n_ok[:, None] & (cols < hidden)[None, :], other=0.0)
+        if EVEN_H:
             x = tl.load(X + cols).to(tl.float32)
             if HAS_NORM_W:
                 x = x * tl.load(NormW + cols).to(tl.float32)
         else:
-            w = tl.load(w_rows + cols[None, :], mask=n_ok[:, None] & (cols < hidden)[None, :], other=0.0)
             x = tl.load(X + cols, mask=cols < hidden, other=0.0).to(tl.float32)
             if HAS_NORM_W:
                 x = x * tl.load(NormW + cols, mask=cols < hidden, other=0.0).to(tl.float32)
@@ -206,7 +245,7 @@ def gate_topk_router(
     num_parts = sq_in.shape[1] if norm is not None else 1
     norm_w = norm.weight if norm is not None else None
     block_n = min(8, triton.next_power_of_2(e))
-    block_h = min(1024, triton.next_power_of_2(hidden))
+    block_h = min(2048, triton.next_power_of_2(hidden))
     pdl = use_pdl(x)
     _gate_topk_kernel[(triton.cdiv(e, block_n),)](
         x, weight, gate_bias if gate_bias is not None else weight, sq_in, num_parts,
