@@ -12,7 +12,10 @@ import torch
 from sgl_ray.errors import InvalidRequestError, UnsupportedModelError
 
 SchedulePolicyName = Literal["fcfs", "lpm", "dfs-weight", "priority"]
-QUANTIZATION_METHODS = ("gguf", "none")
+QUANTIZATION_METHODS = ("awq", "gptq", "fp8", "compressed-tensors", "gguf", "none")
+CHECKPOINT_QUANT_METHODS = ("awq", "gptq", "fp8", "compressed-tensors")
+"""``quant_method`` values of a safetensors checkpoint's ``quantization_config`` that load (kept, or dequantized at
+load with ``quantization="none"``): see :mod:`sgl_ray.layers.quantization.methods`."""
 GGUF_KEPT_QUANTIZED_BY_DEFAULT = False
 """Whether ``quantization`` unset keeps a GGUF file quantized on a CPU. Off: on the 2-core CPU of
 docs/benchmarks.md (2026-12-07) the kept blocks took 1/6.7 of the memory but decoded at batch 1 at 0.27x the speed."""
@@ -88,8 +91,11 @@ class EngineArgs:
     quantization: str | None = field(
         default=None,
         metadata={
-            "help": "weights held quantized: gguf (a GGUF file's blocks stay in memory and are decoded inside each "
-            "matmul; CPU; about 1/5 of the memory, slower) | none (dequantize to --dtype at load; the default)"
+            "help": "weights held quantized (default: as the checkpoint's quantization_config says, else float): "
+            "awq | gptq (INT4 checkpoints; CPU torch, CUDA Triton) | fp8 (an FP8 checkpoint, or a float one "
+            "quantized at load; CPU weight-only, CUDA W8A8 on compute capability >= 8.9) | compressed-tensors "
+            "(its FP8 checkpoints) | gguf (a GGUF file's blocks decoded inside each matmul; CPU) | none "
+            "(dequantize to --dtype at load)"
         },
     )
     grammar_backend: str = field(default="xgrammar", metadata={"help": "structured-output grammar backend"})
@@ -151,6 +157,10 @@ class EngineArgs:
         default=None,
         metadata={"help": "torch (CPU default) | triton (GPU default) | flashinfer (GPU, optional package)"},
     )
+    lora_allow_pickle: bool = field(
+        default=False,
+        metadata={"help": "also load LoRA adapters saved as pickles (adapter_model.bin)"},
+    )
     tool_call_parser: str | None = field(
         default=None,
         metadata={
@@ -161,6 +171,30 @@ class EngineArgs:
     reasoning_parser: str | None = field(
         default=None,
         metadata={"help": "split reasoning from the answer: deepseek-r1 | qwen3 | think (default: off)"},
+    )
+    # Speculative decoding (docs/speculative.md; names and meanings as SGLang's)
+    speculative_algorithm: str | None = field(
+        default=None,
+        metadata={"help": "NGRAM (drafts from the request's own tokens) | STANDALONE (a small draft model)"},
+    )
+    speculative_draft_model_path: str | None = field(
+        default=None, metadata={"help": "STANDALONE: the draft model (same vocabulary as the target)"}
+    )
+    speculative_num_steps: int | None = field(
+        default=None, metadata={"help": "STANDALONE: draft tokens per verify step (default 3)"}
+    )
+    speculative_eagle_topk: int | None = field(
+        default=None, metadata={"help": "drafts per step and position; only 1 (chain drafts) so far"}
+    )
+    speculative_num_draft_tokens: int | None = field(
+        default=None,
+        metadata={"help": "tokens per verify step: the last accepted one + the drafts (default: NGRAM 8)"},
+    )
+    speculative_ngram_min_match_window_size: int = field(
+        default=1, metadata={"help": "NGRAM: shortest suffix of the tokens looked up"}
+    )
+    speculative_ngram_max_match_window_size: int = field(
+        default=12, metadata={"help": "NGRAM: longest suffix of the tokens looked up"}
     )
 
     def __post_init__(self) -> None:
@@ -223,6 +257,10 @@ class EngineArgs:
 
             if self.reasoning_parser not in REASONING_PARSERS:
                 raise bad("reasoning_parser", f"must be one of {sorted(REASONING_PARSERS)}")
+        if self.speculative_algorithm is not None:
+            from sgl_ray.speculative.config import SpeculativeConfig
+
+            SpeculativeConfig.from_args(self)  # raises on a bad or unsupported combination
 
     @property
     def uses_ray(self) -> bool:
@@ -252,27 +290,69 @@ class EngineArgs:
             not self.disable_jump_forward if self.disable_jump_forward is not None else device.type != "cuda"
         )
 
-    def effective_quantization(self, device: torch.device, weight_format: str) -> str | None:
-        """How the weights are held: ``"gguf"`` (a GGUF file's blocks, decoded inside each matmul) or None
-        (dequantized to ``dtype`` at load, the default: see :data:`GGUF_KEPT_QUANTIZED_BY_DEFAULT`). Asking for
-        ``"gguf"`` where it cannot be raises :class:`UnsupportedModelError`."""
+    def effective_quantization(
+        self, device: torch.device, weight_format: str, checkpoint_method: str | None = None
+    ) -> str | None:
+        """How the weights are held: ``"gguf"`` (a GGUF file's blocks, decoded inside each matmul), a safetensors
+        checkpoint's own ``quant_method`` (``checkpoint_method``: ``"awq"``, ``"gptq"``, ``"fp8"``,
+        ``"compressed-tensors"``), ``"fp8"`` for a float checkpoint quantized at load, or None (``dtype`` weights,
+        dequantized at load where the file is quantized: see :data:`GGUF_KEPT_QUANTIZED_BY_DEFAULT`). A method the
+        checkpoint does not have, or cannot have here, raises :class:`UnsupportedModelError` naming the option."""
+        option = f"quantization={self.quantization!r} (--quantization {self.quantization})"
+        if checkpoint_method is not None and weight_format != "gguf":
+            return self._checkpoint_quantization(checkpoint_method, weight_format, option)
+        if self.quantization == "fp8":
+            return "fp8"
+        if self.quantization in CHECKPOINT_QUANT_METHODS:
+            raise UnsupportedModelError(
+                f"{option} needs a checkpoint quantized with {self.quantization} (a config.json quantization_config "
+                f"with quant_method {self.quantization!r}); this model has none. quantization='fp8' quantizes a "
+                "float checkpoint at load",
+                param="quantization",
+            )
         if self.quantization == "none" or (self.quantization is None and not GGUF_KEPT_QUANTIZED_BY_DEFAULT):
             return None
         explicit = self.quantization == "gguf"
         if weight_format != "gguf":
             if explicit:
                 raise UnsupportedModelError(
-                    f"quantization='gguf' needs a .gguf model file, not {weight_format}"
+                    f"quantization='gguf' needs a .gguf model file, not {weight_format}", param="quantization"
                 )
             return None
         if device.type != "cpu":
             if explicit:
                 raise UnsupportedModelError(
                     "quantization='gguf' (GGUF blocks decoded inside each matmul) runs on CPU only for now; "
-                    f"on {device.type} use quantization='none' to dequantize the file at load"
+                    f"on {device.type} use quantization='none' to dequantize the file at load",
+                    param="quantization",
                 )
             return None
         return "gguf"
+
+    def _checkpoint_quantization(self, method: str, weight_format: str, option: str) -> str | None:
+        """:meth:`effective_quantization` of a checkpoint whose quantization_config says ``method``."""
+        if method not in CHECKPOINT_QUANT_METHODS:
+            raise UnsupportedModelError(
+                f"the checkpoint's quantization_config has quant_method {method!r}, which is not supported "
+                f"(quantization supports {', '.join(CHECKPOINT_QUANT_METHODS)})",
+                param="quantization",
+            )
+        if self.quantization == "none":
+            return None  # dequantized at load (with load_format="dummy": float weights anyway)
+        if weight_format == "dummy":
+            raise UnsupportedModelError(
+                f"load_format='dummy' fills float weights and cannot make up the {method} layers of this "
+                "checkpoint; pass quantization='none' to run it in float",
+                param="quantization",
+            )
+        fp8_compressed = self.quantization == "fp8" and method == "compressed-tensors"
+        if self.quantization in (None, method) or fp8_compressed:
+            return method
+        raise UnsupportedModelError(
+            f"{option} does not match the checkpoint, whose config.json quantization_config has quant_method "
+            f"{method!r}: pass quantization={method!r}, leave it unset, or pass 'none' to dequantize at load",
+            param="quantization",
+        )
 
     def replace(self, **changes: Any) -> EngineArgs:
         return dataclasses.replace(self, **changes)

@@ -35,6 +35,7 @@ from sgl_ray.layers.linear import (
     RowParallelLinear,
 )
 from sgl_ray.layers.norm import RMSNorm
+from sgl_ray.layers.quantization import QuantizedWeight
 
 # Off: measured slower on an H200 (8B shape, bs1, 2026-12-02): with the norm inside, QKV took 56 µs instead of
 # 15.5 and gate/up 86 instead of 58, since each of thousands of programs first reads the whole row for its
@@ -51,7 +52,13 @@ _PLAIN = (*_COLUMN, RowParallelLinear)
 
 
 def _one_row_gemv(x: torch.Tensor, layer: nn.Module, types: tuple[type, ...]) -> bool:
-    return x.is_cuda and type(layer) in types and cuda_ops().gemv_supports(x, layer.weight)
+    # a quantized weight (INT4, FP8) runs its own kernels inside the layer
+    return (
+        x.is_cuda
+        and type(layer) in types
+        and not isinstance(layer.weight, QuantizedWeight)
+        and cuda_ops().gemv_supports(x, layer.weight)
+    )
 
 
 def norm_linear(
@@ -71,7 +78,8 @@ def fold_norms_if_supported(
 ) -> None:
     """Fold the model's norms (``model.fold_norm_weights()``) where ``FOLD_NORMS`` and the settings allow: a
     CUDA device, half precision, one unsharded stage (the producing GEMV adds the residual, which an
-    all-reduce would have to precede), no LoRA (adapters take the normed input with its scale)."""
+    all-reduce would have to precede), no LoRA (adapters take the normed input with its scale), no quantized
+    weights (their products run in their own kernels)."""
     half = dtype in (torch.bfloat16, torch.float16)
     single = shard.tp.world_size == 1 and shard.pp_size == 1
     if (
@@ -81,6 +89,7 @@ def fold_norms_if_supported(
         and single
         and not lora
         and hasattr(model, "fold_norm_weights")
+        and not any(isinstance(m, QuantizedWeight) for m in model.modules())
     ):
         model.fold_norm_weights()
 

@@ -1,9 +1,10 @@
 """The seam between a compact weight encoding and the layers that multiply by it.
 
-A :class:`QuantizedMatrix` is a ``[rows, cols]`` matrix held in some encoding (GGUF blocks today; FP8, AWQ or GPTQ
-groups would be further subclasses). The layers never look inside: they cut it for their tensor-parallel rank
-(:meth:`~QuantizedMatrix.narrow`), stack the pieces of a fused projection
-(:class:`~sgl_ray.layers.quantization.weight.QuantizedWeight`), and ask for float rows a slab at a time.
+A :class:`QuantizedMatrix` is a ``[rows, cols]`` matrix held in some encoding: GGUF blocks (:mod:`.gguf`), INT4
+groups from AWQ or GPTQ checkpoints (:mod:`.int4`), FP8 e4m3 with per-row or per-block scales (:mod:`.fp8`). The
+layers never look inside: they cut it for their tensor-parallel rank (:meth:`~QuantizedMatrix.narrow`), stack the
+pieces of a fused projection (:class:`~sgl_ray.layers.quantization.weight.QuantizedWeight`), and ask for its product
+(:meth:`~QuantizedMatrix.matmul`: float rows a slab at a time on a CPU, the encoding's kernel on CUDA).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ class QuantizedMatrix(ABC):
       own, to exactly the values the whole matrix decodes to;
     * :meth:`narrow` along rows accepts any range; along columns only multiples of :attr:`col_align` (the
       encoding's blocks), else it raises :class:`ValueError`;
-    * :meth:`join` stacks another matrix's rows under this one's when both share an encoding (else ``None``).
+    * :meth:`join` stacks another matrix's rows under this one's when both share an encoding (else ``None``);
+    * :meth:`to` gives the same matrix with its tensors on another device (itself when already there).
     """
 
     kind: str
@@ -60,6 +62,9 @@ class QuantizedMatrix(ABC):
 
     @abstractmethod
     def join(self, below: QuantizedMatrix) -> QuantizedMatrix | None: ...
+
+    @abstractmethod
+    def to(self, device: torch.device) -> QuantizedMatrix: ...
 
     def dim(self) -> int:
         return 2
@@ -98,3 +103,6 @@ class DenseRows(QuantizedMatrix):
         if isinstance(below, DenseRows) and below.values.dtype == self.values.dtype:
             return DenseRows(torch.cat([self.values, below.values]))
         return None
+
+    def to(self, device: torch.device) -> DenseRows:
+        return self if self.values.device == device else DenseRows(self.values.to(device))

@@ -128,3 +128,8 @@ class GGUFMatrix(QuantizedMatrix):
         return GGUFMatrix(
             self.qtype, {n: torch.cat([t, below.fields[n]]) for n, t in self.fields.items()}, self.cols
         )
+
+    def to(self, device: torch.device) -> GGUFMatrix:
+        if all(t.device == device for t in self.fields.values()):
+            return self
+        return GGUFMatrix(self.qtype, {n: t.to(device) for n, t in self.fields.items()}, self.cols)

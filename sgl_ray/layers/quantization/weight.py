@@ -10,9 +10,10 @@ piece (a fused QKV projection: q, k and v, each maybe of its own block type), ne
               │ v  (Q6_K)  │
     rows out  └────────────┘
 
-Its product (:meth:`QuantizedWeight.linear`) decodes a slab of at most ``SLAB_VALUES`` weights at a time into a
-float scratch and multiplies by it, so the extra memory stays a few MiB, and each output value is the dot product
-of the same float weights as when dequantized at load (only the GEMM's summation order may differ).
+Its product (:meth:`QuantizedWeight.linear`) on a CPU decodes a slab of at most ``SLAB_VALUES`` weights at a time
+into a float scratch and multiplies by it, so the extra memory stays a few MiB, and each output value is the dot
+product of the same float weights as when dequantized at load (only the GEMM's summation order may differ). On CUDA
+each segment is one product: its encoding's kernel decodes the weights inside the GEMM (INT4, FP8).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ slabs are faster: 2^16-value slabs made a decode step of the default model sever
 
 class QuantizedWeight(nn.Module):
     """A ``[rows, cols]`` weight made of :class:`QuantizedMatrix` row segments, multiplied in ``dtype``. Its bytes
-    live on the device the checkpoint was read to (the CPU); ``Module.to`` does not move them.
+    live on ``device`` (each piece moves there as it is put); ``Module.to`` does not move them.
 
     >>> w = QuantizedWeight(2, 3, torch.float32, torch.device("cpu"))
     >>> w.put(0, DenseRows(torch.ones(2, 3)))
@@ -68,6 +69,7 @@ class QuantizedWeight(nn.Module):
                 f"weight shape mismatch: rows [{offset}, {offset + rows}) x {cols} columns of a "
                 f"{tuple(self.shape)} weight"
             )
+        piece = piece.to(self.device)
         segments = [(s, m) for s, m in self.segments if s + m.shape[0] <= offset or s >= offset + rows]
         segments.append((offset, piece))  # replaces whatever it overlaps (a reload)
         segments.sort(key=lambda seg: seg[0])
@@ -87,12 +89,12 @@ class QuantizedWeight(nn.Module):
             raise RuntimeError(f"quantized weight {tuple(self.shape)} has only rows {covered} loaded")
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``F.linear(x, W, bias)``, ``W`` decoded a slab of rows at a time."""
+        """``F.linear(x, W, bias)``, ``W`` decoded a slab of rows at a time (on CUDA: a segment at a time)."""
         self._check_complete()
         x2 = x.reshape(-1, self.cols)  # [T, cols]
         outs = []
         for _, m in self.segments:
-            step = max(1, SLAB_VALUES // self.cols)
+            step = m.shape[0] if x.is_cuda else max(1, SLAB_VALUES // self.cols)
             for r in range(0, m.shape[0], step):
                 outs.append(m.matmul(x2, r, min(r + step, m.shape[0])))  # [T, slab rows]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
