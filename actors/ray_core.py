@@ -27,9 +27,48 @@ logger = logging.getLogger(__name__)
 _POLL_S = 0.5
 
 
-def ensure_ray(address: str | None) -> None:
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+def ensure_ray(address: str | None, *, log_to_driver: bool = False) -> None:
+    """Join the Ray cluster at ``address`` (None: ``RAY_ADDRESS``, or one that ``ray start`` began on this
+    machine), or, where there is none, start a local one whose processes listen on 127.0.0.1 only: anyone who
+    reaches a Ray cluster's ports can run code on it, so one that nobody asked to share stays on this machine.
+
+    Ray turns a loopback node address into the host's routable one unless it treats the platform as local-only
+    (as on macOS and Windows); for the local start this function makes it do so, and every server of the node
+    binds to the node address, 127.0.0.1.
+
+    Example::
+
+        >>> ensure_ray(None)  # doctest: +SKIP
+        >>> ray.util.get_node_ip_address()  # doctest: +SKIP
+        '127.0.0.1'
+    """
+    if ray.is_initialized():
+        return
+    if not _starts_local_cluster(address):
+        ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver)
+        return
+    from ray._private import ray_constants
+
+    clusters = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read by Ray when it picks the node address
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
+
+
+def _starts_local_cluster(address: str | None) -> bool:
+    """Whether ``ray.init(address=address)`` would start a new local cluster rather than join one."""
+    if address == "local":
+        return True
+    if address is not None:
+        return False
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address(None) is None
+    except Exception:  # a malformed RAY_ADDRESS: ray.init reports it
+        return False
 
 
 def resolve_device(args: EngineArgs) -> EngineArgs:

@@ -16,8 +16,18 @@ from sgl_ray.deployments.lora_registry import LoRARegistry
 from sgl_ray.errors import InvalidRequestError
 from sgl_ray.lora.adapter import parse_lora_paths, resolve_max_rank
 from sgl_ray.model_loader import default_model_path
+from sgl_ray.protocol import RequestLimits
 
-_INGRESS_KEYS = ("served_model_name", "api_key", "max_body_bytes")
+_INGRESS_KEYS = (
+    "served_model_name",
+    "api_key",
+    "max_body_bytes",
+    "max_prompt_chars",
+    "max_message_chars",
+    "max_sequences_per_request",
+    "trust_request_chat_template",
+    "tokenizer_threads",
+)
 _ROUTERS = {
     "prefix-cache": "sgl_ray.deployments.router:PrefixCacheRouter",
     "power-of-two": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",  # Serve's default
@@ -32,9 +42,14 @@ def build_openai_app(args: dict[str, Any] | None = None) -> Application:
     token-exact cache-aware routing.
 
     ``args``: any :class:`~sgl_ray.EngineArgs` field (``model_path``, ``tp_size``, ``max_total_tokens``,
-    ``tool_call_parser``, ``reasoning_parser`` …), the
-    ingress options ``served_model_name``, ``api_key``, ``max_body_bytes``, and the ``LLMServer`` deployment's
-    ``num_replicas``, ``autoscaling_config`` (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``,
+    ``tool_call_parser``, ``reasoning_parser``, ``lora_allow_pickle`` …), the ingress options
+    ``served_model_name``, ``api_key``, ``max_body_bytes`` (default 16 MiB; a 413 above), ``max_prompt_chars``
+    (characters of one prompt, or of a chat request's messages together; default 16 per token of context),
+    ``max_message_chars`` (of one chat message; default ``max_prompt_chars``), ``max_sequences_per_request``
+    (prompts × ``n``; default 1024), ``trust_request_chat_template`` (let ``chat_template_kwargs.chat_template``
+    replace the server's chat template; default off) and ``tokenizer_threads`` (threads that decode, render and
+    tokenize requests off the event loop; default 2), and the ``LLMServer`` deployment's ``num_replicas``,
+    ``autoscaling_config`` (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``,
     delays), ``max_ongoing_requests``, ``ray_actor_options``; ``router`` (``prefix-cache``, the default, Serve's
     ``power-of-two`` or ``round-robin``) and ``routing_imbalance`` choose and tune the request router;
     ``ingress_replicas`` (default 1) runs several ``OpenAIIngress`` replicas behind Serve's proxy. With LoRA
@@ -54,6 +69,7 @@ def build_openai_app(args: dict[str, Any] | None = None) -> Application:
     engine_kwargs = {k: v for k, v in args.items() if k in engine_fields}
     engine_kwargs["model_path"] = engine_kwargs.get("model_path") or str(default_model_path())
     engine_args = EngineArgs(**engine_kwargs)  # validate before any replica starts
+    _check_ingress_options(args)
     options: dict[str, Any] = {k: args[k] for k in _DEPLOYMENT_KEYS if k in args}
     options.setdefault("max_ongoing_requests", 256)
     if "autoscaling_config" in options:
@@ -90,6 +106,7 @@ def build_openai_app(args: dict[str, Any] | None = None) -> Application:
         tokenizer_path=engine_kwargs.get("tokenizer_path"),
         enable_lora=engine_args.lora_enabled,
         lora_paths=engine_args.lora_paths,
+        lora_allow_pickle=engine_args.lora_allow_pickle,
         max_lora_rank=resolve_max_rank(engine_args.max_lora_rank, engine_args.lora_paths)
         if engine_args.lora_enabled
         else None,
@@ -117,6 +134,15 @@ def build_openai_app(args: dict[str, Any] | None = None) -> Application:
         .options(num_replicas=ingress_replicas, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
         .bind(server, ingress_config, registry)
     )
+
+
+def _check_ingress_options(args: dict[str, Any]) -> None:
+    """The ingress's numeric options, checked before any replica starts (the context length is not known yet)."""
+    limits = ("max_prompt_chars", "max_message_chars", "max_sequences_per_request")
+    RequestLimits.for_context(1, **{k: args[k] for k in limits if args.get(k) is not None})
+    threads = args.get("tokenizer_threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise InvalidRequestError("tokenizer_threads must be an integer >= 1", param="tokenizer_threads")
 
 
 def _default_name(model_path: str) -> str:

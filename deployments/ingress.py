@@ -3,16 +3,23 @@
 It tokenizes once (chat templates included), validates, and streams each prompt from an ``LLMServer`` replica
 chosen by the cache-aware router on the prompt's token ids. A client that disconnects cancels its stream, which
 aborts the request and frees its KV. Every bad request gets an OpenAI-style ``{"error": …}`` with a 4xx.
+
+Decoding, templates and tokenizing (:class:`~sgl_ray.deployments.preprocess.Preprocessor`) run in a thread pool
+(``tokenizer_threads``), never on the event loop, so a big request does not hold up ``/health`` or other streams.
+JSON bodies must be sent as ``application/json`` (415 otherwise): a web page cannot post one cross-site without
+the browser asking first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import msgspec
 import torch
@@ -25,6 +32,7 @@ from sgl_ray.deployments.lora import LoadLoRAAdapterRequest, UnloadLoRAAdapterRe
 from sgl_ray.deployments.lora import decode as decode_lora
 from sgl_ray.deployments.lora_ingress import IngressAdapters
 from sgl_ray.deployments.metrics import Metrics
+from sgl_ray.deployments.preprocess import Preprocessor
 from sgl_ray.deployments.responses import (
     HTTPError,
     Latency,
@@ -35,16 +43,28 @@ from sgl_ray.deployments.responses import (
     primed,
     unwrap,
 )
-from sgl_ray.errors import InvalidRequestError, SglRayError
+from sgl_ray.errors import SglRayError
 from sgl_ray.lang.template import role_format_from_tokenizer
 from sgl_ray.lora.adapter import parse_lora_paths
 from sgl_ray.model_loader import load_hf_config, load_tokenizer, resolve_model
 from sgl_ray.reasoning import get_reasoning_parser
-from sgl_ray.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
+DEFAULT_TOKENIZER_THREADS = 2
+
+
+def is_json_media_type(content_type: str | None) -> bool:
+    """Whether a ``Content-Type`` header names JSON (``application/json`` or ``application/<x>+json``, with any
+    parameters such as ``charset``).
+
+    >>> is_json_media_type("application/json; charset=utf-8"), is_json_media_type("text/plain")
+    (True, False)
+    """
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 class OpenAIIngress:
@@ -54,6 +74,11 @@ class OpenAIIngress:
 
     ``registry``: a handle to the app's ``LoRARegistry`` deployment, which every ingress replica follows (without
     one, adapters loaded at run time are known to this replica only).
+
+    ``config``: ``model_path`` and, optionally, ``served_model_name``, ``api_key``, ``max_body_bytes``, the
+    :class:`~sgl_ray.protocol.RequestLimits` (``max_prompt_chars``, ``max_message_chars``,
+    ``max_sequences_per_request``), ``trust_request_chat_template``, ``tokenizer_threads`` and the engine's
+    ``context_length``, ``tokenizer_path``, ``tool_call_parser``, ``reasoning_parser`` and LoRA options.
 
     Example (what ``build_openai_app`` does)::
 
@@ -75,9 +100,27 @@ class OpenAIIngress:
         self.created = P.now()
         self.role_format = role_format_from_tokenizer(self.tokenizer).to_dict()
         # a template that does not render assistant tool calls sees them as text in the parser's format
-        self.tool_format = P.ToolFormat.for_tokenizer(self.tokenizer, config.get("tool_call_parser"))
+        tool_format = P.ToolFormat.for_tokenizer(self.tokenizer, config.get("tool_call_parser"))
         reasoning = config.get("reasoning_parser")
         self.reasoning_parser = get_reasoning_parser(reasoning) if reasoning else None
+        limits = P.RequestLimits.for_context(
+            self.context_length,
+            max_prompt_chars=config.get("max_prompt_chars"),
+            max_message_chars=config.get("max_message_chars"),
+            max_sequences_per_request=config.get("max_sequences_per_request"),
+        )
+        self.pre = Preprocessor(
+            self.tokenizer,
+            limits,
+            context_length=self.context_length,
+            vocab_size=self.vocab_size,
+            tool_parser=tool_format.parser,
+            reasoning_parser=self.reasoning_parser,
+            calls_as_text=tool_format.calls_as_text,
+            trust_request_chat_template=bool(config.get("trust_request_chat_template")),
+        )
+        threads = int(config.get("tokenizer_threads") or DEFAULT_TOKENIZER_THREADS)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sgl-ray-tokenize")
         self.metrics = Metrics()
         self.lora = IngressAdapters(
             self.model_id,
@@ -86,6 +129,7 @@ class OpenAIIngress:
             bool(config.get("enable_lora")),
             registry,
             {name: (path, False) for name, path in parse_lora_paths(config.get("lora_paths")).items()},
+            allow_pickle=bool(config.get("lora_allow_pickle")),
         )
         self._lora_start: asyncio.Task | None = None
         try:  # in a Serve replica the constructor runs on its event loop: follow the registry from now on
@@ -131,6 +175,8 @@ class OpenAIIngress:
             cause = unwrap(e)
             if isinstance(cause, SglRayError):
                 response = json_response(P.error_body(cause), cause.status_code)
+            elif isinstance(cause, RecursionError):  # input nested deeper than a parser follows
+                response = json_response(P.error_body(P.too_deep()), 400)
             else:
                 logger.exception("request failed")
                 response = json_response(P.internal_error_body(), 500)
@@ -146,18 +192,34 @@ class OpenAIIngress:
             raise HTTPError(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
 
     async def _body(self, request: Request) -> bytes:
-        """The request body, refused with a 413 above ``max_body_bytes``. An oversized body is still drained (not
-        kept), so the client reads the error instead of a reset connection."""
+        """The JSON request body: a 415 unless it is sent as ``application/json``, a 413 above ``max_body_bytes``.
+        A refused body is still drained (not kept), so the client reads the error instead of a reset connection."""
+        is_json = is_json_media_type(request.headers.get("content-type"))
         parts, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size <= self.max_body_bytes:
+            if is_json and size <= self.max_body_bytes:
                 parts.append(chunk)
+        if not is_json:
+            raise HTTPError(
+                415,
+                "Unsupported Content-Type: send the JSON body with 'Content-Type: application/json'.",
+                "invalid_request_error",
+                "unsupported_media_type",
+            )
         if size > self.max_body_bytes:
             raise HTTPError(
                 413, f"Request body exceeds {self.max_body_bytes} bytes.", "invalid_request_error"
             )
         return b"".join(parts)
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the ingress's thread pool (see :mod:`sgl_ray.deployments.preprocess`)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+
+    async def _decode(self, kind: P.RequestKind, request: Request) -> Any:
+        """The request's body, decoded and checked off the loop (a 16 MB body takes a while to decode)."""
+        return await self._off_loop(P.decode_request, kind, await self._body(request))
 
     # --- generation plumbing -----------------------------------------------------------------------------------
     async def _outputs(
@@ -195,26 +257,11 @@ class OpenAIIngress:
         self.metrics.latency(tracker.ttft, tracker.itls)
 
     # --- routes --------------------------------------------------------------------------------------------------
-    def _chat_inputs(self, req: P.ChatCompletionRequest) -> tuple[list[int], SamplingParams, P.OutputParsing]:
-        """A chat request's prompt ids, sampling parameters and output parsing (tools, reasoning)."""
-        parsing = P.chat_output_parsing(req, self.tool_format.parser, self.reasoning_parser)
-        ids = P.render_chat(
-            self.tokenizer,
-            req.messages,
-            tools=req.tools if parsing.tools and parsing.tools.parser else None,
-            template_kwargs=req.chat_template_kwargs,
-            calls_as_text=self.tool_format.calls_as_text,
-        )
-        P.check_prompt_length(len(ids), self.context_length)
-        params = P.to_sampling_params(req, self.vocab_size, self.context_length, len(ids))
-        return ids, P.output_params(req, params, parsing), parsing
-
     async def chat(self, request: Request) -> Response:
         started = time.perf_counter()
-        req = P.decode_request("chat", await self._body(request))
-        req.check()
+        req = await self._decode("chat", request)
         lora = await self.lora.resolve(req.model)
-        ids, params, parsing = self._chat_inputs(req)
+        ids, params, parsing = await self._off_loop(self.pre.chat, req)
         outputs = await primed(self._outputs([ids], params, P.logprob_options(req), lora), req.stream, params)
         kw = {"model": self.model_id, "token_texts": self.token_texts, "parsing": parsing}
         if req.stream:
@@ -226,10 +273,10 @@ class OpenAIIngress:
     async def responses(self, request: Request) -> Response:
         """OpenAI's Responses API, stateless, on the chat path (see :mod:`sgl_ray.protocol.responses_api`)."""
         started = time.perf_counter()
-        req = P.decode_request("responses", await self._body(request))
+        req = await self._decode("responses", request)
         lora = await self.lora.resolve(req.model)
         with P.responses_errors():  # the chat path's 400s, in the Responses API's field names
-            ids, params, parsing = self._chat_inputs(req.to_chat())
+            ids, params, parsing = await self._off_loop(lambda: self.pre.chat(req.to_chat()))
             no_logprobs = P.LogprobOptions(False, 0, -1)
             outputs = await primed(self._outputs([ids], params, no_logprobs, lora), req.stream, params)
         draft = P.ResponseDraft(req, self.model_id)
@@ -238,23 +285,11 @@ class OpenAIIngress:
 
     async def completions(self, request: Request) -> Response:
         started = time.perf_counter()
-        req = P.decode_request("completion", await self._body(request))
-        req.check()
+        req = await self._decode("completion", request)
         lora = await self.lora.resolve(req.model)
-        texts, token_lists = req.prompt_batch()
-        if token_lists is None:
-            token_lists = [self.tokenizer.encode(t) for t in texts or []]
-            prompt_texts = None
-        else:
-            for ids in token_lists:
-                P.check_prompt_ids(ids, self.vocab_size)
-            prompt_texts = [self.tokenizer.decode(ids) for ids in token_lists] if req.echo else None
-        for ids in token_lists:
-            P.check_prompt_length(len(ids), self.context_length, param="prompt")
-        longest = max(len(ids) for ids in token_lists)
-        params = P.to_sampling_params(req, self.vocab_size, self.context_length, longest)
+        prompts, prompt_texts, params = await self._off_loop(self.pre.completion, req)
         outputs = await primed(
-            self._outputs(token_lists, params, P.logprob_options(req), lora), req.stream, params
+            self._outputs(prompts, params, P.logprob_options(req), lora), req.stream, params
         )
         kw = {"model": self.model_id, "token_texts": self.token_texts, "prompt_texts": prompt_texts}
         if req.stream:
@@ -267,39 +302,11 @@ class OpenAIIngress:
         """SGLang-native: ``{"text" | "input_ids", "sampling_params", "stream", "return_logprob", ...}``; with
         ``separate_reasoning`` each result's reasoning is in ``reasoning_text`` and ``text`` is the answer."""
         started = time.perf_counter()
-        req = P.decode_request("generate", await self._body(request))
-        req.check()
+        req = await self._decode("generate", request)
         await self.lora.check(req.lora_path)
-        texts = [req.text] if isinstance(req.text, str) else req.text
-        ids_in = req.input_ids
-        batch = isinstance(req.text, list) or (bool(ids_in) and isinstance(ids_in[0], list))
-        prompts = (
-            [self.tokenizer.encode(t) for t in texts]
-            if texts is not None
-            else (
-                [list(x) for x in ids_in] if batch else [list(ids_in)]  # type: ignore[arg-type, list-item]
-            )
-        )
-        for ids in prompts:
-            P.check_prompt_ids(ids, self.vocab_size, param="input_ids")
-            P.check_prompt_length(len(ids), self.context_length, param="text")
-        sp = req.sampling_params
-        if isinstance(sp, list) and len(sp) != len(prompts):
-            raise InvalidRequestError(
-                "sampling_params list must match the number of prompts", param="sampling_params"
-            )
-        if req.separate_reasoning and self.reasoning_parser is None:
-            raise InvalidRequestError(
-                "'separate_reasoning' needs a server started with a reasoning parser (--reasoning-parser).",
-                param="separate_reasoning",
-            )
+        calls, batch = await self._off_loop(self.pre.generate, req)
         reasoning = self.reasoning_parser if req.separate_reasoning else None
         lp = P.LogprobOptions(req.return_logprob, req.top_logprobs_num, req.logprob_start_len)
-        # One replica call per distinct parameter set: all prompts together when they share it.
-        if isinstance(sp, list):
-            calls = [([ids], p.normalized()) for ids, p in zip(prompts, sp, strict=True)]
-        else:
-            calls = [(prompts, (sp or SamplingParams()).normalized())]
         results: list[NativeResult] = []
         streams = []
         for ids_list, params in calls:
@@ -348,12 +355,8 @@ class OpenAIIngress:
     async def tokenize(self, request: Request) -> Response:
         """``{"text": str | [str]}`` → ``{"tokens": ids | [ids]}`` with the server's tokenizer (no special tokens
         added beyond what ``/generate`` adds to a text prompt)."""
-        req = P.decode_request("tokenize", await self._body(request))
-        texts = [req.text] if isinstance(req.text, str) else req.text
-        tokens = [self.tokenizer.encode(t) for t in texts]
-        return json_response(
-            msgspec.json.encode({"tokens": tokens[0] if isinstance(req.text, str) else tokens})
-        )
+        req = await self._decode("tokenize", request)
+        return json_response(await self._off_loop(self.pre.tokenize, req))
 
     async def health(self, request: Request) -> Response:
         return Response(status_code=200)
@@ -374,3 +377,6 @@ class OpenAIIngress:
         lora = getattr(self, "lora", None)
         if lora is not None:
             lora.close()
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from sgl_ray.errors import InvalidRequestError, ModelNotFoundError, SglRayError
+from sgl_ray.protocol.decoding import too_deep
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ def decode(cls: type, body: bytes):
         return msgspec.json.decode(body, type=cls)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise InvalidRequestError(f"Invalid request body: {e}") from None
+    except RecursionError:
+        raise too_deep() from None
 
 
 class AdapterSnapshot(NamedTuple):

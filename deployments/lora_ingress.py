@@ -26,12 +26,23 @@ logger = logging.getLogger(__name__)
 class IngressAdapters:
     """An ingress replica's copy of the app's registry: checks loads, resolves ``model`` names, and supplies the
     snapshot every generation call carries. ``registry``: a handle to the app's :class:`LoRARegistry`, or None for
-    a table of this ingress alone (LoRA disabled, or an ingress deployed by hand with one replica)."""
+    a table of this ingress alone (LoRA disabled, or an ingress deployed by hand with one replica).
+    ``allow_pickle``: accept adapters whose weights are a pickle (``adapter_model.bin``; engine option
+    ``lora_allow_pickle``), not only safetensors."""
 
     def __init__(
-        self, model_id: str, hf_config: Any, max_rank: int, enabled: bool, registry: Any, adapters: Adapters
+        self,
+        model_id: str,
+        hf_config: Any,
+        max_rank: int,
+        enabled: bool,
+        registry: Any,
+        adapters: Adapters,
+        *,
+        allow_pickle: bool = False,
     ) -> None:
         self.model_id, self.hf_config, self.max_rank, self.enabled = model_id, hf_config, max_rank, enabled
+        self.allow_pickle = allow_pickle
         self.registry = registry
         self._local = AdapterTable(adapters) if registry is None else None
         self.current: AdapterSnapshot | None = self._local.snapshot() if self._local else None
@@ -149,7 +160,10 @@ class IngressAdapters:
             raise InvalidRequestError(
                 f"a LoRA adapter named {req.lora_name!r} is already loaded", param="lora_name"
             )
-        config = check_adapter(req.lora_path, self.hf_config, self.max_rank)
+        # reads the adapter's weights: off the event loop
+        config = await asyncio.to_thread(
+            check_adapter, req.lora_path, self.hf_config, self.max_rank, allow_pickle=self.allow_pickle
+        )
         self._apply(await self._call("add", req.lora_name, config.path, req.pinned))
 
     async def unload(self, req: UnloadLoRAAdapterRequest) -> None:

@@ -1,5 +1,6 @@
 """``sgl-ray serve``: start (or join) Ray, deploy the OpenAI app on Ray Serve, print the URL, and shut down
-cleanly on Ctrl-C."""
+cleanly on Ctrl-C. A Ray cluster it starts itself listens on 127.0.0.1 only (see
+:func:`~sgl_ray.actors.ray_core.ensure_ray`); ``--host`` sets where the HTTP server listens."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 import ray
 from ray import serve
 
+from sgl_ray.actors.ray_core import ensure_ray
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.deployments.app import build_openai_app
 from sgl_ray.model_loader import default_model_path
@@ -44,6 +46,38 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--routing-imbalance", type=int, default=8, help="extra in-flight requests a cache match may cost"
     )
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=None, help="largest request body (default 16 MiB; 413 above)"
+    )
+    parser.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=None,
+        help="characters of one prompt, or of a chat request's messages together (default: 16 per context token)",
+    )
+    parser.add_argument(
+        "--max-message-chars",
+        type=int,
+        default=None,
+        help="characters of one chat message (default: --max-prompt-chars)",
+    )
+    parser.add_argument(
+        "--max-sequences-per-request",
+        type=int,
+        default=None,
+        help="prompts × n in one request (default 1024)",
+    )
+    parser.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="let chat_template_kwargs.chat_template in a request replace the server's chat template",
+    )
+    parser.add_argument(
+        "--tokenizer-threads",
+        type=int,
+        default=None,
+        help="threads per ingress replica that decode, render and tokenize requests (default 2)",
+    )
 
 
 def app_args(ns: argparse.Namespace) -> dict:
@@ -59,6 +93,17 @@ def app_args(ns: argparse.Namespace) -> dict:
         args["api_key"] = ns.api_key
     if ns.served_model_name:
         args["served_model_name"] = ns.served_model_name
+    for key in (
+        "max_body_bytes",
+        "max_prompt_chars",
+        "max_message_chars",
+        "max_sequences_per_request",
+        "tokenizer_threads",
+    ):
+        if getattr(ns, key) is not None:
+            args[key] = getattr(ns, key)
+    if ns.trust_request_chat_template:
+        args["trust_request_chat_template"] = True
     if ns.max_replicas:
         args["autoscaling_config"] = {
             "min_replicas": ns.min_replicas or 1,
@@ -72,7 +117,7 @@ def run_serve(ns: argparse.Namespace) -> int:
     if not ns.model_path:
         ns.model_path = str(default_model_path())  # fetched here, with progress, before any replica starts
     args = app_args(ns)
-    ray.init(address=ns.ray_address, include_dashboard=False)
+    ensure_ray(ns.ray_address, log_to_driver=True)  # a cluster started here listens on 127.0.0.1 only
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

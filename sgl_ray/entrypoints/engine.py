@@ -77,7 +77,7 @@ class Engine:
             return args
         rank = resolve_max_rank(args.max_lora_rank, args.lora_paths)
         for path in parse_lora_paths(args.lora_paths).values():
-            check_adapter(path, hf_config, rank)
+            check_adapter(path, hf_config, rank, allow_pickle=args.lora_allow_pickle)
         return args.replace(max_lora_rank=rank)
 
     def _eos_ids(self, from_config: tuple[int, ...]) -> tuple[int, ...]:
@@ -279,7 +279,9 @@ class Engine:
         if not self.args.lora_enabled:
             raise InvalidRequestError("LoRA is not enabled on this engine (enable_lora)", param="lora_name")
         assert self.args.max_lora_rank is not None
-        config = check_adapter(lora_path, self.hf_config, self.args.max_lora_rank)
+        config = check_adapter(
+            lora_path, self.hf_config, self.args.max_lora_rank, allow_pickle=self.args.lora_allow_pickle
+        )
         self._core.load_lora_adapter(lora_name, config.path, pinned)
 
     def unload_lora_adapter(self, lora_name: str) -> bool:

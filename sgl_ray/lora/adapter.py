@@ -1,4 +1,5 @@
-"""PEFT LoRA adapters on disk: ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``).
+"""PEFT LoRA adapters on disk: ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``, a pickle,
+only where allowed: see :func:`check_adapter`). A file that does not load is an :class:`InvalidRequestError`.
 
 An adapter adds ``scaling * B @ A`` to the weight of each target projection, ``A: [r, in]``, ``B: [out, r]``,
 ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). Target modules here: ``q_proj k_proj v_proj o_proj
@@ -57,8 +58,19 @@ def read_adapter_config(path: str) -> AdapterConfig:
         raise _bad(path, "no adapter_model.safetensors (or adapter_model.bin) there")
     try:
         raw = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
         raise _bad(path, f"adapter_config.json is unreadable: {e}") from None
+    if not isinstance(raw, dict):
+        raise _bad(path, "adapter_config.json must hold a JSON object")
+    try:
+        return _config(path, directory, raw)
+    except InvalidRequestError:
+        raise
+    except (TypeError, ValueError, re.error) as e:  # a value of the wrong type ("r": "eight"), a bad regex
+        raise _bad(path, f"adapter_config.json has a bad value: {e}") from None
+
+
+def _config(path: str, directory: Path, raw: dict) -> AdapterConfig:
     if str(raw.get("peft_type", "LORA")).upper() != "LORA":
         raise _bad(path, f"peft_type {raw.get('peft_type')!r} is not LORA")
     if raw.get("target_parameters"):  # peft's LoRA on parameters: an MoE layer's fused experts
@@ -105,13 +117,19 @@ def _weights_file(directory: Path) -> Path | None:
 def load_adapter_weights(config: AdapterConfig) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
     """``{(layer, module): (A [r, in], B [out, r] * scaling)}`` on the CPU, in float32."""
     file = _weights_file(Path(config.path))
-    assert file is not None
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if file is None:
+        raise _bad(config.path, "no adapter_model.safetensors (or adapter_model.bin) there")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        tensors = load_file(str(file))
-    else:
-        tensors = torch.load(str(file), map_location="cpu", weights_only=True)
+            tensors = load_file(str(file))
+        else:
+            tensors = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever a file that does not load raises, the file is at fault: a 400
+        raise _bad(config.path, f"{file.name} is unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise _bad(config.path, f"{file.name} does not map tensor names to tensors")
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         m = _TENSOR_NAME.search(name)
@@ -123,6 +141,8 @@ def load_adapter_weights(config: AdapterConfig) -> dict[tuple[int, str], tuple[t
         if set(ab) != {"A", "B"}:
             raise _bad(config.path, f"layer {key[0]} {key[1]} lacks lora_A or lora_B")
         a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2:
+            raise _bad(config.path, f"layer {key[0]} {key[1]}: lora_A and lora_B must be matrices")
         if a.shape[0] != config.rank or b.shape[1] != config.rank:
             raise _bad(
                 config.path, f"layer {key[0]} {key[1]}: rank {a.shape[0]} differs from r={config.rank}"
@@ -163,10 +183,21 @@ def resolve_max_rank(max_lora_rank: int | None, lora_paths) -> int:
     return max(ranks, default=DEFAULT_MAX_RANK)
 
 
-def check_adapter(path: str, hf_config, max_rank: int) -> AdapterConfig:
+def check_adapter(path: str, hf_config, max_rank: int, *, allow_pickle: bool = False) -> AdapterConfig:
     """Everything a runner would trip over, checked before an adapter is accepted: format, rank, and that each
-    tensor fits the model (layer index, ``in``/``out`` sizes of its projection)."""
+    tensor fits the model (layer index, ``in``/``out`` sizes of its projection).
+
+    Weights in a pickle (``adapter_model.bin``) are refused unless ``allow_pickle`` (engine option
+    ``lora_allow_pickle``): unpickling a file runs what its writer chose, and ``torch.load(weights_only=True)``
+    narrows that without making pickles a format for files from strangers. Safetensors holds only tensors."""
     config = read_adapter_config(path)
+    weights = _weights_file(Path(config.path))
+    if weights is not None and weights.suffix == ".bin" and not allow_pickle:
+        raise _bad(
+            path,
+            "adapter_model.bin is a pickle, which this server does not load: save the adapter as "
+            "adapter_model.safetensors, or start the server with --lora-allow-pickle",
+        )
     if config.rank > max_rank:
         raise _bad(path, f"rank {config.rank} exceeds max_lora_rank={max_rank}")
     hidden = hf_config.hidden_size

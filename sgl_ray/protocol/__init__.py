@@ -39,10 +39,18 @@ from sgl_ray.protocol.chat_parsing import (
     constrain_output,
     output_params,
 )
-from sgl_ray.protocol.chat_template import message_dicts, render_chat
+from sgl_ray.protocol.chat_template import check_template_kwargs, message_dicts, render_chat
 from sgl_ray.protocol.choices import UsageTracker, visible_logprobs
 from sgl_ray.protocol.completion_output import CompletionResponseBuilder, CompletionStreamAssembler
-from sgl_ray.protocol.decoding import REQUEST_TYPES, RequestKind, decode_request, validation_error
+from sgl_ray.protocol.decoding import (
+    MAX_JSON_DEPTH,
+    REQUEST_TYPES,
+    RequestKind,
+    decode_request,
+    too_deep,
+    validation_error,
+)
+from sgl_ray.protocol.limits import RequestLimits
 from sgl_ray.protocol.logprobs import TokenTexts, chat_logprob_entries, completion_logprobs
 from sgl_ray.protocol.requests import (
     ChatCompletionRequest,
@@ -107,6 +115,7 @@ from sgl_ray.protocol.sampling import (
     LogprobOptions,
     check_prompt_ids,
     check_prompt_length,
+    check_token_budget,
     logprob_options,
     to_sampling_params,
 )
@@ -115,6 +124,11 @@ from sgl_ray.protocol.tool_prompt import ToolFormat, ToolPrompt, tool_prompt
 from sgl_ray.protocol.tools import ToolChoice, ToolPlan, parse_function, parse_tool_choice, parse_tools
 
 __all__ = [
+    "MAX_JSON_DEPTH",
+    "RequestLimits",
+    "check_template_kwargs",
+    "check_token_budget",
+    "too_deep",
     "CHAT_SSE",
     "ResponseBuilder",
     "ResponseDraft",

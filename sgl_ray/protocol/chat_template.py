@@ -6,6 +6,11 @@ parts joined with newlines, ``developer`` sent as ``system`` (chat templates pre
 ``""``, and a tool call's JSON-string ``arguments`` as the object they encode (what templates that render calls
 expect). Template failures caused by the messages (a template's ``raise_exception``, non-alternating roles) are
 400s with ``param="messages"``.
+
+``chat_template_kwargs`` are template variables only: the ones that would steer the tokenizer (``tokenize``,
+``truncation``, …, :data:`RESERVED_TEMPLATE_KWARGS`) are 400s, and ``chat_template`` (a template sent by the client,
+which then runs on the server) is a 400 unless the server trusts request templates (vLLM's
+``--trust-request-chat-template``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,51 @@ from sgl_ray.function_call import ToolCall
 from sgl_ray.protocol.requests import ChatMessage
 
 CallsAsText = Callable[[list[ToolCall]], str]
+
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
+"""``apply_chat_template`` arguments that are not template variables: the server sets them (a client's truncation
+or padding would also change the tokenizer that every request shares)."""
+
+
+def check_template_kwargs(
+    template_kwargs: Mapping[str, Any] | None, *, trust_request_chat_template: bool = False
+) -> None:
+    """Raise a 400 (``param="chat_template_kwargs"``) for a key that is not a template variable, and for
+    ``chat_template`` unless ``trust_request_chat_template``.
+
+    >>> check_template_kwargs({"enable_thinking": False})
+    >>> try:
+    ...     check_template_kwargs({"chat_template": "{{ messages }}"})
+    ... except InvalidRequestError as e:
+    ...     print(e.param)
+    chat_template_kwargs
+    """
+    for key in template_kwargs or {}:
+        if key == "chat_template" and not trust_request_chat_template:
+            raise InvalidRequestError(
+                "Invalid 'chat_template_kwargs': a chat template sent with the request is disabled on this "
+                "server (start it with --trust-request-chat-template to allow it).",
+                param="chat_template_kwargs",
+            )
+        if key in RESERVED_TEMPLATE_KWARGS:
+            raise InvalidRequestError(
+                f"Invalid 'chat_template_kwargs': '{key}' is not a template variable (the server sets it).",
+                param="chat_template_kwargs",
+            )
 
 
 def message_dicts(
@@ -56,12 +106,13 @@ def render_chat(
     tools: list[dict[str, Any]] | None = None,
     template_kwargs: Mapping[str, Any] | None = None,
     calls_as_text: CallsAsText | None = None,
+    trust_request_chat_template: bool = False,
 ) -> list[int]:
     """Prompt token ids of ``messages`` under ``tokenizer``'s chat template.
 
     ``tools`` is passed to the template (templates that know tools render them); ``template_kwargs`` are extra
-    template variables (e.g. ``{"enable_thinking": False}`` for Qwen3). ``calls_as_text``: see
-    :func:`message_dicts`.
+    template variables (e.g. ``{"enable_thinking": False}`` for Qwen3; checked by :func:`check_template_kwargs`,
+    which ``trust_request_chat_template`` passes on to). ``calls_as_text``: see :func:`message_dicts`.
 
     Example::
 
@@ -74,6 +125,7 @@ def render_chat(
             "This model's tokenizer has no chat template; use /v1/completions with a plain prompt.",
             param="messages",
         )
+    check_template_kwargs(template_kwargs, trust_request_chat_template=trust_request_chat_template)
     kwargs = dict(template_kwargs or {})
     if tools is not None:
         kwargs["tools"] = tools
@@ -117,6 +169,6 @@ def _template_call(call: Mapping[str, Any]) -> dict[str, Any]:
         return dict(call)
     try:
         args = json.loads(fn["arguments"])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # not JSON, or too deep: the template sees the string
         return dict(call)
     return {**call, "function": {**fn, "arguments": args}} if isinstance(args, dict) else dict(call)

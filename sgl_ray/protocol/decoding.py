@@ -1,16 +1,19 @@
 """Bytes → request Struct, with every decoding problem turned into an OpenAI-style 400.
 
 Invariant: :func:`decode_request` either returns a request that passed its ``check()`` or raises
-:class:`~sgl_ray.errors.InvalidRequestError` (never a msgspec or Unicode error). ``param`` is the top-level field
+:class:`~sgl_ray.errors.InvalidRequestError` (never a msgspec, Unicode or recursion error: a body nested deeper
+than the decoder follows, or than :data:`MAX_JSON_DEPTH` in a free-form field, is a 400 too). ``param`` is the top-level field
 the problem is in (``$.messages[0].content`` → ``"messages"``), or ``None`` when the body as a whole is bad.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import msgspec
+import msgspec.inspect as mi
 
 from sgl_ray.errors import InvalidRequestError
 from sgl_ray.protocol.requests import (
@@ -31,6 +34,10 @@ REQUEST_TYPES: dict[str, type[AnyRequest | ResponsesRequest]] = {
     "tokenize": TokenizeRequest,
     "responses": ResponsesRequest,
 }
+MAX_JSON_DEPTH = 128
+"""How deep a free-form value of a request (``chat_template_kwargs``, ``tools``, a JSON schema, …) may nest, counted
+from the body's top level. The typed parts of a request have a fixed depth; a free-form value deeper than this
+would reach Python's recursion limit in the code that walks it later (templates, schema compilers)."""
 # Decoders are stateless and thread-safe; building one compiles the type once.
 _DECODERS = {kind: msgspec.json.Decoder(t) for kind, t in REQUEST_TYPES.items()}
 
@@ -69,6 +76,8 @@ def decode_request(kind: RequestKind, body: bytes) -> AnyRequest | ResponsesRequ
         req = decoder.decode(body)
     except UnicodeDecodeError:  # msgspec before 0.23
         raise InvalidRequestError(not_utf8) from None
+    except RecursionError:  # msgspec stops at Python's recursion limit (about 1,000 levels here)
+        raise too_deep() from None
     except msgspec.ValidationError as e:
         raise validation_error(str(e)) from None
     except msgspec.DecodeError as e:
@@ -77,8 +86,64 @@ def decode_request(kind: RequestKind, body: bytes) -> AnyRequest | ResponsesRequ
         raise InvalidRequestError(
             f"We could not parse the JSON body of your request ({e}). The API expects a JSON object."
         ) from None
+    check_depth(req)
     req.check()
     return req
+
+
+def too_deep(limit: int | None = None) -> InvalidRequestError:
+    """The 400 of a JSON body nested too deeply (deeper than ``limit`` levels, if known)."""
+    levels = f" (more than {limit} levels)" if limit is not None else ""
+    return InvalidRequestError(
+        f"We could not parse the JSON body of your request: it is nested too deeply{levels}.",
+        code="json_too_deep",
+    )
+
+
+def check_depth(req: msgspec.Struct, limit: int = MAX_JSON_DEPTH) -> None:
+    """Raise :func:`too_deep` if a free-form value of the decoded ``req`` nests deeper than ``limit`` levels.
+
+    Only fields whose declared type can hold free-form JSON (``Any``, or a nested ``Struct``) are walked, so a
+    prompt of a million token ids costs nothing here. The walk is iterative: no recursion of its own.
+    """
+    stack: list[tuple[Any, int]] = [(req, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            raise too_deep(limit)
+        if isinstance(value, msgspec.Struct):
+            children: Any = (getattr(value, name) for name in _free_form_fields(type(value)))
+        elif isinstance(value, dict):
+            children = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        for child in children:
+            if isinstance(child, (dict, list, msgspec.Struct)):
+                stack.append((child, depth + 1))
+
+
+@functools.cache
+def _free_form_fields(cls: type) -> tuple[str, ...]:
+    """The fields of ``cls`` that may hold free-form JSON or a nested struct."""
+    info = mi.type_info(cls)
+    assert isinstance(info, mi.StructType)
+    return tuple(f.name for f in info.fields if _may_nest(f.type))
+
+
+def _may_nest(t: mi.Type) -> bool:
+    if isinstance(t, (mi.AnyType, mi.StructType)):
+        return True
+    if isinstance(t, mi.UnionType):
+        return any(_may_nest(u) for u in t.types)
+    if isinstance(t, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
+        return _may_nest(t.item_type)
+    if isinstance(t, mi.TupleType):
+        return any(_may_nest(u) for u in t.item_types)
+    if isinstance(t, mi.DictType):
+        return _may_nest(t.value_type)
+    return False
 
 
 def validation_error(msgspec_message: str) -> InvalidRequestError:

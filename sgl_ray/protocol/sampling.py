@@ -62,6 +62,21 @@ def check_prompt_length(prompt_len: int, context_length: int, *, param: str = "m
         )
 
 
+def check_token_budget(
+    prompt_len: int, max_tokens: int, context_length: int, *, param: str = "max_tokens", what: str = "prompt"
+) -> None:
+    """Raise a ``context_length_exceeded`` 400 (naming ``param``) if the prompt and ``max_tokens`` new tokens do
+    not fit the context together; ``what`` names the prompt in the message ("messages" or "prompt")."""
+    if prompt_len + max_tokens > context_length:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the completion). "
+            f"Please reduce the length of the {what} or completion.",
+            param=param,
+            code=CONTEXT_LENGTH_EXCEEDED,
+        )
+
+
 def check_prompt_ids(token_ids: list[int], vocab_size: int, *, param: str = "prompt") -> None:
     """Raise a 400 if a token-id prompt holds an id outside ``[0, vocab_size)``."""
     for tid in token_ids:
@@ -108,15 +123,7 @@ def to_sampling_params(
         _int_at_least(max_tokens, max_param, 0)
         if req.logprobs is not None:
             _int_in(req.logprobs, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
-    if prompt_len + max_tokens > context_length:
-        what = "messages" if is_chat else "prompt"
-        raise InvalidRequestError(
-            f"This model's maximum context length is {context_length} tokens. However, you requested "
-            f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the completion). "
-            f"Please reduce the length of the {what} or completion.",
-            param=max_param,
-            code=CONTEXT_LENGTH_EXCEEDED,
-        )
+    check_token_budget(prompt_len, max_tokens, context_length, param=max_param, what=prompt_param)
 
     if req.n is not None:
         _int_in(req.n, "n", 1, MAX_N)

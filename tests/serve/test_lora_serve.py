@@ -111,6 +111,56 @@ def test_unknown_and_bad_adapters(lclient, lora_url, tmp_path):
     assert lclient.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 
+def _adapter_dir(root, name: str, source: str, files: dict[str, bytes]) -> str:
+    """``source``'s ``adapter_config.json`` next to the given weight files."""
+    import shutil
+    from pathlib import Path
+
+    directory = Path(root) / name
+    directory.mkdir()
+    shutil.copy(Path(source) / "adapter_config.json", directory)
+    for file, data in files.items():
+        (directory / file).write_bytes(data)
+    return str(directory)
+
+
+def test_corrupt_and_pickled_adapters_are_400s(lclient, lora_url, lora_adapters, tiny_llama_path, tmp_path):
+    import io
+    import os
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from sgl_ray.errors import InvalidRequestError
+    from sgl_ray.lora.adapter import check_adapter
+
+    source = lora_adapters["a0"]
+    pickle = io.BytesIO()
+    torch.save(load_file(str(Path(source) / "adapter_model.safetensors")), pickle)
+    corrupt = _adapter_dir(tmp_path, "corrupt", source, {"adapter_model.safetensors": os.urandom(4096)})
+    truncated = (Path(source) / "adapter_model.safetensors").read_bytes()[:1000]
+    cut = _adapter_dir(tmp_path, "cut", source, {"adapter_model.safetensors": truncated})
+    pickled = _adapter_dir(tmp_path, "pickled", source, {"adapter_model.bin": pickle.getvalue()})
+    garbage = _adapter_dir(tmp_path, "garbage", source, {"adapter_model.bin": os.urandom(4096)})
+    bad_config = _adapter_dir(tmp_path, "bad_config", source, {"adapter_model.safetensors": b""})
+    (Path(bad_config) / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": "eight"}))
+    cases = [(corrupt, "unreadable"), (cut, "unreadable"), (pickled, "pickle"), (garbage, "pickle")]
+    for path, words in [*cases, (bad_config, "bad value")]:
+        r = http.post(f"{lora_url}/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": path})
+        assert r.status_code == 400, (path, r.json())
+        err = r.json()["error"]
+        assert words in err["message"] and err["param"] == "lora_path", err
+    assert "bad" not in {m.id for m in lclient.models.list().data}
+    assert lclient.completions.create(model="tiny:a0", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    # with lora_allow_pickle (--lora-allow-pickle) a pickled adapter loads; a corrupt pickle is still a 400
+    hf_config = AutoConfig.from_pretrained(tiny_llama_path)
+    assert check_adapter(pickled, hf_config, 16, allow_pickle=True).rank == 8
+    with pytest.raises(InvalidRequestError, match="unreadable"):
+        check_adapter(garbage, hf_config, 16, allow_pickle=True)
+
+
 def test_load_and_unload_while_streaming(lclient, lora_url, lora_adapters, peft_reference, tiny_llama_path):
     from transformers import AutoTokenizer
 

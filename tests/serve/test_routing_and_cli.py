@@ -56,6 +56,23 @@ def test_prefix_families_stay_on_the_replica_that_cached_them(serve_url, tiny_qw
         serve.delete("routed")
 
 
+def _listening_addresses(pid: int) -> dict[str, set[str]]:
+    """``{address: names of the processes listening there}`` over ``pid`` and its descendants."""
+    import psutil
+
+    root = psutil.Process(pid)
+    addresses: dict[str, set[str]] = {}
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            for c in p.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    addresses.setdefault(c.laddr.ip, set()).add(f"{p.name()}:{c.laddr.port}")
+        except psutil.NoSuchProcess:  # a worker that exited meanwhile
+            pass
+    assert addresses, "no listening sockets found"
+    return addresses
+
+
 def test_sgl_ray_serve_subprocess(tiny_qwen2_path, tmp_path):
     port = free_port()
     env = {**os.environ, "RAY_ADDRESS": ""}
@@ -92,6 +109,20 @@ def test_sgl_ray_serve_subprocess(tiny_qwen2_path, tmp_path):
             model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0
         )
         assert r.usage.completion_tokens == 3
+        # The Ray cluster it started for itself (GCS, raylet, workers, agents) listens on 127.0.0.1 only. Serve's
+        # replicas start their inter-deployment gRPC server on [::] whatever the node address (ray 2.60,
+        # serve/_private/replica.py): the one exception, outside what a node address can change.
+        listening = _listening_addresses(proc.pid)
+        loopback = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+        exposed = {
+            name
+            for ip, names in listening.items()
+            if ip not in loopback
+            for name in names
+            if not name.startswith("ray::ServeReplica")
+        }
+        assert not exposed, listening
+        assert any(name.startswith("gcs_server") for ip in loopback for name in listening.get(ip, ()))
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0  # clean shutdown on Ctrl-C
