@@ -14,6 +14,11 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "triton": ("sgl_ray.attention.triton_backend", "TritonAttentionBackend"),
     "flashinfer": ("sgl_ray.attention.flashinfer_backend", "FlashInferAttentionBackend"),  # optional package
 }
+# The same backends with multi-head latent attention besides (sgl_ray.attention.mla), for MLA models.
+_MLA_BACKENDS: dict[str, tuple[str, str]] = {
+    "torch": ("sgl_ray.attention.mla.torch_backend", "TorchMLABackend"),
+    "triton": ("sgl_ray.attention.mla.triton_backend", "TritonMLABackend"),
+}
 
 
 def default_backend_name(device: torch.device) -> str:
@@ -21,17 +26,20 @@ def default_backend_name(device: torch.device) -> str:
 
 
 def create_attention_backend(
-    name: str | None, device: torch.device, num_kv_splits: int | None = None
+    name: str | None, device: torch.device, num_kv_splits: int | None = None, mla: bool = False
 ) -> AttentionBackend:
     """Instantiate the backend registered as ``name`` (``None``: the device's default). ``num_kv_splits`` fixes
-    the Triton backend's decode split count (``None``: its own choice); no other backend takes it."""
+    the Triton backend's decode split count (``None``: its own choice); no other backend takes it. ``mla``: the
+    model's layers use multi-head latent attention, so the backend must have it too."""
     name = name or default_backend_name(device)
-    if name not in _BACKENDS:
+    registry = _MLA_BACKENDS if mla else _BACKENDS
+    if name not in registry:
         raise InvalidRequestError(
-            f"attention_backend: unknown backend {name!r} (have: {sorted(_BACKENDS)})",
+            f"attention_backend: unknown backend {name!r}{' for MLA models' if mla else ''} "
+            f"(have: {sorted(registry)})",
             param="attention_backend",
         )
-    module, cls = _BACKENDS[name]
+    module, cls = registry[name]
     backend_cls = getattr(importlib.import_module(module), cls)
     if num_kv_splits is None:
         return backend_cls(device)

@@ -249,9 +249,19 @@ class ModelConfig:
                 param="ep_size",
             )
 
+    @cached_property
+    def kv_latent_dim(self) -> int:
+        """Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2: ``kv_lora_rank`` in the config): the values one
+        token's latent holds per layer (``kv_lora_rank + qk_rope_head_dim``), which the KV pool stores instead of
+        per-head K and V; 0 for every other model."""
+        rank = getattr(self.hf_config, "kv_lora_rank", None)
+        return int(rank) + int(self.hf_config.qk_rope_head_dim) if rank else 0
+
     def kv_bytes_per_token(self, tp_size: int = 1) -> int:
-        """Bytes of K and V one token occupies across all layers of one tensor-parallel shard."""
+        """Bytes of K and V one token occupies across all layers of one tensor-parallel shard (an MLA model's
+        latent, whole on every shard)."""
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        if self.kv_latent_dim:
+            return self.num_layers * self.kv_latent_dim * element
         kv_heads = max(1, self.num_kv_heads // tp_size)
-        return (
-            2 * self.num_layers * kv_heads * self.head_dim * torch.tensor([], dtype=self.dtype).element_size()
-        )
+        return 2 * self.num_layers * kv_heads * self.head_dim * element

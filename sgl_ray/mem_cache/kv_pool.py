@@ -59,3 +59,41 @@ class ReqToTokenTable:
 
     def write(self, req_idx: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> None:
         self.table[req_idx, pos] = slots
+
+
+class MLAKVPool:
+    """The KV pool of a model with multi-head latent attention (DeepSeek-V2/V3, Kimi-K2; ``sgl_ray.attention.mla``):
+    ``latent_buffers[layer]`` is ``[num_slots, latent_dim]``, one compressed latent per token slot — the normed
+    ``kv_lora_rank`` values every head's key and value are up-projected from, then the ``qk_rope_head_dim`` values
+    of the rotated key shared by all heads::
+
+        slot s:  | c_kv (kv_lora_rank, e.g. 512) | k_pe (qk_rope_head_dim, e.g. 64) |
+
+    Slots mean what they mean in :class:`KVPool` (the allocator, radix cache and preemption deal in slot indices
+    only); ``head_dim`` is the latent's width, so code sizing by ``head_dim`` and ``dtype`` sees what a slot holds.
+    """
+
+    def __init__(
+        self, num_slots: int, num_layers: int, latent_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.num_slots = num_slots
+        self.head_dim = latent_dim
+        self.dtype = dtype
+        self.device = device
+        # Uninitialised except the reserved slot 0 (see KVPool).
+        self.latent_buffers = [
+            torch.empty((num_slots, latent_dim), dtype=dtype, device=device) for _ in range(num_layers)
+        ]
+        for buf in self.latent_buffers:
+            buf[0].zero_()
+
+    def set_latent(self, layer_id: int, loc: torch.Tensor, latent: torch.Tensor) -> None:
+        """Store ``latent`` ([T, latent_dim]) at slots ``loc`` ([T])."""
+        self.latent_buffers[layer_id].index_copy_(0, loc, latent.to(self.dtype))
+
+    def get_latent(self, layer_id: int) -> torch.Tensor:  # [num_slots, latent_dim]
+        return self.latent_buffers[layer_id]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.latent_buffers)

@@ -22,6 +22,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen3MoeForCausalLM": ("sgl_ray.models.qwen_moe", "Qwen3MoeForCausalLM"),
     "OlmoeForCausalLM": ("sgl_ray.models.olmoe", "OlmoeForCausalLM"),
     "GptOssForCausalLM": ("sgl_ray.models.gpt_oss", "GptOssForCausalLM"),
+    "DeepseekV2ForCausalLM": ("sgl_ray.models.deepseek", "DeepseekV2ForCausalLM"),
+    "DeepseekV3ForCausalLM": ("sgl_ray.models.deepseek", "DeepseekV3ForCausalLM"),
 }
 
 

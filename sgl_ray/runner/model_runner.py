@@ -21,9 +21,10 @@ from sgl_ray.distributed import ShardContext
 from sgl_ray.layers.fused_linear import fold_norms_if_supported
 from sgl_ray.layers.linear import store_weights_input_major
 from sgl_ray.layers.moe.base import create_moe_backend
-from sgl_ray.layers.quantization import weight_nbytes
+from sgl_ray.layers.quantization import checkpoint_quant_method, create_quant_method, weight_nbytes
 from sgl_ray.lora.weights import LoRAWeights
-from sgl_ray.mem_cache.kv_pool import KVPool, ReqToTokenTable
+from sgl_ray.mem_cache.kv_pool import KVPool, MLAKVPool, ReqToTokenTable
+from sgl_ray.model_loader.quantized import quantized_weights
 from sgl_ray.model_loader.weights import WeightStream, fill_random_weights
 from sgl_ray.models.registry import get_model_class
 from sgl_ray.runner.cuda_graph import CudaGraphRunner
@@ -105,7 +106,10 @@ class ModelRunner:
             else None
         )
         self.attn_backend = create_attention_backend(
-            args.attention_backend, self.device, args.triton_attention_num_kv_splits
+            args.attention_backend,
+            self.device,
+            args.triton_attention_num_kv_splits,
+            mla=model_config.kv_latent_dim > 0,
         )
         # MoE models only: the experts' kernels (see sgl_ray.layers.moe)
         self.moe_backend = (
@@ -130,14 +134,23 @@ class ModelRunner:
         capacity = capacity or self.plan_capacity()
         model_config = self.config
         first = self.model.model.layers[self.model.model.start]
-        self.kv_pool = KVPool(
-            capacity.num_slots,
-            self.model.num_local_layers,
-            first.self_attn.attn.num_kv_heads,
-            model_config.head_dim,
-            model_config.dtype,
-            self.device,
-        )
+        if model_config.kv_latent_dim:  # MLA: one compressed latent per token and layer
+            self.kv_pool = MLAKVPool(
+                capacity.num_slots,
+                self.model.num_local_layers,
+                model_config.kv_latent_dim,
+                model_config.dtype,
+                self.device,
+            )
+        else:
+            self.kv_pool = KVPool(
+                capacity.num_slots,
+                self.model.num_local_layers,
+                first.self_attn.attn.num_kv_heads,
+                model_config.head_dim,
+                model_config.dtype,
+                self.device,
+            )
         self.req_table = ReqToTokenTable(capacity.max_reqs, model_config.context_length, self.device)
         self.sampling_state = SamplingState(capacity.max_reqs, model_config.vocab_size, self.device)
         self.last_tokens = torch.zeros(capacity.max_reqs, dtype=torch.int64, device=self.device)
@@ -188,7 +201,11 @@ class ModelRunner:
         weight_format = weights.source.format if isinstance(weights, WeightStream) else "tensors"
         if self.args.load_format == "dummy":
             weight_format = "dummy"
-        self.quantization = self.args.effective_quantization(self.device, weight_format)
+        hf_config = self.config.hf_config
+        self.quantization = self.args.effective_quantization(
+            self.device, weight_format, checkpoint_quant_method(hf_config)
+        )
+        quant = create_quant_method(self.quantization, hf_config, self.device)  # AWQ, GPTQ, FP8 (or None)
         cls = get_model_class(self.config.architecture)
         prev = torch.get_default_dtype()
         torch.set_default_dtype(self.config.dtype)
@@ -205,7 +222,12 @@ class ModelRunner:
                 if wanted is not None:
                     weights = weights.only(wanted)  # e.g. other expert-parallel ranks' experts are never read
                 weights = weights.quantized(self.quantization == "gguf")
+            if quant is not None:
+                # a quantized layer's parts -> one weight (float for the layers the model wants so)
+                weights = quantized_weights(weights, quant, getattr(model, "float_layers", ()))
             model.load_weights(weights)
+        if quant is not None:
+            quant.process_loaded(model)  # online FP8
         if self.device.type == "cpu":
             store_weights_input_major(model)
         fold_norms_if_supported(model, self.device, self.config.dtype, self.shard, self.args.lora_enabled)
