@@ -13,9 +13,10 @@ A backend computes attention for one layer of a batch whose requests each add ``
   ``batch.out_cache_loc`` in the pool (unless ``kv_stored``: a fused kernel did it already), then returns attention
   output ``[num_tokens, num_heads * head_dim]`` where token ``i`` of request ``r`` attends to request ``r``'s
   tokens ``0 .. prefix_len[r] + i`` (causal over new tokens, full over the prefix) — only the last
-  ``layer.sliding_window`` of them where that is set, and with ``layer.sinks`` (one logit per query head) in the
-  softmax's denominator where those are set. A backend that cannot do either raises ``UnsupportedModelError`` in
-  the forward of the first layer that needs it.
+  ``layer.sliding_window`` of them where that is set, with ``layer.sinks`` (one logit per query head) in the
+  softmax's denominator where those are set, and the scores soft-capped (``layer.logit_cap``) where that is set.
+  A backend that cannot do one of them raises ``UnsupportedModelError`` in the forward of the first layer that
+  needs it.
 """
 
 from __future__ import annotations

@@ -21,10 +21,10 @@ schedule from the wrapper's workspace.
 
 The kernels are compiled by FlashInfer on first use (JIT, with nvcc) and cached on disk.
 
-Sliding-window layers and attention sinks (GPT-OSS) are not supported here: one plan serves every layer of a step
-(and of a captured graph), whereas window layers would need a plan of their own (``window_left = window - 1``)
-beside the full layers' one, and sinks depend on the FlashInfer release and kernel (none of it checked on a GPU
-yet). Such a layer raises ``UnsupportedModelError`` at its first forward; the Triton backend serves those models.
+Sliding-window layers, attention sinks (GPT-OSS) and soft-capped scores (Gemma 2) are not supported here: one plan
+serves every layer of a step (and of a captured graph), whereas window layers would need a plan of their own
+(``window_left = window - 1``) beside the full layers' one, and sinks and caps depend on the FlashInfer release and
+kernel (none of it checked on a GPU yet). Such a layer raises ``UnsupportedModelError`` at its first forward; the Triton backend serves those models.
 
 Example (on a CUDA machine with ``flashinfer-python`` installed)::
 
@@ -253,12 +253,13 @@ class FlashInferAttentionBackend(AttentionBackend):
 
 
 def check_layer_supported(layer: RadixAttention) -> None:
-    """Raise ``UnsupportedModelError`` for a layer with a sliding window or attention sinks."""
+    """Raise ``UnsupportedModelError`` for a layer with a sliding window, attention sinks or soft-capped scores."""
     features = [
         name
         for name, used in (
             (f"a sliding window of {layer.sliding_window} tokens", layer.sliding_window is not None),
             ("attention sinks", layer.sinks is not None),
+            ("soft-capped attention scores", layer.logit_cap is not None),
         )
         if used
     ]

@@ -3,10 +3,11 @@
 Requests adding one token (decode) run as one padded batch; requests adding several (prefill / extend) run one by
 one with a causal mask offset by their cached prefix.
 
-Layers with a sliding window or attention sinks (see ``sgl_ray.layers.attention``) run on a variant of the step's
-metadata built on their first call and kept for the step (``_Metadata.variant``): decode rows gather only the keys
-inside the window; extends are cut into query chunks, each with the keys its window reaches and an explicit mask.
-With sinks the softmax is computed explicitly (``attend_with_sinks``); without, SDPA takes the mask.
+Layers with a sliding window, attention sinks or soft-capped scores (see ``sgl_ray.layers.attention``) run on a
+variant of the step's metadata built on their first call and kept for the step (``_Metadata.variant``): decode rows
+gather only the keys inside the window; extends are cut into query chunks, each with the keys its window reaches
+and an explicit mask. With sinks or a cap the softmax is computed explicitly (``attend_explicit``); without, SDPA
+takes the mask.
 """
 
 from __future__ import annotations
@@ -114,27 +115,39 @@ def _extend_chunks(part: _ExtendPart, prefix: int, window: int | None, num_heads
     return chunks
 
 
-def attend_with_sinks(
+def attend_explicit(
     q: torch.Tensor,  # [B, H, n, D]
     k: torch.Tensor,  # [B, KVH, L, D]
     v: torch.Tensor,  # [B, KVH, L, D]
     mask: torch.Tensor | None,  # [B or 1, 1, n, L] True where visible; every query sees at least one key
     scale: float,
-    sinks: torch.Tensor,  # [H] raw logits
+    sinks: torch.Tensor | None = None,  # [H] raw logits
+    logit_cap: float | None = None,
 ) -> torch.Tensor:
-    """Softmax over ``[scores..., sink]`` with the sink column dropped (transformers' GPT-OSS eager attention),
-    in fp32; [B, H, n, D] in q's dtype."""
+    """The softmax written out in fp32, as transformers' eager attention: scores times ``scale``, soft-capped to
+    ``cap * tanh(s / cap)`` (Gemma 2), masked; with ``sinks``, the softmax over ``[scores..., sink]`` with the sink
+    column dropped (GPT-OSS). [B, H, n, D] in q's dtype."""
     b, h, n, d = q.shape
     kvh, keys = k.shape[1], k.shape[2]
     q_grouped = q.float().reshape(b, kvh, (h // kvh) * n, d)  # query head h reads kv head h // group
     scores = (q_grouped @ k.float().transpose(-1, -2)).view(b, h, n, keys) * scale  # [B, H, n, L]
+    if logit_cap is not None:
+        scores = torch.tanh(scores / logit_cap) * logit_cap
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    logits = torch.cat([scores, sinks.float().view(1, h, 1, 1).expand(b, h, n, 1)], dim=-1)
-    logits = logits - logits.amax(dim=-1, keepdim=True)
-    probs = logits.softmax(dim=-1)[..., :-1]  # [B, H, n, L]: the sink's share dropped
+    if sinks is None:
+        probs = scores.softmax(dim=-1)
+    else:
+        logits = torch.cat([scores, sinks.float().view(1, h, 1, 1).expand(b, h, n, 1)], dim=-1)
+        logits = logits - logits.amax(dim=-1, keepdim=True)
+        probs = logits.softmax(dim=-1)[..., :-1]  # [B, H, n, L]: the sink's share dropped
     out = probs.reshape(b, kvh, -1, keys) @ v.float()  # [B, KVH, group * n, D]
     return out.view(b, h, n, d).to(q.dtype)
+
+
+def _explicit(layer: RadixAttention) -> bool:
+    """Whether the layer's softmax is written out (SDPA takes neither sinks nor soft-capped scores)."""
+    return layer.sinks is not None or layer.logit_cap is not None
 
 
 def _attend(
@@ -145,9 +158,10 @@ def _attend(
     layer: RadixAttention,
     causal: bool = False,
 ) -> torch.Tensor:
-    """q [..., H, n, D] over k/v [..., KVH, L, D]: SDPA, or the explicit softmax for a layer with sinks."""
-    if layer.sinks is not None:
-        return attend_with_sinks(q, k, v, mask, layer.scaling, layer.sinks)
+    """q [..., H, n, D] over k/v [..., KVH, L, D]: SDPA, or the explicit softmax for a layer with sinks or a cap
+    (q/k/v with a batch dimension then)."""
+    if _explicit(layer):
+        return attend_explicit(q, k, v, mask, layer.scaling, layer.sinks, layer.logit_cap)
     return F.scaled_dot_product_attention(
         q,
         k,
@@ -215,7 +229,7 @@ class TorchAttentionBackend(AttentionBackend):
             batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k.view(-1, kvh, d), v.view(-1, kvh, d))
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
         meta: _Metadata = batch.attn_metadata
-        if layer.sliding_window is not None or layer.sinks is not None:
+        if layer.sliding_window is not None or _explicit(layer):
             meta = meta.variant(layer.sliding_window, h)
         only_decode = not meta.extends  # then the decode rows are all tokens, in order
         out = q if only_decode else torch.empty_like(q)  # [T, H, D]
@@ -234,7 +248,7 @@ class TorchAttentionBackend(AttentionBackend):
             qe = q[sl].transpose(0, 1)  # [H, n, D]
             ke = k_buf.index_select(0, part.kv_slots).transpose(0, 1)  # [KVH, L, D]
             ve = v_buf.index_select(0, part.kv_slots).transpose(0, 1)
-            if layer.sinks is not None:  # the explicit softmax takes a batch dimension
+            if _explicit(layer):  # the explicit softmax takes a batch dimension
                 oe = _attend(qe[None], ke[None], ve[None], part.mask[None, None], layer)[0]
             else:
                 oe = _attend(qe, ke, ve, part.mask, layer, causal=part.mask is None)  # [H, n, D]

@@ -3,9 +3,9 @@
 Per step, :meth:`TritonAttentionBackend.init_forward_metadata` splits the batch into decode requests
 (``extend_len == 1``) and extend requests (``extend_len > 1``) and ships their index arrays to the device in one
 copy; per layer, :meth:`~TritonAttentionBackend.forward` stores the new K/V and launches at most three kernels
-(decode stage 1, its split reduce, extend), reading only host integers from the metadata. A layer's sliding window
-and sinks (``RadixAttention.sliding_window`` / ``.sinks``) are per-layer constants handed to the kernels, so the
-same metadata (and CUDA graph) serves every layer.
+(decode stage 1, its split reduce, extend), reading only host integers from the metadata. A layer's sliding window,
+sinks and score cap (``RadixAttention.sliding_window`` / ``.sinks`` / ``.logit_cap``) are per-layer constants
+handed to the kernels, so the same metadata (and CUDA graph) serves every layer.
 
 Example (on a CUDA machine; the model runner does this through ``create_attention_backend``)::
 
@@ -182,6 +182,7 @@ class TritonAttentionBackend(AttentionBackend):
                 config,
                 window=layer.sliding_window,
                 sinks=layer.sinks,
+                logit_cap=layer.logit_cap,
             )
         if meta.extend is not None:
             extend_attention(
@@ -197,6 +198,7 @@ class TritonAttentionBackend(AttentionBackend):
                 layer.scaling,
                 window=layer.sliding_window,
                 sinks=layer.sinks,
+                logit_cap=layer.logit_cap,
             )
         return out.view(num_tokens, h * d)
 

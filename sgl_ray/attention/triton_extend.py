@@ -12,7 +12,8 @@ Grid dimension 0 is the query head, so the programs of one block run side by sid
 With a sliding window (``HAS_WINDOW``), query ``i`` (position ``prefix + i``) sees key ``j`` iff
 ``i - window < j <= i`` as well; a block starts both loops at the first key its first query sees, and a row may
 see nothing of a block before its own window starts (``online_softmax_step``'s ``MAYBE_EMPTY``). Sinks
-(``HAS_SINKS``) join each row's denominator at the end. Layers with neither compile to the plain kernel.
+(``HAS_SINKS``) join each row's denominator at the end; soft-capped scores (``HAS_CAP``) are capped before the
+mask. Layers with none of them compile to the plain kernel.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ EXTEND_BLOCK_M = 64  # queries per program; the unit of the backend's block tabl
 def _extend_kernel(
     Q, Knew, Vnew, K, V, Out, Sinks,
     req_to_token, req_pool_idxs, blk_row, blk_token, blk_qstart, blk_prefix, blk_len,
-    qk_scale, group, window,
+    qk_scale, group, window, logit_cap,
     stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_r2t,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
+    IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_CAP: tl.constexpr,
 ):
     # fmt: on
     head = tl.program_id(0)
@@ -74,7 +75,9 @@ def _extend_kernel(
         visible = mask_n[None, :]
         if HAS_WINDOW:  # prefix key n is at distance prefix + i - n from query i
             visible = visible & (offs_n[None, :] > (prefix + offs_m)[:, None] - window)
-        m_i, l_i, acc = online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE, HAS_WINDOW)
+        m_i, l_i, acc = online_softmax_step(
+            q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE, HAS_WINDOW, logit_cap, HAS_CAP
+        )
 
     # New tokens, causal, up to the block's last query. Without a window new key 0 is visible to every row (padding
     # rows too); with one, every real row sees itself.
@@ -88,7 +91,9 @@ def _extend_kernel(
         visible = mask_n[None, :] & (offs_n[None, :] <= offs_m[:, None])
         if HAS_WINDOW:
             visible = visible & (offs_n[None, :] > offs_m[:, None] - window)
-        m_i, l_i, acc = online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE, HAS_WINDOW)
+        m_i, l_i, acc = online_softmax_step(
+            q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE, HAS_WINDOW, logit_cap, HAS_CAP
+        )
 
     if HAS_SINKS:
         l_i += sink_term(tl.load(Sinks + head), m_i)
@@ -109,6 +114,7 @@ def extend_attention(
     scale: float,
     window: int | None = None,  # the layer's sliding window (None: full attention)
     sinks: torch.Tensor | None = None,  # [H] the layer's sink logits
+    logit_cap: float | None = None,  # the layer's score soft cap (None: none)
 ) -> None:
     num_blocks = blocks.shape[1]
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -119,12 +125,13 @@ def extend_attention(
     _extend_kernel[(num_heads, num_blocks)](
         q, k, v, k_buf, v_buf, out, q if sinks is None else sinks,
         req_to_token, req_pool_idxs, blk_row, blk_token, blk_qstart, blk_prefix, blk_len,
-        scale * LOG2E, num_heads // k_buf.shape[1], window or 0,
+        scale * LOG2E, num_heads // k_buf.shape[1], window or 0, (logit_cap or 0.0) * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1), out.stride(0), out.stride(1),
         req_to_token.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=EXTEND_BLOCK_M,
         BLOCK_N=32 if wide else 64, IEEE=ieee, HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
+        HAS_CAP=logit_cap is not None,
         num_warps=4, num_stages=1 if head_dim > 128 and ieee else 2,
     )
     # fmt: on

@@ -17,10 +17,12 @@ sequence's end writes nothing: its stage-1 program returns before waiting for th
 (which recomputes the same ``chunk``) merges only the written splits. With ``DecodeConfig.prefetch`` (one or two
 short requests) a split loads its first block of cached keys and values before that wait, too.
 
-A layer with a sliding window (``HAS_WINDOW``) splits only the keys its query sees, ``[seq_len - window, seq_len)``
-(clamped at 0), so no program touches a key before the window. A layer with sinks (``HAS_SINKS``) adds
+A layer with soft-capped scores (``HAS_CAP``) takes ``cap * tanh(s / cap)`` of each scaled score ``s`` before the
+mask (``soft_cap``, in the log2 domain with the cap scaled alike). A layer with a sliding window (``HAS_WINDOW``)
+splits only the keys its query sees, ``[seq_len - window, seq_len)`` (clamped at 0), so no program touches a key
+before the window. A layer with sinks (``HAS_SINKS``) adds
 ``2^(sink * log2(e) - max)`` to the softmax denominator once: in stage 2, or at the end of stage 1 when it writes the
-output directly. Both flags are ``tl.constexpr``: layers without them compile to the kernels they had before.
+output directly. The flags are ``tl.constexpr``: layers without them compile to the kernels they had before.
 """
 
 from __future__ import annotations
@@ -45,15 +47,26 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def soft_cap(x, cap):
+    """``cap * tanh(x / cap)``, tanh written with exp2 (``1 - 2 / (e^2y + 1)``: exact limits +-cap for large
+    ``|x|``, an absolute error of about one float32 ulp of ``cap`` near 0)."""
+    return cap - 2.0 * cap / (tl.exp2(x * (2.0 * 1.4426950408889634 / cap)) + 1.0)
+
+
+@triton.jit
 def online_softmax_step(
-    q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE: tl.constexpr, MAYBE_EMPTY: tl.constexpr
-):
+    q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE: tl.constexpr, MAYBE_EMPTY: tl.constexpr,
+    logit_cap, HAS_CAP: tl.constexpr,
+):  # fmt: skip
     """Fold one key block into a running softmax: q [M, D], k/v [N, D], visible [M, N] -> (m_i, l_i, acc).
 
     ``MAYBE_EMPTY``: a row may see no key of this block or any earlier one (a sliding window's start inside a query
-    block); its running max stays -inf, so it is shifted by 0 instead (else exp2(-inf - -inf) = NaN)."""
-    qk = _dot(q, tl.trans(k.to(q.dtype)), IEEE)
-    qk = tl.where(visible, qk * qk_scale, float("-inf"))  # [M, N], log2 domain
+    block); its running max stays -inf, so it is shifted by 0 instead (else exp2(-inf - -inf) = NaN).
+    ``HAS_CAP``: the scores are soft-capped at ``logit_cap`` (given in the log2 domain, like the scores)."""
+    qk = _dot(q, tl.trans(k.to(q.dtype)), IEEE) * qk_scale  # [M, N], log2 domain
+    if HAS_CAP:
+        qk = soft_cap(qk, logit_cap)
+    qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(
         m_i, tl.max(qk, 1)
     )  # finite as long as some key of this or an earlier block is visible
@@ -87,12 +100,12 @@ def sink_term(sink, m):
 def _decode_stage1(
     Q, K, V, Out, PartO, PartLse, Sinks,
     req_to_token, req_pool_idxs, dec_row, dec_token, dec_len,
-    qk_scale, num_splits, group, window,
+    qk_scale, num_splits, group, window, logit_cap,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_r2t, stride_pi, stride_ph,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_CAP: tl.constexpr,
 ):
     # fmt: on
     split = tl.program_id(0)
@@ -144,7 +157,7 @@ def _decode_stage1(
         k_first = tl.where(late, k_late, k_first)
         v_first = tl.where(late, v_late, v_first)
         m_i, l_i, acc = online_softmax_step(
-            q, k_first, v_first, mask_n[None, :], qk_scale, m_i, l_i, acc, IEEE, False
+            q, k_first, v_first, mask_n[None, :], qk_scale, m_i, l_i, acc, IEEE, False, logit_cap, HAS_CAP
         )
         n_first = start + BLOCK_N
     for n0 in range(n_first, end, BLOCK_N):
@@ -154,7 +167,9 @@ def _decode_stage1(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_head + slots[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_head + slots[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        m_i, l_i, acc = online_softmax_step(q, k, v, mask_n[None, :], qk_scale, m_i, l_i, acc, IEEE, False)
+        m_i, l_i, acc = online_softmax_step(
+            q, k, v, mask_n[None, :], qk_scale, m_i, l_i, acc, IEEE, False, logit_cap, HAS_CAP
+        )
     if DIRECT and HAS_SINKS:  # the final output: the sinks join its denominator here
         l_i += sink_term(tl.load(Sinks + heads, mask=mask_h, other=0.0), m_i)
     o = acc / l_i[:, None]
@@ -264,6 +279,7 @@ def decode_attention(
     config: DecodeConfig | None = None,
     window: int | None = None,  # the layer's sliding window (None: full attention)
     sinks: torch.Tensor | None = None,  # [H] the layer's sink logits
+    logit_cap: float | None = None,  # the layer's score soft cap (None: none)
 ) -> None:
     num_decode = dec_row.shape[0]
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -284,12 +300,12 @@ def decode_attention(
     _decode_stage1[(num_splits, num_kv_heads, num_decode)](
         q, k_buf, v_buf, out, part_o, part_lse, q if sinks is None else sinks,
         req_to_token, req_pool_idxs, dec_row, dec_token, dec_len,
-        scale * LOG2E, num_splits, group, window or 0,
+        scale * LOG2E, num_splits, group, window or 0, (logit_cap or 0.0) * LOG2E,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         out.stride(0), out.stride(1), req_to_token.stride(0), num_heads * num_splits, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         DIRECT=direct, IEEE=ieee, USE_PDL=pdl, PREFETCH=config.prefetch,
-        HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
+        HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None, HAS_CAP=logit_cap is not None,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_args(pdl),
     )
     # fmt: on

@@ -14,11 +14,21 @@ from sgl_ray.errors import InvalidRequestError
 logger = logging.getLogger(__name__)
 
 # Model files that honour their configs' sliding windows: on the layers ``layer_types`` marks
-# "sliding_attention" (GPT-OSS; Qwen2/3's from ``use_sliding_window`` and ``max_window_layers``), else on every
-# layer (Mistral, Phi-3).
+# "sliding_attention" (GPT-OSS, Gemma 2/3; Qwen2/3's from ``use_sliding_window`` and ``max_window_layers``), else on
+# every layer (Mistral, Phi-3).
 SLIDING_WINDOW_ARCHITECTURES = frozenset(
-    {"GptOssForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"}
+    {
+        "GptOssForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Phi3ForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+    }
 )
+# Gemma scales its token embeddings by sqrt(hidden_size) (see ModelConfig.embedding_multiplier).
+GEMMA_ARCHITECTURES = frozenset({"Gemma2ForCausalLM", "Gemma3ForCausalLM"})
 
 _DTYPES = {
     "float32": torch.float32,
@@ -112,12 +122,35 @@ class ModelConfig:
     @cached_property
     def rope_parameters(self) -> dict[str, Any]:
         """``{"rope_type", "rope_theta", ...scaling fields}`` whether the config uses ``rope_parameters`` (new) or
-        ``rope_theta`` + ``rope_scaling`` (old)."""
+        ``rope_theta`` + ``rope_scaling`` (old). Where the config keys them by layer type (transformers 5's Gemma 3:
+        ``{"full_attention": {...}, "sliding_attention": {...}}``), those of the full-attention layers; each
+        layer's are :meth:`rope_parameters_of`."""
+        if (by_type := self._rope_parameters_by_layer_type) is not None:
+            return by_type.get("full_attention") or next(iter(by_type.values()))
         params = getattr(self.hf_config, "rope_parameters", None)
         out: dict[str, Any] = dict(params) if isinstance(params, dict) else {}
         scaling = getattr(self.hf_config, "rope_scaling", None)
         if isinstance(scaling, dict):
             out = {**scaling, **out}
+        return self._completed_rope_parameters(out)
+
+    @cached_property
+    def _rope_parameters_by_layer_type(self) -> dict[str, dict[str, Any]] | None:
+        params = getattr(self.hf_config, "rope_parameters", None)
+        types = set(getattr(self.hf_config, "layer_types", None) or ())
+        if not isinstance(params, dict) or not types or not types <= params.keys():
+            return None
+        return {t: self._completed_rope_parameters(dict(params[t])) for t in types}
+
+    def rope_parameters_of(self, layer: int) -> dict[str, Any]:
+        """The rope parameters of decoder layer ``layer``: :attr:`rope_parameters`, or those of the layer's type
+        (``layer_types``) where the config keys them by type (Gemma 3's local layers rotate with
+        ``rope_local_base_freq``, its global ones with ``rope_theta`` and the rope scaling)."""
+        if (by_type := self._rope_parameters_by_layer_type) is None:
+            return self.rope_parameters
+        return by_type[self.hf_config.layer_types[layer]]
+
+    def _completed_rope_parameters(self, out: dict[str, Any]) -> dict[str, Any]:
         if "rope_theta" not in out:
             out["rope_theta"] = getattr(self.hf_config, "rope_theta", 10000.0)
         out["rope_type"] = out.get("rope_type") or out.get("type") or "default"
@@ -137,7 +170,10 @@ class ModelConfig:
 
     @cached_property
     def embedding_multiplier(self) -> float:
-        """Scale of the token embeddings before the first layer (Granite's ``embedding_multiplier``)."""
+        """Scale of the token embeddings before the first layer: Granite's ``embedding_multiplier``; Gemma's
+        ``sqrt(hidden_size)``, rounded to the model's dtype as transformers rounds it (55.4256 is 55.5 in bf16)."""
+        if self.architecture in GEMMA_ARCHITECTURES:
+            return float(torch.tensor(self.hidden_size**0.5).to(self.dtype))
         return float(getattr(self.hf_config, "embedding_multiplier", None) or 1.0)
 
     @cached_property

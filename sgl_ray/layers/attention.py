@@ -1,11 +1,13 @@
 """The attention layer of a model: hands q/k/v to the batch's attention backend (RadixAttention).
 
-Two per-layer options change what a query sees (every backend honours them or raises ``UnsupportedModelError``):
+Three per-layer options change what a query sees (every backend honours them or raises ``UnsupportedModelError``):
 
 * ``sliding_window = W``: the query at position ``i`` attends to keys ``j`` with ``i - W < j <= i`` (W keys, itself
   included; transformers' ``sliding_window_overlay``). ``None``: every earlier key.
 * ``sinks``: one learned logit per query head (GPT-OSS) that joins the softmax's denominator and nothing else:
   ``out_h = sum_j exp(s_hj) v_j / (sum_j exp(s_hj) + exp(sink_h))``. The sink is a raw logit, not scaled.
+* ``logit_cap = c``: each scaled score ``s`` becomes ``c * tanh(s / c)`` before the mask and the softmax (Gemma 2's
+  ``attn_logit_softcapping``; SGLang's ``logit_cap``). ``None``: scores as they are.
 """
 
 from __future__ import annotations
@@ -35,16 +37,20 @@ class RadixAttention(nn.Module):
         sliding_window: int | None = None,
         sinks: bool = False,
         tp_rank: int = 0,
+        logit_cap: float | None = None,
     ) -> None:
         super().__init__()
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be at least 1 (or None), got {sliding_window}")
+        if logit_cap is not None and not logit_cap > 0:
+            raise ValueError(f"logit_cap must be positive (or None), got {logit_cap}")
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.scaling = scaling
         self.num_kv_heads = num_kv_heads
         self.layer_id = layer_id
         self.sliding_window = sliding_window
+        self.logit_cap = None if logit_cap is None else float(logit_cap)
         self.tp_rank = tp_rank
         if sinks:
             self.sinks = nn.Parameter(torch.empty(num_heads), requires_grad=False)  # [num_heads]

@@ -34,3 +34,30 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         x = residual + x
         return self._norm(x), x
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm (transformers' ``Gemma2RMSNorm``/``Gemma3RMSNorm``): the checkpoint's ``weight`` is centred
+    on 0 and the scale is ``1 + weight``, applied in float32 before the cast back to ``x``'s dtype (Llama's norm
+    casts first, then scales). No fused CUDA kernel: :func:`~sgl_ray.layers.triton_ops.rmsnorm` rounds before
+    it scales."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, eps)
+        self.weight.data.zero_()
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 + self.weight.float()
+        if x.dtype == torch.float32:  # one fused op; same arithmetic
+            return F.rms_norm(x, self.weight.shape, scale, self.eps)
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * scale).to(x.dtype)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Without ``residual``: ``norm(x)``. With it: ``(norm(x + residual), x + residual)``."""
+        if residual is None:
+            return self._norm(x)
+        x = residual + x
+        return self._norm(x), x

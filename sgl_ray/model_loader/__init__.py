@@ -16,13 +16,16 @@ from sgl_ray.model_loader.default_model import (
     fetch_wheel_model,
 )
 from sgl_ray.model_loader.gguf import GGUF_ARCHS, convert_gguf_metadata, hf_tensor_name, iter_gguf_weights
+from sgl_ray.model_loader.packaged_models import GEMMA3_270M, PackagedModel, packaged_model_path
 from sgl_ray.model_loader.source import ModelSource, load_hf_config, load_tokenizer, resolve_model
 from sgl_ray.model_loader.weights import WeightStream, iter_safetensors, iter_weights
 
 __all__ = [
     "DEFAULT_MODEL",
+    "GEMMA3_270M",
     "GGUF_ARCHS",
     "ModelSource",
+    "PackagedModel",
     "WeightStream",
     "WheelModel",
     "convert_gguf_metadata",
@@ -34,5 +37,6 @@ __all__ = [
     "iter_weights",
     "load_hf_config",
     "load_tokenizer",
+    "packaged_model_path",
     "resolve_model",
 ]

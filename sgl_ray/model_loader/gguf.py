@@ -6,8 +6,8 @@ engine works in Hugging Face terms, so this module
 * streams tensors out of the file, dequantized to float32 (or, with ``keep_quantized``, as
   :class:`~sgl_ray.layers.quantization.GGUFMatrix` blocks) and renamed (``blk.3.attn_q.weight`` →
   ``model.layers.3.self_attn.q_proj.weight``), undoing the Q/K row permutation llama.cpp applies to llama models
-  (Mixtral included) and splitting MoE files' stacked experts into HF's per-expert tensors
-  (:mod:`~sgl_ray.model_loader.gguf_moe`);
+  (Mixtral included) and the 1 it adds to Gemma's norm weights (:mod:`~sgl_ray.model_loader.gguf_gemma`), and
+  splitting MoE files' stacked experts into HF's per-expert tensors (:mod:`~sgl_ray.model_loader.gguf_moe`);
 * converts the metadata once into a directory with ``config.json``, tokenizer files and ``generation_config.json``
   under ``<cache_dir>/gguf/<stem>-<key>``, because transformers' GGUF tokenizer conversion takes seconds.
 """
@@ -20,7 +20,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,7 @@ import torch
 from sgl_ray.errors import ModelLoadError, UnsupportedModelError
 from sgl_ray.layers.quantization import GGUFMatrix
 from sgl_ray.layers.quantization.gguf_formats import FORMATS
+from sgl_ray.model_loader.gguf_gemma import GEMMA_BLOCK_NAMES, NORM_OFFSET, gemma_config_fields
 from sgl_ray.model_loader.gguf_header import GGUFFile
 from sgl_ray.model_loader.gguf_moe import (
     MIXTRAL_NAMES,
@@ -64,6 +65,10 @@ class GGUFArch:
     """llama.cpp's converter reorders Q/K rows (interleaved rotary pairs) for this family; undo it on load."""
     moe_names: MoENames = QWEN_MOE_NAMES
     """The HF names of the router and routed experts, for files with experts."""
+    block_names: dict[str, str] = field(default_factory=dict)
+    """Block tensors named otherwise than in Llama (``blk.N.<key>`` → ``model.layers.N.<value>``)."""
+    norm_offset: float = 0.0
+    """What llama.cpp's converter added to the family's norm weights (``*norm.weight``); taken off on load."""
 
 
 GGUF_ARCHS: dict[str, GGUFArch] = {
@@ -74,6 +79,8 @@ GGUF_ARCHS: dict[str, GGUFArch] = {
     # llama.cpp's converter permutes Q/K for llama only; the Qwen MoE families keep HF's row order, like qwen2/qwen3
     "qwen2moe": GGUFArch(permute_qk=False),
     "qwen3moe": GGUFArch(permute_qk=False),
+    "gemma2": GGUFArch(permute_qk=False, block_names=GEMMA_BLOCK_NAMES, norm_offset=NORM_OFFSET),
+    "gemma3": GGUFArch(permute_qk=False, block_names=GEMMA_BLOCK_NAMES, norm_offset=NORM_OFFSET),
 }
 """GGUF architectures whose tensors :func:`iter_gguf_weights` can map."""
 
@@ -115,6 +122,8 @@ def hf_tensor_name(gguf_name: str, expert: int | None = None, arch: str = "llama
     'model.layers.1.mlp.experts.3.gate_proj.weight'
     >>> hf_tensor_name("blk.1.ffn_gate_exps.weight", expert=3)
     'model.layers.1.block_sparse_moe.experts.3.w1.weight'
+    >>> hf_tensor_name("blk.2.ffn_norm.weight", arch="gemma3")
+    'model.layers.2.pre_feedforward_layernorm.weight'
     """
     if arch not in GGUF_ARCHS:
         raise UnsupportedModelError(
@@ -124,8 +133,9 @@ def hf_tensor_name(gguf_name: str, expert: int | None = None, arch: str = "llama
         return name
     if match := _BLOCK_RE.fullmatch(gguf_name):
         layer, part, kind = match.groups()
-        if part in _BLOCK_NAMES:
-            return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+        block_names = {**_BLOCK_NAMES, **GGUF_ARCHS[arch].block_names}
+        if part in block_names:
+            return f"model.layers.{layer}.{block_names[part]}.{kind}"
     elif match := _GLOBAL_RE.fullmatch(gguf_name):
         base, kind = match.groups()
         if base in _IGNORED:
@@ -206,6 +216,8 @@ def iter_gguf_weights(
             weight = _unpermute(weight, num_heads)
         elif GGUF_ARCHS[arch].permute_qk and ".self_attn.k_proj." in name:
             weight = _unpermute(weight, num_kv_heads)
+        elif GGUF_ARCHS[arch].norm_offset and tensor.name.endswith("norm.weight"):
+            weight = weight - np.float32(GGUF_ARCHS[arch].norm_offset)  # float32, as transformers subtracts
         if blocks:
             yield name, GGUFMatrix.from_blocks(torch.from_numpy(np.array(weight)), tensor.tensor_type)
         else:
@@ -288,6 +300,7 @@ def _hf_config(path: Path, reader: GGUFFile, arch: str) -> PretrainedConfig:
         )
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     config.update(moe_config_fields(arch, reader))
+    config.update(gemma_config_fields(arch, reader, config))
     return config
 
 

@@ -157,7 +157,8 @@ def load_tokenizer(source: ModelSource, tokenizer_path: str | None = None) -> Pr
     """The fast tokenizer (with its chat template) of ``source``, or of ``tokenizer_path`` when given.
 
     ``tokenizer_path`` may be a directory with tokenizer files, a ``.gguf`` file or a hub id (only tokenizer files
-    are downloaded then).
+    are downloaded then). A tokenizer without a chat template gets the engine's built-in one for the model's type,
+    where there is one (Gemma: :mod:`sgl_ray.tokenizer.chat_templates`).
 
     >>> from sgl_ray.model_loader import default_model_path
     >>> tokenizer = load_tokenizer(resolve_model(str(default_model_path())))
@@ -166,12 +167,23 @@ def load_tokenizer(source: ModelSource, tokenizer_path: str | None = None) -> Pr
     """
     from transformers import AutoTokenizer
 
+    from sgl_ray.tokenizer.chat_templates import ensure_chat_template
+
     name = source.model_path if tokenizer_path is None else tokenizer_path
     directory = source.local_dir if tokenizer_path is None else _tokenizer_dir(tokenizer_path)
     try:
-        return AutoTokenizer.from_pretrained(directory, use_fast=True)
+        tokenizer = AutoTokenizer.from_pretrained(directory, use_fast=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the tokenizer of {name!r} from {directory}: {exc}") from exc
+    return ensure_chat_template(tokenizer, _model_type(source.local_dir))
+
+
+def _model_type(directory: Path) -> str | None:
+    """``model_type`` of the ``config.json`` in ``directory`` (None where it cannot be read)."""
+    try:
+        return json.loads((directory / CONFIG_FILE).read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _tokenizer_dir(tokenizer_path: str) -> Path:

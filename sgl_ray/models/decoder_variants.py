@@ -1,5 +1,5 @@
 """Decoder layers shaped unlike Llama's: RMSNorms on the blocks' outputs (OLMo 2: after each block instead of
-before it; GLM-4: both) or the blocks' outputs scaled before the residual add (Granite).
+before it; GLM-4, Gemma 2/3: both) or the blocks' outputs scaled before the residual add (Granite).
 
 :class:`DecoderFlags` says which (``norms``, ``residual_multiplier``); the attention and the MLP are Llama's. The
 fused CUDA steps of :class:`~sgl_ray.models.llama.LlamaDecoderLayer` assume its shape (folded norm scales, the
@@ -9,10 +9,10 @@ never fold norms.
 The norms are named by where they sit; a family whose checkpoint names them otherwise renames them
 (:attr:`VariantForCausalLM.checkpoint_renames`)::
 
-    input_layernorm           before attention        (Llama, Granite, GLM-4)
-    post_self_attn_layernorm  on attention's output   (OLMo 2, GLM-4)
-    post_attention_layernorm  before the MLP          (Llama, Granite, GLM-4)
-    post_mlp_layernorm        on the MLP's output     (OLMo 2, GLM-4)
+    input_layernorm           before attention        (Llama, Granite, GLM-4, Gemma)
+    post_self_attn_layernorm  on attention's output   (OLMo 2, GLM-4, Gemma)
+    post_attention_layernorm  before the MLP          (Llama, Granite, GLM-4, Gemma's pre_feedforward_layernorm)
+    post_mlp_layernorm        on the MLP's output     (OLMo 2, GLM-4, Gemma's post_feedforward_layernorm)
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class VariantDecoderLayer(nn.Module):
         pre, post = flags.norms in ("pre", "sandwich"), flags.norms in ("post", "sandwich")
 
         def norm(present: bool) -> RMSNorm | None:
-            return RMSNorm(config.hidden_size, config.rms_norm_eps) if present else None
+            return flags.rms_norm(config.hidden_size, config.rms_norm_eps) if present else None
 
         self.input_layernorm = norm(pre)
         self.post_self_attn_layernorm = norm(post)

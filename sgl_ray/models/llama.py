@@ -15,9 +15,8 @@ from torch import nn
 
 from sgl_ray.configs.model_config import ModelConfig
 from sgl_ray.distributed import Communicator, ShardContext
-from sgl_ray.errors import UnsupportedModelError
 from sgl_ray.layers import fused_linear
-from sgl_ray.layers.activation import SiluAndMul
+from sgl_ray.layers.activation import SiluAndMul, gated_activation
 from sgl_ray.layers.cuda_ops import cuda_ops
 from sgl_ray.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from sgl_ray.layers.fused_linear import (
@@ -38,20 +37,24 @@ Intermediate = tuple[torch.Tensor, torch.Tensor]  # (hidden, residual) handed to
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, tp: Communicator, intermediate_size: int | None = None) -> None:
+        """The gated activation is the config's ``hidden_activation`` (Gemma), else its ``hidden_act`` (default
+        SiLU)."""
         super().__init__()
-        act = getattr(config.hf_config, "hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise UnsupportedModelError(f"activation {act!r} is not supported (only silu)")
+        hf = config.hf_config
+        act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", None) or "silu"
         inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], False, tp)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, False, tp)
-        self.act = SiluAndMul()
+        self.act = gated_activation(act)
+        self.silu = isinstance(self.act, SiluAndMul)  # the fused one-row kernels are SiLU's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.gate_up_proj(x))
 
     def down(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """``down_proj(silu(gate) * up)``, one kernel on a single CUDA row."""
+        """``down_proj(act(gate) * up)``, one kernel on a single CUDA row with SiLU."""
+        if not self.silu:
+            return self.down_proj(self.act(gate_up))
         return silu_mul_linear(self.act, self.down_proj, gate_up)
 
     def forward_normed(
@@ -72,7 +75,7 @@ class LlamaMLP(nn.Module):
         return True
 
     def runs_folded(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
-        return one_row_gemvs(x, self.gate_up_proj, self.down_proj)
+        return self.silu and one_row_gemvs(x, self.gate_up_proj, self.down_proj)
 
     def forward_folded(
         self, h: torch.Tensor, norm: object, batch: ForwardBatch
@@ -190,12 +193,20 @@ class LlamaModel(nn.Module):
             if shard.is_first_stage
             else None
         )
-        self.rotary = RotaryEmbedding(
-            config.head_dim,
-            config.rope_parameters,
-            config.context_length,
-            config.rotary_dim,
-            flags.rotary_interleaved,
+        # One rotary per distinct rope parameters of the layers (Gemma 3's local and global layers differ);
+        # layer i rotates with rotaries[rotary_of_layer[i]].
+        distinct: list[dict] = []
+        self.rotary_of_layer: list[int] = []
+        for i in range(config.num_layers):
+            params = config.rope_parameters_of(i)
+            if params not in distinct:
+                distinct.append(params)
+            self.rotary_of_layer.append(distinct.index(params))
+        self.rotaries = nn.ModuleList(
+            RotaryEmbedding(
+                config.head_dim, params, config.context_length, config.rotary_dim, flags.rotary_interleaved
+            )
+            for params in distinct
         )
         # A layer's KV lives at index (layer - start) of this stage's pool.
         self.layers = nn.ModuleList(
@@ -204,7 +215,7 @@ class LlamaModel(nn.Module):
             else MissingLayer()
             for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if shard.is_last_stage else None
+        self.norm = flags.rms_norm(config.hidden_size, config.rms_norm_eps) if shard.is_last_stage else None
         self.norms_folded = False  # see LlamaForCausalLM.fold_norm_weights
 
     def forward(
@@ -217,16 +228,17 @@ class LlamaModel(nn.Module):
             hidden, residual = self.embed_tokens(batch.input_ids), None
         else:
             hidden, residual = intermediate
-        cos_sin = self.rotary.cos_sin_for(batch, hidden.dtype)
+        cos_sins = [rotary.cos_sin_for(batch, hidden.dtype) for rotary in self.rotaries]
         layers = self.layers[self.start : self.end]
+        rotary_of = self.rotary_of_layer[self.start : self.end]
         if self.norms_folded and fused_linear.FOLD_NORMS and self._runs_folded(layers, hidden, batch):
             assert intermediate is None and self.norm is not None, "folded norms need a single stage"
             h, sumsq = hidden, None
-            for layer in layers:
-                h, sumsq = layer.forward_folded(cos_sin, h, sumsq, batch)
+            for layer, r in zip(layers, rotary_of, strict=True):
+                h, sumsq = layer.forward_folded(cos_sins[r], h, sumsq, batch)
             return self.norm(h)
-        for layer in layers:
-            hidden, residual = layer(cos_sin, hidden, residual, batch)
+        for layer, r in zip(layers, rotary_of, strict=True):
+            hidden, residual = layer(cos_sins[r], hidden, residual, batch)
         if self.norm is None:
             assert residual is not None
             return hidden, residual

@@ -16,7 +16,7 @@ from sgl_ray.layers.attention import RadixAttention
 from sgl_ray.layers.cuda_ops import cuda_ops
 from sgl_ray.layers.fused_linear import fuses_rotary_store
 from sgl_ray.layers.linear import QKVParallelLinear, RowParallelLinear
-from sgl_ray.layers.norm import RMSNorm
+from sgl_ray.layers.norm import GemmaRMSNorm, RMSNorm
 from sgl_ray.layers.rotary import RotaryEmbedding
 from sgl_ray.runner.forward_batch import ForwardBatch
 
@@ -32,6 +32,8 @@ class DecoderFlags:
     sinks: bool = False  # a learned attention-sink logit per head (GPT-OSS)
     attn_scale: float | None = None  # softmax scale; None: head_dim ** -0.5 (Granite: attention_multiplier)
     rotary_interleaved: bool = False  # rotary on pairs (2i, 2i + 1) instead of halves (GLM)
+    attn_logit_cap: float | None = None  # attention scores soft-capped to cap * tanh(s / cap) (Gemma 2)
+    unit_offset_norms: bool = False  # every RMSNorm scales by 1 + weight, in float32 (Gemma: GemmaRMSNorm)
     # The layer's shape beyond Llama's (models.decoder_variants.VariantDecoderLayer): where its RMSNorms sit —
     # before each block (Llama), after it on the block's output (OLMo 2) or both (GLM-4) — and a scale of the
     # blocks' outputs before the residual add (Granite).
@@ -41,7 +43,11 @@ class DecoderFlags:
     @property
     def llama_layer(self) -> bool:
         """Whether ``LlamaDecoderLayer`` (and its fused CUDA paths) implements the layer."""
-        return self.norms == "pre" and self.residual_multiplier == 1.0
+        return self.norms == "pre" and self.residual_multiplier == 1.0 and not self.unit_offset_norms
+
+    def rms_norm(self, size: int, eps: float) -> RMSNorm:
+        """An RMSNorm of the family: Llama's, or Gemma's with ``unit_offset_norms``."""
+        return GemmaRMSNorm(size, eps) if self.unit_offset_norms else RMSNorm(size, eps)
 
     @classmethod
     def for_llama(cls, config: ModelConfig) -> DecoderFlags:
@@ -79,8 +85,9 @@ class LlamaAttention(nn.Module):
         ):  # over the whole projection of all ranks (gathered under tensor parallelism)
             q_width, k_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         has_norm = flags.qk_norm != "none"
-        self.q_norm = RMSNorm(q_width, config.rms_norm_eps) if has_norm else None
-        self.k_norm = RMSNorm(k_width, config.rms_norm_eps) if has_norm else None
+        self.q_norm = flags.rms_norm(q_width, config.rms_norm_eps) if has_norm else None
+        self.k_norm = flags.rms_norm(k_width, config.rms_norm_eps) if has_norm else None
+        self.unit_offset_norms = flags.unit_offset_norms
         # one per q and k head of this rank, for the QKV GEMV that norms them itself (triton_gemv_epilogues)
         heads = self.qkv_proj.num_heads + self.qkv_proj.num_kv_heads
         counters = torch.zeros(heads, dtype=torch.int32) if flags.qk_norm == "head" else None
@@ -95,6 +102,7 @@ class LlamaAttention(nn.Module):
             sliding_window=config.sliding_window_of(global_layer_id),
             sinks=flags.sinks,
             tp_rank=tp.rank,
+            logit_cap=flags.attn_logit_cap,
         )
 
     @property
@@ -106,8 +114,14 @@ class LlamaAttention(nn.Module):
     @property
     def folds_input_norm(self) -> bool:
         """Whether a one-row step can take the norm before this block inside the QKV GEMV (folded norms, see
-        ``LlamaDecoderLayer.forward_folded``): plain, or per-head q/k norms without clipping (Qwen3)."""
-        return self.plain or (self.qk_norm == "head" and self.clip_qkv is None and self.neox_rotary)
+        ``LlamaDecoderLayer.forward_folded``): plain, or per-head q/k norms without clipping (Qwen3; not Gemma's,
+        whose scale the fused kernels do not apply)."""
+        return self.plain or (
+            self.qk_norm == "head"
+            and self.clip_qkv is None
+            and self.neox_rotary
+            and not self.unit_offset_norms
+        )
 
     def fuses_rotary_store(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
         """Whether the QKV projection of ``x`` can rotate q and k and store k and v itself (one CUDA row)."""

@@ -17,6 +17,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "GraniteForCausalLM": ("sgl_ray.models.granite", "GraniteForCausalLM"),
     "Phi3ForCausalLM": ("sgl_ray.models.phi3", "Phi3ForCausalLM"),
     "Glm4ForCausalLM": ("sgl_ray.models.glm4", "Glm4ForCausalLM"),
+    "Gemma2ForCausalLM": ("sgl_ray.models.gemma", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("sgl_ray.models.gemma", "Gemma3ForCausalLM"),
     "MixtralForCausalLM": ("sgl_ray.models.mixtral", "MixtralForCausalLM"),
     "Qwen2MoeForCausalLM": ("sgl_ray.models.qwen_moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("sgl_ray.models.qwen_moe", "Qwen3MoeForCausalLM"),

@@ -54,6 +54,7 @@ def make_case(
     seed=0,
     sliding_window: int | None = None,
     sinks: bool = False,
+    logit_cap: float | None = None,
 ) -> Case:
     gen = torch.Generator(device).manual_seed(seed)
     prefix = np.asarray(prefix_lens, dtype=np.int64)
@@ -87,6 +88,7 @@ def make_case(
         LAYER_ID,
         sliding_window=sliding_window,
         sinks=sinks,
+        logit_cap=logit_cap,
     ).to(device)
     if sinks:  # from negligible to dominant next to the ~N(0, 1) scores of a few hundred keys
         layer.sinks.data = (torch.randn(num_heads, generator=gen, device=device) * 3 + 2).to(dtype)
@@ -143,9 +145,10 @@ def reference(case: Case) -> torch.Tensor:
 
 
 def dense_reference(case: Case) -> torch.Tensor:
-    """Attention written out per request in fp64, as transformers' eager GPT-OSS attention: scores of every key of
-    the sequence, masked (causal, and ``i - window < j`` with a window) with -inf, the sink logit concatenated as
-    a last column, softmax, the sink column dropped. [T, H * D] in fp32."""
+    """Attention written out per request in fp64, as transformers' eager GPT-OSS and Gemma 2 attention: scores of
+    every key of the sequence, soft-capped (``cap * tanh(s / cap)``) with a cap, masked (causal, and
+    ``i - window < j`` with a window) with -inf, the sink logit concatenated as a last column, softmax, the sink
+    column dropped. [T, H * D] in fp32."""
     layer = case.layer
     h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
     q_all, k_all, v_all = (t.double() for t in split_qkv(case))
@@ -160,6 +163,8 @@ def dense_reference(case: Case) -> torch.Tensor:
         v = v.transpose(0, 1).repeat_interleave(h // kvh, dim=0)
         q = q_all[new].reshape(n, h, d).transpose(0, 1)  # [H, n, D]
         scores = q @ k.transpose(1, 2) * layer.scaling  # [H, n, S]
+        if layer.logit_cap is not None:
+            scores = torch.tanh(scores / layer.logit_cap) * layer.logit_cap
         i = torch.arange(prefix, prefix + n, device=q.device)[:, None]  # query positions
         j = torch.arange(prefix + n, device=q.device)[None, :]  # key positions
         visible = j <= i
@@ -186,13 +191,13 @@ def run_triton(case: Case, num_kv_splits: int | None = None) -> torch.Tensor:
 
 def check(case: Case, num_kv_splits: int | None = None, run=None) -> None:
     """``run(case)``: the backend under test (default: Triton with ``num_kv_splits``). The reference is the torch
-    backend, or for a layer with a window or sinks the dense softmax."""
-    special = case.layer.sliding_window is not None or case.layer.sinks is not None
+    backend, or for a layer with a window, sinks or a score cap the dense softmax."""
+    layer = case.layer
+    special = layer.sliding_window is not None or layer.sinks is not None or layer.logit_cap is not None
     expected = dense_reference(case) if special else reference(case)  # before the run mutates case.pool
     k_before = [b.clone() for b in case.pool.k_buffers]
     v_before = [b.clone() for b in case.pool.v_buffers]
     out = run_triton(case, num_kv_splits) if run is None else run(case)
-    layer = case.layer
     assert out.shape == (int(case.extend_lens.sum()), layer.num_heads * layer.head_dim)
     assert out.dtype == case.qkv.dtype
     assert torch.isfinite(out).all(), "unwritten output rows or a read of a poisoned slot"

@@ -1,6 +1,6 @@
-"""The Triton attention backend on layers with a sliding window and/or attention sinks (GPT-OSS) against a dense
-softmax (``test_triton_attention.dense_reference``): ragged decode with forced splits, extends over cached
-prefixes, and decode-graph metadata."""
+"""The Triton attention backend on layers with a sliding window, attention sinks (GPT-OSS) or soft-capped scores
+(Gemma 2) against a dense softmax (``test_triton_attention.dense_reference``): ragged decode with forced splits,
+extends over cached prefixes, and decode-graph metadata."""
 
 from __future__ import annotations
 
@@ -65,3 +65,16 @@ def test_window_and_sinks_from_graph_metadata(lens):
             seq - 1, np.ones_like(seq), 32, 8, 128, torch.bfloat16, seed=17, sliding_window=128, sinks=True
         )
         check(case, run=run)
+
+
+@pytest.mark.parametrize("window", [None, 100], ids=lambda w: f"window-{w}")
+def test_soft_capped_scores(window):
+    """Gemma 2's soft-capped scores (cap 2, which bends most of these scores) at Gemma's head_dim 256: ragged
+    decode with forced splits, then extends over cached prefixes with decode rows between them."""
+    seq = ragged_lens(24, 1, 3000, seed=18)
+    kwargs = dict(sliding_window=window, logit_cap=2.0)
+    check(
+        make_case(seq - 1, np.ones_like(seq), 16, 8, 256, torch.bfloat16, seed=18, **kwargs), num_kv_splits=8
+    )
+    ext, prefix = np.array([700, 2, 65, 1, 129]), np.array([900, 0, 7, 40, 1])
+    check(make_case(prefix, ext, 16, 8, 256, torch.bfloat16, seed=19, **kwargs))

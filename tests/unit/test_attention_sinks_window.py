@@ -1,6 +1,6 @@
-"""Sliding-window attention and attention sinks (GPT-OSS) in the torch backend, against the dense softmax of
-``tests/gpu/test_triton_attention.py::dense_reference`` (mask built explicitly, sinks concatenated as in
-transformers), on the same shuffled, NaN-poisoned pools as the GPU tests. Also: the layer's sink parameter and its
+"""Sliding-window attention, attention sinks (GPT-OSS) and soft-capped scores (Gemma 2) in the torch backend,
+against the dense softmax of ``tests/gpu/test_triton_attention.py::dense_reference`` (mask built explicitly, sinks
+concatenated as in transformers), on the same shuffled, NaN-poisoned pools as the GPU tests. Also: the layer's sink parameter and its
 tensor-parallel loader, and the FlashInfer backend's refusal."""
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ def run_torch(case):
     return backend.forward(*split_qkv(case), case.layer, make_batch(case, case.pool, backend))
 
 
-def cpu_case(prefix, ext, window, sinks, heads=(8, 2), dtype=torch.float32, seed=0):
+def cpu_case(prefix, ext, window, sinks, heads=(8, 2), dtype=torch.float32, seed=0, logit_cap=None):
     return make_case(
         np.array(prefix), np.array(ext), *heads, 16, dtype, device="cpu", seed=seed,
-        sliding_window=window, sinks=sinks,
+        sliding_window=window, sinks=sinks, logit_cap=logit_cap,
     )  # fmt: skip
 
 
@@ -46,6 +46,18 @@ def test_torch_backend_matches_dense_softmax(batch, window, sinks):
         torch.testing.assert_close(run_torch(case), dense_reference(case), atol=1e-5, rtol=1e-5)
     else:
         check(case, run=run_torch)
+
+
+@pytest.mark.parametrize("sinks", [False, True], ids=["no-sinks", "sinks"])
+@pytest.mark.parametrize("window", [None, 16], ids=lambda w: f"window-{w}")
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_soft_capped_scores(batch, window, sinks):
+    """Scores capped at 1 (the scaled scores of these inputs are about N(0, 1), so the cap bends most of them):
+    the dense softmax's output, which the cap changes."""
+    case = cpu_case(*BATCHES[batch], window, sinks, seed=7, logit_cap=1.0)
+    check(case, run=run_torch)
+    uncapped = cpu_case(*BATCHES[batch], window, sinks, seed=7)
+    assert (run_torch(case) - run_torch(uncapped)).abs().amax() > 0.05
 
 
 @pytest.mark.parametrize("heads", [(4, 4), (8, 1)], ids=["mha", "mqa"])
@@ -157,15 +169,21 @@ def test_sinks_parameter_and_tp_loader():
 
 def test_layer_defaults():
     layer = RadixAttention(4, 8, 0.1, 1, 0)
-    assert layer.sinks is None and layer.sliding_window is None
+    assert layer.sinks is None and layer.sliding_window is None and layer.logit_cap is None
     assert list(layer.parameters()) == []
     with pytest.raises(ValueError, match="sliding_window"):
         RadixAttention(4, 8, 0.1, 1, 0, sliding_window=0)
+    with pytest.raises(ValueError, match="logit_cap"):
+        RadixAttention(4, 8, 0.1, 1, 0, logit_cap=0.0)
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(sliding_window=128), "sliding window of 128"), (dict(sinks=True), "sinks")],
+    [
+        (dict(sliding_window=128), "sliding window of 128"),
+        (dict(sinks=True), "sinks"),
+        (dict(logit_cap=50.0), "soft-capped"),
+    ],
 )
 def test_flashinfer_refuses_windows_and_sinks(kwargs, match):
     from sgl_ray.attention.flashinfer_backend import check_layer_supported

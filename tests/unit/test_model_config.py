@@ -110,3 +110,27 @@ def test_triton_num_kv_splits_reaches_the_backend_and_is_checked():
     with pytest.raises(InvalidRequestError) as info:
         create_attention_backend("torch", torch.device("cpu"), 4)
     assert info.value.param == "triton_attention_num_kv_splits"
+
+
+def test_gemma_rope_per_layer_type_and_embedding_scale():
+    """Gemma 3 keys its rope parameters by layer type (local layers: their own base; global ones: rope_theta and
+    the scaling); Gemma's embedding scale sqrt(hidden) is rounded to the model's dtype, as transformers rounds it."""
+    from transformers import Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(
+        hidden_size=3072,
+        num_attention_heads=4,
+        num_hidden_layers=6,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+        architectures=["Gemma3ForCausalLM"],
+    )
+    mc = ModelConfig(cfg, torch.float32)
+    local, full = mc.rope_parameters_of(0), mc.rope_parameters_of(5)
+    assert cfg.layer_types[0] == "sliding_attention" and cfg.layer_types[5] == "full_attention"
+    assert local == {"rope_type": "default", "rope_theta": 10_000.0}
+    assert full == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}
+    assert mc.rope_parameters == full
+    assert mc.sliding_window_of(0) == 4096 and mc.sliding_window_of(5) is None
+    assert mc.embedding_multiplier == float(torch.tensor(3072**0.5))
+    assert ModelConfig(cfg, torch.bfloat16).embedding_multiplier == 55.5  # sqrt(3072) = 55.4256...
+    assert ModelConfig(LlamaConfig(), torch.float32).rope_parameters_of(3)["rope_theta"] == 10000.0

@@ -97,6 +97,35 @@ def test_sliding_window_and_sink_kernels_in_the_interpreter(triton_interpreter):
     assert not error, error[-3000:]
 
 
+_SOFT_CAP = """
+import numpy as np, torch
+from tests.gpu.test_triton_attention import check, make_case
+
+def case(prefix, ext, window, dtype=torch.float32, seed=0):
+    return make_case(
+        np.array(prefix), np.array(ext), 4, 2, 32, dtype, device="cpu", seed=seed, sliding_window=window,
+        logit_cap=2.0,
+    )
+
+# decode: one split (stage 1 writes the output) and several (the merge), with and without a window
+seq = np.array([1, 40, 77, 200])
+for splits, window in [(1, None), (4, None), (4, 16)]:
+    check(case(seq - 1, np.ones_like(seq), window, seed=splits), splits)
+# extend over cached prefixes mixed with decode rows; a window starting inside the prefix
+for window in (None, 30):
+    check(case([30, 0, 100, 10, 3], [1, 5, 9, 70, 1], window, seed=8))
+# two short fp16 requests: the splits that load their first block before the wait (SHORT_DECODE)
+seq = np.array([33, 300])
+check(case(seq - 1, np.ones_like(seq), None, dtype=torch.float16, seed=5))
+"""
+
+
+def test_soft_capped_score_kernels_in_the_interpreter(triton_interpreter):
+    """Decode and extend of a layer whose scores are soft-capped (Gemma 2), against the dense softmax."""
+    error = triton_interpreter.run(_SOFT_CAP)
+    assert not error, error[-3000:]
+
+
 def test_short_sequence_decode_graphs_are_asked_for_small_batches():
     pytest.importorskip("triton")
     import torch
