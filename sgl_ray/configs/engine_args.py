@@ -155,7 +155,7 @@ class EngineArgs:
     )
     lora_backend: str | None = field(
         default=None,
-        metadata={"help": "torch (CPU default) | triton (GPU default) | flashinfer (GPU, optional package)"},
+        metadata={"help": "torch (CPU default) | triton (GPU default)"},
     )
     lora_allow_pickle: bool = field(
         default=False,
