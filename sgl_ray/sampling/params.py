@@ -14,8 +14,12 @@ _MAX_N = 128
 _GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
 
 
-class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     """How one request is decoded.
+
+    A key this struct does not know is an error (from a dict: ``InvalidRequestError`` naming it), not silently
+    dropped; ``max_tokens`` and ``min_tokens`` (the OpenAI/vLLM names) are accepted for ``max_new_tokens`` and
+    ``min_new_tokens``.
 
     ``temperature=0`` means greedy. ``top_k=-1`` (or 0) disables top-k. ``seed`` makes a sampled request
     reproducible regardless of what else shares its batch. ``stop`` strings are trimmed from the output unless
@@ -52,14 +56,36 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     regex: str | None = None
     ebnf: str | None = None
     structural_tag: str | dict[str, Any] | None = None
+    # Aliases (OpenAI's and vLLM's names), folded into max_new_tokens / min_new_tokens by normalized().
+    max_tokens: int | None = None
+    min_tokens: int | None = None
 
     def normalized(self) -> SamplingParams:
-        """A copy with ``stop`` as a list, ``top_k`` disabled as -1, and every field validated."""
+        """A copy with ``stop`` as a list, ``top_k`` disabled as -1, the aliases folded in, and every field
+        validated."""
+        max_new, min_new = self.max_new_tokens, self.min_new_tokens
+        for alias, name, default in (("max_tokens", "max_new_tokens", 128), ("min_tokens", "min_new_tokens", 0)):
+            value = getattr(self, alias)
+            if value is None:
+                continue
+            current = max_new if name == "max_new_tokens" else min_new
+            if current != default and current != value:
+                raise InvalidRequestError(
+                    f"{alias}: set either {alias} or {name}, not both ({value} vs {current})", param=alias
+                )
+            if name == "max_new_tokens":
+                max_new = value
+            else:
+                min_new = value
         stop = self.stop
         if isinstance(stop, str):
             stop = [stop]
         p = msgspec.structs.replace(
             self,
+            max_new_tokens=max_new,
+            min_new_tokens=min_new,
+            max_tokens=None,
+            min_tokens=None,
             stop=list(stop) if stop else None,
             top_k=-1 if self.top_k in (0, -1) else self.top_k,
             logit_bias={int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None,

@@ -272,3 +272,24 @@ def test_cuda_matches_cpu() -> None:
     assert torch.equal(cpu[0].next_token_ids, cuda[0].next_token_ids.cpu())
     torch.testing.assert_close(cpu[0].logprobs, cuda[0].logprobs.cpu())
     assert torch.equal(cpu[1], cuda[1].cpu()) and torch.equal(cpu[2], cuda[2].cpu())
+
+
+def test_sampling_params_aliases_and_unknown_keys():
+    """OpenAI/vLLM's ``max_tokens``/``min_tokens`` name the engine's fields; any other unknown key is an error
+    naming it, from a dict (Python, Ray Data rows) as from JSON (``/generate``)."""
+    import msgspec
+
+    from sgl_ray.entrypoints.requests import to_sampling_params
+    from sgl_ray.errors import InvalidRequestError
+
+    p = to_sampling_params({"max_tokens": 7, "min_tokens": 2, "temperature": 0}).normalized()
+    assert (p.max_new_tokens, p.min_new_tokens, p.max_tokens, p.min_tokens) == (7, 2, None, None)
+    assert to_sampling_params({"max_tokens": 7, "max_new_tokens": 7}).normalized().max_new_tokens == 7
+    with pytest.raises(InvalidRequestError, match="max_tokenz"):
+        to_sampling_params({"max_tokenz": 7})
+    with pytest.raises(InvalidRequestError, match="max_tokens") as e:
+        to_sampling_params({"max_tokens": 7, "max_new_tokens": 9}).normalized()
+    assert e.value.param == "max_tokens"
+    with pytest.raises(msgspec.ValidationError, match="best_of"):
+        msgspec.json.decode(b'{"best_of": 2}', type=SamplingParams)
+    assert SamplingParams(max_tokens=3).normalized().max_new_tokens == 3
