@@ -13,9 +13,9 @@ from sgl_ray.model_loader.gguf_header import GGUFFile
 
 from .prompts import PROMPTS
 
-NEW_TOKENS = 10
+NEW_TOKENS = 6
 GREEDY = {"temperature": 0.0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
-CHOSEN = [PROMPTS[1], PROMPTS[3], PROMPTS[12]]  # short, long, multi-byte
+CHOSEN = [PROMPTS[3], PROMPTS[12]]  # long, multi-byte
 
 
 def test_kept_quantized_matches_dequantized(smollm2_path, hf_reference):
