@@ -17,6 +17,12 @@ A backend computes attention for one layer of a batch whose requests each add ``
   softmax's denominator where those are set, and the scores soft-capped (``layer.logit_cap``) where that is set.
   A backend that cannot do one of them raises ``UnsupportedModelError`` in the forward of the first layer that
   needs it.
+* The pool may hold FP8 values (``kv_pool.is_fp8``, ``kv_cache_dtype``): the store quantizes (``KVPool.set_kv``),
+  and a read means the stored key times ``kv_pool.scales[layer_id].k`` and value times ``.v``. Every key and value
+  a query sees is the pool's, this step's new tokens' too, so a token's attention does not depend on whether its
+  prefix was computed in this step, an earlier one, or came from the prefix cache. ``check_kv_cache_dtype(dtype)`` is
+  called once at start and raises ``UnsupportedModelError`` (``param="kv_cache_dtype"``) for a pool the backend
+  cannot read here.
 """
 
 from __future__ import annotations
@@ -48,6 +54,10 @@ class AttentionBackend(ABC):
         batch: ForwardBatch,
         kv_stored: bool = False,
     ) -> torch.Tensor: ...
+
+    def check_kv_cache_dtype(self, dtype: torch.dtype) -> None:
+        """Raise ``UnsupportedModelError`` if this backend cannot read a KV pool of ``dtype`` on its device."""
+        return None
 
     def graph_metadata(self, batch: ForwardBatch, max_seq_len: int) -> Any:
         """Metadata for a decode batch captured in a CUDA graph: it may only reference ``batch``'s device tensors

@@ -26,6 +26,9 @@ serves every layer of a step (and of a captured graph), whereas window layers wo
 (``window_left = window - 1``) beside the full layers' one, and sinks and caps depend on the FlashInfer release and
 kernel (none of it checked on a GPU yet). Such a layer raises ``UnsupportedModelError`` at its first forward; the Triton backend serves those models.
 
+An FP8 pool (``kv_cache_dtype``) is planned with ``kv_data_type`` the pool's FP8 type, and each layer's run gets
+the pool's K/V scales (``k_scale``, ``v_scale`` of FlashInfer's ``run``).
+
 Example (on a CUDA machine with ``flashinfer-python`` installed)::
 
     >>> backend = FlashInferAttentionBackend(torch.device("cuda"))  # doctest: +SKIP
@@ -50,7 +53,8 @@ if TYPE_CHECKING:
 
 WORKSPACE_BYTES = 128 * 2**20  # FlashInfer's recommended split-KV workspace
 
-_PlanKey = tuple[int, int, int, torch.dtype, float]  # (heads, kv heads, head_dim, dtype, scale)
+# (heads, kv heads, head_dim, q dtype, kv dtype, scale)
+_PlanKey = tuple[int, int, int, torch.dtype, torch.dtype, float]
 
 
 class _PinnedStaging:
@@ -202,8 +206,10 @@ class FlashInferAttentionBackend(AttentionBackend):
         metadata.planned = None
         self._plan_with(metadata, graph.key)
 
-    def _plan(self, meta: _Metadata, layer: RadixAttention, dtype: torch.dtype) -> None:
-        key = (layer.num_heads, layer.num_kv_heads, layer.head_dim, dtype, float(layer.scaling))
+    def _plan(
+        self, meta: _Metadata, layer: RadixAttention, dtype: torch.dtype, kv_dtype: torch.dtype
+    ) -> None:
+        key = (layer.num_heads, layer.num_kv_heads, layer.head_dim, dtype, kv_dtype, float(layer.scaling))
         if meta.planned != key:
             self._plan_with(meta, key)
             if meta.graph is not None:
@@ -211,7 +217,7 @@ class FlashInferAttentionBackend(AttentionBackend):
 
     def _plan_with(self, meta: _Metadata, key: _PlanKey) -> None:
         h, kvh, d = key[:3]
-        common: dict[str, Any] = dict(q_data_type=key[3], kv_data_type=key[3], sm_scale=key[4])
+        common: dict[str, Any] = dict(q_data_type=key[3], kv_data_type=key[4], sm_scale=key[5])
         if meta.graph is not None:
             meta.graph.wrapper.plan(
                 meta.kv_indptr, meta.kv_indices, meta.last_page_len, h, kvh, d, 1, **common
@@ -243,12 +249,16 @@ class FlashInferAttentionBackend(AttentionBackend):
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
         paged = (k_buf.view(-1, 1, kvh, d), v_buf.view(-1, 1, kvh, d))
         meta: _Metadata = batch.attn_metadata
-        self._plan(meta, layer, q.dtype)
+        self._plan(meta, layer, q.dtype, k_buf.dtype)
         if meta.graph is not None:
             wrapper = meta.graph.wrapper
         else:
             wrapper = self._decode if meta.decode else self._prefill
-        out = wrapper.run(q.contiguous().view(num_tokens, h, d), paged)
+        scales: dict[str, float] = {}
+        if batch.kv_pool.is_fp8:  # k_scale joins the score scale, v_scale multiplies the output
+            kv_scale = batch.kv_pool.scales[layer.layer_id]
+            scales = dict(k_scale=kv_scale.k, v_scale=kv_scale.v)
+        out = wrapper.run(q.contiguous().view(num_tokens, h, d), paged, **scales)
         return out.view(num_tokens, h * d)
 
 

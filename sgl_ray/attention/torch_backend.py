@@ -8,6 +8,9 @@ variant of the step's metadata built on their first call and kept for the step (
 gather only the keys inside the window; extends are cut into query chunks, each with the keys its window reaches
 and an explicit mask. With sinks or a cap the softmax is computed explicitly (``attend_explicit``); without, SDPA
 takes the mask.
+
+An FP8 pool (``kv_cache_dtype``) is read as stored: the gathered keys and values are widened to the query's dtype,
+the layer's K scale multiplies the score scale and its V scale the output (``_attend``).
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from sgl_ray.attention.base import AttentionBackend
+from sgl_ray.mem_cache.kv_pool import KVScale
 
 if TYPE_CHECKING:
     from sgl_ray.layers.attention import RadixAttention
     from sgl_ray.runner.forward_batch import ForwardBatch
 
+_UNSCALED = KVScale()  # a pool of the model's dtype
 SCORE_BUDGET = 2**24  # scores (heads x queries x keys) one extend chunk of the window/sink path may hold
 
 
@@ -157,20 +162,26 @@ def _attend(
     mask: torch.Tensor | None,
     layer: RadixAttention,
     causal: bool = False,
+    kv_scale: KVScale = _UNSCALED,
 ) -> torch.Tensor:
-    """q [..., H, n, D] over k/v [..., KVH, L, D]: SDPA, or the explicit softmax for a layer with sinks or a cap
-    (q/k/v with a batch dimension then)."""
+    """q [..., H, n, D] over k/v [..., KVH, L, D] as read from the pool (``kv_scale``: what they are multiplied
+    by): SDPA, or the explicit softmax for a layer with sinks or a cap (q/k/v with a batch dimension then)."""
+    if k.dtype != q.dtype:  # FP8: exact in any wider float type
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    scale = layer.scaling * kv_scale.k
     if _explicit(layer):
-        return attend_explicit(q, k, v, mask, layer.scaling, layer.sinks, layer.logit_cap)
-    return F.scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        attn_mask=mask,
-        is_causal=causal,
-        scale=layer.scaling,
-        enable_gqa=layer.num_heads != layer.num_kv_heads,
-    )
+        out = attend_explicit(q, k, v, mask, scale, layer.sinks, layer.logit_cap)
+    else:
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=layer.num_heads != layer.num_kv_heads,
+        )
+    return out * kv_scale.v if kv_scale.v != 1.0 else out
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -228,6 +239,7 @@ class TorchAttentionBackend(AttentionBackend):
         if not kv_stored:
             batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k.view(-1, kvh, d), v.view(-1, kvh, d))
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+        kv_scale = batch.kv_pool.scales[layer.layer_id]
         meta: _Metadata = batch.attn_metadata
         if layer.sliding_window is not None or _explicit(layer):
             meta = meta.variant(layer.sliding_window, h)
@@ -239,7 +251,7 @@ class TorchAttentionBackend(AttentionBackend):
             shape = (*dec.kv_slots.shape, kvh, d)  # [Bd, L, KVH, D]; index_select beats advanced indexing
             kd = k_buf.index_select(0, dec.kv_slots.view(-1)).view(shape).transpose(1, 2)  # [Bd, KVH, L, D]
             vd = v_buf.index_select(0, dec.kv_slots.view(-1)).view(shape).transpose(1, 2)
-            od = _attend(qd, kd, vd, dec.mask, layer)  # [Bd, H, 1, D]
+            od = _attend(qd, kd, vd, dec.mask, layer, kv_scale=kv_scale)  # [Bd, H, 1, D]
             if only_decode:
                 return od.view(num_tokens, h * d)
             out[dec.token_idx] = od.squeeze(2).to(out.dtype)
@@ -249,8 +261,8 @@ class TorchAttentionBackend(AttentionBackend):
             ke = k_buf.index_select(0, part.kv_slots).transpose(0, 1)  # [KVH, L, D]
             ve = v_buf.index_select(0, part.kv_slots).transpose(0, 1)
             if _explicit(layer):  # the explicit softmax takes a batch dimension
-                oe = _attend(qe[None], ke[None], ve[None], part.mask[None, None], layer)[0]
+                oe = _attend(qe[None], ke[None], ve[None], part.mask[None, None], layer, kv_scale=kv_scale)[0]
             else:
-                oe = _attend(qe, ke, ve, part.mask, layer, causal=part.mask is None)  # [H, n, D]
+                oe = _attend(qe, ke, ve, part.mask, layer, part.mask is None, kv_scale)  # [H, n, D]
             out[sl] = oe.transpose(0, 1).to(out.dtype)
         return out.view(num_tokens, h * d)

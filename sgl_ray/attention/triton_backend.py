@@ -5,7 +5,8 @@ Per step, :meth:`TritonAttentionBackend.init_forward_metadata` splits the batch 
 copy; per layer, :meth:`~TritonAttentionBackend.forward` stores the new K/V and launches at most three kernels
 (decode stage 1, its split reduce, extend), reading only host integers from the metadata. A layer's sliding window,
 sinks and score cap (``RadixAttention.sliding_window`` / ``.sinks`` / ``.logit_cap``) are per-layer constants
-handed to the kernels, so the same metadata (and CUDA graph) serves every layer.
+handed to the kernels, so the same metadata (and CUDA graph) serves every layer, as are an FP8 pool's per-layer
+K/V scales (``kv_cache_dtype``; see ``triton_kernels``).
 
 Example (on a CUDA machine; the model runner does this through ``create_attention_backend``)::
 
@@ -30,6 +31,7 @@ from sgl_ray.attention.triton_kernels import (
     decode_config,
     short_decode_len,
 )
+from sgl_ray.errors import UnsupportedModelError
 from sgl_ray.transfer import to_device
 
 if TYPE_CHECKING:
@@ -82,6 +84,18 @@ class TritonAttentionBackend(AttentionBackend):
             self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         else:  # Triton's interpreter (TRITON_INTERPRET=1), for debugging without a GPU
             self.num_sms = 8
+
+    def check_kv_cache_dtype(self, dtype: torch.dtype) -> None:
+        """Triton converts FP8 e4m3 on compute capability 8.9 and up only (e5m2 anywhere)."""
+        if dtype == torch.float8_e4m3fn and self.device.type == "cuda":
+            capability = torch.cuda.get_device_capability(self.device)
+            if capability < (8, 9):
+                raise UnsupportedModelError(
+                    "kv_cache_dtype='fp8_e4m3' (--kv-cache-dtype fp8_e4m3): the Triton attention kernels read "
+                    f"e4m3 on compute capability 8.9 or more, this card has {capability[0]}.{capability[1]}; "
+                    "use kv_cache_dtype='fp8_e5m2'",
+                    param="kv_cache_dtype",
+                )
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         ext = batch.extend_lens_cpu.astype(np.int64)
@@ -161,6 +175,7 @@ class TritonAttentionBackend(AttentionBackend):
         if not kv_stored:
             batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+        kv_scale = batch.kv_pool.scales[layer.layer_id]  # 1.0 but for an FP8 pool
         meta: _Metadata = batch.attn_metadata
         out = self._new_buffer((num_tokens, h, d), q.dtype)  # every row is written by one of the kernels
         if meta.decode is not None:
@@ -183,6 +198,8 @@ class TritonAttentionBackend(AttentionBackend):
                 window=layer.sliding_window,
                 sinks=layer.sinks,
                 logit_cap=layer.logit_cap,
+                k_scale=kv_scale.k,
+                v_scale=kv_scale.v,
             )
         if meta.extend is not None:
             extend_attention(
@@ -199,6 +216,8 @@ class TritonAttentionBackend(AttentionBackend):
                 window=layer.sliding_window,
                 sinks=layer.sinks,
                 logit_cap=layer.logit_cap,
+                k_scale=kv_scale.k,
+                v_scale=kv_scale.v,
             )
         return out.view(num_tokens, h * d)
 

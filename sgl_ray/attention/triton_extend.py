@@ -14,6 +14,11 @@ With a sliding window (``HAS_WINDOW``), query ``i`` (position ``prefix + i``) se
 see nothing of a block before its own window starts (``online_softmax_step``'s ``MAYBE_EMPTY``). Sinks
 (``HAS_SINKS``) join each row's denominator at the end; soft-capped scores (``HAS_CAP``) are capped before the
 mask. Layers with none of them compile to the plain kernel.
+
+With an FP8 pool (``NEW_FROM_POOL``) the new tokens' keys and values are read back from the pool, where the
+backend has just stored them, rather than from ``k``/``v``: every key is then what the pool holds (the layer's K
+scale folded into ``qk_scale``, its V scale applied to the output), as the decode kernel and the torch backend
+read it, whether a prefix was computed in this step or an earlier one.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ EXTEND_BLOCK_M = 64  # queries per program; the unit of the backend's block tabl
 def _extend_kernel(
     Q, Knew, Vnew, K, V, Out, Sinks,
     req_to_token, req_pool_idxs, blk_row, blk_token, blk_qstart, blk_prefix, blk_len,
-    qk_scale, group, window, logit_cap,
+    qk_scale, v_scale, group, window, logit_cap,
     stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_r2t,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_CAP: tl.constexpr,
+    NEW_FROM_POOL: tl.constexpr,
 ):
     # fmt: on
     head = tl.program_id(0)
@@ -85,9 +91,14 @@ def _extend_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_new
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        rows = (token0 + offs_n)[:, None]
-        k = tl.load(Knew + rows * stride_knt + kv_head * stride_knh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(Vnew + rows * stride_vnt + kv_head * stride_vnh + offs_d[None, :], mask=kv_mask, other=0.0)
+        if NEW_FROM_POOL:  # as stored (FP8), at the slots of positions prefix + n
+            slots = tl.load(slot_row + prefix + offs_n, mask=mask_n, other=0).to(tl.int64)
+            k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        else:
+            rows = (token0 + offs_n)[:, None]
+            k = tl.load(Knew + rows * stride_knt + kv_head * stride_knh + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(Vnew + rows * stride_vnt + kv_head * stride_vnh + offs_d[None, :], mask=kv_mask, other=0.0)
         visible = mask_n[None, :] & (offs_n[None, :] <= offs_m[:, None])
         if HAS_WINDOW:
             visible = visible & (offs_n[None, :] > offs_m[:, None] - window)
@@ -97,7 +108,7 @@ def _extend_kernel(
 
     if HAS_SINKS:
         l_i += sink_term(tl.load(Sinks + head), m_i)
-    o = acc / l_i[:, None]
+    o = acc / l_i[:, None] * v_scale
     tl.store(Out + (token0 + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :], o, mask=q_mask)
 
 
@@ -115,6 +126,8 @@ def extend_attention(
     window: int | None = None,  # the layer's sliding window (None: full attention)
     sinks: torch.Tensor | None = None,  # [H] the layer's sink logits
     logit_cap: float | None = None,  # the layer's score soft cap (None: none)
+    k_scale: float = 1.0,  # an FP8 pool's scales: a stored key means key * k_scale
+    v_scale: float = 1.0,
 ) -> None:
     num_blocks = blocks.shape[1]
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -125,13 +138,13 @@ def extend_attention(
     _extend_kernel[(num_heads, num_blocks)](
         q, k, v, k_buf, v_buf, out, q if sinks is None else sinks,
         req_to_token, req_pool_idxs, blk_row, blk_token, blk_qstart, blk_prefix, blk_len,
-        scale * LOG2E, num_heads // k_buf.shape[1], window or 0, (logit_cap or 0.0) * LOG2E,
+        scale * k_scale * LOG2E, v_scale, num_heads // k_buf.shape[1], window or 0, (logit_cap or 0.0) * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1), out.stride(0), out.stride(1),
         req_to_token.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=EXTEND_BLOCK_M,
         BLOCK_N=32 if wide else 64, IEEE=ieee, HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
-        HAS_CAP=logit_cap is not None,
+        HAS_CAP=logit_cap is not None, NEW_FROM_POOL=k_buf.dtype != q.dtype,
         num_warps=4, num_stages=1 if head_dim > 128 and ieee else 2,
     )
     # fmt: on

@@ -23,6 +23,10 @@ splits only the keys its query sees, ``[seq_len - window, seq_len)`` (clamped at
 before the window. A layer with sinks (``HAS_SINKS``) adds
 ``2^(sink * log2(e) - max)`` to the softmax denominator once: in stage 2, or at the end of stage 1 when it writes the
 output directly. The flags are ``tl.constexpr``: layers without them compile to the kernels they had before.
+
+An FP8 pool (``kv_cache_dtype``) is loaded as stored and widened to the query's dtype in ``online_softmax_step``
+(exact); the layer's K scale is folded into ``qk_scale`` and its V scale multiplies each split's normalised output
+(the merge is linear in them), so the loop does no extra work per key. Without FP8 both scales are 1.0.
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ def sink_term(sink, m):
 def _decode_stage1(
     Q, K, V, Out, PartO, PartLse, Sinks,
     req_to_token, req_pool_idxs, dec_row, dec_token, dec_len,
-    qk_scale, num_splits, group, window, logit_cap,
+    qk_scale, v_scale, num_splits, group, window, logit_cap,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_r2t, stride_pi, stride_ph,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -172,7 +176,7 @@ def _decode_stage1(
         )
     if DIRECT and HAS_SINKS:  # the final output: the sinks join its denominator here
         l_i += sink_term(tl.load(Sinks + heads, mask=mask_h, other=0.0), m_i)
-    o = acc / l_i[:, None]
+    o = acc / l_i[:, None] * v_scale
     if DIRECT:
         tl.store(Out + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :], o, mask=q_mask)
     else:
@@ -280,6 +284,8 @@ def decode_attention(
     window: int | None = None,  # the layer's sliding window (None: full attention)
     sinks: torch.Tensor | None = None,  # [H] the layer's sink logits
     logit_cap: float | None = None,  # the layer's score soft cap (None: none)
+    k_scale: float = 1.0,  # an FP8 pool's scales: a stored key means key * k_scale
+    v_scale: float = 1.0,
 ) -> None:
     num_decode = dec_row.shape[0]
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -300,7 +306,7 @@ def decode_attention(
     _decode_stage1[(num_splits, num_kv_heads, num_decode)](
         q, k_buf, v_buf, out, part_o, part_lse, q if sinks is None else sinks,
         req_to_token, req_pool_idxs, dec_row, dec_token, dec_len,
-        scale * LOG2E, num_splits, group, window or 0, (logit_cap or 0.0) * LOG2E,
+        scale * k_scale * LOG2E, v_scale, num_splits, group, window or 0, (logit_cap or 0.0) * LOG2E,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         out.stride(0), out.stride(1), req_to_token.stride(0), num_heads * num_splits, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,

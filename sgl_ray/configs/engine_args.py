@@ -16,6 +16,12 @@ QUANTIZATION_METHODS = ("awq", "gptq", "fp8", "compressed-tensors", "gguf", "non
 CHECKPOINT_QUANT_METHODS = ("awq", "gptq", "fp8", "compressed-tensors")
 """``quant_method`` values of a safetensors checkpoint's ``quantization_config`` that load (kept, or dequantized at
 load with ``quantization="none"``): see :mod:`sgl_ray.layers.quantization.methods`."""
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,  # the model's dtype
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+"""``kv_cache_dtype`` values (SGLang's names) -> the KV pool's element type (see docs/quantization.md)."""
 GGUF_KEPT_QUANTIZED_BY_DEFAULT = False
 """Whether ``quantization`` unset keeps a GGUF file quantized on a CPU. Off: on the 2-core CPU of
 docs/benchmarks.md (2026-12-07) the kept blocks took 1/6.7 of the memory but decoded at batch 1 at 0.27x the speed."""
@@ -98,6 +104,13 @@ class EngineArgs:
             "(dequantize to --dtype at load)"
         },
     )
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "what the KV cache stores: auto (the model's dtype) | fp8_e4m3 | fp8_e5m2 (one byte per value, "
+            "twice the tokens of a 16-bit cache; per-layer scales from the checkpoint's k_scale/v_scale, else 1.0)"
+        },
+    )
     grammar_backend: str = field(default="xgrammar", metadata={"help": "structured-output grammar backend"})
     grammar_compile_timeout: float = field(
         default=300.0,
@@ -140,6 +153,13 @@ class EngineArgs:
     )
     use_ray: bool = field(default=False, metadata={"help": "run in Ray actors even at size 1"})
     ray_address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: local)"})
+    placement_timeout: float = field(
+        default=600.0,
+        metadata={
+            "help": "seconds to wait for a busy Ray cluster to place the shards' placement group (a layout the "
+            "cluster can never hold fails at once)"
+        },
+    )
     enable_lora: bool = field(
         default=False, metadata={"help": "allocate LoRA adapter slots (implied by --lora-paths)"}
     )
@@ -233,10 +253,17 @@ class EngineArgs:
             raise bad("cuda_graph_max_bs", "must be >= 1")
         if self.grammar_compile_timeout <= 0:
             raise bad("grammar_compile_timeout", "must be > 0")
+        if self.placement_timeout <= 0:
+            raise bad("placement_timeout", "must be > 0")
         if self.load_format not in ("auto", "dummy"):
             raise bad("load_format", "must be 'auto' or 'dummy'")
         if self.quantization not in (None, *QUANTIZATION_METHODS):
             raise bad("quantization", f"must be one of {QUANTIZATION_METHODS}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise bad(
+                "kv_cache_dtype",
+                f"unknown value {self.kv_cache_dtype!r} (have: {', '.join(KV_CACHE_DTYPES)})",
+            )
         if isinstance(self.lora_paths, dict):
             object.__setattr__(self, "lora_paths", tuple(f"{k}={v}" for k, v in self.lora_paths.items()))
         elif self.lora_paths is not None:
@@ -289,6 +316,14 @@ class EngineArgs:
         return (
             not self.disable_jump_forward if self.disable_jump_forward is not None else device.type != "cuda"
         )
+
+    def kv_cache_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV pool's element type for a model computing in ``model_dtype``.
+
+        >>> EngineArgs(kv_cache_dtype="fp8_e4m3").kv_cache_torch_dtype(torch.bfloat16)
+        torch.float8_e4m3fn
+        """
+        return KV_CACHE_DTYPES[self.kv_cache_dtype] or model_dtype
 
     def effective_quantization(
         self, device: torch.device, weight_format: str, checkpoint_method: str | None = None

@@ -293,10 +293,11 @@ class ModelConfig:
         rank = getattr(self.hf_config, "kv_lora_rank", None)
         return int(rank) + int(self.hf_config.qk_rope_head_dim) if rank else 0
 
-    def kv_bytes_per_token(self, tp_size: int = 1) -> int:
+    def kv_bytes_per_token(self, tp_size: int = 1, kv_dtype: torch.dtype | None = None) -> int:
         """Bytes of K and V one token occupies across all layers of one tensor-parallel shard (an MLA model's
-        latent, whole on every shard)."""
-        element = torch.tensor([], dtype=self.dtype).element_size()
+        latent, whole on every shard), each value a ``kv_dtype`` (default: the model's dtype; an FP8 KV cache,
+        ``kv_cache_dtype``, takes one byte)."""
+        element = torch.tensor([], dtype=kv_dtype or self.dtype).element_size()
         if self.kv_latent_dim:
             return self.num_layers * self.kv_latent_dim * element
         kv_heads = max(1, self.num_kv_heads // tp_size)

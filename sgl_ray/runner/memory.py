@@ -9,7 +9,7 @@ import torch
 
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.configs.model_config import ModelConfig
-from sgl_ray.errors import InvalidRequestError
+from sgl_ray.errors import InvalidRequestError, UnsupportedModelError
 
 _CPU_KV_FRACTION = 0.1  # of physical RAM, when neither max_total_tokens nor mem_fraction_static is given
 _GPU_MEM_FRACTION = 0.85  # of the card, for weights + KV
@@ -35,16 +35,30 @@ def _kv_budget_bytes(args: EngineArgs, device: torch.device) -> int:
     return int(_physical_memory() * (args.mem_fraction_static or _CPU_KV_FRACTION))
 
 
+def kv_cache_dtype(args: EngineArgs, config: ModelConfig) -> torch.dtype:
+    """What the KV pool stores (``kv_cache_dtype``): the model's dtype, or an FP8 type. A model with multi-head
+    latent attention keeps its latent pool in the model's dtype: FP8 there is an :class:`UnsupportedModelError`."""
+    dtype = args.kv_cache_torch_dtype(config.dtype)
+    if dtype != config.dtype and config.kv_latent_dim:
+        raise UnsupportedModelError(
+            f"kv_cache_dtype={args.kv_cache_dtype!r} (--kv-cache-dtype {args.kv_cache_dtype}): the latent KV cache "
+            "of multi-head latent attention (DeepSeek) is held in the model's dtype only; use kv_cache_dtype='auto'",
+            param="kv_cache_dtype",
+        )
+    return dtype
+
+
 def plan_kv_capacity(
     args: EngineArgs, config: ModelConfig, device: torch.device, tp_size: int = 1, layer_fraction: float = 1.0
 ) -> KVCapacity:
     """Token slots for the KV pool (a whole number of pages plus the reserved one) and request slots.
     ``layer_fraction``: the share of the model's layers this shard holds (pipeline parallelism)."""
     page = args.page_size
+    kv_dtype = kv_cache_dtype(args, config)  # an unsupported kv_cache_dtype fails here, before any allocation
     if args.max_total_tokens is not None:
         tokens = args.max_total_tokens
     else:
-        per_token = max(1, int(config.kv_bytes_per_token(tp_size) * layer_fraction))
+        per_token = max(1, int(config.kv_bytes_per_token(tp_size, kv_dtype) * layer_fraction))
         tokens = _kv_budget_bytes(args, device) // per_token
     tokens = (tokens // page) * page
     if tokens < 2 * page:

@@ -24,12 +24,13 @@ from sgl_ray.layers.moe.base import create_moe_backend
 from sgl_ray.layers.quantization import checkpoint_quant_method, create_quant_method, weight_nbytes
 from sgl_ray.lora.weights import LoRAWeights
 from sgl_ray.mem_cache.kv_pool import KVPool, MLAKVPool, ReqToTokenTable
+from sgl_ray.mem_cache.kv_scales import CheckpointKVScales
 from sgl_ray.model_loader.quantized import quantized_weights
 from sgl_ray.model_loader.weights import WeightStream, fill_random_weights
 from sgl_ray.models.registry import get_model_class
 from sgl_ray.runner.cuda_graph import CudaGraphRunner
 from sgl_ray.runner.forward_batch import ForwardBatch
-from sgl_ray.runner.memory import KVCapacity, plan_kv_capacity
+from sgl_ray.runner.memory import KVCapacity, kv_cache_dtype, plan_kv_capacity
 from sgl_ray.runner.step_sampling import rows_before_end, sample_step
 from sgl_ray.runner.trace import StepTrace, TracedStep
 from sgl_ray.sampling.sampler import Sampler
@@ -134,6 +135,7 @@ class ModelRunner:
         capacity = capacity or self.plan_capacity()
         model_config = self.config
         first = self.model.model.layers[self.model.model.start]
+        kv_dtype = kv_cache_dtype(self.args, model_config)  # the model's dtype, or FP8 (not MLA)
         if model_config.kv_latent_dim:  # MLA: one compressed latent per token and layer
             self.kv_pool = MLAKVPool(
                 capacity.num_slots,
@@ -143,13 +145,15 @@ class ModelRunner:
                 self.device,
             )
         else:
+            self.attn_backend.check_kv_cache_dtype(kv_dtype)
             self.kv_pool = KVPool(
                 capacity.num_slots,
                 self.model.num_local_layers,
                 first.self_attn.attn.num_kv_heads,
                 model_config.head_dim,
-                model_config.dtype,
+                kv_dtype,
                 self.device,
+                self.kv_scales.for_layers(range(self.model.model.start, self.model.model.end)),
             )
         self.req_table = ReqToTokenTable(capacity.max_reqs, model_config.context_length, self.device)
         self.sampling_state = SamplingState(capacity.max_reqs, model_config.vocab_size, self.device)
@@ -199,6 +203,7 @@ class ModelRunner:
 
     def _load_model(self, weights) -> torch.nn.Module:
         weight_format = weights.source.format if isinstance(weights, WeightStream) else "tensors"
+        self.kv_scales = CheckpointKVScales()  # an FP8 KV cache's per-layer scales, from the checkpoint
         if self.args.load_format == "dummy":
             weight_format = "dummy"
         hf_config = self.config.hf_config
@@ -225,7 +230,7 @@ class ModelRunner:
             if quant is not None:
                 # a quantized layer's parts -> one weight (float for the layers the model wants so)
                 weights = quantized_weights(weights, quant, getattr(model, "float_layers", ()))
-            model.load_weights(weights)
+            model.load_weights(self.kv_scales.collect(weights))
         if quant is not None:
             quant.process_loaded(model)  # online FP8
         if self.device.type == "cpu":
