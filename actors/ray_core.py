@@ -13,62 +13,20 @@ import threading
 from typing import Any
 
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import RayError, RayTaskError
 
+from sgl_ray.actors.cluster import ensure_ray
+from sgl_ray.actors.placement import ShardBundles, check_fits
 from sgl_ray.actors.scheduler_actor import GlobalScheduler
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.entrypoints.core import EngineCore, OutputSink
-from sgl_ray.errors import EngineDeadError
+from sgl_ray.errors import EngineDeadError, SglRayError
 from sgl_ray.scheduler.output import RequestOutput
 from sgl_ray.scheduler.request import Req
 
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.5
-
-
-def ensure_ray(address: str | None, *, log_to_driver: bool = False) -> None:
-    """Join the Ray cluster at ``address`` (None: ``RAY_ADDRESS``, or one that ``ray start`` began on this
-    machine), or, where there is none, start a local one whose processes listen on 127.0.0.1 only: anyone who
-    reaches a Ray cluster's ports can run code on it, so one that nobody asked to share stays on this machine.
-
-    Ray turns a loopback node address into the host's routable one unless it treats the platform as local-only
-    (as on macOS and Windows); for the local start this function makes it do so, and every server of the node
-    binds to the node address, 127.0.0.1.
-
-    Example::
-
-        >>> ensure_ray(None)  # doctest: +SKIP
-        >>> ray.util.get_node_ip_address()  # doctest: +SKIP
-        '127.0.0.1'
-    """
-    if ray.is_initialized():
-        return
-    if not _starts_local_cluster(address):
-        ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver)
-        return
-    from ray._private import ray_constants
-
-    clusters = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False  # read by Ray when it picks the node address
-    try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = clusters
-
-
-def _starts_local_cluster(address: str | None) -> bool:
-    """Whether ``ray.init(address=address)`` would start a new local cluster rather than join one."""
-    if address == "local":
-        return True
-    if address is not None:
-        return False
-    from ray._private.services import canonicalize_bootstrap_address
-
-    try:
-        return canonicalize_bootstrap_address(None) is None
-    except Exception:  # a malformed RAY_ADDRESS: ray.init reports it
-        return False
 
 
 def resolve_device(args: EngineArgs) -> EngineArgs:
@@ -80,12 +38,31 @@ def resolve_device(args: EngineArgs) -> EngineArgs:
     return args.replace(device="cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu")
 
 
+def _placeable(args: EngineArgs, groups: int) -> EngineArgs:
+    """Connect to Ray (a local cluster gets a logical CPU per shard at least), settle the device, and fail at once
+    with :class:`~sgl_ray.errors.InsufficientResourcesError` if the cluster can never hold ``groups`` shard groups."""
+    world = args.tp_size * args.pp_size
+    ensure_ray(args.ray_address, num_cpus=groups * world)
+    args = resolve_device(args)
+    layout = f"tp_size {args.tp_size} × pp_size {args.pp_size} × dp_size {groups}"
+    check_fits(ShardBundles.for_shards(groups * world, args.torch_device().type == "cuda", layout))
+    return args
+
+
+def _own_error(error: RayTaskError) -> BaseException:
+    """The sgl_ray error at the root of a failed actor call (a cluster too small, a model that does not load), as
+    raised where it happened; other failures stay as Ray raised them."""
+    root: BaseException = error
+    while isinstance(root, RayTaskError) and root.cause is not None and root.cause is not root:
+        root = root.cause
+    return root if isinstance(root, SglRayError) else error
+
+
 class RayEngineCore(EngineCore):
     """One engine group: a ``GlobalScheduler`` actor driving its shard actors."""
 
     def __init__(self, args: EngineArgs, max_restarts: int = 2) -> None:
-        ensure_ray(args.ray_address)
-        self.args = args = resolve_device(args)
+        self.args = args = _placeable(args, groups=1)
         self.max_restarts = max_restarts
         self.num_restarts = 0
         self._lock = threading.Lock()
@@ -99,7 +76,11 @@ class RayEngineCore(EngineCore):
 
     def _start_actor(self):
         actor = ray.remote(GlobalScheduler).options(num_cpus=0, max_concurrency=16).remote(self.args)
-        ray.get(actor.ready.remote())
+        try:
+            ray.get(actor.start.remote())
+        except RayTaskError as e:
+            ray.kill(actor, no_restart=True)
+            raise _own_error(e) from None
         for name, (path, pinned) in getattr(self, "_adapters", {}).items():
             ray.get(actor.load_lora_adapter.remote(name, path, pinned))
         return actor
@@ -218,7 +199,7 @@ class RayEngineCore(EngineCore):
         )
         try:
             actor = self._start_actor()
-        except RayError as e:
+        except (RayError, SglRayError) as e:
             self._closed = True
             self._fail_all(EngineDeadError(f"could not restart the scheduler actor: {e}"))
             return
@@ -242,6 +223,7 @@ class DataParallelCore(EngineCore):
     (the ``n`` samples of one prompt stay together, so they share its cached prefix)."""
 
     def __init__(self, args: EngineArgs) -> None:
+        args = _placeable(args, groups=args.dp_size)  # all groups' shards at once, before any starts
         self.groups = [RayEngineCore(args.replace(dp_size=1)) for _ in range(args.dp_size)]
         self._owner: dict[str, RayEngineCore] = {}
 

@@ -42,18 +42,34 @@ class GlobalScheduler(SchedulerCalls):
     """Example (what :class:`~sgl_ray.actors.ray_core.RayEngineCore` does)::
 
     >>> sched = ray.remote(GlobalScheduler).options(max_concurrency=8).remote(args)  # doctest: +SKIP
+    >>> ray.get(sched.start.remote())  # doctest: +SKIP
     >>> ray.get(sched.add_requests.remote(reqs))  # doctest: +SKIP
     >>> ray.get(sched.get_outputs.remote(0.5))  # doctest: +SKIP
+
+    The shards start in :meth:`start`, not in the constructor, so that what stops them (a cluster that can never
+    hold them, a model that does not load) reaches the caller as its own exception type, not as a dead actor.
     """
 
     def __init__(self, args: EngineArgs, max_rebuilds: int = 3) -> None:
         self.args = args
         self.layout = ParallelLayout(args.tp_size, args.pp_size, args.ep_size)
         self.overlap = args.pp_size == 1 and not args.disable_overlap_schedule
+        self.max_rebuilds = max_rebuilds
+        self.num_rebuilds = 0
+
+    def start(self) -> None:
+        """Start the shard group and the scheduler loop (call once, first)."""
+        args = self.args
         self.group = ShardGroup(args, self.layout, lagged=self.overlap)
         info = self.group.start()
-        source = resolve_model(args.model_path, revision=args.revision, weights=args.load_format != "dummy")
-        tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer_path)
+        try:
+            source = resolve_model(
+                args.model_path, revision=args.revision, weights=args.load_format != "dummy"
+            )
+            tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer_path)
+        except BaseException:
+            self.group.teardown()
+            raise
         self.scheduler = new_scheduler(
             args,
             info.num_slots,
@@ -64,8 +80,6 @@ class GlobalScheduler(SchedulerCalls):
             info.vocab_size,
             defer_grammar_masks=self.overlap,  # their masks ride with the next call (see ShardGroup)
         )
-        self.max_rebuilds = max_rebuilds
-        self.num_rebuilds = 0
         self._outbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
         self.loop = EngineLoop(self.scheduler, _GroupExecutor(self))
 

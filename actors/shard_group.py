@@ -38,9 +38,10 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 from ray.dag import InputNode, MultiOutputNode
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from sgl_ray.actors.placement import ShardBundles, reserve
 from sgl_ray.actors.shard_worker import DeferredMasks, ShardCall, ShardWorker, owned
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.parallel import ParallelLayout
@@ -101,12 +102,22 @@ class ShardGroup:
         self.weight_bytes: list[int] = []  # per rank, set by start()
 
     def start(self) -> RunnerInfo:
+        """Reserve the placement group, start the shards and load the model; on failure nothing stays behind.
+        Raises :class:`~sgl_ray.errors.InsufficientResourcesError` at once when the cluster can never hold the
+        shards, :class:`~sgl_ray.errors.ResourcesBusyError` after ``args.placement_timeout`` when it is busy."""
+        try:
+            return self._start()
+        except BaseException:
+            self.teardown()
+            raise
+
+    def _start(self) -> RunnerInfo:
         t0 = time.monotonic()
         gpu = self.args.torch_device().type == "cuda"
-        bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
-        strategy = "STRICT_PACK" if len(ray.nodes()) == 1 else "PACK"
-        self.pg = placement_group([dict(bundle) for _ in range(self.layout.world_size)], strategy=strategy)
-        ray.get(self.pg.ready(), timeout=_READY_TIMEOUT_S)
+        shards = ShardBundles.for_shards(
+            self.layout.world_size, gpu, f"tp_size {self.layout.tp_size} × pp_size {self.layout.pp_size}"
+        )
+        self.pg = reserve(shards, self.args.placement_timeout)  # typed errors: never fits / busy too long
         actor = ray.remote(ShardWorker)
         self.workers = [
             actor.options(

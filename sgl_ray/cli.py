@@ -3,6 +3,7 @@
 Examples::
 
     sgl-ray serve                                 # OpenAI API on http://127.0.0.1:8000/v1 (default SmolLM2)
+    sgl-ray serve --address HEAD:6379 --app-name mine --route-prefix /mine   # beside others' apps; Ctrl-C removes mine
     sgl-ray chat                                  # chat with the default SmolLM2 model in this terminal
     sgl-ray generate --prompt "Once upon a time" --max-new-tokens 32
     sgl-ray bench offline --num-prompts 32 --output-len 64

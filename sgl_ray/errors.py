@@ -62,6 +62,29 @@ class EngineDeadError(SglRayError, RuntimeError):
     error_type = "engine_dead"
 
 
+class InsufficientResourcesError(SglRayError, RuntimeError):
+    """The Ray cluster can never hold the engine's shards: its nodes have fewer CPUs or GPUs in total than the
+    shards' placement group needs. The message names what is missing and how to start Ray with more."""
+
+    status_code = 503
+    error_type = "insufficient_resources"
+
+
+class ResourcesBusyError(InsufficientResourcesError):
+    """The Ray cluster could hold the engine's shards, but others hold the resources: the placement group was not
+    placed within ``placement_timeout``. The message names what is free and what holds the rest."""
+
+    error_type = "resources_busy"
+
+
+class RayClusterUnreachableError(SglRayError, ConnectionError):
+    """The Ray cluster to join (``--address``, ``RAY_ADDRESS``, ``address="auto"``) does not answer at its
+    address."""
+
+    status_code = 503
+    error_type = "ray_cluster_unreachable"
+
+
 class RequestAbortedError(SglRayError, RuntimeError):
     """The request was aborted before it finished."""
 

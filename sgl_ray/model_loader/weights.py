@@ -74,7 +74,7 @@ def iter_safetensors(
     >>> [(name, t.tolist()) for name, t in iter_safetensors([path])]
     [('w', [1.0, 1.0])]
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for path in files:
         try:
@@ -82,7 +82,7 @@ def iter_safetensors(
                 for name in handle.keys():
                     if wanted is None or wanted(name):
                         yield name, handle.get_tensor(name)
-        except (OSError, ValueError, RuntimeError) as exc:  # truncated or corrupt file
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # truncated or corrupt file
             raise ModelLoadError(f"cannot read safetensors file {path}: {exc}") from exc
 
 
