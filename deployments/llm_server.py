@@ -4,9 +4,13 @@ engine group when ``tp_size``/``pp_size`` > 1) and streams generation results to
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
+
+import msgspec
+from ray import serve
 
 from sgl_ray.deployments.lora import ReplicaAdapters
 from sgl_ray.entrypoints.engine import Engine
@@ -36,9 +40,10 @@ class LLMServer:
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """``request``: ``prompts`` (token-id lists), ``sampling_params``, ``return_logprob``, ``top_logprobs_num``,
-        ``logprob_start_len``, ``lora_name`` (an adapter or None) and ``lora_sync`` (the ingress's copy of the app's
-        adapter registry, an ``AdapterSnapshot``, applied first when newer than this replica's). Yields ``(choice
-        index, RequestOutput delta)`` with choice index ``prompt_index * n + sample``, as the engine produces them.
+        ``logprob_start_len``, ``lora_name`` (an adapter or None), ``priority`` and ``lora_sync`` (the ingress's
+        copy of the app's adapter registry, an ``AdapterSnapshot``, applied first when newer than this replica's).
+        Yields ``(choice index, RequestOutput delta)`` with choice index ``prompt_index * n + sample``, as the
+        engine produces them.
         Cancelling the stream aborts every request and frees its KV.
 
         All prompts of one HTTP request come in one call (Serve propagates the caller's request id to nested
@@ -56,6 +61,7 @@ class LLMServer:
                     return_logprob=request.get("return_logprob", False),
                     top_logprobs_num=request.get("top_logprobs_num", 0),
                     logprob_start_len=request.get("logprob_start_len", -1),
+                    priority=request.get("priority") or 0,
                     lora_path=request.get("lora_name"),
                 ):
                     await queue.put((p * n + index, out))
@@ -101,6 +107,16 @@ class LLMServer:
             "context_length": cfg.context_length,
             "vocab_size": cfg.vocab_size,
         }
+
+    def server_info(self) -> dict[str, Any]:
+        """For ``/get_server_info``: the engine's arguments (JSON-safe), its scheduler counters, and which replica
+        answered (Serve's replica id: it stays the same across a lightweight config update)."""
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # not in a Serve replica
+            replica = None
+        args = msgspec.to_builtins(dataclasses.asdict(self.engine.args), enc_hook=str)
+        return {"engine_args": args, "stats": self.engine.get_stats(), "replica_id": replica}
 
     def check_health(self) -> None:
         self.engine.get_stats()  # raises if the engine died

@@ -29,13 +29,17 @@ Adapters = dict[str, tuple[str, bool]]  # name -> (adapter directory, pinned)
 
 
 class LoadLoRAAdapterRequest(msgspec.Struct, kw_only=True):
+    """``model``: the base model the adapter is for, in an app of several models (default: its LoRA model)."""
+
     lora_name: str
     lora_path: str
     pinned: bool = False
+    model: str | None = None
 
 
 class UnloadLoRAAdapterRequest(msgspec.Struct, kw_only=True):
     lora_name: str
+    model: str | None = None
 
 
 def decode(cls: type, body: bytes):

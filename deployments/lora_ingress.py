@@ -134,17 +134,18 @@ class IngressAdapters:
             return None
         base, sep, adapter = model.rpartition(":")
         name = adapter if sep and base == self.model_id else model
-        if not await self._known(name):
+        if not await self.known(name):
             raise ModelNotFoundError(
                 f"The model '{model}' does not exist.", param="model", code="model_not_found"
             )
         return name
 
     async def check(self, name: str | None) -> None:
-        if name is not None and not await self._known(name):
+        if name is not None and not await self.known(name):
             raise not_found(name)
 
-    async def _known(self, name: str) -> bool:
+    async def known(self, name: str) -> bool:
+        """Whether ``name`` is a loaded adapter (asking the registry once when this replica does not know it)."""
         if name in self.adapters:
             return True
         if self._local is None and self.enabled:  # maybe loaded a moment ago: ask once
@@ -167,7 +168,7 @@ class IngressAdapters:
         self._apply(await self._call("add", req.lora_name, config.path, req.pinned))
 
     async def unload(self, req: UnloadLoRAAdapterRequest) -> None:
-        if not self.enabled or not await self._known(req.lora_name):  # the registry checks again, atomically
+        if not self.enabled or not await self.known(req.lora_name):  # the registry checks again, atomically
             raise not_found(req.lora_name)
         self._apply(await self._call("remove", req.lora_name))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -64,7 +65,11 @@ class Metrics:
             for v in itls:
                 self.itl.observe(v)
 
-    def render(self, engine: dict[str, Any]) -> str:
+    def render(self, engines: dict[str, Any] | list[tuple[str | None, dict[str, Any]]]) -> str:
+        """The exposition text; ``engines``: one replica's engine stats, or ``(model id or None, stats)`` per model
+        (the engine gauges get a ``model`` label when a model id is given)."""
+        if isinstance(engines, dict):
+            engines = [(None, engines)]
         with self._lock:
             lines = [
                 "# HELP sgl_ray_requests_total HTTP requests by endpoint and status.",
@@ -87,21 +92,33 @@ class Metrics:
             lines += self.ttft.render("sgl_ray_time_to_first_token_seconds", "Time to first token.")
             lines += self.itl.render("sgl_ray_inter_token_latency_seconds", "Time between streamed tokens.")
             hit = self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-        capacity = engine.get("kv_capacity") or 1
-        gauges = (
-            ("sgl_ray_num_running_requests", engine.get("num_running", 0), "Requests running (one replica)."),
-            ("sgl_ray_num_waiting_requests", engine.get("num_waiting", 0), "Requests waiting (one replica)."),
-            (
-                "sgl_ray_kv_cache_usage",
-                1.0 - engine.get("kv_free", capacity) / capacity,
-                "Share of KV slots in use.",
-            ),
-            ("sgl_ray_radix_cache_hit_rate", hit, "Cached prompt tokens over prompt tokens."),
-        )
-        for name, value, help_text in gauges:
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
-        lines += _expert_tokens(engine.get("expert_tokens"))
+        for name, help_text, value in _GAUGES:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+            for model, engine in engines:
+                label = f'{{model="{model}"}}' if model is not None else ""
+                lines.append(f"{name}{label} {value(engine)}")
+        name = "sgl_ray_radix_cache_hit_rate"
+        lines += [
+            f"# HELP {name} Cached prompt tokens over prompt tokens.",
+            f"# TYPE {name} gauge",
+            f"{name} {hit}",
+        ]
+        for _, engine in engines[:1]:
+            lines += _expert_tokens(engine.get("expert_tokens"))
         return "\n".join(lines) + "\n"
+
+
+def _kv_usage(engine: dict[str, Any]) -> float:
+    capacity = engine.get("kv_capacity") or 1
+    return 1.0 - engine.get("kv_free", capacity) / capacity
+
+
+# name, help, value from one replica's engine stats
+_GAUGES: tuple[tuple[str, str, Callable[[dict[str, Any]], float]], ...] = (
+    ("sgl_ray_num_running_requests", "Requests running (one replica).", lambda e: e.get("num_running", 0)),
+    ("sgl_ray_num_waiting_requests", "Requests waiting (one replica).", lambda e: e.get("num_waiting", 0)),
+    ("sgl_ray_kv_cache_usage", "Share of KV slots in use.", _kv_usage),
+)
 
 
 def _expert_tokens(load: dict[str, list[int]] | None) -> list[str]:

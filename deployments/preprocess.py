@@ -72,10 +72,12 @@ class Preprocessor:
         ids = P.render_chat(
             self.tokenizer,
             req.messages,
+            req.generation_prompt,
             tools=req.tools if parsing.tools and parsing.tools.parser else None,
             template_kwargs=req.chat_template_kwargs,
             calls_as_text=self.calls_as_text,
             trust_request_chat_template=self.trust_request_chat_template,
+            continue_final_message=bool(req.continue_final_message),
         )
         P.check_prompt_length(len(ids), self.context_length)
         params = P.to_sampling_params(req, self.vocab_size, self.context_length, len(ids))

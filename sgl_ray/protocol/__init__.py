@@ -30,6 +30,7 @@ output (see :mod:`sgl_ray.protocol.responses_api`).
 
 from __future__ import annotations
 
+from sgl_ray.protocol.api_error import APIError
 from sgl_ray.protocol.chat_output import ChatResponseBuilder, ChatStreamAssembler
 from sgl_ray.protocol.chat_parsing import (
     ChoiceParser,
@@ -53,10 +54,12 @@ from sgl_ray.protocol.decoding import (
 from sgl_ray.protocol.limits import RequestLimits
 from sgl_ray.protocol.logprobs import TokenTexts, chat_logprob_entries, completion_logprobs
 from sgl_ray.protocol.requests import (
+    AbortRequest,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
     ContentPart,
+    DetokenizeRequest,
     GenerateRequest,
     StreamOptions,
     TokenizeRequest,
@@ -82,6 +85,7 @@ from sgl_ray.protocol.responses import (
     GenerateResponse,
     ModelCard,
     ModelList,
+    PromptLogprob,
     PromptTokensDetails,
     SSEFraming,
     ToolCallDeltaOut,
@@ -91,6 +95,7 @@ from sgl_ray.protocol.responses import (
     encode,
     error_body,
     internal_error_body,
+    matched_stop,
     new_request_id,
     new_tool_call_id,
     now,
@@ -124,6 +129,7 @@ from sgl_ray.protocol.tool_prompt import ToolFormat, ToolPrompt, tool_prompt
 from sgl_ray.protocol.tools import ToolChoice, ToolPlan, parse_function, parse_tool_choice, parse_tools
 
 __all__ = [
+    "APIError",
     "MAX_JSON_DEPTH",
     "RequestLimits",
     "check_template_kwargs",
@@ -188,6 +194,8 @@ __all__ = [
     "ContentPart",
     "GenerateRequest",
     "TokenizeRequest",
+    "DetokenizeRequest",
+    "AbortRequest",
     "GenerateResponse",
     "LogprobOptions",
     "AdapterCard",
@@ -208,6 +216,8 @@ __all__ = [
     "encode",
     "error_body",
     "internal_error_body",
+    "matched_stop",
+    "PromptLogprob",
     "logprob_options",
     "message_dicts",
     "new_request_id",

@@ -7,7 +7,9 @@ Streaming invariants, per choice: the first chunk is ``delta: {"role": "assistan
 chunk per output that adds text or logprobs (``delta: {"content": ...}``); then exactly one chunk with
 ``delta: {}`` and the ``finish_reason``. The contents concatenate to the non-streamed ``message.content``.
 With ``include_usage`` every chunk has ``"usage": null`` and :meth:`ChatStreamAssembler.finish` adds a last
-chunk with ``choices: []`` and the request's usage.
+chunk with ``choices: []`` and the request's usage; with ``continuous_usage`` too, every chunk carries the usage
+so far instead of null. The finishing chunk of a choice, and every choice of a whole response, carry
+``matched_stop``.
 
 With ``parsing`` (tool calls, a reasoning parser; see :mod:`sgl_ray.protocol.chat_parsing`) each choice's text is
 split into ``reasoning_content``, ``content`` and ``tool_calls`` deltas instead, and a choice that stopped after
@@ -38,6 +40,7 @@ from sgl_ray.protocol.responses import (
     FunctionCallDelta,
     ToolCallDeltaOut,
     ToolCallOut,
+    matched_stop,
     new_request_id,
     now,
     openai_finish_reason,
@@ -128,9 +131,10 @@ class ChatStreamAssembler(_ChatChoices):
         >>> yield SSE_DONE  # doctest: +SKIP
     """
 
-    def __init__(self, *, include_usage: bool = False, **kw: Any) -> None:
+    def __init__(self, *, include_usage: bool = False, continuous_usage: bool = False, **kw: Any) -> None:
         super().__init__(**kw)
         self.include_usage = include_usage
+        self.continuous_usage = include_usage and continuous_usage
         self._started: set[int] = set()
 
     @classmethod
@@ -138,6 +142,7 @@ class ChatStreamAssembler(_ChatChoices):
         cls, req: ChatCompletionRequest, *, model: str, token_texts: TokenTexts | None = None, **kw: Any
     ) -> ChatStreamAssembler:
         kw.setdefault("include_usage", req.include_usage)
+        kw.setdefault("continuous_usage", req.continuous_usage)
         return super().from_request(req, model=model, token_texts=token_texts, **kw)
 
     def start(self) -> list[ChatCompletionChunk]:
@@ -171,7 +176,11 @@ class ChatStreamAssembler(_ChatChoices):
                 chunks.append(self._chunk(ChatChunkChoice(index=index, delta=delta, logprobs=lp)))
         if out.finished:
             reason = _finish_reason(out, parser)
-            chunks.append(self._chunk(ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason)))
+            matched = matched_stop(out.finish_reason)
+            finish = ChatChunkChoice(
+                index=index, delta=ChatDelta(), finish_reason=reason, matched_stop=matched
+            )
+            chunks.append(self._chunk(finish))
         return chunks
 
     def finish(self) -> list[ChatCompletionChunk]:
@@ -200,7 +209,7 @@ class ChatStreamAssembler(_ChatChoices):
             model=self.model,
             choices=[choice],
             system_fingerprint=self.system_fingerprint,
-            usage=None if self.include_usage else UNSET,
+            usage=(self._usage.usage() if self.continuous_usage else None) if self.include_usage else UNSET,
         )
 
 
@@ -220,6 +229,7 @@ class ChatResponseBuilder(_ChatChoices):
         self._text: dict[int, list[str]] = {}
         self._entries: dict[int, list[ChatLogprobEntry]] = {}
         self._reason: dict[int, str | None] = {}
+        self._matched: dict[int, int | str | None] = {}
 
     def add(self, index: int, out: RequestOutput) -> None:
         entries = self._absorb(index, out)
@@ -228,6 +238,7 @@ class ChatResponseBuilder(_ChatChoices):
             self._entries.setdefault(index, []).extend(entries)
         if out.finished:
             self._reason[index] = openai_finish_reason(out.finish_reason)
+            self._matched[index] = matched_stop(out.finish_reason)
 
     def build(self) -> ChatCompletionResponse:
         """The response; choices are in index order (a choice without outputs has empty content)."""
@@ -237,6 +248,7 @@ class ChatResponseBuilder(_ChatChoices):
                 message=self._message(i),
                 logprobs=ChatLogprobs(content=self._entries.get(i, [])) if self._logprobs else None,
                 finish_reason=self._reason.get(i),
+                matched_stop=self._matched.get(i),
             )
             for i in range(self.n)
         ]

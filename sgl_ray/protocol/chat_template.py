@@ -107,8 +107,12 @@ def render_chat(
     template_kwargs: Mapping[str, Any] | None = None,
     calls_as_text: CallsAsText | None = None,
     trust_request_chat_template: bool = False,
+    continue_final_message: bool = False,
 ) -> list[int]:
     """Prompt token ids of ``messages`` under ``tokenizer``'s chat template.
+
+    ``continue_final_message``: the prompt ends inside the last message (an assistant message the model goes on
+    writing), without its end-of-turn tokens; use it with ``add_generation_prompt=False``.
 
     ``tools`` is passed to the template (templates that know tools render them); ``template_kwargs`` are extra
     template variables (e.g. ``{"enable_thinking": False}`` for Qwen3; checked by :func:`check_template_kwargs`,
@@ -134,6 +138,7 @@ def render_chat(
             message_dicts(messages, calls_as_text),
             tokenize=True,
             add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
             **kwargs,
         )
     except InvalidRequestError:

@@ -17,21 +17,25 @@ import msgspec.inspect as mi
 
 from sgl_ray.errors import InvalidRequestError
 from sgl_ray.protocol.requests import (
+    AbortRequest,
     AnyRequest,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     GenerateRequest,
     TokenizeRequest,
 )
 from sgl_ray.protocol.responses_api.request import ResponsesRequest
 
-RequestKind = Literal["chat", "completion", "generate", "tokenize", "responses"]
+RequestKind = Literal["chat", "completion", "generate", "tokenize", "detokenize", "abort", "responses"]
 
 REQUEST_TYPES: dict[str, type[AnyRequest | ResponsesRequest]] = {
     "chat": ChatCompletionRequest,
     "completion": CompletionRequest,
     "generate": GenerateRequest,
     "tokenize": TokenizeRequest,
+    "detokenize": DetokenizeRequest,
+    "abort": AbortRequest,
     "responses": ResponsesRequest,
 }
 MAX_JSON_DEPTH = 128
@@ -56,10 +60,14 @@ def decode_request(kind: Literal["generate"], body: bytes) -> GenerateRequest: .
 @overload
 def decode_request(kind: Literal["tokenize"], body: bytes) -> TokenizeRequest: ...
 @overload
+def decode_request(kind: Literal["detokenize"], body: bytes) -> DetokenizeRequest: ...
+@overload
+def decode_request(kind: Literal["abort"], body: bytes) -> AbortRequest: ...
+@overload
 def decode_request(kind: Literal["responses"], body: bytes) -> ResponsesRequest: ...
 def decode_request(kind: RequestKind, body: bytes) -> AnyRequest | ResponsesRequest:
-    """Decode and check one request body of ``kind`` (``"chat"``, ``"completion"``, ``"generate"``, ``"tokenize"``
-    or ``"responses"``).
+    """Decode and check one request body of ``kind`` (``"chat"``, ``"completion"``, ``"generate"``, ``"tokenize"``,
+    ``"detokenize"``, ``"abort"`` or ``"responses"``).
 
     Example::
 

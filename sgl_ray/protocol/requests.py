@@ -31,9 +31,11 @@ class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
 
 
 class StreamOptions(_Body, kw_only=True):
-    """``stream_options``: with ``include_usage`` a last chunk carries the usage and no choices."""
+    """``stream_options``: with ``include_usage`` a last chunk carries the usage and no choices; with
+    ``continuous_usage_stats`` too (vLLM's name), every chunk carries the usage so far."""
 
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
 
 
 class ContentPart(_Body, kw_only=True):
@@ -100,23 +102,48 @@ class _SamplingFields(_Body, kw_only=True):
     skip_special_tokens: bool | None = None
     stop_token_ids: list[int] | None = None
     no_stop_trim: bool | None = None
-    # structured outputs: OpenAI's response_format, or one SGLang-style grammar
+    stop_regex: str | list[str] | None = None  # SGLang: stop at the first match of a pattern
+    rid: str | None = None  # SGLang: the client's request id, for /abort_request
+    priority: int | None = None  # SGLang: higher runs first under schedule_policy "priority"
+    # structured outputs: OpenAI's response_format, or one SGLang-style grammar, or one of a list of strings
     response_format: ResponseFormat | None = None
     json_schema: str | dict[str, Any] | None = None
     regex: str | None = None
     ebnf: str | None = None
+    choice: list[str] | None = None
+    guided_choice: list[str] | None = None  # vLLM's older name of ``choice``
 
     @property
     def include_usage(self) -> bool:
         """Whether a streamed response ends with a usage chunk."""
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def _check_stream_options(self) -> None:
+    @property
+    def continuous_usage(self) -> bool:
+        """Whether every streamed chunk carries the usage so far (``include_usage`` and
+        ``continuous_usage_stats``, as vLLM requires both)."""
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    @property
+    def choices(self) -> list[str] | None:
+        """``choice`` or its alias ``guided_choice``."""
+        return self.choice if self.choice is not None else self.guided_choice
+
+    def _check_shared(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError(
                 "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                 param="stream_options",
             )
+        if self.choice is not None and self.guided_choice is not None:
+            raise InvalidRequestError("Pass 'choice' or 'guided_choice', not both.", param="guided_choice")
+        choices = self.choices
+        if choices is not None and (not choices or any(not c for c in choices)):
+            raise InvalidRequestError(
+                "Invalid 'choice': expected a non-empty array of non-empty strings.", param="choice"
+            )
+        if self.rid is not None and not self.rid:
+            raise InvalidRequestError("Invalid 'rid': an empty string.", param="rid")
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
@@ -143,6 +170,16 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     separate_reasoning: bool | None = None  # SGLang: false keeps the reasoning in the content
+    # vLLM/SGLang: continue the last (assistant) message instead of starting a new turn
+    continue_final_message: bool | None = None
+    add_generation_prompt: bool | None = None
+
+    @property
+    def generation_prompt(self) -> bool:
+        """Whether the template adds the assistant turn's header (not when continuing the last message)."""
+        if self.add_generation_prompt is not None:
+            return self.add_generation_prompt
+        return not self.continue_final_message
 
     @property
     def max_tokens_param(self) -> str:
@@ -161,12 +198,23 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
         for message in self.messages:
             message.check()
         parse_tool_choice(self.tool_choice, parse_tools(self.tools))
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise InvalidRequestError(
+                    "'continue_final_message' and 'add_generation_prompt' cannot both be true.",
+                    param="continue_final_message",
+                )
+            if self.messages[-1].role != "assistant":
+                raise InvalidRequestError(
+                    "'continue_final_message' needs the last message to be an assistant message.",
+                    param="continue_final_message",
+                )
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError(
                 "Invalid value for 'top_logprobs': 'logprobs' must be true when 'top_logprobs' is set.",
                 param="top_logprobs",
             )
-        self._check_stream_options()
+        self._check_shared()
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
@@ -185,6 +233,7 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     logprobs: int | None = None
     echo: bool | None = None
     suffix: str | None = None
+    prompt_logprobs: int | None = None  # vLLM: the prompt tokens' logprobs, with this many alternatives
 
     def prompt_batch(self) -> tuple[list[str] | None, list[list[int]] | None]:
         """``(texts, None)`` or ``(None, token_lists)``: the prompts of this request, one per prompt."""
@@ -209,14 +258,17 @@ class CompletionRequest(_SamplingFields, kw_only=True):
             raise InvalidRequestError("Invalid 'prompt': a token-id prompt is empty.", param="prompt")
         if self.suffix:
             raise InvalidRequestError("'suffix' is not supported.", param="suffix")
-        self._check_stream_options()
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise InvalidRequestError("'prompt_logprobs' must be in [0, 20].", param="prompt_logprobs")
+        self._check_shared()
 
 
 class GenerateRequest(_Body, kw_only=True):
     """SGLang-native ``POST /generate``: ``text`` or ``input_ids`` (one prompt or a batch), ``sampling_params``
     in SGLang names (one for all prompts, or a list matching them).
 
-    ``rid`` is kept for clients that name their requests; the engine assigns its own ids today.
+    ``rid`` names the request (its results' ``meta_info.id``) for ``/abort_request``; ``priority`` orders it under
+    ``schedule_policy="priority"``; ``model`` picks one of an app's models (default: its first).
 
     Example::
 
@@ -234,6 +286,8 @@ class GenerateRequest(_Body, kw_only=True):
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     rid: str | None = None
+    priority: int | None = None
+    model: str | None = None
     lora_path: str | None = None  # a loaded LoRA adapter's name
     separate_reasoning: bool = False  # split the server's reasoning parser's reasoning into "reasoning_text"
 
@@ -255,6 +309,8 @@ class GenerateRequest(_Body, kw_only=True):
             raise InvalidRequestError("'top_logprobs_num' must be in [0, 20].", param="top_logprobs_num")
         if self.logprob_start_len < -1:
             raise InvalidRequestError("'logprob_start_len' must be >= -1.", param="logprob_start_len")
+        if self.rid is not None and not self.rid:
+            raise InvalidRequestError("Invalid 'rid': an empty string.", param="rid")
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :meth:`sgl_ray.Engine.generate` (the engine validates sampling params against
@@ -271,13 +327,52 @@ class GenerateRequest(_Body, kw_only=True):
 
 
 class TokenizeRequest(_Body, kw_only=True):
-    """``POST /tokenize``: ``{"text": str | [str]}``, tokenized as ``/generate`` tokenizes a text prompt."""
+    """``POST /tokenize``: ``{"text": str | [str]}``, tokenized as ``/generate`` tokenizes a text prompt
+    (``model``: which of an app's models; default its first)."""
 
     text: str | list[str]
+    model: str | None = None
 
     def check(self) -> None:
         if isinstance(self.text, list) and not self.text:
             raise InvalidRequestError("Invalid 'text': empty array.", param="text")
 
 
-AnyRequest = ChatCompletionRequest | CompletionRequest | GenerateRequest | TokenizeRequest
+class DetokenizeRequest(_Body, kw_only=True):
+    """``POST /detokenize`` (SGLang): ``{"tokens": ids | [ids]}`` → ``{"text": str | [str]}``."""
+
+    tokens: list[int | list[int]]
+    skip_special_tokens: bool = True
+    model: str | None = None
+
+    @property
+    def batch(self) -> bool:
+        return bool(self.tokens) and isinstance(self.tokens[0], list)
+
+    def check(self) -> None:
+        if any(isinstance(t, list) != self.batch for t in self.tokens):
+            raise InvalidRequestError(
+                "Invalid 'tokens': expected an array of token ids or an array of token-id arrays, not mixed.",
+                param="tokens",
+            )
+
+
+class AbortRequest(_Body, kw_only=True):
+    """``POST /abort_request`` (SGLang): the running request named ``rid``, or every one with ``abort_all``."""
+
+    rid: str | None = None
+    abort_all: bool = False
+
+    def check(self) -> None:
+        if not self.rid and not self.abort_all:
+            raise InvalidRequestError("Pass 'rid' or 'abort_all': true.", param="rid")
+
+
+AnyRequest = (
+    ChatCompletionRequest
+    | CompletionRequest
+    | GenerateRequest
+    | TokenizeRequest
+    | DetokenizeRequest
+    | AbortRequest
+)

@@ -8,6 +8,8 @@ Invariants:
 * ``finish_reason`` is ``"stop"``, ``"length"`` or ``"abort"`` (see :func:`openai_finish_reason`), or
   ``"tool_calls"`` for a chat choice that stopped after calling tools.
 * ``reasoning_content`` and ``tool_calls`` appear only where a reasoning parser or tool calling produced them.
+* ``matched_stop`` (SGLang's extension) is in every choice of a whole response and in the finishing chunk of a
+  stream: the stop string, stop-regex pattern or token id that ended the choice, null when it ended otherwise.
 * Every body here is a ``msgspec.Struct``; :func:`encode` / :func:`sse_event` serialise any of them.
 """
 
@@ -89,11 +91,15 @@ class AssistantMessage(_Out, kw_only=True):
     tool_calls: list[ToolCallOut] | UnsetType = UNSET
 
 
+Matched = int | str | None | UnsetType
+
+
 class ChatChoice(_Out, kw_only=True):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    matched_stop: Matched = UNSET
 
 
 class ChatCompletionResponse(_Out, kw_only=True):
@@ -138,6 +144,7 @@ class ChatChunkChoice(_Out, kw_only=True):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    matched_stop: Matched = UNSET
 
 
 class ChatCompletionChunk(_Out, kw_only=True):
@@ -153,6 +160,14 @@ class ChatCompletionChunk(_Out, kw_only=True):
 
 
 # --- completions ----------------------------------------------------------------------------------------------------
+class PromptLogprob(_Out, kw_only=True):
+    """One candidate at one prompt position (vLLM's ``prompt_logprobs`` entries, keyed by token id)."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
 class CompletionLogprobs(_Out, kw_only=True):
     """The legacy completions logprobs: parallel lists, one entry per token. ``top_logprobs[i]`` maps token
     text to logprob (the sampled token included); the first prompt token (with ``echo``) has null entries."""
@@ -168,6 +183,8 @@ class CompletionChoice(_Out, kw_only=True):
     index: int
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    matched_stop: Matched = UNSET
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | UnsetType = UNSET
 
 
 class CompletionResponse(_Out, kw_only=True):
@@ -196,10 +213,14 @@ class CompletionChunk(_Out, kw_only=True):
 
 # --- models, native ---------------------------------------------------------------------------------------------
 class ModelCard(_Out, kw_only=True):
+    """A model in ``GET /v1/models``; ``max_model_len`` is its context length in tokens (vLLM's and SGLang's
+    field)."""
+
     id: str
     object: str = "model"
     created: int
     owned_by: str = "sgl_ray"
+    max_model_len: int | UnsetType = UNSET
 
 
 class AdapterCard(ModelCard, kw_only=True):
@@ -212,8 +233,8 @@ class AdapterCard(ModelCard, kw_only=True):
 class ModelList(_Out, kw_only=True):
     """``GET /v1/models``.
 
-    >>> encode(ModelList(data=[ModelCard(id="m", created=0)]))
-    b'{"object":"list","data":[{"id":"m","object":"model","created":0,"owned_by":"sgl_ray"}]}'
+    >>> encode(ModelList(data=[ModelCard(id="m", created=0, max_model_len=8192)]))
+    b'{"object":"list","data":[{"id":"m","object":"model","created":0,"owned_by":"sgl_ray","max_model_len":8192}]}'
     """
 
     object: str = "list"
@@ -245,6 +266,19 @@ def openai_finish_reason(reason: Mapping[str, Any] | None) -> str | None:
     if reason is None:
         return None
     return str(reason.get("type", "stop"))
+
+
+def matched_stop(reason: Mapping[str, Any] | None) -> int | str | None:
+    """What ended a choice that stopped: the stop string, stop-regex pattern or token id (EOS or a stop token);
+    None for any other ending (SGLang's ``matched_stop``).
+
+    >>> matched_stop({"type": "stop", "matched": 2}), matched_stop({"type": "length", "length": 16})
+    (2, None)
+    """
+    if reason is None or reason.get("type") != "stop":
+        return None
+    matched = reason.get("matched")
+    return matched if isinstance(matched, (int, str)) and not isinstance(matched, bool) else None
 
 
 def new_request_id(prefix: str) -> str:

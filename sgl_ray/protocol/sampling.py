@@ -42,9 +42,11 @@ class LogprobOptions(NamedTuple):
 
 def logprob_options(req: ChatCompletionRequest | CompletionRequest) -> LogprobOptions:
     """Engine logprob arguments for ``req``: chat ``logprobs``/``top_logprobs``, completions ``logprobs`` (with
-    ``echo``, the prompt's logprobs too)."""
+    ``echo`` or ``prompt_logprobs``, the prompt's logprobs too)."""
     if isinstance(req, ChatCompletionRequest):
         return LogprobOptions(bool(req.logprobs), (req.top_logprobs or 0) if req.logprobs else 0, -1)
+    if req.prompt_logprobs is not None:  # vLLM's: the prompt's logprobs without echoing it
+        return LogprobOptions(True, max(req.logprobs or 0, req.prompt_logprobs), 0)
     if req.logprobs is None:
         return LogprobOptions(False, 0, -1)
     return LogprobOptions(True, req.logprobs, 0 if req.echo else -1)
@@ -157,8 +159,9 @@ def to_sampling_params(
         "ignore_eos": req.ignore_eos,
         "skip_special_tokens": req.skip_special_tokens,
         "stop_token_ids": req.stop_token_ids,
+        "stop_regex": req.stop_regex,
         "no_stop_trim": req.no_stop_trim,
-        **grammar_fields(req.response_format, req.json_schema, req.regex, req.ebnf),
+        **grammar_fields(req.response_format, req.json_schema, req.regex, req.ebnf, req.choices),
     }
     base = defaults if defaults is not None else SamplingParams()
     params = msgspec.structs.replace(base, **{k: v for k, v in fields.items() if v is not None})

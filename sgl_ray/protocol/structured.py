@@ -2,7 +2,8 @@
 
 ``{"type": "json_object"}`` constrains the output to a JSON object; ``{"type": "json_schema", "json_schema":
 {"name", "schema", "strict"}}`` to the given schema (the schema is enforced whatever ``strict`` says);
-``{"type": "text"}`` is unconstrained.
+``{"type": "text"}`` is unconstrained. ``choice`` (vLLM's ``guided_choice``) makes the output exactly one of a
+list of strings, through an EBNF grammar of the alternatives.
 """
 
 from __future__ import annotations
@@ -29,11 +30,21 @@ class ResponseFormat(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     json_schema: JsonSchemaFormat | None = None
 
 
+def choice_grammar(choices: list[str]) -> str:
+    """An EBNF grammar whose language is exactly ``choices`` (each a JSON-escaped string literal).
+
+    >>> print(choice_grammar(["yes", 'say "no"']))
+    root ::= "yes" | "say \\"no\\""
+    """
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
 def grammar_fields(
     response_format: ResponseFormat | None,
     json_schema: str | dict[str, Any] | None,
     regex: str | None,
     ebnf: str | None,
+    choice: list[str] | None = None,
 ) -> dict[str, str]:
     """The ``SamplingParams`` grammar fields a request asks for (at most one); raises on a contradiction."""
     out: dict[str, str] = {}
@@ -47,12 +58,16 @@ def grammar_fields(
                     "Missing required parameter: 'response_format.json_schema'.", param="response_format"
                 )
             out["json_schema"] = json.dumps(fmt.schema_ if fmt.schema_ is not None else {})
-    extras = {"json_schema": json_schema, "regex": regex, "ebnf": ebnf}
+    extras = {"json_schema": json_schema, "regex": regex, "ebnf": ebnf, "choice": choice}
+    given: str | None = "response_format" if out else None
     for name, value in extras.items():
         if value is None:
             continue
-        if out:
-            given = "response_format" if response_format is not None else next(iter(out))
+        if given is not None:
             raise InvalidRequestError(f"'{name}' cannot be combined with '{given}'.", param=name)
-        out[name] = value if isinstance(value, str) else json.dumps(value)
+        given = name
+        if name == "choice":
+            out["ebnf"] = choice_grammar(value)  # type: ignore[arg-type]
+        else:
+            out[name] = value if isinstance(value, str) else json.dumps(value)
     return out

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import msgspec
+import regex  # what StopChecker searches with
 
 from sgl_ray.errors import InvalidRequestError
 
@@ -42,6 +43,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     stop: str | list[str] | None = None
+    stop_regex: str | list[str] | None = None  # SGLang: stop at the first match of a pattern (see StopChecker)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -87,6 +89,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
             max_tokens=None,
             min_tokens=None,
             stop=list(stop) if stop else None,
+            stop_regex=[self.stop_regex] if isinstance(self.stop_regex, str) else (self.stop_regex or None),
             top_k=-1 if self.top_k in (0, -1) else self.top_k,
             logit_bias={int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None,
             json_schema=json.dumps(self.json_schema)
@@ -134,6 +137,16 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
             raise bad("stop", f"at most {_MAX_STOP_STRINGS} stop strings")
         if any(not isinstance(s, str) or s == "" for s in stops):
             raise bad("stop", "stop strings must be non-empty strings")
+        patterns = [self.stop_regex] if isinstance(self.stop_regex, str) else (self.stop_regex or [])
+        if len(patterns) > _MAX_STOP_STRINGS:
+            raise bad("stop_regex", f"at most {_MAX_STOP_STRINGS} patterns")
+        for pattern in patterns:
+            if not isinstance(pattern, str) or pattern == "":
+                raise bad("stop_regex", "patterns must be non-empty strings")
+            try:
+                regex.compile(pattern)
+            except regex.error as e:
+                raise bad("stop_regex", f"{pattern!r} is not a valid regular expression ({e})") from None
         for tid in self.stop_token_ids or []:
             if tid < 0 or (vocab_size is not None and tid >= vocab_size):
                 raise bad("stop_token_ids", f"token id {tid} is outside the vocabulary")

@@ -45,7 +45,7 @@ class _TextState:
             skip_special_tokens=p.skip_special_tokens,
             spaces_between_special_tokens=p.spaces_between_special_tokens,
         )
-        self.stop = StopChecker(p.stop, no_stop_trim=p.no_stop_trim)
+        self.stop = StopChecker(p.stop, no_stop_trim=p.no_stop_trim, stop_regexes=p.stop_regex)
         if already_emitted:
             self.stop.feed(self.detok.step(already_emitted))
 

@@ -66,6 +66,7 @@ CHAT_RESPONSE = {
             "message": {"role": "assistant", "content": "Hi"},
             "logprobs": {"content": [{**TOP, "top_logprobs": [TOP]}]},
             "finish_reason": "stop",
+            "matched_stop": 2,  # SGLang's: the EOS token id that ended it
         }
     ],
     "usage": {
@@ -106,7 +107,9 @@ def test_completion_and_misc_shapes():
         "object": "text_completion",
         "created": 1,
         "model": "m",
-        "choices": [{"text": " there", "index": 0, "logprobs": None, "finish_reason": "length"}],
+        "choices": [
+            {"text": " there", "index": 0, "logprobs": None, "finish_reason": "length", "matched_stop": None}
+        ],
         "usage": {
             "prompt_tokens": 7,
             "completion_tokens": 1,
@@ -195,7 +198,8 @@ def test_chat_stream_n2_interleaved(tokenizer):
         mine = [d["choices"][0] for d in docs[:-1] if d["choices"][0]["index"] == i]
         assert mine[0]["delta"] == {"role": "assistant", "content": ""}
         assert [c["finish_reason"] for c in mine].count(None) == len(mine) - 1
-        assert mine[-1] == {"index": i, "delta": {}, "logprobs": None, "finish_reason": finishes[i]["type"]}
+        finish = {"finish_reason": finishes[i]["type"], "matched_stop": finishes[i].get("matched")}
+        assert mine[-1] == {"index": i, "delta": {}, "logprobs": None, **finish}
         content = "".join(c["delta"].get("content", "") for c in mine)
         assert content == TEXTS[i] == full.choices[i].message.content
         entries = [e for c in mine[1:-1] for e in c["logprobs"]["content"]]
