@@ -43,7 +43,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     stop: str | list[str] | None = None
-    stop_regex: str | list[str] | None = None  # SGLang: stop at the first match of a pattern (see StopChecker)
+    stop_regex: str | list[str] | None = (
+        None  # SGLang: stop at the first match of a pattern (see StopChecker)
+    )
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -66,7 +68,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
         """A copy with ``stop`` as a list, ``top_k`` disabled as -1, the aliases folded in, and every field
         validated."""
         max_new, min_new = self.max_new_tokens, self.min_new_tokens
-        for alias, name, default in (("max_tokens", "max_new_tokens", 128), ("min_tokens", "min_new_tokens", 0)):
+        for alias, name, default in (
+            ("max_tokens", "max_new_tokens", 128),
+            ("min_tokens", "min_new_tokens", 0),
+        ):
             value = getattr(self, alias)
             if value is None:
                 continue

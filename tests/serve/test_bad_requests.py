@@ -59,7 +59,12 @@ BAD = [
     ("/v1/nowhere", _j({}), 404, None),
     ("/generate", _j({"text": "hi", "sampling_params": {"temperature": -1}}), 400, None),
     ("/generate", _j({"text": "hi", "sampling_params": {"max_tokenz": 4}}), 400, None),  # unknown key
-    ("/generate", _j({"text": "hi", "sampling_params": {"max_tokens": 4, "max_new_tokens": 5}}), 400, "max_tokens"),
+    (
+        "/generate",
+        _j({"text": "hi", "sampling_params": {"max_tokens": 4, "max_new_tokens": 5}}),
+        400,
+        "max_tokens",
+    ),
 ]
 
 
