@@ -10,6 +10,7 @@ Examples::
     sgl-ray bench serving --base-url http://127.0.0.1:8000 --num-prompts 64 --random-input-len 256 --plot s.png
     sgl-ray bench structured --num-prompts 16                # JSON schema: free vs constrained vs jump-forward
     sgl-ray bench gguf-quantized                             # GGUF kept quantized vs dequantized at load
+    sgl-ray bench speculative                                # NGRAM speculative decoding on vs off, copy prompts
     sgl-ray bench serving --backend sglang-generate --dataset shared-prefix --prefix-len 1024 --num-prefixes 4 \
         --request-rate 8 --max-concurrency 16 --flush-cache
     sgl-ray bench lora --adapters 1 4 16 --num-prompts 64 --device cuda --dtype bfloat16 --model-path /models/llama
@@ -36,6 +37,7 @@ from sgl_ray.bench.plot import plot_serving
 from sgl_ray.bench.quantized import add_gguf_quantized_args
 from sgl_ray.bench.report import format_header, format_table, plot, to_record, write_jsonl
 from sgl_ray.bench.serving import BACKENDS, ServingConfig, ServingResult, run_serving_benchmark
+from sgl_ray.bench.speculative import add_speculative_args
 from sgl_ray.bench.structured import add_structured_args
 from sgl_ray.configs.engine_args import EngineArgs
 
@@ -45,7 +47,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(
         dest="bench_command",
         required=True,
-        metavar="{offline,serving,roofline,step-profile,lora,structured,gguf-quantized,moe-kernels}",
+        metavar="{offline,serving,roofline,step-profile,lora,structured,gguf-quantized,speculative,moe-kernels}",
     )
     offline = sub.add_parser(
         "offline",
@@ -97,6 +99,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     _add_lora_args(sub)
     add_structured_args(sub)
     add_gguf_quantized_args(sub)
+    add_speculative_args(sub)
     moe = sub.add_parser(
         "moe-kernels",
         help="the MoE expert kernels alone (CUDA): --tune the launch table, or --bench it against the torch experts",

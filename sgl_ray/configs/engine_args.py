@@ -192,6 +192,30 @@ class EngineArgs:
         default=None,
         metadata={"help": "split reasoning from the answer: deepseek-r1 | qwen3 | think (default: off)"},
     )
+    # Speculative decoding (docs/speculative.md; names and meanings as SGLang's)
+    speculative_algorithm: str | None = field(
+        default=None,
+        metadata={"help": "NGRAM (drafts from the request's own tokens) | STANDALONE (a small draft model)"},
+    )
+    speculative_draft_model_path: str | None = field(
+        default=None, metadata={"help": "STANDALONE: the draft model (same vocabulary as the target)"}
+    )
+    speculative_num_steps: int | None = field(
+        default=None, metadata={"help": "STANDALONE: draft tokens per verify step (default 3)"}
+    )
+    speculative_eagle_topk: int | None = field(
+        default=None, metadata={"help": "drafts per step and position; only 1 (chain drafts) so far"}
+    )
+    speculative_num_draft_tokens: int | None = field(
+        default=None,
+        metadata={"help": "tokens per verify step: the last accepted one + the drafts (default: NGRAM 8)"},
+    )
+    speculative_ngram_min_match_window_size: int = field(
+        default=1, metadata={"help": "NGRAM: shortest suffix of the tokens looked up"}
+    )
+    speculative_ngram_max_match_window_size: int = field(
+        default=12, metadata={"help": "NGRAM: longest suffix of the tokens looked up"}
+    )
 
     def __post_init__(self) -> None:
         def bad(param: str, msg: str) -> InvalidRequestError:
@@ -260,6 +284,10 @@ class EngineArgs:
 
             if self.reasoning_parser not in REASONING_PARSERS:
                 raise bad("reasoning_parser", f"must be one of {sorted(REASONING_PARSERS)}")
+        if self.speculative_algorithm is not None:
+            from sgl_ray.speculative.config import SpeculativeConfig
+
+            SpeculativeConfig.from_args(self)  # raises on a bad or unsupported combination
 
     @property
     def uses_ray(self) -> bool:

@@ -21,6 +21,7 @@ from sgl_ray.scheduler.output import RequestOutput
 from sgl_ray.scheduler.plan import StepOutput, StepPlan
 from sgl_ray.scheduler.request import Req
 from sgl_ray.scheduler.scheduler import Scheduler, SchedulerConfig
+from sgl_ray.speculative.config import SpeculativeConfig
 
 OutputSink = Callable[[RequestOutput | BaseException], None]
 
@@ -90,6 +91,7 @@ def scheduler_config(
         grammar_backend=args.grammar_backend,
         grammar_compile_timeout=args.grammar_compile_timeout,
         enable_jump_forward=args.effective_jump_forward(device),
+        speculative=SpeculativeConfig.from_args(args),
     )
 
 
@@ -132,6 +134,7 @@ def scheduler_stats(s: Scheduler) -> dict[str, Any]:
         "cache_size": kv.cache.total_size if kv.cache else 0,
         "num_preemptions": s.num_preemptions,
         "num_deferred_mask_steps": s.num_deferred_mask_steps,
+        **(s.speculation.stats.to_dict(s.speculation.config) if s.speculation is not None else {}),
     }
 
 
@@ -168,7 +171,8 @@ class InProcessCore(SchedulerCalls, EngineCore):
     def __init__(self, args: EngineArgs, model_config: ModelConfig, weights, tokenizer: Any) -> None:
         self.runner = ModelRunner(args, model_config, weights)
         info = self.runner.info
-        overlap = not args.disable_overlap_schedule
+        # A verify step's next input is known only once its drafts are settled: speculation steps one at a time.
+        overlap = not args.disable_overlap_schedule and args.speculative_algorithm is None
         self.scheduler = new_scheduler(
             args,
             info.num_slots,

@@ -25,6 +25,7 @@ from sgl_ray.model_loader import (
 from sgl_ray.sampling.params import SamplingParams
 from sgl_ray.scheduler.output import RequestOutput
 from sgl_ray.scheduler.request import Req
+from sgl_ray.speculative.draft_model import check_draft_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class Engine:
     ``generate`` takes one prompt (or ``input_ids``) or a list of them, and ``sampling_params`` as a dict,
     :class:`SamplingParams`, or a list matching the prompts. Each result is
     ``{"text", "output_ids", "meta_info": {"id", "prompt_tokens", "completion_tokens", "cached_tokens",
-    "finish_reason", "decode_steps", "jump_forward_tokens", ...logprobs}}``; with ``n > 1`` the ``n`` samples of
+    "finish_reason", "decode_steps", "jump_forward_tokens", ...logprobs, and with speculative decoding
+    "spec_verify_ct", "spec_accept_length", ...}}``; with ``n > 1`` the ``n`` samples of
     each prompt follow each other. Structured outputs: ``json_schema``, ``regex`` or ``ebnf`` in the sampling
     params (``generate("A person as JSON:", {"json_schema": {...}})``).
     """
@@ -62,6 +64,8 @@ class Engine:
         )
         self.model_config.check_parallel(args.tp_size, args.ep_size)
         self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer_path)
+        if args.speculative_draft_model_path is not None:
+            check_draft_tokenizer(self.tokenizer, args.speculative_draft_model_path)
         self.eos_token_ids = self._eos_ids(self.model_config.eos_token_ids)
         self._rng = random.Random(args.random_seed)
         self.model_path = path

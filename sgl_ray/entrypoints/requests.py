@@ -115,6 +115,13 @@ class ResultBuilder:
             "decode_steps": out.decode_steps,
             "jump_forward_tokens": out.jump_forward_tokens,
         }
+        if out.spec_verify_ct is not None:  # speculative decoding (SGLang's fields and definitions)
+            verify_ct, proposed = out.spec_verify_ct, out.spec_proposed_drafts
+            meta["spec_verify_ct"] = verify_ct
+            meta["spec_accept_length"] = out.completion_tokens / verify_ct if verify_ct else 0.0
+            meta["spec_accept_rate"] = out.spec_accepted_drafts / proposed if proposed else 0.0
+            meta["spec_accepted_drafts"] = out.spec_accepted_drafts
+            meta["spec_proposed_drafts"] = proposed
         if self.return_logprob:
             meta["output_token_logprobs"] = self.output_logprobs
             meta["output_top_logprobs"] = self.output_top_logprobs

@@ -36,6 +36,7 @@ from sgl_ray.runner.trace import StepTrace, TracedStep
 from sgl_ray.sampling.sampler import Sampler
 from sgl_ray.sampling.state import Admission, SamplingState
 from sgl_ray.scheduler.plan import FUTURE_TOKEN, StepOutput, StepPlan
+from sgl_ray.speculative.worker import SpecWorker
 from sgl_ray.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ class ModelRunner:
         self.shard = dataclasses.replace(shard or ShardContext(), moe_a2a_backend=args.moe_a2a_backend)
         if args.num_threads and self.device.type == "cpu":
             torch.set_num_threads(args.num_threads)
+        # Speculative decoding (None when off): the draft model, if any, and the verification of drafts
+        self.spec = SpecWorker.create(args, model_config)
         self.model = self._load_model(weights)
         self.weight_bytes = weight_nbytes(self.model)
         logger.info(
@@ -156,6 +159,8 @@ class ModelRunner:
                 self.kv_scales.for_layers(range(self.model.model.start, self.model.model.end)),
             )
         self.req_table = ReqToTokenTable(capacity.max_reqs, model_config.context_length, self.device)
+        if self.spec is not None:
+            self.spec.init_memory(capacity, self.req_table)  # a draft model's KV pool, at the same slots
         self.sampling_state = SamplingState(capacity.max_reqs, model_config.vocab_size, self.device)
         self.last_tokens = torch.zeros(capacity.max_reqs, dtype=torch.int64, device=self.device)
         self.info = RunnerInfo(
@@ -199,7 +204,13 @@ class ModelRunner:
     def plan_capacity(self) -> KVCapacity:
         """What this shard's memory allows (a group takes the minimum over its shards)."""
         fraction = self.model.num_local_layers / self.config.num_layers
-        return plan_kv_capacity(self.args, self.config, self.device, self.shard.tp.world_size, fraction)
+        capacity = plan_kv_capacity(self.args, self.config, self.device, self.shard.tp.world_size, fraction)
+        if self.spec is not None:
+            per_token = self.config.kv_bytes_per_token(
+                self.shard.tp.world_size, kv_cache_dtype(self.args, self.config)
+            )
+            capacity = self.spec.scale_capacity(capacity, per_token, self.args.max_total_tokens is not None)
+        return capacity
 
     def _load_model(self, weights) -> torch.nn.Module:
         weight_format = weights.source.format if isinstance(weights, WeightStream) else "tensors"
@@ -317,10 +328,17 @@ class ModelRunner:
                 self._h2d(plan.table_slot),
             )
         if plan.batch_size == 0:
+            if self.spec is not None:
+                self.spec.admit_only(plan)
             return {}
         if self.step_trace is not None and self.device.type == "cuda":  # the device's work starts here
             self._trace_start = torch.cuda.Event(enable_timing=True)
             self._trace_start.record()
+        input_ids = None
+        if self.spec is not None:
+            if self.spec.draft is not None:  # its passes read the positions this plan writes
+                self._write_table(plan)
+            input_ids = self.spec.before_forward(plan, self._h2d(plan.input_ids))
         graphs = self.cuda_graphs
         slots = plan.lora_slots if self.lora is not None else None
         if graphs is not None and plan.is_plain_decode() and graphs.can_run(plan.batch_size, slots):
@@ -328,7 +346,7 @@ class ModelRunner:
                 plan.input_ids, plan.prefix_lens, plan.out_cache_loc, plan.req_pool_idxs, slots
             )
             return self._sample_or_defer(plan, logits, logits[:0])
-        batch, sample_rows, logprob_rows = self._build_batch(plan)
+        batch, sample_rows, logprob_rows = self._build_batch(plan, input_ids)
         shard = self.shard
         intermediate = None
         if not shard.is_first_stage:
@@ -351,9 +369,11 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows])  # [S + L, vocab]
         return self._sample_or_defer(plan, logits[: len(sample_rows)], logits[len(sample_rows) :])
 
-    def _build_batch(self, plan: StepPlan) -> tuple[ForwardBatch, np.ndarray, np.ndarray]:
+    def _write_table(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Map every token of the plan to its KV slot in the request table; returns (request slots [B],
+        positions [T], KV slots [T]) on the device."""
         ext, prefix = plan.extend_lens, plan.prefix_lens
-        starts = np.concatenate(([0], np.cumsum(ext)[:-1])).astype(np.int64)
+        starts = np.cumsum(ext) - ext
         positions = np.repeat(prefix - starts, ext) + np.arange(plan.num_tokens)  # [T]
         req_idxs = self._h2d(plan.req_pool_idxs)
         positions_t = self._h2d(positions)
@@ -363,6 +383,15 @@ class ModelRunner:
             positions_t,
             out_cache_loc,
         )
+        return req_idxs, positions_t, out_cache_loc
+
+    def _build_batch(
+        self, plan: StepPlan, input_ids: torch.Tensor | None = None
+    ) -> tuple[ForwardBatch, np.ndarray, np.ndarray]:
+        """The target's batch; ``input_ids`` replaces the plan's tokens (drafts written in by a draft model)."""
+        ext, prefix = plan.extend_lens, plan.prefix_lens
+        starts = np.cumsum(ext) - ext
+        req_idxs, positions_t, out_cache_loc = self._write_table(plan)
         counts = plan.sample_row_counts()
         ends = starts + ext
         # Each request's last ``counts[r]`` rows, in batch order; [S]
@@ -383,7 +412,7 @@ class ModelRunner:
             else np.zeros(0, dtype=np.int64)
         )
         batch = ForwardBatch(
-            input_ids=self._input_ids(plan, req_idxs, ext),
+            input_ids=input_ids if input_ids is not None else self._input_ids(plan, req_idxs, ext),
             positions=positions_t,
             out_cache_loc=out_cache_loc,
             req_pool_idxs=req_idxs,
@@ -422,4 +451,6 @@ class ModelRunner:
     def _sample(
         self, plan: StepPlan, logits: torch.Tensor, input_logits: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        return sample_step(plan, logits, input_logits, self.sampler, self.sampling_state, self.last_tokens)
+        return sample_step(
+            plan, logits, input_logits, self.sampler, self.sampling_state, self.last_tokens, self.spec
+        )

@@ -8,6 +8,7 @@ import torch
 from sgl_ray.sampling.sampler import Sampler
 from sgl_ray.sampling.state import SamplingState
 from sgl_ray.scheduler.plan import StepPlan
+from sgl_ray.speculative.worker import SpecWorker
 from sgl_ray.transfer import to_device
 
 
@@ -18,10 +19,13 @@ def sample_step(
     sampler: Sampler,
     state: SamplingState,
     last_tokens: torch.Tensor,
+    spec: SpecWorker | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sample the ``plan.sample`` rows of ``logits`` ([S, vocab]) and compute prompt logprobs from
     ``input_logits`` ([L, vocab]); returns device tensors named as ``StepOutput``'s fields. Updates ``state`` and
-    each sampled slot's entry of ``last_tokens``. Host-side request slots keep the sampler free of device syncs."""
+    each sampled slot's entry of ``last_tokens``. Host-side request slots keep the sampler free of device syncs.
+    With ``spec``, the drafts of the plan's verify entries are accepted or rejected (``speculative.verify``) and
+    each request's token is its last emitted one."""
     device = last_tokens.device
 
     def h2d(array: np.ndarray) -> torch.Tensor:
@@ -49,15 +53,24 @@ def sample_step(
             vocab_mask=mask,
             slots_dev=slots_dev,
         )
-        tokens = res.next_token_ids
-        if len(row_req) != plan.sample.sum():  # verification rows: only each request's last row is its token
-            last = h2d(np.cumsum(counts)[counts > 0] - 1)
+        row_tokens, row_logprobs = res.next_token_ids, res.logprobs
+        verified = spec.verify(plan, logits, row_tokens, row_logprobs, state) if spec is not None else None
+        if verified is not None:  # speculative verify rows now hold the tokens they emit
+            row_tokens, row_logprobs = verified.tokens, verified.logprobs
+        tokens = row_tokens
+        if len(row_req) != plan.sample.sum():  # verification rows: a request's token is its last emitted one
+            has = counts > 0
+            last = h2d(np.cumsum(counts)[has] - 1)
+            if verified is not None:
+                last = last - (h2d(counts[has]) - verified.emitted[h2d(np.flatnonzero(has))])
             slots_dev, tokens = slots_dev[last], tokens[last]
         state.update(slots_dev, tokens)
         last_tokens[slots_dev] = tokens
-        out["next_token_ids"] = res.next_token_ids
+        out["next_token_ids"] = row_tokens
+        if verified is not None:
+            out["spec_emitted"] = verified.emitted
         if k >= 0:
-            out["logprobs"] = res.logprobs
+            out["logprobs"] = row_logprobs
             if k > 0:
                 out["top_ids"], out["top_vals"] = res.top_logprob_ids, res.top_logprob_vals
     if len(input_logits):

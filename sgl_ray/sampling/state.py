@@ -274,6 +274,10 @@ class SamplingState:
 
     # ---- planning ----------------------------------------------------------------------------------------------
 
+    def greedy_slots(self, slots: np.ndarray) -> np.ndarray:
+        """[B] bool: whether each slot's request is greedy (read on the host, no device sync)."""
+        return self._flags["greedy"][slots]
+
     def plan(self, slots: torch.Tensor | np.ndarray) -> BatchPlan:
         """The passes needed by the batch whose rows read ``slots`` (host tensor preferred: no device sync)."""
         idx = slots if isinstance(slots, np.ndarray) else slots.cpu().numpy()

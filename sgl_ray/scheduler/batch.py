@@ -31,6 +31,12 @@ class BatchEntry:
     input_lp_count: int = 0
     input_logprobs: list[float] = field(default_factory=list)
     input_top: list[list[tuple[float, int]]] = field(default_factory=list)
+    # Speculative decoding (``spec``: a decode step of a speculating request, with ``drafts`` after its token)
+    spec: bool = False
+    drafts: list[int] = field(default_factory=list)  # ids, or DRAFT_TOKEN (the draft model writes it)
+    row_masks: np.ndarray | None = None  # [len(drafts) + 1, W] grammar masks of its rows
+    num_emitted: int = 1  # tokens its rows emit (kept drafts + 1), from the runner
+    rows: tuple[int, int] = (0, 0)  # its sampled rows in the step's output
 
     @property
     def input_logprob_end(self) -> int:
@@ -86,6 +92,20 @@ class ScheduledBatch:
                 entry.input_lp_start, entry.input_lp_count = lo, hi - lo + 1
         self.entries.append(entry)
 
+    def add_verify(self, req: Req, drafts: list[int], row_masks: np.ndarray | None = None) -> None:
+        """Schedule a decode step of ``req`` that also verifies ``drafts`` (its KV slots already allocated): the
+        chunk ``[last token, drafts...]``, every row sampled."""
+        prefix = req.num_computed + req.inflight_tokens
+        n = 1 + len(drafts)
+        self.entries.append(
+            BatchEntry(
+                req, prefix, n, True, False, num_sample=n, spec=True, drafts=drafts, row_masks=row_masks
+            )
+        )
+        req.in_flight = True
+        req.inflight_tokens += n
+        req.inflight_samples += 1
+
     def finalize(
         self, kv: KVCacheManager, lora: AdapterPool | None = None, grammars: GrammarTracker | None = None
     ) -> ScheduledBatch:
@@ -109,6 +129,8 @@ class ScheduledBatch:
             plan.sample_counts = np.fromiter(
                 (e.num_sample if e.sample else 0 for e in entries), i64, len(entries)
             )
+        if any(e.drafts for e in entries):
+            plan.draft_lens = np.fromiter((len(e.drafts) for e in entries), i64, len(entries))
         if grammars is not None:
             if any(e.req.grammar is not None and e.prefix_len >= e.req.num_tokens for e in entries):
                 # a constrained request runs ahead: its mask follows once the token in flight is accepted
@@ -154,7 +176,7 @@ class ScheduledBatch:
     def iter_results(self, result: StepOutput) -> Iterator[tuple[BatchEntry, Sampled | None]]:
         s = 0
         lp = 0
-        for e in self.entries:
+        for i, e in enumerate(self.entries):
             r = e.req
             r.inflight_tokens -= e.extend_len
             r.inflight_samples -= e.sample
@@ -169,21 +191,30 @@ class ScheduledBatch:
             if not e.sample:
                 yield e, None
                 continue
-            if e.num_sample > 1:
+            if e.spec:
+                e.rows = (s, s + e.num_sample)
+                if e.drafts and result.spec_emitted is not None:
+                    e.num_emitted = int(result.spec_emitted[i])
+                e.row_tokens = result.next_token_ids[s : s + e.num_emitted].tolist()
+                s += e.num_emitted - 1  # the row of its last emitted token
+            elif e.num_sample > 1:
                 e.row_tokens = result.next_token_ids[s : s + e.num_sample].tolist()
                 s += e.num_sample - 1
             token = int(result.next_token_ids[s])
             logprob = float(result.logprobs[s]) if result.logprobs is not None else None
             top_ids = result.top_ids[s] if result.top_ids is not None else None
             top_vals = result.top_vals[s] if result.top_vals is not None else None
-            s += 1
+            s = e.rows[1] if e.spec else s + 1
             yield e, (token, logprob, top_ids, top_vals)
 
 
 def _input_ids(entries: list[BatchEntry]) -> Iterator[int]:
     for e in entries:
         r = e.req
-        if e.extend_len == 1:
+        if e.drafts:  # a verify chunk: the last token, then the drafts
+            yield r.output_ids[-1]
+            yield from e.drafts
+        elif e.extend_len == 1:
             pos = e.prefix_len
             n_prompt = len(r.prompt_ids)
             if pos >= r.num_tokens:  # sampled by a step still in flight: the runner substitutes it

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sgl_ray.speculative.config import SpeculativeConfig
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -27,3 +29,4 @@ class SchedulerConfig:
     grammar_backend: str = "xgrammar"
     grammar_compile_timeout: float = 300.0  # seconds a request may wait for its grammar's compile
     enable_jump_forward: bool = True
+    speculative: SpeculativeConfig | None = None  # see scheduler.speculation; None: off

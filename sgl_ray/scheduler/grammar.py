@@ -113,7 +113,9 @@ class GrammarTracker:
             if (
                 r.grammar is not None and r.status is ReqStatus.RUNNING
             ):  # (a finished row is dropped: any mask)
-                if r.jump_masks is not None:
+                if e.row_masks is not None:  # a speculative verify step: masks after each draft
+                    out[row : row + e.num_sample] = e.row_masks
+                elif r.jump_masks is not None:
                     out[row : row + e.num_sample] = r.jump_masks[-e.num_sample :]
                 else:
                     fill.append(r.grammar)
@@ -123,6 +125,26 @@ class GrammarTracker:
             assert self._manager is not None
             self._manager.fill_bitmasks(fill, out, fill_rows)
         return out
+
+    def draft_masks(self, req: Req, drafts: list[int]) -> tuple[list[int], np.ndarray]:
+        """Speculative drafts under ``req``'s grammar: the longest prefix of ``drafts`` the grammar accepts in
+        order (cut after a draft that completes it), and the masks of the verify rows ``[len + 1, W]`` (row ``i``:
+        after the first ``i`` drafts). The matcher is left as it was."""
+        m = req.grammar
+        assert m is not None and self._manager is not None
+        masks = np.full((len(drafts) + 1, self.width), -1, dtype=np.int32)
+        self._manager.fill_bitmasks([m], masks, [0])
+        taken = 0
+        for t in drafts:
+            if not m.accept_token(t):
+                break
+            taken += 1
+            if m.is_terminated():  # the request ends at this draft: its row's token is never used
+                break
+            self._manager.fill_bitmasks([m], masks, [taken])
+        if taken:
+            m.rollback(taken)
+        return drafts[:taken], masks[: taken + 1]
 
     def may_jump(self, req: Req) -> bool:
         """Whether jump-forward may append tokens to ``req`` after a sampled token."""

@@ -26,6 +26,9 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     cached_tokens: int
     decode_steps: int = 0  # forward steps that produced this request's tokens so far
     jump_forward_tokens: int = 0  # tokens a grammar forced, appended without a decode step each
+    spec_verify_ct: int | None = None  # speculative decoding (None: off): verify steps so far
+    spec_proposed_drafts: int = 0
+    spec_accepted_drafts: int = 0
     output_logprobs: list[Logprob] | None = None
     output_top_logprobs: list[list[Logprob]] | None = None
     input_logprobs: list[Logprob] | None = None

@@ -17,6 +17,8 @@ FUTURE_TOKEN = -1
 """An ``input_ids`` entry of a decode row whose token the previous step of the same request slot samples (overlap
 scheduling: the plan is built before that step's results are back). The runner reads it from its last sampled
 token of the slot."""
+DRAFT_TOKEN = -2
+"""An ``input_ids`` entry of a verify row whose draft token the runner's draft model writes (STANDALONE)."""
 
 
 def _empty(dtype: type = _I64) -> np.ndarray:
@@ -76,6 +78,9 @@ class StepPlan(msgspec.Struct, kw_only=True):
     mask_deferred: bool = (
         False  # the runner samples only once it is given vocab_mask (ModelRunner.sample_deferred)
     )
+    # Speculative decoding: drafts of each request (its chunk is [last token, drafts...], every row sampled and
+    # verified on the runner: see sgl_ray.speculative.verify); empty when the plan verifies none.
+    draft_lens: np.ndarray = msgspec.field(default_factory=_empty)  # [B]
 
     @property
     def batch_size(self) -> int:
@@ -108,3 +113,6 @@ class StepOutput(msgspec.Struct, kw_only=True):
     input_top_ids: np.ndarray | None = None  # [sum counts, k]
     input_top_vals: np.ndarray | None = None
     compute_s: float = 0.0  # time the runner spent on the step (for control-path overhead accounting)
+    # With drafts: the tokens each request's rows emit (verify entries: kept drafts + 1, written over their first
+    # rows of ``next_token_ids``; other entries: their sampled rows).
+    spec_emitted: np.ndarray | None = None  # [B]

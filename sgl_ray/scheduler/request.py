@@ -135,6 +135,10 @@ class Req:
     decode_steps: int = 0  # forward steps that produced output tokens
     jump_forward_tokens: int = 0  # output tokens appended by jump-forward (not decoded one per step)
     jump_next: bool = False  # the grammar forced a string while a step ran ahead: wait for the token to jump
+    # Speculative decoding (see scheduler.speculation)
+    spec_verify_ct: int = 0  # decode steps that verified drafts (steps of a speculating request)
+    spec_proposed_drafts: int = 0
+    spec_accepted_drafts: int = 0
 
     def prompt_block_hashes(self, block: int) -> list[int]:
         """Chained hashes of the prompt's ``block``-token blocks (see ``mem_cache.prefix_hash``), computed once."""

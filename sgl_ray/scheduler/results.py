@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from sgl_ray.scheduler.config import SchedulerConfig
     from sgl_ray.scheduler.grammar import GrammarTracker
     from sgl_ray.scheduler.kv_manager import KVCacheManager
+    from sgl_ray.scheduler.speculation import Speculation
 
 
 class StepResults:
@@ -28,6 +29,7 @@ class StepResults:
     lora: AdapterPool | None
     grammars: GrammarTracker
     outputs: OutputProcessor
+    speculation: Speculation | None
     running: list[Req]
     _pending_outputs: list[RequestOutput]
 
@@ -56,23 +58,31 @@ class StepResults:
                 self._finish(r, FinishReason("length", matched=0), emit=False)
                 outputs.append(self._output(r, [], "", r.finish_reason, entry))
                 continue
-            jumped = bool(r.jump_tokens)
-            tokens = self.grammars.settle(r, entry.row_tokens, self.kv) if jumped else []
-            if entry.row_tokens:
-                token = entry.row_tokens[len(tokens)]  # the model's choice after the kept forced tokens
-            r.output_ids.append(token)
-            r.decode_steps += 1
-            tokens.append(token)
-            finish = self.outputs.check_token_finish(r, token)
-            grammar_finish = self.grammars.accept(r, token)
-            if grammar_finish is not None and (finish is None or finish.type == "length"):
-                finish = grammar_finish
-            text, finish = self.outputs.text_delta(r, tokens, finish)
-            if finish is None and entry.extend_len > 1 and not jumped:  # a prompt chunk: share it now (forced
-                self.kv.cache_unfinished(r)  # tokens are cached with the rest of the output, when it ends)
-            if r.group is not None and not r.group.prompt_cached and r.group.leader == r.rid:
-                r.group.prompt_cached = True
-            outputs.append(self._output(r, tokens, text, finish, entry, sampled))
+            if entry.spec:  # a speculative verify step: the drafts kept and one more token
+                assert self.speculation is not None
+                settled = self.speculation.settle(r, entry, result, self.kv, self.outputs)
+                finish = settled.finish
+                out = self._output(r, settled.tokens, settled.text, finish, entry)
+                out.output_logprobs, out.output_top_logprobs = settled.logprobs, settled.top_logprobs
+                outputs.append(out)
+            else:
+                jumped = bool(r.jump_tokens)
+                tokens = self.grammars.settle(r, entry.row_tokens, self.kv) if jumped else []
+                if entry.row_tokens:
+                    token = entry.row_tokens[len(tokens)]  # the model's choice after the kept forced tokens
+                r.output_ids.append(token)
+                r.decode_steps += 1
+                tokens.append(token)
+                finish = self.outputs.check_token_finish(r, token)
+                grammar_finish = self.grammars.accept(r, token)
+                if grammar_finish is not None and (finish is None or finish.type == "length"):
+                    finish = grammar_finish
+                text, finish = self.outputs.text_delta(r, tokens, finish)
+                if finish is None and entry.extend_len > 1 and not jumped:  # a prompt chunk: share it now
+                    self.kv.cache_unfinished(r)  # (forced tokens are cached with the output, when it ends)
+                if r.group is not None and not r.group.prompt_cached and r.group.leader == r.rid:
+                    r.group.prompt_cached = True
+                outputs.append(self._output(r, tokens, text, finish, entry, sampled))
             if finish is not None:
                 self.running.remove(r)
                 self._finish(r, finish, emit=False)
@@ -102,7 +112,9 @@ class StepResults:
             decode_steps=r.decode_steps,
             jump_forward_tokens=r.jump_forward_tokens,
         )
-        if r.return_logprob:
+        if self.speculation is not None:
+            self._spec_counts(out, r)
+        if r.return_logprob and not entry.spec:
             entry.fill_logprobs(out, r, sampled)
         return out
 
@@ -137,3 +149,11 @@ class StepResults:
                     jump_forward_tokens=req.jump_forward_tokens,
                 )
             )
+            if self.speculation is not None:
+                self._spec_counts(self._pending_outputs[-1], req)
+
+    @staticmethod
+    def _spec_counts(out: RequestOutput, r: Req) -> None:
+        out.spec_verify_ct = r.spec_verify_ct
+        out.spec_proposed_drafts = r.spec_proposed_drafts
+        out.spec_accepted_drafts = r.spec_accepted_drafts

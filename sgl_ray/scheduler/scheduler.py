@@ -26,6 +26,10 @@ KV slot is not reused before that step has written it.
 Structured outputs (see ``scheduler.grammar``): a constrained request is admitted once its grammar has compiled on
 a worker thread (until then it just waits in the queue); its sampled rows carry the grammar's token mask, and
 tokens a grammar forces are appended by jump-forward and verified in the next extend step.
+
+Speculative decoding (``SchedulerConfig.speculative``; see ``scheduler.speculation``): a speculating request's
+decode step also verifies the drafts proposed for it, with one KV slot per draft. When the pool cannot hold every
+decoding request's drafts, the step decodes without them (and preempts only if even that does not fit).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from sgl_ray.scheduler.plan import StepOutput
 from sgl_ray.scheduler.policy import create_policy
 from sgl_ray.scheduler.request import FinishReason, Req, ReqStatus
 from sgl_ray.scheduler.results import StepResults
+from sgl_ray.scheduler.speculation import Speculation
 
 _CLIP_NEW_TOKENS = 4096
 _PREFIX_BLOCK = 32  # granularity at which waiting prompts are compared with prompts being prefilled
@@ -85,6 +90,11 @@ class Scheduler(StepResults):
             compile_timeout_s=config.grammar_compile_timeout,
         )
         self._rejected: list[tuple[str, InvalidRequestError]] = []
+        self.speculation = (
+            Speculation(config.speculative, config.context_length, self.grammars)
+            if config.speculative is not None
+            else None
+        )
 
     # --- requests in and out -----------------------------------------------------------------------------------
     def add_request(self, req: Req) -> None:
@@ -222,6 +232,8 @@ class Scheduler(StepResults):
         ]
         if self._decode_share > 1:
             decoding = decoding[: -(-len(self.running) // self._decode_share)]
+        if self.speculation is not None and decoding and self._schedule_verifies(batch, decoding):
+            return False
         retracted = False
         while decoding and self.kv.alloc(decoding, [1] * len(decoding)) is None:
             victim = self._pick_victim()
@@ -241,8 +253,30 @@ class Scheduler(StepResults):
         if self.lora is not None:  # one contiguous run of tokens per adapter: fewer, longer LoRA segments
             decoding.sort(key=lambda r: r.lora_slot)
         for r in decoding:
-            batch.add(r, 1)
+            if self.speculation is not None and self.speculation.eligible(r):
+                batch.add_verify(r, [])  # a verify step without drafts (counted as one)
+            else:
+                batch.add(r, 1)
         return retracted
+
+    def _schedule_verifies(self, batch: ScheduledBatch, decoding: list[Req]) -> bool:
+        """Decode steps with drafts for every decoding request that speculates, if the pool holds their slots
+        (all or nothing). Returns whether they were scheduled."""
+        assert self.speculation is not None
+        if self.lora is not None:
+            decoding = sorted(decoding, key=lambda r: r.lora_slot)
+        proposals = [self.speculation.propose(r) for r in decoding]
+        if not any(p is not None and p[0] for p in proposals):
+            return False  # nothing to verify: the plain path (which can preempt)
+        sizes = [1 + (len(p[0]) if p is not None else 0) for p in proposals]
+        if self.kv.alloc(decoding, sizes) is None:
+            return False
+        for r, p in zip(decoding, proposals, strict=True):
+            if p is None:
+                batch.add(r, 1)
+            else:
+                batch.add_verify(r, *p)
+        return True
 
     def _can_run_ahead(self, r: Req) -> bool:
         """A constrained request's mask depends on the token in flight: it runs ahead only when the mask may be

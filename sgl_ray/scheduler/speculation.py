@@ -1,0 +1,163 @@
+"""Speculative decoding on the scheduler side: which decoding requests speculate, their drafts, and what a verify
+step's result does to a request.
+
+A speculating request's decode step extends ``[x, d_1..d_k]`` (``x`` its newest token, ``d_i`` drafts) with
+``1 + k`` KV slots; the runner verifies the drafts and reports how many tokens the rows emit (``m + 1``: ``m`` kept
+drafts and one more). Settling then appends those tokens one at a time, exactly as ``m + 1`` decode steps would
+(stop tokens, stop strings, ``max_new_tokens``, the grammar: the first that ends the request drops the rest), and
+rolls the KV back to the tokens kept — the slots of rejected drafts return to the pool, and the request's token
+list, the prefix cache and preemption only ever see accepted tokens. This is the jump-forward verification of
+``scheduler.grammar`` with drafts in place of forced tokens, and the same ``KVCacheManager.truncate``.
+
+Which requests speculate: those whose sampling does not depend on each token's counts (no penalties, no
+``min_new_tokens``); with a draft model (STANDALONE), not constrained ones either (their drafts would need the
+grammar's mask at every draft step). The others decode one token per step in the same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from sgl_ray.scheduler.plan import DRAFT_TOKEN, StepOutput
+from sgl_ray.scheduler.request import FinishReason, Req
+from sgl_ray.speculative.config import SpeculativeConfig
+from sgl_ray.speculative.ngram import ngram_drafts
+
+if TYPE_CHECKING:
+    from sgl_ray.scheduler.batch import BatchEntry
+    from sgl_ray.scheduler.grammar import GrammarTracker
+    from sgl_ray.scheduler.kv_manager import KVCacheManager
+    from sgl_ray.scheduler.output import OutputProcessor
+
+Logprob = tuple[float | None, int]
+
+
+class Settled(NamedTuple):
+    tokens: list[int]  # appended to the request's output
+    text: str
+    finish: FinishReason | None
+    logprobs: list[Logprob] | None
+    top_logprobs: list[list[Logprob]] | None
+
+
+@dataclass
+class SpecStats:
+    """Engine-wide counters (``get_stats()``)."""
+
+    verify_steps: int = 0  # decode steps of speculating requests
+    emitted_tokens: int = 0  # tokens those steps' verification emitted (kept drafts + 1 each)
+    proposed_drafts: int = 0
+    accepted_drafts: int = 0
+
+    def to_dict(self, config: SpeculativeConfig) -> dict[str, Any]:
+        return {
+            "spec_algorithm": config.algorithm,
+            "spec_num_draft_tokens": config.num_draft_tokens,
+            "spec_verify_steps": self.verify_steps,
+            "spec_emitted_tokens": self.emitted_tokens,
+            "spec_accept_length": self.emitted_tokens / self.verify_steps if self.verify_steps else 0.0,
+            "spec_accept_rate": self.accepted_drafts / self.proposed_drafts if self.proposed_drafts else 0.0,
+            "spec_proposed_drafts": self.proposed_drafts,
+            "spec_accepted_drafts": self.accepted_drafts,
+        }
+
+
+class Speculation:
+    """Example::
+
+    >>> spec = Speculation(SpeculativeConfig("NGRAM", 4), context_length=2048, grammars=tracker)  # doctest: +SKIP
+    >>> drafts, masks = spec.propose(req)  # a decoding request: up to 3 drafts  # doctest: +SKIP
+    """
+
+    def __init__(self, config: SpeculativeConfig, context_length: int, grammars: GrammarTracker) -> None:
+        self.config = config
+        self.context_length = context_length
+        self.grammars = grammars
+        self.stats = SpecStats()
+
+    def eligible(self, r: Req) -> bool:
+        p = r.sampling
+        if p.needs_penalties or p.min_new_tokens > 0:
+            return False
+        return not (self.config.uses_draft_model and p.grammar is not None)
+
+    def propose(self, r: Req) -> tuple[list[int], np.ndarray | None] | None:
+        """Drafts for a decoding request's next step and, under a grammar, its rows' masks; None if it does not
+        speculate. No more drafts than ``max_new_tokens`` and the context leave room for after its next token."""
+        if not self.eligible(r):
+            return None
+        limit = min(
+            self.config.max_drafts, r.remaining_new_tokens - 1, self.context_length - r.num_tokens - 1
+        )
+        if limit <= 0:
+            return [], None
+        if self.config.uses_draft_model:
+            return [DRAFT_TOKEN] * limit, None
+        drafts = ngram_drafts(_tokens(r), limit, self.config.ngram_min_window, self.config.ngram_max_window)
+        if r.grammar is not None and drafts:
+            drafts, masks = self.grammars.draft_masks(r, drafts)
+            return drafts, masks if drafts else None
+        return drafts, None
+
+    def settle(
+        self,
+        r: Req,
+        entry: BatchEntry,
+        result: StepOutput,
+        kv: KVCacheManager,
+        outputs: OutputProcessor,
+    ) -> Settled:
+        """Append what a verify step emitted (``r.num_computed`` already counts its whole chunk)."""
+        base = r.num_computed - entry.extend_len  # KV before the step: the new token x sits at position base
+        tokens: list[int] = []
+        text = ""
+        finish = None
+        for t in entry.row_tokens:
+            r.output_ids.append(t)
+            tokens.append(t)
+            finish = outputs.check_token_finish(r, t)
+            grammar_finish = self.grammars.accept(r, t)
+            if grammar_finish is not None and (finish is None or finish.type == "length"):
+                finish = grammar_finish
+            piece, finish = outputs.text_delta(r, [t], finish)
+            text += piece
+            if finish is not None:
+                break
+        kv.truncate(r, base + len(tokens))  # keep the KV of x and the kept drafts; free the rest
+        r.decode_steps += 1
+        r.spec_verify_ct += 1
+        r.spec_proposed_drafts += len(entry.drafts)
+        r.spec_accepted_drafts += entry.num_emitted - 1
+        st = self.stats
+        st.verify_steps += 1
+        st.emitted_tokens += entry.num_emitted
+        st.proposed_drafts += len(entry.drafts)
+        st.accepted_drafts += entry.num_emitted - 1
+        logprobs = top = None
+        if r.return_logprob and result.logprobs is not None:
+            lo = entry.rows[0]
+            rows = range(lo, lo + len(tokens))
+            logprobs = [(float(result.logprobs[i]), t) for i, t in zip(rows, tokens, strict=True)]
+            k = r.top_logprobs_num
+            if k > 0 and result.top_ids is not None and result.top_vals is not None:
+                top = [
+                    [
+                        (float(v), int(j))
+                        for v, j in zip(result.top_vals[i][:k], result.top_ids[i][:k], strict=True)
+                    ]
+                    for i in rows
+                ]
+            elif k > 0:
+                top = [[] for _ in rows]
+        return Settled(tokens, text, finish, logprobs, top)
+
+
+def _tokens(r: Req) -> np.ndarray:
+    """The request's prompt + output as int64 (the prompt's array is made once per request)."""
+    prompt = r.__dict__.get("_prompt_array")
+    if prompt is None:
+        prompt = r.__dict__["_prompt_array"] = np.asarray(r.prompt_ids, dtype=np.int64)
+    return np.concatenate([prompt, np.asarray(r.output_ids, dtype=np.int64)])

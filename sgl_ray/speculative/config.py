@@ -1,0 +1,131 @@
+"""Speculative decoding settings: SGLang's option names, checked once at engine start.
+
+``speculative_num_draft_tokens`` counts the tokens one verify step feeds the target model for a request: the last
+accepted token plus the drafts (SGLang's meaning; with a chain, ``speculative_eagle_topk == 1``, it is
+``speculative_num_steps + 1`` for a draft model). A request therefore proposes at most ``num_draft_tokens - 1``
+drafts per step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sgl_ray.errors import InvalidRequestError, UnsupportedFeatureError
+
+logger = logging.getLogger(__name__)
+
+ALGORITHMS = ("NGRAM", "STANDALONE")
+"""Drafters that exist. ``EAGLE``/``EAGLE3`` (SGLang's names) are recognised and refused until they exist."""
+_LATER = ("EAGLE", "EAGLE3", "NEXTN")
+_DEFAULT_NGRAM_DRAFT_TOKENS = 8
+_DEFAULT_NUM_STEPS = 3
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """The effective speculative settings of an engine (built by :meth:`from_args`).
+
+    Example::
+
+        >>> from sgl_ray.configs.engine_args import EngineArgs
+        >>> cfg = SpeculativeConfig.from_args(EngineArgs(speculative_algorithm="NGRAM"))
+        >>> cfg.algorithm, cfg.max_drafts
+        ('NGRAM', 7)
+    """
+
+    algorithm: str
+    num_draft_tokens: int  # tokens per verify step and request: the last accepted one + the drafts
+    draft_model_path: str | None = None
+    ngram_min_window: int = 1
+    ngram_max_window: int = 12
+
+    @property
+    def max_drafts(self) -> int:
+        """Draft tokens a request proposes per verify step (at most)."""
+        return self.num_draft_tokens - 1
+
+    @property
+    def uses_draft_model(self) -> bool:
+        return self.algorithm == "STANDALONE"
+
+    @classmethod
+    def from_args(cls, args: Any) -> SpeculativeConfig | None:
+        """The settings of ``args`` (an ``EngineArgs``), or None when speculation is off. Raises
+        :class:`InvalidRequestError` for bad values and :class:`UnsupportedFeatureError` (naming the option) for
+        combinations that do not exist yet."""
+        algo = args.speculative_algorithm
+        if algo is None:
+            return None
+        algo = algo.upper()
+        if algo in _LATER:
+            raise UnsupportedFeatureError(
+                f"speculative_algorithm={algo!r} is not implemented yet; use 'NGRAM' or 'STANDALONE'",
+                param="speculative_algorithm",
+            )
+        if algo not in ALGORITHMS:
+            raise InvalidRequestError(
+                f"speculative_algorithm must be one of {ALGORITHMS}, got {args.speculative_algorithm!r}",
+                param="speculative_algorithm",
+            )
+        topk = args.speculative_eagle_topk
+        if topk is not None and topk != 1:
+            raise UnsupportedFeatureError(
+                f"speculative_eagle_topk={topk}: only chain drafts (topk 1) are verified so far; tree drafts "
+                "need tree attention masks, which do not exist yet",
+                param="speculative_eagle_topk",
+            )
+        if args.uses_ray:
+            raise UnsupportedFeatureError(
+                "speculative decoding runs in the in-process engine only for now (not with tp_size, pp_size or "
+                "dp_size > 1, nor use_ray)",
+                param="speculative_algorithm",
+            )
+        for name in ("speculative_num_steps", "speculative_num_draft_tokens"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise InvalidRequestError(f"{name} must be >= 1, got {value}", param=name)
+        lo, hi = args.speculative_ngram_min_match_window_size, args.speculative_ngram_max_match_window_size
+        if lo < 1 or hi < lo:
+            raise InvalidRequestError(
+                f"speculative_ngram_min/max_match_window_size: need 1 <= min <= max, got {lo} and {hi}",
+                param="speculative_ngram_min_match_window_size",
+            )
+        if algo == "NGRAM":
+            if args.speculative_draft_model_path is not None:
+                raise InvalidRequestError(
+                    "speculative_draft_model_path: NGRAM drafts from the request's own tokens and takes no model",
+                    param="speculative_draft_model_path",
+                )
+            tokens = args.speculative_num_draft_tokens or _DEFAULT_NGRAM_DRAFT_TOKENS
+        else:
+            if args.speculative_draft_model_path is None:
+                raise InvalidRequestError(
+                    "speculative_algorithm='STANDALONE' needs speculative_draft_model_path (a small model with "
+                    "the target's vocabulary)",
+                    param="speculative_draft_model_path",
+                )
+            steps = args.speculative_num_steps
+            if steps is None:
+                given = args.speculative_num_draft_tokens
+                steps = given - 1 if given is not None and given > 1 else _DEFAULT_NUM_STEPS
+            tokens = steps + 1
+            given = args.speculative_num_draft_tokens
+            if given is not None and given != tokens:
+                logger.warning(
+                    "speculative_num_draft_tokens is set to speculative_num_steps + 1 = %d (chain drafts)",
+                    tokens,
+                )
+        if tokens < 2:
+            raise InvalidRequestError(
+                "speculative_num_draft_tokens must be >= 2 (the last accepted token and at least one draft)",
+                param="speculative_num_draft_tokens",
+            )
+        return cls(
+            algorithm=algo,
+            num_draft_tokens=tokens,
+            draft_model_path=args.speculative_draft_model_path,
+            ngram_min_window=lo,
+            ngram_max_window=hi,
+        )

@@ -1,0 +1,91 @@
+"""The runner side of speculative decoding: drafts before the target's forward pass, verification after sampling.
+
+The :class:`~sgl_ray.runner.model_runner.ModelRunner` calls :meth:`SpecWorker.before_forward` once a plan's
+bookkeeping is applied, runs the target over the returned input ids, samples every verify row, and hands the
+sampled tokens to :meth:`SpecWorker.verify`. NGRAM plans carry their drafts in ``input_ids``; a draft model
+(STANDALONE) writes them here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import torch
+
+from sgl_ray.scheduler.plan import StepPlan
+from sgl_ray.speculative.config import SpeculativeConfig
+from sgl_ray.speculative.draft_model import DraftModel
+from sgl_ray.speculative.verify import Drafts, Verified, ngram_drafts_of, verify
+
+if TYPE_CHECKING:
+    from sgl_ray.configs.engine_args import EngineArgs
+    from sgl_ray.configs.model_config import ModelConfig
+    from sgl_ray.mem_cache.kv_pool import ReqToTokenTable
+    from sgl_ray.runner.memory import KVCapacity
+    from sgl_ray.sampling.state import SamplingState
+
+
+class SpecWorker:
+    """Example::
+
+    >>> worker = SpecWorker.create(args, model_config)  # None when speculation is off  # doctest: +SKIP
+    >>> ids = worker.before_forward(plan, plan_ids)  # doctest: +SKIP
+    >>> verified = worker.verify(plan, logits, tokens, logprobs, sampling_state)  # doctest: +SKIP
+    """
+
+    def __init__(self, config: SpeculativeConfig, draft: DraftModel | None) -> None:
+        self.config = config
+        self.draft = draft
+        self._drafts: Drafts | None = None  # the step in progress
+
+    @classmethod
+    def create(cls, args: EngineArgs, model_config: ModelConfig) -> SpecWorker | None:
+        config = SpeculativeConfig.from_args(args)
+        if config is None:
+            return None
+        draft = DraftModel.load(args, model_config) if config.uses_draft_model else None
+        return cls(config, draft)
+
+    def scale_capacity(self, capacity: KVCapacity, target_kv_bytes: int, explicit: bool) -> KVCapacity:
+        """The target's planned capacity with room for the draft model's KV of every slot (unless the size was
+        given explicitly, ``max_total_tokens``: then both pools take it)."""
+        if self.draft is None or explicit:
+            return capacity
+        draft_bytes = self.draft.kv_bytes_per_token
+        slots = capacity.num_slots * target_kv_bytes // (target_kv_bytes + draft_bytes)
+        return dataclasses.replace(capacity, num_slots=max(2, slots))
+
+    def init_memory(self, capacity: KVCapacity, req_table: ReqToTokenTable) -> None:
+        if self.draft is not None:
+            self.draft.init_memory(capacity, req_table)
+
+    def before_forward(self, plan: StepPlan, input_ids: torch.Tensor) -> torch.Tensor:
+        """Apply the plan to the draft model (admissions, its KV pass, drafting) and return the target's input ids
+        with every verify entry's drafts in place."""
+        self._drafts = None
+        if self.draft is not None:
+            self.draft.admit(plan)
+            self._drafts, input_ids = self.draft.draft(plan, input_ids)
+        elif len(plan.draft_lens) and plan.draft_lens.any():
+            self._drafts = ngram_drafts_of(plan, input_ids.device)
+        return input_ids
+
+    def admit_only(self, plan: StepPlan) -> None:
+        """A plan without tokens: only its request-slot changes reach the draft model."""
+        if self.draft is not None:
+            self.draft.admit(plan)
+
+    def verify(
+        self,
+        plan: StepPlan,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        logprobs: torch.Tensor | None,
+        state: SamplingState,
+    ) -> Verified | None:
+        """Accept the step's drafts (None when it has no verify entry)."""
+        drafts, self._drafts = self._drafts, None
+        if drafts is None:
+            return None
+        return verify(plan, logits, tokens, logprobs, state, drafts)
