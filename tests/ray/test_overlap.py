@@ -240,10 +240,10 @@ def test_steps_long_after_the_last_deferred_one(ray_cluster, tiny_llama_path):
     viewing it blocks the write of the 10th next answer there for good), so this ends, with no group rebuilt."""
     prompts = ["Item 0:", "Item 1:"]
     params = [{"temperature": 0.0, "max_new_tokens": 40, "regex": "[a-z]{3}"}, _greedy(3 * LONG)]
-    kwargs = dict(use_ray=True, disable_jump_forward=True, max_total_tokens=4096)
-    with sgl_ray.Engine(tiny_llama_path, disable_overlap_schedule=True, **kwargs) as engine:
+    kwargs = dict(disable_jump_forward=True, max_total_tokens=4096)
+    with sgl_ray.Engine(tiny_llama_path, disable_overlap_schedule=True, **kwargs) as engine:  # in-process
         expected = [o["output_ids"] for o in engine.generate(prompts, params)]
-    with sgl_ray.Engine(tiny_llama_path, **kwargs) as engine:
+    with sgl_ray.Engine(tiny_llama_path, use_ray=True, **kwargs) as engine:
         assert [o["output_ids"] for o in engine.generate(prompts, params)] == expected
         stats = engine.get_stats()
         assert stats["num_deferred_mask_steps"] > 0 and stats["num_rebuilds"] == 0
