@@ -28,9 +28,13 @@ def _physical_memory() -> int:
 
 def _kv_budget_bytes(args: EngineArgs, device: torch.device) -> int:
     if device.type == "cuda":
+        # Blocks this process's caching allocator holds but no tensor uses (an engine shut down earlier in the
+        # process, whose memory was freed after its last reference went) are free for this pool, not in use.
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         fraction = args.mem_fraction_static or _GPU_MEM_FRACTION
-        used = total - free
+        used = total - free - cached
         return max(0, int(total * fraction) - used)
     return int(_physical_memory() * (args.mem_fraction_static or _CPU_KV_FRACTION))
 

@@ -85,8 +85,43 @@ def _engine(path: str, **kw):
     return sgl_ray.Engine(path, dtype="bfloat16", skip_tokenizer_init=True, max_total_tokens=8192, **kw)
 
 
+def _hf_greedy(model, prompts):
+    """transformers' own greedy run, shaped like the engine's outputs (tokens and their logprobs)."""
+    outs = []
+    for ids in prompts:
+        seq = list(ids)
+        with torch.no_grad():
+            for _ in range(NEW):
+                seq.append(int(model(torch.tensor([seq], device="cuda")).logits[0, -1].argmax()))
+            logp = torch.log_softmax(model(torch.tensor([seq], device="cuda")).logits[0].float(), -1)
+        toks = seq[len(ids) :]
+        lps = [(logp[len(ids) - 1 + i, t].item(), t) for i, t in enumerate(toks)]
+        outs.append({"output_ids": toks, "meta_info": {"output_token_logprobs": lps}})
+    return outs
+
+
+def _errors(ref, prompts, outs) -> tuple[float, float, float]:
+    """Against ``ref`` (fp32), teacher-forced on each run's own tokens: the mean |logprob difference|, the mean and
+    the largest gap of the chosen token below the reference's best."""
+    diffs, gaps = [], []
+    for ids, out in zip(prompts, outs, strict=True):
+        toks = out["output_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([ids + toks], device="cuda")).logits[0].float(), -1)
+        rows = logp[len(ids) - 1 : len(ids) - 1 + len(toks)]
+        lps = [lp for lp, _ in out["meta_info"]["output_token_logprobs"]]
+        diffs += [abs(lp - row[t].item()) for lp, row, t in zip(lps, rows, toks, strict=True)]
+        gaps += [(row.max() - row[t]).item() for row, t in zip(rows, toks, strict=True)]
+    return sum(diffs) / len(diffs), sum(gaps) / len(gaps), max(gaps)
+
+
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_moe_engine_matches_transformers_bf16(moe_dirs, name):
+    """The engine in bf16 (Triton experts, decode graphs) and transformers in bf16, each greedy on its own, both
+    scored against transformers in fp32 on the same weights: the engine is no further off than transformers' own
+    bf16 run. Tiny random top-2-of-8 routers flip experts on bf16 rounding (transformers' bf16 run itself then
+    lands tokens several nats below fp32's best), so per-token bounds hold only where transformers' bf16 keeps
+    within ``TOL`` of fp32: there the engine does too."""
     from transformers import AutoModelForCausalLM
 
     path, prompts = moe_dirs(name), _prompts()
@@ -95,19 +130,14 @@ def test_moe_engine_matches_transformers_bf16(moe_dirs, name):
         graphs = eng._core.runner.cuda_graphs
         assert graphs is not None and graphs.num_replays > 0  # the Triton experts inside decode graphs
         assert type(eng._core.runner.moe_backend).__name__ == "TritonMoEBackend"
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
-    for ids, out in zip(prompts, outs, strict=True):
-        full = torch.tensor([ids + out["output_ids"]], device="cuda")
-        with torch.no_grad():
-            logp = torch.log_softmax(hf(full).logits[0].float(), -1)
-        # Every token (teacher-forced on the engine's own output) is within bf16 noise of transformers' best at
-        # its position, and where transformers' best leads its runner-up by more than that noise, it is the one.
-        for i, tok in enumerate(out["output_ids"]):
-            row = logp[len(ids) - 1 + i]
-            top2 = row.topk(2).values
-            assert row[tok].item() >= top2[0].item() - TOL, (name, i, row[tok].item(), top2.tolist())
-            if (top2[0] - top2[1]).item() > 2 * TOL:
-                assert tok == int(row.argmax()), (name, i, top2.tolist())
+    hf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    ours, theirs = _errors(ref, prompts, outs), _errors(ref, prompts, _hf_greedy(hf16, prompts))
+    report = f"{name}: engine (mean diff, mean gap, max gap) {ours}; transformers bf16 {theirs}"
+    print(report)
+    assert ours[0] <= 1.5 * theirs[0] + 0.05 and ours[1] <= 1.5 * theirs[1] + 0.05, report
+    if theirs[2] < TOL:
+        assert ours[2] < TOL, report
 
 
 def test_moe_graphs_match_eager_and_torch_experts(moe_dirs):
@@ -146,9 +176,10 @@ def test_moe_graphs_match_eager_and_torch_experts(moe_dirs):
 def test_folded_norms_in_one_row_moe_steps(moe_dirs, name, monkeypatch):
     """One-row steps with folded norms (each norm inside the GEMVs around it: QKV, the router's, the experts'
     first; the residual adds in O's and the experts' second) against the same steps with the norm kernels, both
-    against transformers in fp32 on the same weights, teacher-forced on each run's own tokens: a clear first
-    choice is the reference's, the folded run is as close on average, and its worst token no further off (random
-    tiny routers flip close choices under bf16 either way)."""
+    against transformers in fp32 on the same weights, teacher-forced on each run's own tokens: the folded run is as
+    close on average and its worst token no further off; for Qwen3-MoE (top-4 of 16) a clear first choice is the
+    reference's as well (tiny random top-2-of-8 routers flip experts, and so even clear choices, under bf16
+    rounding either way: see ``test_moe_engine_matches_transformers_bf16``)."""
     from transformers import AutoModelForCausalLM
 
     from sgl_ray.layers import fused_linear
@@ -177,7 +208,7 @@ def test_folded_norms_in_one_row_moe_steps(moe_dirs, name, monkeypatch):
                 logp = torch.log_softmax(ref(torch.tensor([ids + toks], device="cuda")).logits[0].float(), -1)
             rows = logp[len(ids) - 1 : len(ids) - 1 + NEW]
             top2 = rows[0].topk(2).values
-            if (top2[0] - top2[1]).item() > 2 * TOL:  # a clear first choice (random routers flip close ones)
+            if name == "qwen3_moe" and (top2[0] - top2[1]).item() > 2 * TOL:  # a clear first choice
                 assert toks[0] == int(rows[0].argmax()), f"fold={fold}, {len(ids)}-token prompt"
             lps = [lp for lp, _ in out["meta_info"]["output_token_logprobs"]]
             diffs += [abs(lp - row[t].item()) for lp, row, t in zip(lps, rows, toks, strict=True)]

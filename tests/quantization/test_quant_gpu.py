@@ -2,8 +2,8 @@
 
 The kernels against the float weights their test-written checkpoints mean, in bf16 and fp16 (the same checks run on
 small shapes under the interpreter: tests/unit/test_quant_triton_interpreter.py), and the engine in bf16 on AWQ,
-GPTQ, FP8 block and online-FP8 checkpoints of a Llama-shaped model against transformers (bf16) on the dequantized
-weights: the first greedy tokens equal, logprobs within ``TOL``.
+GPTQ, FP8 block and online-FP8 checkpoints of a Llama-shaped model against transformers (fp32) on the dequantized
+weights, next to the engine on those float weights in bf16.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from sgl_ray.layers.quantization import QuantizedWeight
 
 from .kernel_checks import check_fp8, check_int4, check_int4_row_range
 from .packing import (
+    LINEAR_SUFFIXES,
     awq_tensors,
     fp8_blocks,
     fp8_online_reference,
@@ -29,8 +30,8 @@ from .packing import (
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 HALF = [torch.bfloat16, torch.float16]
-FIRST = 4  # greedy tokens that must match transformers' (bf16 on both sides, different GEMMs)
-TOL = 0.15  # logprob tolerance, as tests/gpu/test_gpu_engine.py: bf16 rounding of logits of magnitude ~20
+FIRST = 4  # greedy tokens per prompt
+TOL = 0.15  # the least logprob tolerance, as tests/gpu/test_gpu_engine.py: bf16 rounding of logits of magnitude ~20
 
 
 def _fp8_capable() -> bool:
@@ -100,8 +101,58 @@ def float_llama():
     return json.loads(config.to_json_string()), dict(model.state_dict())
 
 
+def _fake_quant_inputs(model, block: int | None, rows: list[int]):
+    """Pre-hooks on the quantized projections of ``model`` that round their inputs' first ``rows[0]`` positions as
+    the W8A8 GEMM does (e4m3, one scale per token, or per ``block`` columns with block scales): the engine's prompt
+    rows go through that GEMM, its decode rows (at most 4) through the weight-only GEMV."""
+
+    def hook(module, args):
+        (x,) = args
+        n = rows[0]
+        head = x[:, :n].float()
+        shape = head.shape
+        if block is not None and shape[-1] % block == 0:
+            head = head.reshape(*shape[:-1], shape[-1] // block, block)
+        scale = (head.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-12)
+        head = ((head / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * scale).reshape(shape)
+        return (torch.cat([head.to(x.dtype), x[:, n:]], dim=1),)
+
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in LINEAR_SUFFIXES:
+            module.register_forward_pre_hook(hook)
+
+
+def _errors(ref, prompts, outs, rows=None) -> tuple[float, float, float, list[float]]:
+    """Teacher-forced on each run's own tokens against ``ref`` (fp32): the largest |logprob difference|, the
+    largest gap of a chosen token below the reference's best, the smallest reference margin (best over runner-up)
+    at a first token the run did not choose (inf: none), and the reference's logprobs of the run's tokens."""
+    diff = gap = 0.0
+    missed = float("inf")
+    ref_lps = []
+    for ids, out in zip(prompts, outs, strict=True):
+        toks = out["output_ids"]
+        if rows is not None:
+            rows[0] = len(ids)
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([ids + toks], device="cuda")).logits[0].float(), dim=-1)
+        steps = logp[len(ids) - 1 : len(ids) - 1 + len(toks)]
+        for i, ((lp, tok), row) in enumerate(
+            zip(out["meta_info"]["output_token_logprobs"], steps, strict=True)
+        ):
+            ref_lps.append(row[tok].item())
+            diff, gap = max(diff, abs(lp - row[tok].item())), max(gap, (row.max() - row[tok]).item())
+            top2 = row.topk(2).values
+            if i == 0 and tok != int(row.argmax()):
+                missed = min(missed, (top2[0] - top2[1]).item())
+    return diff, gap, missed, ref_lps
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_engine_on_cuda_matches_transformers(name, float_llama, tmp_path):
+    """The engine (bf16) on the quantized checkpoint and on the float weights that checkpoint means, both against
+    transformers in fp32 on those float weights: the quantized run is as close as the bf16 run on the float weights
+    (or, for W8A8, as the rounding of the activations to FP8 itself moves the reference), half as far again at
+    most, and a first token it did not choose was a near tie."""
     from transformers import AutoModelForCausalLM
 
     import sgl_ray
@@ -112,28 +163,43 @@ def test_engine_on_cuda_matches_transformers(name, float_llama, tmp_path):
     config, state = float_llama
     reference = write_quantized(state, config, tmp_path / "quantized", quantize, quant_config)
     (tmp_path / "float").mkdir()
-    bf16 = {k: v.to(torch.bfloat16).contiguous() for k, v in reference.items()}
-    save_file(bf16, tmp_path / "float" / "model.safetensors")
+    save_file(
+        {k: v.float().contiguous() for k, v in reference.items()}, tmp_path / "float" / "model.safetensors"
+    )
     (tmp_path / "float" / "config.json").write_text(json.dumps(config))
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.bfloat16).cuda().eval()
     prompts = [[1, 450, 7483, 310, 3444, 338], list(range(100, 400, 3))]
-    with sgl_ray.Engine(
-        str(tmp_path / "quantized"), quantization=option, dtype="bfloat16", skip_tokenizer_init=True,
-        max_total_tokens=4096,
-    ) as engine:  # fmt: skip
-        outs = engine.generate(
-            input_ids=prompts,
-            sampling_params={"temperature": 0.0, "max_new_tokens": FIRST, "ignore_eos": True},
-            return_logprob=True,
-        )
-        held = [m for m in engine._core.runner.model.modules() if isinstance(m, QuantizedWeight)]
-        ratio = sum(w.nbytes for w in held) / sum(2 * w.rows * w.cols for w in held)  # vs the same in bf16
-        assert len(held) == 16 and ratio < (0.52 if fp8 else 0.27), ratio
-    for ids, out in zip(prompts, outs, strict=True):
-        seq = torch.tensor([ids + out["output_ids"]], device="cuda")
-        with torch.no_grad():
-            logp = torch.log_softmax(hf(seq).logits[0].float(), dim=-1)
-        want = logp[len(ids) - 1 : -1].argmax(dim=-1).tolist()
-        assert out["output_ids"] == want, f"{name}: a {len(ids)}-token prompt"
-        for i, (lp, tok) in enumerate(out["meta_info"]["output_token_logprobs"]):
-            assert lp == pytest.approx(logp[len(ids) - 1 + i, tok].item(), abs=TOL)
+    runs = {}
+    for run, path, opt in (("quantized", "quantized", option), ("float", "float", None)):
+        with sgl_ray.Engine(
+            str(tmp_path / path), quantization=opt, dtype="bfloat16", skip_tokenizer_init=True, max_total_tokens=4096
+        ) as engine:  # fmt: skip
+            runs[run] = engine.generate(
+                input_ids=prompts,
+                sampling_params={"temperature": 0.0, "max_new_tokens": FIRST, "ignore_eos": True},
+                return_logprob=True,
+            )
+            if run == "quantized":
+                held = [m for m in engine._core.runner.model.modules() if isinstance(m, QuantizedWeight)]
+                ratio = sum(w.nbytes for w in held) / sum(2 * w.rows * w.cols for w in held)  # vs bf16
+                assert len(held) == 16 and ratio < (0.52 if fp8 else 0.27), ratio
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.float32).cuda().eval()
+    floor = _errors(ref, prompts, runs["float"])[:3]
+    got = _errors(ref, prompts, runs["quantized"])
+    noise = 0.0
+    if fp8:
+        # W8A8: how far rounding the prompt rows' activations to FP8 (as the engine's GEMM does) moves the exact
+        # model's logprobs of these same tokens. bf16 activations cross FP8 rounding boundaries that fp32 ones do
+        # not, so a reference with rounded activations cannot follow the engine token for token; the engine is
+        # held to the size of that rounding instead.
+        rows = [0]
+        _fake_quant_inputs(ref, (quant_config or {}).get("weight_block_size", [None, None])[1], rows)
+        rounded = _errors(ref, prompts, runs["quantized"], rows)[3]
+        noise = max(abs(a - b) for a, b in zip(rounded, got[3], strict=True))
+    bound = max(TOL, 1.5 * max(*floor[:2], noise))
+    report = (
+        f"{name}: quantized (max diff, max gap, missed margin) {got[:3]}; bf16 on the float weights {floor}; "
+        f"FP8 activation rounding moves logprobs by up to {noise:.3f}"
+    )
+    print(report)
+    assert got[0] <= bound and got[1] <= bound, report
+    assert got[2] == float("inf") or got[2] <= 2 * bound, report  # a first token missed only on a near tie
