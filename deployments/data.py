@@ -1,23 +1,28 @@
 """Ray Data batch inference: ``build_processor`` turns a :class:`ray.data.Dataset` of prompts into one of
-completions, in the style of ``ray.data.llm.build_processor``, with a pool of :class:`sgl_ray.Engine` actors.
+completions with a pool of :class:`sgl_ray.Engine` actors, in the shape of ``ray.data.llm``: the same config
+names (``model_source``, ``concurrency`` as ``n`` or ``(min, max)``, ``batch_size``, ``should_continue_on_error``,
+``chat_template_stage``) and the same ``build_processor(config, preprocess, postprocess, …)`` signature. Importing
+this module registers :class:`ProcessorConfig` with ``ray.data.llm``'s builder registry, so
+``ray.data.llm.build_processor(ProcessorConfig(...))`` builds the same processor.
 
 The pipeline (lazy, like every Ray Data transform)::
 
-    ds.map(preprocess + sort key) ─▶ ds.sort(key) ─▶ ds.map_batches(engine actors) ─▶ ds.map(postprocess)
-                                     └ order_by_prefix ┘    async, `concurrency` actors
+    ds.map(preprocess) ─▶ map_batches(sort_window) ─▶ repartition(batch_size rows) ─▶ engine actors ─▶ map(postprocess)
+                          └──────────── order_by_prefix ─────────────┘                `concurrency`
 
-Prefix-aware ordering: sorting the rows by their prompts puts prompts that share a prefix next to each other, so
-they land in the same batches and, because Ray Data's sort range-partitions the rows, on the same engine actor.
-That actor's radix cache then computes each shared prefix about once; in input order every batch (and every actor)
-may hold a slice of every prefix family, and under KV pressure they evict each other and are computed again and
-again. The key (:func:`prompt_key`) needs no tokenizer: ``input_ids`` as big-endian ``uint32`` bytes, text as UTF-8,
-``messages`` as their roles and contents — a shared leading span of text is a shared leading span of key bytes.
-The cost: Ray Data's sort is an all-to-all exchange, so generation starts once every row is preprocessed (the
-engine actors load their models meanwhile), and output rows come in prompt order, not input order (carry an id
-column to join back). With ``order_by_prefix=False`` rows stream through in input order.
+Prefix-aware ordering sorts each window of ``prefix_window`` consecutive rows by prompt (:func:`prompt_key`,
+no tokenizer needed), so prompts that share a prefix land in the same batches and their prefix is computed about
+once per window, not once per batch. A window is sorted inside a streaming task: no all-to-all exchange, no
+barrier across the dataset, so generation starts once the first window is preprocessed (with a ``preprocess``,
+Ray Data fuses the sort into its tasks). Its rows then come back grouped by prompt within each window. With
+``order_by_prefix=False`` rows come back in input order (the processor sets Ray Data's ``preserve_order`` on its
+own copy of the dataset's context).
 
-Each engine actor runs up to ``max_concurrent_batches`` batches at once (all rows of a batch are submitted
-together), so continuous batching overlaps the tail of one batch with the next.
+Each engine actor runs up to ``max_concurrent_batches`` batches at once, so continuous batching overlaps the tail of
+one batch with the next; engine progress (rows, tokens/s, cache hits) is logged from each actor after its first
+batch, then every ``log_interval_s`` seconds, and each row gets ``time_taken_llm``. A failing row raises an error
+naming the row, or, with ``should_continue_on_error``, gets the message in ``__inference_error__`` and skips
+``postprocess``.
 
 Tools: a ``messages`` row with ``tools`` (OpenAI's chat shape, a list or its JSON text) and optionally
 ``tool_choice`` is rendered and planned as ``/v1/chat/completions`` does (``required`` or a named function forces
@@ -26,67 +31,151 @@ the call format), and its output parsed into the ``tool_calls`` column (null for
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sgl_ray.configs.engine_args import EngineArgs
-from sgl_ray.deployments.data_rows import prompt_ids, prompt_key, row_tools, sampling_params, without_nulls
+from sgl_ray.deployments.data_rows import (
+    ERROR_COLUMN,
+    PROMPT_KEY,
+    Postprocess,
+    RowError,
+    prompt_key,
+    sort_window,
+)
+from sgl_ray.deployments.data_stage import (
+    OUTPUT_COLUMNS,
+    EngineStage,
+    Progress,
+    tool_calls_type,
+)
 from sgl_ray.errors import InvalidRequestError
 
 if TYPE_CHECKING:
-    import pyarrow as pa
     import ray.data
 
 Row = dict[str, Any]
 
-PROMPT_KEY = (
-    "__sgl_prompt_key"  # internal column: the rows' prompt_key, sorted on, dropped by the engine stage
-)
-_INPUT_COLUMNS = ("input_ids", "messages", "prompt", "sampling_params", "tools", "tool_choice")
-OUTPUT_COLUMNS = (
-    "generated_text",
-    "generated_tokens",
-    "num_input_tokens",
-    "num_generated_tokens",
-    "num_cached_tokens",
-    "finish_reason",
-    "tool_calls",
-)
+__all__ = [
+    "ERROR_COLUMN",
+    "OUTPUT_COLUMNS",
+    "PROMPT_KEY",
+    "Processor",
+    "ProcessorConfig",
+    "Progress",
+    "RowError",
+    "build_processor",
+    "prompt_key",
+    "tool_calls_type",
+]
 
 
 @dataclass(frozen=True)
 class ProcessorConfig:
-    """How the processor runs.
+    """How the processor runs (Ray Data LLM's names where it has one).
 
-    ``engine_kwargs`` are :class:`~sgl_ray.EngineArgs` fields (``model_path``, ``tp_size``, ``pp_size``,
-    ``max_total_tokens``, …); ``concurrency`` engine actors each hold one engine; ``batch_size`` rows go to an
-    engine at once, up to ``max_concurrent_batches`` batches per engine. ``num_cpus``/``num_gpus`` are reserved per
-    engine actor; ``num_gpus=None`` means 1 when the cluster (or, before ``ray.init``, this machine) has a GPU and
-    the engine runs in this actor, else 0 (with ``tp_size``/``pp_size``/``dp_size`` > 1 the engine's own actor
-    group reserves the devices).
+    - ``model_source``: the model (a path, a hub id or a ``.gguf`` file); the same as ``engine_kwargs["model_path"]``.
+      Neither: the embedded default model.
+    - ``engine_kwargs``: :class:`~sgl_ray.EngineArgs` fields (``tp_size``, ``max_total_tokens``, …).
+    - ``concurrency``: engine actors: ``n`` (a fixed pool) or ``(min, max)`` (an autoscaling pool).
+    - ``batch_size`` rows go to an engine at once, up to ``max_concurrent_batches`` batches per engine.
+    - ``apply_chat_template`` (Ray: ``chat_template_stage``, a bool or ``{"enabled", "chat_template_kwargs"}``):
+      render ``messages`` rows with the model's chat template; on by default.
+    - ``should_continue_on_error``: a failing row gets its error in ``__inference_error__`` ("" for good rows)
+      and default outputs, skips ``postprocess``, and the job goes on; off: the job fails naming the row.
+    - ``order_by_prefix``: sort each window of ``prefix_window`` rows by prompt (module docstring).
+    - ``log_interval_s``: each engine actor logs its progress after its first batch, then this often (0: never).
+    - ``num_cpus``/``num_gpus`` are reserved per engine actor; ``num_gpus=None`` means 1 when the cluster (or,
+      before ``ray.init``, this machine) has a GPU and the engine runs in this actor, else 0 (with
+      ``tp_size``/``pp_size``/``dp_size`` > 1 the engine's own actor group reserves the devices);
+      ``accelerator_type`` and ``runtime_env`` go to the engine actors as Ray Data's ``map_batches`` takes them.
     """
 
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    concurrency: int = 1
+    concurrency: int | tuple[int, int] = 1
     batch_size: int = 32
     max_concurrent_batches: int = 4
-    apply_chat_template: bool = False
+    apply_chat_template: bool = True
     order_by_prefix: bool = True
     num_cpus: float = 1.0
     num_gpus: float | None = None
+    model_source: str | None = None
+    should_continue_on_error: bool = False
+    chat_template_stage: bool | Mapping[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    prefix_window: int = 4096
+    log_interval_s: float = 10.0
+    accelerator_type: str | None = None
+    runtime_env: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("concurrency", "batch_size", "max_concurrent_batches"):
-            if getattr(self, name) < 1:
-                raise InvalidRequestError(f"{name}: must be >= 1", param=name)
+        for name in ("batch_size", "max_concurrent_batches", "prefix_window"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name}: must be an integer >= 1", param=name)
+        self.pool_size()  # validates concurrency
+        if self.log_interval_s < 0:
+            raise InvalidRequestError(
+                "log_interval_s: must be >= 0 (0: no progress log)", param="log_interval_s"
+            )
+        stage = self.chat_template_stage
+        if isinstance(stage, Mapping) and set(stage) - {"enabled", "chat_template_kwargs"}:
+            unknown = sorted(set(stage) - {"enabled", "chat_template_kwargs"})
+            raise InvalidRequestError(
+                f"chat_template_stage: only `enabled` and `chat_template_kwargs` are read, got {unknown}",
+                param="chat_template_stage",
+            )
+        path = self.engine_kwargs.get("model_path")
+        if self.model_source is not None and path is not None and path != self.model_source:
+            raise InvalidRequestError(
+                f"model_source={self.model_source!r} and engine_kwargs['model_path']={path!r} differ: give one",
+                param="model_source",
+            )
+
+    def pool_size(self) -> dict[str, int]:
+        """``ray.data.ActorPoolStrategy`` sizes: ``{"size": n}`` or ``{"min_size": m, "max_size": n}``.
+
+        >>> ProcessorConfig(concurrency=(1, 3)).pool_size()
+        {'min_size': 1, 'max_size': 3}
+        """
+        c = self.concurrency
+        if isinstance(c, int) and not isinstance(c, bool) and c >= 1:
+            return {"size": c}
+        if (
+            isinstance(c, (tuple, list))
+            and len(c) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in c)
+            and 1 <= c[0] <= c[1]
+        ):
+            return {"min_size": c[0], "max_size": c[1]}
+        raise InvalidRequestError(
+            f"concurrency: an integer >= 1 or a (min, max) pair with 1 <= min <= max, got {c!r}",
+            param="concurrency",
+        )
+
+    @property
+    def chat_template(self) -> tuple[bool, dict[str, Any] | None]:
+        """``(apply it, template kwargs)``: ``chat_template_stage`` where given, else ``apply_chat_template``."""
+        stage = self.chat_template_stage
+        if stage is None:
+            return self.apply_chat_template, self.chat_template_kwargs
+        if isinstance(stage, Mapping):
+            kwargs = stage.get("chat_template_kwargs", self.chat_template_kwargs)
+            return bool(stage.get("enabled", True)), kwargs
+        return bool(stage), self.chat_template_kwargs
+
+    @property
+    def engine_kwargs_with_model(self) -> dict[str, Any]:
+        """``engine_kwargs`` with ``model_source`` as ``model_path``."""
+        if self.model_source is None:
+            return dict(self.engine_kwargs)
+        return {**self.engine_kwargs, "model_path": self.model_source}
 
     @property
     def engine_args(self) -> EngineArgs:
         """The engine's arguments, validated (unknown fields raise ``TypeError``)."""
-        return EngineArgs(**self.engine_kwargs)
+        return EngineArgs(**self.engine_kwargs_with_model)
 
     def gpus_per_actor(self) -> float:
         if self.num_gpus is not None:
@@ -106,107 +195,6 @@ def _cluster_has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-# --- stages (callable classes: one instance per Ray Data actor) -----------------------------------------------------
-
-
-class _Preprocess:
-    """``preprocess`` (if any), then the :func:`prompt_key` column when the dataset is to be sorted."""
-
-    def __init__(self, preprocess: Callable[[Row], Row] | None, add_key: bool) -> None:
-        self.preprocess = preprocess
-        self.add_key = add_key
-
-    def __call__(self, row: Row) -> Row:
-        if self.preprocess is not None:
-            row = self.preprocess(row)
-        return {**row, PROMPT_KEY: prompt_key(row)} if self.add_key else row
-
-
-class _EngineStage:
-    """One :class:`sgl_ray.Engine` per actor; each batch is submitted at once, in the order it arrives."""
-
-    def __init__(
-        self, engine_kwargs: dict[str, Any], apply_chat_template: bool, max_concurrent_batches: int
-    ) -> None:
-        import sgl_ray
-        from sgl_ray.protocol.tool_prompt import ToolFormat
-        from sgl_ray.reasoning import get_reasoning_parser
-
-        self.engine = sgl_ray.Engine(**engine_kwargs)
-        self.apply_chat_template = apply_chat_template
-        self.max_concurrent_batches = max_concurrent_batches
-        self._slots: asyncio.Semaphore | None = None  # made in the actor's event loop, on first use
-        args = self.engine.args
-        self.tool_format = ToolFormat.for_tokenizer(self.engine.tokenizer, args.tool_call_parser)
-        self.reasoning = get_reasoning_parser(args.reasoning_parser) if args.reasoning_parser else None
-
-    def _request(self, row: Row) -> tuple[list[int], Any, Any]:
-        """``(prompt ids, sampling params, tool prompt or None)`` of one row."""
-        params = sampling_params(row.get("sampling_params"))
-        tools, tool_choice = row_tools(row)
-        if tools is None:
-            if tool_choice is not None:
-                raise InvalidRequestError("a row's tool_choice needs tools", param="tool_choice")
-            return prompt_ids(self.engine.tokenizer, row, self.apply_chat_template), params, None
-        if row.get("messages") is None or not self.apply_chat_template:
-            raise InvalidRequestError(
-                "rows with `tools` need `messages` and ProcessorConfig(apply_chat_template=True)",
-                param="tools",
-            )
-        from sgl_ray.entrypoints.requests import to_sampling_params
-        from sgl_ray.protocol.tool_prompt import tool_prompt
-
-        messages = [without_nulls(dict(m)) for m in row["messages"]]
-        prompt = tool_prompt(
-            self.engine.tokenizer,
-            self.tool_format,
-            messages,
-            tools,
-            to_sampling_params(params),
-            tool_choice=tool_choice,
-            reasoning=self.reasoning,
-        )
-        return prompt.input_ids, prompt.params, prompt
-
-    async def __call__(self, batch: pa.Table) -> pa.Table:
-        import pyarrow as pa
-
-        batch = batch.drop_columns([c for c in (PROMPT_KEY, *OUTPUT_COLUMNS) if c in batch.column_names])
-        inputs = {c: batch.column(c).to_pylist() for c in _INPUT_COLUMNS if c in batch.column_names}
-        rows = [{c: values[i] for c, values in inputs.items()} for i in range(batch.num_rows)]
-        if not rows:
-            return batch
-        token_lists, params, prompts = zip(*(self._request(r) for r in rows), strict=True)
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_concurrent_batches)
-        async with self._slots:
-            outs = await self.engine.async_generate(input_ids=list(token_lists), sampling_params=list(params))
-        assert isinstance(outs, list)
-        meta = [o["meta_info"] for o in outs]
-        columns = {
-            "generated_text": [o["text"] for o in outs],
-            "generated_tokens": [list(o["output_ids"]) for o in outs],
-            "num_input_tokens": [m["prompt_tokens"] for m in meta],
-            "num_generated_tokens": [m["completion_tokens"] for m in meta],
-            "num_cached_tokens": [m["cached_tokens"] for m in meta],
-            "finish_reason": [(m["finish_reason"] or {}).get("type") for m in meta],
-        }
-        for name, values in columns.items():
-            batch = batch.append_column(name, pa.array(values))
-        calls = [
-            None if p is None else [c._asdict() for c in p.parse(o["text"]).calls]
-            for p, o in zip(prompts, outs, strict=True)
-        ]
-        return batch.append_column("tool_calls", pa.array(calls, type=tool_calls_type()))
-
-
-def tool_calls_type() -> pa.DataType:
-    """The ``tool_calls`` column: per row, null (no tools) or a list of ``{name, arguments}`` (arguments: JSON)."""
-    import pyarrow as pa
-
-    return pa.list_(pa.struct([("name", pa.string()), ("arguments", pa.string())]))
-
-
 # --- the public builder -------------------------------------------------------------------------------------------
 
 
@@ -218,10 +206,14 @@ class Processor:
         config: ProcessorConfig,
         preprocess: Callable[[Row], Row] | None = None,
         postprocess: Callable[[Row], Row] | None = None,
+        preprocess_map_kwargs: dict[str, Any] | None = None,
+        postprocess_map_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.preprocess = preprocess
         self.postprocess = postprocess
+        self.preprocess_map_kwargs = dict(preprocess_map_kwargs or {})
+        self.postprocess_map_kwargs = dict(postprocess_map_kwargs or {})
         self.engine_args = config.engine_args  # validated here rather than later, inside the actors
         self.num_gpus = config.gpus_per_actor()
 
@@ -229,56 +221,95 @@ class Processor:
         import ray.data
 
         c = self.config
-        if self.preprocess is not None or c.order_by_prefix:
-            ds = ds.map(_Preprocess(self.preprocess, add_key=c.order_by_prefix))
+        if not c.order_by_prefix:
+            ds = _preserving_order(ds)
+        if self.preprocess is not None:
+            ds = ds.map(self.preprocess, **self.preprocess_map_kwargs)
         if c.order_by_prefix:
-            ds = ds.sort(PROMPT_KEY)
+            # The preprocess map's resources, so that Ray Data fuses the two into one task.
+            same = {k: v for k, v in self.preprocess_map_kwargs.items() if k in ("num_cpus", "memory")}
+            ds = ds.map_batches(sort_window, batch_size=c.prefix_window, batch_format="pyarrow", **same)
+            # A sorted window is one block: split it again, so its batches spread over the engine actors.
+            ds = ds.repartition(target_num_rows_per_block=c.batch_size)
+        apply_template, template_kwargs = c.chat_template
+        extra = {
+            k: v for k, v in (("accelerator_type", c.accelerator_type), ("runtime_env", c.runtime_env)) if v
+        }
         ds = ds.map_batches(
-            _EngineStage,
+            EngineStage,
             fn_constructor_kwargs={
-                "engine_kwargs": c.engine_kwargs,
-                "apply_chat_template": c.apply_chat_template,
+                "engine_kwargs": c.engine_kwargs_with_model,
+                "apply_chat_template": apply_template,
                 "max_concurrent_batches": c.max_concurrent_batches,
+                "should_continue_on_error": c.should_continue_on_error,
+                "chat_template_kwargs": template_kwargs,
+                "log_interval_s": c.log_interval_s,
             },
             batch_size=c.batch_size,
             batch_format="pyarrow",  # columns the engine does not read pass through untouched
             # Calls per actor: Ray Data keeps that many batches queued at each engine.
             compute=ray.data.ActorPoolStrategy(
-                size=c.concurrency, max_concurrent_calls_per_actor=c.max_concurrent_batches
+                **c.pool_size(), max_concurrent_calls_per_actor=c.max_concurrent_batches
             ),
             num_cpus=c.num_cpus,
             num_gpus=self.num_gpus,
+            **extra,
         )
         if self.postprocess is not None:
-            ds = ds.map(self.postprocess)
+            post = Postprocess(self.postprocess, c.should_continue_on_error)
+            ds = ds.map(post, **self.postprocess_map_kwargs)
         return ds
 
     def with_config(self, **changes: Any) -> Processor:
         """A copy with some :class:`ProcessorConfig` fields changed."""
-        return Processor(dataclasses.replace(self.config, **changes), self.preprocess, self.postprocess)
+        return Processor(
+            dataclasses.replace(self.config, **changes),
+            self.preprocess,
+            self.postprocess,
+            self.preprocess_map_kwargs,
+            self.postprocess_map_kwargs,
+        )
+
+
+def _preserving_order(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """``ds`` on its own copy of its Ray Data context, with ``preserve_order`` set: outputs in input order. (The
+    context is shared with the datasets ``ds`` came from, and may be the driver's global one: not changed.)"""
+    import ray.data
+
+    ds = ray.data.Dataset.copy(ds, _deep_copy=True)
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+_BUILDER_KWARGS = ("chat_template_kwargs",)
 
 
 def build_processor(
     config: ProcessorConfig,
     preprocess: Callable[[Row], Row] | None = None,
     postprocess: Callable[[Row], Row] | None = None,
+    preprocess_map_kwargs: dict[str, Any] | None = None,
+    postprocess_map_kwargs: dict[str, Any] | None = None,
+    builder_kwargs: dict[str, Any] | None = None,
 ) -> Processor:
-    """Build a batch-inference :class:`Processor` over a pool of sgl_ray engine actors.
+    """Build a batch-inference :class:`Processor` over a pool of sgl_ray engine actors (``ray.data.llm``'s
+    signature; ``ray.data.llm.build_processor`` with a :class:`ProcessorConfig` comes here too).
 
     ``preprocess(row)`` must give each row a ``prompt`` (text), ``messages`` (a chat, rendered with the model's
-    chat template when ``config.apply_chat_template``) or ``input_ids``, and optionally ``sampling_params`` (a
-    dict). A ``messages`` row may add ``tools`` (OpenAI's chat shape; a list, or its JSON text to keep schemas
-    exact through Arrow) and ``tool_choice``. Each output row keeps its columns and gains ``generated_text``,
-    ``generated_tokens``, ``num_input_tokens``, ``num_generated_tokens``, ``num_cached_tokens``, ``finish_reason``
-    and ``tool_calls`` (the calls parsed from the output: ``[{"name", "arguments"}]``, null for rows without
-    tools); then ``postprocess(row)`` shapes it.
+    chat template) or ``input_ids``, and optionally ``sampling_params`` (a dict). A ``messages`` row may add
+    ``tools`` (OpenAI's chat shape; a list, or its JSON text to keep schemas exact through Arrow) and
+    ``tool_choice``. Each output row keeps its columns and gains ``generated_text``, ``generated_tokens``,
+    ``num_input_tokens``, ``num_generated_tokens``, ``num_cached_tokens``, ``finish_reason``, ``tool_calls`` (the
+    calls parsed from the output: ``[{"name", "arguments"}]``, null for rows without tools) and ``time_taken_llm``
+    (seconds); then ``postprocess(row)`` shapes it. ``preprocess_map_kwargs``/``postprocess_map_kwargs`` go to
+    those stages' ``Dataset.map``; ``builder_kwargs`` may hold ``chat_template_kwargs``.
 
     Example::
 
         >>> import ray
         >>> from sgl_ray.deployments.data import ProcessorConfig, build_processor
         >>> processor = build_processor(
-        ...     ProcessorConfig(engine_kwargs={"max_total_tokens": 8192}, concurrency=1, apply_chat_template=True),
+        ...     ProcessorConfig(engine_kwargs={"max_total_tokens": 8192}, concurrency=1),
         ...     preprocess=lambda row: {
         ...         "messages": [{"role": "user", "content": row["question"]}],
         ...         "sampling_params": {"temperature": 0.0, "max_new_tokens": 32},
@@ -289,4 +320,39 @@ def build_processor(
         >>> for row in ds.take_all():  # doctest: +SKIP
         ...     print(row["question"], "->", row["answer"])
     """
-    return Processor(config, preprocess, postprocess)
+    if not isinstance(config, ProcessorConfig):
+        got = f"{type(config).__module__}.{type(config).__qualname__}"
+        raise TypeError(f"build_processor: config must be sgl_ray.deployments.ProcessorConfig, got {got}")
+    extra = dict(builder_kwargs or {})
+    unknown = sorted(set(extra) - set(_BUILDER_KWARGS))
+    if unknown:
+        raise TypeError(f"build_processor: unknown builder_kwargs {unknown} (known: {list(_BUILDER_KWARGS)})")
+    if "chat_template_kwargs" in extra:
+        config = dataclasses.replace(config, chat_template_kwargs=extra["chat_template_kwargs"])
+    return Processor(config, preprocess, postprocess, preprocess_map_kwargs, postprocess_map_kwargs)
+
+
+def _build_for_ray(config: ProcessorConfig, **kwargs: Any) -> Processor:
+    """The builder ``ray.data.llm.build_processor`` calls for a :class:`ProcessorConfig` (its ``builder_kwargs``
+    arrive as keyword arguments)."""
+    named = ("preprocess", "postprocess", "preprocess_map_kwargs", "postprocess_map_kwargs")
+    builder_kwargs = {k: v for k, v in kwargs.items() if k not in named}
+    return build_processor(config, **{k: kwargs.get(k) for k in named}, builder_kwargs=builder_kwargs)
+
+
+def register_with_ray_data_llm() -> bool:
+    """Register :class:`ProcessorConfig` in ``ray.data.llm``'s builder registry (``ProcessorBuilder``, keyed by the
+    config's class name), so ``ray.data.llm.build_processor(ProcessorConfig(...))`` builds our processor. Done on
+    import; returns whether this Ray has the registry."""
+    try:
+        from ray.llm._internal.batch.processor import ProcessorBuilder
+    except ImportError:
+        return False
+    try:
+        ProcessorBuilder.register(ProcessorConfig, _build_for_ray)
+    except ValueError:  # registered already (this module imported again): keep the first
+        pass
+    return True
+
+
+register_with_ray_data_llm()
