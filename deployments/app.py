@@ -14,6 +14,7 @@ from sgl_ray.deployments.ingress import OpenAIIngress
 from sgl_ray.deployments.llm_server import LLMServer
 from sgl_ray.deployments.lora_registry import LoRARegistry
 from sgl_ray.deployments.ray_llm_config import ModelSpec, check_scaling, deployment_name, model_specs
+from sgl_ray.deployments.resume import ResumePolicy
 from sgl_ray.errors import InvalidRequestError
 from sgl_ray.lora.adapter import parse_lora_paths, resolve_max_rank
 from sgl_ray.model_loader import default_model_path
@@ -28,6 +29,9 @@ _INGRESS_KEYS = (
     "max_sequences_per_request",
     "trust_request_chat_template",
     "tokenizer_threads",
+    "allowed_local_media_path",  # the directory under which image parts may name local files
+    "request_resume_timeout_s",
+    "max_request_resumes",
 )
 _ROUTERS = {
     "prefix-cache": "sgl_ray.deployments.router:PrefixCacheRouter",
@@ -51,8 +55,10 @@ def build_openai_app(args: dict[str, Any] | None = None) -> Application:
     (characters of one prompt, or of a chat request's messages together; default 16 per token of context),
     ``max_message_chars`` (of one chat message; default ``max_prompt_chars``), ``max_sequences_per_request``
     (prompts × ``n``; default 1024), ``trust_request_chat_template`` (let ``chat_template_kwargs.chat_template``
-    replace the server's chat template; default off) and ``tokenizer_threads`` (threads that decode, render and
-    tokenize requests off the event loop; default 2), and the ``LLMServer`` deployment's ``num_replicas`` or
+    replace the server's chat template; default off), ``tokenizer_threads`` (threads that decode, render and
+    tokenize requests off the event loop; default 2), ``request_resume_timeout_s`` and ``max_request_resumes``
+    (how a request whose replica dies is resumed on another; defaults 60 and 3: see
+    :class:`~sgl_ray.deployments.resume.ResumePolicy`), and the ``LLMServer`` deployment's ``num_replicas`` or
     ``autoscaling_config`` (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``, delays; both is an
     error), ``max_ongoing_requests``, ``ray_actor_options``; ``router`` (``prefix-cache``, the default, Serve's
     ``power-of-two`` or ``round-robin``) and ``routing_imbalance`` choose and tune the request router;
@@ -183,6 +189,7 @@ def _shared_options(args: dict[str, Any]) -> dict[str, Any]:
     threads = args.get("tokenizer_threads")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise InvalidRequestError("tokenizer_threads must be an integer >= 1", param="tokenizer_threads")
+    ResumePolicy.from_config(args)
     return {k: args[k] for k in _INGRESS_KEYS if k in args and k != "served_model_name"}
 
 

@@ -41,7 +41,8 @@ from sgl_ray.deployments.responses import (
     primed,
     unwrap,
 )
-from sgl_ray.deployments.running import Running, RunningRequests, abortable
+from sgl_ray.deployments.resume import ResumePolicy, Resumer
+from sgl_ray.deployments.running import Running, RunningRequests
 from sgl_ray.deployments.served_model import ServedModel
 from sgl_ray.deployments.server_routes import MODELS_PATH, ServerRoutes
 from sgl_ray.errors import InvalidRequestError, ModelNotFoundError, SglRayError
@@ -80,7 +81,8 @@ class OpenAIIngress(ServerRoutes):
     come from inside the cluster and need no API key.
 
     ``server``: the ``LLMServer`` deployment's handle; ``config``: ``model_path`` and, optionally,
-    ``served_model_name``, ``api_key``, ``max_body_bytes``, ``tokenizer_threads`` and the per-model options of
+    ``served_model_name``, ``api_key``, ``max_body_bytes``, ``tokenizer_threads``, ``request_resume_timeout_s`` and
+    ``max_request_resumes`` (:class:`~sgl_ray.deployments.resume.ResumePolicy`) and the per-model options of
     :class:`~sgl_ray.deployments.served_model.ServedModel`; ``registry``: a handle to the app's ``LoRARegistry``
     deployment, which every ingress replica follows (without one, adapters loaded at run time are known to this
     replica only). Several models: ``server`` and ``registry`` are ``{model id: handle}`` and ``config["models"]``
@@ -114,6 +116,7 @@ class OpenAIIngress(ServerRoutes):
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sgl-ray-tokenize")
         self.metrics = Metrics()
         self.running = RunningRequests()
+        self.resumer = Resumer(ResumePolicy.from_config(config))
         self._lora_starts: list[asyncio.Task] = []
         try:  # in a Serve replica the constructor runs on its event loop: follow the registries from now on
             loop = asyncio.get_running_loop()
@@ -258,8 +261,9 @@ class OpenAIIngress(ServerRoutes):
         priority: int | None = None,
     ) -> AsyncIterator:
         """``(choice index, RequestOutput)`` for every prompt × sample (choice index ``prompt_index * n +
-        sample``), from one replica call routed on the first prompt; ``running`` can abort them. Closing the
-        iterator cancels the stream (aborting its requests)."""
+        sample``), from one replica call routed on the first prompt (resumed on another replica if that one is
+        lost: :mod:`sgl_ray.deployments.resume`); ``running`` can abort them. Closing the iterator cancels the
+        stream (aborting its requests)."""
         payload = {
             "prompts": prompts,
             "sampling_params": params,
@@ -270,8 +274,7 @@ class OpenAIIngress(ServerRoutes):
             "lora_sync": model.lora.snapshot(),
             "priority": priority or 0,
         }
-        stream = model.server.options(stream=True).generate.remote(payload)
-        items = abortable(stream, running, prompts, params.n)
+        items = self.resumer.stream(model.server, payload, running, prompts, params.n)
         try:
             async for item in items:
                 yield item

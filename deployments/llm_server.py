@@ -13,6 +13,7 @@ import msgspec
 from ray import serve
 
 from sgl_ray.deployments.lora import ReplicaAdapters
+from sgl_ray.deployments.resume import astream_resumed
 from sgl_ray.entrypoints.engine import Engine
 from sgl_ray.scheduler.output import RequestOutput
 
@@ -47,30 +48,55 @@ class LLMServer:
         Cancelling the stream aborts every request and frees its KV.
 
         All prompts of one HTTP request come in one call (Serve propagates the caller's request id to nested
-        calls, so concurrent calls from one request must not race in the router)."""
+        calls, so concurrent calls from one request must not race in the router).
+
+        ``resume`` (set when the ingress resumes a request whose replica was lost; see
+        :mod:`sgl_ray.deployments.resume`): the choices to continue, one
+        :class:`~sgl_ray.deployments.resume.ResumePoint` each, instead of every prompt × ``n``."""
         self.adapters.sync(request.get("lora_sync"))
         prompts = request["prompts"]
-        n = getattr(request["sampling_params"], "n", None) or 1
+        params = request["sampling_params"]
+        n = getattr(params, "n", None) or 1
+        options = {
+            "return_logprob": request.get("return_logprob", False),
+            "top_logprobs_num": request.get("top_logprobs_num", 0),
+            "logprob_start_len": request.get("logprob_start_len", -1),
+            "priority": request.get("priority") or 0,
+        }
+        lora = request.get("lora_name")
+        resume = request.get("resume")
+        if resume is None:  # (first choice index, its stream of (sample, output)) per prompt
+            units = [
+                (
+                    p * n,
+                    self.engine.astream_outputs(
+                        ids,
+                        params,
+                        lora_path=lora,
+                        multimodal=getattr(ids, "multimodal", None),
+                        **options,
+                    ),
+                )
+                for p, ids in enumerate(prompts)
+            ]
+        else:
+            units = [
+                (point.index, astream_resumed(self.engine, prompts[point.index // n], params, point,
+                                              lora_name=lora, **options))
+                for point in resume
+            ]  # fmt: skip
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(p: int, ids: list[int]) -> None:
+        async def pump(base: int, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> None:
             try:
-                async for index, out in self.engine.astream_outputs(
-                    ids,
-                    request["sampling_params"],
-                    return_logprob=request.get("return_logprob", False),
-                    top_logprobs_num=request.get("top_logprobs_num", 0),
-                    logprob_start_len=request.get("logprob_start_len", -1),
-                    priority=request.get("priority") or 0,
-                    lora_path=request.get("lora_name"),
-                ):
-                    await queue.put((p * n + index, out))
+                async for index, out in outputs:
+                    await queue.put((base + index, out))
             except BaseException as e:  # handed to the caller below
                 await queue.put(e)
             finally:
                 await queue.put(None)
 
-        tasks = [asyncio.create_task(pump(p, ids)) for p, ids in enumerate(prompts)]
+        tasks = [asyncio.create_task(pump(base, outputs)) for base, outputs in units]
         live = len(tasks)
         try:
             while live:

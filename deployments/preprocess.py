@@ -16,6 +16,7 @@ import msgspec
 
 from sgl_ray import protocol as P
 from sgl_ray.errors import InvalidRequestError
+from sgl_ray.multimodal.chat import IngressImages
 from sgl_ray.sampling.params import SamplingParams
 
 
@@ -57,21 +58,25 @@ class Preprocessor:
         reasoning_parser: type | None,
         calls_as_text: Any,
         trust_request_chat_template: bool = False,
+        images: IngressImages | None = None,
     ) -> None:
+        """``images``: a vision-language model's image side (None: image parts are a 400)."""
         self.tokenizer, self.limits = tokenizer, limits
         self.context_length, self.vocab_size = context_length, vocab_size
         self.tool_parser, self.reasoning_parser = tool_parser, reasoning_parser
         self.calls_as_text = calls_as_text
         self.trust_request_chat_template = trust_request_chat_template
+        self.images = images
 
     def chat(self, req: P.ChatCompletionRequest) -> ChatInputs:
         """A chat request's prompt ids, sampling parameters and output parsing (tools, reasoning)."""
         self.limits.check_sequences(req.n or 1, param="n")
         self.limits.check_messages(req.messages)
         parsing = P.chat_output_parsing(req, self.tool_parser, self.reasoning_parser)
+        messages, urls, names = IngressImages.split_for(self.images, req.messages)
         ids = P.render_chat(
             self.tokenizer,
-            req.messages,
+            messages,
             req.generation_prompt,
             tools=req.tools if parsing.tools and parsing.tools.parser else None,
             template_kwargs=req.chat_template_kwargs,
@@ -79,6 +84,8 @@ class Preprocessor:
             trust_request_chat_template=self.trust_request_chat_template,
             continue_final_message=bool(req.continue_final_message),
         )
+        if urls:  # an ImagePrompt: placeholders expanded, the images with it
+            ids = self.images.attach(ids, urls, names)  # type: ignore[union-attr]
         P.check_prompt_length(len(ids), self.context_length)
         params = P.to_sampling_params(req, self.vocab_size, self.context_length, len(ids))
         return ChatInputs(ids, P.output_params(req, params, parsing), parsing)
@@ -131,6 +138,7 @@ class Preprocessor:
             prompts = [self.tokenizer.encode(t) for t in texts]
         else:
             prompts = [list(x) for x in ids_in] if batch else [list(ids_in)]  # type: ignore[arg-type, list-item, union-attr]
+        prompts = IngressImages.attach_generate(self.images, prompts, req.image_data, batch)
         param = "text" if texts is not None else "input_ids"
         for ids in prompts:
             P.check_prompt_length(len(ids), self.context_length, param=param)

@@ -8,6 +8,7 @@ disconnects cancels its replica stream (aborting the requests and freeing their 
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +25,7 @@ from sgl_ray.sampling.params import SamplingParams
 from sgl_ray.scheduler.output import RequestOutput
 
 JSON = "application/json"
+logger = logging.getLogger(__name__)
 
 
 class HTTPError(SglRayError):
@@ -156,6 +158,9 @@ class Reply(ABC):
                     yield framing.event(event)
             except SglRayError as e:
                 yield framing.error(e)
+            except Exception:  # after the 200 went out: still an error event and the end, never a silent cut
+                logger.exception("stream failed")
+                yield framing.error(HTTPError(500, "Internal server error", "internal_error"))
             finally:
                 await events.aclose()
             if framing.done:

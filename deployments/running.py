@@ -88,12 +88,17 @@ class RunningRequests:
 
 
 async def abortable(
-    stream: Any, running: Running, prompts: Sequence[Sequence[int]], n: int
+    stream: Any,
+    running: Running,
+    prompts: Sequence[Sequence[int]],
+    n: int,
+    last: dict[int, RequestOutput] | None = None,
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """``(choice index, output)`` from a replica ``stream`` (a Serve response generator of ``prompts`` × ``n``
     choices); once ``running`` is aborted, the choices that had not finished end with an ``abort`` output. Closing
-    the iterator cancels the stream."""
-    last: dict[int, RequestOutput] = {}
+    the iterator cancels the stream. ``last``: each choice's last output so far, kept up to date here (a resumed
+    request passes the one dict to each of its streams, so an abort ends only the choices still unfinished)."""
+    last = {} if last is None else last
     running.attach(stream)
     try:
         try:

@@ -18,6 +18,7 @@ from sgl_ray.errors import ModelNotFoundError
 from sgl_ray.lang.template import role_format_from_tokenizer
 from sgl_ray.lora.adapter import parse_lora_paths
 from sgl_ray.model_loader import load_hf_config, load_tokenizer, resolve_model
+from sgl_ray.multimodal.chat import IngressImages
 from sgl_ray.reasoning import get_reasoning_parser
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,9 @@ class ServedModel:
             reasoning_parser=self.reasoning_parser,
             calls_as_text=tool_format.calls_as_text,
             trust_request_chat_template=bool(config.get("trust_request_chat_template")),
+            images=IngressImages.for_model(
+                self.hf_config, source.local_dir, config.get("allowed_local_media_path")
+            ),
         )
         self.lora = IngressAdapters(
             self.model_id,

@@ -74,12 +74,18 @@ class ServerRoutes:
 
     async def server_info(self: OpenAIIngress, request: Request) -> Response:
         """SGLang-native: the first model's engine arguments at the top level (SGLang's server arguments), its
-        replica's scheduler counters in ``internal_states``, the version, and the same for every model in
-        ``models``. Secrets (the API key) are never included."""
+        replica's scheduler counters in ``internal_states``, the version, the same for every model in ``models``,
+        and in ``ingress`` this ingress replica's counts of requests resumed after their LLM replica was lost and
+        of those that could not be (:mod:`sgl_ray.deployments.resume`). Secrets (the API key) are never
+        included."""
         models = list(self.models.values())
         infos = await asyncio.gather(*(m.server.server_info.remote() for m in models))
         entries = [_server_entry(m, info) for m, info in zip(models, infos, strict=True)]
-        body = {**entries[0], "version": sgl_ray.__version__, "models": entries}
+        resumed = {
+            "resumed_requests": self.resumer.num_resumed,
+            "unresumable_requests": self.resumer.num_failed,
+        }
+        body = {**entries[0], "version": sgl_ray.__version__, "models": entries, "ingress": resumed}
         return json_response(msgspec.json.encode(body))
 
     # --- health --------------------------------------------------------------------------------------------------

@@ -4,15 +4,16 @@ Workloads (random token ids, greedy, every request runs to its full output lengt
 
 - ``bs1``: one request, ``bs1_input_len`` in; decode speed = (new tokens - 1) / (time after the first token).
 - ``offline N:IN:OUT`` (repeatable): N requests submitted at once.
-- ``shared-prefix N:PREFIX:SUFFIX:OUT``: N requests sharing a PREFIX-token prefix, radix cache on, then off.
+- ``shared-prefix N:PREFIX:SUFFIX:OUT``: N requests sharing a PREFIX-token prefix, radix cache on, then off (the
+  floor counts the prefix once: :func:`~sgl_ray.bench.roofline.shared_prefix_floor_s`).
 - transformers ``generate`` in the same run: batch 1 (``bs1`` sizes) and one static batch ``hf_batch``.
 - with ``ray``: ``bs1`` again through the Ray actors (a scheduler actor driving a shard actor), after the
   in-process engine has released the device.
 
 The device's copy bandwidth and matmul rate are measured at the start of the same run; each row reports the
 roofline floor and the fraction of it achieved, also against the phased floor (GEMM and attention phases bounded
-one by one and added); ``bs1`` rows also report the share of time the device waited
-between decode steps (CUDA only: absent on a CPU).
+one by one and added); a fraction above 1.0 is printed only with a warning. ``bs1`` rows also report the share of
+time the device waited between decode steps (CUDA only: absent on a CPU).
 
 Example (on a GPU, with a config-only model directory and random weights)::
 
@@ -34,12 +35,15 @@ from dataclasses import dataclass
 import torch
 
 from sgl_ray.bench.roofline import (
+    ABOVE_FLOOR,
     DeviceRates,
     ModelCost,
     decode_floor_tok_s,
+    format_fraction,
     max_batch_for,
     measure_device,
     prefill_s,
+    shared_prefix_floor_s,
     workload_floor_s,
 )
 from sgl_ray.configs.engine_args import EngineArgs
@@ -81,6 +85,11 @@ class Row:
     @property
     def phased_fraction(self) -> float | None:
         return self.tok_s / self.phased_floor_tok_s if self.phased_floor_tok_s else None
+
+    @property
+    def above_floor(self) -> bool:
+        """Faster than a floor allows: the floor's model of this workload is wrong (reported with a warning)."""
+        return any(f is not None and f > 1.0 for f in (self.fraction, self.phased_fraction))
 
 
 def _prompts(rng: random.Random, vocab: int, num: int, length: int) -> list[list[int]]:
@@ -168,6 +177,13 @@ def _log(row: Row) -> None:
     )
     if row.phases is not None:
         print(f"[roofline] {row.workload:<26} {format_phases(row.phases)}", file=sys.stderr, flush=True)
+    if row.above_floor:
+        print(f"[roofline] WARNING: {_above_floor(row)}", file=sys.stderr, flush=True)
+
+
+def _above_floor(row: Row) -> str:
+    plain, phased = format_fraction(row.fraction), format_fraction(row.phased_fraction)
+    return f"{row.workload} / {row.system} ran at {plain} of its floor, {phased} of the phased one: {ABOVE_FLOOR}."
 
 
 def format_phases(p: dict[str, float]) -> str:
@@ -249,10 +265,8 @@ def run_roofline(
         prefix = _prompts(rng, vocab, 1, plen)[0]
         shared = [prefix + s for s in _prompts(rng, vocab, num, slen)]
         wall, n_out, cached, _ = _timed(engine, shared, out)
-        batch = max_batch_for(num_slots, max_reqs, slen, out)
         floor, phased = (
-            workload_floor_s(cost, rates, num, plen + slen, out, batch, cached=plen, phased=p)
-            + workload_floor_s(cost, rates, 1, plen, 0, 1, phased=p)
+            shared_prefix_floor_s(cost, rates, num, plen, slen, out, num_slots, max_reqs, phased=p)
             for p in (False, True)
         )
         name = f"shared-prefix {num}x({plen}+{slen})/{out}"
@@ -340,8 +354,7 @@ def format_roofline(rates: DeviceRates, facts: dict, rows: list[Row]) -> str:
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         floor = f"{r.floor_tok_s:.0f}" if r.floor_tok_s else "-"
-        frac = f"{r.fraction:.2f}" if r.fraction else "-"
-        phased = f"{r.phased_fraction:.2f}" if r.phased_fraction else "-"
+        frac, phased = format_fraction(r.fraction), format_fraction(r.phased_fraction)
         cached = "-" if r.cached_tokens is None else str(r.cached_tokens)
         idle = "-" if r.gpu_idle is None else f"{100 * r.gpu_idle:.1f}%"
         lines.append(
@@ -349,10 +362,17 @@ def format_roofline(rates: DeviceRates, facts: dict, rows: list[Row]) -> str:
             f"| {idle} |"
         )
     lines += [f"- {r.workload}: {format_phases(r.phases)}" for r in rows if r.phases is not None]
+    lines += [f"- WARNING: {_above_floor(r)}" for r in rows if r.above_floor]
     return "\n".join(lines)
 
 
 def to_record(facts: dict, row: Row) -> str:
     return json.dumps(
-        {**facts, **dataclasses.asdict(row), "fraction": row.fraction, "phased_fraction": row.phased_fraction}
+        {
+            **facts,
+            **dataclasses.asdict(row),
+            "fraction": row.fraction,
+            "phased_fraction": row.phased_fraction,
+            "above_floor": row.above_floor,
+        }
     )

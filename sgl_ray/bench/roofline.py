@@ -18,6 +18,15 @@ routed to: with ``E`` experts and ``n`` tokens routed uniformly at random, ``E *
 per sparse layer on average (``k`` at batch 1, all of them for a large prefill). ``W`` then depends on the step
 (:meth:`ModelCost.step_weight_bytes`).
 
+A *shared prefix* (``shared`` tokens every request of a workload starts with) is computed once and held once in
+the KV pool, as the radix cache does: prefill computes it for one request and only the suffixes for the others,
+a decode step reads its KV once for the whole batch (``(shared + B * (ctx - shared)) * kv_bytes``; attention
+FLOPs still count it for every request, since each query attends to it), and the KV pool's fit counts its pages
+once (``B = (slots - shared) // (in - shared + out)``; :func:`shared_prefix_floor_s`).
+
+A floor that a measurement beats is not a floor: :func:`format_fraction` prints a share above 1.0 only with a
+warning attached.
+
 That ``max`` assumes the weight reads, the KV reads and the FLOPs of a step could all overlap. The engine runs a
 step's kernels one after another, and its two kinds of work have different limits: the GEMMs (weights, ``2 * P``
 FLOPs per token) and attention (KV bytes, ``4 * ctx * H * D * layers`` FLOPs per token). The *phased* floor
@@ -99,12 +108,19 @@ class ModelCost:
 
 
 def decode_step_s(
-    cost: ModelCost, rates: DeviceRates, batch: int, context: float, phased: bool = False
+    cost: ModelCost,
+    rates: DeviceRates,
+    batch: int,
+    context: float,
+    phased: bool = False,
+    shared: float = 0,
 ) -> float:
-    """Floor of one decode step of ``batch`` requests at ``context`` tokens each (``phased``: see the module)."""
+    """Floor of one decode step of ``batch`` requests at ``context`` tokens each, the first ``shared`` of them
+    common to all (their KV read once); ``phased``: see the module."""
     bw, rate = rates.copy_bytes_per_s, rates.matmul_flops_per_s
     gemm_bytes, gemm_flops = cost.step_weight_bytes(batch), batch * 2 * cost.matmul_params
-    attn_bytes = batch * context * cost.kv_bytes_per_token
+    shared = min(shared, context)
+    attn_bytes = (shared + batch * (context - shared)) * cost.kv_bytes_per_token
     attn_flops = batch * cost.attn_flops_per_ctx * context
     if phased:
         return max(gemm_bytes / bw, gemm_flops / rate) + max(attn_bytes / bw, attn_flops / rate)
@@ -139,20 +155,46 @@ def workload_floor_s(
     max_batch: int,
     cached: int = 0,
     phased: bool = False,
+    shared: int = 0,
 ) -> float:
-    """Least time for ``num`` requests of ``input_len`` in / ``output_len`` out, ``max_batch`` at once."""
+    """Least time for ``num`` requests of ``input_len`` in / ``output_len`` out, ``max_batch`` at once, the first
+    ``cached`` prompt tokens of each already computed and the first ``shared`` common to all (read once per step).
+    """
     total = prefill_s(cost, rates, num, input_len, cached, phased)
     rounds, last = divmod(num, max_batch)
     context = input_len + output_len / 2
-    total += rounds * output_len * decode_step_s(cost, rates, max_batch, context, phased)
+    total += rounds * output_len * decode_step_s(cost, rates, max_batch, context, phased, shared)
     if last:
-        total += output_len * decode_step_s(cost, rates, last, context, phased)
+        total += output_len * decode_step_s(cost, rates, last, context, phased, shared)
     return total
 
 
-def max_batch_for(num_slots: int, max_running: int, input_len: int, output_len: int) -> int:
-    """Requests that fit at once: the request limit, and whole sequences in the KV pool."""
-    return max(1, min(max_running, num_slots // (input_len + output_len)))
+def shared_prefix_floor_s(
+    cost: ModelCost,
+    rates: DeviceRates,
+    num: int,
+    prefix_len: int,
+    suffix_len: int,
+    output_len: int,
+    num_slots: int,
+    max_running: int,
+    phased: bool = False,
+) -> float:
+    """Least time for ``num`` requests of one common ``prefix_len``-token prefix and their own ``suffix_len``
+    tokens, ``output_len`` out each, with ``num_slots`` KV slots and ``max_running`` requests at most: the prefix
+    prefilled once, and its KV held once (in the pool's fit) and read once per decode step."""
+    batch = max_batch_for(num_slots, max_running, prefix_len + suffix_len, output_len, shared=prefix_len)
+    prefix = prefill_s(cost, rates, 1, prefix_len, phased=phased) if prefix_len else 0.0
+    rest = workload_floor_s(
+        cost, rates, num, prefix_len + suffix_len, output_len, batch, prefix_len, phased, shared=prefix_len
+    )
+    return prefix + rest
+
+
+def max_batch_for(num_slots: int, max_running: int, input_len: int, output_len: int, shared: int = 0) -> int:
+    """Requests that fit at once: the request limit, and whole sequences in the KV pool, the first ``shared``
+    tokens of every prompt (a common prefix) held once."""
+    return max(1, min(max_running, (num_slots - shared) // (input_len - shared + output_len)))
 
 
 def _cuda_time(fn, iters: int) -> float:
@@ -194,3 +236,20 @@ def measure_device(device: torch.device, dtype: torch.dtype = torch.bfloat16) ->
 def fraction(floor_s: float, measured_s: float) -> float:
     """Share of the roofline achieved (1.0 = at the floor)."""
     return floor_s / measured_s if measured_s > 0 else math.nan
+
+
+ABOVE_FLOOR = "faster than a floor allows, so the floor's model of this workload is wrong"
+
+
+def format_fraction(value: float | None) -> str:
+    """A share of a floor for a report: ``-`` when there is none, two decimals up to 1.0, and above 1.0 never
+    bare — the number with a warning (a beaten floor is not a floor; fix the model, do not report the number).
+
+    >>> format_fraction(0.934), format_fraction(None), format_fraction(1.23)
+    ('0.93', '-', '1.23 (WARNING: above the floor)')
+    """
+    if value is None or math.isnan(value):
+        return "-"
+    if value > 1.0:
+        return f"{value:.2f} (WARNING: above the floor)"
+    return f"{value:.2f}"

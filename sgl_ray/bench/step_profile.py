@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sgl_ray.bench.roofline import DeviceRates, ModelCost, decode_step_s, measure_device
+from sgl_ray.bench.roofline import DeviceRates, ModelCost, decode_step_s, format_fraction, measure_device
 from sgl_ray.configs.engine_args import EngineArgs
 
 
@@ -193,7 +193,7 @@ def format_profile(p: StepProfile, top: int = 30) -> str:
     lines = [
         f"decode step, batch {p.batch_size} x context {p.context}: {p.step_ms:.3f} ms per step "
         f"({p.replays} replays); floor {p.floor_ms:.3f} ms at {p.rates.copy_bytes_per_s / 1e9:.0f} GB/s "
-        f"-> {p.fraction:.2f} of the floor",
+        f"-> {format_fraction(p.fraction)} of the floor",
         f"profiled {p.profiled} steps: {a.window_us * per:.1f} µs per step, of which idle {a.idle_us * per:.1f} µs",
         f"{'kernel [grid]':<58} {'per step':>8} {'µs/step':>9} {'share':>6} {'µs each':>8}",
     ]

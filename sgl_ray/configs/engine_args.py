@@ -195,13 +195,20 @@ class EngineArgs:
     # Speculative decoding (docs/speculative.md; names and meanings as SGLang's)
     speculative_algorithm: str | None = field(
         default=None,
-        metadata={"help": "NGRAM (drafts from the request's own tokens) | STANDALONE (a small draft model)"},
+        metadata={
+            "help": "NGRAM (drafts from the request's own tokens) | STANDALONE (a small draft model) | EAGLE | "
+            "EAGLE3 (an EAGLE head over the target's hidden states)"
+        },
     )
     speculative_draft_model_path: str | None = field(
-        default=None, metadata={"help": "STANDALONE: the draft model (same vocabulary as the target)"}
+        default=None,
+        metadata={
+            "help": "STANDALONE: the draft model (same vocabulary as the target); EAGLE/EAGLE3: the head"
+        },
     )
     speculative_num_steps: int | None = field(
-        default=None, metadata={"help": "STANDALONE: draft tokens per verify step (default 3)"}
+        default=None,
+        metadata={"help": "STANDALONE, EAGLE, EAGLE3: draft tokens per verify step (default 3)"},
     )
     speculative_eagle_topk: int | None = field(
         default=None, metadata={"help": "drafts per step and position; only 1 (chain drafts) so far"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import random
@@ -22,6 +23,8 @@ from sgl_ray.model_loader import (
     load_tokenizer,
     resolve_model,
 )
+from sgl_ray.multimodal.config import check_engine_args
+from sgl_ray.multimodal.processor import attach_images, create_processor
 from sgl_ray.sampling.params import SamplingParams
 from sgl_ray.scheduler.output import RequestOutput
 from sgl_ray.scheduler.request import Req
@@ -67,6 +70,9 @@ class Engine:
         if args.speculative_draft_model_path is not None:
             check_draft_tokenizer(self.tokenizer, args.speculative_draft_model_path)
         self.eos_token_ids = self._eos_ids(self.model_config.eos_token_ids)
+        # Vision-language models: the image processor (it runs on the caller's thread, off the step loop)
+        check_engine_args(hf_config, args)
+        self.image_processor = create_processor(hf_config, source.local_dir)
         self._rng = random.Random(args.random_seed)
         self.model_path = path
         if args.uses_ray:
@@ -101,6 +107,7 @@ class Engine:
         top_logprobs_num: int,
         priority: int,
         lora_path: str | Sequence[str | None] | None = None,
+        image_data: Any = None,
     ) -> tuple[list[RequestSpec], bool]:
         prompts, token_lists, is_batch = normalize_batch(prompt, input_ids)
         if prompts is not None:
@@ -110,6 +117,7 @@ class Engine:
                 )
             token_lists = [self.tokenizer.encode(p) for p in prompts]
         assert token_lists is not None
+        token_lists, images = attach_images(self.image_processor, list(token_lists), image_data, is_batch)
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(token_lists):
                 raise InvalidRequestError("sampling_params list must match the number of prompts")
@@ -127,8 +135,10 @@ class Engine:
         else:
             loras = list(lora_path)
         specs = [
-            RequestSpec(ids, p, return_logprob, logprob_start_len, top_logprobs_num, priority, lora)
-            for ids, p, lora in zip(token_lists, params, loras, strict=True)
+            RequestSpec(
+                ids, p, return_logprob, logprob_start_len, top_logprobs_num, priority, lora, multimodal=mm
+            )
+            for ids, p, lora, mm in zip(token_lists, params, loras, images, strict=True)
         ]
         return specs, is_batch
 
@@ -149,10 +159,14 @@ class Engine:
         stream: bool = False,
         priority: int = 0,
         lora_path: str | Sequence[str | None] | None = None,
+        image_data: Any = None,
     ) -> dict | list[dict] | Iterator[dict]:
         """Generate completions (blocking). With ``stream=True`` returns an iterator of chunks whose ``text`` and
         ``output_ids`` are deltas (several requests' chunks interleave; tell them apart by ``meta_info["id"]``).
-        ``lora_path`` names a loaded LoRA adapter (one for all prompts, or a list with None for the base model)."""
+        ``lora_path`` names a loaded LoRA adapter (one for all prompts, or a list with None for the base model).
+        ``image_data`` (vision-language models): the images of a prompt whose text holds one image placeholder
+        per image (Qwen2-VL: ``<|vision_start|><|image_pad|><|vision_end|>``), as PIL images, paths, bytes or
+        ``data:`` URLs; one image or a list, or for a batch a list of those per prompt (see docs/vision.md)."""
         specs, is_batch = self._specs(
             prompt,
             sampling_params,
@@ -162,6 +176,7 @@ class Engine:
             top_logprobs_num,
             priority,
             lora_path,
+            image_data,
         )
         inbox: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
         groups = self._submit(specs, inbox.put)
@@ -193,9 +208,13 @@ class Engine:
         stream: bool = False,
         priority: int = 0,
         lora_path: str | Sequence[str | None] | None = None,
+        image_data: Any = None,
     ) -> dict | list[dict] | AsyncIterator[dict]:
-        """Async ``generate``; with ``stream=True`` returns an async iterator of delta chunks."""
-        specs, is_batch = self._specs(
+        """Async ``generate``; with ``stream=True`` returns an async iterator of delta chunks. Images are
+        preprocessed in the loop's default executor, not on the event loop."""
+        loop = asyncio.get_running_loop()
+        specs_of = functools.partial(
+            self._specs,
             prompt,
             sampling_params,
             input_ids,
@@ -204,8 +223,9 @@ class Engine:
             top_logprobs_num,
             priority,
             lora_path,
+            image_data,
         )
-        loop = asyncio.get_running_loop()
+        specs, is_batch = specs_of() if image_data is None else await loop.run_in_executor(None, specs_of)
         inbox: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         groups = self._submit(specs, lambda out: loop.call_soon_threadsafe(inbox.put_nowait, out))
         builders = {r.rid: ResultBuilder(r.rid, return_logprob) for g in groups for r in g}
@@ -235,9 +255,11 @@ class Engine:
         logprob_start_len: int = -1,
         priority: int = 0,
         lora_path: str | None = None,
+        multimodal: Any = None,
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """The raw delta stream of one prompt: ``(sample index, RequestOutput)`` for its ``n`` samples, in the
-        order the engine produces them (what a server turns into OpenAI chunks). Leaving early aborts them."""
+        order the engine produces them (what a server turns into OpenAI chunks). Leaving early aborts them.
+        ``multimodal``: the images of ``input_ids`` (placeholders expanded), from the ingress's preprocessing."""
         spec = RequestSpec(
             list(input_ids),
             to_sampling_params(sampling_params),
@@ -246,6 +268,7 @@ class Engine:
             top_logprobs_num,
             priority,
             lora_path,
+            multimodal=multimodal,
         )
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()

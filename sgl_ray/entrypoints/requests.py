@@ -49,6 +49,7 @@ class RequestSpec:
     priority: int = 0
     lora_name: str | None = None
     rid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    multimodal: Any = None  # multimodal.MultimodalInputs of input_ids (expanded image placeholders)
 
     def to_reqs(self, eos_token_ids: tuple[int, ...], rng: random.Random, vocab_size: int) -> list[Req]:
         p = self.params.normalized()
@@ -59,6 +60,8 @@ class RequestSpec:
             raise InvalidRequestError(
                 "input_ids contain a token id outside the vocabulary", param="input_ids"
             )
+        mm = self.multimodal
+        prompt_ids = mm.keyed_ids(self.input_ids, vocab_size) if mm is not None else self.input_ids
         base_seed = p.seed if p.seed is not None else rng.getrandbits(63)
         group = RequestGroup() if p.n > 1 else None
         reqs = []
@@ -66,7 +69,7 @@ class RequestSpec:
             reqs.append(
                 Req(
                     rid=self.rid if p.n == 1 else f"{self.rid}-{i}",
-                    prompt_ids=list(self.input_ids),
+                    prompt_ids=list(prompt_ids),
                     sampling=p,
                     seed=child_seed(base_seed, i),
                     eos_token_ids=eos_token_ids,
@@ -77,6 +80,7 @@ class RequestSpec:
                     extra_key=self.lora_name,  # KV computed under an adapter is only shared under it
                     lora_name=self.lora_name,
                     group=group,
+                    multimodal=mm,
                 )
             )
         return reqs

@@ -145,8 +145,10 @@ def load_hf_config(source: ModelSource) -> PretrainedConfig:
     """
     from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(source.local_dir)
+    from sgl_ray.multimodal.config import language_model_config
+
+    try:  # a vision-language config: its language model's, with the vision parts attached
+        return language_model_config(AutoConfig.from_pretrained(source.local_dir))
     except Exception as exc:
         raise ModelLoadError(
             f"cannot load the config of {source.model_path!r} from {source.local_dir}: {exc}"

@@ -217,6 +217,9 @@ class LlamaModel(nn.Module):
         )
         self.norm = flags.rms_norm(config.hidden_size, config.rms_norm_eps) if shard.is_last_stage else None
         self.norms_folded = False  # see LlamaForCausalLM.fold_norm_weights
+        # EAGLE-3 drafts read the residual stream at the input of these layers (num_layers: after the last one),
+        # appended to ``batch.captured_hidden`` in this order (see models.llama_eagle)
+        self.capture_layers: tuple[int, ...] = ()
 
     def forward(
         self, batch: ForwardBatch, intermediate: Intermediate | None = None
@@ -231,19 +234,40 @@ class LlamaModel(nn.Module):
         cos_sins = [rotary.cos_sin_for(batch, hidden.dtype) for rotary in self.rotaries]
         layers = self.layers[self.start : self.end]
         rotary_of = self.rotary_of_layer[self.start : self.end]
+        capture = self._capture_to(batch)
         if self.norms_folded and fused_linear.FOLD_NORMS and self._runs_folded(layers, hidden, batch):
             assert intermediate is None and self.norm is not None, "folded norms need a single stage"
-            h, sumsq = hidden, None
-            for layer, r in zip(layers, rotary_of, strict=True):
+            h, sumsq = hidden, None  # h: the residual stream at each layer's input
+            for i, (layer, r) in enumerate(zip(layers, rotary_of, strict=True), self.start):
+                if capture is not None:
+                    self._capture(capture, i, h.clone())  # the layer may add into h in place
                 h, sumsq = layer.forward_folded(cos_sins[r], h, sumsq, batch)
+            if capture is not None:
+                self._capture(capture, self.end, h)
             return self.norm(h)
-        for layer, r in zip(layers, rotary_of, strict=True):
+        for i, (layer, r) in enumerate(zip(layers, rotary_of, strict=True), self.start):
+            if capture is not None:
+                self._capture(capture, i, hidden.clone() if residual is None else hidden + residual)
             hidden, residual = layer(cos_sins[r], hidden, residual, batch)
+        if capture is not None:
+            self._capture(capture, self.end, hidden + residual)
         if self.norm is None:
             assert residual is not None
             return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def _capture_to(self, batch: ForwardBatch) -> list | None:
+        """The list the captured layer inputs go to (one single-stage model: every captured layer is local)."""
+        if not self.capture_layers:
+            return None
+        batch.captured_hidden = [None] * len(self.capture_layers)
+        return batch.captured_hidden
+
+    def _capture(self, capture: list, layer: int, stream: torch.Tensor) -> None:
+        for j, wanted in enumerate(self.capture_layers):
+            if wanted == layer:
+                capture[j] = stream
 
     @staticmethod
     def _runs_folded(layers: Iterable[LlamaDecoderLayer], x: torch.Tensor, batch: ForwardBatch) -> bool:

@@ -13,6 +13,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("sgl_ray.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("sgl_ray.models.qwen", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("sgl_ray.models.qwen", "Qwen3ForCausalLM"),
+    "Qwen2VLForConditionalGeneration": ("sgl_ray.models.qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    # the same model: the vision tower's flags come from its config (models.qwen2_vl_vision.VisionShape)
+    "Qwen2_5_VLForConditionalGeneration": ("sgl_ray.models.qwen2_vl", "Qwen2VLForConditionalGeneration"),
     "Olmo2ForCausalLM": ("sgl_ray.models.olmo2", "Olmo2ForCausalLM"),
     "GraniteForCausalLM": ("sgl_ray.models.granite", "GraniteForCausalLM"),
     "Phi3ForCausalLM": ("sgl_ray.models.phi3", "Phi3ForCausalLM"),
@@ -26,6 +29,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "GptOssForCausalLM": ("sgl_ray.models.gpt_oss", "GptOssForCausalLM"),
     "DeepseekV2ForCausalLM": ("sgl_ray.models.deepseek", "DeepseekV2ForCausalLM"),
     "DeepseekV3ForCausalLM": ("sgl_ray.models.deepseek", "DeepseekV3ForCausalLM"),
+    # EAGLE draft heads (speculative_algorithm EAGLE / EAGLE3 load them, whatever their config names)
+    "LlamaForCausalLMEagle": ("sgl_ray.models.llama_eagle", "LlamaForCausalLMEagle"),
+    "LlamaForCausalLMEagle3": ("sgl_ray.models.llama_eagle", "LlamaForCausalLMEagle3"),
 }
 
 

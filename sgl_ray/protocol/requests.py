@@ -39,10 +39,12 @@ class StreamOptions(_Body, kw_only=True):
 
 
 class ContentPart(_Body, kw_only=True):
-    """One part of a message's ``content`` list. Only ``{"type": "text", "text": ...}`` is supported now."""
+    """One part of a message's ``content`` list: ``{"type": "text", "text": ...}``, or for a vision-language model
+    ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`` (see sgl_ray.multimodal.chat)."""
 
     type: str
     text: str | None = None
+    image_url: dict[str, Any] | str | None = None
 
 
 class ChatMessage(_Body, kw_only=True):
@@ -66,8 +68,12 @@ class ChatMessage(_Body, kw_only=True):
         check_message_tool_calls(self.role, self.tool_calls, self.tool_call_id)
         if isinstance(self.content, list):
             for part in self.content:
+                if part.type == "image_url":
+                    continue  # its URL is checked where the images are read (sgl_ray.multimodal.chat)
                 if part.type in _IMAGE_PART_TYPES:
-                    raise InvalidRequestError("image inputs are not supported yet", param="messages")
+                    raise InvalidRequestError(
+                        f"content part type '{part.type}' is not supported; use 'image_url'", param="messages"
+                    )
                 if part.type != "text":
                     raise InvalidRequestError(
                         f"content part type '{part.type}' is not supported; use 'text'", param="messages"
@@ -290,6 +296,8 @@ class GenerateRequest(_Body, kw_only=True):
     model: str | None = None
     lora_path: str | None = None  # a loaded LoRA adapter's name
     separate_reasoning: bool = False  # split the server's reasoning parser's reasoning into "reasoning_text"
+    # vision-language models: a prompt's images (one or a list; for a batch, one entry per prompt) as data: URLs
+    image_data: Any = None
 
     def check(self) -> None:
         if (self.text is None) == (self.input_ids is None):

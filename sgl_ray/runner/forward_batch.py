@@ -39,6 +39,9 @@ class ForwardBatch:
     attn_backend: AttentionBackend
     attn_metadata: Any = None
     moe_backend: MoEBackend | None = None  # set for models with MoE layers
+    # EAGLE-3: the model appends the residual stream at the input of its ``capture_layers`` here ([T, hidden] each)
+    captured_hidden: list[torch.Tensor] | None = None
+    multimodal: Any = None  # multimodal.runner.MultimodalBatch of a step with image requests (VL models)
 
     @property
     def batch_size(self) -> int:

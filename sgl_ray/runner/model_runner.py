@@ -28,6 +28,7 @@ from sgl_ray.mem_cache.kv_scales import CheckpointKVScales
 from sgl_ray.model_loader.quantized import quantized_weights
 from sgl_ray.model_loader.weights import WeightStream, fill_random_weights
 from sgl_ray.models.registry import get_model_class
+from sgl_ray.multimodal.runner import MultimodalState
 from sgl_ray.runner.cuda_graph import CudaGraphRunner
 from sgl_ray.runner.forward_batch import ForwardBatch
 from sgl_ray.runner.memory import KVCapacity, kv_cache_dtype, plan_kv_capacity
@@ -96,6 +97,8 @@ class ModelRunner:
         # Speculative decoding (None when off): the draft model, if any, and the verification of drafts
         self.spec = SpecWorker.create(args, model_config)
         self.model = self._load_model(weights)
+        if self.spec is not None:
+            self.spec.bind_target(self.model)  # an EAGLE head shares weights and reads hidden states
         self.weight_bytes = weight_nbytes(self.model)
         logger.info(
             "weights: %.1f MiB as held%s",
@@ -122,6 +125,10 @@ class ModelRunner:
             else None
         )
         self.sampler = Sampler()
+        # Vision-language models: each request's images and the image embedding cache
+        self.multimodal = (
+            MultimodalState(self.model, self.device) if hasattr(self.model, "embed_images") else None
+        )
         self.cuda_graphs: CudaGraphRunner | None = None
         # Set to a list to record (batch size, start event, end event) of every CUDA step (see gpu_idle_fraction).
         self.step_trace: StepTrace | None = None
@@ -192,13 +199,15 @@ class ModelRunner:
         return self.info
 
     def _use_cuda_graphs(self) -> bool:
-        """Graphs for decode on CUDA, unless disabled; pipeline stages exchange activations outside them."""
+        """Graphs for decode on CUDA, unless disabled; pipeline stages exchange activations outside them, and an
+        EAGLE head reads every step's hidden states."""
         return (
             self.device.type == "cuda"
             and not self.args.disable_cuda_graph
             and self.shard.pp_size == 1
             and self.attn_backend.supports_cuda_graph
             and (self.moe_backend is None or self.moe_backend.supports_cuda_graph)
+            and (self.spec is None or not self.spec.needs_hidden)
         )
 
     def plan_capacity(self) -> KVCapacity:
@@ -316,6 +325,8 @@ class ModelRunner:
                 for r in plan.new_requests
             ]
         )
+        if self.multimodal is not None:
+            self.multimodal.admit(plan)
         if plan.lora_loads:
             assert self.lora is not None, "LoRA is not enabled on this runner"
             for load in plan.lora_loads:
@@ -341,12 +352,21 @@ class ModelRunner:
             input_ids = self.spec.before_forward(plan, self._h2d(plan.input_ids))
         graphs = self.cuda_graphs
         slots = plan.lora_slots if self.lora is not None else None
-        if graphs is not None and plan.is_plain_decode() and graphs.can_run(plan.batch_size, slots):
+        with_images = self.multimodal is not None and self.multimodal.involves(plan)  # M-RoPE: not in graphs
+        if (
+            graphs is not None
+            and plan.is_plain_decode()
+            and not with_images
+            and graphs.can_run(plan.batch_size, slots)
+        ):
             logits = graphs.replay(
                 plan.input_ids, plan.prefix_lens, plan.out_cache_loc, plan.req_pool_idxs, slots
             )
             return self._sample_or_defer(plan, logits, logits[:0])
         batch, sample_rows, logprob_rows = self._build_batch(plan, input_ids)
+        if with_images:
+            assert self.multimodal is not None
+            batch.multimodal = self.multimodal.step(plan)
         shard = self.shard
         intermediate = None
         if not shard.is_first_stage:
@@ -365,6 +385,8 @@ class ModelRunner:
             assert shard.pipe is not None
             shard.pipe.send(list(hidden))
             return {}
+        if self.spec is not None:
+            self.spec.after_forward(batch, hidden)
         rows = self._h2d(np.concatenate([sample_rows, logprob_rows]))
         logits = self.model.compute_logits(hidden[rows])  # [S + L, vocab]
         return self._sample_or_defer(plan, logits[: len(sample_rows)], logits[len(sample_rows) :])

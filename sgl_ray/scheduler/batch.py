@@ -54,11 +54,11 @@ class BatchEntry:
             elif k > 0:
                 out.output_top_logprobs = [[]]
         if self.input_lp_count:
-            targets = req.prompt_ids[self.input_lp_start : self.input_logprob_end]
+            targets = req.model_prompt_ids[self.input_lp_start : self.input_logprob_end]
             lps: list[tuple[float | None, int]] = list(zip(self.input_logprobs, targets, strict=True))
             tops = [t[:k] for t in self.input_top] if k > 0 else None
             if self.input_lp_start == 1 and req.logprob_start_len == 0:
-                lps.insert(0, (None, req.prompt_ids[0]))
+                lps.insert(0, (None, req.model_prompt_ids[0]))
                 if tops is not None:
                     tops.insert(0, [])
             out.input_logprobs = lps
@@ -156,7 +156,7 @@ class ScheduledBatch:
                     t
                     for e in entries
                     if e.input_lp_count
-                    for t in e.req.prompt_ids[e.input_lp_start : e.input_logprob_end]
+                    for t in e.req.model_prompt_ids[e.input_lp_start : e.input_logprob_end]
                 ],
                 dtype=i64,
             )
@@ -232,6 +232,7 @@ def _new_request(req: Req) -> NewRequest:
         sampling=p,
         seed=req.seed,
         eos_token_ids=[] if p.ignore_eos else list(req.eos_token_ids),
-        prompt_ids=list(req.prompt_ids) if p.repetition_penalty != 1.0 else [],
+        prompt_ids=list(req.model_prompt_ids) if p.repetition_penalty != 1.0 else [],
         output_ids=list(req.output_ids),
+        multimodal=req.multimodal,
     )

@@ -44,7 +44,7 @@ class _TextState:
         p = req.sampling
         self.detok = IncrementalDetokenizer(
             tokenizer,
-            prompt_ids=req.prompt_ids,
+            prompt_ids=req.model_prompt_ids,
             skip_special_tokens=p.skip_special_tokens,
             spaces_between_special_tokens=p.spaces_between_special_tokens,
         )

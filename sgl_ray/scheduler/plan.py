@@ -10,6 +10,7 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 
+from sgl_ray.multimodal.inputs import MultimodalInputs
 from sgl_ray.sampling.params import SamplingParams
 
 _I64 = np.int64
@@ -34,6 +35,7 @@ class NewRequest(msgspec.Struct, kw_only=True):
     eos_token_ids: list[int]
     prompt_ids: list[int]  # for the repetition penalty; empty when the request uses no penalties
     output_ids: list[int]  # tokens generated before a preemption (their counts feed the penalties)
+    multimodal: MultimodalInputs | None = None  # the prompt's images and M-RoPE positions
 
 
 class LoRALoad(msgspec.Struct, frozen=True):

@@ -139,6 +139,8 @@ class Req:
     spec_verify_ct: int = 0  # decode steps that verified drafts (steps of a speculating request)
     spec_proposed_drafts: int = 0
     spec_accepted_drafts: int = 0
+    # Image inputs (multimodal.MultimodalInputs): prompt_ids then hold each image's key id on its placeholder rows
+    multimodal: Any = None
 
     def prompt_block_hashes(self, block: int) -> list[int]:
         """Chained hashes of the prompt's ``block``-token blocks (see ``mem_cache.prefix_hash``), computed once."""
@@ -149,6 +151,16 @@ class Req:
                 block_hashes(self.prompt_ids, block, self.extra_key),
             )
         return cached[1]
+
+    @property
+    def model_prompt_ids(self) -> list[int]:
+        """The prompt in the model's vocabulary (image key ids back to the placeholder token)."""
+        if self.multimodal is None:
+            return self.prompt_ids
+        cached = self.__dict__.get("_model_prompt_ids")
+        if cached is None:
+            cached = self.__dict__["_model_prompt_ids"] = self.multimodal.real_ids(self.prompt_ids)
+        return cached
 
     @property
     def fill_ids(self) -> list[int]:

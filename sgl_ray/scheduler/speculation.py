@@ -10,8 +10,8 @@ list, the prefix cache and preemption only ever see accepted tokens. This is the
 ``scheduler.grammar`` with drafts in place of forced tokens, and the same ``KVCacheManager.truncate``.
 
 Which requests speculate: those whose sampling does not depend on each token's counts (no penalties, no
-``min_new_tokens``); with a draft model (STANDALONE), not constrained ones either (their drafts would need the
-grammar's mask at every draft step). The others decode one token per step in the same batches.
+``min_new_tokens``); with a draft model (STANDALONE) or an EAGLE head, not constrained ones either (their drafts
+would need the grammar's mask at every draft step). The others decode one token per step in the same batches.
 """
 
 from __future__ import annotations

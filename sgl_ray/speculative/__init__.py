@@ -1,8 +1,10 @@
-"""Speculative decoding: drafters (NGRAM, a STANDALONE draft model) and the verification of chain drafts.
+"""Speculative decoding: drafters (NGRAM, a STANDALONE draft model, EAGLE/EAGLE-3 heads) and the verification of
+chain drafts.
 
-Turned on with ``Engine(speculative_algorithm="NGRAM" | "STANDALONE", ...)``: see docs/speculative.md. The
-scheduler side lives in ``sgl_ray.scheduler.speculation`` (drafts, settling verify results), the runner side
-here (``worker``: drafting with a draft model, ``verify``: acceptance on the device).
+Turned on with ``Engine(speculative_algorithm="NGRAM" | "STANDALONE" | "EAGLE" | "EAGLE3", ...)``: see
+docs/speculative.md. The scheduler side lives in ``sgl_ray.scheduler.speculation`` (drafts, settling verify
+results), the runner side here (``worker``: drafting, ``draft_model``: a draft model, ``eagle``: an EAGLE head over
+the target's hidden states, ``verify``: acceptance on the device).
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ from sgl_ray.errors import InvalidRequestError, UnsupportedFeatureError
 
 logger = logging.getLogger(__name__)
 
-ALGORITHMS = ("NGRAM", "STANDALONE")
-"""Drafters that exist. ``EAGLE``/``EAGLE3`` (SGLang's names) are recognised and refused until they exist."""
-_LATER = ("EAGLE", "EAGLE3", "NEXTN")
+ALGORITHMS = ("NGRAM", "STANDALONE", "EAGLE", "EAGLE3")
+"""Drafters that exist (SGLang's names). ``NEXTN`` (DeepSeek's MTP layer) is recognised and refused."""
+_LATER = ("NEXTN",)
 _DEFAULT_NGRAM_DRAFT_TOKENS = 8
 _DEFAULT_NUM_STEPS = 3
 
@@ -48,7 +48,13 @@ class SpeculativeConfig:
 
     @property
     def uses_draft_model(self) -> bool:
-        return self.algorithm == "STANDALONE"
+        """A model drafts (STANDALONE, EAGLE, EAGLE3): the runner writes the drafts, the scheduler only counts
+        them."""
+        return self.algorithm != "NGRAM"
+
+    @property
+    def is_eagle(self) -> bool:
+        return self.algorithm in ("EAGLE", "EAGLE3")
 
     @classmethod
     def from_args(cls, args: Any) -> SpeculativeConfig | None:
@@ -61,7 +67,7 @@ class SpeculativeConfig:
         algo = algo.upper()
         if algo in _LATER:
             raise UnsupportedFeatureError(
-                f"speculative_algorithm={algo!r} is not implemented yet; use 'NGRAM' or 'STANDALONE'",
+                f"speculative_algorithm={algo!r} is not implemented yet; use one of {ALGORITHMS}",
                 param="speculative_algorithm",
             )
         if algo not in ALGORITHMS:
@@ -101,9 +107,13 @@ class SpeculativeConfig:
             tokens = args.speculative_num_draft_tokens or _DEFAULT_NGRAM_DRAFT_TOKENS
         else:
             if args.speculative_draft_model_path is None:
+                what = (
+                    "an EAGLE head checkpoint"
+                    if algo != "STANDALONE"
+                    else "a small model with the target's vocabulary"
+                )
                 raise InvalidRequestError(
-                    "speculative_algorithm='STANDALONE' needs speculative_draft_model_path (a small model with "
-                    "the target's vocabulary)",
+                    f"speculative_algorithm={algo!r} needs speculative_draft_model_path ({what})",
                     param="speculative_draft_model_path",
                 )
             steps = args.speculative_num_steps

@@ -3,7 +3,8 @@
 The :class:`~sgl_ray.runner.model_runner.ModelRunner` calls :meth:`SpecWorker.before_forward` once a plan's
 bookkeeping is applied, runs the target over the returned input ids, samples every verify row, and hands the
 sampled tokens to :meth:`SpecWorker.verify`. NGRAM plans carry their drafts in ``input_ids``; a draft model
-(STANDALONE) writes them here.
+(STANDALONE) or an EAGLE head writes them here. An EAGLE head also reads the target's hidden states of every
+forward pass (:meth:`SpecWorker.after_forward`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ import torch
 from sgl_ray.scheduler.plan import StepPlan
 from sgl_ray.speculative.config import SpeculativeConfig
 from sgl_ray.speculative.draft_model import DraftModel
+from sgl_ray.speculative.eagle import EagleDraft
 from sgl_ray.speculative.verify import Drafts, Verified, ngram_drafts_of, verify
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from sgl_ray.configs.engine_args import EngineArgs
     from sgl_ray.configs.model_config import ModelConfig
     from sgl_ray.mem_cache.kv_pool import ReqToTokenTable
+    from sgl_ray.runner.forward_batch import ForwardBatch
     from sgl_ray.runner.memory import KVCapacity
     from sgl_ray.sampling.state import SamplingState
 
@@ -34,7 +39,7 @@ class SpecWorker:
     >>> verified = worker.verify(plan, logits, tokens, logprobs, sampling_state)  # doctest: +SKIP
     """
 
-    def __init__(self, config: SpeculativeConfig, draft: DraftModel | None) -> None:
+    def __init__(self, config: SpeculativeConfig, draft: DraftModel | EagleDraft | None) -> None:
         self.config = config
         self.draft = draft
         self._drafts: Drafts | None = None  # the step in progress
@@ -44,8 +49,28 @@ class SpecWorker:
         config = SpeculativeConfig.from_args(args)
         if config is None:
             return None
-        draft = DraftModel.load(args, model_config) if config.uses_draft_model else None
+        draft: DraftModel | EagleDraft | None = None
+        if config.is_eagle:
+            draft = EagleDraft.load(args, model_config, config.algorithm)
+        elif config.uses_draft_model:
+            draft = DraftModel.load(args, model_config)
         return cls(config, draft)
+
+    @property
+    def needs_hidden(self) -> bool:
+        """Whether every target forward must hand its hidden states to :meth:`after_forward` (EAGLE), which
+        rules out the decode CUDA graphs."""
+        return isinstance(self.draft, EagleDraft)
+
+    def bind_target(self, model: nn.Module) -> None:
+        """Called once the target model is loaded."""
+        if isinstance(self.draft, EagleDraft):
+            self.draft.bind_target(model)
+
+    def after_forward(self, batch: ForwardBatch, hidden: torch.Tensor) -> None:
+        """The target's forward pass is done (``hidden``: its final hidden states, [T, H])."""
+        if isinstance(self.draft, EagleDraft):
+            self.draft.capture(batch, hidden)
 
     def scale_capacity(self, capacity: KVCapacity, target_kv_bytes: int, explicit: bool) -> KVCapacity:
         """The target's planned capacity with room for the draft model's KV of every slot (unless the size was

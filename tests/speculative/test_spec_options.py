@@ -31,13 +31,32 @@ def test_effective_settings():
         **draft, speculative_num_steps=2, speculative_num_draft_tokens=9, speculative_eagle_topk=1
     )
     assert SpeculativeConfig.from_args(cfg).num_draft_tokens == 3
+    eagle = SpeculativeConfig.from_args(
+        EngineArgs(speculative_algorithm="eagle3", speculative_draft_model_path="/h", speculative_num_steps=4)
+    )
+    assert (eagle.algorithm, eagle.num_draft_tokens, eagle.uses_draft_model, eagle.is_eagle) == (
+        "EAGLE3",
+        5,
+        True,
+        True,
+    )
 
 
 @pytest.mark.parametrize(
     ("options", "error", "param"),
     [
-        ({"speculative_algorithm": "EAGLE"}, UnsupportedFeatureError, "speculative_algorithm"),
-        ({"speculative_algorithm": "EAGLE3"}, UnsupportedFeatureError, "speculative_algorithm"),
+        ({"speculative_algorithm": "EAGLE"}, InvalidRequestError, "speculative_draft_model_path"),
+        ({"speculative_algorithm": "EAGLE3"}, InvalidRequestError, "speculative_draft_model_path"),
+        ({"speculative_algorithm": "NEXTN"}, UnsupportedFeatureError, "speculative_algorithm"),
+        (
+            {
+                "speculative_algorithm": "EAGLE",
+                "speculative_draft_model_path": "x",
+                "speculative_eagle_topk": 2,
+            },
+            UnsupportedFeatureError,
+            "speculative_eagle_topk",
+        ),
         ({"speculative_algorithm": "MEDUSA"}, InvalidRequestError, "speculative_algorithm"),
         (
             {"speculative_algorithm": "NGRAM", "speculative_eagle_topk": 4},

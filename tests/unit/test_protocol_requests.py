@@ -257,10 +257,10 @@ def test_bad_requests_are_400s_naming_the_param(kind, body, param, code, prompt_
 
 
 def test_error_messages_read_like_openai():
-    with pytest.raises(InvalidRequestError, match="image inputs are not supported yet"):
-        chat_request(
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
-        )
+    with pytest.raises(
+        InvalidRequestError, match="content part type 'image' is not supported; use 'image_url'"
+    ):
+        chat_request(messages=[{"role": "user", "content": [{"type": "image", "image": "x"}]}])
     with pytest.raises(InvalidRequestError) as info:
         P.to_sampling_params(chat_request(max_tokens=2000), VOCAB, CTX, prompt_len=62)
     assert info.value.message == (
