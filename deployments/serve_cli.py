@@ -120,6 +120,23 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="let chat_template_kwargs.chat_template in a request replace the server's chat template",
     )
     parser.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        help="a directory under which image parts may name local files (file:// URLs); default: none may",
+    )
+    parser.add_argument(
+        "--max-request-resumes",
+        type=int,
+        default=None,
+        help="replicas a request may lose and still resume from its tokens on another (default 3)",
+    )
+    parser.add_argument(
+        "--request-resume-timeout-s",
+        type=float,
+        default=None,
+        help="seconds a request whose replica died waits for another to go on before it fails (default 60)",
+    )
+    parser.add_argument(
         "--tokenizer-threads",
         type=int,
         default=None,
@@ -149,6 +166,9 @@ def app_args(ns: argparse.Namespace) -> dict:
         "max_message_chars",
         "max_sequences_per_request",
         "tokenizer_threads",
+        "allowed_local_media_path",
+        "max_request_resumes",
+        "request_resume_timeout_s",
     ):
         if getattr(ns, key) is not None:
             args[key] = getattr(ns, key)

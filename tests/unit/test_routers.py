@@ -44,6 +44,11 @@ def test_serve_router_flag():
     assert args["router"] == "round-robin" and "routing_imbalance" not in args
     with pytest.raises(SystemExit):
         parse(["serve", "--router", "random"])
+    args = app_args(parse(["serve", "--max-request-resumes", "5", "--request-resume-timeout-s", "2.5"]))
+    assert args["max_request_resumes"] == 5 and args["request_resume_timeout_s"] == 2.5
+    assert "allowed_local_media_path" not in args
+    args = app_args(parse(["serve", "--allowed-local-media-path", "/data/images"]))
+    assert args["allowed_local_media_path"] == "/data/images"
     from sgl_ray.deployments.app import build_openai_app
 
     with pytest.raises(InvalidRequestError, match="router"):
