@@ -59,6 +59,22 @@ def check_draft_vocabulary(target_vocab_size: int, draft_hf_config: Any, path: s
         )
 
 
+def draft_runner_args(args: Any, path: str) -> Any:
+    """The engine options of a draft runner (a draft model or an EAGLE head) at ``path``: the target's, less what
+    belongs to the target alone (its tokenizer, quantization, LoRA, CUDA graphs, speculative decoding itself)."""
+    return args.replace(
+        model_path=path,
+        tokenizer_path=None,
+        revision=None,
+        quantization=None,
+        enable_lora=False,
+        lora_paths=None,
+        disable_cuda_graph=True,
+        speculative_algorithm=None,
+        speculative_draft_model_path=None,
+    )
+
+
 def check_draft_tokenizer(target_tokenizer: Any, path: str) -> None:
     """Where the draft model ships a tokenizer, it must map the same strings to the same ids as the target's."""
     from sgl_ray.model_loader import load_tokenizer, resolve_model
@@ -101,18 +117,7 @@ class DraftModel:
         source = resolve_model(path, weights=args.load_format != "dummy")
         hf_config = load_hf_config(source)
         config = ModelConfig(hf_config, target.dtype, target.context_length)
-        draft_args = args.replace(
-            model_path=path,
-            tokenizer_path=None,
-            revision=None,
-            quantization=None,
-            enable_lora=False,
-            lora_paths=None,
-            disable_cuda_graph=True,
-            speculative_algorithm=None,
-            speculative_draft_model_path=None,
-        )
-        runner = ModelRunner(draft_args, config, WeightStream(source), allocate=False)
+        runner = ModelRunner(draft_runner_args(args, path), config, WeightStream(source), allocate=False)
         logger.info("draft model %s: %.1f MiB of weights", path, runner.weight_bytes / 2**20)
         return cls(runner)
 

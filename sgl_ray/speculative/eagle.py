@@ -32,6 +32,7 @@ import torch
 from sgl_ray.errors import InvalidRequestError, UnsupportedFeatureError
 from sgl_ray.runner.forward_batch import ForwardBatch
 from sgl_ray.scheduler.plan import StepPlan
+from sgl_ray.speculative.draft_model import draft_runner_args
 from sgl_ray.speculative.verify import Drafts
 from sgl_ray.transfer import to_device
 
@@ -96,18 +97,7 @@ class EagleDraft:
             raise _bad_path(f"an EAGLE head has one decoder layer; {path!r} has {hf.num_hidden_layers}")
         hf.architectures = [_ARCHITECTURES[algorithm]]  # EAGLE-1 repositories often say LlamaForCausalLM
         config = ModelConfig(hf, target.dtype, target.context_length)
-        draft_args = args.replace(
-            model_path=path,
-            tokenizer_path=None,
-            revision=None,
-            quantization=None,
-            enable_lora=False,
-            lora_paths=None,
-            disable_cuda_graph=True,
-            speculative_algorithm=None,
-            speculative_draft_model_path=None,
-        )
-        runner = ModelRunner(draft_args, config, WeightStream(source), allocate=False)
+        runner = ModelRunner(draft_runner_args(args, path), config, WeightStream(source), allocate=False)
         logger.info("%s head %s: %.1f MiB of weights", algorithm, path, runner.weight_bytes / 2**20)
         return cls(runner, target)
 
