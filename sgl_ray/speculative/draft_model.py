@@ -75,6 +75,39 @@ def draft_runner_args(args: Any, path: str) -> Any:
     )
 
 
+def draft_batch(
+    runner: Any,
+    input_ids: torch.Tensor,
+    prefix: np.ndarray,
+    ext: np.ndarray,
+    req_pool_idxs: np.ndarray,
+    out_cache_loc: torch.Tensor,
+    logits_indices: torch.Tensor,
+) -> ForwardBatch:
+    """A draft runner's extend batch over ``ext`` new tokens per request after ``prefix`` cached ones, its
+    attention metadata initialized (the request table already maps every position it reads)."""
+    dev = input_ids.device
+    starts = np.cumsum(ext) - ext
+    positions = np.repeat(prefix - starts, ext) + np.arange(int(ext.sum()))
+    batch = ForwardBatch(
+        input_ids=input_ids,
+        positions=to_device(positions, dev),
+        out_cache_loc=out_cache_loc,
+        req_pool_idxs=to_device(req_pool_idxs, dev),
+        seq_lens=to_device(prefix + ext, dev),
+        extend_start_loc=to_device(starts, dev),
+        logits_indices=logits_indices,
+        prefix_lens_cpu=prefix,
+        extend_lens_cpu=ext,
+        kv_pool=runner.kv_pool,
+        req_to_token=runner.req_table.table,
+        attn_backend=runner.attn_backend,
+        moe_backend=runner.moe_backend,
+    )
+    runner.attn_backend.init_forward_metadata(batch)
+    return batch
+
+
 def check_draft_tokenizer(target_tokenizer: Any, path: str) -> None:
     """Where the draft model ships a tokenizer, it must map the same strings to the same ids as the target's."""
     from sgl_ray.model_loader import load_tokenizer, resolve_model
@@ -229,24 +262,8 @@ class DraftModel:
         table already maps every position it reads (the target's plan wrote it)."""
         r = self.runner
         dev = input_ids.device
-        starts = np.cumsum(ext) - ext
-        positions = np.repeat(prefix - starts, ext) + np.arange(int(ext.sum()))
-        batch = ForwardBatch(
-            input_ids=input_ids,
-            positions=to_device(positions, dev),
-            out_cache_loc=to_device(out_cache_loc, dev),
-            req_pool_idxs=to_device(req_pool_idxs, dev),
-            seq_lens=to_device(prefix + ext, dev),
-            extend_start_loc=to_device(starts, dev),
-            logits_indices=to_device(logit_rows, dev),
-            prefix_lens_cpu=prefix,
-            extend_lens_cpu=ext,
-            kv_pool=r.kv_pool,
-            req_to_token=r.req_table.table,
-            attn_backend=r.attn_backend,
-            moe_backend=r.moe_backend,
-        )
-        r.attn_backend.init_forward_metadata(batch)
+        out_loc, logits_at = to_device(out_cache_loc, dev), to_device(logit_rows, dev)
+        batch = draft_batch(r, input_ids, prefix, ext, req_pool_idxs, out_loc, logits_at)
         hidden = r.model(batch, None)  # [T, hidden]
         if len(logit_rows) == 0:
             return hidden[:0]

@@ -32,7 +32,7 @@ import torch
 from sgl_ray.errors import InvalidRequestError, UnsupportedFeatureError
 from sgl_ray.runner.forward_batch import ForwardBatch
 from sgl_ray.scheduler.plan import StepPlan
-from sgl_ray.speculative.draft_model import draft_runner_args
+from sgl_ray.speculative.draft_model import draft_batch, draft_runner_args
 from sgl_ray.speculative.verify import Drafts
 from sgl_ray.transfer import to_device
 
@@ -217,23 +217,6 @@ class EagleDraft:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass of the head over rows ``(input_ids, hidden)`` ([T], [T, H]); returns its next hidden input and
         what its LM head reads, both [T, H]."""
-        r = self.runner
-        dev = input_ids.device
-        starts = np.cumsum(ext) - ext
-        positions = np.repeat(prefix - starts, ext) + np.arange(int(ext.sum()))
-        batch = ForwardBatch(
-            input_ids=input_ids,
-            positions=to_device(positions, dev),
-            out_cache_loc=out_cache_loc,
-            req_pool_idxs=to_device(req_pool_idxs, dev),
-            seq_lens=to_device(prefix + ext, dev),
-            extend_start_loc=to_device(starts, dev),
-            logits_indices=to_device(np.zeros(0, dtype=np.int64), dev),
-            prefix_lens_cpu=prefix,
-            extend_lens_cpu=ext,
-            kv_pool=r.kv_pool,
-            req_to_token=r.req_table.table,
-            attn_backend=r.attn_backend,
-        )
-        r.attn_backend.init_forward_metadata(batch)
+        no_logits = to_device(np.zeros(0, dtype=np.int64), input_ids.device)
+        batch = draft_batch(self.runner, input_ids, prefix, ext, req_pool_idxs, out_cache_loc, no_logits)
         return self.head(batch, hidden)
