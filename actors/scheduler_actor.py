@@ -79,6 +79,7 @@ class GlobalScheduler(SchedulerCalls):
             self.overlap,
             info.vocab_size,
             defer_grammar_masks=self.overlap,  # their masks ride with the next call (see ShardGroup)
+            kv_window=info.kv_window,
         )
         self._outbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
         self.loop = EngineLoop(self.scheduler, _GroupExecutor(self))

@@ -72,6 +72,12 @@ class EngineArgs:
     )
     schedule_policy: str = field(default="fcfs", metadata={"help": "fcfs|lpm|dfs-weight|priority"})
     disable_radix_cache: bool = field(default=False, metadata={"help": "turn the prefix cache off"})
+    disable_hybrid_swa_memory: bool = field(
+        default=False,
+        metadata={
+            "help": "sliding-window models: keep the KV that every window has left (default: let it go)"
+        },
+    )
     attention_backend: str | None = field(
         default=None,
         metadata={"help": "torch (CPU default) | triton (GPU default) | flashinfer (GPU, optional package)"},

@@ -207,6 +207,15 @@ class ModelConfig:
         return int(window)
 
     @cached_property
+    def kv_window(self) -> int | None:
+        """The largest window when every layer attends within one (KV older than it is never read again), else
+        None."""
+        windows = [self.sliding_window_of(i) for i in range(self.num_layers)]
+        if not windows or any(w is None for w in windows):
+            return None
+        return max(w for w in windows if w is not None)
+
+    @cached_property
     def eos_token_ids(self) -> tuple[int, ...]:
         eos = getattr(self.hf_config, "eos_token_id", None)
         if eos is None:

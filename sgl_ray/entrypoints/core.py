@@ -71,6 +71,7 @@ def scheduler_config(
     overlap: bool = False,
     vocab_size: int = 0,
     defer_grammar_masks: bool = False,
+    kv_window: int | None = None,
 ) -> SchedulerConfig:
     device = args.torch_device()
     return SchedulerConfig(
@@ -92,6 +93,7 @@ def scheduler_config(
         grammar_compile_timeout=args.grammar_compile_timeout,
         enable_jump_forward=args.effective_jump_forward(device),
         speculative=SpeculativeConfig.from_args(args),
+        kv_window=kv_window,
     )
 
 
@@ -104,11 +106,12 @@ def new_scheduler(
     overlap: bool = False,
     vocab_size: int = 0,
     defer_grammar_masks: bool = False,
+    kv_window: int | None = None,
 ) -> Scheduler:
     """A scheduler with the adapters of ``args.lora_paths`` registered (checked by the ``Engine`` front).
     ``defer_grammar_masks``: the executor can take a step's masks after launching it (in-process overlap)."""
     config = scheduler_config(
-        args, num_slots, max_reqs, context_length, overlap, vocab_size, defer_grammar_masks
+        args, num_slots, max_reqs, context_length, overlap, vocab_size, defer_grammar_masks, kv_window
     )
     sched = Scheduler(config, tokenizer)
     for name, path in parse_lora_paths(args.lora_paths).items():
@@ -132,6 +135,8 @@ def scheduler_stats(s: Scheduler) -> dict[str, Any]:
         "kv_capacity": kv.capacity,
         "kv_free": kv.allocator.num_free_slots,
         "cache_size": kv.cache.total_size if kv.cache else 0,
+        "kv_peak_held": kv.peak_held,
+        "peak_running": kv.peak_running,
         "num_preemptions": s.num_preemptions,
         "num_deferred_mask_steps": s.num_deferred_mask_steps,
         **(s.speculation.stats.to_dict(s.speculation.config) if s.speculation is not None else {}),
@@ -182,6 +187,7 @@ class InProcessCore(SchedulerCalls, EngineCore):
             overlap,
             info.vocab_size,
             defer_grammar_masks=True,
+            kv_window=info.kv_window,
         )
         runner = self.runner
         executor = (

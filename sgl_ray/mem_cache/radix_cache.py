@@ -88,7 +88,7 @@ class RadixCache(BasePrefixCache):
         """The root of ``extra_key``'s namespace (created on first use)."""
         node = self._roots.get(extra_key)
         if node is None:
-            node = self._roots[extra_key] = TreeNode(_EMPTY, _EMPTY, None, next(self._ids))
+            node = self._roots[extra_key] = self._new_node(_EMPTY, _EMPTY, None)
         return node
 
     def match_prefix(self, key: CacheKey) -> MatchResult:
@@ -106,9 +106,7 @@ class RadixCache(BasePrefixCache):
         num_cached = sum(len(n.key) for n in matched)
         if num_cached < len(tokens):
             # Copy: the caller's arrays (e.g. a request's slot table row) may be reused after the insert.
-            leaf = TreeNode(
-                tokens[num_cached:].copy(), slots[num_cached : len(tokens)].copy(), node, next(self._ids)
-            )
+            leaf = self._new_node(tokens[num_cached:].copy(), slots[num_cached : len(tokens)].copy(), node)
             leaf.last_access_time = next(self._clock)
             node.children[self._child_key(leaf.key)] = leaf
             self._leaves.discard(node)
@@ -143,6 +141,9 @@ class RadixCache(BasePrefixCache):
             pos += n
         return node, matched, tokens
 
+    def _new_node(self, key: np.ndarray, value: np.ndarray, parent: TreeNode | None) -> TreeNode:
+        return TreeNode(key, value, parent, next(self._ids))
+
     def _child_key(self, tokens: np.ndarray) -> ChildKey:
         if self.page_size == 1:
             return int(tokens[0])
@@ -160,7 +161,7 @@ class RadixCache(BasePrefixCache):
         handle to it still ends where it did), its children and leaf status; the upper node inherits its lock."""
         parent = child.parent
         assert parent is not None and 0 < n < len(child.key) and n % self.page_size == 0
-        upper = TreeNode(child.key[:n], child.value[:n], parent, next(self._ids))
+        upper = self._new_node(child.key[:n], child.value[:n], parent)
         upper.lock_ref = child.lock_ref
         upper.last_access_time = child.last_access_time
         child.key, child.value = child.key[n:], child.value[n:]

@@ -69,6 +69,7 @@ class RunnerInfo:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     weight_bytes: int = 0  # this shard's weights as held (quantized ones at their encoded size)
+    kv_window: int | None = None  # every layer's window, when all have one: KV out of it may be let go of
 
 
 class ModelRunner:
@@ -177,6 +178,7 @@ class ModelRunner:
             vocab_size=model_config.vocab_size,
             eos_token_ids=model_config.eos_token_ids,
             weight_bytes=self.weight_bytes,
+            kv_window=self._kv_window(model_config),
         )
         logger.info(
             "KV pool: %d slots (%.1f MiB), %d request slots",
@@ -197,6 +199,13 @@ class ModelRunner:
                 self.moe_backend,
             )
         return self.info
+
+    def _kv_window(self, model_config: ModelConfig) -> int | None:
+        """The window the scheduler may free KV behind: off with a draft model (its layers read the same slots
+        with their own reach) and with ``disable_hybrid_swa_memory``."""
+        if self.args.disable_hybrid_swa_memory or self.args.speculative_algorithm is not None:
+            return None
+        return model_config.kv_window
 
     def _use_cuda_graphs(self) -> bool:
         """Graphs for decode on CUDA, unless disabled; pipeline stages exchange activations outside them, and an

@@ -30,3 +30,4 @@ class SchedulerConfig:
     grammar_compile_timeout: float = 300.0  # seconds a request may wait for its grammar's compile
     enable_jump_forward: bool = True
     speculative: SpeculativeConfig | None = None  # see scheduler.speculation; None: off
+    kv_window: int | None = None  # every layer attends within this window: KV out of it is let go of

@@ -4,6 +4,12 @@ must apply.
 Ownership (see ``sgl_ray.mem_cache.base``): a request's ``kv_slots[:tree_len]`` belong to the prefix cache (locked
 through ``cache_node``); ``kv_slots[tree_len:]`` belong to the request until it hands them to the cache
 (:meth:`cache_unfinished`, :meth:`release`) or frees them.
+
+With ``window`` (every layer of the model attends within the last ``window`` positions), a request lets go of
+what its window has left (:meth:`slide`): its own pages there are freed, its lock on the cache's nodes there is
+dropped (they become evictable, see ``mem_cache.swa_radix_cache``), and ``kv_slots[:window_done]`` become -1.
+It keeps the positions from ``n - window + 1`` on, ``n`` being its computed length cut to whole pages: what a
+query past ``n`` reads, and what a later prefix match ending at ``n`` needs.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import numpy as np
 from sgl_ray.mem_cache.allocator import PagedAllocator
 from sgl_ray.mem_cache.base import CacheKey, MatchResult
 from sgl_ray.mem_cache.radix_cache import RadixCache
+from sgl_ray.mem_cache.swa_radix_cache import SWARadixCache
 from sgl_ray.scheduler.request import Req
 
 _EMPTY = np.zeros(0, dtype=np.int64)
@@ -22,11 +29,24 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 
 class KVCacheManager:
     def __init__(
-        self, num_slots: int, page_size: int, max_reqs: int, enable_prefix_cache: bool = True
+        self,
+        num_slots: int,
+        page_size: int,
+        max_reqs: int,
+        enable_prefix_cache: bool = True,
+        window: int | None = None,
     ) -> None:
         self.page_size = page_size
+        self.window = window
         self.allocator = PagedAllocator(num_slots, page_size)
-        self.cache = RadixCache(self.allocator) if enable_prefix_cache else None
+        self.cache: RadixCache | None = None
+        if enable_prefix_cache:
+            self.cache = (
+                RadixCache(self.allocator) if window is None else SWARadixCache(self.allocator, window)
+            )
+        self._swa = self.cache if isinstance(self.cache, SWARadixCache) else None
+        self.peak_held = 0  # most slots running requests held at once (their own and the cache's they lock)
+        self.peak_running = 0  # most requests bound to request slots at once
         self.max_reqs = max_reqs
         self._free_req_slots: deque[int] = deque(range(max_reqs))
         self._table_writes: list[tuple[int, int, np.ndarray]] = []
@@ -36,6 +56,17 @@ class KVCacheManager:
     @property
     def capacity(self) -> int:
         return self.allocator.capacity
+
+    def slots_to_run(self, num_tokens: int, chunk: int | None) -> int:
+        """Slots a request of ``num_tokens`` needs at once, alone: all of them, but with a window (and prefill in
+        chunks) its window, a chunk and the pages they straddle."""
+        if self.window is None or chunk is None:
+            return num_tokens
+        return min(num_tokens, self.window + chunk + 2 * self.page_size)
+
+    def held(self) -> int:
+        """Slots held for running requests now: neither free nor evictable."""
+        return self.capacity - self.available()
 
     def available(self) -> int:
         """Slots obtainable now: free plus evictable."""
@@ -67,27 +98,75 @@ class KVCacheManager:
         if not self._free_req_slots:
             return False
         node = match.node if match is not None else None
-        if node is not None and self.cache is not None:
-            self.cache.inc_lock(node)
         prefix = match.slots if match is not None else _EMPTY
+        lock_start = self._lock(node, len(prefix))
         slots = None
         if self.available() >= num_new + reserve:
             slots = self._alloc(
                 np.array([len(prefix)]), np.array([prefix[-1] if len(prefix) else -1]), np.array([num_new])
             )
         if slots is None:
-            if node is not None and self.cache is not None:
-                self.cache.dec_lock(node)
+            self._unlock(node, lock_start)
             return False
+        self.peak_held = max(self.peak_held, self.held())
         req.req_pool_idx = self._free_req_slots.popleft()
+        self.peak_running = max(self.peak_running, self.max_reqs - len(self._free_req_slots))
         req.kv_slots.clear()
         req.kv_slots.extend(prefix)
         req.kv_slots.extend(slots)
         req.num_computed = req.tree_len = len(prefix)
-        req.cache_node = node
+        req.cache_node, req.lock_start, req.window_done = node, lock_start, 0
+        if self._swa is not None:  # what the window does not reach is not the request's to read
+            req.kv_slots.view()[:lock_start] = -1
+            req.window_done = lock_start
         if len(prefix):
-            self._table_writes.append((req.req_pool_idx, 0, prefix))
+            self._table_writes.append((req.req_pool_idx, 0, req.kv_slots.view()[: len(prefix)].copy()))
         return True
+
+    def _keep_from(self, n: int) -> int:
+        """First position whose KV a request of ``n`` computed tokens must keep (sliding-window models)."""
+        assert self.window is not None
+        return max(0, n - n % self.page_size - self.window + 1)
+
+    def _lock(self, node, n: int) -> int:
+        """Lock the cache path ending at ``node`` (``n`` tokens) that the request reads; returns its start."""
+        if node is None or self.cache is None:
+            return 0
+        if self._swa is not None:
+            return self._swa.lock(node, self._keep_from(n))
+        self.cache.inc_lock(node)
+        return 0
+
+    def _unlock(self, node, lock_start: int) -> None:
+        if node is None or self.cache is None:
+            return
+        if self._swa is not None:
+            self._swa.unlock(node, lock_start)
+        else:
+            self.cache.dec_lock(node)
+
+    def slide(self, req: Req) -> None:
+        """Sliding-window models: let go of what ``req``'s window has left (see the module notes)."""
+        if self.window is None or req.req_pool_idx < 0:
+            return
+        keep = self._keep_from(req.num_computed)
+        keep -= keep % self.page_size  # whole pages before it
+        if keep <= req.window_done:
+            return
+        slots = req.kv_slots.view()
+        done = req.window_done
+        if self._swa is not None and req.cache_node is not None and done < req.tree_len:
+            req.lock_start = self._swa.unlock(req.cache_node, req.lock_start, below=keep)
+            upto = min(req.lock_start, req.tree_len)
+            slots[done:upto] = -1
+            done = upto
+        if keep > req.tree_len:  # its own pages there
+            lo = max(done, req.tree_len)
+            own = slots[lo:keep]
+            self.allocator.free(own[own >= 0].copy())
+            slots[lo:keep] = -1
+            done = keep
+        req.window_done = done
 
     def _alloc(self, seq: np.ndarray, last: np.ndarray, ext: np.ndarray) -> np.ndarray | None:
         """``allocator.alloc_extend``, evicting cached prefixes first when that can make room."""
@@ -115,6 +194,7 @@ class KVCacheManager:
         slots = self._alloc(seq, last, ext)
         if slots is None:
             return None
+        self.peak_held = max(self.peak_held, self.held())
         offset = 0
         for r, n in zip(reqs, extend_lens, strict=True):
             r.kv_slots.extend(slots[offset : offset + n])
@@ -131,6 +211,9 @@ class KVCacheManager:
         if n <= req.tree_len:
             return req.tree_len, slots
         key = CacheKey(req.fill_ids[:n], req.extra_key)
+        if self._swa is not None:
+            self._swa.insert_owned(key, slots[:n].copy(), owned_from=req.tree_len)
+            return n, slots
         res = self.cache.insert(key, slots[:n].copy())
         if res.num_cached > req.tree_len:
             self.allocator.free(slots[req.tree_len : res.num_cached].copy())
@@ -145,14 +228,17 @@ class KVCacheManager:
         if n == old_tree_len:
             return
         match = self.cache.match_prefix(CacheKey(req.fill_ids[:n], req.extra_key))
+        assert match.length == n, "the prefix just inserted must match in whole"
         changed = np.nonzero(match.slots[old_tree_len:n] != slots[old_tree_len:n])[0]
         if len(changed):
             slots[old_tree_len:n] = match.slots[old_tree_len:n]
             self._table_writes.append((req.req_pool_idx, old_tree_len, match.slots[old_tree_len:n].copy()))
-        self.cache.inc_lock(match.node)
-        if req.cache_node is not None:
-            self.cache.dec_lock(req.cache_node)
-        req.cache_node, req.tree_len = match.node, n
+        lock_start = self._lock(match.node, n)
+        self._unlock(req.cache_node, req.lock_start)
+        req.cache_node, req.tree_len, req.lock_start = match.node, n, lock_start
+        if self._swa is not None:  # the match gave the tree's slots, stale ones too: keep what stays locked
+            slots[:lock_start] = -1
+            req.window_done = lock_start
 
     def release(self, req: Req) -> None:
         """The request stops running (finished, aborted or preempted): its computed prefix goes to the cache, the
@@ -162,15 +248,14 @@ class KVCacheManager:
             n, slots = self._insert(req)
             if len(slots) > n:
                 self.allocator.free(slots[n:].copy())
-            if req.cache_node is not None:
-                self.cache.dec_lock(req.cache_node)
+            self._unlock(req.cache_node, req.lock_start)
         elif len(slots):
-            self.allocator.free(slots.copy())
+            self.allocator.free(slots[slots >= 0].copy())
         if req.req_pool_idx >= 0:
             self._free_req_slots.append(req.req_pool_idx)
             self._freed_req_slots.append(req.req_pool_idx)
         req.kv_slots.clear()
-        req.req_pool_idx, req.cache_node, req.tree_len = -1, None, 0
+        req.req_pool_idx, req.cache_node, req.tree_len, req.lock_start, req.window_done = -1, None, 0, 0, 0
 
     def truncate(self, req: Req, n: int) -> None:
         """Forget the request's KV past its first ``n`` tokens (rejected jump-forward tokens): whole pages past
@@ -193,7 +278,8 @@ class KVCacheManager:
             return _EMPTY, _EMPTY, _EMPTY
         reqs = np.concatenate([np.full(len(s), r, dtype=np.int64) for r, _, s in writes])
         pos = np.concatenate([np.arange(p, p + len(s), dtype=np.int64) for _, p, s in writes])
-        return reqs, pos, np.concatenate([s for _, _, s in writes]).astype(np.int64)
+        # -1 (KV let go of, sliding windows): slot 0, which no query reads
+        return reqs, pos, np.maximum(np.concatenate([s for _, _, s in writes]), 0).astype(np.int64)
 
     def take_freed_req_slots(self) -> list[int]:
         freed, self._freed_req_slots = self._freed_req_slots, []

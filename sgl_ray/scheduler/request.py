@@ -116,6 +116,8 @@ class Req:
     req_pool_idx: int = -1
     cache_node: Any = None  # locked prefix-cache node
     tree_len: int = 0  # leading kv_slots owned by the prefix cache (under cache_node)
+    lock_start: int = 0  # sliding-window models: first position of the cache path the request keeps locked
+    window_done: int = 0  # sliding-window models: kv_slots[:window_done] are -1 (out of every window, let go)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
     admit_seq: int = -1  # admission order, for choosing preemption victims
     num_retractions: int = 0

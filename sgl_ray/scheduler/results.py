@@ -97,6 +97,10 @@ class StepResults:
                 r.jump_next = False
                 jumps.append((r, room - 1))
         self.grammars.jump_many(jumps)  # their forced tokens' masks are filled in batches
+        if self.kv.window is not None:  # after the settling: a rejected draft or forced token moved no window
+            for entry in batch.entries:
+                if entry.req.status is ReqStatus.RUNNING:
+                    self.kv.slide(entry.req)
         return outputs
 
     def _output(self, r: Req, tokens: list[int], text: str, finish: FinishReason | None, entry, sampled=None):

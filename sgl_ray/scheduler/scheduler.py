@@ -66,7 +66,7 @@ class Scheduler(StepResults):
     def __init__(self, config: SchedulerConfig, tokenizer: object | None = None) -> None:
         self.config = config
         self.kv = KVCacheManager(
-            config.num_slots, config.page_size, config.max_reqs, config.enable_prefix_cache
+            config.num_slots, config.page_size, config.max_reqs, config.enable_prefix_cache, config.kv_window
         )
         self.policy = create_policy(config.policy)
         self.lora = AdapterPool(config.max_loras_per_batch) if config.max_loras_per_batch else None
@@ -108,7 +108,7 @@ class Scheduler(StepResults):
                 param="prompt",
                 code="context_length_exceeded",
             )
-        if len(req.prompt_ids) + 1 > self.kv.capacity:
+        if self.kv.slots_to_run(len(req.prompt_ids) + 1, self.config.chunked_prefill_size) > self.kv.capacity:
             raise InvalidRequestError(
                 f"the prompt has {len(req.prompt_ids)} tokens but the KV cache holds {self.kv.capacity}",
                 param="prompt",
@@ -170,7 +170,7 @@ class Scheduler(StepResults):
         """The shards' KV is gone (rebuilt after a failure): forget all KV metadata and send every running
         request back to the front of the queue; each resumes from prompt + the tokens it already generated."""
         c = self.config
-        self.kv = KVCacheManager(c.num_slots, c.page_size, c.max_reqs, c.enable_prefix_cache)
+        self.kv = KVCacheManager(c.num_slots, c.page_size, c.max_reqs, c.enable_prefix_cache, c.kv_window)
         if self.lora is not None:
             self.lora.reset_slots()
         resumed = sorted(self.running, key=lambda r: r.admit_seq)

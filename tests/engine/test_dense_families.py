@@ -182,3 +182,40 @@ def test_sliding_window_matches_transformers(name, windows, family_model, family
         check_exact(engine, ref, shared[:1])
         again = check_exact(engine, ref, shared)
         assert all(o["meta_info"]["cached_tokens"] >= len(prefix) - 1 > 2 * WINDOW for o in again)
+
+
+def test_window_lets_go_of_kv_past_the_pool(family_model, family_reference):
+    """Mistral (every layer windowed) in a 96-slot pool: two requests of 61 and 15 prompt tokens plus 100 new
+    ones each are token-exact (with ``disable_hybrid_swa_memory``, keeping the KV their windows have left, both
+    outgrow the pool and are aborted); a follow-up turn (prompt + answer + more) reuses the live tail of the
+    first from the prefix cache, through the tombstones of its head, and is exact too; nothing leaks."""
+    new = 100
+    params = {**GREEDY, "max_new_tokens": new}
+    with sgl_ray.Engine(
+        family_model("mistral"), chunked_prefill_size=7, max_total_tokens=96, page_size=4
+    ) as engine:
+        tok, ref = engine.tokenizer, family_reference("mistral")
+        kv = engine._core.scheduler.kv
+        assert kv.window == WINDOW and kv.capacity == 96
+        lists = [tok.encode(PROMPTS[6]), tok.encode(PROMPTS[5])]
+        assert all(len(ids) + new > kv.capacity for ids in lists)
+        outs = engine.generate(input_ids=lists, sampling_params=params)
+        for ids, out in zip(lists, outs, strict=True):
+            assert out["output_ids"] == ref(ids, new)
+        turn = lists[0] + outs[0]["output_ids"] + tok.encode(" And then?")
+        again = engine.generate(input_ids=turn, sampling_params=params)
+        assert again["output_ids"] == ref(turn, new)
+        assert again["meta_info"]["cached_tokens"] >= len(lists[0]) + new - 2 * WINDOW
+        kv.cache.check()
+        assert kv.cache.protected_size == 0
+        assert kv.allocator.num_free_slots + kv.cache.evictable_size == kv.capacity
+    with sgl_ray.Engine(
+        family_model("mistral"),
+        chunked_prefill_size=7,
+        max_total_tokens=96,
+        page_size=4,
+        disable_hybrid_swa_memory=True,
+    ) as engine:
+        assert engine._core.scheduler.kv.window is None
+        outs = engine.generate(input_ids=lists, sampling_params=params)
+        assert [o["meta_info"]["finish_reason"]["type"] for o in outs] == ["abort", "abort"]
