@@ -110,6 +110,7 @@ class SWARadixCache(RadixCache):
         assert isinstance(node, WindowNode)
         if node.parent is None and len(node.key) and start < node.end:
             raise RuntimeError(f"lock of a node no longer in the tree (evicted or flushed): {node!r}")
+        self._cut_at(node, start)
         top = node.end
         while node.parent is not None and node.end > start:
             if node.dead:
@@ -129,6 +130,8 @@ class SWARadixCache(RadixCache):
         assert isinstance(node, WindowNode)
         if node.parent is None or start >= node.end:
             return node.end  # nothing locked (a node out of the tree was unlocked before it left)
+        if below is not None:
+            self._cut_at(node, below)
         path: list[WindowNode] = []
         while node.parent is not None and node.end > start:
             path.append(node)
@@ -146,6 +149,15 @@ class SWARadixCache(RadixCache):
                 self._evictable += len(n.key)
                 self._candidates.add(n)
         return top
+
+    def _cut_at(self, node: WindowNode, position: int) -> None:
+        """Split the node of ``node``'s path that holds ``position`` (cut down to a page) at it, so a lock range
+        starting there need not cover the node's head (a whole prompt is often one node)."""
+        position -= position % self.page_size
+        while node.parent is not None and node.start >= position:
+            node = node.parent  # type: ignore[assignment]
+        if node.parent is not None and node.start < position < node.end:
+            self._split(node, position - node.start)
 
     def inc_lock(self, node: TreeNode) -> None:
         self.lock(node, 0)

@@ -81,6 +81,21 @@ def test_a_request_holds_only_its_window():
     assert kv.allocator.num_free_slots == kv.capacity
 
 
+def test_a_prompt_cached_as_one_node_is_let_go_of_behind_the_window():
+    """The whole prompt in one prefill chunk is one tree node: the lock is cut at the window's start."""
+    kv = KVCacheManager(num_slots=(96 + 1) * P, page_size=P, max_reqs=4, window=W)
+    r = new_req("a", list(range(200)))
+    assert kv.admit(r, kv.match(r), 0)
+    run_to(kv, r, 200, 200)
+    assert kv.held() <= W + P
+    for _ in range(30):
+        run_to(kv, r, r.num_computed + 1, 1)
+        assert kv.held() <= W + 2 * P
+        check_ownership(kv, [r])
+    kv.release(r)
+    check_ownership(kv, [])
+
+
 def test_without_a_window_nothing_is_let_go():
     kv = KVCacheManager(num_slots=(64 + 1) * P, page_size=P, max_reqs=4, enable_prefix_cache=False)
     r = new_req("a", list(range(100)))
@@ -97,9 +112,9 @@ def test_prefix_cache_keeps_keys_and_matches_only_a_live_window():
     a = new_req("a", prompt)
     assert kv.admit(a, kv.match(a), 0)
     run_to(kv, a, 200, 24)
-    # while it runs, only the nodes its window reads stay locked (node-wise: at most the window plus a chunk); the
-    # rest of the prompt is evictable, not freed
-    assert cache.protected_size <= W + 24 and cache.evictable_size >= 200 - W - 24
+    # while it runs, only the pages its window reads stay locked (nodes are cut at the window's start); the rest
+    # of the prompt is evictable, not freed
+    assert cache.protected_size <= W + P and cache.evictable_size >= 200 - W - P
     check_ownership(kv, [a])
     kv.release(a)
     check_ownership(kv, [])
