@@ -236,7 +236,8 @@ class LlamaModel(nn.Module):
         rotary_of = self.rotary_of_layer[self.start : self.end]
         capture = self._capture_to(batch)
         if self.norms_folded and fused_linear.FOLD_NORMS and self._runs_folded(layers, hidden, batch):
-            assert intermediate is None and self.norm is not None, "folded norms need a single stage"
+            # a single stage: from token ids, or from embeddings given in their place (images)
+            assert residual is None and self.norm is not None, "folded norms need a single stage"
             h, sumsq = hidden, None  # h: the residual stream at each layer's input
             for i, (layer, r) in enumerate(zip(layers, rotary_of, strict=True), self.start):
                 if capture is not None:

@@ -150,9 +150,9 @@ def _errors(ref, prompts, outs, rows=None) -> tuple[float, float, float, list[fl
 @pytest.mark.parametrize("name", list(CASES))
 def test_engine_on_cuda_matches_transformers(name, float_llama, tmp_path):
     """The engine (bf16) on the quantized checkpoint and on the float weights that checkpoint means, both against
-    transformers in fp32 on those float weights: the quantized run is as close as the bf16 run on the float weights
-    (or, for W8A8, as the rounding of the activations to FP8 itself moves the reference), half as far again at
-    most, and a first token it did not choose was a near tie."""
+    transformers in fp32 on those float weights: the quantized run is as close as the bf16 run on the float weights,
+    half as far again at most (for W8A8, plus as far as rounding the activations to FP8 itself moves the
+    reference), and a first token it did not choose was a near tie."""
     from transformers import AutoModelForCausalLM
 
     import sgl_ray
@@ -195,7 +195,10 @@ def test_engine_on_cuda_matches_transformers(name, float_llama, tmp_path):
         _fake_quant_inputs(ref, (quant_config or {}).get("weight_block_size", [None, None])[1], rows)
         rounded = _errors(ref, prompts, runs["quantized"], rows)[3]
         noise = max(abs(a - b) for a, b in zip(rounded, got[3], strict=True))
-    bound = max(TOL, 1.5 * max(*floor[:2], noise))
+    # bf16 arithmetic and FP8 activation rounding are separate sources of error that add up in the worst case
+    # (H100, fp8-blocks: 0.40 and 0.63 apart, 1.09 together): the bf16 part gets its usual slack, the rounding
+    # part is its measured size
+    bound = max(TOL, 1.5 * max(*floor[:2]) + noise)
     report = (
         f"{name}: quantized (max diff, max gap, missed margin) {got[:3]}; bf16 on the float weights {floor}; "
         f"FP8 activation rounding moves logprobs by up to {noise:.3f}"
