@@ -18,6 +18,7 @@ from sgl_ray.deployments.resume import ResumePolicy
 from sgl_ray.errors import InvalidRequestError
 from sgl_ray.lora.adapter import parse_lora_paths, resolve_max_rank
 from sgl_ray.model_loader import default_model_path
+from sgl_ray.multimodal.inputs import ImageLimits
 from sgl_ray.protocol import RequestLimits
 
 _INGRESS_KEYS = (
@@ -30,6 +31,11 @@ _INGRESS_KEYS = (
     "trust_request_chat_template",
     "tokenizer_threads",
     "allowed_local_media_path",  # the directory under which image parts may name local files
+    "allowed_media_domains",  # image URLs: only from these hosts
+    "image_fetch_timeout_s",
+    "image_fetch_max_redirects",
+    "max_image_bytes",
+    "max_images_per_prompt",
     "request_resume_timeout_s",
     "max_request_resumes",
 )
@@ -58,8 +64,10 @@ def build_openai_app(args: dict[str, Any] | None = None) -> Application:
     replace the server's chat template; default off), ``tokenizer_threads`` (threads that decode, render and
     tokenize requests off the event loop; default 2), ``request_resume_timeout_s`` and ``max_request_resumes``
     (how a request whose replica dies is resumed on another; defaults 60 and 3: see
-    :class:`~sgl_ray.deployments.resume.ResumePolicy`), and the ``LLMServer`` deployment's ``num_replicas`` or
-    ``autoscaling_config`` (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``, delays; both is an
+    :class:`~sgl_ray.deployments.resume.ResumePolicy`), the image options ``allowed_local_media_path``,
+    ``allowed_media_domains``, ``image_fetch_timeout_s``, ``image_fetch_max_redirects``, ``max_image_bytes`` and
+    ``max_images_per_prompt`` (see :meth:`~sgl_ray.multimodal.ImageLimits.from_options`), and the ``LLMServer``
+    deployment's ``num_replicas`` or ``autoscaling_config`` (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``, delays; both is an
     error), ``max_ongoing_requests``, ``ray_actor_options``; ``router`` (``prefix-cache``, the default, Serve's
     ``power-of-two`` or ``round-robin``) and ``routing_imbalance`` choose and tune the request router;
     ``ingress_replicas`` (default 1) runs several ``OpenAIIngress`` replicas behind Serve's proxy. With LoRA
@@ -190,6 +198,7 @@ def _shared_options(args: dict[str, Any]) -> dict[str, Any]:
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise InvalidRequestError("tokenizer_threads must be an integer >= 1", param="tokenizer_threads")
     ResumePolicy.from_config(args)
+    ImageLimits.from_options(args)
     return {k: args[k] for k in _INGRESS_KEYS if k in args and k != "served_model_name"}
 
 

@@ -24,6 +24,11 @@ batch, then every ``log_interval_s`` seconds, and each row gets ``time_taken_llm
 naming the row, or, with ``should_continue_on_error``, gets the message in ``__inference_error__`` and skips
 ``postprocess``.
 
+Images (vision-language models): a ``messages`` row's content parts ``{"type": "image", "image": ...}`` (Ray Data
+LLM's) or ``{"type": "image_url", "image_url": {"url": ...}}`` (OpenAI's), or an ``image`` column next to a
+``prompt``/``input_ids`` that holds the model's image placeholder, one per image; PIL images, bytes, paths,
+``data:`` URLs and arrays. A bad image fails its row only.
+
 Tools: a ``messages`` row with ``tools`` (OpenAI's chat shape, a list or its JSON text) and optionally
 ``tool_choice`` is rendered and planned as ``/v1/chat/completions`` does (``required`` or a named function forces
 the call format), and its output parsed into the ``tool_calls`` column (null for rows without tools).
@@ -83,6 +88,9 @@ class ProcessorConfig:
     - ``batch_size`` rows go to an engine at once, up to ``max_concurrent_batches`` batches per engine.
     - ``apply_chat_template`` (Ray: ``chat_template_stage``, a bool or ``{"enabled", "chat_template_kwargs"}``):
       render ``messages`` rows with the model's chat template; on by default.
+    - ``has_image`` (Ray's older flag) or ``prepare_multimodal_stage`` (its newer stage config: a bool or
+      ``{"enabled": ...}``): rows carry images. Image rows work on a vision-language model without them; with
+      them, an engine whose model takes no images fails at start-up instead of failing every image row.
     - ``should_continue_on_error``: a failing row gets its error in ``__inference_error__`` ("" for good rows)
       and default outputs, skips ``postprocess``, and the job goes on; off: the job fails naming the row.
     - ``order_by_prefix``: sort each window of ``prefix_window`` rows by prompt (module docstring).
@@ -105,6 +113,8 @@ class ProcessorConfig:
     should_continue_on_error: bool = False
     chat_template_stage: bool | Mapping[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    has_image: bool = False
+    prepare_multimodal_stage: bool | Mapping[str, Any] | None = None
     prefix_window: int = 4096
     log_interval_s: float = 10.0
     accelerator_type: str | None = None
@@ -125,6 +135,12 @@ class ProcessorConfig:
             raise InvalidRequestError(
                 f"chat_template_stage: only `enabled` and `chat_template_kwargs` are read, got {unknown}",
                 param="chat_template_stage",
+            )
+        stage = self.prepare_multimodal_stage
+        if isinstance(stage, Mapping) and set(stage) - {"enabled"}:
+            raise InvalidRequestError(
+                f"prepare_multimodal_stage: only `enabled` is read, got {sorted(set(stage) - {'enabled'})}",
+                param="prepare_multimodal_stage",
             )
         path = self.engine_kwargs.get("model_path")
         if self.model_source is not None and path is not None and path != self.model_source:
@@ -164,6 +180,13 @@ class ProcessorConfig:
             kwargs = stage.get("chat_template_kwargs", self.chat_template_kwargs)
             return bool(stage.get("enabled", True)), kwargs
         return bool(stage), self.chat_template_kwargs
+
+    @property
+    def images(self) -> bool:
+        """Whether rows carry images (``has_image`` or an enabled ``prepare_multimodal_stage``)."""
+        stage = self.prepare_multimodal_stage
+        enabled = bool(stage.get("enabled", True)) if isinstance(stage, Mapping) else bool(stage)
+        return self.has_image or enabled
 
     @property
     def engine_kwargs_with_model(self) -> dict[str, Any]:
@@ -244,6 +267,7 @@ class Processor:
                 "should_continue_on_error": c.should_continue_on_error,
                 "chat_template_kwargs": template_kwargs,
                 "log_interval_s": c.log_interval_s,
+                "require_images": c.images,
             },
             batch_size=c.batch_size,
             batch_format="pyarrow",  # columns the engine does not read pass through untouched
@@ -296,7 +320,8 @@ def build_processor(
     signature; ``ray.data.llm.build_processor`` with a :class:`ProcessorConfig` comes here too).
 
     ``preprocess(row)`` must give each row a ``prompt`` (text), ``messages`` (a chat, rendered with the model's
-    chat template) or ``input_ids``, and optionally ``sampling_params`` (a dict). A ``messages`` row may add
+    chat template) or ``input_ids``, and optionally ``sampling_params`` (a dict) and images (image content parts
+    in ``messages``, or an ``image`` column; see the module docstring). A ``messages`` row may add
     ``tools`` (OpenAI's chat shape; a list, or its JSON text to keep schemas exact through Arrow) and
     ``tool_choice``. Each output row keeps its columns and gains ``generated_text``, ``generated_tokens``,
     ``num_input_tokens``, ``num_generated_tokens``, ``num_cached_tokens``, ``finish_reason``, ``tool_calls`` (the

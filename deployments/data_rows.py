@@ -1,5 +1,5 @@
-"""One Ray Data row → what the engine gets: its prefix sort key, prompt token ids, sampling parameters and tools;
-and a failed row's error, which names the row. Also the two small stages that run in Ray Data tasks around the
+"""One Ray Data row → what the engine gets: its prefix sort key, prompt token ids, images, sampling parameters and
+tools; and a failed row's error, which names the row. Also the two small stages that run in Ray Data tasks around the
 engine (the window sort and the postprocess wrapper): this module imports no torch and no Ray, so the workers
 that run them start fast.
 
@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sgl_ray.errors import InvalidRequestError, SglRayError
+from sgl_ray.multimodal.inputs import InvalidImageError
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
+IMAGE_COLUMN = "image"  # Ray Data LLM's: the images of a `prompt` or `input_ids` row
 PROMPT_KEY = "__sgl_prompt_key"  # internal column of older pipelines: dropped by the engine stage if present
 ERROR_COLUMN = "__inference_error__"  # Ray Data LLM's name: "" for a good row, the error for a failed one
 _PROMPT_COLUMNS = ("prompt", "messages", "input_ids")
@@ -78,8 +80,17 @@ def prompt_key(row: Mapping[str, Any]) -> bytes:
         return np.asarray(ids, dtype=">u4").tobytes()
     messages = row.get("messages")
     if messages is not None:
-        return b"".join(f"{m.get('role')}\x1e{m.get('content')}\x1f".encode() for m in messages)
+        return b"".join(f"{m.get('role')}\x1e{_content_key(m.get('content'))}\x1f".encode() for m in messages)
     return str(row.get("prompt", "")).encode()
+
+
+def _content_key(content: Any) -> str:
+    """A message's content for the sort key: its text, each image part a separator (not its pixels)."""
+    if not isinstance(content, (list, tuple)):
+        return str(content)
+    return "".join(
+        str(p.get("text") or "") if p.get("type") == "text" else "\x1d" for p in content if p is not None
+    )
 
 
 def sort_window(batch: pa.Table) -> pa.Table:
@@ -169,3 +180,91 @@ def sampling_params(value: Mapping[str, Any] | None) -> dict[str, Any]:
             "the Ray Data processor returns one completion per row: n must be 1", param="n"
         )
     return out
+
+
+_IMAGE_PARTS = {"image": "image", "image_url": "image_url", "image_pil": "image_pil"}  # part type -> its key
+
+
+def split_images(row: Mapping[str, Any], placeholder: str | None) -> tuple[Mapping[str, Any], list[Any]]:
+    """``(row, images)``: a ``messages`` row's image parts (Ray Data LLM's ``{"type": "image", "image": ...}``,
+    OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}``, vLLM's ``image_pil``) become the model's image
+    ``placeholder`` in the message text, as ``/v1/chat/completions`` renders them (parts joined with newlines); a
+    ``prompt`` or ``input_ids`` row takes its images from the ``image`` column (one image or a list), its prompt
+    holding one placeholder per image. Images stay as given (PIL images, bytes, paths, ``data:`` URLs) but for
+    arrays (``ray.data.read_images``), which become PIL images, and ``{"bytes", "path"}`` structs (Hugging Face
+    datasets), which become their bytes or path; the engine's image processor reads and checks them.
+
+    >>> row, images = split_images(
+    ...     {"messages": [{"role": "user", "content": [{"type": "image", "image": b"PNG"}, {"type": "text", "text": "Hi"}]}]},
+    ...     "<image>",
+    ... )
+    >>> row["messages"], images
+    ([{'role': 'user', 'content': '<image>\\nHi'}], [b'PNG'])
+    """
+    column = row.get(IMAGE_COLUMN)
+    given = [] if column is None else list(column) if isinstance(column, (list, tuple)) else [column]
+    messages = row.get("messages")
+    if messages is None or not given and not any(_has_parts(m) for m in messages):
+        return row, [_image_input(image, f"{IMAGE_COLUMN}[{i}]") for i, image in enumerate(given)]
+    if given:
+        raise InvalidRequestError(
+            "a `messages` row takes its images as content parts ({'type': 'image', 'image': ...}), "
+            "not in the `image` column",
+            param=IMAGE_COLUMN,
+        )
+    images: list[Any] = []
+    out = []
+    for i, message in enumerate(messages):
+        message = {k: v for k, v in dict(message).items() if v is not None}
+        if _has_parts(message):
+            texts = []
+            for j, part in enumerate(message["content"]):
+                part, name = without_nulls(dict(part)), f"messages[{i}].content[{j}]"
+                kind = part.get("type")
+                if kind == "text":
+                    texts.append(str(part.get("text") or ""))
+                elif kind in _IMAGE_PARTS:
+                    if placeholder is None:
+                        raise InvalidImageError(f"{name}: this model takes no image inputs", param=name)
+                    images.append(_image_input(_part_image(part, kind, name), name))
+                    texts.append(placeholder)
+                else:
+                    raise InvalidRequestError(
+                        f"{name}: content part type {kind!r} is not supported (text, image, image_url)",
+                        param=name,
+                    )
+            message["content"] = "\n".join(texts)
+        out.append(message)
+    return {**row, "messages": out}, images
+
+
+def _has_parts(message: Mapping[str, Any]) -> bool:
+    return isinstance(message.get("content"), (list, tuple))
+
+
+def _part_image(part: Mapping[str, Any], kind: str, name: str) -> Any:
+    value = part.get(_IMAGE_PARTS[kind])
+    if kind == "image_url" and isinstance(value, Mapping):
+        value = value.get("url")
+    if value is None:
+        raise InvalidImageError(f"{name}: an {kind} part needs its {_IMAGE_PARTS[kind]}", param=name)
+    return value
+
+
+def _image_input(value: Any, name: str) -> Any:
+    """An image as the engine's processor reads it: arrays as PIL images, ``{"bytes", "path"}`` as one of those."""
+    if isinstance(value, np.ndarray):
+        from PIL import Image
+
+        try:
+            return Image.fromarray(value)
+        except (TypeError, ValueError) as e:
+            raise InvalidImageError(
+                f"{name}: an array of shape {value.shape} is not an image ({e})", param=name
+            ) from None
+    if isinstance(value, Mapping):
+        found = value.get("bytes") or value.get("path")
+        if found is None:
+            raise InvalidImageError(f"{name}: an image struct needs `bytes` or `path`", param=name)
+        return found
+    return value

@@ -1,5 +1,6 @@
 """The engine stage of the Ray Data processor: one :class:`sgl_ray.Engine` per Ray Data actor, the rows of each
-batch submitted together, per-row errors, and a progress line logged from each actor.
+batch submitted together, per-row errors, and a progress line logged from each actor. Rows may carry images
+(:func:`~sgl_ray.deployments.data_rows.split_images`); the engine preprocesses them off its event loop.
 
 Each row is its own request (so one bad row fails alone), but all rows of a batch are submitted in the same event
 loop turn, so the scheduler sees them together and continuous batching works across them. A row that fails (bad
@@ -20,11 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from sgl_ray.deployments.data_rows import (
     ERROR_COLUMN,
+    IMAGE_COLUMN,
     RowError,
     describe_row,
     prompt_ids,
     row_tools,
     sampling_params,
+    split_images,
     without_nulls,
 )
 from sgl_ray.errors import InvalidRequestError
@@ -36,7 +39,7 @@ Row = dict[str, Any]
 
 logger = logging.getLogger("sgl_ray.data")
 
-INPUT_COLUMNS = ("input_ids", "messages", "prompt", "sampling_params", "tools", "tool_choice")
+INPUT_COLUMNS = ("input_ids", "messages", "prompt", "sampling_params", "tools", "tool_choice", IMAGE_COLUMN)
 OUTPUT_COLUMNS = (
     "generated_text",
     "generated_tokens",
@@ -98,7 +101,8 @@ def _actor_logger() -> logging.Logger:
 
 
 class EngineStage:
-    """One :class:`sgl_ray.Engine` per actor; the rows of each batch are submitted together, in arrival order."""
+    """One :class:`sgl_ray.Engine` per actor; the rows of each batch are submitted together, in arrival order.
+    ``require_images`` (the config's ``has_image``): refuse, at start-up, a model that takes no images."""
 
     def __init__(
         self,
@@ -108,12 +112,22 @@ class EngineStage:
         should_continue_on_error: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
         log_interval_s: float = 10.0,
+        require_images: bool = False,
     ) -> None:
         import sgl_ray
+        from sgl_ray.errors import UnsupportedModelError
+        from sgl_ray.multimodal.chat import image_placeholder
         from sgl_ray.protocol.tool_prompt import ToolFormat
         from sgl_ray.reasoning import get_reasoning_parser
 
         self.engine = sgl_ray.Engine(**engine_kwargs)
+        takes_images = self.engine.image_processor is not None
+        self.image_placeholder = image_placeholder(self.engine.hf_config) if takes_images else None
+        if require_images and not takes_images:
+            self.engine.shutdown()
+            raise UnsupportedModelError(
+                f"has_image is set, but {self.engine.model_path!r} takes no image inputs (a text model)"
+            )
         self.apply_chat_template = apply_chat_template
         self.chat_template_kwargs = chat_template_kwargs
         self.max_concurrent_batches = max_concurrent_batches
@@ -130,10 +144,11 @@ class EngineStage:
 
     # --- one row ------------------------------------------------------------------------------------------------
 
-    def _request(self, row: Row) -> tuple[list[int], Any, Any]:
-        """``(prompt ids, sampling params, tool prompt or None)`` of one row."""
+    def _request(self, row: Row) -> tuple[list[int], Any, Any, list[Any]]:
+        """``(prompt ids, sampling params, tool prompt or None, images)`` of one row."""
         params = sampling_params(row.get("sampling_params"))
         tools, tool_choice = row_tools(row)
+        row, images = split_images(row, self.image_placeholder)
         if tools is None:
             if tool_choice is not None:
                 raise InvalidRequestError("a row's tool_choice needs tools", param="tool_choice")
@@ -141,6 +156,7 @@ class EngineStage:
                 prompt_ids(self.engine.tokenizer, row, self.apply_chat_template, self.chat_template_kwargs),
                 params,
                 None,
+                images,
             )
         if row.get("messages") is None or not self.apply_chat_template:
             raise InvalidRequestError(
@@ -160,14 +176,16 @@ class EngineStage:
             tool_choice=tool_choice,
             reasoning=self.reasoning,
         )
-        return prompt.input_ids, prompt.params, prompt
+        return prompt.input_ids, prompt.params, prompt, images
 
     async def _generate(self, batch: pa.Table, i: int, row: Row) -> tuple[dict, Any, float]:
         """``(engine output, tool prompt or None, seconds)`` of row ``i``; its error as a :class:`RowError`."""
         try:
-            ids, params, prompt = self._request(row)
+            ids, params, prompt, images = self._request(row)
             started = time.perf_counter()
-            out = await self.engine.async_generate(input_ids=ids, sampling_params=params)
+            out = await self.engine.async_generate(
+                input_ids=ids, sampling_params=params, image_data=images or None
+            )
         except Exception as e:
             raise RowError.of(describe_row(batch.slice(i, 1).to_pylist()[0]), e) from e
         assert isinstance(out, dict)

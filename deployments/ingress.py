@@ -303,7 +303,8 @@ class OpenAIIngress(ServerRoutes):
 
     async def _chat_reply(self, req: P.ChatCompletionRequest, started: float) -> Reply:
         model, lora = await self._select(req.model)
-        ids, params, parsing = await self._off_loop(model.pre.chat, req)
+        fetched = await model.pre.fetch_images(req)  # http(s) images, on this loop
+        ids, params, parsing = await self._off_loop(model.pre.chat, req, fetched)
 
         async def build(running: Running) -> Reply:
             outs = self._outputs(model, running, [ids], params, P.logprob_options(req), lora, req.priority)
@@ -359,7 +360,8 @@ class OpenAIIngress(ServerRoutes):
         ``separate_reasoning`` each result's reasoning is in ``reasoning_text`` and ``text`` is the answer."""
         model = self._model(req.model)
         await model.lora.check(req.lora_path)
-        calls, batch = await self._off_loop(model.pre.generate, req)
+        fetched = await model.pre.fetch_images(req)
+        calls, batch = await self._off_loop(model.pre.generate, req, fetched)
         reasoning = model.reasoning_parser if req.separate_reasoning else None
         lp = P.LogprobOptions(req.return_logprob, req.top_logprobs_num, req.logprob_start_len)
         total = sum(len(ids) * params.n for ids, params in calls)

@@ -5,7 +5,8 @@ tokenizes for many seconds on a small CPU), so the ingress runs them in its thre
 ``/health`` and the streams of other requests keep flowing meanwhile. The cheap limits of
 :class:`~sgl_ray.protocol.RequestLimits` run first, so an oversized request is refused before it is tokenized.
 Everything here only reads shared state (the tokenizer is used read-only: truncation and padding stay unset), so
-several pool threads may run it at once.
+several pool threads may run it at once. The one exception is :meth:`Preprocessor.fetch_images`, a coroutine the
+ingress awaits on its event loop first: a slow image host then holds up only its own request, never a pool thread.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import msgspec
 
 from sgl_ray import protocol as P
 from sgl_ray.errors import InvalidRequestError
-from sgl_ray.multimodal.chat import IngressImages
+from sgl_ray.multimodal.chat import IngressImages, generate_image_lists, split_chat_images
+from sgl_ray.multimodal.inputs import InvalidImageError, is_http_url
 from sgl_ray.sampling.params import SamplingParams
 
 
@@ -68,8 +70,38 @@ class Preprocessor:
         self.trust_request_chat_template = trust_request_chat_template
         self.images = images
 
-    def chat(self, req: P.ChatCompletionRequest) -> ChatInputs:
-        """A chat request's prompt ids, sampling parameters and output parsing (tools, reasoning)."""
+    async def fetch_images(self, req: P.ChatCompletionRequest | P.GenerateRequest) -> dict[str, bytes]:
+        """The request's ``http(s)`` image URLs fetched, concurrently, on the caller's event loop (``{url:
+        bytes}``, for :meth:`chat` or :meth:`generate`); empty for a text model or a request without any. The count
+        limit applies first, so a request with too many images fetches none."""
+        if self.images is None:
+            return {}
+        from sgl_ray.multimodal.fetch import fetch_images
+
+        if isinstance(req, P.GenerateRequest):
+            groups = [
+                (param, items, [f"{param}[{j}]" for j in range(len(items))])
+                for param, items in generate_image_lists(req.image_data, _is_batch(req))
+            ]
+        else:
+            _, images, names = split_chat_images(req.messages, "")
+            groups = [("messages", images, names)] if images else []
+        limit = self.images.limits.max_images
+        urls: list[str] = []
+        url_names: list[str] = []
+        for param, images, names in groups:
+            if len(images) > limit:
+                raise InvalidImageError(
+                    f"{param}: {len(images)} images, over the limit of {limit}", param=param
+                )
+            http = [(url, name) for url, name in zip(images, names, strict=True) if is_http_url(url)]
+            urls += [url for url, _ in http]
+            url_names += [name for _, name in http]
+        return await fetch_images(urls, url_names, self.images.limits) if urls else {}
+
+    def chat(self, req: P.ChatCompletionRequest, fetched: dict[str, bytes] | None = None) -> ChatInputs:
+        """A chat request's prompt ids, sampling parameters and output parsing (tools, reasoning); ``fetched``:
+        its images from :meth:`fetch_images` (an ``http(s)`` URL not in it is fetched here, on this thread)."""
         self.limits.check_sequences(req.n or 1, param="n")
         self.limits.check_messages(req.messages)
         parsing = P.chat_output_parsing(req, self.tool_parser, self.reasoning_parser)
@@ -85,7 +117,8 @@ class Preprocessor:
             continue_final_message=bool(req.continue_final_message),
         )
         if urls:  # an ImagePrompt: placeholders expanded, the images with it
-            ids = self.images.attach(ids, urls, names)  # type: ignore[union-attr]
+            images = [fetched.get(url, url) for url in urls] if fetched else urls
+            ids = self.images.attach(ids, images, names, self.vocab_size)  # type: ignore[union-attr]
         P.check_prompt_length(len(ids), self.context_length)
         params = P.to_sampling_params(req, self.vocab_size, self.context_length, len(ids))
         return ChatInputs(ids, P.output_params(req, params, parsing), parsing)
@@ -108,12 +141,13 @@ class Preprocessor:
         params = P.to_sampling_params(req, self.vocab_size, self.context_length, longest)
         return CompletionInputs(token_lists, prompt_texts, params)
 
-    def generate(self, req: P.GenerateRequest) -> GenerateInputs:
+    def generate(self, req: P.GenerateRequest, fetched: dict[str, bytes] | None = None) -> GenerateInputs:
         """SGLang-native ``/generate``: prompts, one parameter set for all or one per prompt, each prompt's
-        ``max_new_tokens`` checked against the context as the ``/v1`` routes check ``max_tokens``."""
+        ``max_new_tokens`` checked against the context as the ``/v1`` routes check ``max_tokens``; ``fetched`` as
+        for :meth:`chat`."""
         ids_in = req.input_ids
         texts = [req.text] if isinstance(req.text, str) else req.text
-        batch = isinstance(req.text, list) or (bool(ids_in) and isinstance(ids_in[0], list))
+        batch = _is_batch(req)
         num_prompts = len(texts) if texts is not None else (len(ids_in or []) if batch else 1)
         sp = req.sampling_params
         if isinstance(sp, list) and len(sp) != num_prompts:
@@ -138,7 +172,8 @@ class Preprocessor:
             prompts = [self.tokenizer.encode(t) for t in texts]
         else:
             prompts = [list(x) for x in ids_in] if batch else [list(ids_in)]  # type: ignore[arg-type, list-item, union-attr]
-        prompts = IngressImages.attach_generate(self.images, prompts, req.image_data, batch)
+        image_data = _with_fetched(req.image_data, fetched) if fetched else req.image_data
+        prompts = IngressImages.attach_generate(self.images, prompts, image_data, batch, self.vocab_size)
         param = "text" if texts is not None else "input_ids"
         for ids in prompts:
             P.check_prompt_length(len(ids), self.context_length, param=param)
@@ -158,3 +193,16 @@ class Preprocessor:
             self.limits.check_prompt(text, param="text")
         tokens = [self.tokenizer.encode(t) for t in texts]
         return msgspec.json.encode({"tokens": tokens[0] if isinstance(req.text, str) else tokens})
+
+
+def _is_batch(req: P.GenerateRequest) -> bool:
+    """Whether a ``/generate`` request passed a list of prompts (and so gets a list of results)."""
+    ids_in = req.input_ids
+    return isinstance(req.text, list) or (bool(ids_in) and isinstance(ids_in[0], list))  # type: ignore[index]
+
+
+def _with_fetched(image_data: Any, fetched: dict[str, bytes]) -> Any:
+    """``image_data`` with each fetched URL replaced by its bytes, in the same nesting."""
+    if isinstance(image_data, (list, tuple)):
+        return [_with_fetched(item, fetched) for item in image_data]
+    return fetched.get(image_data, image_data) if isinstance(image_data, str) else image_data

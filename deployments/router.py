@@ -2,7 +2,8 @@
 
 Each replica publishes (through Serve's periodic routing stats) the chained block hashes of every prefix in its
 radix cache. For a request, the router hashes the (first) prompt's token ids the same way (tokenized once, at the
-ingress) and prefers the replica holding the longest prefix of it — unless that replica is much busier than the
+ingress; each image's tokens replaced by one key id derived from its pixels' hash, as the radix caches hold them)
+and prefers the replica holding the longest prefix of it — unless that replica is much busier than the
 least loaded one, in which case load wins. A request for a LoRA adapter hashes its prompt in the adapter's
 namespace (KV is never shared across adapters), and without a cache match it prefers the least loaded replica that
 already holds the adapter in its runner slots (replicas publish those names too). Unlike routers that match
@@ -18,6 +19,7 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from sgl_ray.mem_cache.prefix_hash import block_hashes, longest_shared_prefix
+from sgl_ray.multimodal.chat import ImagePrompt
 
 PREFIX_BLOCK = 32
 
@@ -33,8 +35,12 @@ def _body(request: PendingRequest | None) -> dict:
 
 
 def _prompt_ids(body: dict) -> list[int] | None:
+    """The first prompt's ids as a replica's radix cache keys them: an :class:`ImagePrompt`'s images by their
+    key ids, so the same image and text match and another image is no shared prefix."""
     prompts = body.get("prompts")
     ids = prompts[0] if isinstance(prompts, list) and prompts else None
+    if isinstance(ids, ImagePrompt):
+        ids = ids.cache_ids()
     return ids if isinstance(ids, list) and ids and isinstance(ids[0], int) else None
 
 

@@ -125,6 +125,34 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="a directory under which image parts may name local files (file:// URLs); default: none may",
     )
     parser.add_argument(
+        "--allowed-media-domains",
+        nargs="+",
+        default=None,
+        metavar="HOST",
+        help="fetch image URLs only from these hosts (every redirect too); default: any host",
+    )
+    parser.add_argument(
+        "--image-fetch-timeout-s",
+        type=float,
+        default=None,
+        help="seconds to fetch one image URL, redirects included (default 5)",
+    )
+    parser.add_argument(
+        "--image-fetch-max-redirects",
+        type=int,
+        default=None,
+        help="redirects followed fetching an image URL, each to http(s) only (default 5; 0: none)",
+    )
+    parser.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=None,
+        help="bytes of one image, fetched or sent (default 20 MiB)",
+    )
+    parser.add_argument(
+        "--max-images-per-prompt", type=int, default=None, help="images in one prompt (default 16)"
+    )
+    parser.add_argument(
         "--max-request-resumes",
         type=int,
         default=None,
@@ -167,6 +195,11 @@ def app_args(ns: argparse.Namespace) -> dict:
         "max_sequences_per_request",
         "tokenizer_threads",
         "allowed_local_media_path",
+        "allowed_media_domains",
+        "image_fetch_timeout_s",
+        "image_fetch_max_redirects",
+        "max_image_bytes",
+        "max_images_per_prompt",
         "max_request_resumes",
         "request_resume_timeout_s",
     ):

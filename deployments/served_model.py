@@ -19,6 +19,7 @@ from sgl_ray.lang.template import role_format_from_tokenizer
 from sgl_ray.lora.adapter import parse_lora_paths
 from sgl_ray.model_loader import load_hf_config, load_tokenizer, resolve_model
 from sgl_ray.multimodal.chat import IngressImages
+from sgl_ray.multimodal.inputs import ImageLimits
 from sgl_ray.reasoning import get_reasoning_parser
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ class ServedModel:
     :class:`~sgl_ray.protocol.RequestLimits` options, ``trust_request_chat_template``, the engine's
     ``context_length``, ``tokenizer_path``, ``tool_call_parser``, ``reasoning_parser`` and LoRA options, and
     ``dynamic_lora_loading_path`` (Ray Serve LLM's: a request for ``<model>:<adapter>`` loads the adapter from
-    ``<path>/<adapter>`` the first time). ``registry``: the app's ``LoRARegistry`` handle for this model, or None.
+    ``<path>/<adapter>`` the first time), and the image options of :meth:`ImageLimits.from_options`.
+    ``registry``: the app's ``LoRARegistry`` handle for this model, or None.
 
     Example (what ``OpenAIIngress`` does for each of its models)::
 
@@ -49,7 +51,7 @@ class ServedModel:
         mc = ModelConfig(self.hf_config, torch.float32, config.get("context_length"))
         self.context_length, self.vocab_size = mc.context_length, mc.vocab_size
         self.created = P.now()
-        self.role_format = role_format_from_tokenizer(self.tokenizer).to_dict()
+        self.role_format = role_format_from_tokenizer(self.tokenizer, self.hf_config).to_dict()
         # a template that does not render assistant tool calls sees them as text in the parser's format
         tool_format = P.ToolFormat.for_tokenizer(self.tokenizer, config.get("tool_call_parser"))
         reasoning = config.get("reasoning_parser")
@@ -70,7 +72,7 @@ class ServedModel:
             calls_as_text=tool_format.calls_as_text,
             trust_request_chat_template=bool(config.get("trust_request_chat_template")),
             images=IngressImages.for_model(
-                self.hf_config, source.local_dir, config.get("allowed_local_media_path")
+                self.hf_config, source.local_dir, limits=ImageLimits.from_options(config)
             ),
         )
         self.lora = IngressAdapters(

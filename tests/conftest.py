@@ -292,3 +292,11 @@ def aclient(serve_url):
     import openai
 
     return openai.AsyncOpenAI(base_url=f"{serve_url}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) -> str:
+    """The tiny random-weight Qwen2-VL of ``tests/vision/tiny_vl.py`` (vision and frontend-language tests)."""
+    from .vision.tiny_vl import save_tiny_vl
+
+    return save_tiny_vl(tmp_path_factory.mktemp("qwen2_vl"), smollm2_path, "qwen2_vl")

@@ -39,6 +39,7 @@ from sgl_ray.bench.report import format_header, format_table, plot, to_record, w
 from sgl_ray.bench.serving import BACKENDS, ServingConfig, ServingResult, run_serving_benchmark
 from sgl_ray.bench.speculative import add_speculative_args
 from sgl_ray.bench.structured import add_structured_args
+from sgl_ray.bench.vision import add_vision_args
 from sgl_ray.bench.window_kv import add_window_kv_args
 from sgl_ray.configs.engine_args import EngineArgs
 
@@ -50,7 +51,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
         required=True,
         metavar=(
             "{offline,serving,roofline,step-profile,lora,structured,gguf-quantized,speculative,moe-kernels,"
-            "window-kv}"
+            "window-kv,vision}"
         ),
     )
     offline = sub.add_parser(
@@ -105,6 +106,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     add_gguf_quantized_args(sub)
     add_speculative_args(sub)
     add_window_kv_args(sub)
+    add_vision_args(sub)
     moe = sub.add_parser(
         "moe-kernels",
         help="the MoE expert kernels alone (CUDA): --tune the launch table, or --bench it against the torch experts",

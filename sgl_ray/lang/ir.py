@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sgl_ray.errors import InvalidRequestError, UnsupportedFeatureError
+from sgl_ray.errors import InvalidRequestError
 from sgl_ray.lang.choices import ChoicesMethod, token_length_normalized
 from sgl_ray.protocol.tools import parse_tool_choice, parse_tools
 
@@ -38,7 +38,7 @@ def as_expr(value: Any) -> Expr:
     if isinstance(value, str):
         return Text(value)
     raise InvalidRequestError(
-        f"a program state accepts str, gen(), select() or role expressions, not {type(value).__name__}"
+        f"a program state accepts str, gen(), select(), image() or role expressions, not {type(value).__name__}"
     )
 
 
@@ -50,6 +50,11 @@ class Text(Expr):
 @dataclass(frozen=True)
 class Concat(Expr):
     items: tuple[Expr, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class ImageExpr(Expr):
+    source: Any  # a PIL image, bytes, a path or a URL string (see image())
 
 
 @dataclass(frozen=True)
@@ -250,8 +255,19 @@ def assistant_end() -> Expr:
     return RoleEnd("assistant")
 
 
-def image(path: Any) -> Expr:
-    """Image inputs do not exist yet: always raises :class:`~sgl_ray.errors.UnsupportedFeatureError`."""
-    raise UnsupportedFeatureError(
-        "image() inputs are not supported yet: the served models are text-only", param="image"
-    )
+def image(source: Any) -> Expr:
+    """An image at this place of the prompt (SGLang's ``sgl.image``): a PIL image, bytes, a path, or a ``data:``
+    or ``http(s)`` URL string. The text gets the model's image placeholder; the state keeps the image and sends
+    it with every later ``gen``/``select`` (forks too). Put it in a user turn to have it in ``s.messages()`` and in
+    the chat APIs' requests. A model without image inputs raises
+    :class:`~sgl_ray.multimodal.InvalidImageError` when it is appended; a source of another type, at once.
+
+    Example::
+
+        >>> s += user(image("cat.png") + "What is in the picture?")  # doctest: +SKIP
+        >>> s += assistant(gen("answer", max_tokens=32))  # doctest: +SKIP
+    """
+    from sgl_ray.lang.images import check_image_source
+
+    check_image_source(source)
+    return ImageExpr(source)

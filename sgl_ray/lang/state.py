@@ -17,11 +17,13 @@ from sgl_ray.errors import InvalidRequestError
 from sgl_ray.function_call import ToolCall
 from sgl_ray.lang.backends.base import Backend, Prompt
 from sgl_ray.lang.choices import decision_meta
+from sgl_ray.lang.images import ImageRef, chat_messages
 from sgl_ray.lang.ir import (
     Concat,
     Expr,
     Gen,
     GenParams,
+    ImageExpr,
     RoleBegin,
     RoleEnd,
     Select,
@@ -90,6 +92,7 @@ class ProgramState:
         self._format: RoleFormat | None = None
         self._text = ""
         self._messages: list[dict[str, str]] = []
+        self._images: list[ImageRef] = []  # every image() of the text, in order
         self._role: str | None = None
         self._role_start = 0
         self._roles_seen = False
@@ -131,6 +134,8 @@ class ProgramState:
             self._gen(expr)
         elif isinstance(expr, Select):
             self._select(expr)
+        elif isinstance(expr, ImageExpr):
+            self._image(expr)
         else:
             raise InvalidRequestError(f"cannot append {type(expr).__name__}")
 
@@ -169,7 +174,12 @@ class ProgramState:
 
     def _prompt(self) -> Prompt:
         open_content = self._text[self._role_start :] if self._role else ""
-        return Prompt(self._text, list(self._messages), self._role, open_content)
+        return Prompt(self._text, list(self._messages), self._role, open_content, tuple(self._images))
+
+    def _image(self, expr: ImageExpr) -> None:
+        token = self.backend.image_token()  # raises for a model without image inputs
+        self._images.append(ImageRef(expr.source, len(self._messages) if self._role else None))
+        self._append(token)
 
     def _gen(self, expr: Gen) -> None:
         params = expr.params.merged(self.defaults)
@@ -193,7 +203,7 @@ class ProgramState:
                 }
 
     def _select(self, expr: Select) -> None:
-        conditional = self.backend.choice_logprobs(self._text, expr.choices)
+        conditional = self.backend.choice_logprobs(self._text, expr.choices, tuple(self._images))
         unconditional = None
         if expr.method.needs_unconditional:
             context = self.role_format().prefix.get(self._role or "", "") or "\n"
@@ -264,9 +274,13 @@ class ProgramState:
         """The whole text so far (role prefixes and suffixes included)."""
         return self.sync()._text
 
-    def messages(self) -> list[dict[str, str]]:
-        """The finished turns as chat messages."""
-        return list(self.sync()._messages)
+    def messages(self) -> list[dict[str, Any]]:
+        """The finished turns as chat messages; a turn with images has OpenAI's content parts (``text`` and
+        ``image_url``, with ``data:`` URLs)."""
+        self.sync()
+        if not self._images:
+            return list(self._messages)
+        return chat_messages(self._messages, self._images, self.backend.image_token(), strict=False)
 
     def error(self) -> BaseException | None:
         """The error that stopped this state, if any (waits for pending appends)."""
@@ -295,11 +309,12 @@ class ProgramState:
         if not isinstance(n, int) or n < 1:
             raise InvalidRequestError(f"fork needs n >= 1, got {n!r}")
         self.sync()
-        self.backend.cache_prefix(self._text)
+        self.backend.cache_prefix(self._text, tuple(self._images))
         children = []
         for _ in range(n):
             child = ProgramState(self.backend, self.defaults)
             child._format, child._text, child._messages = self._format, self._text, list(self._messages)
+            child._images = list(self._images)
             child._role, child._role_start, child._roles_seen = self._role, self._role_start, self._roles_seen
             child._vars, child._meta, child._calls = dict(self._vars), dict(self._meta), dict(self._calls)
             children.append(child)

@@ -13,7 +13,7 @@ less a leading BOS the tokenizer adds by itself.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
@@ -25,7 +25,9 @@ class RoleFormat:
     """How each role's turn is written: ``prefix[role] + content + suffix[role]``.
 
     ``begin`` is what the template writes once before the first turn (a BOS token the tokenizer does not add by
-    itself); ``default_system`` the whole system turn it inserts when a conversation has none ("" if none).
+    itself); ``default_system`` the whole system turn it inserts when a conversation has none ("" if none);
+    ``image_token`` what stands for one image in the prompt (Qwen2-VL: ``<|vision_start|><|image_pad|><|vision_end|>``;
+    None: the model takes no images).
     Example::
 
         >>> f = RoleFormat.plain()
@@ -38,6 +40,7 @@ class RoleFormat:
     default_system: str = ""
     begin: str = ""
     name: str = "custom"
+    image_token: str | None = None
 
     @classmethod
     def plain(cls) -> RoleFormat:
@@ -59,6 +62,7 @@ class RoleFormat:
             default_system=str(d.get("default_system", "")),
             begin=str(d.get("begin", "")),
             name=str(d.get("name", "custom")),
+            image_token=d.get("image_token"),
         )
 
 
@@ -74,15 +78,17 @@ def _adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def role_format_from_tokenizer(tokenizer: Any) -> RoleFormat:
-    """The :class:`RoleFormat` of ``tokenizer``'s chat template (``RoleFormat.plain()`` when it has none).
+def role_format_from_tokenizer(tokenizer: Any, hf_config: Any = None) -> RoleFormat:
+    """The :class:`RoleFormat` of ``tokenizer``'s chat template (``RoleFormat.plain()`` when it has none); with
+    the model's ``hf_config``, the image placeholder of a vision-language model as ``image_token``.
 
     Each role's prefix is what the template writes between the previous turn and the role's content; its suffix
     what follows the content up to the next turn. Templates that cannot render a role in this position (some
     refuse a system turn) leave it with an empty prefix and suffix.
     """
+    image_token = _image_token(hf_config)
     if not getattr(tokenizer, "chat_template", None):
-        return RoleFormat.plain()
+        return replace(RoleFormat.plain(), image_token=image_token)
     s, u, a = _SENTINELS["system"], _SENTINELS["user"], _SENTINELS["assistant"]
     sys_msg, user_msg, ast_msg = (
         {"role": "system", "content": s},
@@ -118,7 +124,19 @@ def role_format_from_tokenizer(tokenizer: Any) -> RoleFormat:
         prefix["system"] = _strip_start(prefix["system"], bos)
     if begin and _adds_bos(tokenizer):  # the tokenizer adds BOS itself: the text must not carry a second one
         begin = ""
-    return RoleFormat(prefix, suffix, default_system, begin, name="chat_template")
+    return RoleFormat(prefix, suffix, default_system, begin, name="chat_template", image_token=image_token)
+
+
+def _image_token(hf_config: Any) -> str | None:
+    """The image placeholder of a vision-language model's architecture (None for a text model)."""
+    if hf_config is None:
+        return None
+    from sgl_ray.multimodal.chat import PLACEHOLDERS
+    from sgl_ray.multimodal.config import is_multimodal_config
+
+    if not is_multimodal_config(hf_config):
+        return None
+    return PLACEHOLDERS.get((getattr(hf_config, "architectures", None) or ["?"])[0])
 
 
 def _strip_start(text: str, head: str) -> str:

@@ -22,6 +22,22 @@ from sgl_ray.models.qwen2_vl_vision import Qwen2VisionTransformer
 from sgl_ray.runner.forward_batch import ForwardBatch
 
 
+def forward_with_images(
+    decoder: torch.nn.Module, vocab_size: int, batch: ForwardBatch, intermediate: Intermediate | None
+) -> torch.Tensor | Intermediate:
+    """The decoder on a step whose rows inside images take the images' embeddings (``batch.multimodal``) in place
+    of their token embeddings; a step without such rows runs as text."""
+    mm = batch.multimodal
+    if mm is None or mm.image_rows is None:
+        return decoder(batch, intermediate)
+    embed = decoder.embed_tokens
+    assert embed is not None
+    ids = torch.where(batch.input_ids < vocab_size, batch.input_ids, 0)  # image key ids -> any real id
+    hidden = embed(ids)  # [T, hidden]
+    hidden = hidden.index_copy(0, mm.image_rows, mm.image_embeds.to(hidden.dtype))
+    return decoder(batch, (hidden, None))
+
+
 class MRotaryEmbedding(RotaryEmbedding):
     """Rotary whose band ``i`` of ``mrope_section`` (in frequency pairs) turns with position component ``i % 3`` of
     the token; the batch's ``multimodal.mrope_positions`` [3, T] give them (without it, all are the position)."""
@@ -81,17 +97,7 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
     def forward(
         self, batch: ForwardBatch, intermediate: Intermediate | None = None
     ) -> torch.Tensor | Intermediate:
-        mm = batch.multimodal
-        if mm is None or mm.image_rows is None:
-            return self.model(batch, intermediate)
-        embed = self.model.embed_tokens
-        assert embed is not None
-        ids = torch.where(
-            batch.input_ids < self.config.vocab_size, batch.input_ids, 0
-        )  # image keys -> any id
-        hidden = embed(ids)  # [T, hidden]
-        hidden = hidden.index_copy(0, mm.image_rows, mm.image_embeds.to(hidden.dtype))
-        return self.model(batch, (hidden, None))
+        return forward_with_images(self.model, self.config.vocab_size, batch, intermediate)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Checkpoint names of either layout: the hub's (``visual.*``, ``model.*``) or transformers 5's

@@ -16,6 +16,11 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2VLForConditionalGeneration": ("sgl_ray.models.qwen2_vl", "Qwen2VLForConditionalGeneration"),
     # the same model: the vision tower's flags come from its config (models.qwen2_vl_vision.VisionShape)
     "Qwen2_5_VLForConditionalGeneration": ("sgl_ray.models.qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "LlavaNextForConditionalGeneration": ("sgl_ray.models.llava", "LlavaNextForConditionalGeneration"),
+    "LlavaOnevisionForConditionalGeneration": (
+        "sgl_ray.models.llava",
+        "LlavaOnevisionForConditionalGeneration",
+    ),
     "Olmo2ForCausalLM": ("sgl_ray.models.olmo2", "Olmo2ForCausalLM"),
     "GraniteForCausalLM": ("sgl_ray.models.granite", "GraniteForCausalLM"),
     "Phi3ForCausalLM": ("sgl_ray.models.phi3", "Phi3ForCausalLM"),

@@ -6,13 +6,20 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-# Top-level fields of a VL config that the language-model view keeps (token ids of the image markers, the tower).
+# Top-level fields of a VL config that the language-model view keeps (token ids of the image markers, the tower,
+# and LLaVA's image encoder: the layers it reads, its projector and the anyres layout).
 _CARRIED = (
     "vision_config",
     "image_token_id",
     "video_token_id",
     "vision_start_token_id",
     "vision_end_token_id",
+    "vision_feature_layer",
+    "vision_feature_select_strategy",
+    "image_grid_pinpoints",
+    "vision_aspect_ratio",
+    "projector_hidden_act",
+    "multimodal_projector_bias",
 )
 
 
@@ -45,7 +52,8 @@ def language_model_config(hf_config: Any) -> Any:
 
 def check_engine_args(hf_config: Any, args: Any) -> None:
     """Refuse, at start-up, what a vision-language model does not run with: pipeline stages (the tower and the
-    decoder's first layers live together) and speculative decoding (drafts would need M-RoPE positions)."""
+    decoder's first layers live together) and speculative decoding (drafts see no images, and would need M-RoPE
+    positions under Qwen2-VL)."""
     from sgl_ray.errors import UnsupportedModelError
 
     if not is_multimodal_config(hf_config):

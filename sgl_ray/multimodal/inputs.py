@@ -1,5 +1,5 @@
-"""Image inputs: what a caller may pass (PIL images, paths, bytes, ``data:`` URLs), their limits, and the typed
-values that carry a preprocessed image from the tokenizer side to the model runner."""
+"""Image inputs: what a caller may pass (PIL images, paths, bytes, ``data:`` and ``http(s)`` URLs), their limits,
+and the typed values that carry a preprocessed image from the tokenizer side to the model runner."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import base64
 import binascii
 import hashlib
 import io
+import math
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import numpy as np
 
 from sgl_ray.errors import InvalidRequestError
 
-ImageInput = Any  # PIL.Image.Image | bytes | str (a path or a data: URL) | os.PathLike
+ImageInput = Any  # PIL.Image.Image | bytes | str (a path, a data: or http(s) URL) | os.PathLike
 
 
 class InvalidImageError(InvalidRequestError):
@@ -30,20 +32,73 @@ class ImageLimits:
     """What one request may bring. Local files (paths, ``file://`` URLs) are read only with
     ``allow_local_files`` and, where ``allowed_local_media_path`` is set, only under it: the in-process ``Engine``
     reads any path, the HTTP ingress none unless started with ``allowed_local_media_path``
-    (:meth:`for_server`)."""
+    (:meth:`for_server`).
+
+    ``http(s)`` URLs are fetched (:mod:`sgl_ray.multimodal.fetch`) within ``fetch_timeout_s`` in all, redirects
+    included, reading at most ``max_image_bytes``; up to ``max_redirects`` redirects are followed, each to an
+    ``http(s)`` URL only; with ``allowed_media_domains`` set, every URL (the redirects' too) must be on one of those
+    hosts (an empty tuple: no URL is fetched)."""
 
     max_images: int = 16
     max_image_bytes: int = 20 * 2**20
     max_image_pixels: int = 8192 * 8192
     allow_local_files: bool = True
     allowed_local_media_path: str | None = None
+    fetch_timeout_s: float = 5.0
+    max_redirects: int = 5
+    allowed_media_domains: tuple[str, ...] | None = None
 
     @classmethod
-    def for_server(cls, allowed_local_media_path: str | None = None) -> ImageLimits:
+    def for_server(cls, allowed_local_media_path: str | None = None, **limits: Any) -> ImageLimits:
         return cls(
             allow_local_files=allowed_local_media_path is not None,
             allowed_local_media_path=allowed_local_media_path,
+            **limits,
         )
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> ImageLimits:
+        """The HTTP ingress's limits from the app options :data:`SERVER_OPTIONS` (absent or None: the default);
+        :class:`~sgl_ray.errors.InvalidRequestError` naming the option for a bad value.
+
+        >>> ImageLimits.from_options({"image_fetch_timeout_s": 2, "allowed_media_domains": ["example.com"]})
+        ... # doctest: +ELLIPSIS
+        ImageLimits(..., fetch_timeout_s=2.0, max_redirects=5, allowed_media_domains=('example.com',))
+        """
+        limits: dict[str, Any] = {}
+        for option, (field, parse, want) in SERVER_OPTIONS.items():
+            value = options.get(option)
+            if value is None:
+                continue
+            parsed = parse(value)
+            if parsed is None:
+                raise InvalidRequestError(f"{option} must be {want}, got {value!r}", param=option)
+            limits[field] = parsed
+        return cls.for_server(options.get("allowed_local_media_path"), **limits)
+
+
+def _integer(least: int) -> Callable[[Any], int | None]:
+    return lambda v: v if isinstance(v, int) and not isinstance(v, bool) and v >= least else None
+
+
+def _seconds(v: Any) -> float | None:
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    return float(v) if number and 0 < v < math.inf else None
+
+
+def _hosts(v: Any) -> tuple[str, ...] | None:
+    ok = isinstance(v, (list, tuple)) and all(isinstance(h, str) and h for h in v)
+    return tuple(h.lower() for h in v) if ok else None
+
+
+# app option -> (ImageLimits field, its parser (None: a bad value), what it must be)
+SERVER_OPTIONS: dict[str, tuple[str, Callable[[Any], Any], str]] = {
+    "max_images_per_prompt": ("max_images", _integer(1), "an integer >= 1"),
+    "max_image_bytes": ("max_image_bytes", _integer(1), "an integer >= 1"),
+    "image_fetch_timeout_s": ("fetch_timeout_s", _seconds, "a number > 0"),
+    "image_fetch_max_redirects": ("max_redirects", _integer(0), "an integer >= 0"),
+    "allowed_media_domains": ("allowed_media_domains", _hosts, "a list of host names"),
+}
 
 
 class ImageItem(msgspec.Struct, frozen=True):
@@ -159,8 +214,10 @@ def _image_bytes(item: ImageInput, limits: ImageLimits, param: str) -> bytes:
         return bytes(item)
     if isinstance(item, str) and item.startswith("data:"):
         return decode_data_url(item, param)
-    if isinstance(item, str) and item.startswith(("http://", "https://")):
-        raise InvalidImageError(f"{param}: http(s) image URLs are not fetched here", param=param)
+    if is_http_url(item):
+        from sgl_ray.multimodal.fetch import fetch_image_blocking
+
+        return fetch_image_blocking(item, limits, param)
     if isinstance(item, (str, os.PathLike)):
         path = Path(item).expanduser()
         if isinstance(item, str) and item.startswith("file://"):
@@ -179,7 +236,7 @@ def _image_bytes(item: ImageInput, limits: ImageLimits, param: str) -> bytes:
                 f"{param}: cannot read {str(path)!r}: {exc.strerror}", param=param
             ) from None
     raise InvalidImageError(
-        f"{param}: an image must be a PIL image, bytes, a path or a data: URL, not {type(item).__name__}",
+        f"{param}: an image must be a PIL image, bytes, a path, a data: or http(s) URL, not {type(item).__name__}",
         param=param,
     )
 
@@ -198,6 +255,11 @@ def _check_local_path(path: Path, limits: ImageLimits, param: str) -> None:
         raise InvalidImageError(
             f"{param}: local files are only read under the allowed media path", param=param
         )
+
+
+def is_http_url(item: Any) -> bool:
+    """Whether ``item`` is an ``http://`` or ``https://`` URL (the scheme in any case)."""
+    return isinstance(item, str) and item[:8].lower().startswith(("http://", "https://"))
 
 
 def decode_data_url(url: str, param: str) -> bytes:

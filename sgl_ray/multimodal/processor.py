@@ -1,16 +1,22 @@
 """Prompt + images -> expanded token ids and :class:`MultimodalInputs`, on the caller's thread (never the step loop).
 
 The pixels come from the model's Hugging Face image processor (``preprocessor_config.json``), so they match the
-reference; the text side is the processor's rule: each image placeholder token becomes
-``grid_t * grid_h * grid_w / merge_size**2`` of them. Positions follow Qwen2-VL's rope index (M-RoPE): text tokens
-advance all three components together; an image's tokens take ``(start, start + row, start + column)`` over its
-merged grid, and the text after it resumes at ``start + max(rows, columns)``.
+reference. Each model family supplies the rest as an :class:`ImageProcessor`: the pixels of each image, how many
+tokens its placeholder expands to, and the prompt's positions.
+
+- Qwen2-VL and Qwen2.5-VL (:class:`QwenVLProcessor`): ``grid_t * grid_h * grid_w / merge_size**2`` tokens per image,
+  and M-RoPE positions by Qwen2-VL's rope index: text tokens advance all three components together; an image's
+  tokens take ``(start, start + row, start + column)`` over its merged grid, and the text after it resumes at
+  ``start + max(rows, columns)``.
+- LLaVA-NeXT and LLaVA-OneVision (:class:`LlavaProcessor`): the anyres rule of :mod:`sgl_ray.models.llava_anyres`
+  and plain positions.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -25,26 +31,48 @@ from sgl_ray.multimodal.inputs import (
 )
 
 
-class QwenVLProcessor:
-    """Example::
+class PreparedImage(NamedTuple):
+    """One image as its model's family prepares it: ``pixel_values`` and ``grid`` as :class:`ImageItem` holds them,
+    and the number of tokens its placeholder expands to."""
 
-    >>> proc = QwenVLProcessor.from_pretrained(model_dir, hf_config)  # doctest: +SKIP
-    >>> ids, mm = proc.process(tokenizer.encode("<|vision_start|><|image_pad|><|vision_end|>Hi"), [img])  # doctest: +SKIP
+    pixel_values: np.ndarray
+    grid: tuple[int, int, int]
+    num_tokens: int
+
+
+class ImageProcessor(ABC):
+    """A model family's image preprocessing. :meth:`process` checks the limits and the placeholder count, decodes
+    the images and expands each placeholder (one ``image_token_id`` per image in the prompt) to the image's tokens;
+    the family says what the pixels and token counts are (:meth:`prepare`) and the prompt's positions
+    (:meth:`positions`; default: plain positions, a model without M-RoPE).
+
+    Example::
+
+        >>> proc = create_processor(hf_config, model_dir)  # doctest: +SKIP
+        >>> ids, mm = proc.process(tokenizer.encode("<image>Hi"), [img])  # doctest: +SKIP
     """
 
     def __init__(self, image_processor: Any, hf_config: Any, limits: ImageLimits | None = None) -> None:
         self.image_processor = image_processor
         self.image_token_id = int(hf_config.image_token_id)
-        self.merge_size = int(hf_config.vision_config.spatial_merge_size)
         self.limits = limits or ImageLimits()
 
     @classmethod
     def from_pretrained(
         cls, directory: str, hf_config: Any, limits: ImageLimits | None = None
-    ) -> QwenVLProcessor:
+    ) -> ImageProcessor:
         from transformers import AutoImageProcessor
 
         return cls(AutoImageProcessor.from_pretrained(directory), hf_config, limits)
+
+    @abstractmethod
+    def prepare(self, images: list[Any]) -> list[PreparedImage]:
+        """The decoded RGB images of one prompt -> each one's pixels, grid and token count."""
+
+    def positions(self, length: int, images: Sequence[ImageItem]) -> tuple[np.ndarray, int]:
+        """``(MultimodalInputs.mrope_positions, mrope_delta)`` of a prompt of ``length`` expanded tokens; plain
+        positions are M-RoPE positions of shape [3, 0] (see ``multimodal.runner``)."""
+        return np.zeros((3, 0), dtype=np.int64), 0
 
     def process(
         self,
@@ -68,25 +96,41 @@ class QwenVLProcessor:
             )
         names = names or [f"{param}[{i}]" for i in range(len(images))]
         decoded = [load_image(image, self.limits, name) for image, name in zip(images, names, strict=True)]
-        out = self.image_processor(images=decoded, return_tensors="np")
-        pixels = np.asarray(out["pixel_values"], dtype=np.float32)
-        grids = [tuple(int(x) for x in g) for g in np.asarray(out["image_grid_thw"])]
         ids: list[int] = []
         items: list[ImageItem] = []
-        start, patch = 0, 0
-        for slot, grid in zip(slots, grids, strict=True):
+        start = 0
+        for slot, image in zip(slots, self.prepare(decoded), strict=True):
             ids.extend(input_ids[start:slot])
-            n_patches = grid[0] * grid[1] * grid[2]
-            n_tokens = n_patches // self.merge_size**2
-            values = pixels[patch : patch + n_patches]
-            items.append(ImageItem(hash_pixels(values, grid), len(ids), n_tokens, grid, values))
-            ids.extend([self.image_token_id] * n_tokens)
-            start, patch = slot + 1, patch + n_patches
+            key = hash_pixels(image.pixel_values, image.grid)
+            items.append(ImageItem(key, len(ids), image.num_tokens, image.grid, image.pixel_values))
+            ids.extend([self.image_token_id] * image.num_tokens)
+            start = slot + 1
         ids.extend(input_ids[start:])
-        positions, delta = self.rope_index(len(ids), items)
+        positions, delta = self.positions(len(ids), items)
         return ids, MultimodalInputs(items, positions, delta, self.image_token_id)
 
-    def rope_index(self, length: int, images: Sequence[ImageItem]) -> tuple[np.ndarray, int]:
+
+class QwenVLProcessor(ImageProcessor):
+    """Qwen2-VL's: ``pixel_values`` [patches, channels * temporal_patch * patch * patch] and ``grid`` (t, h, w) in
+    patches, as its HF image processor gives them; M-RoPE positions (see the module)."""
+
+    def __init__(self, image_processor: Any, hf_config: Any, limits: ImageLimits | None = None) -> None:
+        super().__init__(image_processor, hf_config, limits)
+        self.merge_size = int(hf_config.vision_config.spatial_merge_size)
+
+    def prepare(self, images: list[Any]) -> list[PreparedImage]:
+        out = self.image_processor(images=images, return_tensors="np")
+        pixels = np.asarray(out["pixel_values"], dtype=np.float32)
+        grids = [tuple(int(x) for x in g) for g in np.asarray(out["image_grid_thw"])]
+        prepared, patch = [], 0
+        for grid in grids:
+            n_patches = grid[0] * grid[1] * grid[2]
+            values = pixels[patch : patch + n_patches]
+            prepared.append(PreparedImage(values, grid, n_patches // self.merge_size**2))
+            patch += n_patches
+        return prepared
+
+    def positions(self, length: int, images: Sequence[ImageItem]) -> tuple[np.ndarray, int]:
         """M-RoPE positions [3, length] of a prompt and the delta of the positions after it (see the module)."""
         parts, pos, done = [], 0, 0
         for image in images:
@@ -109,16 +153,49 @@ class QwenVLProcessor:
         return positions, int(positions.max(initial=-1)) + 1 - length
 
 
+class LlavaProcessor(ImageProcessor):
+    """LLaVA-NeXT's and LLaVA-OneVision's: ``pixel_values`` [crops, channels, size, size] (the base crop first)
+    and ``grid`` ``(crops, height, width)``, the crop count and the image's size in pixels, from which the model
+    packs its features (:mod:`sgl_ray.models.llava_anyres`); plain positions. OneVision cuts an image into crops
+    only when it is the prompt's one image (several are each given as their base crop, padded square), as its HF
+    image processor does."""
+
+    def __init__(self, image_processor: Any, hf_config: Any, limits: ImageLimits | None = None) -> None:
+        from sgl_ray.models.llava_anyres import AnyresLayout
+
+        super().__init__(image_processor, hf_config, limits)
+        self.layout = AnyresLayout.from_config(hf_config)
+        self.crops_one_image_only = hf_config.architectures[0] == "LlavaOnevisionForConditionalGeneration"
+
+    def prepare(self, images: list[Any]) -> list[PreparedImage]:
+        if self.crops_one_image_only:  # one prompt of several images: the processor gives their base crops
+            out = self.image_processor(images=[images], return_tensors="np")
+        else:
+            out = self.image_processor(images=images, return_tensors="np")
+        prepared = []  # pixel_values: [images, most crops, C, S, S] zero-padded (or per image, unpadded)
+        sizes = np.asarray(out["image_sizes"]).tolist()
+        for values, (height, width) in zip(out["pixel_values"], sizes, strict=True):
+            several = self.crops_one_image_only and len(images) > 1
+            crops = 1 if several else self.layout.num_crops(height, width)
+            grid = (crops, int(height), int(width))
+            tokens = self.layout.num_tokens(height, width, crops)
+            pixels = np.array(values[:crops], dtype=np.float32)  # a copy, not a view of the batch
+            prepared.append(PreparedImage(pixels, grid, tokens))
+        return prepared
+
+
 # Hugging Face architecture -> the processor of its image inputs
-_PROCESSORS: dict[str, type[QwenVLProcessor]] = {
+_PROCESSORS: dict[str, type[ImageProcessor]] = {
     "Qwen2VLForConditionalGeneration": QwenVLProcessor,
     "Qwen2_5_VLForConditionalGeneration": QwenVLProcessor,
+    "LlavaNextForConditionalGeneration": LlavaProcessor,
+    "LlavaOnevisionForConditionalGeneration": LlavaProcessor,
 }
 
 
 def create_processor(
     hf_config: Any, directory: str, limits: ImageLimits | None = None
-) -> QwenVLProcessor | None:
+) -> ImageProcessor | None:
     """The image processor of a VL model (None for a text model); raises for a VL architecture not served."""
     from sgl_ray.errors import ModelLoadError, UnsupportedModelError
     from sgl_ray.multimodal.config import is_multimodal_config
@@ -137,7 +214,7 @@ def create_processor(
 
 
 def attach_images(
-    processor: QwenVLProcessor | None, token_lists: list[list[int]], image_data: Any, is_batch: bool
+    processor: ImageProcessor | None, token_lists: list[list[int]], image_data: Any, is_batch: bool
 ) -> tuple[list[list[int]], list[MultimodalInputs | None]]:
     """``generate``'s ``image_data`` (one image or a list for one prompt; a list of those, one per prompt, for a
     batch) applied to the prompts: their ids with expanded placeholders, and each prompt's inputs (None: none)."""

@@ -4,7 +4,10 @@
 
 A step covers positions ``[prefix, prefix + extend)`` of each request. The rows of that range inside an image take
 that image's embedding rows (so a prefill chunk may start or end inside an image, and a prefix-cache hit may end
-inside one); rows inside the prompt take its M-RoPE positions, rows after it ``position + mrope_delta``.
+inside one); the model (``embed_images``) turns an image into its rows. Under M-RoPE (Qwen2-VL) rows inside the
+prompt take its M-RoPE positions and rows after it ``position + mrope_delta``, so every step of such a request needs
+the batch; a model with plain positions (LLaVA: ``mrope_positions`` of shape [3, 0]) needs it only for steps whose
+rows reach into an image, and its other steps (all its decode steps) run as text.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from sgl_ray.transfer import to_device
 
 
 class MultimodalBatch(NamedTuple):
-    mrope_positions: torch.Tensor  # [3, T]
+    mrope_positions: torch.Tensor | None  # [3, T]; None when no request of the step uses M-RoPE
     image_rows: torch.Tensor | None  # [M] rows of the step whose embedding comes from an image
     image_embeds: torch.Tensor | None  # [M, hidden]
 
@@ -65,6 +68,8 @@ class MultimodalState:
         self.device = device
         self.requests: dict[int, MultimodalInputs] = {}
         self.cache = EmbeddingCache(cache_tokens)
+        # Set to a list to record (start, end) CUDA events around every vision-tower call (``bench vision``).
+        self.tower_trace: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
 
     def admit(self, plan: StepPlan) -> None:
         for idx in plan.freed_req_pool_idxs:
@@ -76,16 +81,25 @@ class MultimodalState:
                 self.requests[new.req_pool_idx] = new.multimodal.owned()  # kept: copied out of the plan
 
     def involves(self, plan: StepPlan) -> bool:
-        """Whether a request of the step has images (its rows then need M-RoPE positions, not plain ones)."""
-        return bool(self.requests) and any(int(i) in self.requests for i in plan.req_pool_idxs)
+        """Whether the step needs a :class:`MultimodalBatch`: a request of it has M-RoPE positions, or rows of it
+        fall inside an image."""
+        if not self.requests:
+            return False
+        for idx, prefix in zip(plan.req_pool_idxs, plan.prefix_lens, strict=True):
+            mm = self.requests.get(int(idx))
+            if mm is not None and (uses_mrope(mm) or prefix < images_end(mm)):
+                return True
+        return False
 
     def step(self, plan: StepPlan) -> MultimodalBatch | None:
         if not self.involves(plan):
             return None
         ext, prefix = plan.extend_lens, plan.prefix_lens
         starts = np.cumsum(ext) - ext
-        positions = np.repeat(prefix - starts, ext) + np.arange(plan.num_tokens)  # [T] sequence positions
-        mrope = np.repeat(positions[None], 3, axis=0)  # [3, T]
+        mrope = None
+        if any(uses_mrope(mm) for i in plan.req_pool_idxs if (mm := self.requests.get(int(i))) is not None):
+            positions = np.repeat(prefix - starts, ext) + np.arange(plan.num_tokens)  # [T] sequence positions
+            mrope = np.repeat(positions[None], 3, axis=0)  # [3, T]
         rows: list[np.ndarray] = []
         embeds: list[torch.Tensor] = []
         for idx, p0, n, s in zip(plan.req_pool_idxs, prefix, ext, starts, strict=True):
@@ -93,17 +107,18 @@ class MultimodalState:
             if mm is None:
                 continue
             p1, length = int(p0 + n), mm.mrope_positions.shape[1]
-            seg = mrope[:, s : s + n]
-            if p0 < length:
-                seg[:, : min(p1, length) - p0] = mm.mrope_positions[:, p0 : min(p1, length)]
-            if p1 > length:
-                seg[:, max(length, p0) - p0 :] += mm.mrope_delta
+            if mrope is not None and uses_mrope(mm):
+                seg = mrope[:, s : s + n]
+                if p0 < length:
+                    seg[:, : min(p1, length) - p0] = mm.mrope_positions[:, p0 : min(p1, length)]
+                if p1 > length:
+                    seg[:, max(length, p0) - p0 :] += mm.mrope_delta
             for image in mm.images:
                 lo, hi = max(int(p0), image.offset), min(p1, image.offset + image.num_tokens)
                 if lo < hi:
                     rows.append(np.arange(s + lo - p0, s + hi - p0))
                     embeds.append(self.embeddings(image)[lo - image.offset : hi - image.offset])
-        mrope_t = to_device(np.ascontiguousarray(mrope), self.device)
+        mrope_t = None if mrope is None else to_device(np.ascontiguousarray(mrope), self.device)
         if not rows:
             return MultimodalBatch(mrope_t, None, None)
         return MultimodalBatch(mrope_t, to_device(np.concatenate(rows), self.device), torch.cat(embeds))
@@ -112,6 +127,25 @@ class MultimodalState:
         found = self.cache.get(image.hash)
         if found is None:
             pixels = torch.from_numpy(image.pixel_values).to(self.device)
+            traced = self.tower_trace is not None and self.device.type == "cuda"
+            if traced:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
             found = self.model.embed_images(pixels, [image.grid_thw])
+            if traced:
+                end.record()
+                self.tower_trace.append((start, end))  # type: ignore[union-attr]
+            if found.shape[0] != image.num_tokens:  # the processor's rule and the model's packing disagree
+                raise ValueError(f"an image of {image.num_tokens} tokens embedded as {found.shape[0]} rows")
             self.cache.put(image.hash, found)
         return found
+
+
+def uses_mrope(mm: MultimodalInputs) -> bool:
+    """Whether the prompt's tokens take M-RoPE positions (else plain ones: ``mrope_positions`` is [3, 0])."""
+    return mm.mrope_positions.shape[1] > 0
+
+
+def images_end(mm: MultimodalInputs) -> int:
+    """The position after the prompt's last image token."""
+    return max((image.offset + image.num_tokens for image in mm.images), default=0)

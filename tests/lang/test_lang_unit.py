@@ -8,7 +8,7 @@ import pytest
 
 import sgl_ray
 import sgl_ray.lang as sgl
-from sgl_ray.errors import InvalidRequestError, ModelNotFoundError, RemoteError, UnsupportedFeatureError
+from sgl_ray.errors import InvalidRequestError, ModelNotFoundError, RemoteError
 from sgl_ray.lang.backends.http import error_from_body
 from sgl_ray.lang.ir import Concat, Gen, GenParams, RoleBegin, RoleEnd, Text
 from sgl_ray.model_loader import load_tokenizer, resolve_model
@@ -109,12 +109,6 @@ def test_gen_with_tools_validates_them_when_written():
     ):
         with pytest.raises(InvalidRequestError):
             sgl.gen("call", **kwargs)
-
-
-def test_image_raises_a_typed_error():
-    with pytest.raises(UnsupportedFeatureError, match="image"):
-        sgl.image("cat.png")
-    assert issubclass(UnsupportedFeatureError, NotImplementedError)
 
 
 def test_run_without_a_backend_and_bad_programs():

@@ -1,5 +1,5 @@
-"""A tiny random-weight Qwen2-VL (vision depth 2, hidden 64) with a processor built here: SmolLM2's tokenizer plus
-Qwen2-VL's vision tokens, and the HF image processor set to small grids. Images are drawn with PIL."""
+"""Vision test fixtures: the tiny Qwen2-VL builders live in ``tiny_vl`` (the session's ``qwen2_vl_path`` comes from
+the root conftest, its Serve app ``vision_app_url`` from here); the tiny LLaVA models are built here."""
 
 from __future__ import annotations
 
@@ -7,98 +7,125 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from sgl_ray.model_loader import load_tokenizer, resolve_model
 
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-def draw(kind: int, size: tuple[int, int] = (84, 56)) -> Image.Image:
-    """A distinct picture per ``kind`` (shapes and colours vary with it)."""
-    image = Image.new("RGB", size, (30 * kind % 256, 80, 200 - 20 * kind % 200))
-    pen = ImageDraw.Draw(image)
-    w, h = size
-    pen.rectangle([w // 8 + kind, h // 6, w // 2, h // 2 + kind], fill=(250, 40 * kind % 256, 10))
-    pen.ellipse([w // 2, h // 3, w - 4, h - 4], fill=(20, 220, 60 * kind % 256))
-    return image
-
-
-NO_TOKENIZER_IDS = (
-    996,
-    997,
-    998,
-    999,
-)  # vision start, end, image pad, video pad of a model saved without one
-
-
-def save_tiny_vl(directory: Path, smollm2_path: str | None, family: str) -> str:
-    """Random weights of a tiny ``qwen2_vl`` or ``qwen2_5_vl`` model, its tokenizer and image processor; without
-    ``smollm2_path`` (the GPU machine cannot download it) no tokenizer, a vocabulary of 1000 and the vision tokens'
-    ids :data:`NO_TOKENIZER_IDS`."""
-    import transformers
-
-    tokenizer = None
-    if smollm2_path is None:
-        start, end, image, video = NO_TOKENIZER_IDS
-    else:
-        tokenizer = load_tokenizer(resolve_model(smollm2_path))
-        tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
-        start, end, image, video = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
-    vision = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    vision["initializer_range"] = 0.2  # the image moves the greedy tokens
-    if family == "qwen2_vl":
-        config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
-        vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
-    else:  # windows of 2 x 2 merge units; block 1 attends over the whole image
-        config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
-        vision.update(
-            hidden_size=32,
-            out_hidden_size=64,
-            intermediate_size=48,
-            window_size=56,
-            fullatt_block_indexes=[1],
-        )
-    config = config_cls(
-        architectures=[model_cls.__name__],
-        text_config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=len(tokenizer) + 4 if tokenizer is not None else 1000,
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=2,
-            initializer_range=0.2,  # peaked logits: greedy comparisons are not decided by rounding
-        ),
-        vision_config=vision,
-        image_token_id=image,
-        video_token_id=video,
-        vision_start_token_id=start,
-        vision_end_token_id=end,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model_cls(config).to(torch.float32).save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    pixels = 28 * 28
-    transformers.Qwen2VLImageProcessorPil(
-        size={"shortest_edge": 4 * pixels, "longest_edge": 16 * pixels}
-    ).save_pretrained(directory)
-    return str(directory)
-
-
-@pytest.fixture(scope="session")
-def qwen2_vl_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) -> str:
-    return save_tiny_vl(tmp_path_factory.mktemp("qwen2_vl"), smollm2_path, "qwen2_vl")
+from .tiny_vl import IMAGE, NO_TOKENIZER_IDS, VISION_TOKENS, draw, save_tiny_vl  # noqa: F401  (re-exported)
 
 
 @pytest.fixture(scope="session")
 def qwen2_5_vl_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) -> str:
     return save_tiny_vl(tmp_path_factory.mktemp("qwen2_5_vl"), smollm2_path, "qwen2_5_vl")
+
+
+@pytest.fixture(scope="package")
+def vision_app_url(serve_url: str, qwen2_vl_path: str):
+    """The base URL of a Serve app of the tiny Qwen2-VL at ``/vision`` (no API key), shared by the vision Serve
+    tests (the frontend language's among them) and gone after them: starting an app takes a while. TP=2: the replica's engine runs over
+    Ray shard actors, so the images travel in the step plan to both ranks. Tests that count prefix-cache hits flush
+    it first or after."""
+    from ray import serve
+
+    from sgl_ray.deployments import build_openai_app
+
+    config = {"model_path": qwen2_vl_path, "max_total_tokens": 4096, "served_model_name": "vl", "tp_size": 2}
+    # image URL limits that test_vision_http.py probes (its LIMIT)
+    config |= {"image_fetch_timeout_s": 1.0, "image_fetch_max_redirects": 3, "max_image_bytes": 64 * 1024}
+    serve.run(build_openai_app(config), name="vision", route_prefix="/vision")
+    yield f"{serve_url}/vision"
+    serve.delete("vision")
+
+
+@pytest.fixture(scope="package")
+def vision_client(vision_app_url: str):
+    """The official ``openai`` client of the session's Serve app of the tiny Qwen2-VL (``vision_app_url``)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{vision_app_url}/v1", api_key="unused", max_retries=0)
+
+
+LLAVA_PINPOINTS = [[32, 64], [64, 32], [64, 64]]  # crops of 32 pixels: 1x2, 2x1 or 2x2 per image
+
+
+def save_tiny_llava(directory: Path, tokenizer_dir: str, family: str) -> str:
+    """Random weights of a tiny ``llava_next`` (CLIP tower on a Llama decoder; features of layer -2 without the
+    class token) or ``llava_onevision`` (SigLIP tower on a Qwen2 decoder; the last layer's features, grids over
+    about 2 crops scaled down) model: crops of 32 pixels in 4 x 4 patches, the tokenizer of ``tokenizer_dir``
+    (:func:`llava_tokenizer_dir`), and the family's HF image processor."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    image, video = tokenizer.convert_tokens_to_ids(["<image>", "<video>"])
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        initializer_range=0.2,
+    )
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        initializer_range=0.2,  # peaked logits: greedy comparisons are not decided by rounding
+    )
+    common = dict(image_token_id=image, image_grid_pinpoints=LLAVA_PINPOINTS, tie_word_embeddings=False)
+    if family == "llava_next":
+        model_cls = transformers.LlavaNextForConditionalGeneration
+        config = transformers.LlavaNextConfig(
+            vision_config=dict(model_type="clip_vision_model", projection_dim=32, **vision),
+            text_config=dict(model_type="llama", **text),
+            **common,
+        )
+        processor = transformers.LlavaNextImageProcessorPil(
+            size={"shortest_edge": 32},
+            crop_size={"height": 32, "width": 32},
+            image_grid_pinpoints=LLAVA_PINPOINTS,
+        )
+    else:
+        model_cls = transformers.LlavaOnevisionForConditionalGeneration
+        config = transformers.LlavaOnevisionConfig(
+            vision_config=dict(model_type="siglip_vision_model", **vision),
+            text_config=dict(model_type="qwen2", **text),
+            video_token_id=video,
+            vision_aspect_ratio="anyres_max_2",
+            **common,
+        )
+        processor = transformers.LlavaOnevisionImageProcessorPil(
+            size={"height": 32, "width": 32}, image_grid_pinpoints=LLAVA_PINPOINTS
+        )
+    config.architectures = [model_cls.__name__]
+    torch.manual_seed(0)
+    model_cls(config).to(torch.float32).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def llava_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) -> str:
+    """SmolLM2's tokenizer plus LLaVA's ``<image>`` and ``<video>`` tokens, saved once for both families."""
+    directory = tmp_path_factory.mktemp("llava_tokenizer")
+    tokenizer = load_tokenizer(resolve_model(smollm2_path))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def llava_next_path(tmp_path_factory: pytest.TempPathFactory, llava_tokenizer_dir: str) -> str:
+    return save_tiny_llava(tmp_path_factory.mktemp("llava_next"), llava_tokenizer_dir, "llava_next")
+
+
+@pytest.fixture(scope="session")
+def llava_onevision_path(tmp_path_factory: pytest.TempPathFactory, llava_tokenizer_dir: str) -> str:
+    return save_tiny_llava(tmp_path_factory.mktemp("llava_onevision"), llava_tokenizer_dir, "llava_onevision")

@@ -7,8 +7,8 @@ import torch
 
 import sgl_ray
 
-from .conftest import IMAGE, draw
 from .test_qwen2_vl import GREEDY, hf_greedy
+from .tiny_vl import IMAGE, draw
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 import sgl_ray
 from sgl_ray.multimodal import InvalidImageError
 
-from .conftest import IMAGE, draw
+from .tiny_vl import IMAGE, draw
 
 MAX_NEW = 8
 GREEDY = {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}

@@ -9,7 +9,7 @@ import torch
 
 import sgl_ray
 
-from .conftest import NO_TOKENIZER_IDS, draw, save_tiny_vl
+from .tiny_vl import NO_TOKENIZER_IDS, draw, save_tiny_vl
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

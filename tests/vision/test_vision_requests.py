@@ -19,8 +19,8 @@ from sgl_ray.model_loader import load_hf_config, load_tokenizer, resolve_model
 from sgl_ray.multimodal import InvalidImageError
 from sgl_ray.multimodal.chat import ImagePrompt, IngressImages
 
-from .conftest import IMAGE, draw
 from .test_qwen2_vl import GREEDY, hf_greedy, reference  # noqa: F401  (the module's reference fixture)
+from .tiny_vl import IMAGE, draw
 
 
 def data_url(image) -> str:
@@ -93,7 +93,7 @@ def test_generate_image_data(pre) -> None:
     [
         ("data:image/png;base64,AAAA", "cannot decode the image"),
         ("data:image/png;base64,%%%", "not valid base64"),
-        ("http://127.0.0.1:9/x.png", "not fetched"),
+        ("http://127.0.0.1:9/x.png", "cannot fetch"),  # nothing listens on the discard port
         ("file:///etc/hostname", "local files are not read here"),
         ("", "needs image_url.url"),
     ],

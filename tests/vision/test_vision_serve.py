@@ -1,31 +1,17 @@
 """The official ``openai`` client against a real Serve app of the tiny Qwen2-VL on two tensor-parallel shard
 actors: an ``image_url`` part with a ``data:`` URL gives transformers' greedy tokens (twice: the second time from
-the prefix cache), and a bad image is a 400 naming the part."""
+the prefix cache), and a bad image is a 400 naming the part. The app (``vision_client``, in conftest.py) is
+shared with test_vision_http.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from .conftest import IMAGE, draw
 from .test_qwen2_vl import MAX_NEW, hf_greedy, reference  # noqa: F401  (the module's reference fixture)
 from .test_vision_requests import data_url
+from .tiny_vl import IMAGE, draw
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def vision_client(serve_url: str, qwen2_vl_path: str):
-    import openai
-    from ray import serve
-
-    from sgl_ray.deployments import build_openai_app
-
-    # TP=2: the replica's engine runs over Ray shard actors, so the images travel in the step plan to both ranks
-    config = {"model_path": qwen2_vl_path, "max_total_tokens": 4096, "served_model_name": "vl", "tp_size": 2}
-    app = build_openai_app(config)
-    serve.run(app, name="vision", route_prefix="/vision")
-    yield openai.OpenAI(base_url=f"{serve_url}/vision/v1", api_key="unused", max_retries=0)
-    serve.delete("vision")
 
 
 def test_openai_chat_with_a_data_url(vision_client, reference) -> None:  # noqa: F811

@@ -14,19 +14,23 @@ from typing import Any, NamedTuple
 
 from sgl_ray.errors import InvalidRequestError
 from sgl_ray.function_call import ToolCall
+from sgl_ray.lang.images import ImageRef
 from sgl_ray.lang.ir import GenParams, GenTools
 from sgl_ray.lang.template import RoleFormat
+from sgl_ray.multimodal.inputs import InvalidImageError
 
 DeltaSink = Callable[[str], None]
 
 
 class Prompt(NamedTuple):
-    """What a backend sees of a program state: its text, the finished chat turns, and the open turn (if any)."""
+    """What a backend sees of a program state: its text, the finished chat turns, the open turn (if any), and
+    the images of the text in order (each one's placeholder is in the text and in its turn's content)."""
 
     text: str
     messages: list[dict[str, str]]
     open_role: str | None = None
     open_content: str = ""
+    images: tuple[ImageRef, ...] = ()
 
 
 class GenResult(NamedTuple):
@@ -45,9 +49,13 @@ class Backend(ABC):
       empty assistant turn: the reply to ``prompt.messages`` is generated as a chat completion with those tools,
       ``text`` is its content and ``tool_calls`` its calls (backends that cannot raise
       :class:`~sgl_ray.errors.UnsupportedFeatureError`).
-    - ``choice_logprobs(context, choices)`` — for each choice, the logprobs of the tokens ``context + choice``
-      adds after ``context`` (each list non-empty, ``context`` may be "").
-    - ``cache_prefix(text)`` — warm the server's prefix cache with ``text`` (forks call it); may do nothing.
+    - ``choice_logprobs(context, choices, images)`` — for each choice, the logprobs of the tokens
+      ``context + choice`` adds after ``context`` (each list non-empty, ``context`` may be ""), with ``images``
+      those of ``context``.
+    - ``cache_prefix(text, images)`` — warm the server's prefix cache with ``text`` and its images (forks call
+      it); may do nothing.
+    - ``image_token()`` — the text that stands for an image (``role_format().image_token``); raises
+      :class:`~sgl_ray.multimodal.InvalidImageError` where the model takes no images.
     - ``flush_cache()`` — drop the prefix cache (benchmarks); False where not possible.
     """
 
@@ -64,10 +72,18 @@ class Backend(ABC):
     ) -> GenResult: ...
 
     @abstractmethod
-    def choice_logprobs(self, context: str, choices: Sequence[str]) -> list[list[float]]: ...
+    def choice_logprobs(
+        self, context: str, choices: Sequence[str], images: Sequence[ImageRef] = ()
+    ) -> list[list[float]]: ...
 
-    def cache_prefix(self, text: str) -> None:  # noqa: B027 - optional hook
+    def cache_prefix(self, text: str, images: Sequence[ImageRef] = ()) -> None:  # noqa: B027 - optional hook
         """Warm the prefix cache with ``text`` (nothing by default)."""
+
+    def image_token(self) -> str:
+        token = self.role_format().image_token
+        if token is None:
+            raise InvalidImageError("image(): this model takes no image inputs", param="image")
+        return token
 
     def flush_cache(self) -> bool:
         """Drop the server's prefix cache; False where the backend cannot (or requests are running)."""
@@ -116,15 +132,21 @@ class TokenScoringBackend(Backend):
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]: ...
 
     @abstractmethod
-    def prompt_logprobs(self, prompts: Sequence[Sequence[int]], start: int) -> list[list[float | None]]:
-        """For each prompt, the logprobs of its tokens at positions ``start..len-1`` (``None`` at position 0)."""
+    def prompt_logprobs(
+        self, prompts: Sequence[Sequence[int]], start: int, images: Sequence[ImageRef] = ()
+    ) -> list[list[float | None]]:
+        """For each prompt (all with the same ``images``, their placeholders not yet expanded), the logprobs of
+        its tokens from position ``start`` on (``None`` at position 0); at least its last ``len - start``."""
 
-    def choice_logprobs(self, context: str, choices: Sequence[str]) -> list[list[float]]:
+    def choice_logprobs(
+        self, context: str, choices: Sequence[str], images: Sequence[ImageRef] = ()
+    ) -> list[list[float]]:
         ids = self.tokenize([context, *[context + c for c in choices]])
         ctx, full = ids[0], ids[1:]
-        # Position 0 has no logprob: a choice that starts the text is scored from its second token.
+        # Position 0 has no logprob: a choice that starts the text is scored from its second token. An image's
+        # placeholder grows into its tokens on the server, before the choice: the choice's tokens stay the tail.
         starts = [min(max(common_prefix_len(ctx, f), 1), len(f) - 1) for f in full]
-        lps = self.prompt_logprobs(full, min(starts))
+        lps = self.prompt_logprobs(full, min(starts), images)
         out = []
         for f, s, lp in zip(full, starts, lps, strict=True):
             own = [x for x in lp[len(lp) - (len(f) - s) :] if x is not None]

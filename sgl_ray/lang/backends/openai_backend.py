@@ -10,6 +10,7 @@ from sgl_ray.errors import UnsupportedFeatureError
 from sgl_ray.function_call import ToolCall
 from sgl_ray.lang.backends.base import Backend, DeltaSink, GenResult, Prompt, require_assistant_turn
 from sgl_ray.lang.backends.http import error_from_body
+from sgl_ray.lang.images import ImageRef, chat_messages
 from sgl_ray.lang.ir import GenParams, GenTools
 from sgl_ray.lang.template import RoleFormat
 
@@ -36,7 +37,8 @@ class OpenAI(Backend):
 
     Parameters outside the OpenAI API (``top_k``, ``min_p``, ``regex``, …) go in ``extra_body``;
     ``json_schema`` becomes ``response_format``. A ``gen`` with ``tools`` (chat models only) passes ``tools`` and
-    ``tool_choice`` through and returns the server's ``tool_calls``.
+    ``tool_choice`` through and returns the server's ``tool_calls``. ``image()`` (chat models) sends each turn
+    that holds images as ``text`` and ``image_url`` parts (``data:`` URLs, or the ``http(s)`` URL given).
 
     Example::
 
@@ -64,6 +66,16 @@ class OpenAI(Backend):
 
     def role_format(self) -> RoleFormat:
         return self._format
+
+    def image_token(self) -> str:
+        """Chat models: the role format's image token, else ``<image>`` — only a marker in the state's text, the
+        server places the image (an ``image_url`` part). Completion requests take no images."""
+        if not self.is_chat_model:
+            raise UnsupportedFeatureError(
+                "image() needs a chat model: completions take no images (OpenAI(..., is_chat_model=True))",
+                param="image",
+            )
+        return self._format.image_token or "<image>"
 
     def _kwargs(self, params: GenParams) -> dict[str, Any]:
         kw: dict[str, Any] = {"model": self.model}
@@ -116,6 +128,8 @@ class OpenAI(Backend):
         if self.is_chat_model:
             require_assistant_turn(prompt, "with a chat model")
             kw["messages"] = prompt.messages
+            if prompt.images:
+                kw["messages"] = chat_messages(prompt.messages, prompt.images, self.image_token())
             fn = self.client.chat.completions.create
         else:
             kw["prompt"] = prompt.text
@@ -149,7 +163,9 @@ class OpenAI(Backend):
         calls = [ToolCall(*pieces[i]) for i in sorted(pieces)] if tools is not None else None
         return GenResult(text, _meta(usage, finish), calls)
 
-    def choice_logprobs(self, context: str, choices: Sequence[str]) -> list[list[float]]:
+    def choice_logprobs(
+        self, context: str, choices: Sequence[str], images: Sequence[ImageRef] = ()
+    ) -> list[list[float]]:
         if self.is_chat_model:
             raise UnsupportedFeatureError(
                 "select() needs prompt logprobs, which chat completions do not return: use "

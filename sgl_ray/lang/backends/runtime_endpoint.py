@@ -16,6 +16,7 @@ from sgl_ray.lang.backends.base import (
     require_assistant_turn,
 )
 from sgl_ray.lang.backends.http import JSONClient
+from sgl_ray.lang.images import ImageRef, chat_messages
 from sgl_ray.lang.ir import GenParams, GenTools
 from sgl_ray.lang.template import RoleFormat
 
@@ -29,7 +30,8 @@ class RuntimeEndpoint(TokenScoringBackend):
     ``select`` tokenizes through ``/tokenize`` and scores all choices in one ``/generate`` call with prompt
     logprobs and ``max_new_tokens=0``. Forks share their prefix through the server's radix cache
     (``s.get_meta_info(name)["cached_tokens"]``). A ``gen`` with ``tools`` posts the turns to the server's
-    ``/v1/chat/completions`` instead, which renders, constrains and parses the calls.
+    ``/v1/chat/completions`` instead, which renders, constrains and parses the calls. Images go as ``data:``
+    URLs in ``image_data`` (``http(s)`` URLs as they are), or as ``image_url`` parts to the chat endpoint.
 
     Example::
 
@@ -64,6 +66,8 @@ class RuntimeEndpoint(TokenScoringBackend):
         if tools is not None:
             return self._chat_with_tools(prompt, params, tools, on_delta)
         body = {"text": prompt.text, "sampling_params": params.to_native(), "stream": on_delta is not None}
+        if prompt.images:
+            body["image_data"] = [image.url for image in prompt.images]
         if on_delta is None:
             out = self.client.post("/generate", body)
             return GenResult(out["text"], out["meta_info"])
@@ -75,7 +79,10 @@ class RuntimeEndpoint(TokenScoringBackend):
         require_assistant_turn(prompt, "with tools")
         # the chat endpoint takes the native extras (top_k, regex, ignore_eos, …) under the same names
         body: dict[str, Any] = {_CHAT_NAMES.get(k, k): v for k, v in params.to_native().items()}
-        body.update(messages=prompt.messages, tools=list(tools.tools))
+        messages = prompt.messages
+        if prompt.images:
+            messages = chat_messages(messages, prompt.images, self.image_token())
+        body.update(messages=messages, tools=list(tools.tools))
         if tools.choice is not None:
             body["tool_choice"] = tools.choice
         r = self.client.post("/v1/chat/completions", body)
@@ -99,19 +106,26 @@ class RuntimeEndpoint(TokenScoringBackend):
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return self.client.post("/tokenize", {"text": list(texts)})["tokens"]
 
-    def prompt_logprobs(self, prompts: Sequence[Sequence[int]], start: int) -> list[list[float | None]]:
-        body = {
+    def prompt_logprobs(
+        self, prompts: Sequence[Sequence[int]], start: int, images: Sequence[ImageRef] = ()
+    ) -> list[list[float | None]]:
+        body: dict[str, Any] = {
             "input_ids": [list(p) for p in prompts],
             "sampling_params": {"max_new_tokens": 0, "temperature": 0},
             "return_logprob": True,
             "logprob_start_len": start,
         }
+        if images:
+            body["image_data"] = [[image.url for image in images]] * len(prompts)
         outs = self.client.post("/generate", body)
         return [[lp for lp, *_ in o["meta_info"]["input_token_logprobs"]] for o in outs]
 
-    def cache_prefix(self, text: str) -> None:
+    def cache_prefix(self, text: str, images: Sequence[ImageRef] = ()) -> None:
         if text:
-            self.client.post("/generate", {"text": text, "sampling_params": {"max_new_tokens": 0}})
+            body: dict[str, Any] = {"text": text, "sampling_params": {"max_new_tokens": 0}}
+            if images:
+                body["image_data"] = [image.url for image in images]
+            self.client.post("/generate", body)
 
     def flush_cache(self) -> bool:
         try:
