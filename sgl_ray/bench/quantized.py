@@ -129,17 +129,12 @@ def _run(ns: argparse.Namespace) -> int:
     run, results, same = run_gguf_quantized(
         EngineArgs.from_cli_args(ns), ns.output_len, ns.batch_size, ns.rounds, ns.check_len
     )
-    record = {
-        "date": run.date,
-        "workload": "gguf-quantized",
-        "model": run.model,
-        "dtype": run.dtype,
-        "params": {"output_len": ns.output_len, "batch_size": ns.batch_size, "rounds": ns.rounds},
-        "modes": {r.mode: asdict(r) for r in results},
-        "greedy_tokens_equal": same,
-        "engine_args": run.engine_args,
-        "machine": run.machine,
-    }
+    record = run.record(
+        "gguf-quantized",
+        {"output_len": ns.output_len, "batch_size": ns.batch_size, "rounds": ns.rounds},
+        modes={r.mode: asdict(r) for r in results},
+        greedy_tokens_equal=same,
+    )
     write_jsonl(ns.output_file, [record])
     print(format_header(run))
     print(format_results(results, ns.batch_size))

@@ -92,6 +92,20 @@ class RunInfo:
         default_factory=lambda: datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     )
 
+    def record(self, workload: str, params: dict[str, Any], **results: Any) -> dict[str, Any]:
+        """One JSONL record: this run's date, model and dtype, the workload and its parameters, ``results``, then
+        the engine options and the machine."""
+        return {
+            "date": self.date,
+            "workload": workload,
+            "model": self.model,
+            "dtype": self.dtype,
+            "params": params,
+            **results,
+            "engine_args": self.engine_args,
+            "machine": self.machine,
+        }
+
 
 def _load_avg() -> float | None:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None

@@ -196,17 +196,12 @@ def format_speculative(results: list[ModeResult], identical: bool) -> str:
 def _run(ns: argparse.Namespace) -> int:
     args = EngineArgs.from_cli_args(ns)
     run, results, identical = run_speculative(args, ns.num_prompts, ns.max_new_tokens, ns.rounds)
-    record = {
-        "date": run.date,
-        "workload": "speculative-copy",
-        "model": run.model,
-        "dtype": run.dtype,
-        "params": {"num_prompts": ns.num_prompts, "max_new_tokens": ns.max_new_tokens, "rounds": ns.rounds},
-        "modes": {r.mode: r.to_dict() for r in results},
-        "identical": identical,
-        "engine_args": run.engine_args,
-        "machine": run.machine,
-    }
+    record = run.record(
+        "speculative-copy",
+        {"num_prompts": ns.num_prompts, "max_new_tokens": ns.max_new_tokens, "rounds": ns.rounds},
+        modes={r.mode: r.to_dict() for r in results},
+        identical=identical,
+    )
     write_jsonl(ns.output_file, [record])
     print(format_header(run))
     print(format_speculative(results, identical))

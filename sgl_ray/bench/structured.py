@@ -234,16 +234,11 @@ def format_structured(results: list[ModeResult]) -> str:
 def _run(ns: argparse.Namespace) -> int:
     run, by_size = run_structured(EngineArgs.from_cli_args(ns), ns.num_prompts, ns.max_new_tokens, ns.repeats)
     records = [
-        {
-            "date": run.date,
-            "workload": "structured-json",
-            "model": run.model,
-            "dtype": run.dtype,
-            "params": {"num_prompts": n, "max_new_tokens": ns.max_new_tokens, "repeats": ns.repeats},
-            "modes": {r.mode: r.to_dict() for r in results},
-            "engine_args": run.engine_args,
-            "machine": run.machine,
-        }
+        run.record(
+            "structured-json",
+            {"num_prompts": n, "max_new_tokens": ns.max_new_tokens, "repeats": ns.repeats},
+            modes={r.mode: r.to_dict() for r in results},
+        )
         for n, results in by_size.items()
     ]
     write_jsonl(ns.output_file, records)

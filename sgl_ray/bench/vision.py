@@ -237,21 +237,16 @@ def _run(ns: argparse.Namespace) -> int:
         None if ns.skip_hf else ns.hf_batch_size,
         ns.seed,
     )
-    record = {
-        "date": run.date,
-        "workload": "vision",
-        "model": run.model,
-        "dtype": run.dtype,
-        "params": {
+    record = run.record(
+        "vision",
+        {
             "num_prompts": ns.num_prompts,
             "image_size": ns.image_size,
             "text_len": ns.text_len,
             "output_len": ns.output_len,
         },
-        "runs": {r.run: r.to_dict() for r in rows},
-        "engine_args": run.engine_args,
-        "machine": run.machine,
-    }
+        runs={r.run: r.to_dict() for r in rows},
+    )
     write_jsonl(ns.output_file, [record])
     print(format_header(run))
     print(format_vision(rows))

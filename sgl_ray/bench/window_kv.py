@@ -130,16 +130,11 @@ def format_window_kv(results: list[WindowResult], capacity_note: str = "") -> st
 def _run(ns: argparse.Namespace) -> int:
     args = EngineArgs.from_cli_args(ns)
     run, results = run_window_kv(args, ns.input_len, ns.output_len, ns.num_prompts, ns.seed)
-    record = {
-        "date": run.date,
-        "workload": "window-kv",
-        "model": run.model,
-        "dtype": run.dtype,
-        "params": {"input_len": ns.input_len, "output_len": ns.output_len, "num_prompts": ns.num_prompts},
-        "modes": {r.mode: r.to_dict() for r in results},
-        "engine_args": run.engine_args,
-        "machine": run.machine,
-    }
+    record = run.record(
+        "window-kv",
+        {"input_len": ns.input_len, "output_len": ns.output_len, "num_prompts": ns.num_prompts},
+        modes={r.mode: r.to_dict() for r in results},
+    )
     write_jsonl(ns.output_file, [record])
     print(format_header(run))
     print(format_window_kv(results))
