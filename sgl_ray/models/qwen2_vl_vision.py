@@ -96,6 +96,43 @@ class GatedVisionMlp(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+class Segments:
+    """Attention segments (frames or windows): consecutive runs of patches of the given ``lengths`` that attend
+    only within themselves. Segments of one length run as one batched attention call: an image cut into windows
+    has at most four lengths (whole windows, the short last column and row, the corner), so a tower call over
+    many images makes a handful of calls per block rather than one per window."""
+
+    def __init__(self, lengths: list[int], device: torch.device) -> None:
+        self.total = sum(lengths)
+        self.whole = len(lengths) == 1  # one segment: no gather
+        starts: dict[int, list[int]] = {}
+        offset = 0
+        for n in lengths:
+            starts.setdefault(n, []).append(offset)
+            offset += n
+        self.groups: list[tuple[int, int, torch.Tensor | None]] = []  # (length, segments, their rows or None)
+        for n, firsts in starts.items():
+            rows = torch.tensor(firsts).view(-1, 1) + torch.arange(n)
+            contiguous = len(firsts) * n == self.total  # every segment has this length: rows are 0..total-1
+            self.groups.append((n, len(firsts), None if contiguous else rows.flatten().to(device)))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v [P, heads, head_dim] -> [P, heads, head_dim], full attention within each segment."""
+        if self.whole:
+            return F.scaled_dot_product_attention(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+            ).transpose(0, 1)
+        out = torch.empty_like(q)
+        for n, count, rows in self.groups:
+            qs, ks, vs = (t if rows is None else t[rows] for t in (q, k, v))
+            qs, ks, vs = (t.view(count, n, *t.shape[1:]).transpose(1, 2) for t in (qs, ks, vs))
+            o = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(count * n, *q.shape[1:])
+            if rows is None:
+                return o
+            out[rows] = o
+        return out
+
+
 class VisionAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -104,18 +141,14 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], lengths: list[int]
+        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], segments: Segments
     ) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, -1).unbind(1)  # each [P, heads, head_dim]
         cos, sin = cos_sin  # [P, 1, head_dim] float32
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
-        outs = [
-            F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1))
-            for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True)
-        ]
-        return self.proj(torch.cat(outs, dim=1).transpose(0, 1).reshape(n, -1))
+        return self.proj(segments.attend(q, k, v).reshape(n, -1))
 
 
 class VisionMlp(nn.Module):
@@ -138,9 +171,9 @@ class VisionBlock(nn.Module):
         self.mlp = mlp(shape.dim, shape.mlp_hidden, shape.act)
 
     def forward(
-        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], lengths: list[int]
+        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], segments: Segments
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos_sin, lengths)
+        x = x + self.attn(self.norm1(x), cos_sin, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -202,16 +235,17 @@ class Qwen2VisionTransformer(nn.Module):
         """``pixels`` [P, C * t * p * p] of the images with ``grids`` -> their tokens' embeddings [P / m**2, out]."""
         x = self.patch_embed(pixels)
         cos, sin = self.rotary(grids)
-        lengths = [h * w for t, h, w in grids for _ in range(t)]  # attention within each frame
+        # attention within each frame
+        frames = Segments([h * w for t, h, w in grids for _ in range(t)], x.device)
         if not self.shape.window_size:
             for block in self.blocks:
-                x = block(x, (cos, sin), lengths)
+                x = block(x, (cos, sin), frames)
             return self.merger(x)
         order, window_lengths = self.windows(grids)
+        windows = Segments(window_lengths, x.device)
         x, cos, sin = (self._by_unit(t, order) for t in (x, cos, sin))
         for i, block in enumerate(self.blocks):
-            full = i in self.shape.full_attention_blocks
-            x = block(x, (cos, sin), lengths if full else window_lengths)
+            x = block(x, (cos, sin), frames if i in self.shape.full_attention_blocks else windows)
         return self.merger(x)[torch.argsort(order)]
 
     def _by_unit(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
