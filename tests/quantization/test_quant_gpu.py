@@ -204,5 +204,8 @@ def test_engine_on_cuda_matches_transformers(name, float_llama, tmp_path):
         f"FP8 activation rounding moves logprobs by up to {noise:.3f}"
     )
     print(report)
-    assert got[0] <= bound and got[1] <= bound, report
+    assert got[0] <= bound, report
+    # a chosen token's gap below the reference's best adds two tokens' errors (the chosen one's and the best one's,
+    # which the engine ranked lower): twice the bound on one (H100, online-fp8: diff 1.54, gap 2.26, bound 2.12)
+    assert got[1] <= 2 * bound, report
     assert got[2] == float("inf") or got[2] <= 2 * bound, report  # a first token missed only on a near tie
