@@ -10,6 +10,7 @@ Examples::
     sgl-ray bench serving --base-url http://127.0.0.1:8000 --num-prompts 64 --random-input-len 256 --plot s.png
     sgl-ray bench structured --num-prompts 16                # JSON schema: free vs constrained vs jump-forward
     sgl-ray bench gguf-quantized                             # GGUF kept quantized vs dequantized at load
+    sgl-ray bench quant-accuracy                             # KL divergence per quantized format vs unquantized
     sgl-ray bench speculative                                # NGRAM speculative decoding on vs off, copy prompts
     sgl-ray bench serving --backend sglang-generate --dataset shared-prefix --prefix-len 1024 --num-prefixes 4 \
         --request-rate 8 --max-concurrency 16 --flush-cache
@@ -34,6 +35,7 @@ import sys
 from sgl_ray.bench.datasets import DATASETS, DatasetConfig
 from sgl_ray.bench.offline import WORKLOADS, OfflineConfig, run_offline
 from sgl_ray.bench.plot import plot_serving
+from sgl_ray.bench.quant_accuracy import add_quant_accuracy_args
 from sgl_ray.bench.quantized import add_gguf_quantized_args
 from sgl_ray.bench.report import format_header, format_table, plot, to_record, write_jsonl
 from sgl_ray.bench.serving import BACKENDS, ServingConfig, ServingResult, run_serving_benchmark
@@ -50,7 +52,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
         dest="bench_command",
         required=True,
         metavar=(
-            "{offline,serving,roofline,step-profile,lora,structured,gguf-quantized,speculative,moe-kernels,"
+            "{offline,serving,roofline,step-profile,lora,structured,gguf-quantized,quant-accuracy,speculative,moe-kernels,"
             "window-kv,vision}"
         ),
     )
@@ -104,6 +106,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     _add_lora_args(sub)
     add_structured_args(sub)
     add_gguf_quantized_args(sub)
+    add_quant_accuracy_args(sub)
     add_speculative_args(sub)
     add_window_kv_args(sub)
     add_vision_args(sub)
@@ -149,6 +152,12 @@ def _add_roofline_args(sub: argparse._SubParsersAction) -> None:
         help="also run bs1 through the Ray actors (scheduler actor + shard actors; starts a local Ray cluster "
         "unless --ray-address names one) and report its tok/s and GPU idle share next to the in-process run",
     )
+    w.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also run bs1 and the offline batches on the same model unquantized (--quantization none, "
+        "--kv-cache-dtype auto), after the main engine, so a quantized run has its float rows from the same call",
+    )
     w.add_argument("--seed", type=int, default=0)
     roof.add_argument("--output-file", default="bench_roofline.jsonl", help="JSONL file the records go to")
     roof.set_defaults(bench_func=_roofline)
@@ -170,6 +179,7 @@ def _roofline(ns: argparse.Namespace) -> int:
         skip_hf=ns.skip_hf,
         seed=ns.seed,
         ray=ns.ray,
+        baseline=ns.baseline,
     )
     with open(ns.output_file, "a") as f:
 

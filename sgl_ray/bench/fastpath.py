@@ -9,6 +9,13 @@ Workloads (random token ids, greedy, every request runs to its full output lengt
 - transformers ``generate`` in the same run: batch 1 (``bs1`` sizes) and one static batch ``hf_batch``.
 - with ``ray``: ``bs1`` again through the Ray actors (a scheduler actor driving a shard actor), after the
   in-process engine has released the device.
+- with ``baseline``: ``bs1`` and the offline batches again on the same model unquantized (``quantization="none"``,
+  ``kv_cache_dtype="auto"``), system ``sgl_ray <dtype>``, so a quantized run has its float numbers from the same
+  call and card.
+
+The floors count the weights as the engine holds them (:meth:`~sgl_ray.bench.roofline.ModelCost.from_model`:
+quantized projections at their encoded size) and the KV cache at its ``kv_cache_dtype``; the report and every
+record name the format (``weight_format``, ``quantization``, ``kv_cache_dtype``) and the bytes by kind of layer.
 
 The device's copy bandwidth and matmul rate are measured at the start of the same run; each row reports the
 roofline floor and the fraction of it achieved, also against the phased floor (GEMM and attention phases bounded
@@ -19,6 +26,8 @@ Example (on a GPU, with a config-only model directory and random weights)::
 
     sgl-ray bench roofline --model-path /tmp/llama8b --load-format dummy --skip-tokenizer-init \\
         --offline 1000:1024:1024 --offline 1000:4096:128 --shared-prefix 256:2048:64:128 --hf-batch 64:512:256
+    sgl-ray bench roofline --model-path /tmp/llama8b --load-format dummy --skip-tokenizer-init \\
+        --quantization awq --baseline --skip-hf --offline 1000:1024:1024   # INT4 at load, bf16 in the same call
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from sgl_ray.bench.roofline import (
     DeviceRates,
     ModelCost,
     decode_floor_tok_s,
+    describe_cost,
     format_fraction,
     max_batch_for,
     measure_device,
@@ -61,6 +71,7 @@ class RooflineConfig:
     skip_hf: bool = False
     seed: int = 0
     ray: bool = False
+    baseline: bool = False  # bs1 and offline again with quantization="none", kv_cache_dtype="auto"
 
 
 @dataclass(frozen=True)
@@ -196,39 +207,92 @@ def format_phases(p: dict[str, float]) -> str:
     )
 
 
+def engine_cost(engine: Engine, args: EngineArgs) -> ModelCost:
+    """The roofline cost of a started engine: the weights as its in-process runner holds them, else (Ray actors)
+    from the config and the quantization it asks for; the KV cache at its ``kv_cache_dtype``."""
+    from sgl_ray.layers.quantization import checkpoint_quant_method
+
+    config = engine.model_config
+    kv_dtype = args.kv_cache_torch_dtype(config.dtype)
+    runner = getattr(engine._core, "runner", None)
+    if runner is not None and runner.shard.tp.world_size == 1 and runner.shard.pp_size == 1:
+        return ModelCost.from_model(runner.model, config, kv_dtype)
+    held = args.quantization or checkpoint_quant_method(config.hf_config)
+    return ModelCost.from_config(config, None if held == "none" else held, kv_dtype)
+
+
+def _engine_facts(engine: Engine, args: EngineArgs, cost: ModelCost) -> dict:
+    runner = getattr(engine._core, "runner", None)
+    info = runner.info if runner is not None else None
+    return {
+        "kv_token_capacity": info.num_slots if info else args.max_total_tokens or 0,
+        "max_running_requests": info.max_reqs if info else args.max_running_requests or 256,
+        "weight_GB": cost.total_weight_bytes / 1e9,
+        **({"bs1_weight_GB": cost.step_weight_bytes(1) / 1e9} if cost.num_experts else {}),
+        "quantization": getattr(runner, "quantization", None) if runner is not None else args.quantization,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        **describe_cost(cost),
+        "cuda_graphs": bool(runner is not None and runner.cuda_graphs is not None),
+        "overlap": not args.disable_overlap_schedule and runner is not None,
+    }
+
+
+def _offline_rows(
+    engine: Engine,
+    cost: ModelCost,
+    rates: DeviceRates,
+    facts: dict,
+    system: str,
+    workloads: list[tuple[tuple[int, int, int], list[list[int]]]],
+    add: Callable[[Row], None],
+) -> None:
+    for (num, inp, out), prompts in workloads:
+        wall, n_out, _, phases = _timed(engine, prompts, out)
+        batch = max_batch_for(facts["kv_token_capacity"], facts["max_running_requests"], inp, out)
+        floor, phased = (workload_floor_s(cost, rates, num, inp, out, batch, phased=p) for p in (False, True))
+        if phases is not None:
+            phases["prefill_floor_s"] = prefill_s(cost, rates, num, inp, phased=True)
+            phases["decode_floor_s"] = phased - phases["prefill_floor_s"]
+        name = f"offline {num}x{inp}/{out}"
+        add(
+            Row(
+                name,
+                system,
+                n_out,
+                wall,
+                n_out / wall,
+                n_out / floor,
+                phased_floor_tok_s=n_out / phased,
+                phases=phases,
+            )
+        )
+
+
 def run_roofline(
     args: EngineArgs, cfg: RooflineConfig, on_row: Callable[[dict, Row], None] | None = None
 ) -> tuple[DeviceRates, dict, list[Row]]:
     """Measure the device, run every workload on the engine (and transformers), return the rates, facts and rows.
-    ``on_row(facts, row)`` sees each row as soon as it is measured."""
+    ``on_row(facts, row)`` sees each row as soon as it is measured (with ``baseline``, its rows come with the
+    unquantized engine's facts; the returned facts hold those under ``"baseline"``)."""
     rng = random.Random(cfg.seed)
     engine = Engine(**dataclasses.asdict(args))
-    runner = getattr(engine._core, "runner", None)
     device = args.torch_device()
     rates = measure_device(device, engine.model_config.dtype)
-    cost = ModelCost.from_config(engine.model_config)
-    info = runner.info if runner is not None else None
-    num_slots = info.num_slots if info else args.max_total_tokens or 0
-    max_reqs = info.max_reqs if info else args.max_running_requests or 256
+    cost = engine_cost(engine, args)
     facts = {
         "copy_GBps": rates.copy_bytes_per_s / 1e9,
         "matmul_TFLOPs": rates.matmul_flops_per_s / 1e12,
-        "kv_token_capacity": num_slots,
-        "max_running_requests": max_reqs,
-        "weight_GB": cost.total_weight_bytes / 1e9,
-        **({"bs1_weight_GB": cost.step_weight_bytes(1) / 1e9} if cost.num_experts else {}),
-        "cuda_graphs": bool(runner is not None and runner.cuda_graphs is not None),
-        "overlap": not args.disable_overlap_schedule and runner is not None,
+        **_engine_facts(engine, args, cost),
     }
-    del runner
+    num_slots, max_reqs = facts["kv_token_capacity"], facts["max_running_requests"]
     vocab = engine.model_config.vocab_size
     rows: list[Row] = []
 
-    def add(row: Row) -> None:
+    def add(row: Row, row_facts: dict = facts) -> None:
         rows.append(row)
         _log(row)
         if on_row is not None:
-            on_row(facts, row)
+            on_row(row_facts, row)
 
     bs1_prompt = _prompts(rng, vocab, 1, cfg.bs1_input_len)[0]
     bs1_name = f"bs1 {cfg.bs1_input_len}/{cfg.bs1_output_len}"
@@ -238,27 +302,8 @@ def run_roofline(
     tok_s, wall, idle = _bs1(engine, bs1_prompt, cfg.bs1_output_len)
     facts["bs1_gpu_idle"] = idle
     add(Row(bs1_name, "sgl_ray", cfg.bs1_output_len, wall, tok_s, bs1_floor, None, idle, bs1_phased))
-    for num, inp, out in cfg.offline:
-        prompts = _prompts(rng, vocab, num, inp)
-        wall, n_out, _, phases = _timed(engine, prompts, out)
-        batch = max_batch_for(num_slots, max_reqs, inp, out)
-        floor, phased = (workload_floor_s(cost, rates, num, inp, out, batch, phased=p) for p in (False, True))
-        if phases is not None:
-            phases["prefill_floor_s"] = prefill_s(cost, rates, num, inp, phased=True)
-            phases["decode_floor_s"] = phased - phases["prefill_floor_s"]
-        name = f"offline {num}x{inp}/{out}"
-        add(
-            Row(
-                name,
-                "sgl_ray",
-                n_out,
-                wall,
-                n_out / wall,
-                n_out / floor,
-                phased_floor_tok_s=n_out / phased,
-                phases=phases,
-            )
-        )
+    offline = [((num, inp, out), _prompts(rng, vocab, num, inp)) for num, inp, out in cfg.offline]
+    _offline_rows(engine, cost, rates, facts, "sgl_ray", offline, add)
     shared = None
     if cfg.shared_prefix is not None:
         num, plen, slen, out = cfg.shared_prefix
@@ -282,6 +327,25 @@ def run_roofline(
         add(Row(f"shared-prefix {num}x({plen}+{slen})/{out}", "sgl_ray radix off", n_out, wall, n_out / wall))
         off.shutdown()
         del off
+        _free_device_memory()
+    if cfg.baseline:
+        base_args = args.replace(quantization="none", kv_cache_dtype="auto")
+        base = Engine(**dataclasses.asdict(base_args))
+        try:
+            base_cost = engine_cost(base, base_args)
+            base_facts = {**facts, **_engine_facts(base, base_args, base_cost)}
+            facts["baseline"] = base_facts
+            system = f"sgl_ray {base_cost.weight_format}"
+            floors = (decode_floor_tok_s(base_cost, rates, 1, ctx, phased=p) for p in (False, True))
+            base_floor, base_phased = floors
+            tok_s, wall, idle = _bs1(base, bs1_prompt, cfg.bs1_output_len)
+            base_facts["bs1_gpu_idle"] = idle
+            row = Row(bs1_name, system, cfg.bs1_output_len, wall, tok_s, base_floor, None, idle, base_phased)
+            add(row, base_facts)
+            _offline_rows(base, base_cost, rates, base_facts, system, offline, lambda r: add(r, base_facts))
+        finally:
+            base.shutdown()
+        del base
         _free_device_memory()
     if cfg.ray:
         # The device as this process sees it: the actors then ask Ray for what it names.
@@ -338,14 +402,28 @@ def _hf_rows(args, cfg, bs1_prompt, bs1_floor, rng, vocab, add) -> None:
         add(Row(f"batch {num}x{inp}/{out}", "transformers", res.output_tokens, res.wall_s, res.output_tok_s))
 
 
+def _weights(facts: dict) -> str:
+    """``weights 4.93 GB as held (AWQ + bfloat16, quantization=awq; KV fp8_e4m3, 65536 B/token)``."""
+    text = f"weights {facts['weight_GB']:.2f} GB"
+    if facts.get("weight_format"):
+        text += f" as held ({facts['weight_format']}, quantization={facts.get('quantization') or 'none'})"
+        text += f", {facts['step_weight_bytes'] / 1e9:.2f} GB read per bs1 step"
+    if facts.get("kv_bytes_per_token"):
+        text += f"; KV {facts.get('kv_cache_dtype', 'auto')}, {facts['kv_bytes_per_token']:.0f} B/token"
+    return text
+
+
 def format_roofline(rates: DeviceRates, facts: dict, rows: list[Row]) -> str:
     head = (
         f"device: copy {facts['copy_GBps']:.0f} GB/s, matmul {facts['matmul_TFLOPs']:.1f} TFLOP/s; "
-        f"weights {facts['weight_GB']:.2f} GB; KV capacity {facts['kv_token_capacity']} tokens; "
+        f"{_weights(facts)}; KV capacity {facts['kv_token_capacity']} tokens; "
         f"CUDA graphs {'on' if facts['cuda_graphs'] else 'off'}, overlap {'on' if facts['overlap'] else 'off'}"
     )
     if facts.get("bs1_gpu_idle") is not None:
         head += f"; bs1 GPU idle between decode steps {100 * facts['bs1_gpu_idle']:.1f}%"
+    base = facts.get("baseline")
+    if base is not None:
+        head += f"\nbaseline: {_weights(base)}; KV capacity {base['kv_token_capacity']} tokens"
     lines = [
         head,
         "| workload | system | output tok/s | roofline tok/s | of roofline | of phased floor | wall s | cached tokens "
@@ -369,7 +447,7 @@ def format_roofline(rates: DeviceRates, facts: dict, rows: list[Row]) -> str:
 def to_record(facts: dict, row: Row) -> str:
     return json.dumps(
         {
-            **facts,
+            **{k: v for k, v in facts.items() if k != "baseline"},
             **dataclasses.asdict(row),
             "fraction": row.fraction,
             "phased_fraction": row.phased_fraction,

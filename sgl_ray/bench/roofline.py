@@ -11,7 +11,12 @@ by a large device-to-device copy) and matmul rate ``rate`` (a large bf16 GEMM), 
   ``max((W + B * ctx * kv_bytes) / bw, B * (2 * P + 4 * ctx * H * D * layers) / rate)``.
 
 ``P`` counts the parameters used in matmuls (every layer plus the LM head; the input embedding is a row gather,
-so it is not read whole), ``W`` their bytes.
+so it is not read whole), ``W`` their bytes *as held*: :meth:`ModelCost.from_model` sums what a loaded model holds
+(a quantized projection at its encoded size, scales and zero points included), :meth:`ModelCost.from_config`
+counts the same from the shapes and the ``quantization`` (INT4: half a byte per weight plus a 2-byte scale and a
+1-byte zero point per row and group; FP8: a byte plus a float32 scale per row, or per row and 128-column block;
+the LM head, embeddings, routers and MoE experts stay in the model's dtype, as the engine holds them). ``kv_bytes``
+is one byte per value with an FP8 KV cache (``kv_cache_dtype``).
 
 MoE models multiply each token by its ``k`` routed experts only, and a step reads the experts its tokens were
 routed to: with ``E`` experts and ``n`` tokens routed uniformly at random, ``E * (1 - (1 - k / E) ** n)`` of them
@@ -47,6 +52,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -71,26 +77,78 @@ class ModelCost:
     expert_bytes: float = 0.0
     num_experts: int = 0
     top_k: int = 0
+    # how the weights are held, e.g. "bfloat16" or "AWQ + bfloat16", and their bytes by kind of layer
+    # ("AWQ", "FP8", "Q4_K", … for quantized projections; "float", "lm_head", "embedding", "experts")
+    weight_format: str = ""
+    held_bytes: tuple[tuple[str, float], ...] = ()
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> ModelCost:
+    def from_config(
+        cls,
+        config: ModelConfig,
+        quantization: str | None = None,
+        kv_dtype: torch.dtype | None = None,
+    ) -> ModelCost:
+        """The cost of ``config``'s model with its projections held as ``quantization`` (``awq``/``gptq``: INT4,
+        ``fp8``, ``compressed-tensors``: FP8; None, ``none``, ``gguf``: the model's dtype; a GGUF file's blocks
+        are counted by :meth:`from_model` only) and an FP8 KV cache when ``kv_dtype`` is one."""
         h, d, layers = config.hidden_size, config.head_dim, config.num_layers
         q, kv = config.num_heads * d, config.num_kv_heads * d
         sparse = sum(config.is_sparse_layer(i) for i in range(layers))
-        attention = h * q + 2 * h * kv + q * h
-        expert = 3 * h * config.moe_intermediate_size
-        always = layers * attention + (layers - sparse) * 3 * h * config.intermediate_size
-        always += sparse * (h * config.num_experts + 3 * h * config.shared_expert_intermediate_size)
-        always += h * config.vocab_size  # the LM head
         elem = torch.tensor([], dtype=config.dtype).element_size()
+        held = projection_bytes_fn(config, quantization)
+        # [out, in] of each projection of a layer: q, k, v, o; gate, up, down (dense MLP or shared experts)
+        attention = [(q, h), (kv, h), (kv, h), (h, q)]
+        mlp = [(config.intermediate_size, h)] * 2 + [(h, config.intermediate_size)]
+        shared_i = config.shared_expert_intermediate_size
+        shared = [(shared_i, h)] * 2 + [(h, shared_i)] if shared_i else []
+        projections = layers * attention + (layers - sparse) * mlp + sparse * shared
+        expert = 3 * h * config.moe_intermediate_size
+        floats = sparse * h * config.num_experts + h * config.vocab_size  # routers, the LM head
+        params = sum(n * k for n, k in projections)
+        proj_bytes = sum(held(n, k) for n, k in projections)
+        kind = quantized_kind(quantization)
+        dtype_name = str(config.dtype).removeprefix("torch.")
+        by_kind = {kind or "float": proj_bytes}  # the input embedding is not read whole: left out
+        by_kind["float"] = by_kind.get("float", 0) + sparse * h * config.num_experts * elem  # routers
+        by_kind.update(
+            lm_head=h * config.vocab_size * elem, experts=config.num_experts * sparse * expert * elem
+        )
         return cls(
-            matmul_params=float(always + sparse * config.num_experts_per_tok * expert),
-            weight_bytes=float(always * elem),
-            kv_bytes_per_token=float(config.kv_bytes_per_token()),
+            matmul_params=float(params + floats + sparse * config.num_experts_per_tok * expert),
+            weight_bytes=float(proj_bytes + floats * elem),
+            kv_bytes_per_token=float(config.kv_bytes_per_token(kv_dtype=kv_dtype)),
             attn_flops_per_ctx=float(4 * q * layers),
             expert_bytes=float(sparse * expert * elem),
             num_experts=config.num_experts,
             top_k=config.num_experts_per_tok,
+            weight_format=f"{kind} + {dtype_name}" if kind else dtype_name,
+            held_bytes=tuple((k, float(b)) for k, b in by_kind.items() if b),
+        )
+
+    @classmethod
+    def from_model(
+        cls, model: torch.nn.Module, config: ModelConfig, kv_dtype: torch.dtype | None = None
+    ) -> ModelCost:
+        """The cost of a loaded ``model`` (one shard holding every layer): ``weight_bytes`` the bytes it holds
+        (:func:`held_weight_bytes`) less the input embedding (a row gather; counted when the LM head shares it)
+        and the MoE experts (per step: :meth:`step_weight_bytes`); FLOPs from ``config``."""
+        by_kind = held_weight_bytes(model)
+        base = cls.from_config(config, kv_dtype=kv_dtype)
+        experts = by_kind.get("experts", 0)
+        read = sum(b for k, b in by_kind.items() if k not in ("embedding", "experts"))
+        quantized = sorted(k for k in by_kind if k not in ("float", "lm_head", "embedding", "experts"))
+        dtype_name = str(config.dtype).removeprefix("torch.")
+        return cls(
+            matmul_params=base.matmul_params,
+            weight_bytes=float(read),
+            kv_bytes_per_token=base.kv_bytes_per_token,
+            attn_flops_per_ctx=base.attn_flops_per_ctx,
+            expert_bytes=float(experts / config.num_experts) if config.num_experts else 0.0,
+            num_experts=base.num_experts,
+            top_k=base.top_k,
+            weight_format=" + ".join([*quantized, dtype_name]),
+            held_bytes=tuple((k, float(b)) for k, b in sorted(by_kind.items())),
         )
 
     def step_weight_bytes(self, tokens: float) -> float:
@@ -105,6 +163,100 @@ class ModelCost:
     def total_weight_bytes(self) -> float:
         """Every weight, all experts included (what the device holds)."""
         return self.weight_bytes + self.num_experts * self.expert_bytes
+
+
+INT4_SCALE_ZERO_BYTES = (
+    3  # per row and group: a 16-bit scale and an 8-bit zero point, as the engine holds them
+)
+FP8_BLOCK = 128
+
+
+def quantized_kind(quantization: str | None) -> str:
+    """The encoding a ``quantization`` value holds projections in ("" for float)."""
+    return {"awq": "AWQ", "gptq": "GPTQ", "fp8": "FP8", "compressed-tensors": "FP8"}.get(
+        quantization or "", ""
+    )
+
+
+def projection_bytes_fn(config: ModelConfig, quantization: str | None):
+    """``(out, in) -> bytes`` of one projection weight held as ``quantization`` (see :meth:`ModelCost.from_config`);
+    the group size and FP8 block layout are the checkpoint's (``quantization_config``), else those of
+    quantization at load (INT4: :func:`~sgl_ray.layers.quantization.int4_formats.int4_group_size`; FP8: one scale
+    per row)."""
+    from sgl_ray.layers.quantization.int4_formats import int4_group_size
+    from sgl_ray.layers.quantization.methods import quantization_config
+
+    elem = torch.tensor([], dtype=config.dtype).element_size()
+    qc = quantization_config(config.hf_config) or {}
+    kind = quantized_kind(quantization)
+    if kind in ("AWQ", "GPTQ"):
+        checkpoint_group = int(qc.get("group_size", qc.get("q_group_size", 0)) or 0)
+
+        def int4(n: int, k: int) -> float:
+            group = k if checkpoint_group < 0 else checkpoint_group or int4_group_size(k)
+            return n * k / 2 + n * (k // group) * INT4_SCALE_ZERO_BYTES
+
+        return int4
+    if kind == "FP8":
+        blocks = qc.get("weight_block_size") is not None or any(
+            (g.get("weights") or {}).get("strategy") == "block"
+            for g in (qc.get("config_groups") or {}).values()
+        )
+        return lambda n, k: n * k + 4 * n * (-(-k // FP8_BLOCK) if blocks else 1)
+    return lambda n, k: n * k * elem
+
+
+def held_weight_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes a loaded model's weights take as held, by kind: each quantized encoding's projections (``"AWQ"``,
+    ``"GPTQ"``, ``"FP8"``, ``"Q4_K"``, …, scales and zero points included), ``"float"`` (other float parameters:
+    float projections, norms, routers), ``"lm_head"``, ``"embedding"`` (the input table, when the LM head does not
+    share it) and ``"experts"`` (MoE). Each storage is counted once, the LM head's first. Sums to
+    :func:`~sgl_ray.layers.quantization.weight_nbytes` of the model."""
+    from sgl_ray.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+    from sgl_ray.layers.moe.experts import FusedExperts
+    from sgl_ray.layers.quantization import QuantizedWeight
+
+    def kind_of(module: torch.nn.Module) -> str:
+        if isinstance(module, ParallelLMHead):
+            return "lm_head"
+        if isinstance(module, VocabParallelEmbedding):
+            return "embedding"
+        return "experts" if isinstance(module, FusedExperts) else "float"
+
+    modules = sorted(model.modules(), key=lambda m: not isinstance(m, ParallelLMHead))  # the LM head first
+    out: dict[str, int] = {}
+    seen_weights: set[int] = set()  # QuantizedWeight objects
+    seen: set[int] = set()  # parameter storages
+    for module in modules:
+        if isinstance(module, QuantizedWeight):
+            continue
+        for child_name, child in module.named_children():
+            if child_name != "weight" or not isinstance(child, QuantizedWeight) or id(child) in seen_weights:
+                continue
+            seen_weights.add(id(child))
+            kind = kind_of(module)
+            for _, matrix in child.segments:
+                key = kind if kind != "float" else ("float" if matrix.kind == "dense" else matrix.kind)
+                out[key] = out.get(key, 0) + matrix.nbytes
+        for p in module.parameters(recurse=False):
+            storage = p.untyped_storage()
+            if storage.data_ptr() in seen:
+                continue
+            seen.add(storage.data_ptr())
+            kind = kind_of(module)
+            out[kind] = out.get(kind, 0) + storage.nbytes()
+    return out
+
+
+def describe_cost(cost: ModelCost) -> dict[str, Any]:
+    """The facts of a cost a report shows: the weights' format, bytes held by kind, bytes read per step, KV bytes
+    per token."""
+    return {
+        "weight_format": cost.weight_format,
+        "weight_bytes_by_kind": dict(cost.held_bytes),
+        "step_weight_bytes": cost.step_weight_bytes(1),
+        "kv_bytes_per_token": cost.kv_bytes_per_token,
+    }
 
 
 def decode_step_s(

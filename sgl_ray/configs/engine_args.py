@@ -16,6 +16,9 @@ QUANTIZATION_METHODS = ("awq", "gptq", "fp8", "compressed-tensors", "gguf", "non
 CHECKPOINT_QUANT_METHODS = ("awq", "gptq", "fp8", "compressed-tensors")
 """``quant_method`` values of a safetensors checkpoint's ``quantization_config`` that load (kept, or dequantized at
 load with ``quantization="none"``): see :mod:`sgl_ray.layers.quantization.methods`."""
+QUANTIZED_AT_LOAD = ("fp8", "awq", "gptq")
+"""``quantization`` values that quantize a float model at load (online FP8; INT4 rounded to nearest in AWQ's or
+GPTQ's form)."""
 KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,  # the model's dtype
     "fp8_e4m3": torch.float8_e4m3fn,
@@ -78,6 +81,13 @@ class EngineArgs:
             "help": "sliding-window models: keep the KV that every window has left (default: let it go)"
         },
     )
+    swa_full_tokens_ratio: float = field(
+        default=0.8,
+        metadata={
+            "help": "models mixing full and sliding-window layers: tokens of the windowed layers' KV pool relative "
+            "to the full layers' pool (the memory budget is split between them)"
+        },
+    )
     attention_backend: str | None = field(
         default=None,
         metadata={"help": "torch (CPU default) | triton (GPU default) | flashinfer (GPU, optional package)"},
@@ -104,7 +114,7 @@ class EngineArgs:
         default=None,
         metadata={
             "help": "weights held quantized (default: as the checkpoint's quantization_config says, else float): "
-            "awq | gptq (INT4 checkpoints; CPU torch, CUDA Triton) | fp8 (an FP8 checkpoint, or a float one "
+            "awq | gptq (INT4 checkpoints, or a float model rounded to INT4 at load; CPU torch, CUDA Triton) | fp8 (an FP8 checkpoint, or a float one "
             "quantized at load; CPU weight-only, CUDA W8A8 on compute capability >= 8.9) | compressed-tensors "
             "(its FP8 checkpoints) | gguf (a GGUF file's blocks decoded inside each matmul; CPU) | none "
             "(dequantize to --dtype at load)"
@@ -217,7 +227,7 @@ class EngineArgs:
         metadata={"help": "STANDALONE, EAGLE, EAGLE3: draft tokens per verify step (default 3)"},
     )
     speculative_eagle_topk: int | None = field(
-        default=None, metadata={"help": "drafts per step and position; only 1 (chain drafts) so far"}
+        default=None, metadata={"help": "children per expanded draft node: 1 chains (default), more trees"}
     )
     speculative_num_draft_tokens: int | None = field(
         default=None,
@@ -240,6 +250,8 @@ class EngineArgs:
             raise bad("max_total_tokens", "must hold at least two pages")
         if self.mem_fraction_static is not None and not (0.0 < self.mem_fraction_static < 1.0):
             raise bad("mem_fraction_static", "must be in (0, 1)")
+        if not (0.0 < self.swa_full_tokens_ratio <= 1.0):
+            raise bad("swa_full_tokens_ratio", "must be in (0, 1]")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise bad("max_running_requests", "must be >= 1")
         if self.max_prefill_tokens < 1:
@@ -343,19 +355,20 @@ class EngineArgs:
     ) -> str | None:
         """How the weights are held: ``"gguf"`` (a GGUF file's blocks, decoded inside each matmul), a safetensors
         checkpoint's own ``quant_method`` (``checkpoint_method``: ``"awq"``, ``"gptq"``, ``"fp8"``,
-        ``"compressed-tensors"``), ``"fp8"`` for a float checkpoint quantized at load, or None (``dtype`` weights,
+        ``"compressed-tensors"``), ``"fp8"``, ``"awq"`` or ``"gptq"`` for a float model (a float checkpoint, a GGUF
+        file dequantized first, ``load_format="dummy"``) quantized at load, or None (``dtype`` weights,
         dequantized at load where the file is quantized: see :data:`GGUF_KEPT_QUANTIZED_BY_DEFAULT`). A method the
         checkpoint does not have, or cannot have here, raises :class:`UnsupportedModelError` naming the option."""
         option = f"quantization={self.quantization!r} (--quantization {self.quantization})"
         if checkpoint_method is not None and weight_format != "gguf":
             return self._checkpoint_quantization(checkpoint_method, weight_format, option)
-        if self.quantization == "fp8":
-            return "fp8"
+        if self.quantization in QUANTIZED_AT_LOAD:
+            return self.quantization
         if self.quantization in CHECKPOINT_QUANT_METHODS:
             raise UnsupportedModelError(
                 f"{option} needs a checkpoint quantized with {self.quantization} (a config.json quantization_config "
-                f"with quant_method {self.quantization!r}); this model has none. quantization='fp8' quantizes a "
-                "float checkpoint at load",
+                f"with quant_method {self.quantization!r}); this model has none. quantization='fp8', 'awq' or 'gptq' "
+                "quantizes a float model at load",
                 param="quantization",
             )
         if self.quantization == "none" or (self.quantization is None and not GGUF_KEPT_QUANTIZED_BY_DEFAULT):

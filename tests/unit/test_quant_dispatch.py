@@ -63,6 +63,8 @@ def test_the_checkpoint_decides_unless_told_otherwise():
     assert held("fp8", None) == "fp8"  # online
     assert held("fp8", None, "gguf") == "fp8"  # a GGUF file dequantized, then quantized to FP8
     assert held("none", AWQ, "dummy") is None
+    assert held("awq", None) == "awq"  # a float checkpoint rounded to INT4 at load
+    assert held("gptq", None, "dummy") == "gptq"  # random float weights, then INT4
 
 
 @pytest.mark.parametrize(
@@ -70,7 +72,12 @@ def test_the_checkpoint_decides_unless_told_otherwise():
     [
         ("gptq", AWQ, "safetensors", "quantization='gptq'.*quant_method 'awq'"),
         ("awq", FP8_BLOCKS, "safetensors", "quantization='awq'.*'fp8'"),
-        ("awq", None, "safetensors", "quantization='awq'.*needs a checkpoint quantized with awq"),
+        (
+            "compressed-tensors",
+            None,
+            "safetensors",
+            "'compressed-tensors'.*needs a checkpoint quantized with",
+        ),
         ("compressed-tensors", None, "gguf", "needs a checkpoint"),
         (None, {"quant_method": "bitsandbytes"}, "safetensors", "'bitsandbytes', which is not supported"),
         ("none", {"quant_method": "mxfp4"}, "safetensors", "'mxfp4', which is not supported"),

@@ -34,13 +34,16 @@ def unpack_int4(words: torch.Tensor, order: torch.Tensor | None = None) -> torch
     return values.to(torch.uint8).flatten(-2)
 
 
-def pack_int4(values: torch.Tensor) -> torch.Tensor:
-    """int32 ``[..., n / 8]`` from 4-bit ``values`` ``[..., n]``, value ``i`` of each word in bits ``4i`` (the
-    inverse of :func:`unpack_int4` without an order)."""
+def pack_int4(values: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 ``[..., n / 8]`` from 4-bit ``values`` ``[..., n]``, value ``i`` of each word in bits ``4i``, or in
+    bits ``4 * order[i]`` (the inverse of :func:`unpack_int4` with the same ``order``)."""
     v = values.to(torch.int32).unflatten(-1, (-1, PACK))  # [..., n / 8, 8]
     words = torch.zeros(v.shape[:-1], dtype=torch.int32, device=values.device)
-    for i in range(PACK):
-        words |= v[..., i] << (4 * i)  # the top value wraps into the sign bit, as packed checkpoints store it
+    nibbles = range(PACK) if order is None else order.tolist()
+    for i, nibble in enumerate(nibbles):
+        words |= v[..., i] << (
+            4 * nibble
+        )  # the top value wraps into the sign bit, as packed checkpoints store it
     return words
 
 

@@ -14,13 +14,19 @@ The two formats store the same numbers packed differently (``K`` = input feature
                            g_idx   [K]         group of each input (act order: not k // group_size)
 
 GPTQ's qweight transposed is already the kept layout; AWQ's is unpacked and packed again along the input.
+
+:func:`quantize_awq` and :func:`quantize_gptq` go the other way, from a float weight to a checkpoint's tensors, by
+rounding to nearest without calibration (``quantization="awq"`` / ``"gptq"`` on a float model quantizes at load
+with them: :func:`int4_from_float`): AWQ's asymmetric groups (scale ``(max - min) / 15`` over a range that holds 0,
+zero point ``round(-min / scale)``), GPTQ's symmetric ones (``sym=True``: scale ``max|w| / 7.5``, zero point 8,
+format v1). Scales are fp16, as the checkpoints store them, and the values are rounded against the fp16 scale.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sgl_ray.errors import ModelLoadError
+from sgl_ray.errors import ModelLoadError, UnsupportedModelError
 from sgl_ray.layers.quantization.int4 import PACK, AWQMatrix, GPTQMatrix, pack_int4, unpack_int4
 
 AWQ_ORDER = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])
@@ -88,3 +94,77 @@ def gptq_matrix(
         if groups * size == k and torch.equal(g_idx, in_order):
             g_idx = None  # no act order: the kernels take groups by position
     return GPTQMatrix(qweight.t().contiguous(), scales.t().contiguous(), zeros.t().contiguous(), size, g_idx)
+
+
+INT4_GROUP_SIZE = 128
+_MIN_SCALE = 1e-6  # an all-zero group gets this scale (and zeros), not a division by zero
+
+
+def int4_group_size(in_features: int, preferred: int = INT4_GROUP_SIZE) -> int:
+    """The group size of a layer of ``in_features`` inputs quantized at load: ``preferred`` where it divides them,
+    else the largest power of two below it that does (SmolLM2-135M's 576 inputs: 64); at least 8."""
+    size = preferred
+    while size >= PACK:
+        if in_features % size == 0:
+            return size
+        size //= 2
+    raise UnsupportedModelError(
+        f"INT4 at load needs each quantized layer's input features to be a multiple of {PACK}; a layer has "
+        f"{in_features}. quantization='none' keeps the model in float",
+        param="quantization",
+    )
+
+
+def _round_groups(
+    w: torch.Tensor, group_size: int, sym: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q [N, K] 0..15, scales fp16 [N, G], zeros [N, G] 0..15)`` of a float ``w`` [N, K], rounded to nearest."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group_size, group_size)
+    if sym:
+        scale = (g.abs().amax(dim=-1) / 7.5).clamp(min=_MIN_SCALE).half()
+        zeros = torch.full(scale.shape, 8, dtype=torch.int32, device=w.device)
+    else:
+        lo, hi = g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=_MIN_SCALE).half()
+        zeros = torch.round(-lo / scale.float()).clamp(0, 15).to(torch.int32)
+    q = (torch.round(g / scale.float().unsqueeze(-1)) + zeros.unsqueeze(-1)).clamp(0, 15).to(torch.int32)
+    return q.reshape(n, k), scale, zeros
+
+
+def quantize_awq(w: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> dict[str, torch.Tensor]:
+    """An AutoAWQ "gemm" checkpoint's ``qweight`` [K, N/8], ``qzeros`` [G, N/8] and ``scales`` [G, N] (fp16) for a
+    float ``w`` [N, K]: asymmetric 4-bit groups of ``group_size`` inputs, rounded to nearest."""
+    q, scale, zeros = _round_groups(w, group_size, sym=False)
+    return {
+        "qweight": pack_int4(q.t(), AWQ_ORDER),
+        "qzeros": pack_int4(zeros.t(), AWQ_ORDER),
+        "scales": scale.t().contiguous(),
+    }
+
+
+def quantize_gptq(w: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> dict[str, torch.Tensor]:
+    """A GPTQ (format v1, ``sym=True``, no act order) checkpoint's ``qweight`` [K/8, N], ``qzeros`` [G, N/8]
+    (``zero - 1``), ``scales`` [G, N] (fp16) and ``g_idx`` [K] for a float ``w`` [N, K], rounded to nearest."""
+    q, scale, zeros = _round_groups(w, group_size, sym=True)
+    k = w.shape[1]
+    return {
+        "qweight": pack_int4(q).t().contiguous(),
+        "qzeros": pack_int4((zeros - 1).t()),
+        "scales": scale.t().contiguous(),
+        "g_idx": torch.arange(k, dtype=torch.int32, device=w.device) // group_size,
+    }
+
+
+def int4_from_float(w: torch.Tensor, method: str, group_size: int | None = None) -> AWQMatrix | GPTQMatrix:
+    """``w`` [N, K] quantized by :func:`quantize_awq` (``method="awq"``) or :func:`quantize_gptq` (``"gptq"``) and
+    read back as a checkpoint of that format is (the same kept matrix); ``group_size`` defaults to
+    :func:`int4_group_size`."""
+    size = group_size or int4_group_size(w.shape[1])
+    if method == "awq":
+        t = quantize_awq(w, size)
+        return awq_matrix(t["qweight"], t["qzeros"], t["scales"], size)
+    if method == "gptq":
+        t = quantize_gptq(w, size)
+        return gptq_matrix(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], size, zero_offset=1)
+    raise ValueError(f"INT4 method {method!r}: 'awq' or 'gptq'")

@@ -1,9 +1,10 @@
-"""Quantization methods of safetensors checkpoints (AWQ, GPTQ, FP8, compressed-tensors FP8) and online FP8: how a
-quantized layer's checkpoint tensors become one :class:`~.base.QuantizedMatrix`, and what runs where.
+"""Quantization methods of safetensors checkpoints (AWQ, GPTQ, FP8, compressed-tensors FP8) and of float models
+quantized at load (FP8, AWQ, GPTQ): how a quantized layer's checkpoint tensors (or a float weight) become one
+:class:`~.base.QuantizedMatrix`, and what runs where.
 
 The checkpoint's ``config.json`` ``quantization_config`` names its method (``quant_method``); the engine's
 ``quantization`` option (:meth:`~sgl_ray.configs.engine_args.EngineArgs.effective_quantization`) agrees with it,
-asks for it to be dequantized at load (``"none"``), or, on a float checkpoint, asks for online FP8.
+asks for it to be dequantized at load (``"none"``), or, on a float checkpoint, asks for FP8, AWQ or GPTQ at load.
 :func:`create_quant_method` then builds the method from :data:`CHECKPOINT_METHODS` (a registry, one parser per
 ``quant_method``) and checks the device.
 """
@@ -259,19 +260,53 @@ class OnlineFP8Method(QuantMethod):
 
     @torch.no_grad()
     def process_loaded(self, model: nn.Module) -> None:
-        from sgl_ray.layers.linear import ColumnParallelLinear, RowParallelLinear
-        from sgl_ray.layers.quantization.weight import QuantizedWeight
+        for module, weight in _projections(model):
+            _hold(module, weight, Fp8Matrix.from_float(weight.data))
 
-        float_layers = tuple(getattr(model, "float_layers", ()))
-        for name, module in model.named_modules():
-            weight = getattr(module, "weight", None)
-            projection = isinstance(module, (ColumnParallelLinear, RowParallelLinear))
-            if not projection or not isinstance(weight, nn.Parameter) or name.endswith(float_layers):
-                continue
-            held = QuantizedWeight(weight.shape[0], weight.shape[1], weight.dtype, weight.device)
-            held.put(0, Fp8Matrix.from_float(weight.data))
-            del module.weight
-            module.weight = held
+
+def _projections(model: nn.Module):
+    """``(module, weight)`` of every tensor-parallel projection that a method quantizing at load converts: float
+    weights, not the model's ``float_layers`` (embeddings, the LM head and replicated layers are no projections)."""
+    from sgl_ray.layers.linear import ColumnParallelLinear, RowParallelLinear
+
+    float_layers = tuple(getattr(model, "float_layers", ()))
+    for name, module in list(model.named_modules()):
+        weight = getattr(module, "weight", None)
+        projection = isinstance(module, (ColumnParallelLinear, RowParallelLinear))
+        if projection and isinstance(weight, nn.Parameter) and not name.endswith(float_layers):
+            yield module, weight
+
+
+def _hold(module: nn.Module, weight: nn.Parameter, matrix: QuantizedMatrix) -> None:
+    from sgl_ray.layers.quantization.weight import QuantizedWeight
+
+    held = QuantizedWeight(weight.shape[0], weight.shape[1], weight.dtype, weight.device)
+    held.put(0, matrix)
+    del module.weight
+    module.weight = held
+
+
+class OnlineInt4Method(QuantMethod):
+    """``quantization="awq"`` or ``"gptq"`` on a float model (a float checkpoint, a GGUF file dequantized first, or
+    ``load_format="dummy"``): after loading, every tensor-parallel projection's weight (of this shard) is rounded
+    to 4-bit groups (:func:`~.int4_formats.int4_from_float`: AWQ's asymmetric groups, GPTQ's symmetric ones; group
+    size 128, or the largest power of two that divides the layer's inputs) and held as that checkpoint format
+    would be. No calibration: a calibrated AWQ or GPTQ checkpoint of the same model is more accurate. The same
+    layers stay float as with online FP8."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name  # type: ignore[misc]
+
+    def check_device(self, device: torch.device) -> None:
+        _int4_device_check(self.name, device)
+
+    @torch.no_grad()
+    def process_loaded(self, model: nn.Module) -> None:
+        from sgl_ray.layers.quantization.int4_formats import int4_from_float
+
+        for module, weight in _projections(model):
+            _hold(module, weight, int4_from_float(weight.data, self.name))
 
 
 CHECKPOINT_METHODS: dict[str, Callable[[dict[str, Any], bool], QuantMethod]] = {
@@ -301,13 +336,15 @@ def checkpoint_quant_method(hf_config: Any) -> str | None:
 
 def create_quant_method(held: str | None, hf_config: Any, device: torch.device) -> QuantMethod | None:
     """The method for a model whose weights are held as ``held`` (what ``EngineArgs.effective_quantization``
-    answered): a checkpoint's own (kept, or dequantized at load when ``held`` is None), online FP8 for a float
-    checkpoint, or None (plain float weights, or GGUF: its loader handles its blocks)."""
+    answered): a checkpoint's own (kept, or dequantized at load when ``held`` is None), online FP8, AWQ or GPTQ for
+    a float checkpoint, or None (plain float weights, or GGUF: its loader handles its blocks)."""
     checkpoint = checkpoint_quant_method(hf_config)
     if checkpoint in CHECKPOINT_METHODS and held != "gguf":
         method = CHECKPOINT_METHODS[checkpoint](quantization_config(hf_config) or {}, held is not None)
     elif held == "fp8":
         method = OnlineFP8Method()
+    elif held in ("awq", "gptq"):
+        method = OnlineInt4Method(held)
     else:
         return None
     if method.keep:
