@@ -80,6 +80,7 @@ class GlobalScheduler(SchedulerCalls):
             info.vocab_size,
             defer_grammar_masks=self.overlap,  # their masks ride with the next call (see ShardGroup)
             kv_window=info.kv_window,
+            kv_swa_slots=info.swa_num_slots,
         )
         self._outbox: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
         self.loop = EngineLoop(self.scheduler, _GroupExecutor(self))

@@ -132,7 +132,9 @@ class ShardGroup:
             [w.setup.remote(self.args, master) for w in self.workers], timeout=_READY_TIMEOUT_S
         )
         capacity = KVCapacity(
-            num_slots=min(p.num_slots for p in proposals), max_reqs=min(p.max_reqs for p in proposals)
+            num_slots=min(p.num_slots for p in proposals),
+            max_reqs=min(p.max_reqs for p in proposals),
+            swa_num_slots=min(p.swa_num_slots for p in proposals),  # hybrid KV pools (0: off)
         )
         infos = ray.get([w.init_memory.remote(capacity) for w in self.workers])
         self.weight_bytes = [info.weight_bytes for info in infos]  # per rank, weights as held

@@ -23,12 +23,16 @@ A backend computes attention for one layer of a batch whose requests each add ``
   prefix was computed in this step, an earlier one, or came from the prefix cache. ``check_kv_cache_dtype(dtype)`` is
   called once at start and raises ``UnsupportedModelError`` (``param="kv_cache_dtype"``) for a pool the backend
   cannot read here.
+* ``batch.tree_mask`` (speculative tree verification; backends with ``supports_tree_mask``): an extend request
+  ``r`` with ``offsets[r] >= 0`` has new token ``i`` see new token ``j`` iff ``mask[offsets[r] + i * n + j]``
+  (``n``: its extend length; the draft tree's ancestors-or-self) instead of iff ``j <= i``, its whole prefix as
+  usual. Not with a sliding window (an ``UnsupportedFeatureError`` at the layer).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,8 +42,16 @@ if TYPE_CHECKING:
     from sgl_ray.runner.forward_batch import ForwardBatch
 
 
+class TreeMask(NamedTuple):
+    """Which of its own new tokens each new token of a request sees (see the module note)."""
+
+    mask: torch.Tensor  # [sum of n_r * n_r] bool, each tree request's [n_r, n_r] block row-major
+    offsets: np.ndarray  # [B] int64 start of each request's block in ``mask``; -1: causal
+
+
 class AttentionBackend(ABC):
     supports_cuda_graph = False  # backends that can run inside a captured CUDA graph say so
+    supports_tree_mask = False  # backends that read ``batch.tree_mask`` say so
 
     @abstractmethod
     def init_forward_metadata(self, batch: ForwardBatch) -> None: ...

@@ -1,7 +1,8 @@
 """Attention over the paged KV pool with ``torch.nn.functional.scaled_dot_product_attention`` (CPU default).
 
 Requests adding one token (decode) run as one padded batch; requests adding several (prefill / extend) run one by
-one with a causal mask offset by their cached prefix.
+one with a causal mask offset by their cached prefix. A model that attends bidirectionally within each image
+(Gemma 3) gets each image's tokens a mask reaching to the image's end (``_image_key_ends``).
 
 Layers with a sliding window, attention sinks or soft-capped scores (see ``sgl_ray.layers.attention``) run on a
 variant of the step's metadata built on their first call and kept for the step (``_Metadata.variant``): decode rows
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sgl_ray.attention.base import AttentionBackend
+from sgl_ray.errors import UnsupportedFeatureError
 from sgl_ray.mem_cache.kv_pool import KVScale
 
 if TYPE_CHECKING:
@@ -49,6 +51,10 @@ class _ExtendPart:
     num_tokens: int
     kv_slots: torch.Tensor  # [L] the keys the part's queries may see (the request's first L, or a window's)
     mask: torch.Tensor | None  # [num_tokens, L], None when the plain causal mask applies
+    tree: bool = False  # the mask is a draft tree's (batch.tree_mask), not causal
+    # [num_tokens] the end (exclusive) of the keys each query sees, where an image's tokens see the whole image
+    # (Gemma 3's prefill, see _image_key_ends); None: causal (position + 1)
+    key_end: np.ndarray | None = None
 
 
 @dataclass
@@ -57,6 +63,7 @@ class _Metadata:
     extends: list[_ExtendPart]
     req_to_token: torch.Tensor
     variants: dict[tuple[int | None, int], _Metadata] = field(default_factory=dict)
+    swa: _Metadata | None = None  # hybrid KV pools: the same over the windowed layers' slots
 
     def variant(self, window: int | None, num_heads: int) -> _Metadata:
         """This step's metadata for layers with ``window`` (or sinks): every mask explicit, keys outside the
@@ -66,11 +73,21 @@ class _Metadata:
             decode = self.decode
             if decode is not None and window is not None:
                 decode = _windowed_decode(decode, self.req_to_token, window)
+            if window is not None and any(part.tree for part in self.extends):
+                raise UnsupportedFeatureError(
+                    "speculative_eagle_topk > 1: tree drafts of a model with sliding-window layers are not "
+                    "supported; use speculative_eagle_topk=1",
+                    param="speculative_eagle_topk",
+                )
             extends = [
                 chunk
                 for part in self.extends
-                for chunk in _extend_chunks(
-                    part, int(part.kv_slots.shape[0]) - part.num_tokens, window, num_heads
+                for chunk in (
+                    [part]  # a draft tree: a few rows, its mask already explicit
+                    if part.tree
+                    else _extend_chunks(
+                        part, int(part.kv_slots.shape[0]) - part.num_tokens, window, num_heads
+                    )
                 )
             ]
             self.variants[key] = _Metadata(decode, extends, self.req_to_token)
@@ -97,8 +114,9 @@ def _windowed_decode(dec: _DecodePart, req_to_token: torch.Tensor, window: int) 
 def _extend_chunks(part: _ExtendPart, prefix: int, window: int | None, num_heads: int) -> list[_ExtendPart]:
     """``part`` (queries at positions ``prefix .. prefix + n``; its ``kv_slots`` the request's first
     ``prefix + n`` keys) as query chunks, each over keys ``lo .. hi`` with an explicit mask: query ``i`` sees key
-    ``j`` iff ``i - window < j <= i`` (``lo``: the first key the chunk's first query sees; ``hi``: its last query
-    + 1). Chunks hold at most ``SCORE_BUDGET`` scores."""
+    ``j`` iff ``i - window < j <= i`` (``j < key_end[i]`` in place of ``j <= i`` with ``part.key_end``; ``lo``:
+    the first key the chunk's first query sees; ``hi``: the end of the keys its queries see). Chunks hold at most
+    ``SCORE_BUDGET`` scores (plus an image's keys past the last query)."""
     seq_len = prefix + part.num_tokens
     device = part.kv_slots.device
     per_head = SCORE_BUDGET // num_heads
@@ -111,13 +129,33 @@ def _extend_chunks(part: _ExtendPart, prefix: int, window: int | None, num_heads
         n = min(rows, part.num_tokens - first)
         q_pos = torch.arange(prefix + first, prefix + first + n, device=device)  # [n]
         lo = 0 if window is None else max(0, prefix + first - window + 1)
-        hi = prefix + first + n
+        ends = None if part.key_end is None else part.key_end[first : first + n]
+        hi = prefix + first + n if ends is None else int(ends.max())
         k_pos = torch.arange(lo, hi, device=device)  # [L]
-        mask = k_pos[None, :] <= q_pos[:, None]  # [n, L]
+        if ends is None:
+            mask = k_pos[None, :] <= q_pos[:, None]  # [n, L]
+        else:
+            mask = k_pos[None, :] < torch.from_numpy(ends).to(device)[:, None]
         if window is not None:
             mask &= k_pos[None, :] > q_pos[:, None] - window
         chunks.append(_ExtendPart(part.token_start + first, n, part.kv_slots[lo:hi], mask))
     return chunks
+
+
+def _image_key_ends(batch: ForwardBatch, r: int, prefix: int, seq_len: int) -> np.ndarray | None:
+    """[n] the end (exclusive) of the keys each new token of request ``r`` (positions ``prefix .. seq_len``) sees
+    when a model attends bidirectionally within each image (Gemma 3; ``batch.multimodal.image_spans[r]``: the
+    ``[start, end)`` positions of the images its new tokens reach): an image's end for a token inside it, else
+    the token's position + 1 (causal). None when no new token of ``r`` is inside such an image."""
+    spans = getattr(batch.multimodal, "image_spans", None)
+    if spans is None or spans[r] is None:
+        return None
+    ends = np.arange(prefix + 1, seq_len + 1)
+    for start, end in spans[r]:
+        lo, hi = max(int(start), prefix), min(int(end), seq_len)
+        if lo < hi:
+            ends[lo - prefix : hi - prefix] = hi
+    return ends
 
 
 def attend_explicit(
@@ -185,10 +223,21 @@ def _attend(
 
 
 class TorchAttentionBackend(AttentionBackend):
+    supports_tree_mask = True
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        meta = self._metadata(batch, batch.req_to_token, batch.req_pool_idxs)
+        if batch.full_to_swa is not None:  # hybrid KV pools: the windowed layers read translated slots
+            assert batch.swa_req_to_token is not None and batch.swa_req_pool_idxs is not None
+            meta.swa = self._metadata(batch, batch.swa_req_to_token, batch.swa_req_pool_idxs)
+        batch.attn_metadata = meta
+
+    def _metadata(
+        self, batch: ForwardBatch, req_to_token: torch.Tensor, pool_idxs: torch.Tensor
+    ) -> _Metadata:
         ext = batch.extend_lens_cpu
         seq = batch.seq_lens_cpu
         starts = np.concatenate(([0], np.cumsum(ext)[:-1]))
@@ -197,7 +246,7 @@ class TorchAttentionBackend(AttentionBackend):
         if len(decode_rows):
             rows = torch.from_numpy(decode_rows).to(self.device)
             max_len = int(seq[decode_rows].max())
-            kv_slots = batch.req_to_token[batch.req_pool_idxs[rows], :max_len]
+            kv_slots = req_to_token[pool_idxs[rows], :max_len]
             mask = None
             if int(seq[decode_rows].min()) < max_len:  # ragged: mask the padding
                 lens = batch.seq_lens[rows]
@@ -209,20 +258,31 @@ class TorchAttentionBackend(AttentionBackend):
                 token_idx=torch.from_numpy(starts[decode_rows]).to(self.device),
                 kv_slots=kv_slots,
                 mask=mask,
-                pool_rows=batch.req_pool_idxs[rows],
+                pool_rows=pool_idxs[rows],
                 seq_lens=seq[decode_rows],
             )
         extends = []
+        tree = batch.tree_mask
         for r in np.nonzero(ext != 1)[0]:
             n, s, prefix = int(ext[r]), int(seq[r]), int(batch.prefix_lens_cpu[r])
             mask = None
-            if prefix:
+            in_tree = tree is not None and tree.offsets[r] >= 0
+            if in_tree:  # the whole prefix, then the draft tree's ancestors-or-self
+                assert tree is not None
+                off = int(tree.offsets[r])
+                own = tree.mask[off : off + n * n].view(n, n)
+                mask = torch.cat([own.new_ones(n, prefix), own], dim=1)
+            elif prefix:
                 q_pos = torch.arange(prefix, s, device=self.device)
                 mask = torch.arange(s, device=self.device)[None, :] <= q_pos[:, None]
+            ends = _image_key_ends(batch, int(r), prefix, s)
+            if ends is not None and not in_tree:  # an image's tokens see the whole image
+                key_end = torch.from_numpy(ends).to(self.device)
+                mask = torch.arange(s, device=self.device)[None, :] < key_end[:, None]
             extends.append(
-                _ExtendPart(int(starts[r]), n, batch.req_to_token[batch.req_pool_idxs[r], :s], mask)
+                _ExtendPart(int(starts[r]), n, req_to_token[pool_idxs[r], :s], mask, in_tree, ends)
             )
-        batch.attn_metadata = _Metadata(decode, extends, batch.req_to_token)
+        return _Metadata(decode, extends, req_to_token)
 
     def forward(
         self,
@@ -237,10 +297,14 @@ class TorchAttentionBackend(AttentionBackend):
         h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
         q = q.view(num_tokens, h, d)
         if not kv_stored:
-            batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k.view(-1, kvh, d), v.view(-1, kvh, d))
+            loc = batch.kv_indices(layer)[0]
+            batch.kv_pool.set_kv(layer.layer_id, loc, k.view(-1, kvh, d), v.view(-1, kvh, d))
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
         kv_scale = batch.kv_pool.scales[layer.layer_id]
         meta: _Metadata = batch.attn_metadata
+        if batch.uses_swa_pool(layer):
+            assert meta.swa is not None
+            meta = meta.swa
         if layer.sliding_window is not None or _explicit(layer):
             meta = meta.variant(layer.sliding_window, h)
         only_decode = not meta.extends  # then the decode rows are all tokens, in order

@@ -31,7 +31,7 @@ from sgl_ray.attention.triton_kernels import (
     decode_config,
     short_decode_len,
 )
-from sgl_ray.errors import UnsupportedModelError
+from sgl_ray.errors import UnsupportedFeatureError, UnsupportedModelError
 from sgl_ray.transfer import to_device
 
 if TYPE_CHECKING:
@@ -62,6 +62,8 @@ class _ExtendPart:
     # [5, NB] int32, rows 16-byte aligned: batch row, first-token row, q_start, prefix_len, extend_len
     blocks: torch.Tensor
     num_blocks: int
+    tree_mask: torch.Tensor | None = None  # [sum n * n] uint8 draft-tree masks (batch.tree_mask)
+    blk_tree: torch.Tensor | None = None  # [NB] int32 offset of each block's request in tree_mask, -1: causal
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class TritonAttentionBackend(AttentionBackend):
     """``num_kv_splits`` fixes the decode split count (a power of two); ``None`` picks it per step and layer."""
 
     supports_cuda_graph = True
+    supports_tree_mask = True
 
     def __init__(self, device: torch.device, num_kv_splits: int | None = None) -> None:
         self.device = torch.device(device)
@@ -137,6 +140,10 @@ class TritonAttentionBackend(AttentionBackend):
             )
         if nb:
             extend = _ExtendPart(blocks=dev[3 * wd :].view(5, wb)[:, :nb], num_blocks=nb)
+            tree = batch.tree_mask
+            if tree is not None and (tree.offsets[blk_req] >= 0).any():
+                blk_tree = self._to_device(tree.offsets[blk_req].astype(np.int32))
+                extend = _ExtendPart(extend.blocks, nb, tree.mask.view(torch.uint8), blk_tree)
         batch.attn_metadata = _Metadata(decode, extend)
 
     def graph_metadata(self, batch: ForwardBatch, max_seq_len: int) -> _Metadata:
@@ -172,8 +179,9 @@ class TritonAttentionBackend(AttentionBackend):
         h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
         q = q.view(num_tokens, h, d)
         k, v = k.view(-1, kvh, d), v.view(-1, kvh, d)
+        loc, req_to_token, req_pool_idxs = batch.kv_indices(layer)  # hybrid pools: windowed layers' own slots
         if not kv_stored:
-            batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+            batch.kv_pool.set_kv(layer.layer_id, loc, k, v)
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
         kv_scale = batch.kv_pool.scales[layer.layer_id]  # 1.0 but for an FP8 pool
         meta: _Metadata = batch.attn_metadata
@@ -186,8 +194,8 @@ class TritonAttentionBackend(AttentionBackend):
                 k_buf,
                 v_buf,
                 out,
-                batch.req_to_token,
-                batch.req_pool_idxs,
+                req_to_token,
+                req_pool_idxs,
                 dec.rows,
                 dec.tokens,
                 dec.seq_lens,
@@ -202,6 +210,12 @@ class TritonAttentionBackend(AttentionBackend):
                 v_scale=kv_scale.v,
             )
         if meta.extend is not None:
+            if meta.extend.tree_mask is not None and layer.sliding_window is not None:
+                raise UnsupportedFeatureError(
+                    "speculative_eagle_topk > 1: tree drafts of a model with sliding-window layers are not "
+                    "supported; use speculative_eagle_topk=1",
+                    param="speculative_eagle_topk",
+                )
             extend_attention(
                 q,
                 k,
@@ -209,8 +223,8 @@ class TritonAttentionBackend(AttentionBackend):
                 k_buf,
                 v_buf,
                 out,
-                batch.req_to_token,
-                batch.req_pool_idxs,
+                req_to_token,
+                req_pool_idxs,
                 meta.extend.blocks,
                 layer.scaling,
                 window=layer.sliding_window,
@@ -218,6 +232,8 @@ class TritonAttentionBackend(AttentionBackend):
                 logit_cap=layer.logit_cap,
                 k_scale=kv_scale.k,
                 v_scale=kv_scale.v,
+                tree_mask=meta.extend.tree_mask,
+                blk_tree=meta.extend.blk_tree,
             )
         return out.view(num_tokens, h * d)
 

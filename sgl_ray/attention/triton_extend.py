@@ -19,6 +19,10 @@ With an FP8 pool (``NEW_FROM_POOL``) the new tokens' keys and values are read ba
 backend has just stored them, rather than from ``k``/``v``: every key is then what the pool holds (the layer's K
 scale folded into ``qk_scale``, its V scale applied to the output), as the decode kernel and the torch backend
 read it, whether a prefix was computed in this step or an earlier one.
+
+With draft trees (``HAS_TREE``, speculative verification) a block whose request has a tree mask
+(``attention.base.TreeMask``; ``blk_tree``: its offset, -1 for causal requests) takes the visibility of new keys
+from the mask instead of ``j <= i``; the causal loop bound still holds, since an ancestor comes before its node.
 """
 
 from __future__ import annotations
@@ -35,14 +39,14 @@ EXTEND_BLOCK_M = 64  # queries per program; the unit of the backend's block tabl
 # fmt: off
 @triton.jit
 def _extend_kernel(
-    Q, Knew, Vnew, K, V, Out, Sinks,
+    Q, Knew, Vnew, K, V, Out, Sinks, TreeMask, blk_tree,
     req_to_token, req_pool_idxs, blk_row, blk_token, blk_qstart, blk_prefix, blk_len,
     qk_scale, v_scale, group, window, logit_cap,
     stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_r2t,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_CAP: tl.constexpr,
-    NEW_FROM_POOL: tl.constexpr,
+    NEW_FROM_POOL: tl.constexpr, HAS_TREE: tl.constexpr,
 ):
     # fmt: on
     head = tl.program_id(0)
@@ -100,6 +104,12 @@ def _extend_kernel(
             k = tl.load(Knew + rows * stride_knt + kv_head * stride_knh + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(Vnew + rows * stride_vnt + kv_head * stride_vnh + offs_d[None, :], mask=kv_mask, other=0.0)
         visible = mask_n[None, :] & (offs_n[None, :] <= offs_m[:, None])
+        if HAS_TREE:  # a draft tree's request: its ancestors-or-self mask (padding rows stay causal)
+            tree_off = tl.load(blk_tree + b).to(tl.int64)
+            row_in = mask_m & ((offs_m * 0 + tree_off) >= 0)  # [BLOCK_M] (a vector: a scalar mask breaks loads)
+            in_tree = row_in[:, None] & mask_n[None, :]
+            own = tl.load(TreeMask + tree_off + offs_m[:, None] * n_new + offs_n[None, :], mask=in_tree, other=0)
+            visible = tl.where(row_in[:, None], in_tree & (own != 0), visible)
         if HAS_WINDOW:
             visible = visible & (offs_n[None, :] > offs_m[:, None] - window)
         m_i, l_i, acc = online_softmax_step(
@@ -128,6 +138,8 @@ def extend_attention(
     logit_cap: float | None = None,  # the layer's score soft cap (None: none)
     k_scale: float = 1.0,  # an FP8 pool's scales: a stored key means key * k_scale
     v_scale: float = 1.0,
+    tree_mask: torch.Tensor | None = None,  # [sum n_r * n_r] uint8 draft-tree masks (attention.base.TreeMask)
+    blk_tree: torch.Tensor | None = None,  # [NB] int32 each block's request's offset in tree_mask, -1: causal
 ) -> None:
     num_blocks = blocks.shape[1]
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -137,6 +149,7 @@ def extend_attention(
     # fmt: off
     _extend_kernel[(num_heads, num_blocks)](
         q, k, v, k_buf, v_buf, out, q if sinks is None else sinks,
+        q if tree_mask is None else tree_mask, blk_len if blk_tree is None else blk_tree,
         req_to_token, req_pool_idxs, blk_row, blk_token, blk_qstart, blk_prefix, blk_len,
         scale * k_scale * LOG2E, v_scale, num_heads // k_buf.shape[1], window or 0, (logit_cap or 0.0) * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -144,7 +157,7 @@ def extend_attention(
         req_to_token.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=EXTEND_BLOCK_M,
         BLOCK_N=32 if wide else 64, IEEE=ieee, HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
-        HAS_CAP=logit_cap is not None, NEW_FROM_POOL=k_buf.dtype != q.dtype,
+        HAS_CAP=logit_cap is not None, NEW_FROM_POOL=k_buf.dtype != q.dtype, HAS_TREE=tree_mask is not None,
         num_warps=4, num_stages=1 if head_dim > 128 and ieee else 2,
     )
     # fmt: on

@@ -25,10 +25,11 @@ SLIDING_WINDOW_ARCHITECTURES = frozenset(
         "Phi3ForCausalLM",
         "Gemma2ForCausalLM",
         "Gemma3ForCausalLM",
+        "Gemma3ForConditionalGeneration",
     }
 )
 # Gemma scales its token embeddings by sqrt(hidden_size) (see ModelConfig.embedding_multiplier).
-GEMMA_ARCHITECTURES = frozenset({"Gemma2ForCausalLM", "Gemma3ForCausalLM"})
+GEMMA_ARCHITECTURES = frozenset({"Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"})
 
 _DTYPES = {
     "float32": torch.float32,

@@ -72,6 +72,7 @@ def scheduler_config(
     vocab_size: int = 0,
     defer_grammar_masks: bool = False,
     kv_window: int | None = None,
+    kv_swa_slots: int = 0,
 ) -> SchedulerConfig:
     device = args.torch_device()
     return SchedulerConfig(
@@ -94,6 +95,7 @@ def scheduler_config(
         enable_jump_forward=args.effective_jump_forward(device),
         speculative=SpeculativeConfig.from_args(args),
         kv_window=kv_window,
+        kv_swa_slots=kv_swa_slots,
     )
 
 
@@ -107,11 +109,20 @@ def new_scheduler(
     vocab_size: int = 0,
     defer_grammar_masks: bool = False,
     kv_window: int | None = None,
+    kv_swa_slots: int = 0,
 ) -> Scheduler:
     """A scheduler with the adapters of ``args.lora_paths`` registered (checked by the ``Engine`` front).
     ``defer_grammar_masks``: the executor can take a step's masks after launching it (in-process overlap)."""
     config = scheduler_config(
-        args, num_slots, max_reqs, context_length, overlap, vocab_size, defer_grammar_masks, kv_window
+        args,
+        num_slots,
+        max_reqs,
+        context_length,
+        overlap,
+        vocab_size,
+        defer_grammar_masks,
+        kv_window,
+        kv_swa_slots,
     )
     sched = Scheduler(config, tokenizer)
     for name, path in parse_lora_paths(args.lora_paths).items():
@@ -136,6 +147,10 @@ def scheduler_stats(s: Scheduler) -> dict[str, Any]:
         "kv_free": kv.allocator.num_free_slots,
         "cache_size": kv.cache.total_size if kv.cache else 0,
         "kv_peak_held": kv.peak_held,
+        # hybrid KV pools (models mixing full and sliding-window layers): the windowed layers' pool
+        "kv_swa_capacity": kv.swa_capacity,
+        "kv_swa_free": kv.slot_map.swa.num_free_slots if kv.slot_map is not None else 0,
+        "kv_swa_peak_held": kv.peak_swa_held,
         "peak_running": kv.peak_running,
         "num_preemptions": s.num_preemptions,
         "num_deferred_mask_steps": s.num_deferred_mask_steps,
@@ -188,6 +203,7 @@ class InProcessCore(SchedulerCalls, EngineCore):
             info.vocab_size,
             defer_grammar_masks=True,
             kv_window=info.kv_window,
+            kv_swa_slots=info.swa_num_slots,
         )
         runner = self.runner
         executor = (

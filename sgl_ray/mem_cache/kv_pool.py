@@ -59,6 +59,7 @@ class KVPool:
         dtype: torch.dtype,
         device: torch.device,
         scales: Sequence[KVScale] | None = None,
+        layer_num_slots: Sequence[int] | None = None,
     ) -> None:
         self.num_slots = num_slots
         self.head_dim = head_dim
@@ -71,11 +72,14 @@ class KVPool:
             raise ValueError(f"KV scales must be positive, got {list(scales)}")
         use_scales = self.is_fp8 and scales is not None
         self.scales: list[KVScale] = list(scales) if use_scales else [KVScale()] * num_layers
-        shape = (num_slots, num_kv_heads, head_dim)
+        # Hybrid pools: the windowed layers' buffers have their own (smaller) slot space, see mem_cache.hybrid_swa
+        rows = list(layer_num_slots) if layer_num_slots is not None else [num_slots] * num_layers
+        if len(rows) != num_layers:
+            raise ValueError(f"slot counts for {len(rows)} layers, pool of {num_layers}")
         # Uninitialised except the reserved slot 0: padded reads hit it and must stay finite (masked scores times
         # NaN would still be NaN); every other slot is written before it is read.
-        self.k_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k_buffers = [torch.empty((n, num_kv_heads, head_dim), dtype=dtype, device=device) for n in rows]
+        self.v_buffers = [torch.empty((n, num_kv_heads, head_dim), dtype=dtype, device=device) for n in rows]
         for buf in self.k_buffers + self.v_buffers:
             buf[0].zero_()
 

@@ -26,6 +26,8 @@ Sizes: ``evictable_size`` and ``protected_size`` count live slots only.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -88,19 +90,8 @@ class SWARadixCache(RadixCache):
 
     def match_prefix(self, key: CacheKey) -> MatchResult:
         """The longest usable cached prefix (see the module notes); tombstones' slots are -1."""
-        root = self.root(key.extra_key)
         _, matched, _ = self._walk(key, np.asarray(key.token_ids, dtype=np.int64))
-        best, run_start = -1, 0
-        for i, node in enumerate(matched):
-            assert isinstance(node, WindowNode)
-            if node.dead:
-                run_start = node.end
-            elif run_start == 0 or node.end - run_start >= self.window - 1:
-                best = i
-        if best < 0:
-            return MatchResult(slots=_EMPTY.copy(), node=root)
-        slots = np.concatenate([n.value for n in matched[: best + 1]])
-        return MatchResult(slots=slots, node=matched[best])
+        return window_match(self.root(key.extra_key), matched, self.window, lambda n: n.dead)
 
     # ---- locking a window's range ------------------------------------------------------------------------------
 
@@ -282,3 +273,21 @@ class SWARadixCache(RadixCache):
                 live_locked += len(node.key)
         assert (live_free, live_locked) == (self._evictable, self._protected)
         assert all(n.parent is not None for n in self._candidates)
+
+
+def window_match(
+    root: TreeNode, matched: list[TreeNode], window: int, dead: Callable[[Any], bool]
+) -> MatchResult:
+    """The usable prefix of a walk's ``matched`` nodes: it ends at the deepest node whose last ``window - 1``
+    positions have live KV (a run of live nodes since the last ``dead`` one, or since the root), with the
+    slots of every node up to it."""
+    best, run_start = -1, 0
+    for i, node in enumerate(matched):
+        if dead(node):
+            run_start = node.end
+        elif run_start == 0 or node.end - run_start >= window - 1:
+            best = i
+    if best < 0:
+        return MatchResult(slots=_EMPTY.copy(), node=root)
+    slots = np.concatenate([n.value for n in matched[: best + 1]])
+    return MatchResult(slots=slots, node=matched[best])

@@ -6,6 +6,7 @@ does neither (its patch embedding has a bias).
 A LLaVA model reads the hidden states *at* ``vision_feature_layer`` (``hidden_states[0]`` is the embeddings,
 ``hidden_states[i]`` layer ``i - 1``'s output, negative indices from the end), so the encoder holds only the layers
 up to the deepest one read; the layers after it, the final norm and SigLIP's pooling head are never loaded.
+Gemma 3 reads the tower's ``last_hidden_state`` instead: every layer, then the final norm (``post_layernorm``).
 Weights are replicated on every tensor-parallel rank.
 """
 
@@ -124,7 +125,9 @@ class VisionEncoder(nn.Module):
         >>> tower(pixels).shape  # [crops, 3, 336, 336] -> [crops, 577, 1024]  # doctest: +SKIP
     """
 
-    def __init__(self, config: Any, feature_layers: list[int]) -> None:
+    def __init__(self, config: Any, feature_layers: list[int], post_layernorm: bool = False) -> None:
+        """``post_layernorm``: the output is the last layer's, through the tower's final norm (what transformers'
+        ``last_hidden_state`` is; ``feature_layers`` must be ``[-1]``)."""
         super().__init__()
         self.shape = shape = EncoderShape.from_config(config)
         total = config.num_hidden_layers
@@ -135,6 +138,11 @@ class VisionEncoder(nn.Module):
         self.embeddings = PatchEmbeddings(shape)
         self.pre_layrnorm = nn.LayerNorm(shape.dim, eps=shape.eps) if shape.class_token else None
         self.encoder = Encoder(shape, max(self.feature_states))
+        self.post_layernorm = None
+        if post_layernorm:
+            if self.feature_states != [total]:
+                raise ValueError(f"the final norm follows the last layer, not the layers {feature_layers}")
+            self.post_layernorm = nn.LayerNorm(shape.dim, eps=shape.eps)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels`` [N, C, S, S] -> the feature layers' hidden states, concatenated [N, positions, dim * k]."""
@@ -146,5 +154,7 @@ class VisionEncoder(nn.Module):
             x = layer(x)
             if i in self.feature_states:
                 states.append(x)
+        if self.post_layernorm is not None:
+            return self.post_layernorm(x)
         by_index = dict(zip(sorted(set(self.feature_states)), states, strict=True))
         return torch.cat([by_index[i] for i in self.feature_states], dim=-1)

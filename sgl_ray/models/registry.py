@@ -27,6 +27,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Glm4ForCausalLM": ("sgl_ray.models.glm4", "Glm4ForCausalLM"),
     "Gemma2ForCausalLM": ("sgl_ray.models.gemma", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ("sgl_ray.models.gemma", "Gemma3ForCausalLM"),
+    "Gemma3ForConditionalGeneration": ("sgl_ray.models.gemma3_vl", "Gemma3ForConditionalGeneration"),
     "MixtralForCausalLM": ("sgl_ray.models.mixtral", "MixtralForCausalLM"),
     "Qwen2MoeForCausalLM": ("sgl_ray.models.qwen_moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("sgl_ray.models.qwen_moe", "Qwen3MoeForCausalLM"),

@@ -1,7 +1,7 @@
 """Images in chat messages and native ``/generate`` bodies, for the ingress's preprocessing.
 
 An OpenAI ``image_url`` content part becomes a text part holding the model's image placeholder (Qwen2-VL:
-``<|vision_start|><|image_pad|><|vision_end|>``, LLaVA: ``<image>``) where it stood, so any chat template
+``<|vision_start|><|image_pad|><|vision_end|>``, LLaVA: ``<image>``, Gemma 3: ``<start_of_image>``) where it stood, so any chat template
 renders it; the image itself is read by the model's processor and named in errors by its part
 (``messages[0].content[1]``). A prompt with images travels to a replica as an :class:`ImagePrompt`.
 """
@@ -18,6 +18,7 @@ PLACEHOLDERS = {
     "Qwen2_5_VLForConditionalGeneration": _QWEN_VL,
     "LlavaNextForConditionalGeneration": "<image>",
     "LlavaOnevisionForConditionalGeneration": "<image>",
+    "Gemma3ForConditionalGeneration": "<start_of_image>",
 }
 
 

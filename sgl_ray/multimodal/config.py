@@ -7,7 +7,7 @@ import copy
 from typing import Any
 
 # Top-level fields of a VL config that the language-model view keeps (token ids of the image markers, the tower,
-# and LLaVA's image encoder: the layers it reads, its projector and the anyres layout).
+# LLaVA's image encoder: the layers it reads, its projector and the anyres layout; Gemma 3's soft tokens per image).
 _CARRIED = (
     "vision_config",
     "image_token_id",
@@ -20,6 +20,9 @@ _CARRIED = (
     "vision_aspect_ratio",
     "projector_hidden_act",
     "multimodal_projector_bias",
+    "boi_token_id",
+    "eoi_token_id",
+    "mm_tokens_per_image",
 )
 
 
@@ -53,7 +56,10 @@ def language_model_config(hf_config: Any) -> Any:
 def check_engine_args(hf_config: Any, args: Any) -> None:
     """Refuse, at start-up, what a vision-language model does not run with: pipeline stages (the tower and the
     decoder's first layers live together) and speculative decoding (drafts see no images, and would need M-RoPE
-    positions under Qwen2-VL)."""
+    positions under Qwen2-VL). A model whose image tokens attend to each other in both directions (Gemma 3)
+    needs each image computed in one step with the torch attention backend (the scheduler ends prefill chunks at
+    image edges): the Triton and FlashInfer backends (causal masks only) are refused."""
+    from sgl_ray.attention import default_backend_name
     from sgl_ray.errors import UnsupportedModelError
 
     if not is_multimodal_config(hf_config):
@@ -62,3 +68,26 @@ def check_engine_args(hf_config: Any, args: Any) -> None:
         raise UnsupportedModelError("vision-language models run on a single pipeline stage (pp_size=1)")
     if args.speculative_algorithm is not None:
         raise UnsupportedModelError("speculative decoding is not supported with vision-language models")
+    if not attends_images_bidirectionally(hf_config):
+        return
+    arch = hf_config.architectures[0]
+    device = args.torch_device()
+    backend = args.attention_backend or default_backend_name(device)
+    if backend != "torch":
+        raise UnsupportedModelError(
+            f"{arch}: the tokens of an image attend to each other in both directions, which the {backend!r} "
+            "attention backend does not implement (its masks are causal); use attention_backend='torch'"
+        )
+
+
+def attends_images_bidirectionally(hf_config: Any) -> bool:
+    """Whether the model's image tokens attend to each other in both directions during prefill (its class's
+    ``bidirectional_images``, Gemma 3)."""
+    from sgl_ray.errors import UnsupportedModelError
+    from sgl_ray.models.registry import get_model_class
+
+    arch = (getattr(hf_config, "architectures", None) or ["?"])[0]
+    try:
+        return bool(getattr(get_model_class(arch), "bidirectional_images", False))
+    except UnsupportedModelError:
+        return False

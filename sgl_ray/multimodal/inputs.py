@@ -122,12 +122,26 @@ class MultimodalInputs(msgspec.Struct, frozen=True):
     ``p >= prompt_len`` (generated) has all three at ``p + mrope_delta``. ``keyed_ids`` is the prompt as the
     scheduler and its radix cache see it: each image's placeholder ids replaced by one id derived from its hash
     (:func:`image_key_id`), so equal images share KV and different ones never do; the model embeds those rows
-    from the image instead."""
+    from the image instead. ``whole_images``: the model attends in both directions within each image (Gemma 3),
+    so a prefill chunk must not end inside one (the scheduler moves the chunk's end to an image's edge)."""
 
     images: list[ImageItem]
     mrope_positions: np.ndarray
     mrope_delta: int
     placeholder_id: int
+    whole_images: bool = False
+
+    def chunk_end(self, start: int, end: int) -> int:
+        """A prefill chunk over positions ``start .. end`` moved so that it ends at no image's inside: back to
+        the start of the image it would cut, or, when that image starts at or before ``start`` (a chunk budget
+        smaller than the image), on to its end."""
+        if not self.whole_images:
+            return end
+        for image in self.images:
+            lo, hi = image.offset, image.offset + image.num_tokens
+            if lo < end < hi:
+                return lo if lo > start else hi
+        return end
 
     def keyed_ids(self, input_ids: list[int], vocab_size: int) -> list[int]:
         ids = list(input_ids)

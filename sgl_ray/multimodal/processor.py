@@ -10,6 +10,9 @@ tokens its placeholder expands to, and the prompt's positions.
   ``start + max(rows, columns)``.
 - LLaVA-NeXT and LLaVA-OneVision (:class:`LlavaProcessor`): the anyres rule of :mod:`sgl_ray.models.llava_anyres`
   and plain positions.
+- Gemma 3 (:class:`Gemma3VLProcessor`): ``<start_of_image>`` becomes ``\\n\\n<start_of_image>``, then
+  ``mm_tokens_per_image`` soft tokens, then ``<end_of_image>\\n\\n``, with the text next to it tokenized again (as
+  transformers' ``Gemma3Processor`` tokenizes the expanded text); plain positions.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from sgl_ray.multimodal.config import attends_images_bidirectionally
 from sgl_ray.multimodal.inputs import (
     ImageInput,
     ImageItem,
@@ -54,8 +58,11 @@ class ImageProcessor(ABC):
 
     def __init__(self, image_processor: Any, hf_config: Any, limits: ImageLimits | None = None) -> None:
         self.image_processor = image_processor
-        self.image_token_id = int(hf_config.image_token_id)
+        self.image_token_id = int(hf_config.image_token_id)  # the id of an image's tokens
+        self.placeholder_id = self.image_token_id  # the id standing for an image in a prompt
         self.limits = limits or ImageLimits()
+        # the model attends in both directions within an image: prefill chunks end at image edges
+        self.whole_images = attends_images_bidirectionally(hf_config)
 
     @classmethod
     def from_pretrained(
@@ -74,6 +81,22 @@ class ImageProcessor(ABC):
         positions are M-RoPE positions of shape [3, 0] (see ``multimodal.runner``)."""
         return np.zeros((3, 0), dtype=np.int64), 0
 
+    def expand(
+        self, input_ids: Sequence[int], slots: list[int], images: list[PreparedImage]
+    ) -> tuple[list[int], list[int]]:
+        """The prompt with the placeholder at each of ``slots`` replaced by its image's tokens, and the offset of
+        each image's first token."""
+        ids: list[int] = []
+        offsets: list[int] = []
+        start = 0
+        for slot, image in zip(slots, images, strict=True):
+            ids.extend(input_ids[start:slot])
+            offsets.append(len(ids))
+            ids.extend([self.image_token_id] * image.num_tokens)
+            start = slot + 1
+        ids.extend(input_ids[start:])
+        return ids, offsets
+
     def process(
         self,
         input_ids: Sequence[int],
@@ -88,7 +111,7 @@ class ImageProcessor(ABC):
             raise InvalidImageError(
                 f"{param}: {len(images)} images, over the limit of {self.limits.max_images}", param=param
             )
-        slots = [i for i, t in enumerate(input_ids) if t == self.image_token_id]
+        slots = [i for i, t in enumerate(input_ids) if t == self.placeholder_id]
         if len(slots) != len(images):
             raise InvalidImageError(
                 f"{param}: the prompt has {len(slots)} image placeholders for {len(images)} images",
@@ -96,18 +119,14 @@ class ImageProcessor(ABC):
             )
         names = names or [f"{param}[{i}]" for i in range(len(images))]
         decoded = [load_image(image, self.limits, name) for image, name in zip(images, names, strict=True)]
-        ids: list[int] = []
-        items: list[ImageItem] = []
-        start = 0
-        for slot, image in zip(slots, self.prepare(decoded), strict=True):
-            ids.extend(input_ids[start:slot])
+        prepared = self.prepare(decoded)
+        ids, offsets = self.expand(input_ids, slots, prepared)
+        items = []
+        for image, offset in zip(prepared, offsets, strict=True):
             key = hash_pixels(image.pixel_values, image.grid)
-            items.append(ImageItem(key, len(ids), image.num_tokens, image.grid, image.pixel_values))
-            ids.extend([self.image_token_id] * image.num_tokens)
-            start = slot + 1
-        ids.extend(input_ids[start:])
+            items.append(ImageItem(key, offset, image.num_tokens, image.grid, image.pixel_values))
         positions, delta = self.positions(len(ids), items)
-        return ids, MultimodalInputs(items, positions, delta, self.image_token_id)
+        return ids, MultimodalInputs(items, positions, delta, self.image_token_id, self.whole_images)
 
 
 class QwenVLProcessor(ImageProcessor):
@@ -184,12 +203,100 @@ class LlavaProcessor(ImageProcessor):
         return prepared
 
 
+class Gemma3VLProcessor(ImageProcessor):
+    """Gemma 3's: ``pixel_values`` [1, channels, size, size] per image (resized whole; pan-and-scan crops, which
+    transformers' ``Gemma3Processor`` leaves off by default, are not taken) and ``grid`` ``(1, size, size)``;
+    ``mm_tokens_per_image`` tokens each and plain positions.
+
+    The prompt holds ``<start_of_image>`` per image; transformers expands it in the *text*
+    (``\\n\\n<start_of_image>`` + soft tokens + ``<end_of_image>\\n\\n``) before tokenizing, so the newlines may
+    merge with the text next to them. :meth:`expand` does the same on ids: a run of text tokens next to an image
+    (up to the nearest added token, where a tokenizer splits its input anyway) is decoded, given its newlines and
+    tokenized again; the rest of the prompt keeps its ids."""
+
+    NEWLINES = "\n\n"
+
+    def __init__(
+        self, image_processor: Any, hf_config: Any, limits: ImageLimits | None, tokenizer: Any
+    ) -> None:
+        super().__init__(image_processor, hf_config, limits)
+        self.placeholder_id = int(hf_config.boi_token_id)
+        self.end_id = int(hf_config.eoi_token_id)
+        self.num_tokens = int(hf_config.mm_tokens_per_image)
+        self.tokenizer = tokenizer
+        self.added_ids = frozenset(int(i) for i in tokenizer.added_tokens_decoder)  # tokenized apart
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str, hf_config: Any, limits: ImageLimits | None = None
+    ) -> ImageProcessor:
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        image_processor = AutoImageProcessor.from_pretrained(directory)
+        return cls(image_processor, hf_config, limits, AutoTokenizer.from_pretrained(directory))
+
+    def prepare(self, images: list[Any]) -> list[PreparedImage]:
+        out = self.image_processor(images=images, do_pan_and_scan=False, return_tensors="np")
+        pixels = np.asarray(out["pixel_values"], dtype=np.float32)  # [images, C, S, S]
+        return [
+            PreparedImage(pixels[i : i + 1].copy(), (1, *pixels.shape[2:]), self.num_tokens)
+            for i in range(len(images))
+        ]
+
+    def expand(
+        self, input_ids: Sequence[int], slots: list[int], images: list[PreparedImage]
+    ) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        offsets: list[int] = []
+        # the text tokens since the last added token, and the newlines where an image meets them
+        run: list[int | str] = []
+
+        def flush() -> None:
+            if not any(isinstance(x, str) for x in run):
+                ids.extend(run)  # type: ignore[arg-type]
+            else:
+                text, pending = "", []
+                for x in run:
+                    if isinstance(x, str):
+                        text, pending = text + self._decode(pending) + x, []
+                    else:
+                        pending.append(x)
+                text += self._decode(pending)
+                ids.extend(self.tokenizer.encode(text, add_special_tokens=False))
+            run.clear()
+
+        images_left = iter(images)
+        slot_set = set(slots)
+        for i, token in enumerate(input_ids):
+            if i in slot_set:
+                run.append(self.NEWLINES)
+                flush()
+                offsets.append(len(ids) + 1)
+                ids.extend(
+                    [self.placeholder_id, *[self.image_token_id] * next(images_left).num_tokens, self.end_id]
+                )
+                run.append(self.NEWLINES)
+            elif token in self.added_ids:
+                flush()
+                ids.append(token)
+            else:
+                run.append(token)
+        flush()
+        return ids, offsets
+
+    def _decode(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
 # Hugging Face architecture -> the processor of its image inputs
 _PROCESSORS: dict[str, type[ImageProcessor]] = {
     "Qwen2VLForConditionalGeneration": QwenVLProcessor,
     "Qwen2_5_VLForConditionalGeneration": QwenVLProcessor,
     "LlavaNextForConditionalGeneration": LlavaProcessor,
     "LlavaOnevisionForConditionalGeneration": LlavaProcessor,
+    "Gemma3ForConditionalGeneration": Gemma3VLProcessor,
 }
 
 

@@ -8,6 +8,11 @@ inside one); the model (``embed_images``) turns an image into its rows. Under M-
 prompt take its M-RoPE positions and rows after it ``position + mrope_delta``, so every step of such a request needs
 the batch; a model with plain positions (LLaVA: ``mrope_positions`` of shape [3, 0]) needs it only for steps whose
 rows reach into an image, and its other steps (all its decode steps) run as text.
+
+A model whose image tokens attend to each other in both directions (``bidirectional_images``: Gemma 3) also gets
+``image_spans``: per request of the step, the ``[start, end)`` positions of the images its rows reach, for the
+attention backend's mask (``attention.torch_backend``). Each image must then be computed within one step (see
+``multimodal.config.check_engine_args``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ class MultimodalBatch(NamedTuple):
     mrope_positions: torch.Tensor | None  # [3, T]; None when no request of the step uses M-RoPE
     image_rows: torch.Tensor | None  # [M] rows of the step whose embedding comes from an image
     image_embeds: torch.Tensor | None  # [M, hidden]
+    # per request of the step: [K, 2] positions [start, end) of the images its rows reach (None: none), for models
+    # that attend bidirectionally within an image; None for the others
+    image_spans: tuple[np.ndarray | None, ...] | None = None
 
 
 class EmbeddingCache:
@@ -68,6 +76,7 @@ class MultimodalState:
         self.device = device
         self.requests: dict[int, MultimodalInputs] = {}
         self.cache = EmbeddingCache(cache_tokens)
+        self.bidirectional = bool(getattr(model, "bidirectional_images", False))
         # Set to a list to record (start, end) CUDA events around every vision-tower call (``bench vision``).
         self.tower_trace: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
 
@@ -102,7 +111,8 @@ class MultimodalState:
             mrope = np.repeat(positions[None], 3, axis=0)  # [3, T]
         rows: list[np.ndarray] = []
         embeds: list[torch.Tensor] = []
-        for idx, p0, n, s in zip(plan.req_pool_idxs, prefix, ext, starts, strict=True):
+        spans: list[np.ndarray | None] = [None] * len(ext)
+        for r, (idx, p0, n, s) in enumerate(zip(plan.req_pool_idxs, prefix, ext, starts, strict=True)):
             mm = self.requests.get(int(idx))
             if mm is None:
                 continue
@@ -118,10 +128,16 @@ class MultimodalState:
                 if lo < hi:
                     rows.append(np.arange(s + lo - p0, s + hi - p0))
                     embeds.append(self.embeddings(image)[lo - image.offset : hi - image.offset])
+                    if self.bidirectional:
+                        span = np.array([[image.offset, image.offset + image.num_tokens]])
+                        spans[r] = span if spans[r] is None else np.concatenate([spans[r], span])
         mrope_t = None if mrope is None else to_device(np.ascontiguousarray(mrope), self.device)
         if not rows:
             return MultimodalBatch(mrope_t, None, None)
-        return MultimodalBatch(mrope_t, to_device(np.concatenate(rows), self.device), torch.cat(embeds))
+        image_spans = tuple(spans) if self.bidirectional else None
+        return MultimodalBatch(
+            mrope_t, to_device(np.concatenate(rows), self.device), torch.cat(embeds), image_spans
+        )
 
     def embeddings(self, image: ImageItem) -> torch.Tensor:
         found = self.cache.get(image.hash)

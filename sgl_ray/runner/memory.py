@@ -20,6 +20,9 @@ _DEFAULT_MAX_REQS = 256
 class KVCapacity:
     num_slots: int  # including the reserved first page
     max_reqs: int
+    # Hybrid pools (models mixing full and sliding-window layers): the windowed layers' slots, including the
+    # reserved first page; 0 when every layer keeps every token (``num_slots``)
+    swa_num_slots: int = 0
 
 
 def _physical_memory() -> int:
@@ -53,10 +56,19 @@ def kv_cache_dtype(args: EngineArgs, config: ModelConfig) -> torch.dtype:
 
 
 def plan_kv_capacity(
-    args: EngineArgs, config: ModelConfig, device: torch.device, tp_size: int = 1, layer_fraction: float = 1.0
+    args: EngineArgs,
+    config: ModelConfig,
+    device: torch.device,
+    tp_size: int = 1,
+    layer_fraction: float = 1.0,
+    swa_layer_fraction: float = 0.0,
 ) -> KVCapacity:
     """Token slots for the KV pool (a whole number of pages plus the reserved one) and request slots.
-    ``layer_fraction``: the share of the model's layers this shard holds (pipeline parallelism)."""
+    ``layer_fraction``: the share of the model's layers this shard holds (pipeline parallelism).
+
+    ``swa_layer_fraction`` > 0 (hybrid pools): that share of the shard's layers keeps its own pool of
+    ``swa_full_tokens_ratio`` times the full pool's tokens; the bytes that every layer keeping every token would
+    take (``max_total_tokens`` of them, or the memory budget) are split so: ``full * (1 - f + ratio * f)``."""
     page = args.page_size
     kv_dtype = kv_cache_dtype(args, config)  # an unsupported kv_cache_dtype fails here, before any allocation
     if args.max_total_tokens is not None:
@@ -64,7 +76,18 @@ def plan_kv_capacity(
     else:
         per_token = max(1, int(config.kv_bytes_per_token(tp_size, kv_dtype) * layer_fraction))
         tokens = _kv_budget_bytes(args, device) // per_token
+    swa_tokens = 0
+    if swa_layer_fraction > 0:
+        ratio = args.swa_full_tokens_ratio
+        tokens = int(tokens / (1.0 - swa_layer_fraction + ratio * swa_layer_fraction))
+        swa_tokens = (int(tokens * ratio) // page) * page
     tokens = (tokens // page) * page
+    if swa_layer_fraction > 0 and swa_tokens < 2 * page:
+        raise InvalidRequestError(
+            f"not enough memory for the sliding-window layers' KV pool ({swa_tokens} tokens); raise "
+            "swa_full_tokens_ratio or max_total_tokens, or set disable_hybrid_swa_memory",
+            param="swa_full_tokens_ratio",
+        )
     if tokens < 2 * page:
         raise InvalidRequestError(
             f"not enough memory for the KV cache ({tokens} tokens); lower the model size or raise "
@@ -73,4 +96,6 @@ def plan_kv_capacity(
         )
     max_reqs = args.max_running_requests or _DEFAULT_MAX_REQS
     max_reqs = max(1, min(max_reqs, tokens // 2))
-    return KVCapacity(num_slots=tokens + page, max_reqs=max_reqs)
+    return KVCapacity(
+        num_slots=tokens + page, max_reqs=max_reqs, swa_num_slots=swa_tokens + page if swa_tokens else 0
+    )

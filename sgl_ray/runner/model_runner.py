@@ -70,6 +70,8 @@ class RunnerInfo:
     eos_token_ids: tuple[int, ...]
     weight_bytes: int = 0  # this shard's weights as held (quantized ones at their encoded size)
     kv_window: int | None = None  # every layer's window, when all have one: KV out of it may be let go of
+    # Hybrid pools (mem_cache.hybrid_swa): the windowed layers' slots (0: none); ``kv_window`` is then their window
+    swa_num_slots: int = 0
 
 
 class ModelRunner:
@@ -131,6 +133,7 @@ class ModelRunner:
             MultimodalState(self.model, self.device) if hasattr(self.model, "embed_images") else None
         )
         self.cuda_graphs: CudaGraphRunner | None = None
+        self.full_to_swa: torch.Tensor | None = None  # hybrid KV pools only
         # Set to a list to record (batch size, start event, end event) of every CUDA step (see gpu_idle_fraction).
         self.step_trace: StepTrace | None = None
         self._trace_start: torch.cuda.Event | None = None
@@ -157,6 +160,7 @@ class ModelRunner:
             )
         else:
             self.attn_backend.check_kv_cache_dtype(kv_dtype)
+            swa_layers = self._hybrid_swa_layers() if capacity.swa_num_slots else None
             self.kv_pool = KVPool(
                 capacity.num_slots,
                 self.model.num_local_layers,
@@ -165,7 +169,12 @@ class ModelRunner:
                 kv_dtype,
                 self.device,
                 self.kv_scales.for_layers(range(self.model.model.start, self.model.model.end)),
+                None
+                if swa_layers is None
+                else [capacity.swa_num_slots if w else capacity.num_slots for w in swa_layers],
             )
+            if swa_layers is not None:  # full slot -> the windowed layers' slot (0: none), see _apply_swa_map
+                self.full_to_swa = torch.zeros(capacity.num_slots, dtype=torch.int64, device=self.device)
         self.req_table = ReqToTokenTable(capacity.max_reqs, model_config.context_length, self.device)
         if self.spec is not None:
             self.spec.init_memory(capacity, self.req_table)  # a draft model's KV pool, at the same slots
@@ -180,9 +189,15 @@ class ModelRunner:
             weight_bytes=self.weight_bytes,
             kv_window=self._kv_window(model_config),
         )
+        if self.full_to_swa is not None:
+            windows = [w for w in self._layer_windows() if w is not None]
+            self.info = dataclasses.replace(
+                self.info, kv_window=max(windows), swa_num_slots=capacity.swa_num_slots
+            )
         logger.info(
-            "KV pool: %d slots (%.1f MiB), %d request slots",
+            "KV pool: %d slots%s (%.1f MiB), %d request slots",
             capacity.num_slots,
+            f" + {capacity.swa_num_slots} for the windowed layers" if self.full_to_swa is not None else "",
             self.kv_pool.nbytes / 2**20,
             capacity.max_reqs,
         )
@@ -207,6 +222,35 @@ class ModelRunner:
             return None
         return model_config.kv_window
 
+    def _layer_windows(self) -> list[int | None]:
+        """Each local layer's attention window (None: full attention)."""
+        layers = self.model.model.layers[self.model.model.start : self.model.model.end]
+        return [getattr(layer.self_attn.attn, "sliding_window", None) for layer in layers]
+
+    def _hybrid_swa_layers(self) -> list[bool] | None:
+        """Which local layers keep their KV in the windowed layers' own pool (``mem_cache.hybrid_swa``), or None
+        when the pools are not split: every layer or none has a window, ``disable_hybrid_swa_memory``, speculative
+        decoding (a draft model reads the same slots), multi-head latent attention, pipeline stages, an
+        attention backend that reads one slot space only (FlashInfer), or CUDA decode graphs (the windowed
+        layers' slots are translated outside graphs, so on CUDA the pools split only with
+        ``disable_cuda_graph``: graphs are kept, as decode speed is the default's priority)."""
+        from sgl_ray.attention.torch_backend import TorchAttentionBackend
+        from sgl_ray.attention.triton_backend import TritonAttentionBackend
+
+        if (
+            self.args.disable_hybrid_swa_memory
+            or self.args.speculative_algorithm is not None
+            or self.config.kv_latent_dim
+            or self.shard.pp_size > 1
+            or not isinstance(self.attn_backend, (TorchAttentionBackend, TritonAttentionBackend))
+            or (self.device.type == "cuda" and not self.args.disable_cuda_graph)
+        ):
+            return None
+        windowed = [w is not None for w in self._layer_windows()]
+        if all(windowed) or not any(windowed):
+            return None
+        return windowed
+
     def _use_cuda_graphs(self) -> bool:
         """Graphs for decode on CUDA, unless disabled; pipeline stages exchange activations outside them, and an
         EAGLE head reads every step's hidden states."""
@@ -217,12 +261,17 @@ class ModelRunner:
             and self.attn_backend.supports_cuda_graph
             and (self.moe_backend is None or self.moe_backend.supports_cuda_graph)
             and (self.spec is None or not self.spec.needs_hidden)
+            and self.full_to_swa is None  # hybrid pools translate the windowed layers' slots outside graphs
         )
 
     def plan_capacity(self) -> KVCapacity:
         """What this shard's memory allows (a group takes the minimum over its shards)."""
         fraction = self.model.num_local_layers / self.config.num_layers
-        capacity = plan_kv_capacity(self.args, self.config, self.device, self.shard.tp.world_size, fraction)
+        swa_layers = self._hybrid_swa_layers()
+        swa_fraction = sum(swa_layers) / len(swa_layers) if swa_layers else 0.0
+        capacity = plan_kv_capacity(
+            self.args, self.config, self.device, self.shard.tp.world_size, fraction, swa_fraction
+        )
         if self.spec is not None:
             per_token = self.config.kv_bytes_per_token(
                 self.shard.tp.world_size, kv_cache_dtype(self.args, self.config)
@@ -347,6 +396,8 @@ class ModelRunner:
                 self._h2d(plan.table_pos),
                 self._h2d(plan.table_slot),
             )
+        if len(plan.swa_map_pages):
+            self._apply_swa_map(plan.swa_map_pages, plan.swa_map_values)
         if plan.batch_size == 0:
             if self.spec is not None:
                 self.spec.admit_only(plan)
@@ -399,6 +450,16 @@ class ModelRunner:
         rows = self._h2d(np.concatenate([sample_rows, logprob_rows]))
         logits = self.model.compute_logits(hidden[rows])  # [S + L, vocab]
         return self._sample_or_defer(plan, logits[: len(sample_rows)], logits[len(sample_rows) :])
+
+    def _apply_swa_map(self, pages: np.ndarray, values: np.ndarray) -> None:
+        """Hybrid pools: full page ``pages[i]`` now maps to the windowed layers' page ``values[i]`` (0: none, its
+        slots then map to the reserved slot 0), token by token."""
+        assert self.full_to_swa is not None, "SWA map writes for a runner without hybrid pools"
+        p = self.args.page_size
+        offsets = np.arange(p, dtype=np.int64)
+        slots = (pages[:, None] * p + offsets).reshape(-1)
+        swa = np.where(values[:, None] > 0, values[:, None] * p + offsets, 0).reshape(-1)
+        self.full_to_swa[self._h2d(slots)] = self._h2d(swa)
 
     def _write_table(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Map every token of the plan to its KV slot in the request table; returns (request slots [B],
@@ -456,7 +517,11 @@ class ModelRunner:
             req_to_token=self.req_table.table,
             attn_backend=self.attn_backend,
             moe_backend=self.moe_backend,
+            full_to_swa=self.full_to_swa,
         )
+        batch.translate_swa()  # hybrid pools: the windowed layers' slots, once per step
+        if self.spec is not None:  # draft trees: their rows' positions and attention mask
+            self.spec.prepare_batch(plan, batch)
         self.attn_backend.init_forward_metadata(batch)
         return batch, sample_rows, logprob_rows.astype(np.int64)
 

@@ -116,6 +116,7 @@ class ScheduledBatch:
             plan.lora_loads = lora.take_loads()
         plan.new_requests = [_new_request(e.req) for e in entries if e.new]
         plan.table_req, plan.table_pos, plan.table_slot = kv.take_table_writes()
+        plan.swa_map_pages, plan.swa_map_values = kv.take_swa_map_writes()
         if not entries:
             return self
         i64 = np.int64

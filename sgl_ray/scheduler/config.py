@@ -31,3 +31,5 @@ class SchedulerConfig:
     enable_jump_forward: bool = True
     speculative: SpeculativeConfig | None = None  # see scheduler.speculation; None: off
     kv_window: int | None = None  # every layer attends within this window: KV out of it is let go of
+    # Hybrid KV pools: the windowed layers' own slots (incl. the reserved page); kv_window is then their window
+    kv_swa_slots: int = 0

@@ -10,6 +10,10 @@ what its window has left (:meth:`slide`): its own pages there are freed, its loc
 dropped (they become evictable, see ``mem_cache.swa_radix_cache``), and ``kv_slots[:window_done]`` become -1.
 It keeps the positions from ``n - window + 1`` on, ``n`` being its computed length cut to whole pages: what a
 query past ``n`` reads, and what a later prefix match ending at ``n`` needs.
+
+With ``swa_slots`` as well (a model mixing full-attention and windowed layers, ``mem_cache.hybrid_swa``), every
+token keeps its full slot; ``slide`` frees only the SWA pages of the window's past (and drops the request's SWA
+lock on the cache's nodes there), and ``kv_slots`` stays whole.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 
 from sgl_ray.mem_cache.allocator import PagedAllocator
 from sgl_ray.mem_cache.base import CacheKey, MatchResult
+from sgl_ray.mem_cache.hybrid_swa import HybridSWARadixCache, SWASlotMap
 from sgl_ray.mem_cache.radix_cache import RadixCache
 from sgl_ray.mem_cache.swa_radix_cache import SWARadixCache
 from sgl_ray.scheduler.request import Req
@@ -35,16 +40,29 @@ class KVCacheManager:
         max_reqs: int,
         enable_prefix_cache: bool = True,
         window: int | None = None,
+        swa_slots: int = 0,
     ) -> None:
         self.page_size = page_size
         self.window = window
         self.allocator = PagedAllocator(num_slots, page_size)
         self.cache: RadixCache | None = None
+        # Hybrid pools (``swa_slots`` > 0): the windowed layers' own, smaller slot space
+        self.slot_map: SWASlotMap | None = None
+        self._hybrid: HybridSWARadixCache | None = None
+        if swa_slots:
+            if window is None:
+                raise ValueError("swa_slots needs the windowed layers' window")
+            self.slot_map = SWASlotMap(self.allocator, PagedAllocator(swa_slots, page_size))
         if enable_prefix_cache:
-            self.cache = (
-                RadixCache(self.allocator) if window is None else SWARadixCache(self.allocator, window)
-            )
+            if self.slot_map is not None:
+                assert window is not None
+                self.cache = self._hybrid = HybridSWARadixCache(self.slot_map, window)
+            elif window is None:
+                self.cache = RadixCache(self.allocator)
+            else:
+                self.cache = SWARadixCache(self.allocator, window)
         self._swa = self.cache if isinstance(self.cache, SWARadixCache) else None
+        self.peak_swa_held = 0  # hybrid pools: most SWA slots held at once for running requests
         self.peak_held = 0  # most slots running requests held at once (their own and the cache's they lock)
         self.peak_running = 0  # most requests bound to request slots at once
         self.max_reqs = max_reqs
@@ -57,12 +75,23 @@ class KVCacheManager:
     def capacity(self) -> int:
         return self.allocator.capacity
 
+    @property
+    def swa_capacity(self) -> int:
+        """Allocatable slots of the SWA pool (hybrid pools), else 0."""
+        return self.slot_map.swa.capacity if self.slot_map is not None else 0
+
     def slots_to_run(self, num_tokens: int, chunk: int | None) -> int:
         """Slots a request of ``num_tokens`` needs at once, alone: all of them, but with a window (and prefill in
-        chunks) its window, a chunk and the pages they straddle."""
-        if self.window is None or chunk is None:
+        chunks) its window, a chunk and the pages they straddle. Hybrid pools: all of them in the full pool, and
+        where the SWA pool cannot hold its window's share, that share scaled to the full pool (over capacity)."""
+        windowed = num_tokens
+        if self.window is not None and chunk is not None:
+            windowed = min(num_tokens, self.window + chunk + 2 * self.page_size)
+        if self.slot_map is None:
+            return windowed
+        if windowed <= self.swa_capacity:
             return num_tokens
-        return min(num_tokens, self.window + chunk + 2 * self.page_size)
+        return max(num_tokens, -(-windowed * self.capacity // max(1, self.swa_capacity)))
 
     def held(self) -> int:
         """Slots held for running requests now: neither free nor evictable."""
@@ -71,6 +100,18 @@ class KVCacheManager:
     def available(self) -> int:
         """Slots obtainable now: free plus evictable."""
         return self.allocator.num_free_slots + (self.cache.evictable_size if self.cache else 0)
+
+    def swa_held(self) -> int:
+        """Hybrid pools: SWA slots held for running requests now (neither free nor evictable)."""
+        if self.slot_map is None:
+            return 0
+        evictable = self._hybrid.swa_evictable_size if self._hybrid is not None else 0
+        return self.swa_capacity - self.slot_map.swa.num_free_slots - evictable
+
+    def _note_peaks(self) -> None:
+        self.peak_held = max(self.peak_held, self.held())
+        if self.slot_map is not None:
+            self.peak_swa_held = max(self.peak_swa_held, self.swa_held())
 
     @property
     def num_free_req_slots(self) -> int:
@@ -108,7 +149,7 @@ class KVCacheManager:
         if slots is None:
             self._unlock(node, lock_start)
             return False
-        self.peak_held = max(self.peak_held, self.held())
+        self._note_peaks()
         req.req_pool_idx = self._free_req_slots.popleft()
         self.peak_running = max(self.peak_running, self.max_reqs - len(self._free_req_slots))
         req.kv_slots.clear()
@@ -116,6 +157,8 @@ class KVCacheManager:
         req.kv_slots.extend(slots)
         req.num_computed = req.tree_len = len(prefix)
         req.cache_node, req.lock_start, req.window_done = node, lock_start, 0
+        if self._hybrid is not None:  # its SWA reach in the cache starts there (full slots are all kept)
+            req.window_done = lock_start
         if self._swa is not None:  # what the window does not reach is not the request's to read
             req.kv_slots.view()[:lock_start] = -1
             req.window_done = lock_start
@@ -134,6 +177,8 @@ class KVCacheManager:
             return 0
         if self._swa is not None:
             return self._swa.lock(node, self._keep_from(n))
+        if self._hybrid is not None:
+            return self._hybrid.lock(node, self._keep_from(n))
         self.cache.inc_lock(node)
         return 0
 
@@ -142,6 +187,8 @@ class KVCacheManager:
             return
         if self._swa is not None:
             self._swa.unlock(node, lock_start)
+        elif self._hybrid is not None:
+            self._hybrid.unlock(node, lock_start)
         else:
             self.cache.dec_lock(node)
 
@@ -155,6 +202,15 @@ class KVCacheManager:
             return
         slots = req.kv_slots.view()
         done = req.window_done
+        if self.slot_map is not None:  # hybrid pools: only the SWA pages go
+            if self._hybrid is not None and req.cache_node is not None and done < req.tree_len:
+                req.lock_start = self._hybrid.unlock_swa(req.cache_node, req.lock_start, below=keep)
+                done = min(req.lock_start, req.tree_len)
+            if keep > req.tree_len:
+                self.slot_map.free_swa(slots[max(done, req.tree_len) : keep])
+                done = keep
+            req.window_done = done
+            return
         if self._swa is not None and req.cache_node is not None and done < req.tree_len:
             req.lock_start = self._swa.unlock(req.cache_node, req.lock_start, below=keep)
             upto = min(req.lock_start, req.tree_len)
@@ -179,6 +235,12 @@ class KVCacheManager:
             if 0 < need <= self.cache.evictable_size:
                 self.cache.evict(need)
                 slots = self.allocator.alloc_extend(seq, last, ext)
+        if slots is not None and self.slot_map is not None and not self.slot_map.map_new(slots):
+            smap = self.slot_map
+            need = smap.num_new_pages(slots) * self.page_size - smap.swa.num_free_slots
+            if self._hybrid is None or self._hybrid.evict_swa(need) < need or not smap.map_new(slots):
+                self.allocator.free(slots[slots % self.page_size == 0])  # the fresh full pages go back
+                return None
         return slots
 
     def alloc(self, reqs: list[Req], extend_lens: list[int]) -> np.ndarray | None:
@@ -194,7 +256,7 @@ class KVCacheManager:
         slots = self._alloc(seq, last, ext)
         if slots is None:
             return None
-        self.peak_held = max(self.peak_held, self.held())
+        self._note_peaks()
         offset = 0
         for r, n in zip(reqs, extend_lens, strict=True):
             r.kv_slots.extend(slots[offset : offset + n])
@@ -213,6 +275,9 @@ class KVCacheManager:
         key = CacheKey(req.fill_ids[:n], req.extra_key)
         if self._swa is not None:
             self._swa.insert_owned(key, slots[:n].copy(), owned_from=req.tree_len)
+            return n, slots
+        if self._hybrid is not None:
+            self._hybrid.insert_owned(key, slots[:n].copy(), owned_from=req.tree_len)
             return n, slots
         res = self.cache.insert(key, slots[:n].copy())
         if res.num_cached > req.tree_len:
@@ -236,6 +301,8 @@ class KVCacheManager:
         lock_start = self._lock(match.node, n)
         self._unlock(req.cache_node, req.lock_start)
         req.cache_node, req.tree_len, req.lock_start = match.node, n, lock_start
+        if self._hybrid is not None:
+            req.window_done = lock_start
         if self._swa is not None:  # the match gave the tree's slots, stale ones too: keep what stays locked
             slots[:lock_start] = -1
             req.window_done = lock_start
@@ -247,10 +314,10 @@ class KVCacheManager:
         if self.cache is not None:
             n, slots = self._insert(req)
             if len(slots) > n:
-                self.allocator.free(slots[n:].copy())
+                self._free(slots[n:].copy())
             self._unlock(req.cache_node, req.lock_start)
         elif len(slots):
-            self.allocator.free(slots[slots >= 0].copy())
+            self._free(slots[slots >= 0].copy())
         if req.req_pool_idx >= 0:
             self._free_req_slots.append(req.req_pool_idx)
             self._freed_req_slots.append(req.req_pool_idx)
@@ -264,12 +331,25 @@ class KVCacheManager:
         slots = req.kv_slots.view()
         keep = -(-n // self.page_size) * self.page_size
         if len(slots) > keep:
-            self.allocator.free(slots[keep:].copy())
+            self._free(slots[keep:].copy())
         req.kv_slots.truncate(n)
         req.num_computed = n
 
+    def _free(self, slots: np.ndarray) -> None:
+        """Free a request's own full slots (and, hybrid pools, their SWA pages)."""
+        if self.slot_map is not None:
+            self.slot_map.free(slots)
+        else:
+            self.allocator.free(slots)
+
     def flush(self) -> bool:
         return self.cache.flush() if self.cache is not None else True
+
+    def take_swa_map_writes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Hybrid pools: (full pages, SWA pages; 0 for none) the device's map must take before the next step."""
+        if self.slot_map is None:
+            return _EMPTY, _EMPTY
+        return self.slot_map.take_writes()
 
     # --- what the next plan must carry ---------------------------------------------------------------------------
     def take_table_writes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -61,6 +61,9 @@ class StepPlan(msgspec.Struct, kw_only=True):
     table_req: np.ndarray = msgspec.field(default_factory=_empty)
     table_pos: np.ndarray = msgspec.field(default_factory=_empty)
     table_slot: np.ndarray = msgspec.field(default_factory=_empty)
+    # Hybrid KV pools: full page swa_map_pages[i] now maps to the windowed layers' page swa_map_values[i] (0: none)
+    swa_map_pages: np.ndarray = msgspec.field(default_factory=_empty)
+    swa_map_values: np.ndarray = msgspec.field(default_factory=_empty)
     req_pool_idxs: np.ndarray = msgspec.field(default_factory=_empty)  # [B]
     prefix_lens: np.ndarray = msgspec.field(default_factory=_empty)  # [B]
     extend_lens: np.ndarray = msgspec.field(default_factory=_empty)  # [B]

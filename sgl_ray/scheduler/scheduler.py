@@ -66,7 +66,12 @@ class Scheduler(StepResults):
     def __init__(self, config: SchedulerConfig, tokenizer: object | None = None) -> None:
         self.config = config
         self.kv = KVCacheManager(
-            config.num_slots, config.page_size, config.max_reqs, config.enable_prefix_cache, config.kv_window
+            config.num_slots,
+            config.page_size,
+            config.max_reqs,
+            config.enable_prefix_cache,
+            config.kv_window,
+            config.kv_swa_slots,
         )
         self.policy = create_policy(config.policy)
         self.lora = AdapterPool(config.max_loras_per_batch) if config.max_loras_per_batch else None
@@ -170,7 +175,9 @@ class Scheduler(StepResults):
         """The shards' KV is gone (rebuilt after a failure): forget all KV metadata and send every running
         request back to the front of the queue; each resumes from prompt + the tokens it already generated."""
         c = self.config
-        self.kv = KVCacheManager(c.num_slots, c.page_size, c.max_reqs, c.enable_prefix_cache, c.kv_window)
+        self.kv = KVCacheManager(
+            c.num_slots, c.page_size, c.max_reqs, c.enable_prefix_cache, c.kv_window, c.kv_swa_slots
+        )
         if self.lora is not None:
             self.lora.reset_slots()
         resumed = sorted(self.running, key=lambda r: r.admit_seq)
@@ -299,6 +306,7 @@ class Scheduler(StepResults):
         for r in sorted(cands, key=lambda r: not r.jump_tokens):  # jump-forward extends first, whole
             remaining = r.num_tokens - r.num_computed
             n = min(remaining, budget) if self.config.chunked_prefill_size else remaining
+            n = _fit_images(r, r.num_computed, n)
             if n <= 0 or (r.jump_tokens and n < remaining):
                 continue
             if self.kv.alloc([r], [n]) is None:
@@ -340,8 +348,9 @@ class Scheduler(StepResults):
             match = self.kv.match(r)
             if inflight is not None and self._shares_inflight_prefix(r, match, inflight):
                 continue  # a request being prefilled will cache this prefix: wait for it instead of recomputing
-            remaining = r.num_tokens - (match.length if match is not None else 0)
-            n = min(remaining, budget) if chunking else remaining
+            start = match.length if match is not None else 0
+            remaining = r.num_tokens - start
+            n = _fit_images(r, start, min(remaining, budget) if chunking else remaining)
             if not chunking and n > budget and batch.num_prefill_tokens > 0:
                 break
             own_reserve = min(r.remaining_new_tokens, _CLIP_NEW_TOKENS) * self.new_token_ratio
@@ -427,3 +436,13 @@ class Scheduler(StepResults):
 
 def empty_result(step_id: int) -> StepOutput:
     return StepOutput(step_id=step_id, next_token_ids=np.zeros(0, dtype=np.int64))
+
+
+def _fit_images(r: Req, start: int, n: int) -> int:
+    """A prefill chunk of ``n`` tokens from ``start``, moved to end at an image's edge when the model attends in
+    both directions within images (``MultimodalInputs.whole_images``, Gemma 3): an image's tokens are computed in
+    one step, seeing each other."""
+    mm = r.multimodal
+    if mm is None or not mm.whole_images or n <= 0:
+        return n
+    return mm.chunk_end(start, start + n) - start

@@ -11,7 +11,11 @@ list, the prefix cache and preemption only ever see accepted tokens. This is the
 
 Which requests speculate: those whose sampling does not depend on each token's counts (no penalties, no
 ``min_new_tokens``); with a draft model (STANDALONE) or an EAGLE head, not constrained ones either (their drafts
-would need the grammar's mask at every draft step). The others decode one token per step in the same batches.
+would need the grammar's mask at every draft step); with tree drafts, not those asking for top logprobs. The
+others decode one token per step in the same batches.
+
+With tree drafts (``speculative.tree``) the chunk is ``[x, n_1..n_N]``, the tree's nodes parents first; the runner
+copies the accepted path's KV to the slots of the chunk's first rows, so settling is the same as for a chain.
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ class Speculation:
         p = r.sampling
         if p.needs_penalties or p.min_new_tokens > 0:
             return False
+        if self.config.is_tree and r.return_logprob and r.top_logprobs_num > 0:
+            return False  # the sampler's top logprobs are of a tree's rows, not of the accepted path's
         return not (self.config.uses_draft_model and p.grammar is not None)
 
     def propose(self, r: Req) -> tuple[list[int], np.ndarray | None] | None:

@@ -4,6 +4,10 @@
 accepted token plus the drafts (SGLang's meaning; with a chain, ``speculative_eagle_topk == 1``, it is
 ``speculative_num_steps + 1`` for a draft model). A request therefore proposes at most ``num_draft_tokens - 1``
 drafts per step.
+
+With ``speculative_eagle_topk`` > 1 (a draft model or an EAGLE head) the drafts form a tree
+(``speculative.tree``): ``num_steps`` deep, ``num_draft_tokens - 1`` nodes (default ``num_steps * topk``), at most
+``topk + (num_steps - 1) * topk**2`` (every candidate the drafter scores).
 """
 
 from __future__ import annotations
@@ -40,6 +44,13 @@ class SpeculativeConfig:
     draft_model_path: str | None = None
     ngram_min_window: int = 1
     ngram_max_window: int = 12
+    topk: int = 1  # children per expanded node of a draft tree; 1: chain drafts
+    num_steps: int = 0  # draft passes (the tree's depth) of a draft model or EAGLE head
+
+    @property
+    def is_tree(self) -> bool:
+        """Tree drafts (``speculative.tree``) rather than chains."""
+        return self.topk > 1
 
     @property
     def max_drafts(self) -> int:
@@ -75,11 +86,21 @@ class SpeculativeConfig:
                 f"speculative_algorithm must be one of {ALGORITHMS}, got {args.speculative_algorithm!r}",
                 param="speculative_algorithm",
             )
-        topk = args.speculative_eagle_topk
-        if topk is not None and topk != 1:
+        topk = 1 if args.speculative_eagle_topk is None else args.speculative_eagle_topk
+        if topk < 1:
+            raise InvalidRequestError(
+                f"speculative_eagle_topk must be >= 1, got {topk}", param="speculative_eagle_topk"
+            )
+        if topk > 1 and algo == "NGRAM":
             raise UnsupportedFeatureError(
-                f"speculative_eagle_topk={topk}: only chain drafts (topk 1) are verified so far; tree drafts "
-                "need tree attention masks, which do not exist yet",
+                f"speculative_eagle_topk={topk}: NGRAM drafts chains only (topk 1); tree drafts come from "
+                "STANDALONE, EAGLE and EAGLE3",
+                param="speculative_eagle_topk",
+            )
+        if topk > 1 and args.attention_backend == "flashinfer":
+            raise UnsupportedFeatureError(
+                "speculative_eagle_topk > 1 verifies draft trees with a tree attention mask, which the "
+                "flashinfer attention backend does not have; use attention_backend='triton' (or 'torch')",
                 param="speculative_eagle_topk",
             )
         if args.uses_ray:
@@ -119,10 +140,20 @@ class SpeculativeConfig:
             steps = args.speculative_num_steps
             if steps is None:
                 given = args.speculative_num_draft_tokens
-                steps = given - 1 if given is not None and given > 1 else _DEFAULT_NUM_STEPS
+                chain = topk == 1 and given is not None and given > 1
+                steps = given - 1 if chain else _DEFAULT_NUM_STEPS
             tokens = steps + 1
             given = args.speculative_num_draft_tokens
-            if given is not None and given != tokens:
+            if topk > 1:
+                most = topk + (steps - 1) * topk * topk  # every node the drafter scores
+                tokens = min(steps * topk, most) + 1 if given is None else given
+                if not 2 <= tokens <= most + 1:
+                    raise InvalidRequestError(
+                        f"speculative_num_draft_tokens={tokens}: a tree of speculative_num_steps={steps} and "
+                        f"speculative_eagle_topk={topk} has 1 to {most} draft nodes, so 2 to {most + 1} tokens",
+                        param="speculative_num_draft_tokens",
+                    )
+            elif given is not None and given != tokens:
                 logger.warning(
                     "speculative_num_draft_tokens is set to speculative_num_steps + 1 = %d (chain drafts)",
                     tokens,
@@ -138,4 +169,6 @@ class SpeculativeConfig:
             draft_model_path=args.speculative_draft_model_path,
             ngram_min_window=lo,
             ngram_max_window=hi,
+            topk=topk,
+            num_steps=0 if algo == "NGRAM" else steps,
         )

@@ -18,6 +18,7 @@ for the acceptance test (``speculative.verify``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from sgl_ray.errors import InvalidRequestError
 from sgl_ray.runner.forward_batch import ForwardBatch
 from sgl_ray.sampling.state import Admission
 from sgl_ray.scheduler.plan import StepPlan
+from sgl_ray.speculative.tree import BranchRows, TreeShape, place_tree, scratch_slots, search_tree
 from sgl_ray.speculative.verify import Drafts, processed_logprobs
 from sgl_ray.transfer import to_device
 
@@ -83,9 +85,11 @@ def draft_batch(
     req_pool_idxs: np.ndarray,
     out_cache_loc: torch.Tensor,
     logits_indices: torch.Tensor,
+    req_to_token: torch.Tensor | None = None,
 ) -> ForwardBatch:
     """A draft runner's extend batch over ``ext`` new tokens per request after ``prefix`` cached ones, its
-    attention metadata initialized (the request table already maps every position it reads)."""
+    attention metadata initialized (the request table, or ``req_to_token``: a draft tree's branch rows, already
+    maps every position it reads)."""
     dev = input_ids.device
     starts = np.cumsum(ext) - ext
     positions = np.repeat(prefix - starts, ext) + np.arange(int(ext.sum()))
@@ -100,7 +104,7 @@ def draft_batch(
         prefix_lens_cpu=prefix,
         extend_lens_cpu=ext,
         kv_pool=runner.kv_pool,
-        req_to_token=runner.req_table.table,
+        req_to_token=runner.req_table.table if req_to_token is None else req_to_token,
         attn_backend=runner.attn_backend,
         moe_backend=runner.moe_backend,
     )
@@ -134,11 +138,12 @@ class DraftModel:
     >>> drafts, target_ids = draft.draft(plan, plan_ids)  # each step, before the target's forward  # doctest: +SKIP
     """
 
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, tree: TreeShape | None = None) -> None:
         self.runner = runner
+        self.tree = tree  # tree drafts (speculative.tree); None: chains
 
     @classmethod
-    def load(cls, args: EngineArgs, target: ModelConfig) -> DraftModel:
+    def load(cls, args: EngineArgs, target: ModelConfig, tree: TreeShape | None = None) -> DraftModel:
         """Load ``args.speculative_draft_model_path`` with the target's dtype and context length (no KV yet)."""
         from sgl_ray.configs.model_config import ModelConfig
         from sgl_ray.model_loader import WeightStream, load_hf_config, resolve_model
@@ -152,14 +157,22 @@ class DraftModel:
         config = ModelConfig(hf_config, target.dtype, target.context_length)
         runner = ModelRunner(draft_runner_args(args, path), config, WeightStream(source), allocate=False)
         logger.info("draft model %s: %.1f MiB of weights", path, runner.weight_bytes / 2**20)
-        return cls(runner)
+        return cls(runner, tree)
 
     @property
     def kv_bytes_per_token(self) -> int:
         return self.runner.config.kv_bytes_per_token()
 
     def init_memory(self, capacity: KVCapacity, req_table: ReqToTokenTable) -> None:
-        """A KV pool as large as the target's, and the target's request table."""
+        """A KV pool as large as the target's (with trees: and scratch slots past it), and the target's request
+        table."""
+        self.scratch = capacity.num_slots
+        if self.tree is not None:
+            extra = scratch_slots(capacity.max_reqs, *self.tree)
+            capacity = dataclasses.replace(capacity, num_slots=capacity.num_slots + extra)
+            dev = self.runner.device
+            self.token_pool = torch.zeros(self.scratch, dtype=torch.int64, device=dev)  # x_p by KV slot
+            self.frontier = np.zeros(capacity.max_reqs, dtype=np.int64)  # first position without draft KV
         self.runner.init_memory(capacity)
         self.runner.req_table = req_table
 
@@ -173,10 +186,20 @@ class DraftModel:
                 for r in plan.new_requests
             ]
         )
+        if self.tree is not None:  # cached draft KV may miss a finished request's last accepted tokens
+            for r in plan.new_requests:
+                self.frontier[r.req_pool_idx] = 0
+
+    @property
+    def moved_buffers(self) -> list[torch.Tensor]:
+        """What is kept by KV slot besides the target's KV (moved with an accepted tree path)."""
+        return [self.token_pool]
 
     def draft(self, plan: StepPlan, input_ids: torch.Tensor) -> tuple[Drafts | None, torch.Tensor]:
         """Run the draft passes of a step (see the module note). ``input_ids`` [T]: the plan's tokens on the device
         (drafts still placeholders). Returns the drafts and the target's input ids with the drafts in place."""
+        if self.tree is not None:
+            return self._draft_tree(plan, input_ids)
         lens = plan.draft_lens if len(plan.draft_lens) else np.zeros(plan.batch_size, dtype=np.int64)
         ext, prefix = plan.extend_lens, plan.prefix_lens
         starts = np.cumsum(ext) - ext  # [B] first token of each entry
@@ -235,6 +258,59 @@ class DraftModel:
             to_device(owner, dev), to_device(cols, dev)
         ]
         return Drafts(tokens, log_q), ids
+
+    def _draft_tree(self, plan: StepPlan, input_ids: torch.Tensor) -> tuple[Drafts | None, torch.Tensor]:
+        """Tree drafts: pass 0 over every entry's rows from its frontier (the accepted tokens of its previous
+        verify step have no draft KV yet: their tree's was scratch) up to its first token, then the tree search
+        (``speculative.tree``) with each branch a decode row."""
+        assert self.tree is not None
+        lens = plan.draft_lens if len(plan.draft_lens) else np.zeros(plan.batch_size, dtype=np.int64)
+        ext, prefix, reqs = plan.extend_lens, plan.prefix_lens, plan.req_pool_idxs
+        starts = np.cumsum(ext) - ext
+        verify = np.flatnonzero(lens > 0)  # [Bv]
+        dev = input_ids.device
+        self.token_pool[to_device(plan.out_cache_loc, dev)] = input_ids  # drafts are written over below
+        lo = np.minimum(self.frontier[reqs], prefix)  # [B] first row without draft KV
+        end = prefix + np.where(lens > 0, 1, ext)  # [B] one past the pass's last row
+        self.frontier[reqs] = end
+        n = end - lo  # [B] rows of pass 0
+        total = int(n.sum())
+        first = np.cumsum(n) - n
+        pos = np.repeat(lo, n) + np.arange(total) - np.repeat(first, n)
+        slots = self.runner.req_table.table[to_device(np.repeat(reqs, n), dev), to_device(pos, dev)]
+        tokens = self.token_pool[slots]  # the plan's own tokens were just stored there
+        last = to_device(first[verify] + n[verify] - 1, dev)  # [Bv] each verify entry's row of x
+        hidden = self.runner.model(draft_batch(self.runner, tokens, lo, n, reqs, slots, last), None)
+        if len(verify) == 0:
+            return None, input_ids
+        logits = self.runner.model.compute_logits(hidden[last])
+        topk, steps = self.tree
+        branches = BranchRows(
+            self.runner.req_table.table, reqs[verify], prefix[verify], topk, steps, self.scratch
+        )
+
+        def expand(depth: int, tokens: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+            positions, out_loc = branches.advance(depth, origin)
+            rows = len(positions)
+            batch = draft_batch(
+                self.runner,
+                tokens.reshape(-1),
+                positions,
+                np.ones(rows, dtype=np.int64),
+                np.arange(rows),
+                out_loc,
+                branches.row_ids,
+                req_to_token=branches.rows,
+            )
+            hidden = self.runner.model(batch, None)
+            lp = torch.log_softmax(self.runner.model.compute_logits(hidden).float(), dim=-1)
+            return lp.view(*origin.shape, -1)
+
+        root = torch.log_softmax(logits.float(), dim=-1)
+        tree = search_tree(root, expand, topk, steps, lens[verify])
+        ids = place_tree(input_ids, tree, starts[verify])
+        self.token_pool[to_device(plan.out_cache_loc, dev)] = ids
+        return Drafts(tree.tokens, None, tree), ids
 
     def _sample(self, logits: torch.Tensor, slots: np.ndarray, positions: np.ndarray) -> torch.Tensor:
         r = self.runner

@@ -23,6 +23,7 @@ be missing (the last step of the request that left them) or built on another con
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,7 @@ from sgl_ray.errors import InvalidRequestError, UnsupportedFeatureError
 from sgl_ray.runner.forward_batch import ForwardBatch
 from sgl_ray.scheduler.plan import StepPlan
 from sgl_ray.speculative.draft_model import draft_batch, draft_runner_args
+from sgl_ray.speculative.tree import BranchRows, TreeShape, place_tree, scratch_slots, search_tree
 from sgl_ray.speculative.verify import Drafts
 from sgl_ray.transfer import to_device
 
@@ -65,13 +67,16 @@ class EagleDraft:
     >>> draft.capture(target_batch, target_hidden)  # after it  # doctest: +SKIP
     """
 
-    def __init__(self, runner: ModelRunner, target: ModelConfig) -> None:
+    def __init__(self, runner: ModelRunner, target: ModelConfig, tree: TreeShape | None = None) -> None:
         self.runner = runner
         self.head: LlamaForCausalLMEagle = runner.model
         self.target = target
+        self.tree = tree  # tree drafts (speculative.tree); None: chains
 
     @classmethod
-    def load(cls, args: EngineArgs, target: ModelConfig, algorithm: str) -> EagleDraft:
+    def load(
+        cls, args: EngineArgs, target: ModelConfig, algorithm: str, tree: TreeShape | None = None
+    ) -> EagleDraft:
         """Load the head at ``args.speculative_draft_model_path`` (an EAGLE checkpoint directory or hub id)."""
         from sgl_ray.configs.model_config import ModelConfig
         from sgl_ray.model_loader import WeightStream, load_hf_config, resolve_model
@@ -99,7 +104,7 @@ class EagleDraft:
         config = ModelConfig(hf, target.dtype, target.context_length)
         runner = ModelRunner(draft_runner_args(args, path), config, WeightStream(source), allocate=False)
         logger.info("%s head %s: %.1f MiB of weights", algorithm, path, runner.weight_bytes / 2**20)
-        return cls(runner, target)
+        return cls(runner, target, tree)
 
     def bind_target(self, target: nn.Module) -> None:
         """Share the target's embedding / LM head where the checkpoint has none, and make an EAGLE-3 target
@@ -125,7 +130,9 @@ class EagleDraft:
 
     def init_memory(self, capacity: KVCapacity, req_table: ReqToTokenTable) -> None:
         r = self.runner
-        r.init_memory(capacity)
+        self.scratch = capacity.num_slots  # with trees, the branches' head KV lives past the target's slots
+        extra = scratch_slots(capacity.max_reqs, *self.tree) if self.tree is not None else 0
+        r.init_memory(dataclasses.replace(capacity, num_slots=capacity.num_slots + extra))
         r.req_table = req_table
         h, dev = self.head.config.hidden_size, r.device
         # f_p and x_p by KV slot
@@ -136,6 +143,11 @@ class EagleDraft:
     def admit(self, plan: StepPlan) -> None:
         for r in plan.new_requests:
             self.frontier[r.req_pool_idx] = 0
+
+    @property
+    def moved_buffers(self) -> list[torch.Tensor]:
+        """What is kept by KV slot besides the target's KV (moved with an accepted tree path)."""
+        return [self.hidden_pool, self.token_pool]
 
     def capture(self, batch: ForwardBatch, hidden: torch.Tensor) -> None:
         """Store the target's tokens and hidden states of a forward pass ([T, H], final) by KV slot."""
@@ -179,6 +191,8 @@ class EagleDraft:
         last = (np.cumsum(counts) - 1)[np.searchsorted(ext_idx, verify)]
         last_t = to_device(last, dev)
         hidden = out[last_t]  # [Bv, H] the head's state after each verify entry's newest row
+        if self.tree is not None:
+            return self._draft_tree(plan, input_ids, hidden, to_logits[last_t], verify)
         drafted = torch.zeros(len(verify), k, dtype=torch.int64, device=dev)  # [Bv, K] d_1 .. d_K
         drafted[:, 0] = self.head.greedy_tokens(self.head.compute_logits(to_logits[last_t]))
         vlens = lens[verify]
@@ -206,6 +220,46 @@ class EagleDraft:
         ]
         return Drafts(drafted, None), ids
 
+    def _draft_tree(
+        self,
+        plan: StepPlan,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,  # [Bv, H] the head's output at each verify entry's row (x_P, f_{P-1})
+        to_logits: torch.Tensor,  # [Bv, H] what its LM head reads there
+        verify: np.ndarray,  # [Bv]
+    ) -> tuple[Drafts, torch.Tensor]:
+        """The tree search (``speculative.tree``): a node at depth ``j`` is the head's row ``(token, ĥ)`` at
+        position ``P + j - 1``, ``ĥ`` its parent's output, run as a decode row over the branch's own head KV."""
+        assert self.tree is not None
+        topk, steps = self.tree
+        reqs, prefix = plan.req_pool_idxs[verify], plan.prefix_lens[verify]
+        starts = (np.cumsum(plan.extend_lens) - plan.extend_lens)[verify]
+        branches = BranchRows(self.runner.req_table.table, reqs, prefix - 1, topk, steps, self.scratch)
+        state = {"hidden": hidden[:, None, :]}  # [Bv, rows of the previous depth, H]
+
+        def expand(depth: int, tokens: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+            positions, out_loc = branches.advance(depth, origin)
+            prev = state["hidden"]
+            h_in = prev.gather(1, origin[:, :, None].expand(-1, -1, prev.shape[2]))  # [Bv, k, H]
+            rows = len(positions)
+            out, head_in = self._forward(
+                tokens.reshape(-1),
+                h_in.reshape(rows, -1),
+                positions,
+                np.ones(rows, dtype=np.int64),
+                np.arange(rows),
+                out_loc,
+                req_to_token=branches.rows,
+            )
+            state["hidden"] = out.view(*origin.shape, -1)
+            lp = torch.log_softmax(self.head.compute_logits(head_in), dim=-1)
+            return lp.view(*origin.shape, -1)
+
+        root = torch.log_softmax(self.head.compute_logits(to_logits), dim=-1)
+        d2t = self.head.d2t
+        tree = search_tree(root, expand, topk, steps, plan.draft_lens[verify], lambda ids: ids + d2t[ids])
+        return Drafts(tree.tokens, None, tree), place_tree(input_ids, tree, starts)
+
     def _forward(
         self,
         input_ids: torch.Tensor,
@@ -214,9 +268,12 @@ class EagleDraft:
         ext: np.ndarray,
         req_pool_idxs: np.ndarray,
         out_cache_loc: torch.Tensor,
+        req_to_token: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass of the head over rows ``(input_ids, hidden)`` ([T], [T, H]); returns its next hidden input and
         what its LM head reads, both [T, H]."""
         no_logits = to_device(np.zeros(0, dtype=np.int64), input_ids.device)
-        batch = draft_batch(self.runner, input_ids, prefix, ext, req_pool_idxs, out_cache_loc, no_logits)
+        batch = draft_batch(
+            self.runner, input_ids, prefix, ext, req_pool_idxs, out_cache_loc, no_logits, req_to_token
+        )
         return self.head(batch, hidden)

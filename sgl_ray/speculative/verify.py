@@ -27,6 +27,7 @@ applied (:func:`processed_logprobs`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -37,6 +38,7 @@ from sgl_ray.sampling.filters import select_candidates
 from sgl_ray.sampling.penalties import process_logits
 from sgl_ray.sampling.state import SamplingState
 from sgl_ray.scheduler.plan import StepPlan
+from sgl_ray.speculative.tree import DraftTree, accept_tree
 from sgl_ray.transfer import to_device
 
 # "Token ids" no vocabulary has: the accept test's and the residual draw's uniforms are hashes of their own
@@ -51,6 +53,7 @@ class Drafts(NamedTuple):
     log_probs: (
         torch.Tensor | None
     )  # [Bv, K, V] the draft model's log q (sampled entries); None: deterministic
+    tree: DraftTree | None = None  # tree drafts (``speculative.tree``): ``tokens`` are the nodes
 
 
 class Verified(NamedTuple):
@@ -185,3 +188,48 @@ def processed_logprobs(logits: torch.Tensor, state: SamplingState, slots_np: np.
     cutoff = select_candidates(z, state, slots, plan, truncate=False).cutoff
     z.masked_fill_(z < cutoff, float("-inf"))
     return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
+
+
+def verify_tree(
+    plan: StepPlan,
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    logprobs: torch.Tensor | None,
+    state: SamplingState,
+    tree: DraftTree,
+    resample: Callable[[torch.Tensor, np.ndarray, torch.Tensor], torch.Tensor],
+) -> tuple[Verified, torch.Tensor, torch.Tensor]:
+    """Accept the draft trees of the plan's verify entries (``speculative.tree``). ``resample(logits, slots,
+    positions)`` draws the sampler's tokens again for sampled entries' rows at their tree positions. Returns the
+    verification, the accepted paths ([Bv, D + 1] chunk rows) and the accepted node counts ([Bv])."""
+    device = tokens.device
+    counts = plan.sample_row_counts()
+    verify_idx = np.flatnonzero(plan.draft_lens > 0)  # [Bv]
+    n = tree.parents.shape[1]
+    row_start = (np.cumsum(counts) - counts)[verify_idx]  # [Bv] first sampled row of each entry
+    rows_np = row_start[:, None] + np.minimum(np.arange(n + 1)[None, :], tree.sizes[:, None])  # [Bv, N + 1]
+    rows = to_device(rows_np, device)
+    target = tokens[rows]  # [Bv, N + 1] the target's token at each chunk row
+    slots_np = plan.req_pool_idxs[verify_idx]
+    sampled = np.flatnonzero(~state.greedy_slots(slots_np))
+    if len(sampled):  # the sampler drew at row positions; a node's next token is at P + depth + 1
+        sel = to_device(sampled, device)
+        flat = rows[sel].reshape(-1)
+        positions = to_device(plan.prefix_lens[verify_idx][sampled], device)[:, None] + tree.depths[sel] + 1
+        drawn = resample(logits[flat], np.repeat(slots_np[sampled], n + 1), positions.reshape(-1))
+        target = target.clone()
+        target[sel] = drawn.view(len(sampled), n + 1)
+    walk = accept_tree(target, tree)
+    depth = walk.path.shape[1]
+    keep = torch.arange(depth, device=device)[None, :] <= walk.accepted[:, None]  # [Bv, D + 1]
+    out_rows = rows[:, :depth][keep]  # the entries' first m + 1 rows
+    src_rows = rows.gather(1, walk.path)[keep]  # the chunk rows whose distributions gave them
+    tokens = tokens.clone()
+    tokens[out_rows] = walk.tokens[keep]
+    if logprobs is not None:
+        logprobs = logprobs.clone()
+        lse = torch.logsumexp(logits[src_rows].float(), dim=-1)
+        logprobs[out_rows] = logits[src_rows].float().gather(1, tokens[out_rows, None]).squeeze(1) - lse
+    emitted = to_device(counts.astype(np.int64), device)
+    emitted[to_device(verify_idx, device)] = walk.accepted + 1
+    return Verified(tokens, logprobs, emitted), walk.path, walk.accepted

@@ -12,20 +12,25 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
+from sgl_ray.errors import UnsupportedFeatureError
+from sgl_ray.sampling.sampler import Sampler
 from sgl_ray.scheduler.plan import StepPlan
 from sgl_ray.speculative.config import SpeculativeConfig
 from sgl_ray.speculative.draft_model import DraftModel
 from sgl_ray.speculative.eagle import EagleDraft
-from sgl_ray.speculative.verify import Drafts, Verified, ngram_drafts_of, verify
+from sgl_ray.speculative.tree import TreeShape, move_path, tree_mask, tree_positions
+from sgl_ray.speculative.verify import Drafts, Verified, ngram_drafts_of, verify, verify_tree
+from sgl_ray.transfer import to_device
 
 if TYPE_CHECKING:
     from torch import nn
 
     from sgl_ray.configs.engine_args import EngineArgs
     from sgl_ray.configs.model_config import ModelConfig
-    from sgl_ray.mem_cache.kv_pool import ReqToTokenTable
+    from sgl_ray.mem_cache.kv_pool import KVPool, ReqToTokenTable
     from sgl_ray.runner.forward_batch import ForwardBatch
     from sgl_ray.runner.memory import KVCapacity
     from sgl_ray.sampling.state import SamplingState
@@ -43,6 +48,11 @@ class SpecWorker:
         self.config = config
         self.draft = draft
         self._drafts: Drafts | None = None  # the step in progress
+        self._kv_pool: KVPool | None = None  # the target's (moves an accepted tree path's KV)
+        self._chunk_slots: torch.Tensor | None = (
+            None  # [Bv, N + 1] KV slots of the verify rows of a tree step
+        )
+        self._sampler = Sampler()  # draws tree rows again at their tree positions
 
     @classmethod
     def create(cls, args: EngineArgs, model_config: ModelConfig) -> SpecWorker | None:
@@ -50,10 +60,17 @@ class SpecWorker:
         if config is None:
             return None
         draft: DraftModel | EagleDraft | None = None
+        tree = TreeShape(config.topk, config.num_steps) if config.is_tree else None
+        if tree is not None and model_config.kv_latent_dim:
+            raise UnsupportedFeatureError(
+                "speculative_eagle_topk > 1: tree drafts need a tree attention mask, which the multi-head latent "
+                "attention backends do not have; use speculative_eagle_topk=1",
+                param="speculative_eagle_topk",
+            )
         if config.is_eagle:
-            draft = EagleDraft.load(args, model_config, config.algorithm)
+            draft = EagleDraft.load(args, model_config, config.algorithm, tree)
         elif config.uses_draft_model:
-            draft = DraftModel.load(args, model_config)
+            draft = DraftModel.load(args, model_config, tree)
         return cls(config, draft)
 
     @property
@@ -96,6 +113,27 @@ class SpecWorker:
             self._drafts = ngram_drafts_of(plan, input_ids.device)
         return input_ids
 
+    def prepare_batch(self, plan: StepPlan, batch: ForwardBatch) -> None:
+        """Before the target's attention metadata is built: a tree step's verify rows at their tree positions,
+        seeing their ancestors only (``attention.base.TreeMask``)."""
+        drafts = self._drafts
+        self._kv_pool = batch.kv_pool
+        if drafts is None or drafts.tree is None:
+            return
+        if not batch.attn_backend.supports_tree_mask:
+            raise UnsupportedFeatureError(
+                f"speculative_eagle_topk > 1: the {type(batch.attn_backend).__name__} has no tree attention "
+                "mask; use attention_backend='triton' or 'torch', or speculative_eagle_topk=1",
+                param="speculative_eagle_topk",
+            )
+        tree = drafts.tree
+        verify = np.flatnonzero(plan.draft_lens > 0)
+        starts = (np.cumsum(plan.extend_lens) - plan.extend_lens)[verify]
+        batch.positions = tree_positions(batch.positions, tree, starts, plan.prefix_lens[verify])
+        batch.tree_mask = tree_mask(tree, verify, plan.batch_size)
+        cols = np.minimum(np.arange(tree.parents.shape[1] + 1)[None, :], tree.sizes[:, None])
+        self._chunk_slots = batch.out_cache_loc[to_device(starts[:, None] + cols, batch.out_cache_loc.device)]
+
     def admit_only(self, plan: StepPlan) -> None:
         """A plan without tokens: only its request-slot changes reach the draft model."""
         if self.draft is not None:
@@ -113,4 +151,19 @@ class SpecWorker:
         drafts, self._drafts = self._drafts, None
         if drafts is None:
             return None
-        return verify(plan, logits, tokens, logprobs, state, drafts)
+        if drafts.tree is None:
+            return verify(plan, logits, tokens, logprobs, state, drafts)
+
+        def resample(rows: torch.Tensor, slots: np.ndarray, positions: torch.Tensor) -> torch.Tensor:
+            out = self._sampler.sample(rows, torch.from_numpy(slots), positions, state, return_logprobs=False)
+            return out.next_token_ids
+
+        verified, path, accepted = verify_tree(plan, logits, tokens, logprobs, state, drafts.tree, resample)
+        assert self._kv_pool is not None and self._chunk_slots is not None
+        pool = self._kv_pool
+        buffers = [*pool.k_buffers, *pool.v_buffers]
+        if self.draft is not None:
+            buffers += self.draft.moved_buffers
+        move_path(buffers, self._chunk_slots, path, accepted)
+        self._chunk_slots = None
+        return verified

@@ -193,3 +193,44 @@ def test_builtin_gemma_chat_template(gemma_model, tmp_path):
     )
     with pytest.raises(InvalidRequestError, match="tool role"):
         render_chat(tokenizer, [{"role": "tool", "content": "42"}])
+
+
+def test_hybrid_pools_run_more_requests_and_stay_exact(gemma_model, gemma_reference):
+    """Gemma 2 (two of three layers windowed) with a 128-token budget: split into a full pool and an SWA pool of
+    a quarter of its tokens, three requests of 61, 15 and 61 prompt tokens plus 40 new ones run at once (keeping
+    every layer's KV, the same budget holds fewer), token-exact; a follow-up turn hits the cache; both pools'
+    accounting returns to its start."""
+    new = 40
+    params = {**GREEDY, "max_new_tokens": new}
+    opts = {"chunked_prefill_size": 7, "max_total_tokens": 128, "page_size": 4, "swa_full_tokens_ratio": 0.25}
+    tok, ref = None, gemma_reference("gemma2")
+    peaks = {}
+    for hybrid in (True, False):
+        with sgl_ray.Engine(gemma_model("gemma2"), disable_hybrid_swa_memory=not hybrid, **opts) as engine:
+            tok = engine.tokenizer
+            kv = engine._core.scheduler.kv
+            lists = [tok.encode(PROMPTS[6]), tok.encode(PROMPTS[5]), tok.encode(PROMPTS[6] + " Again")]
+            outs = engine.generate(input_ids=lists, sampling_params=params)
+            for ids, out in zip(lists, outs, strict=True):
+                assert out["output_ids"] == ref(ids, new)
+            peaks[hybrid] = kv.peak_running
+            if not hybrid:
+                assert kv.slot_map is None and kv.capacity == 128
+                continue
+            assert kv.capacity == 256 and kv.swa_capacity == 64 and kv.window == WINDOW
+            assert kv.peak_swa_held <= kv.swa_capacity and kv.peak_held > kv.swa_capacity
+            turn = lists[0] + outs[0]["output_ids"] + tok.encode(" And then?")
+            again = engine.generate(input_ids=turn, sampling_params=params)
+            assert again["output_ids"] == ref(turn, new)
+            assert again["meta_info"]["cached_tokens"] >= len(lists[0]) + new - 2 * WINDOW
+            stats = engine._core.stats()
+            assert stats["kv_swa_capacity"] == 64
+            cache = kv.cache
+            cache.check()
+            assert cache.protected_size == 0 and cache.swa_protected_size == 0
+            assert kv.allocator.num_free_slots + cache.evictable_size == kv.capacity
+            assert kv.slot_map.swa.num_free_slots + cache.swa_evictable_size == kv.swa_capacity
+            assert engine.flush_cache()
+            assert kv.allocator.num_free_slots == kv.capacity
+            assert kv.slot_map.swa.num_free_slots == kv.swa_capacity
+    assert peaks[True] > peaks[False], peaks

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sgl_ray
-from sgl_ray.errors import InvalidRequestError, ModelLoadError, UnsupportedFeatureError
+from sgl_ray.errors import InvalidRequestError, ModelLoadError
 
 from ..conftest import _TINY_SHAPE
 from .eagle_heads import ReferenceHead, copy_head_of, copy_target, save_eagle_head
@@ -209,7 +209,7 @@ def test_seeded_sampling_identical(engines):
 
 def test_loading_errors(tiny_llama_path, tmp_path):
     """A head missing a tensor, one for another vocabulary and an EAGLE-3 head without its d2t map are typed
-    errors at start, as are tree drafts."""
+    errors at start."""
     cases = [
         (
             save_eagle_head(tmp_path / "no_fc", tiny_llama_path, "EAGLE", drop=("fc.weight",)),
@@ -236,14 +236,6 @@ def test_loading_errors(tiny_llama_path, tmp_path):
                 speculative_algorithm=algo,
                 speculative_draft_model_path=path,
             )
-    with pytest.raises(UnsupportedFeatureError) as exc:
-        sgl_ray.Engine(
-            tiny_llama_path,
-            speculative_algorithm="EAGLE",
-            speculative_draft_model_path=other,
-            speculative_eagle_topk=4,
-        )
-    assert exc.value.param == "speculative_eagle_topk"
 
 
 def test_eagle3_capture_layers():

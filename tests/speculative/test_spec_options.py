@@ -48,15 +48,6 @@ def test_effective_settings():
         ({"speculative_algorithm": "EAGLE"}, InvalidRequestError, "speculative_draft_model_path"),
         ({"speculative_algorithm": "EAGLE3"}, InvalidRequestError, "speculative_draft_model_path"),
         ({"speculative_algorithm": "NEXTN"}, UnsupportedFeatureError, "speculative_algorithm"),
-        (
-            {
-                "speculative_algorithm": "EAGLE",
-                "speculative_draft_model_path": "x",
-                "speculative_eagle_topk": 2,
-            },
-            UnsupportedFeatureError,
-            "speculative_eagle_topk",
-        ),
         ({"speculative_algorithm": "MEDUSA"}, InvalidRequestError, "speculative_algorithm"),
         (
             {"speculative_algorithm": "NGRAM", "speculative_eagle_topk": 4},
