@@ -88,6 +88,21 @@ def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str)
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_3kv_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) -> str:
+    """Llama with SmolLM2's head layout (6 query heads on 3 KV heads: tensor parallelism needs a divisor of 3), 4
+    layers, tied embeddings."""
+    shape = {
+        **_TINY_SHAPE,
+        "hidden_size": 96,
+        "intermediate_size": 192,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 3,
+    }
+    config = LlamaConfig(**shape, num_hidden_layers=4, tie_word_embeddings=True)
+    return save_tiny_model(config, tmp_path_factory.mktemp("tiny_llama_3kv"), smollm2_path)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) -> str:
     """Qwen2 (QKV biases), 3 layers, untied embeddings, sharded safetensors with an index."""
     config = Qwen2Config(**_TINY_SHAPE, num_hidden_layers=3, tie_word_embeddings=False)
@@ -159,11 +174,13 @@ def _hf_model(path: str) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
-def hf_reference(smollm2_path, tiny_llama_path, tiny_qwen2_path, tiny_qwen3_path):
-    """``hf_reference(name)`` → a :class:`GreedyReference` for "smollm2", "llama", "qwen2" or "qwen3"."""
+def hf_reference(smollm2_path, tiny_llama_path, tiny_qwen2_path, tiny_qwen3_path, request):
+    """``hf_reference(name)`` → a :class:`GreedyReference` for "smollm2", "llama", "llama_3kv", "qwen2" or
+    "qwen3"."""
     paths = {
         "smollm2": smollm2_path,
         "llama": tiny_llama_path,
+        "llama_3kv": lambda: request.getfixturevalue("tiny_llama_3kv_path"),
         "qwen2": tiny_qwen2_path,
         "qwen3": tiny_qwen3_path,
     }
@@ -171,7 +188,8 @@ def hf_reference(smollm2_path, tiny_llama_path, tiny_qwen2_path, tiny_qwen3_path
 
     def get(name: str) -> GreedyReference:
         if name not in loaded:
-            loaded[name] = GreedyReference(_hf_model(paths[name]))
+            path = paths[name]
+            loaded[name] = GreedyReference(_hf_model(path() if callable(path) else path))
         return loaded[name]
 
     return get

@@ -29,7 +29,6 @@ GREEDY_STREAM = {"temperature": 0.0, "ignore_eos": True}
         ("qwen3_moe", 2, 2, "none"),  # per-head q/k norms, a dense layer between sparse ones
         ("qwen2_moe", 2, 1, "none"),  # shared experts (tensor-parallel) summed before the one all-reduce
         ("qwen2_moe", 2, 2, "all_to_all"),  # token slices to their experts and back; shared experts whole
-        ("mixtral", 2, 2, "none"),
         ("olmoe", 2, 2, "none"),  # whole-projection q/k norms gathered across the ranks
         # sinks split by head; each expert's intermediate split over both ranks, the down bias added once (the
         # fused checkpoint layout's slices at tp 2 / ep 1 and 2: tests/unit/test_moe_layer.py)
