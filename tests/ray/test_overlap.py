@@ -38,11 +38,11 @@ def _greedy(new: int = NEW, **extra) -> dict:
     return {"temperature": 0.0, "max_new_tokens": new, "ignore_eos": True, **extra}
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
-def engines(request, ray_cluster, tiny_llama_path):
-    """``{overlap on: engine}`` for one tensor-parallel size; small prefill chunks, so batches mix prefill and
-    decode."""
-    kwargs = dict(tp_size=request.param, use_ray=True, chunked_prefill_size=16, max_total_tokens=4096)
+@pytest.fixture(scope="module")
+def engines(ray_cluster, tiny_llama_path):
+    """``{overlap on: engine}`` over two tensor-parallel shard actors; small prefill chunks, so batches mix
+    prefill and decode. (One-shard Ray engines run with overlap on in every Serve test.)"""
+    kwargs = dict(tp_size=2, use_ray=True, chunked_prefill_size=16, max_total_tokens=4096)
     on = sgl_ray.Engine(tiny_llama_path, **kwargs)
     off = sgl_ray.Engine(tiny_llama_path, disable_overlap_schedule=True, **kwargs)
     yield {True: on, False: off}
