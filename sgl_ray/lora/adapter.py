@@ -3,7 +3,9 @@ only where allowed: see :func:`check_adapter`). A file that does not load is an 
 
 An adapter adds ``scaling * B @ A`` to the weight of each target projection, ``A: [r, in]``, ``B: [out, r]``,
 ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). Target modules here: ``q_proj k_proj v_proj o_proj
-gate_proj up_proj down_proj`` of every decoder layer.
+gate_proj up_proj down_proj`` of every decoder layer. On a vision-language model that is its language model's
+decoder (``model.language_model.layers.*`` and the other checkpoint layouts); tensors on the vision tower or the
+projector are refused (their modules take no LoRA here, so the adapter could not run as trained).
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from sgl_ray.errors import InvalidRequestError
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _TENSOR_NAME = re.compile(r"layers\.(\d+)\..*?\.?(\w+_proj)\.lora_([AB])(?:\.default)?\.weight$")
+# the image side of a vision-language model (Qwen2-VL's ``visual``; LLaVA's and Gemma 3's ``vision_tower`` and
+# ``multi_modal_projector``): names of modules there that LoRA does not reach
+_VISION_MODULES = frozenset({"visual", "vision_tower", "vision_model", "multi_modal_projector"})
+# where a target-module regex is tried: a decoder layer's module in a text model's and in VLM checkpoints' layouts
+_DECODER_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,7 @@ def _config(path: str, directory: Path, raw: dict) -> AdapterConfig:
             raise _bad(path, f"{key}={raw.get(key)!r} is not supported")
     targets = raw.get("target_modules") or []
     if isinstance(targets, str):  # a regex: resolve against the module names we know
-        targets = [m for m in TARGET_MODULES if re.search(targets, f"model.layers.0.self_attn.{m}")]
+        targets = [m for m in TARGET_MODULES if any(re.search(targets, n) for n in _decoder_names(m))]
     unknown = sorted(set(targets) - set(TARGET_MODULES))
     if unknown:
         raise _bad(path, f"target modules {unknown} are not supported (only {list(TARGET_MODULES)})")
@@ -105,6 +112,11 @@ def _config(path: str, directory: Path, raw: dict) -> AdapterConfig:
         use_rslora=bool(raw.get("use_rslora", False)),
         target_modules=tuple(m for m in TARGET_MODULES if m in targets),
     )
+
+
+def _decoder_names(module: str) -> list[str]:
+    part = "self_attn" if module in TARGET_MODULES[:4] else "mlp"
+    return [f"{prefix}layers.0.{part}.{module}" for prefix in _DECODER_PREFIXES]
 
 
 def _weights_file(directory: Path) -> Path | None:
@@ -132,6 +144,13 @@ def load_adapter_weights(config: AdapterConfig) -> dict[tuple[int, str], tuple[t
         raise _bad(config.path, f"{file.name} does not map tensor names to tensors")
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
+        if _VISION_MODULES.intersection(name.split(".")):
+            raise _bad(
+                config.path,
+                f"tensor {name!r} is on the vision tower or projector: LoRA applies to the language model's "
+                "decoder only (leave the vision modules out of target_modules, e.g. "
+                "target_modules=r'.*language_model.*\\.(q_proj|v_proj)')",
+            )
         m = _TENSOR_NAME.search(name)
         if m is None:
             raise _bad(config.path, f"unexpected tensor {name!r}")
