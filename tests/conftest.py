@@ -318,23 +318,3 @@ def qwen2_vl_path(tmp_path_factory: pytest.TempPathFactory, smollm2_path: str) -
     from .vision.tiny_vl import save_tiny_vl
 
     return save_tiny_vl(tmp_path_factory.mktemp("qwen2_vl"), smollm2_path, "qwen2_vl")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With pytest-xdist (``-n 2 --dist loadgroup``, the suite's command): the tests of the shared Ray cluster and
-    Serve app (marked ``ray`` or ``serve``, or using their fixtures) form one group, so one worker runs them all
-    with one cluster and one app; every other module is a group of its own, so its module fixtures are built
-    once, on one worker."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    shared = {"ray_cluster", "serve_url"}
-    for item in items:
-        if (
-            item.get_closest_marker("ray")
-            or item.get_closest_marker("serve")
-            or shared & set(item.fixturenames)
-        ):
-            group = "ray"
-        else:
-            group = item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
