@@ -160,3 +160,17 @@ def write_quantized(
         config["quantization_config"] = quantization_config
     (directory / "config.json").write_text(json.dumps(config))
     return reference
+
+
+# the tiny Llama shape of the quantized-engine tests (group-128 INT4 needs 128-wide inputs)
+TINY_SHAPE = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    vocab_size=512,
+    max_position_embeddings=512,
+    initializer_range=0.1,
+)

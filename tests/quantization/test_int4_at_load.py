@@ -13,20 +13,9 @@ from sgl_ray.bench.roofline import ModelCost, held_weight_bytes
 from sgl_ray.layers.quantization import QuantizedWeight
 from sgl_ray.layers.quantization.int4_formats import quantize_awq, quantize_gptq
 
-from .packing import awq_tensors, gptq_tensors, quantize_int4, write_quantized
+from .packing import TINY_SHAPE, awq_tensors, gptq_tensors, quantize_int4, write_quantized
 
-TINY = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    vocab_size=512,
-    max_position_embeddings=512,
-    initializer_range=0.1,
-    tie_word_embeddings=False,
-)
+TINY = {**TINY_SHAPE, "tie_word_embeddings": False}
 PROMPTS = [[7, 300, 41, 5], [3, 14, 159, 265, 358, 97, 93, 238], [11] * 3]
 GREEDY = {"temperature": 0.0, "max_new_tokens": 6, "ignore_eos": True}
 CHECKPOINT = {

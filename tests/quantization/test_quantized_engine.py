@@ -24,6 +24,7 @@ from sgl_ray.errors import UnsupportedModelError
 from sgl_ray.layers.quantization import QuantizedWeight
 
 from .packing import (
+    TINY_SHAPE,
     awq_tensors,
     fp8_blocks,
     fp8_online_reference,
@@ -42,17 +43,6 @@ PROMPTS = [
     [3, 14, 159, 265, 358, 97, 93, 238, 462, 64, 33, 83, 279, 50, 288, 419, 71],
     [11] * 3,
 ]
-TINY = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    vocab_size=512,
-    max_position_embeddings=512,
-    initializer_range=0.1,
-)
 
 
 def _awq(w):
@@ -121,8 +111,8 @@ CASES = {
 
 def _config(family: str) -> PretrainedConfig:
     if family == "qwen3":
-        return Qwen3Config(**TINY, tie_word_embeddings=True, architectures=["Qwen3ForCausalLM"])
-    return LlamaConfig(**TINY, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+        return Qwen3Config(**TINY_SHAPE, tie_word_embeddings=True, architectures=["Qwen3ForCausalLM"])
+    return LlamaConfig(**TINY_SHAPE, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
 
 
 def _save_float(state: dict[str, torch.Tensor], config: dict, directory: Path) -> str:
@@ -186,7 +176,7 @@ def _check_weight_bytes(reported: int, model: torch.nn.Module, case: Case) -> No
     """``get_stats()["weight_bytes"]``: the float parameters plus each projection's encoded bytes, which are about
     a quarter (INT4) or a half (FP8) of the same weights in fp16, plus their scales."""
     held = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
-    assert len(held) == 4 * TINY["num_hidden_layers"]  # qkv, o, gate_up, down
+    assert len(held) == 4 * TINY_SHAPE["num_hidden_layers"]  # qkv, o, gate_up, down
     fp16 = 2 * sum(w.rows * w.cols for w in held)
     # act order: each segment keeps the int32 group of each column
     g_idx = sum(4 * m.shape[1] for w in held for _, m in w.segments if getattr(m, "g_idx", None) is not None)
