@@ -118,6 +118,14 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     from sgl_ray.bench.moe_kernels import add_args as add_moe_kernel_args  # imports torch only
 
     add_moe_kernel_args(moe)
+    qk = sub.add_parser(
+        "quant-kernels",
+        help="the one-row FP8/INT4 GEMVs (and FP8/INT4 GEMMs) alone (CUDA) against the bf16 GEMV and the copy rate",
+    )
+    qk.set_defaults(bench_func=_quant_kernels)
+    from sgl_ray.bench.quant_kernels import add_args as add_quant_kernel_args  # imports torch only
+
+    add_quant_kernel_args(qk)
 
 
 def _triple(text: str) -> tuple[int, ...]:
@@ -310,6 +318,12 @@ def _add_serving_args(sub: argparse._SubParsersAction) -> None:
 def run_bench(ns: argparse.Namespace) -> int:
     """Run the ``bench`` sub-command parsed into ``ns``; returns the exit status."""
     return ns.bench_func(ns)
+
+
+def _quant_kernels(ns: argparse.Namespace) -> int:
+    from sgl_ray.bench import quant_kernels
+
+    return quant_kernels.run(ns)
 
 
 def _moe_kernels(ns: argparse.Namespace) -> int:

@@ -15,8 +15,10 @@ inside the next projection's GEMV as it reads its input (:mod:`sgl_ray.layers.tr
   consumer and producer, ``SparseMoeBlock.forward_folded``). Measured on an H200: 80-110 µs less per bs1 step of
   the 8B shape.
 
-The RMSNorm fusion is off (``FUSE_NORM``: it measured slower). Anything else (several rows, a CPU, LoRA-wrapped
-layers, fp32) takes the separate modules, with the same results up to the order of the RMSNorm sum.
+Quantized weights held as FP8 with per-row scales or INT4 without act order take the same one-row GEMVs (the
+kernel decodes them as it streams them; folded norms stay off for them). The RMSNorm fusion is off
+(``FUSE_NORM``: it measured slower). Anything else (several rows, a CPU, LoRA-wrapped layers, fp32, other
+encodings) takes the separate modules, with the same results up to the order of the RMSNorm sum.
 """
 
 from __future__ import annotations
@@ -51,14 +53,22 @@ _COLUMN = (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, 
 _PLAIN = (*_COLUMN, RowParallelLinear)
 
 
+def _gemv_weight(layer: nn.Module) -> tuple[torch.Tensor | None, dict]:
+    """``(weight, keywords)`` as the one-row GEMVs take the layer's weight: as it is, or a quantized weight as
+    held (FP8 with per-row scales, INT4 without act order: ``QuantizedWeight.gemv_operands``); ``(None, {})`` for
+    other quantized weights (FP8 block scales, GGUF), which run their own kernels inside the layer."""
+    w = layer.weight
+    if not isinstance(w, QuantizedWeight):
+        return w, {}
+    operands = w.gemv_operands()
+    return operands if operands is not None else (None, {})
+
+
 def _one_row_gemv(x: torch.Tensor, layer: nn.Module, types: tuple[type, ...]) -> bool:
-    # a quantized weight (INT4, FP8) runs its own kernels inside the layer
-    return (
-        x.is_cuda
-        and type(layer) in types
-        and not isinstance(layer.weight, QuantizedWeight)
-        and cuda_ops().gemv_supports(x, layer.weight)
-    )
+    if not (x.is_cuda and type(layer) in types):
+        return False
+    weight = _gemv_weight(layer)[0]
+    return weight is not None and cuda_ops().gemv_supports(x, weight)
 
 
 def norm_linear(
@@ -66,6 +76,9 @@ def norm_linear(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(layer(norm(x + residual)), x + residual)``; without ``residual``, ``(layer(norm(x)), x)``."""
     if FUSE_NORM and _one_row_gemv(x, layer, _COLUMN) and (residual is None or residual.stride(1) == 1):
+        if isinstance(layer.weight, QuantizedWeight):  # the fused norm takes plain weights only
+            h, residual = (norm(x), x) if residual is None else norm(x, residual)
+            return layer(h), residual
         return cuda_ops().rmsnorm_gemv(x, residual, norm.weight, norm.eps, layer.weight, layer.bias)
     if residual is None:
         return layer(norm(x)), x
@@ -104,7 +117,7 @@ def fuses_rotary_store(layer: nn.Module, x: torch.Tensor) -> bool:
     return (
         FUSE_ROTARY_STORE
         and _one_row_gemv(x, layer, (QKVParallelLinear,))
-        and cuda_ops().rotary_store_supports(x, layer.weight, layer.head_dim)
+        and cuda_ops().rotary_store_supports(x, _gemv_weight(layer)[0], layer.head_dim)
     )
 
 
@@ -115,13 +128,15 @@ def norm_qkv_rotary_store(
     and v are in the KV pool already (``store``: a ``triton_ops.RotaryStore``). Only where
     :func:`fuses_rotary_store`."""
     h, residual = (norm(x), x) if residual is None else norm(x, residual)
-    return cuda_ops().qkv_rotary_store_gemv(h, layer.weight, layer.bias, store), residual
+    weight, quant = _gemv_weight(layer)
+    return cuda_ops().qkv_rotary_store_gemv(h, weight, layer.bias, store, **quant), residual
 
 
 def silu_mul_linear(act: SiluAndMul, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(act(x))`` for ``x = [gate | up]``."""
     if _one_row_gemv(x, layer, (RowParallelLinear,)):
         single = layer.tp.world_size == 1
-        partial = cuda_ops().silu_mul_gemv(x, layer.weight, layer.bias if single else None)
+        weight, quant = _gemv_weight(layer)
+        partial = cuda_ops().silu_mul_gemv(x, weight, layer.bias if single else None, **quant)
         return partial if single else layer.reduce(partial)
     return layer(act(x))

@@ -27,6 +27,9 @@ def linear(
     and launched so that it streams its weights while the kernel before it finishes) goes there, and a quantized
     weight decodes inside its own product."""
     if isinstance(weight, QuantizedWeight):
+        operands = weight.gemv_operands() if x.is_cuda else None
+        if operands is not None and cuda_ops().gemv_supports(x, operands[0]):  # one row: FP8 per row, INT4
+            return cuda_ops().gemv(x, operands[0], bias, **operands[1])
         return weight.linear(x, bias)
     if x.is_cuda and cuda_ops().gemv_supports(x, weight):
         return cuda_ops().gemv(x, weight, bias)

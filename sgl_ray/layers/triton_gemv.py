@@ -98,15 +98,51 @@ def _input(
 
 
 @triton.jit
+def _int4_rows(
+    X, R, NormW, x_rows, r_rows, Wq, WScale, WZero, offs_n, mask_n, mask_m, rstd, K, num_groups, group_size,
+    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PROLOGUE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """``[M_PAD, BLOCK_N]`` products of the input rows with INT4 rows ``offs_n`` (int32 words [N, K / 8], value
+    ``c`` of a row in bits ``4 (c % 8)`` of word ``c // 8``; per-group scales and uint8 zero points [N, G]).
+    ``BLOCK_W`` words of each row per step; a word's eight values lie in one group, so each lane sums
+    ``(q - z) x`` over its word and scales that once. A nibble OR-ed into the mantissa of 2^23 reads as the float
+    2^23 + q, so ``(2^23 + q) - (2^23 + z)`` decodes it exactly with no integer-to-float conversion."""
+    words = K // 8
+    q_rows = Wq + offs_n.to(tl.int64)[:, None] * words  # [BLOCK_N, 1]
+    g_rows = offs_n[:, None] * num_groups
+    rw = tl.arange(0, BLOCK_W)
+    acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_W], dtype=tl.float32)
+    for w0 in range(0, words, BLOCK_W):
+        w_at = w0 + rw
+        w_ok = w_at < words
+        wmask = mask_n[:, None] & w_ok[None, :]
+        packed = tl.load(q_rows + w_at[None, :], mask=wmask, other=0)  # [BLOCK_N, BLOCK_W]
+        at = g_rows + ((w_at * 8) // group_size)[None, :]
+        s = tl.load(WScale + at, mask=wmask, other=0.0).to(tl.float32)
+        zf = tl.load(WZero + at, mask=wmask, other=0).to(tl.float32) + 8388608.0
+        part = tl.zeros([M_PAD, BLOCK_N, BLOCK_W], dtype=tl.float32)
+        for i in tl.static_range(8):
+            x = _input(
+                X, R, NormW, x_rows, r_rows, w_at * 8 + i, mask_m[:, None] & w_ok[None, :], rstd, K,
+                PROLOGUE, HAS_RESIDUAL,
+            )  # fmt: skip
+            qi = (((packed >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zf
+            part += qi[None, :, :] * x.to(tl.float32)[:, None, :]
+        acc += part * s[None, :, :]
+    return tl.sum(acc, axis=2)
+
+
+@triton.jit
 def _gemv_kernel(
     X, W, Bias, Y, R, NormW, ROut, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_rom, eps,
     Cos, Sin, Loc, KCache, VCache, stride_ct, stride_cache, num_heads, num_kv_heads,
-    Res, stride_res, SqOut, SqIn, num_parts, QNorm, KNorm, Counters, head_eps,
-    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    Res, stride_res, SqOut, SqIn, num_parts, QNorm, KNorm, Counters, head_eps, WScale, WZero, num_groups,
+    group_size, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, LANE_ACC: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROTARY_STORE: tl.constexpr, HALF: tl.constexpr,
     ADD_RESIDUAL: tl.constexpr, SCALE_BY_SQ: tl.constexpr, SQ_BLOCK: tl.constexpr, HEAD_NORM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_WSCALE: tl.constexpr, W_INT4: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if ROTARY_STORE:
@@ -126,7 +162,7 @@ def _gemv_kernel(
     x_rows = (offs_m * stride_xm)[:, None]
     r_rows = (offs_m * stride_rm)[:, None]
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
-    if USE_PDL:
+    if USE_PDL and not W_INT4:
         # Launched while the previous kernel may still run (see triton_pdl): the first PREFETCH_K columns of
         # the weights are read before waiting for it, since no kernel writes weights; x, and the outputs, after.
         offs_p = tl.arange(0, PREFETCH_K)
@@ -147,7 +183,7 @@ def _gemv_kernel(
         rstd = 1.0 / tl.sqrt(sq / K + eps)
     k_start = 0
     pre = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
-    if USE_PDL:
+    if USE_PDL and not W_INT4:
         x_pre = _input(
             X, R, NormW, x_rows, r_rows, offs_p, mask_m[:, None] & (offs_p < K)[None, :], rstd, K,
             PROLOGUE, HAS_RESIDUAL,
@@ -158,6 +194,12 @@ def _gemv_kernel(
         acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+    if W_INT4:  # BLOCK_K counts words here; the products come out whole
+        k_start = K
+        pre = _int4_rows(
+            X, R, NormW, x_rows, r_rows, W, WScale, WZero, offs_n, mask_n, mask_m, rstd, K, num_groups, group_size,
+            M_PAD, BLOCK_N, BLOCK_K, PROLOGUE, HAS_RESIDUAL,
+        )  # fmt: skip
     for k0 in range(k_start, K, BLOCK_K):
         cols = k0 + offs_k
         if EVEN_K:
@@ -174,6 +216,8 @@ def _gemv_kernel(
         y = tl.sum(acc, axis=2) + pre  # [M_PAD, BLOCK_N]
     else:
         y = acc + pre
+    if HAS_WSCALE and not W_INT4:  # an FP8 weight's per-row scales
+        y = y * tl.load(WScale + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if SCALE_BY_SQ:  # RMSNorm's scale of the input row, from the parts' sums of squares its producer wrote
         sq = tl.zeros([M_PAD], dtype=tl.float32)
         for p0 in range(0, num_parts, SQ_BLOCK):
@@ -209,12 +253,14 @@ def _gemv_kernel(
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`gemv` takes this product: up to ``MAX_ROWS`` rows of a half-precision input against a
-    weight of the same dtype with unit stride along K."""
+    weight of the same dtype with unit stride along K, or a quantized one: FP8 e4m3 with per-row scales
+    (``weight_scale``) or INT4 words (int32 ``[N, K / 8]`` with ``weight_scale``, ``weight_zeros``, ``group_size``:
+    the layout of ``layers.quantization.int4``)."""
     return (
         x.dim() == 2
         and 0 < x.shape[0] <= MAX_ROWS
         and x.dtype in (torch.bfloat16, torch.float16)
-        and weight.dtype == x.dtype
+        and weight.dtype in (x.dtype, torch.float8_e4m3fn, torch.int32)
         and x.stride(1) == 1
         and weight.stride(1) == 1
     )
@@ -241,11 +287,36 @@ def _launch(
     pdl: bool | None, prologue: int = _PLAIN, residual: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None, eps: float = 0.0, rotary: RotaryStore | None = None,
     add_to: torch.Tensor | None = None, sumsq: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None, weight_zeros: torch.Tensor | None = None, group_size: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     m = x.shape[0]
     n = weight.shape[0]
-    if weight.shape[1] != k:
-        raise ValueError(f"weight has {weight.shape[1]} input columns, the input {k}")
+    int4 = weight.dtype == torch.int32
+    if weight.shape[1] * (8 if int4 else 1) != k:
+        raise ValueError(f"weight has {weight.shape[1] * (8 if int4 else 1)} input columns, the input {k}")
+    if (weight.dtype in (torch.float8_e4m3fn, torch.int32)) != (weight_scale is not None):
+        raise ValueError(
+            "a quantized weight needs its scales (weight_scale), and only a quantized weight takes them"
+        )
+    if int4:
+        groups = weight_scale.shape[1]
+        if (
+            weight_zeros is None
+            or group_size % 8
+            or groups * group_size < k
+            or weight_scale.shape != (n, groups)
+            or weight_zeros.shape != (n, groups)
+            or not (weight_scale.is_contiguous() and weight_zeros.is_contiguous())
+        ):
+            raise ValueError(
+                "INT4 words need contiguous [N, G] scales and zero points and a group size that is a multiple of "
+                f"8, got {tuple(weight_scale.shape)}, {None if weight_zeros is None else tuple(weight_zeros.shape)}, "
+                f"{group_size}"
+            )
+    elif weight_scale is not None and (weight_scale.numel() != n or weight_scale.stride(0) != 1):
+        raise ValueError(
+            f"weight_scale needs {n} per-row scales of unit stride, got {tuple(weight_scale.shape)}"
+        )
     config = config or gemv_config(n, k)
     half = 1
     if rotary is not None:
@@ -257,7 +328,10 @@ def _launch(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     r_out = torch.empty((m, k), dtype=x.dtype, device=x.device) if residual is not None else None
     pdl = use_pdl(x) if pdl is None else pdl
-    block_k = min(config.block_k, triton.next_power_of_2(k))
+    if int4:  # words per step: the same bytes as the 16-bit weights' columns
+        block_k = min(config.block_k // 4, triton.next_power_of_2(k // 8))
+    else:  # one-byte weights: twice the columns per step, the same bytes
+        block_k = min(config.block_k * (2 if weight.element_size() == 1 else 1), triton.next_power_of_2(k))
     prefetch_k = min(block_k * config.prefetch, triton.next_power_of_2(k))
     r = residual if residual is not None else x
     ro = r_out if r_out is not None else x
@@ -274,12 +348,14 @@ def _launch(
         rs.num_kv_heads, add_to if add_to is not None else x, (add_to if add_to is not None else x).stride(0),
         sq_out if sq_out is not None else x, sq_in, num_parts, rs.q_norm if head_norm else x,
         rs.k_norm if head_norm else x, rs.counters if head_norm else x, rs.norm_eps,
+        weight_scale if weight_scale is not None else x, weight_zeros if weight_zeros is not None else x,
+        weight_scale.shape[1] if int4 else 1, group_size or 1,
         M_PAD=triton.next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
         EVEN_K=k % block_k == 0, LANE_ACC=config.lane_acc, USE_PDL=pdl, PREFETCH_K=prefetch_k,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, ROTARY_STORE=rotary is not None, HALF=half,
         ADD_RESIDUAL=add_to is not None, SCALE_BY_SQ=sumsq is not None,
         SQ_BLOCK=min(1024, triton.next_power_of_2(num_parts)), HEAD_NORM=head_norm,
-        BLOCK_D=triton.next_power_of_2(half),
+        BLOCK_D=triton.next_power_of_2(half), HAS_WSCALE=weight_scale is not None, W_INT4=int4,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_args(pdl),
     )  # fmt: skip
     return out, (r_out if add_to is None else sq_out)
@@ -291,8 +367,14 @@ def gemv(
     bias: torch.Tensor | None = None,  # [N]
     config: GemvConfig | None = None,  # None: gemv_config(N, K)
     pdl: bool | None = None,  # None: wherever the device supports it
+    weight_scale: torch.Tensor | None = None,  # FP8 e4m3 weight: [N] float32 per-row scales; INT4: [N, G]
+    weight_zeros: torch.Tensor | None = None,  # INT4: uint8 [N, G] zero points
+    group_size: int = 0,  # INT4: values per group
 ) -> torch.Tensor:  # [M, N]
-    return _launch(x, weight, bias, x.shape[1], config, pdl)[0]
+    return _launch(
+        x, weight, bias, x.shape[1], config, pdl, weight_scale=weight_scale, weight_zeros=weight_zeros,
+        group_size=group_size,
+    )[0]  # fmt: skip
 
 
 def rmsnorm_gemv(
@@ -319,11 +401,18 @@ def silu_mul_gemv(
     bias: torch.Tensor | None = None,
     config: GemvConfig | None = None,
     pdl: bool | None = None,
+    weight_scale: torch.Tensor | None = None,
+    weight_zeros: torch.Tensor | None = None,
+    group_size: int = 0,
 ) -> torch.Tensor:
-    """``(silu(gate) * up) W^T (+ b)`` in one kernel, rounded like ``triton_ops.silu_and_mul`` then :func:`gemv`."""
+    """``(silu(gate) * up) W^T (+ b)`` in one kernel, rounded like ``triton_ops.silu_and_mul`` then :func:`gemv`
+    (quantized weights as :func:`gemv` takes them)."""
     if x.shape[1] % 2:
         raise ValueError(f"[gate | up] rows of odd width {x.shape[1]}")
-    return _launch(x, weight, bias, x.shape[1] // 2, config, pdl, _SILU_MUL)[0]
+    return _launch(
+        x, weight, bias, x.shape[1] // 2, config, pdl, _SILU_MUL, weight_scale=weight_scale,
+        weight_zeros=weight_zeros, group_size=group_size,
+    )[0]  # fmt: skip
 
 
 def qkv_rotary_store_gemv(
@@ -334,6 +423,9 @@ def qkv_rotary_store_gemv(
     config: GemvConfig | None = None,  # BLOCK_N even, and D / 2 divisible by BLOCK_N / 2
     pdl: bool | None = None,
     norm: NormOfInput | None = None,  # see normed_gemv
+    weight_scale: torch.Tensor | None = None,  # a quantized weight's, as gemv takes them
+    weight_zeros: torch.Tensor | None = None,
+    group_size: int = 0,
 ) -> torch.Tensor:  # [M, (H + 2 KVH) D]: q and k rotated, v as is
     """The QKV projection with rotary and the KV-pool store as its epilogue: what :func:`gemv` then
     ``triton_ops.rotary_store`` compute, bit for bit, in one kernel. Each program owns whole rotary pairs
@@ -359,7 +451,20 @@ def qkv_rotary_store_gemv(
             "the QKV GEMV takes weights with the norm's scale folded in (norm.weight must be None)"
         )
     sumsq, eps = (norm.sumsq, norm.eps) if norm is not None else (None, 0.0)
-    return _launch(x, weight, bias, x.shape[1], config, pdl, eps=eps, rotary=rotary, sumsq=sumsq)[0]
+    return _launch(
+        x,
+        weight,
+        bias,
+        x.shape[1],
+        config,
+        pdl,
+        eps=eps,
+        rotary=rotary,
+        sumsq=sumsq,
+        weight_scale=weight_scale,
+        weight_zeros=weight_zeros,
+        group_size=group_size,
+    )[0]
 
 
 def residual_gemv(

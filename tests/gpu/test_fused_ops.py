@@ -311,6 +311,86 @@ def test_fused_gemvs_match_the_separate_ops(dtype, pdl):
     check_fused_gemvs("cuda", dtype, pdl)
 
 
+def check_quantized_gemvs(
+    device: str, dtype: torch.dtype, shapes: list[tuple[int, int]], pdl: bool | None = None
+) -> None:
+    """The bf16 GEMV's kernel on quantized weights as they are held (what the one-row decode paths of FP8 and
+    INT4 models run): FP8 e4m3 with per-row scales and INT4 words with group scales and zero points (groups of 32;
+    ``shapes``' K a multiple of 32), plain, with SiLU-and-mul, and the QKV GEMV with rotary and the KV store,
+    against the dequantized weight in fp32 (plain, SiLU-and-mul) and against the same GEMV then
+    ``rotary_store`` (the same bits)."""
+    from sgl_ray.layers.quantization.fp8 import quantize_fp8_rows
+    from sgl_ray.layers.quantization.int4 import Int4Matrix, pack_int4
+    from sgl_ray.layers.triton_gemv import GemvConfig, gemv, silu_mul_gemv
+
+    g = torch.Generator().manual_seed(1)
+
+    def quantized(n: int, k: int, fmt: str) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """(held weight, the GEMV's keywords, the float weight it means)."""
+        if fmt == "fp8":
+            q, s = quantize_fp8_rows(torch.randn(n, k, generator=g) / k**0.5)
+            return q.to(device), {"weight_scale": s.view(-1).to(device)}, (q.float() * s).to(device)
+        group = 32
+        m = Int4Matrix(
+            pack_int4(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)),
+            (torch.rand(n, k // group, generator=g) * 0.02 / k**0.5 + 1e-3).to(dtype),
+            torch.randint(0, 17, (n, k // group), generator=g, dtype=torch.uint8),
+            group,
+        ).to(torch.device(device))
+        quant = {"weight_scale": m.scales, "weight_zeros": m.zeros, "group_size": group}
+        return m.qweight, quant, m.dequantize().to(device)
+
+    configs = [None, GemvConfig(4, 64, 2, 2), GemvConfig(8, 128, 4, 3, lane_acc=False, prefetch=2)]
+    for fmt in ("fp8", "int4"):
+        for n, k in shapes:
+            q, quant, w = quantized(n, k, fmt)
+            x = torch.randn(1, k, generator=g).to(device, dtype)
+            gate_up = torch.randn(1, 2 * k, generator=g).to(device, dtype)
+            gate, up = gate_up.float().chunk(2, dim=-1)
+            act = (F.silu(gate).to(dtype).float() * up).to(dtype)
+            for cfg in configs:
+                out = gemv(x, q, config=cfg, pdl=pdl, **quant)
+                assert out.shape == (1, n) and out.dtype == dtype
+                torch.testing.assert_close(out.float(), F.linear(x.float(), w), **ULP2[dtype])
+                out = silu_mul_gemv(gate_up, q, config=cfg, pdl=pdl, **quant)
+                torch.testing.assert_close(out.float(), F.linear(act.float(), w), **ULP2[dtype])
+        with pytest.raises(ValueError, match="needs its scales"):
+            gemv(x, q, pdl=pdl)
+    heads, kv_heads, head_dim, slots = 4, 2, 32, 16
+    n, k = (heads + 2 * kv_heads) * head_dim, 96
+    for fmt in ("fp8", "int4"):
+        q, quant, _ = quantized(n, k, fmt)
+        check_rotary_store_epilogue(device, dtype, q, quant, heads, kv_heads, head_dim, slots, pdl)
+
+
+def check_rotary_store_epilogue(device, dtype, q, quant, heads, kv_heads, head_dim, slots, pdl) -> None:
+    """The QKV GEMV of a quantized weight with rotary and the KV store: the bits of the GEMV then
+    ``rotary_store``."""
+    from sgl_ray.layers import triton_ops
+    from sgl_ray.layers.triton_gemv import gemv
+
+    k = q.shape[1] * (8 if q.dtype == torch.int32 else 1)
+    g = torch.Generator().manual_seed(2)
+    rope = RotaryEmbedding(head_dim, {"rope_theta": 10000.0}, 512).to(device)
+    cos, sin = rope.cos_sin(torch.tensor([37], device=device), dtype)
+    loc = torch.tensor([5], device=device)
+    x = torch.randn(1, k, generator=g).to(device, dtype)
+    caches = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(4)]
+    qkv = gemv(x, q, pdl=pdl, **quant)
+    q_rot, k_rot = triton_ops.rotary_store(qkv, cos, sin, loc, caches[0], caches[1], heads, kv_heads)
+    store = triton_ops.RotaryStore(cos, sin, loc, caches[2], caches[3], heads, kv_heads)
+    out = triton_ops.qkv_rotary_store_gemv(x, q, None, store, pdl=pdl, **quant)
+    q_size = heads * head_dim
+    assert torch.equal(out[:, :q_size], q_rot.reshape(1, -1))
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+    assert caches[3][5].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantized_weights_in_the_gemv_kernels(dtype):
+    check_quantized_gemvs("cuda", dtype, [(48, 256), (100, 992), (4096, 576)])
+
+
 def test_linear_layers_dispatch_one_row_to_the_gemv():
     from sgl_ray.layers.linear import ColumnParallelLinear, linear
 

@@ -110,3 +110,35 @@ def check_fp8(
             xq, xs = quantize_activations(x, m.block_k)
             x_seen = (xq.float().view(rows, xs.shape[1], -1) * xs.unsqueeze(-1)).view(rows, k)
             _assert_close(got.cpu(), x_seen.cpu(), reference, f"fp8 gemm {scheme} rows {rows}", dtype)
+
+
+def check_gemv_launch_shapes(device: str, dtype: torch.dtype) -> None:
+    """The one-row INT4 and FP8 GEMVs in launch shapes other than their defaults (rows per program that do not
+    divide N, steps longer than K, one row per program), as ``--tune`` may put them in the tables."""
+    from sgl_ray.layers.quantization.triton_fp8 import Fp8GemvConfig, fp8_linear
+    from sgl_ray.layers.quantization.triton_int4 import Int4GemvConfig, int4_linear
+
+    x = torch.randn(2, 320, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    for cfg in (Int4GemvConfig(16, 16, 1, 2), Int4GemvConfig(1, 64, 1, 1), Int4GemvConfig(4, 32, 2, 3)):
+        matrix, reference = int4_case("awq", 40, 320, 32)
+        m = matrix.to(torch.device(device))
+        got = int4_linear(x, m.qweight, m.scales, m.zeros, m.group_size, None, cfg)
+        _assert_close(got.cpu(), x.cpu(), reference, f"int4 gemv {cfg}")
+    for scheme in ("channel", "block"):
+        matrix, reference = fp8_case(scheme, 37, 320)
+        m = matrix.to(torch.device(device))
+        for cfg in (Fp8GemvConfig(2, 64, 1, 2), Fp8GemvConfig(16, 512, 1, 2), Fp8GemvConfig(1, 256, 2, 3)):
+            got = fp8_linear(x, m.weight, m.scale, m.block_k, w8a8=False, config=cfg)
+            _assert_close(got.cpu(), x.cpu(), reference, f"fp8 gemv {scheme} {cfg}")
+
+
+def check_int4_dequantize(device: str) -> None:
+    """The dequantizing kernel (the many-row products' first step) gives the reference weights exactly, with and
+    without act order."""
+    from sgl_ray.layers.quantization.triton_int4 import int4_dequantize
+
+    for fmt, group, act_order in [("awq", 32, False), ("gptq", 64, True), ("gptq_v2", 128, False)]:
+        matrix, reference = int4_case(fmt, 40, 256, group, act_order)
+        m = matrix.to(torch.device(device))
+        w = int4_dequantize(m.qweight, m.scales, m.zeros, m.group_size, m.g_idx, torch.float32)
+        torch.testing.assert_close(w.cpu(), reference, atol=0, rtol=0)

@@ -16,7 +16,13 @@ from safetensors.torch import save_file
 
 from sgl_ray.layers.quantization import QuantizedWeight
 
-from .kernel_checks import check_fp8, check_int4, check_int4_row_range
+from .kernel_checks import (
+    check_fp8,
+    check_gemv_launch_shapes,
+    check_int4,
+    check_int4_dequantize,
+    check_int4_row_range,
+)
 from .packing import (
     LINEAR_SUFFIXES,
     awq_tensors,
@@ -47,12 +53,14 @@ needs_fp8 = pytest.mark.skipif(
 def test_int4_kernels_on_cuda(dtype):
     check_int4("cuda", dtype, rows_list=(1, 2, 4, 5, 16, 33, 257), n=1000, k=4096)
     check_int4_row_range("cuda", dtype)
+    check_int4_dequantize("cuda")
 
 
 @needs_fp8
 @pytest.mark.parametrize("dtype", HALF)
 def test_fp8_kernels_on_cuda(dtype):
     check_fp8("cuda", dtype, rows_list=(1, 2, 4, 5, 16, 33, 257), n=1000, k=4096)
+    check_gemv_launch_shapes("cuda", dtype)
 
 
 # --- the engine on CUDA ------------------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 _SCRIPT = """
 import torch
-from tests.quantization.kernel_checks import check_fp8, check_int4, check_int4_row_range
+from tests.quantization.kernel_checks import check_fp8, check_gemv_launch_shapes, check_int4, check_int4_dequantize, check_int4_row_range
 check_int4("cpu", torch.float32, rows_list=(1, 17), n=48)
 check_int4("cpu", torch.float16, rows_list=(2, 5), n=48)
 check_int4_row_range("cpu", torch.float32)
 check_fp8("cpu", torch.float32, rows_list=(1, 17), n=48, schemes=("channel", "block"))
 check_fp8("cpu", torch.float16, rows_list=(3,), n=48, schemes=("tensor", "block"))
+check_gemv_launch_shapes("cpu", torch.float32)
+check_int4_dequantize("cpu")
 """
 
 

@@ -15,10 +15,12 @@ import torch
 from sgl_ray.layers import triton_ops
 from sgl_ray.layers.rotary import RotaryEmbedding, rotate_half
 from tests.gpu.test_fused_ops import (
-    check_fused_gemvs, check_gemv, check_norm_in_gemvs, check_qkv_rotary_store_gemv, check_rotary_store,
+    check_fused_gemvs, check_gemv, check_norm_in_gemvs, check_qkv_rotary_store_gemv,
+    check_quantized_gemvs, check_rotary_store,
 )
 check_gemv("cpu", torch.float16, shapes=[(37, 100, False), (64, 1024, True), (128, 576, False), (5, 3000, True)])
 check_fused_gemvs("cpu", torch.float16, shapes=[(48, 256), (36, 232)])
+check_quantized_gemvs("cpu", torch.float16, shapes=[(36, 224)])
 for shape in [(4, 2, 16), (9, 3, 64)]:
     check_rotary_store("cpu", torch.float32, *shape)
     check_rotary_store("cpu", torch.float32, *shape, norms=True)

@@ -88,6 +88,29 @@ class QuantizedWeight(nn.Module):
             covered = [(s, s + m.shape[0]) for s, m in self.segments]
             raise RuntimeError(f"quantized weight {tuple(self.shape)} has only rows {covered} loaded")
 
+    def gemv_operands(self) -> tuple[torch.Tensor, dict] | None:
+        """``(weight, keywords)`` for the one-row GEMVs of :mod:`sgl_ray.layers.triton_gemv` (and their fused
+        forms), which read the weight as it is held: one FP8 matrix with per-row scales (``weight_scale``), or one
+        INT4 matrix without act order (its words, ``weight_scale``, ``weight_zeros``, ``group_size``). None for any
+        other encoding or a weight of several segments."""
+        from sgl_ray.layers.quantization.fp8 import Fp8Matrix
+        from sgl_ray.layers.quantization.int4 import Int4Matrix
+
+        if len(self.segments) != 1 or self.segments[0][1].shape[0] != self.rows:
+            return None
+        m = self.segments[0][1]
+        if isinstance(m, Fp8Matrix) and m.block_k is None:
+            return m.weight, {"weight_scale": m.scale.view(-1)}
+        if (
+            isinstance(m, Int4Matrix)
+            and m.g_idx is None
+            and m.group_size % 8 == 0
+            and m.scales.is_contiguous()
+            and m.zeros.is_contiguous()
+        ):
+            return m.qweight, {"weight_scale": m.scales, "weight_zeros": m.zeros, "group_size": m.group_size}
+        return None
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``F.linear(x, W, bias)``, ``W`` decoded a slab of rows at a time (on CUDA: a segment at a time)."""
         self._check_complete()
