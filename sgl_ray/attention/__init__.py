@@ -25,13 +25,8 @@ def default_backend_name(device: torch.device) -> str:
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
 
-def create_attention_backend(
-    name: str | None, device: torch.device, num_kv_splits: int | None = None, mla: bool = False
-) -> AttentionBackend:
-    """Instantiate the backend registered as ``name`` (``None``: the device's default). ``num_kv_splits`` fixes
-    the Triton backend's decode split count (``None``: its own choice); no other backend takes it. ``mla``: the
-    model's layers use multi-head latent attention, so the backend must have it too."""
-    name = name or default_backend_name(device)
+def backend_class(name: str, mla: bool = False) -> type[AttentionBackend]:
+    """The class registered as ``name`` (imported now; its ``supports_*`` flags say what it implements)."""
     registry = _MLA_BACKENDS if mla else _BACKENDS
     if name not in registry:
         raise InvalidRequestError(
@@ -40,7 +35,17 @@ def create_attention_backend(
             param="attention_backend",
         )
     module, cls = registry[name]
-    backend_cls = getattr(importlib.import_module(module), cls)
+    return getattr(importlib.import_module(module), cls)
+
+
+def create_attention_backend(
+    name: str | None, device: torch.device, num_kv_splits: int | None = None, mla: bool = False
+) -> AttentionBackend:
+    """Instantiate the backend registered as ``name`` (``None``: the device's default). ``num_kv_splits`` fixes
+    the Triton backend's decode split count (``None``: its own choice); no other backend takes it. ``mla``: the
+    model's layers use multi-head latent attention, so the backend must have it too."""
+    name = name or default_backend_name(device)
+    backend_cls = backend_class(name, mla)
     if num_kv_splits is None:
         return backend_cls(device)
     if name != "triton":
@@ -51,4 +56,4 @@ def create_attention_backend(
     return backend_cls(device, num_kv_splits=num_kv_splits)
 
 
-__all__ = ["AttentionBackend", "create_attention_backend", "default_backend_name"]
+__all__ = ["AttentionBackend", "backend_class", "create_attention_backend", "default_backend_name"]

@@ -27,6 +27,12 @@ A backend computes attention for one layer of a batch whose requests each add ``
   ``r`` with ``offsets[r] >= 0`` has new token ``i`` see new token ``j`` iff ``mask[offsets[r] + i * n + j]``
   (``n``: its extend length; the draft tree's ancestors-or-self) instead of iff ``j <= i``, its whole prefix as
   usual. Not with a sliding window (an ``UnsupportedFeatureError`` at the layer).
+* ``batch.multimodal.image_spans`` (models whose image tokens attend to each other in both directions, Gemma 3;
+  backends with ``supports_image_spans``): per request, the ``[start, end)`` positions of the images its new
+  tokens reach, each image whole within the step (prefill chunks end at image edges) or begun in the cached
+  prefix. A new token at position ``i`` inside an image sees keys ``j < max(i + 1, end)``: the whole image, its
+  later tokens too; a sliding window still bounds ``j > i - window`` (transformers' ``AND(window, OR(causal,
+  same image))``). :func:`image_key_ends` gives those ends.
 """
 
 from __future__ import annotations
@@ -49,9 +55,33 @@ class TreeMask(NamedTuple):
     offsets: np.ndarray  # [B] int64 start of each request's block in ``mask``; -1: causal
 
 
+def image_key_ends(batch: ForwardBatch, r: int, prefix: int, seq_len: int) -> np.ndarray | None:
+    """[n] int64: the end (exclusive) of the keys each new token of request ``r`` (positions ``prefix ..
+    seq_len``) sees under ``batch.multimodal.image_spans`` (see the module note): its image's end for a token
+    inside an image, else its position + 1 (causal). None when no new token of ``r`` is inside an image.
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> batch = SimpleNamespace(multimodal=SimpleNamespace(image_spans=(np.array([[3, 6]]),)))
+        >>> image_key_ends(batch, 0, 2, 8).tolist()  # positions 2 .. 7; the image is 3, 4, 5
+        [3, 6, 6, 6, 7, 8]
+    """
+    spans = getattr(batch.multimodal, "image_spans", None)
+    if spans is None or spans[r] is None:
+        return None
+    ends = np.arange(prefix + 1, seq_len + 1)
+    for start, end in spans[r]:
+        lo, hi = max(int(start), prefix), min(int(end), seq_len)
+        if lo < hi:
+            ends[lo - prefix : hi - prefix] = hi
+    return ends
+
+
 class AttentionBackend(ABC):
     supports_cuda_graph = False  # backends that can run inside a captured CUDA graph say so
     supports_tree_mask = False  # backends that read ``batch.tree_mask`` say so
+    supports_image_spans = False  # backends that read ``batch.multimodal.image_spans`` say so
 
     @abstractmethod
     def init_forward_metadata(self, batch: ForwardBatch) -> None: ...

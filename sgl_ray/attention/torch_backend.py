@@ -2,7 +2,7 @@
 
 Requests adding one token (decode) run as one padded batch; requests adding several (prefill / extend) run one by
 one with a causal mask offset by their cached prefix. A model that attends bidirectionally within each image
-(Gemma 3) gets each image's tokens a mask reaching to the image's end (``_image_key_ends``).
+(Gemma 3) gets each image's tokens a mask reaching to the image's end (``base.image_key_ends``).
 
 Layers with a sliding window, attention sinks or soft-capped scores (see ``sgl_ray.layers.attention``) run on a
 variant of the step's metadata built on their first call and kept for the step (``_Metadata.variant``): decode rows
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sgl_ray.attention.base import AttentionBackend
+from sgl_ray.attention.base import AttentionBackend, image_key_ends
 from sgl_ray.errors import UnsupportedFeatureError
 from sgl_ray.mem_cache.kv_pool import KVScale
 
@@ -53,7 +53,7 @@ class _ExtendPart:
     mask: torch.Tensor | None  # [num_tokens, L], None when the plain causal mask applies
     tree: bool = False  # the mask is a draft tree's (batch.tree_mask), not causal
     # [num_tokens] the end (exclusive) of the keys each query sees, where an image's tokens see the whole image
-    # (Gemma 3's prefill, see _image_key_ends); None: causal (position + 1)
+    # (Gemma 3's prefill, see base.image_key_ends); None: causal (position + 1)
     key_end: np.ndarray | None = None
 
 
@@ -142,22 +142,6 @@ def _extend_chunks(part: _ExtendPart, prefix: int, window: int | None, num_heads
     return chunks
 
 
-def _image_key_ends(batch: ForwardBatch, r: int, prefix: int, seq_len: int) -> np.ndarray | None:
-    """[n] the end (exclusive) of the keys each new token of request ``r`` (positions ``prefix .. seq_len``) sees
-    when a model attends bidirectionally within each image (Gemma 3; ``batch.multimodal.image_spans[r]``: the
-    ``[start, end)`` positions of the images its new tokens reach): an image's end for a token inside it, else
-    the token's position + 1 (causal). None when no new token of ``r`` is inside such an image."""
-    spans = getattr(batch.multimodal, "image_spans", None)
-    if spans is None or spans[r] is None:
-        return None
-    ends = np.arange(prefix + 1, seq_len + 1)
-    for start, end in spans[r]:
-        lo, hi = max(int(start), prefix), min(int(end), seq_len)
-        if lo < hi:
-            ends[lo - prefix : hi - prefix] = hi
-    return ends
-
-
 def attend_explicit(
     q: torch.Tensor,  # [B, H, n, D]
     k: torch.Tensor,  # [B, KVH, L, D]
@@ -224,6 +208,7 @@ def _attend(
 
 class TorchAttentionBackend(AttentionBackend):
     supports_tree_mask = True
+    supports_image_spans = True
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -275,7 +260,7 @@ class TorchAttentionBackend(AttentionBackend):
             elif prefix:
                 q_pos = torch.arange(prefix, s, device=self.device)
                 mask = torch.arange(s, device=self.device)[None, :] <= q_pos[:, None]
-            ends = _image_key_ends(batch, int(r), prefix, s)
+            ends = image_key_ends(batch, int(r), prefix, s)
             if ends is not None and not in_tree:  # an image's tokens see the whole image
                 key_end = torch.from_numpy(ends).to(self.device)
                 mask = torch.arange(s, device=self.device)[None, :] < key_end[:, None]

@@ -6,7 +6,9 @@ copy; per layer, :meth:`~TritonAttentionBackend.forward` stores the new K/V and 
 (decode stage 1, its split reduce, extend), reading only host integers from the metadata. A layer's sliding window,
 sinks and score cap (``RadixAttention.sliding_window`` / ``.sinks`` / ``.logit_cap``) are per-layer constants
 handed to the kernels, so the same metadata (and CUDA graph) serves every layer, as are an FP8 pool's per-layer
-K/V scales (``kv_cache_dtype``; see ``triton_kernels``).
+K/V scales (``kv_cache_dtype``; see ``triton_kernels``). A step whose requests reach into images that attend to
+each other both ways (Gemma 3: ``batch.multimodal.image_spans``) ships one more array in the same copy, the end of
+each token's image (``triton_extend``'s ``HAS_IMAGES``); decode rows need none (nothing follows their token).
 
 Example (on a CUDA machine; the model runner does this through ``create_attention_backend``)::
 
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from sgl_ray.attention.base import AttentionBackend
+from sgl_ray.attention.base import AttentionBackend, image_key_ends
 from sgl_ray.attention.triton_extend import EXTEND_BLOCK_M, extend_attention
 from sgl_ray.attention.triton_kernels import (
     DecodeConfig,
@@ -48,6 +50,26 @@ def _padded(n: int) -> int:
     return -(-n // 4) * 4
 
 
+def _image_ends(
+    batch: ForwardBatch, ext_rows: np.ndarray, starts: np.ndarray, prefix: np.ndarray
+) -> np.ndarray | None:
+    """[T] per token row of the step: the end (exclusive) of the new keys it sees, counted among its request's
+    new tokens, where it is inside an image (``image_key_ends``), else 0. None when no extend row is in an image."""
+    if getattr(batch.multimodal, "image_spans", None) is None:
+        return None
+    out = None
+    for r in ext_rows:
+        p, n = int(prefix[r]), int(batch.extend_lens_cpu[r])
+        ends = image_key_ends(batch, int(r), p, p + n)
+        if ends is None:
+            continue
+        if out is None:
+            out = np.zeros(int(batch.extend_lens_cpu.sum()), dtype=np.int32)
+        inside = ends > np.arange(p + 1, p + n + 1)  # the tokens that see past themselves
+        out[starts[r] : starts[r] + n] = np.where(inside, ends - p, 0)
+    return out
+
+
 @dataclass(frozen=True)
 class _DecodePart:
     rows: torch.Tensor  # [Bd] int32 batch rows
@@ -64,6 +86,8 @@ class _ExtendPart:
     num_blocks: int
     tree_mask: torch.Tensor | None = None  # [sum n * n] uint8 draft-tree masks (batch.tree_mask)
     blk_tree: torch.Tensor | None = None  # [NB] int32 offset of each block's request in tree_mask, -1: causal
+    # [T] int32 per token row: the end of its image among its request's new tokens, 0 outside images
+    image_end: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +101,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     supports_cuda_graph = True
     supports_tree_mask = True
+    supports_image_spans = True
 
     def __init__(self, device: torch.device, num_kv_splits: int | None = None) -> None:
         self.device = torch.device(device)
@@ -119,8 +144,12 @@ class TritonAttentionBackend(AttentionBackend):
         # offsets that change with the batch (a new compile, seconds, the first time each combination shows up).
         nd, nb = len(dec_rows), len(blk_req)
         wd, wb = _padded(nd), _padded(nb)
-        host = np.zeros(3 * wd + 5 * wb, dtype=np.int32)
-        dec_part, blk_part = host[: 3 * wd].reshape(3, wd), host[3 * wd :].reshape(5, wb)
+        image_ends = _image_ends(batch, ext_rows, starts, prefix)  # [T] or None
+        wi = 0 if image_ends is None else _padded(len(image_ends))
+        host = np.zeros(3 * wd + 5 * wb + wi, dtype=np.int32)
+        dec_part, blk_part = host[: 3 * wd].reshape(3, wd), host[3 * wd : 3 * wd + 5 * wb].reshape(5, wb)
+        if image_ends is not None:
+            host[3 * wd + 5 * wb :][: len(image_ends)] = image_ends
         for row, values in zip(dec_part, (dec_rows, starts[dec_rows], prefix[dec_rows] + 1), strict=True):
             row[:nd] = values
         for row, values in zip(
@@ -139,11 +168,12 @@ class TritonAttentionBackend(AttentionBackend):
                 max_seq_len=int(prefix[dec_rows].max()) + 1,
             )
         if nb:
-            extend = _ExtendPart(blocks=dev[3 * wd :].view(5, wb)[:, :nb], num_blocks=nb)
+            image_end = None if image_ends is None else dev[3 * wd + 5 * wb :][: len(image_ends)]
+            extend = _ExtendPart(dev[3 * wd : 3 * wd + 5 * wb].view(5, wb)[:, :nb], nb, image_end=image_end)
             tree = batch.tree_mask
             if tree is not None and (tree.offsets[blk_req] >= 0).any():
                 blk_tree = self._to_device(tree.offsets[blk_req].astype(np.int32))
-                extend = _ExtendPart(extend.blocks, nb, tree.mask.view(torch.uint8), blk_tree)
+                extend = _ExtendPart(extend.blocks, nb, tree.mask.view(torch.uint8), blk_tree, image_end)
         batch.attn_metadata = _Metadata(decode, extend)
 
     def graph_metadata(self, batch: ForwardBatch, max_seq_len: int) -> _Metadata:
@@ -234,6 +264,7 @@ class TritonAttentionBackend(AttentionBackend):
                 v_scale=kv_scale.v,
                 tree_mask=meta.extend.tree_mask,
                 blk_tree=meta.extend.blk_tree,
+                image_end=meta.extend.image_end,
             )
         return out.view(num_tokens, h * d)
 

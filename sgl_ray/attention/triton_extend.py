@@ -23,6 +23,12 @@ read it, whether a prefix was computed in this step or an earlier one.
 With draft trees (``HAS_TREE``, speculative verification) a block whose request has a tree mask
 (``attention.base.TreeMask``; ``blk_tree``: its offset, -1 for causal requests) takes the visibility of new keys
 from the mask instead of ``j <= i``; the causal loop bound still holds, since an ancestor comes before its node.
+
+With images whose tokens see each other both ways (``HAS_IMAGES``, Gemma 3; ``attention.base.image_key_ends``)
+each query row ``i`` reads ``image_end[row]``, the end of its image counted among the request's new tokens (0 for
+a token outside any image), and sees new key ``j`` iff ``j < max(i + 1, image_end)``; a block's loop over new keys
+runs to the largest of those ends. One int32 per token row: an image is a contiguous span, so "the keys a query
+sees" is still a prefix of the sequence, cut behind by the window as before (``i - window < j``).
 """
 
 from __future__ import annotations
@@ -39,14 +45,14 @@ EXTEND_BLOCK_M = 64  # queries per program; the unit of the backend's block tabl
 # fmt: off
 @triton.jit
 def _extend_kernel(
-    Q, Knew, Vnew, K, V, Out, Sinks, TreeMask, blk_tree,
+    Q, Knew, Vnew, K, V, Out, Sinks, TreeMask, blk_tree, ImageEnd,
     req_to_token, req_pool_idxs, blk_row, blk_token, blk_qstart, blk_prefix, blk_len,
     qk_scale, v_scale, group, window, logit_cap,
     stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_r2t,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_CAP: tl.constexpr,
-    NEW_FROM_POOL: tl.constexpr, HAS_TREE: tl.constexpr,
+    NEW_FROM_POOL: tl.constexpr, HAS_TREE: tl.constexpr, HAS_IMAGES: tl.constexpr,
 ):
     # fmt: on
     head = tl.program_id(0)
@@ -89,9 +95,14 @@ def _extend_kernel(
             q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE, HAS_WINDOW, logit_cap, HAS_CAP
         )
 
-    # New tokens, causal, up to the block's last query. Without a window new key 0 is visible to every row (padding
-    # rows too); with one, every real row sees itself.
-    for n0 in range(n_start, tl.minimum(n_new, q_start + BLOCK_M), BLOCK_N):
+    # New tokens, causal, up to the block's last query (or the end of the last image its queries are in). Without a
+    # window new key 0 is visible to every row (padding rows too); with one, every real row sees itself.
+    n_end = tl.minimum(n_new, q_start + BLOCK_M)
+    key_end = offs_m + 1  # [BLOCK_M] the end (exclusive, among the new tokens) of the new keys each row sees
+    if HAS_IMAGES:
+        key_end = tl.maximum(key_end, tl.load(ImageEnd + token0 + offs_m, mask=mask_m, other=0))
+        n_end = tl.minimum(n_new, tl.max(key_end, 0))
+    for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_new
         kv_mask = mask_n[:, None] & mask_d[None, :]
@@ -103,7 +114,7 @@ def _extend_kernel(
             rows = (token0 + offs_n)[:, None]
             k = tl.load(Knew + rows * stride_knt + kv_head * stride_knh + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(Vnew + rows * stride_vnt + kv_head * stride_vnh + offs_d[None, :], mask=kv_mask, other=0.0)
-        visible = mask_n[None, :] & (offs_n[None, :] <= offs_m[:, None])
+        visible = mask_n[None, :] & (offs_n[None, :] < key_end[:, None])
         if HAS_TREE:  # a draft tree's request: its ancestors-or-self mask (padding rows stay causal)
             tree_off = tl.load(blk_tree + b).to(tl.int64)
             row_in = mask_m & ((offs_m * 0 + tree_off) >= 0)  # [BLOCK_M] (a vector: a scalar mask breaks loads)
@@ -140,6 +151,8 @@ def extend_attention(
     v_scale: float = 1.0,
     tree_mask: torch.Tensor | None = None,  # [sum n_r * n_r] uint8 draft-tree masks (attention.base.TreeMask)
     blk_tree: torch.Tensor | None = None,  # [NB] int32 each block's request's offset in tree_mask, -1: causal
+    image_end: torch.Tensor | None = None,  # [T] int32 per token row: its image's end among its request's new
+    # tokens, 0 outside images (attention.base.image_key_ends)
 ) -> None:
     num_blocks = blocks.shape[1]
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -150,6 +163,7 @@ def extend_attention(
     _extend_kernel[(num_heads, num_blocks)](
         q, k, v, k_buf, v_buf, out, q if sinks is None else sinks,
         q if tree_mask is None else tree_mask, blk_len if blk_tree is None else blk_tree,
+        blk_len if image_end is None else image_end,
         req_to_token, req_pool_idxs, blk_row, blk_token, blk_qstart, blk_prefix, blk_len,
         scale * k_scale * LOG2E, v_scale, num_heads // k_buf.shape[1], window or 0, (logit_cap or 0.0) * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -158,6 +172,7 @@ def extend_attention(
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=EXTEND_BLOCK_M,
         BLOCK_N=32 if wide else 64, IEEE=ieee, HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
         HAS_CAP=logit_cap is not None, NEW_FROM_POOL=k_buf.dtype != q.dtype, HAS_TREE=tree_mask is not None,
+        HAS_IMAGES=image_end is not None,
         num_warps=4, num_stages=1 if head_dim > 128 and ieee else 2,
     )
     # fmt: on

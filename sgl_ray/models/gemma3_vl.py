@@ -6,10 +6,11 @@ its final norm) whose patch grid is average-pooled to ``mm_tokens_per_image`` so
 Unlike the other VL models, the soft tokens of one image attend to each other in both directions during prefill
 (text stays causal; on local layers the window still bounds what a token sees behind it). The model says so with
 :attr:`Gemma3ForConditionalGeneration.bidirectional_images`; the runner hands each step the image spans
-(``MultimodalBatch.image_spans``) and the torch attention backend widens each image token's mask to its image's
-end. An image's tokens must therefore be computed in one step: prefill chunks end at image edges
-(``MultimodalInputs.chunk_end``), and start-up refuses the GPU backends, whose masks are causal
-(:func:`sgl_ray.multimodal.config.check_engine_args`).
+(``MultimodalBatch.image_spans``) and the attention backend (torch, or Triton: the CUDA default) widens each image
+token's mask to its image's end (``attention.base.image_key_ends``). An image's tokens must therefore be computed in
+one step: prefill chunks end at image edges (``MultimodalInputs.chunk_end``), and start-up refuses FlashInfer,
+whose masks are causal (:func:`sgl_ray.multimodal.config.check_engine_args`). Decode steps are causal and need
+no spans (nothing follows their token).
 """
 
 from __future__ import annotations

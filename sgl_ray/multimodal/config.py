@@ -57,9 +57,10 @@ def check_engine_args(hf_config: Any, args: Any) -> None:
     """Refuse, at start-up, what a vision-language model does not run with: pipeline stages (the tower and the
     decoder's first layers live together) and speculative decoding (drafts see no images, and would need M-RoPE
     positions under Qwen2-VL). A model whose image tokens attend to each other in both directions (Gemma 3)
-    needs each image computed in one step with the torch attention backend (the scheduler ends prefill chunks at
-    image edges): the Triton and FlashInfer backends (causal masks only) are refused."""
-    from sgl_ray.attention import default_backend_name
+    needs an attention backend with that mask (``supports_image_spans``: torch, Triton); FlashInfer (causal
+    masks only) is refused. Each image is computed in one step (the scheduler ends prefill chunks at image
+    edges)."""
+    from sgl_ray.attention import backend_class, default_backend_name
     from sgl_ray.errors import UnsupportedModelError
 
     if not is_multimodal_config(hf_config):
@@ -73,10 +74,11 @@ def check_engine_args(hf_config: Any, args: Any) -> None:
     arch = hf_config.architectures[0]
     device = args.torch_device()
     backend = args.attention_backend or default_backend_name(device)
-    if backend != "torch":
+    if not backend_class(backend).supports_image_spans:
         raise UnsupportedModelError(
             f"{arch}: the tokens of an image attend to each other in both directions, which the {backend!r} "
-            "attention backend does not implement (its masks are causal); use attention_backend='torch'"
+            "attention backend does not implement (its masks are causal); use attention_backend='triton' "
+            "(or 'torch')"
         )
 
 

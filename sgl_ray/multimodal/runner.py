@@ -11,7 +11,7 @@ rows reach into an image, and its other steps (all its decode steps) run as text
 
 A model whose image tokens attend to each other in both directions (``bidirectional_images``: Gemma 3) also gets
 ``image_spans``: per request of the step, the ``[start, end)`` positions of the images its rows reach, for the
-attention backend's mask (``attention.torch_backend``). Each image must then be computed within one step (see
+attention backend's mask (``attention.base``). Each image must then be computed within one step (see
 ``multimodal.config.check_engine_args``).
 """
 

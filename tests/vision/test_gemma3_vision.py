@@ -1,11 +1,15 @@
 """Gemma 3 image inputs end to end: a tiny random-weight ``Gemma3ForConditionalGeneration`` (SigLIP tower of 4 x 4
 patches pooled to 4 soft tokens, a local and a global decoder layer) gives transformers' greedy tokens, whose mask
 lets the tokens of one image see each other; the expanded prompt equals ``Gemma3Processor``'s; a repeated image
-hits the prefix cache; what cannot keep an image whole in one step is refused at start."""
+hits the prefix cache; the Triton attention backend (in Triton's CPU interpreter, and on CUDA) gives the same;
+FlashInfer, whose masks are causal, is refused at start."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -267,8 +271,8 @@ def test_cache_hit_inside_an_image(gemma3) -> None:
 
 
 def test_refused_where_an_image_could_be_split(gemma3) -> None:
-    """The GPU attention backends have causal masks only: refused at start, naming the way out. Chunked prefill
-    is not refused (chunks end at image edges)."""
+    """FlashInfer has causal masks only: refused at start, naming the way out; the torch and Triton backends
+    (the default on CUDA) take the image mask. Chunked prefill is not refused (chunks end at image edges)."""
     from sgl_ray.configs.engine_args import EngineArgs
     from sgl_ray.errors import UnsupportedModelError
     from sgl_ray.model_loader import load_hf_config, resolve_model
@@ -276,12 +280,131 @@ def test_refused_where_an_image_could_be_split(gemma3) -> None:
 
     path = gemma3[0]
     hf_config = load_hf_config(resolve_model(path))
-    for backend in ("triton", "flashinfer"):
-        with pytest.raises(UnsupportedModelError, match=f"'{backend}' attention backend"):
-            check_engine_args(hf_config, EngineArgs(model_path=path, attention_backend=backend))
-    check_engine_args(
-        hf_config, EngineArgs(model_path=path, chunked_prefill_size=64, attention_backend="torch")
+    with pytest.raises(
+        UnsupportedModelError, match="'flashinfer' attention backend.*attention_backend='triton'"
+    ):
+        check_engine_args(hf_config, EngineArgs(model_path=path, attention_backend="flashinfer"))
+    for backend in ("torch", "triton"):
+        args = EngineArgs(model_path=path, chunked_prefill_size=64, attention_backend=backend)
+        check_engine_args(hf_config, args)
+    check_engine_args(hf_config, EngineArgs(model_path=path, device="cuda"))  # the default: triton
+
+
+# Run by Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before Triton is imported: a process of its own).
+# Whole prompts per step, so an image's tokens sit amid text in one extend; the second pair of requests hits the
+# prefix cache inside the image (a page boundary), so the rest of the image is a step's first tokens. A few new
+# tokens each (the interpreter is slow; decode steps are causal anyway): transformers' greedy tokens begin so.
+INTERPRETED = {**GREEDY, "max_new_tokens": 3}
+_TRITON_ENGINE = """
+import json, sys
+import sgl_ray
+from tests.vision.tiny_vl import draw
+path, greedy, one, two, text, first, second = json.loads(sys.argv[1])
+with sgl_ray.Engine(path, attention_backend="triton", page_size=4) as llm:
+    batch = llm.generate([one, text, two], greedy, image_data=[draw(5), None, [draw(6, (40, 100)), draw(8, (100, 40))]],
+                         return_logprob=True, logprob_start_len=0)
+    llm.generate(first, {**greedy, "max_new_tokens": 1}, image_data=draw(14, (100, 40)))
+    hit = llm.generate(second, greedy, image_data=draw(14, (100, 40)))
+print(json.dumps({
+    "batch": [o["output_ids"] for o in batch],
+    "logprobs": [lp for lp, _ in batch[2]["meta_info"]["input_token_logprobs"][1:]],
+    "hit": hit["output_ids"], "cached": hit["meta_info"]["cached_tokens"],
+}))
+"""
+
+
+def test_triton_backend_in_the_interpreter(gemma3) -> None:
+    """attention_backend="triton" (its extend kernel with the image mask, run by Triton's interpreter): a mixed
+    batch of one image, text and two images in one step gives transformers' greedy tokens and prompt
+    log-probabilities; a cache hit that ends inside an image too."""
+    path, _, processor, llm = gemma3
+    (one, _), (two, _) = PROMPTS["one image"], PROMPTS["two images"]
+    text = "<|im_start|>user\nTell me a story.<|im_end|>\n<|im_start|>assistant\n"
+    first, second = "Yak: <start_of_image> describe it.", "Yak: <start_of_image> tell a story."
+    args = json.dumps([path, INTERPRETED, one, two, text, first, second])
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    run = subprocess.run(
+        [sys.executable, "-c", _TRITON_ENGINE, args], env=env, capture_output=True, text=True, cwd=root
     )
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    pair = [draw(6, (40, 100)), draw(8, (100, 40))]
+    new = INTERPRETED["max_new_tokens"]
+    assert got["batch"] == [
+        hf_greedy(gemma3, one, [draw(5)])[:new],
+        hf_greedy(gemma3, text, [])[:new],
+        hf_greedy(gemma3, two, pair)[:new],
+    ]
+    want = hf_prompt_logprobs(gemma3, two, pair, bidirectional=True)
+    torch.testing.assert_close(torch.tensor(got["logprobs"]), want, rtol=0, atol=1e-4)
+    image = draw(14, (100, 40))
+    _, mm = llm.image_processor.process(llm.tokenizer.encode(second), [image])
+    assert mm.images[0].offset < got["cached"] < mm.images[0].offset + mm.images[0].num_tokens
+    assert got["hit"] == hf_greedy(gemma3, second, [image])[:new]
+
+
+def save_byte_tokenizer(directory: Path) -> str:
+    """A byte-level tokenizer built here (no merges: one token per byte, plus the chat markers), for machines
+    that cannot download SmolLM2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.add_special_tokens({"additional_special_tokens": specials[3:]})
+    fast.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_triton_greedy_equals_transformers(tmp_path: Path) -> None:
+    """On CUDA with the default (Triton) backend, CUDA graphs for the decode steps after the images: a mixed
+    batch and a cache hit inside an image give transformers' greedy tokens (float32 on both sides). The tiny
+    model takes a byte-level tokenizer built here (the GPU machine cannot download SmolLM2's)."""
+    from transformers import (
+        AutoImageProcessor,
+        AutoTokenizer,
+        Gemma3ForConditionalGeneration,
+        Gemma3Processor,
+    )
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "model").mkdir()
+    path = save_tiny_gemma3(tmp_path / "model", save_byte_tokenizer(tmp_path / "tok"))
+    model = Gemma3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    processor = Gemma3Processor(
+        image_processor=AutoImageProcessor.from_pretrained(path),
+        tokenizer=AutoTokenizer.from_pretrained(path),
+        image_seq_length=4,
+    )
+    reference = (path, model, processor, None)
+    (one, _), (two, _) = PROMPTS["one image"], PROMPTS["two images"]
+    text = "<|im_start|>user\nTell me a story.<|im_end|>\n<|im_start|>assistant\n"
+    a, b, c, d = draw(5), draw(6, (40, 100)), draw(8, (100, 40)), draw(14, (100, 40))
+    # one token per byte: the image is positions 6-9 and the prompts part after it at 14, so 8-token pages
+    # give a cache hit of 8 tokens, inside the image
+    first, second = "Yak<start_of_image> describe it.", "Yak<start_of_image> tell a story."
+    with sgl_ray.Engine(path, device="cuda", dtype="float32", page_size=8) as llm:
+        outs = llm.generate([one, text, two], GREEDY, image_data=[a, None, [b, c]])
+        llm.generate(first, GREEDY, image_data=d)
+        hit = llm.generate(second, GREEDY, image_data=d)
+        _, mm = llm.image_processor.process(llm.tokenizer.encode(second), [d])
+    assert [o["output_ids"] for o in outs] == [
+        hf_greedy(reference, one, [a]),
+        hf_greedy(reference, text, []),
+        hf_greedy(reference, two, [b, c]),
+    ]
+    start, end = mm.images[0].offset, mm.images[0].offset + mm.images[0].num_tokens
+    assert start < hit["meta_info"]["cached_tokens"] < end
+    assert hit["output_ids"] == hf_greedy(reference, second, [d])
 
 
 def test_prefill_chunks_end_at_image_edges() -> None:
