@@ -5,10 +5,11 @@ Requests arrive as token ids with sampling parameters (``add_requests``); result
 through ``get_outputs`` (a long poll that returns everything produced since the last call). When a shard dies
 the group is rebuilt and every running request resumes from the tokens it already generated.
 
-With one pipeline stage, overlap scheduling (on unless ``disable_overlap_schedule``) keeps two steps in flight: the
-group is driven "lagged" (see :mod:`sgl_ray.actors.shard_group`), so a shard launches step N+1 before it waits for
-step N, and the scheduler plans step N+2 while N+1 runs. Constrained requests run ahead too: a step planned before
-its token masks exist is launched with ``mask_deferred``, and its masks follow with the next call to the shards.
+With one pipeline stage and no speculative decoding, overlap scheduling (on unless ``disable_overlap_schedule``)
+keeps two steps in flight: the group is driven "lagged" (see :mod:`sgl_ray.actors.shard_group`), so a shard
+launches step N+1 before it waits for step N, and the scheduler plans step N+2 while N+1 runs. Constrained
+requests run ahead too: a step planned before its token masks exist is launched with ``mask_deferred``, and its
+masks follow with the next call to the shards.
 Pipelines keep one micro-batch per stage in flight.
 """
 
@@ -53,7 +54,10 @@ class GlobalScheduler(SchedulerCalls):
     def __init__(self, args: EngineArgs, max_rebuilds: int = 3) -> None:
         self.args = args
         self.layout = ParallelLayout(args.tp_size, args.pp_size, args.ep_size)
-        self.overlap = args.pp_size == 1 and not args.disable_overlap_schedule
+        # A speculative verify step's next input is known only once its drafts are settled: one step at a time.
+        self.overlap = (
+            args.pp_size == 1 and not args.disable_overlap_schedule and args.speculative_algorithm is None
+        )
         self.max_rebuilds = max_rebuilds
         self.num_rebuilds = 0
 

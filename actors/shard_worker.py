@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import zlib
 from typing import NamedTuple, TypeVar
 
 import msgspec
@@ -107,6 +108,15 @@ class ShardWorker:
         self.layout = layout
         self.runner: ModelRunner | None = None
         self._pending: PendingStep | None = None  # launched by the last ``step`` call, not yet collected
+        self._digest = 0  # see output_digest
+
+    def _record(self, out: StepOutput) -> StepOutput:
+        """Fold a step's sampled tokens and emitted counts into this shard's running digest."""
+        digest = zlib.crc32(np.ascontiguousarray(out.next_token_ids).tobytes(), self._digest)
+        if out.spec_emitted is not None:
+            digest = zlib.crc32(np.ascontiguousarray(out.spec_emitted).tobytes(), digest)
+        self._digest = digest
+        return out
 
     def rendezvous_address(self) -> tuple[str, int]:
         return node_ip(), free_port()
@@ -132,7 +142,7 @@ class ShardWorker:
     def execute(self, plan: StepPlan) -> StepOutput | None:
         """Run one step; only the output rank answers with its output (the others' would travel for nothing)."""
         assert self.runner is not None
-        out = self.runner.execute(owned(plan))
+        out = self._record(self.runner.execute(owned(plan)))
         return out if self.rank == self.layout.output_rank else None
 
     def step(self, call: ShardCall) -> LaggedReply:
@@ -155,7 +165,7 @@ class ShardWorker:
         plan = owned(call.plan)
         launched = self.runner.launch(plan) if plan is not None else None
         previous, self._pending = self._pending, launched
-        output = self.runner.collect(previous) if previous is not None else None
+        output = self._record(self.runner.collect(previous)) if previous is not None else None
         if self.rank != self.layout.output_rank:  # only the output rank's answer is read
             output = None
         return LaggedReply(output, time.perf_counter() - t0)
@@ -181,6 +191,12 @@ class ShardWorker:
         ``ModelRunner.expert_load``); None for a dense model."""
         assert self.runner is not None
         return self.runner.expert_load()
+
+    def output_digest(self) -> int:
+        """A running CRC-32 of every step's sampled tokens and speculative emitted counts on this shard. Only the
+        output rank answers the scheduler; ranks that sample (and verify drafts) identically, as the tensor-parallel
+        group must, report the same digest."""
+        return self._digest
 
     def ping(self) -> int:
         return self.rank

@@ -213,13 +213,15 @@ class EngineArgs:
         default=None,
         metadata={
             "help": "NGRAM (drafts from the request's own tokens) | STANDALONE (a small draft model) | EAGLE | "
-            "EAGLE3 (an EAGLE head over the target's hidden states)"
+            "EAGLE3 (an EAGLE head over the target's hidden states; EAGLE without a draft path: a DeepSeek-V3 "
+            "target's MTP layer) | NEXTN (= EAGLE)"
         },
     )
     speculative_draft_model_path: str | None = field(
         default=None,
         metadata={
-            "help": "STANDALONE: the draft model (same vocabulary as the target); EAGLE/EAGLE3: the head"
+            "help": "STANDALONE: the draft model (same vocabulary as the target); EAGLE/EAGLE3: the head "
+            "(EAGLE: unset for a DeepSeek-V3 target's MTP layer)"
         },
     )
     speculative_num_steps: int | None = field(

@@ -9,9 +9,9 @@ V3 takes sigmoid scores, chooses with ``e_score_correction_bias`` added, groups 
 renormalizes (``norm_topk_prob``). Both scale the weights by ``routed_scaling_factor``.
 
 Multi-token-prediction layers (``num_nextn_predict_layers``, stored after the last decoder layer as
-``model.layers.{num_hidden_layers + i}.*``) are not part of this model: their tensors are skipped at load, never
-read, and the layers a checkpoint holds are recorded in :attr:`DeepseekV2ForCausalLM.mtp_layers` for speculative
-decoding.
+``model.layers.{num_hidden_layers + i}.*``) are not part of this model: their tensors are skipped at load, and the
+layers a checkpoint holds are recorded in :attr:`DeepseekV2ForCausalLM.mtp_layers`. Speculative decoding loads the
+first one as a drafter of its own (:mod:`sgl_ray.models.deepseek_mtp`).
 """
 
 from __future__ import annotations

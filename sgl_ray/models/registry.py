@@ -38,6 +38,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     # EAGLE draft heads (speculative_algorithm EAGLE / EAGLE3 load them, whatever their config names)
     "LlamaForCausalLMEagle": ("sgl_ray.models.llama_eagle", "LlamaForCausalLMEagle"),
     "LlamaForCausalLMEagle3": ("sgl_ray.models.llama_eagle", "LlamaForCausalLMEagle3"),
+    # DeepSeek-V3's multi-token-prediction layer (EAGLE without a head checkpoint on a V3 target)
+    "DeepseekV3ForCausalLMNextN": ("sgl_ray.models.deepseek_mtp", "DeepseekV3ForCausalLMNextN"),
 }
 
 

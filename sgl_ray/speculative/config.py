@@ -21,8 +21,8 @@ from sgl_ray.errors import InvalidRequestError, UnsupportedFeatureError
 logger = logging.getLogger(__name__)
 
 ALGORITHMS = ("NGRAM", "STANDALONE", "EAGLE", "EAGLE3")
-"""Drafters that exist (SGLang's names). ``NEXTN`` (DeepSeek's MTP layer) is recognised and refused."""
-_LATER = ("NEXTN",)
+"""Drafters that exist (SGLang's names). ``NEXTN`` is SGLang's alias of ``EAGLE`` (for DeepSeek's MTP layer)."""
+_ALIASES = {"NEXTN": "EAGLE"}
 _DEFAULT_NGRAM_DRAFT_TOKENS = 8
 _DEFAULT_NUM_STEPS = 3
 
@@ -67,6 +67,11 @@ class SpeculativeConfig:
     def is_eagle(self) -> bool:
         return self.algorithm in ("EAGLE", "EAGLE3")
 
+    @property
+    def uses_mtp(self) -> bool:
+        """EAGLE without a head checkpoint: the target's multi-token-prediction layer drafts (``speculative.mtp``)."""
+        return self.algorithm == "EAGLE" and self.draft_model_path is None
+
     @classmethod
     def from_args(cls, args: Any) -> SpeculativeConfig | None:
         """The settings of ``args`` (an ``EngineArgs``), or None when speculation is off. Raises
@@ -75,12 +80,7 @@ class SpeculativeConfig:
         algo = args.speculative_algorithm
         if algo is None:
             return None
-        algo = algo.upper()
-        if algo in _LATER:
-            raise UnsupportedFeatureError(
-                f"speculative_algorithm={algo!r} is not implemented yet; use one of {ALGORITHMS}",
-                param="speculative_algorithm",
-            )
+        algo = _ALIASES.get(algo.upper(), algo.upper())
         if algo not in ALGORITHMS:
             raise InvalidRequestError(
                 f"speculative_algorithm must be one of {ALGORITHMS}, got {args.speculative_algorithm!r}",
@@ -103,11 +103,11 @@ class SpeculativeConfig:
                 "flashinfer attention backend does not have; use attention_backend='triton' (or 'torch')",
                 param="speculative_eagle_topk",
             )
-        if args.uses_ray:
+        if args.pp_size > 1:  # drafts, verification and the EAGLE head's hidden states live on one stage
             raise UnsupportedFeatureError(
-                "speculative decoding runs in the in-process engine only for now (not with tp_size, pp_size or "
-                "dp_size > 1, nor use_ray)",
-                param="speculative_algorithm",
+                f"speculative decoding does not run with pipeline parallelism (pp_size={args.pp_size}); use "
+                "tp_size instead, or leave speculative_algorithm unset",
+                param="pp_size",
             )
         for name in ("speculative_num_steps", "speculative_num_draft_tokens"):
             value = getattr(args, name)
@@ -119,15 +119,18 @@ class SpeculativeConfig:
                 f"speculative_ngram_min/max_match_window_size: need 1 <= min <= max, got {lo} and {hi}",
                 param="speculative_ngram_min_match_window_size",
             )
+        draft_path = args.speculative_draft_model_path
         if algo == "NGRAM":
-            if args.speculative_draft_model_path is not None:
+            if draft_path is not None:
                 raise InvalidRequestError(
                     "speculative_draft_model_path: NGRAM drafts from the request's own tokens and takes no model",
                     param="speculative_draft_model_path",
                 )
             tokens = args.speculative_num_draft_tokens or _DEFAULT_NGRAM_DRAFT_TOKENS
         else:
-            if args.speculative_draft_model_path is None:
+            if algo == "EAGLE" and draft_path in (None, args.model_path):
+                draft_path = None  # the target's own multi-token-prediction layer drafts (speculative.mtp)
+            elif draft_path is None:
                 what = (
                     "an EAGLE head checkpoint"
                     if algo != "STANDALONE"
@@ -166,7 +169,7 @@ class SpeculativeConfig:
         return cls(
             algorithm=algo,
             num_draft_tokens=tokens,
-            draft_model_path=args.speculative_draft_model_path,
+            draft_model_path=draft_path,
             ngram_min_window=lo,
             ngram_max_window=hi,
             topk=topk,

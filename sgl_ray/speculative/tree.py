@@ -31,7 +31,7 @@ source), which is where the scheduler's rollback (``KVCacheManager.truncate``) e
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -226,6 +226,12 @@ def accept_tree(target_tokens: torch.Tensor, tree: DraftTree) -> TreeVerified:
     path_t = torch.stack(path, dim=1)  # [Bv, D + 1]
     accepted = (path_t[:, 1:] != path_t[:, :-1]).sum(dim=1)
     return TreeVerified(path_t, accepted, torch.stack(emitted, dim=1))
+
+
+def pool_buffers(pool: Any) -> list[torch.Tensor]:
+    """A KV pool's per-slot tensors: every layer's K and V (``KVPool``) or latents (``MLAKVPool``)."""
+    latents = getattr(pool, "latent_buffers", None)
+    return list(latents) if latents is not None else [*pool.k_buffers, *pool.v_buffers]
 
 
 def move_path(

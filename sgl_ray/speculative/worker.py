@@ -21,7 +21,8 @@ from sgl_ray.scheduler.plan import StepPlan
 from sgl_ray.speculative.config import SpeculativeConfig
 from sgl_ray.speculative.draft_model import DraftModel
 from sgl_ray.speculative.eagle import EagleDraft
-from sgl_ray.speculative.tree import TreeShape, move_path, tree_mask, tree_positions
+from sgl_ray.speculative.mtp import MtpDraft
+from sgl_ray.speculative.tree import TreeShape, move_path, pool_buffers, tree_mask, tree_positions
 from sgl_ray.speculative.verify import Drafts, Verified, ngram_drafts_of, verify, verify_tree
 from sgl_ray.transfer import to_device
 
@@ -61,13 +62,9 @@ class SpecWorker:
             return None
         draft: DraftModel | EagleDraft | None = None
         tree = TreeShape(config.topk, config.num_steps) if config.is_tree else None
-        if tree is not None and model_config.kv_latent_dim:
-            raise UnsupportedFeatureError(
-                "speculative_eagle_topk > 1: tree drafts need a tree attention mask, which the multi-head latent "
-                "attention backends do not have; use speculative_eagle_topk=1",
-                param="speculative_eagle_topk",
-            )
-        if config.is_eagle:
+        if config.uses_mtp:  # the target's own multi-token-prediction layer (an EagleDraft)
+            draft = MtpDraft.load(args, model_config, tree)
+        elif config.is_eagle:
             draft = EagleDraft.load(args, model_config, config.algorithm, tree)
         elif config.uses_draft_model:
             draft = DraftModel.load(args, model_config, tree)
@@ -161,7 +158,7 @@ class SpecWorker:
         verified, path, accepted = verify_tree(plan, logits, tokens, logprobs, state, drafts.tree, resample)
         assert self._kv_pool is not None and self._chunk_slots is not None
         pool = self._kv_pool
-        buffers = [*pool.k_buffers, *pool.v_buffers]
+        buffers = pool_buffers(pool)
         if self.draft is not None:
             buffers += self.draft.moved_buffers
         move_path(buffers, self._chunk_slots, path, accepted)

@@ -45,21 +45,14 @@ def test_effective_settings():
 @pytest.mark.parametrize(
     ("options", "error", "param"),
     [
-        ({"speculative_algorithm": "EAGLE"}, InvalidRequestError, "speculative_draft_model_path"),
         ({"speculative_algorithm": "EAGLE3"}, InvalidRequestError, "speculative_draft_model_path"),
-        ({"speculative_algorithm": "NEXTN"}, UnsupportedFeatureError, "speculative_algorithm"),
         ({"speculative_algorithm": "MEDUSA"}, InvalidRequestError, "speculative_algorithm"),
         (
             {"speculative_algorithm": "NGRAM", "speculative_eagle_topk": 4},
             UnsupportedFeatureError,
             "speculative_eagle_topk",
         ),
-        ({"speculative_algorithm": "NGRAM", "tp_size": 2}, UnsupportedFeatureError, "speculative_algorithm"),
-        (
-            {"speculative_algorithm": "NGRAM", "use_ray": True},
-            UnsupportedFeatureError,
-            "speculative_algorithm",
-        ),
+        ({"speculative_algorithm": "NGRAM", "pp_size": 2}, UnsupportedFeatureError, "pp_size"),
         (
             {"speculative_algorithm": "NGRAM", "speculative_num_draft_tokens": 1},
             InvalidRequestError,

@@ -1,7 +1,8 @@
 """Tree drafts (``speculative_eagle_topk`` > 1): the tree search and walk on hand-made cases (the tree attention mask
-is checked in tests/unit/test_tree_mask.py), and greedy (and seeded) outputs of STANDALONE and EAGLE trees token-identical to decoding without
-speculation on tiny random models — concurrent batches, prefill chunks of 8 tokens with preemption — with the KV
-pool back where it started."""
+is checked in tests/unit/test_tree_mask.py; here the MLA backends' against attention written out), and greedy (and
+seeded) outputs of STANDALONE and EAGLE trees token-identical to decoding without speculation on tiny random
+models — concurrent batches, prefill chunks of 8 tokens with preemption, pages of 4 tokens, LoRA adapters on the
+target — with the KV pool back where it started. (Sampling: test_spec_sampling.py; MTP trees: test_spec_mtp.py.)"""
 
 from __future__ import annotations
 
@@ -98,13 +99,13 @@ def _counts(outs: list[dict]) -> tuple[int, int, int]:
 def test_standalone_tree_greedy_identical(plain, tiny_llama_path, tiny_draft_path, topk):
     """topk 2: a perturbed draft model (some paths kept, some cut short); topk 4: the target as its own draft
     model (its argmax child of the root is always the target's token), with prefill chunks of 8 and a
-    pool so small that requests are preempted."""
+    pool of 4-token pages so small that requests are preempted."""
     prompts = _prompts(10, seed=3)
     want = plain.generate(input_ids=prompts, sampling_params=GREEDY)
     draft, options = (
         (tiny_draft_path, {"max_total_tokens": 4096})
         if topk == 2
-        else (tiny_llama_path, {"max_total_tokens": 80, "chunked_prefill_size": 8})
+        else (tiny_llama_path, {"max_total_tokens": 80, "chunked_prefill_size": 8, "page_size": 4})
     )
     with sgl_ray.Engine(
         tiny_llama_path,
@@ -163,6 +164,32 @@ def test_eagle_tree_greedy_and_seeded_identical(plain, tiny_llama_path, smollm2_
         assert_pool_restored(engine)
 
 
+def test_tree_with_lora_on_the_target(tiny_llama_path, lora_adapters):
+    """LoRA adapters on the target, the draft model (the base model) without them: trees give each request the
+    tokens of decoding with its adapter without speculation; the base model's requests keep more drafts."""
+    paths = [f"{n}={p}" for n, p in lora_adapters.items()][:2]
+    names = [p.split("=")[0] for p in paths]
+    prompts = _prompts(4, seed=8)
+    loras = [names[0], names[1], None, names[0]]
+    common = dict(lora_paths=paths, max_loras_per_batch=2, max_total_tokens=2048)
+    with sgl_ray.Engine(tiny_llama_path, **common) as plain_lora:
+        want = plain_lora.generate(input_ids=prompts, sampling_params=GREEDY, lora_path=loras)
+    spec = dict(
+        speculative_algorithm="STANDALONE",
+        speculative_draft_model_path=tiny_llama_path,
+        speculative_eagle_topk=2,
+        speculative_num_steps=3,
+    )
+    with sgl_ray.Engine(tiny_llama_path, **common, **spec) as engine:
+        got = engine.generate(input_ids=prompts, sampling_params=GREEDY, lora_path=loras)
+        assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
+        metas = [o["meta_info"] for o in got]
+        base = metas[2]  # the draft model's argmax child of each root is the target's token
+        assert base["spec_verify_ct"] > 0 and base["spec_accepted_drafts"] >= base["spec_verify_ct"] - 1
+        assert all(m["spec_accept_rate"] < base["spec_accept_rate"] for m in metas[:2])  # adapters differ
+        assert_pool_restored(engine)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_standalone_tree_on_cuda(tmp_path):
@@ -194,3 +221,63 @@ def test_standalone_tree_on_cuda(tmp_path):
         verify_ct, _, accepted = _counts(got)
         assert verify_ct > 0 and accepted >= verify_ct
         assert_pool_restored(engine)
+
+
+def test_mla_tree_mask():
+    """Multi-head latent attention over draft trees: the torch MLA backend and the extend path of the Triton MLA
+    backend (``extend_spans`` + ``attend_extends``, SDPA per request) give each node the attention of the request's
+    prefix, its ancestors and itself (written out here in fp64), beside a causal extend and a decode row."""
+    from sgl_ray.attention.base import TreeMask
+    from sgl_ray.attention.mla.base import attend_extends, extend_spans
+    from sgl_ray.attention.mla.torch_backend import TorchMLABackend
+
+    from ..gpu.test_mla_attention import LAYER_ID, Dims, make_batch, make_case
+
+    prefix, ext = [7, 9, 20, 3], [5, 4, 1, 7]
+    parents = {0: [0, 0, 0, 1, 1], 3: [0, 0, 1, 1, 2, 3, 0]}  # each row's parent (row 0: the root)
+    case = make_case(prefix, ext, Dims(), torch.float32, device="cpu", seed=4)
+    blocks, offsets, off = [], np.full(4, -1), 0
+    for r, par in parents.items():
+        n = ext[r]
+        m = torch.eye(n, dtype=torch.bool)
+        for i in range(n):
+            j = i
+            while j:
+                j = par[j]
+                m[i, j] = True
+        blocks.append(m.reshape(-1))
+        offsets[r], off = off, off + n * n
+    backend = TorchMLABackend(torch.device("cpu"))
+    batch = make_batch(case, backend)
+    batch.tree_mask = TreeMask(torch.cat(blocks), offsets)
+    backend.init_forward_metadata(batch)
+    layer = case.layer
+    with torch.no_grad():
+        got = backend.forward_mla(case.q_nope, case.q_pe, case.latent, layer, batch)
+        latents = case.pool.latent_buffers[LAYER_ID]
+        spans = extend_spans(batch)
+        assert [s.tree for s in spans] == [True, False, True]
+        spans_out = torch.full_like(got, float("nan"))
+        attend_extends(case.q_nope, case.q_pe, latents, spans, layer, spans_out)
+    h, nope, c = layer.num_heads, layer.qk_nope_head_dim, layer.kv_lora_rank
+    w = layer.kv_b_proj.weight.detach().double().view(h, nope + layer.v_head_dim, c)
+    q_all = torch.cat([case.q_nope, case.q_pe], dim=-1).double()
+    start = 0
+    for r, (p, n) in enumerate(zip(prefix, ext, strict=True)):
+        lat = latents[case.slots[r]].double()  # [S, C + R] the prefix, then this step's latents
+        kv = torch.einsum("sc,hdc->hsd", lat[:, :c], w)
+        k = torch.cat([kv[..., :nope], lat[None, :, c:].expand(h, -1, -1)], dim=-1)  # [H, S, nope + R]
+        for i in range(n):
+            seen = list(range(i + 1))
+            if r in parents:
+                seen, j = [i], i
+                while j:
+                    j = parents[r][j]
+                    seen.append(j)
+            keys = list(range(p)) + [p + j for j in sorted(seen)]
+            scores = torch.einsum("hd,hsd->hs", q_all[start + i], k[:, keys]) * layer.scaling
+            want = torch.einsum("hs,hsd->hd", scores.softmax(dim=-1), kv[:, keys, nope:]).float()
+            torch.testing.assert_close(got[start + i], want, atol=1e-4, rtol=1e-4)
+            if n > 1:
+                torch.testing.assert_close(spans_out[start + i], want, atol=1e-4, rtol=1e-4)
+        start += n

@@ -38,6 +38,7 @@ class ExtendSpan(NamedTuple):
     num_tokens: int
     kv_slots: torch.Tensor  # [S] pool slots of its whole sequence (prefix, then the new tokens)
     mask: torch.Tensor | None  # [num_tokens, S] True where visible; None: plain causal (no prefix)
+    tree: bool = False  # the mask is a draft tree's (``batch.tree_mask``), not causal
 
 
 class MLAAttentionBackend(AttentionBackend):
@@ -55,19 +56,29 @@ class MLAAttentionBackend(AttentionBackend):
 
 
 def extend_spans(batch: ForwardBatch) -> list[ExtendSpan]:
-    """The :class:`ExtendSpan` of every request of ``batch`` adding more than one token (no host sync)."""
+    """The :class:`ExtendSpan` of every request of ``batch`` adding more than one token (no host sync). A request
+    verifying a draft tree (``batch.tree_mask``, ``attention.base.TreeMask``) sees its whole prefix, then its own
+    new tokens as the tree's mask says (each node its ancestors and itself)."""
     ext, prefix = batch.extend_lens_cpu, batch.prefix_lens_cpu
     starts = np.concatenate(([0], np.cumsum(ext)[:-1]))
     device = batch.req_to_token.device
+    tree = batch.tree_mask
     spans = []
     for r in np.nonzero(ext > 1)[0]:
-        p, seq_len = int(prefix[r]), int(prefix[r] + ext[r])
+        n, p = int(ext[r]), int(prefix[r])
+        seq_len = p + n
         slots = batch.req_to_token.index_select(0, batch.req_pool_idxs[r : r + 1])[0, :seq_len]
         mask = None
-        if p:
+        in_tree = tree is not None and tree.offsets[r] >= 0
+        if in_tree:
+            assert tree is not None
+            off = int(tree.offsets[r])
+            own = tree.mask[off : off + n * n].view(n, n).to(device)
+            mask = torch.cat([own.new_ones(n, p), own], dim=1)
+        elif p:
             q_pos = torch.arange(p, seq_len, device=device)
             mask = torch.arange(seq_len, device=device)[None, :] <= q_pos[:, None]
-        spans.append(ExtendSpan(int(starts[r]), int(ext[r]), slots, mask))
+        spans.append(ExtendSpan(int(starts[r]), n, slots, mask, in_tree))
     return spans
 
 
