@@ -24,6 +24,7 @@ may be absent, and then the target's are shared (:meth:`share_target_weights`).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
 import torch
@@ -177,9 +178,21 @@ class LlamaForCausalLMEagle(nn.Module):
         return ids + self.d2t[ids]
 
     def share_target_weights(self, target: nn.Module) -> None:
-        """Take the target's embedding and LM head where the checkpoint had none."""
+        """Take the target's embedding and LM head where the checkpoint had none. The head looks up the
+        target's embedding table without the target's scale of it (Gemma's ``sqrt(hidden_size)``, Granite's
+        ``embedding_multiplier``), as a head trained on a copy of that table reads it."""
+        h, target_h = self.config.hidden_size, target.config.hidden_size
+        if self.missing and h != target_h:
+            raise ModelLoadError(
+                f"the EAGLE head (hidden size {h}) lacks {sorted(self.missing)}, and the target's (hidden size "
+                f"{target_h}) cannot stand in: a head narrower or wider than its target ships its own"
+            )
         if "model.embed_tokens.weight" in self.missing:
-            self.model.embed_tokens = target.model.embed_tokens
+            embed = target.model.embed_tokens
+            if embed.multiplier != 1.0:
+                embed = copy.copy(embed)  # the same weight (and TP shard), unscaled
+                embed.multiplier = 1.0
+            self.model.embed_tokens = embed
         if "lm_head.weight" in self.missing:
             self.lm_head = target.lm_head
 

@@ -241,3 +241,32 @@ class ReferenceHead:
             tokens.append(out[-1])
             hidden = torch.cat([hidden, head_out[-1:]])
         return out
+
+
+def save_head_for_family(
+    directory: Path,
+    target: str,
+    kind: str,
+    seed: int = 0,
+    draft_vocab: int | None = None,
+    aux_ids: list[int] | None = None,
+) -> str:
+    """A random head for a target of any family, shaped as a plain Llama layer of the target's width (4 query
+    heads on 2 KV heads of 16, default rope), as EAGLE heads trained for non-Llama targets are: a head's config
+    copied from an MLA (DeepSeek) or per-layer-type-rope (Gemma 3) config would not be a Llama layer."""
+    cfg = json.loads((Path(target) / "config.json").read_text())
+    shape = {
+        k: cfg[k] for k in ("hidden_size", "intermediate_size", "vocab_size", "bos_token_id", "eos_token_id")
+    }
+    shape.update(
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    like = directory.parent / f"{directory.name}_shape"
+    like.mkdir(parents=True, exist_ok=True)
+    (like / "config.json").write_text(json.dumps(shape))
+    return save_eagle_head(directory, str(like), kind, seed=seed, draft_vocab=draft_vocab, aux_ids=aux_ids)
