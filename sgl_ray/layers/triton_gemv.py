@@ -268,15 +268,30 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def rotary_store_supports(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> bool:
     """Whether :func:`qkv_rotary_store_gemv` takes this QKV product in its default launch shape."""
-    pairs = gemv_config(*weight.shape).block_n // 2
+    kind = weight_kind(weight)
+    pairs = gemv_config(weight.shape[0], weight.shape[1] * (8 if kind == "int4" else 1), kind).block_n // 2
     return supports(x, weight) and head_dim % 2 == 0 and pairs > 0 and (head_dim // 2) % pairs == 0
 
 
-def gemv_config(n: int, k: int) -> GemvConfig:
-    """The launch shape for an ``[N, K]`` weight: measured on an H200 over the 8B shapes at batch 1 (PDL on),
+# Launch shapes of quantized weights read as held, by (kind, N, K) with kind "fp8" or "int4" (K: input columns),
+# from `sgl-ray bench quant-kernels --tune` (its fp8-fused / int4-fused rows); other shapes take the float ones.
+QUANTIZED_CONFIGS: dict[tuple[str, int, int], GemvConfig] = {}
+
+
+def weight_kind(weight: torch.Tensor) -> str:
+    """ "int4" (packed words), "fp8" or "float": how the kernel reads ``weight``."""
+    return (
+        "int4" if weight.dtype == torch.int32 else "fp8" if weight.dtype == torch.float8_e4m3fn else "float"
+    )
+
+
+def gemv_config(n: int, k: int, kind: str = "float") -> GemvConfig:
+    """The launch shape for an ``[N, K]`` weight read as ``kind`` (:func:`weight_kind`): a measured entry of
+    ``QUANTIZED_CONFIGS``, else the float shapes, measured on an H200 over the 8B shapes at batch 1 (PDL on):
     narrow outputs (O, down: N 4096) do best with 8 rows of W per program and long K chunks, the rest with 2 rows
-    per single-warp program."""
-    return NARROW_CONFIG if n <= 4096 else DEFAULT_CONFIG
+    per single-warp program. Quantized weights keep the float shapes' bytes per step."""
+    config = QUANTIZED_CONFIGS.get((kind, n, k)) if kind != "float" else None
+    return config or (NARROW_CONFIG if n <= 4096 else DEFAULT_CONFIG)
 
 
 _PLAIN, _RMSNORM, _SILU_MUL = 0, 1, 2
@@ -317,7 +332,7 @@ def _launch(
         raise ValueError(
             f"weight_scale needs {n} per-row scales of unit stride, got {tuple(weight_scale.shape)}"
         )
-    config = config or gemv_config(n, k)
+    config = config or gemv_config(n, k, weight_kind(weight))
     half = 1
     if rotary is not None:
         half = rotary.k_cache.shape[-1] // 2

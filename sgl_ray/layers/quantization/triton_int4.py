@@ -204,7 +204,7 @@ class Int4GemvConfig(NamedTuple):
 
 
 # Launch shapes of the one-row GEMV by weight shape (N, K), from `python -m sgl_ray.bench.quant_kernels --tune`;
-# other shapes take the nearest entry by N (see gemv_config).
+# other shapes take the default (see gemv_config).
 GEMV_TABLE: dict[tuple[int, int], Int4GemvConfig] = {}
 DEFAULT_GEMV = Int4GemvConfig(block_n=4, block_w=64, num_warps=1, num_stages=4)
 
