@@ -270,3 +270,26 @@ def save_head_for_family(
     like.mkdir(parents=True, exist_ok=True)
     (like / "config.json").write_text(json.dumps(shape))
     return save_eagle_head(directory, str(like), kind, seed=seed, draft_vocab=draft_vocab, aux_ids=aux_ids)
+
+
+def record_drafts(
+    engine, prompt: list[int], sampling_params: dict
+) -> tuple[list[int], list[tuple[int, list[int]]]]:
+    """Run one request through ``engine`` (an in-process ``sgl_ray.Engine`` with a model drafter) and return its
+    whole sequence (prompt and output) and each chain the drafter proposed, with the prefix length it followed."""
+    draft = engine._core.runner.spec.draft
+    seen: list[tuple[int, list[int]]] = []
+    real = draft.draft
+
+    def recording(plan, input_ids):  # the real drafter, its drafts noted
+        drafts, ids = real(plan, input_ids)
+        for row, v in enumerate(plan.draft_lens.nonzero()[0] if len(plan.draft_lens) else []):
+            seen.append((int(plan.prefix_lens[v]), drafts.tokens[row, : plan.draft_lens[v]].tolist()))
+        return drafts, ids
+
+    draft.draft = recording
+    try:
+        out = engine.generate(input_ids=prompt, sampling_params=sampling_params)
+    finally:
+        del draft.draft
+    return prompt + out["output_ids"], seen

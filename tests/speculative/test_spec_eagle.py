@@ -16,7 +16,7 @@ import sgl_ray
 from sgl_ray.errors import InvalidRequestError, ModelLoadError
 
 from ..conftest import _TINY_SHAPE
-from .eagle_heads import ReferenceHead, copy_head_of, copy_target, save_eagle_head
+from .eagle_heads import ReferenceHead, copy_head_of, copy_target, record_drafts, save_eagle_head
 from .test_spec_engine import assert_pool_restored
 
 K = 3
@@ -130,23 +130,8 @@ def test_drafts_match_reference(engines, name):
     reference = ReferenceHead(
         target, head["speculative_draft_model_path"], head["speculative_algorithm"], capture
     )
-    draft = engines.get(name)._core.runner.spec.draft
-    seen: list[tuple[int, list[int]]] = []
-    real = draft.draft
-
-    def recording(plan, input_ids):  # the real drafter, its drafts noted
-        drafts, ids = real(plan, input_ids)
-        for row, v in enumerate(plan.draft_lens.nonzero()[0] if len(plan.draft_lens) else []):
-            seen.append((int(plan.prefix_lens[v]), drafts.tokens[row, : plan.draft_lens[v]].tolist()))
-        return drafts, ids
-
-    draft.draft = recording
-    try:
-        prompt = _prompts(1, seed=7)[0]
-        out = engines.get(name).generate(input_ids=prompt, sampling_params={**GREEDY, "max_new_tokens": 12})
-    finally:
-        del draft.draft
-    seq = prompt + out["output_ids"]
+    prompt = _prompts(1, seed=7)[0]
+    seq, seen = record_drafts(engines.get(name), prompt, {**GREEDY, "max_new_tokens": 12})
     assert len(seen) >= 3
     for position, drafts in seen:
         assert drafts == reference.drafts(seq[: position + 1], len(drafts)), position

@@ -21,7 +21,7 @@ from ..conftest import save_tiny_model
 from ..engine.test_deepseek import deepseek_config
 from ..engine.test_gemma import gemma_config, save_gemma
 from ..moe_models import moe_config
-from .eagle_heads import ReferenceHead, save_eagle_head, save_head_for_family
+from .eagle_heads import ReferenceHead, record_drafts, save_eagle_head, save_head_for_family
 from .test_spec_eagle import _prompts, _spec_counts
 from .test_spec_engine import assert_pool_restored
 
@@ -48,28 +48,6 @@ def family_target(moe_model, smollm2_path, tmp_path_factory):
         return save_gemma(config, tmp_path_factory.mktemp(name), tokenizer), config.num_hidden_layers
 
     return get
-
-
-def _recorded_drafts(
-    engine: sgl_ray.Engine, prompt: list[int]
-) -> tuple[list[int], list[tuple[int, list[int]]]]:
-    """The request's output and each chain the head drafted, with the position of the newest token before it."""
-    draft = engine._core.runner.spec.draft
-    seen: list[tuple[int, list[int]]] = []
-    real = draft.draft
-
-    def recording(plan, input_ids):  # the real drafter, its drafts noted
-        drafts, ids = real(plan, input_ids)
-        for row, v in enumerate(plan.draft_lens.nonzero()[0] if len(plan.draft_lens) else []):
-            seen.append((int(plan.prefix_lens[v]), drafts.tokens[row, : plan.draft_lens[v]].tolist()))
-        return drafts, ids
-
-    draft.draft = recording
-    try:
-        out = engine.generate(input_ids=prompt, sampling_params={**GREEDY, "max_new_tokens": 4})
-    finally:
-        del draft.draft
-    return prompt + out["output_ids"], seen
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -99,7 +77,7 @@ def test_heads_token_exact(family, family_target, tmp_path):
             verify_ct, proposed, _ = _spec_counts(got)
             assert verify_ct > 0 and proposed > 0, algorithm
             if algorithm == "EAGLE3":
-                seq, seen = _recorded_drafts(engine, prompts[2])
+                seq, seen = record_drafts(engine, prompts[2], {**GREEDY, "max_new_tokens": 4})
             assert_pool_restored(engine)
     # EAGLE-3's drafts against the reference: the family's captured layer inputs and the shared embedding table,
     # read as stored (Gemma's sqrt(hidden) scale belongs to the target's forward, not to its table)

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, DeepseekV3Config
 import sgl_ray
 from sgl_ray.errors import InvalidRequestError, ModelLoadError
 
+from .eagle_heads import record_drafts
 from .test_spec_engine import assert_pool_restored
 
 K = 3  # speculative_num_steps
@@ -198,23 +199,8 @@ def test_greedy_outputs_identical_and_drafts_match_reference(models):
         assert engine.get_stats()["spec_proposed_drafts"] > 0
         assert_pool_restored(engine)
 
-        seen: list[tuple[int, list[int]]] = []
-        real = draft.draft
-
-        def recording(plan, input_ids):  # the real drafter, its drafts noted
-            drafts, ids = real(plan, input_ids)
-            for row, v in enumerate(plan.draft_lens.nonzero()[0] if len(plan.draft_lens) else []):
-                seen.append((int(plan.prefix_lens[v]), drafts.tokens[row, : plan.draft_lens[v]].tolist()))
-            return drafts, ids
-
-        draft.draft = recording
-        try:
-            prompt = prompts[2]
-            out = engine.generate(input_ids=prompt, sampling_params={**GREEDY, "max_new_tokens": 10})
-        finally:
-            del draft.draft
+        seq, seen = record_drafts(engine, prompts[2], {**GREEDY, "max_new_tokens": 10})
         assert_pool_restored(engine)
-    seq = prompt + out["output_ids"]
     reference = ReferenceMtp(path)
     assert len(seen) >= 3
     for position, drafts in seen[:4]:
