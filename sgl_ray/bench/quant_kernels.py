@@ -24,7 +24,6 @@ Example (on a CUDA device)::
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable
 
 import torch
@@ -44,27 +43,13 @@ L2_BUSTING_BYTES = 256 << 20  # weight bytes cycled through per timed pass
 
 def _time(calls: list[Callable[[], object]], repeats: int) -> float:
     """µs per call: ``calls`` captured in one CUDA graph, replayed ``repeats`` times, the median."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls[:2]:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    from sgl_ray.attention.triton_bench import graph_time_ms
+
+    def all_calls() -> None:
         for c in calls:
             c()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / len(calls))
-    return statistics.median(times)
+
+    return graph_time_ms(all_calls, repeats) * 1000 / len(calls)
 
 
 def copy_rate() -> float:
