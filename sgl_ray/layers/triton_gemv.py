@@ -34,6 +34,7 @@ from sgl_ray.layers.triton_gemv_epilogues import (
     head_norm_rotary_store_epilogue,
     rotary_store_epilogue,
 )
+from sgl_ray.layers.triton_gemv_inputs import accumulate, gemv_input, int4_rows, residual_sum
 from sgl_ray.layers.triton_pdl import launch_args, pdl_enter, use_pdl
 
 MAX_ROWS = 1  # from 2 rows on cuBLAS was faster on an H200 (8B shapes), and from 4 by far
@@ -53,84 +54,6 @@ class GemvConfig(NamedTuple):
 # (see gemv_config).
 DEFAULT_CONFIG = GemvConfig(block_n=2, block_k=512, num_warps=1, num_stages=4)
 NARROW_CONFIG = GemvConfig(block_n=8, block_k=1024, num_warps=4, num_stages=3)
-
-
-@triton.jit
-def _accumulate(acc, w, x, LANE_ACC: tl.constexpr):
-    """Add the products of a weight tile w [BLOCK_N, BLOCK_K] and the rows x [M_PAD, BLOCK_K] to acc."""
-    prod = w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]  # [M_PAD, BLOCK_N, BLOCK_K]
-    if LANE_ACC:
-        return acc + prod
-    else:
-        return acc + tl.sum(prod, axis=2)
-
-
-@triton.jit
-def _residual_sum(X, R, x_rows, r_rows, offs_k, mask, HAS_RESIDUAL: tl.constexpr):
-    """x (+ residual), rounded to the activation dtype as the torch path does: [M_PAD, BLOCK_K]."""
-    x = tl.load(X + x_rows + offs_k[None, :], mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(R + r_rows + offs_k[None, :], mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-    return x
-
-
-@triton.jit
-def _input(
-    X, R, NormW, x_rows, r_rows, offs_k, mask, rstd, K,
-    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-):  # fmt: skip
-    """The GEMV's input columns ``offs_k`` of every row: x itself, RMSNorm(x + residual) (rstd [M_PAD] known),
-    or silu(gate) * up of x = [gate | up] (K = its width); each step rounded like the separate kernels."""
-    if PROLOGUE == 2:
-        gate = tl.load(X + x_rows + offs_k[None, :], mask=mask, other=0.0)
-        up = tl.load(X + x_rows + K + offs_k[None, :], mask=mask, other=0.0)
-        g = gate.to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
-        return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
-    elif PROLOGUE == 1:
-        x = _residual_sum(X, R, x_rows, r_rows, offs_k, mask, HAS_RESIDUAL)
-        y = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
-        nw = tl.load(NormW + offs_k, mask=offs_k < K, other=0.0)
-        return (nw.to(tl.float32)[None, :] * y.to(tl.float32)).to(x.dtype)
-    else:
-        return tl.load(X + x_rows + offs_k[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _int4_rows(
-    X, R, NormW, x_rows, r_rows, Wq, WScale, WZero, offs_n, mask_n, mask_m, rstd, K, num_groups, group_size,
-    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PROLOGUE: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-):  # fmt: skip
-    """``[M_PAD, BLOCK_N]`` products of the input rows with INT4 rows ``offs_n`` (int32 words [N, K / 8], value
-    ``c`` of a row in bits ``4 (c % 8)`` of word ``c // 8``; per-group scales and uint8 zero points [N, G]).
-    ``BLOCK_W`` words of each row per step; a word's eight values lie in one group, so each lane sums
-    ``(q - z) x`` over its word and scales that once. A nibble OR-ed into the mantissa of 2^23 reads as the float
-    2^23 + q, so ``(2^23 + q) - (2^23 + z)`` decodes it exactly with no integer-to-float conversion."""
-    words = K // 8
-    q_rows = Wq + offs_n.to(tl.int64)[:, None] * words  # [BLOCK_N, 1]
-    g_rows = offs_n[:, None] * num_groups
-    rw = tl.arange(0, BLOCK_W)
-    acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_W], dtype=tl.float32)
-    for w0 in range(0, words, BLOCK_W):
-        w_at = w0 + rw
-        w_ok = w_at < words
-        wmask = mask_n[:, None] & w_ok[None, :]
-        packed = tl.load(q_rows + w_at[None, :], mask=wmask, other=0)  # [BLOCK_N, BLOCK_W]
-        at = g_rows + ((w_at * 8) // group_size)[None, :]
-        s = tl.load(WScale + at, mask=wmask, other=0.0).to(tl.float32)
-        zf = tl.load(WZero + at, mask=wmask, other=0).to(tl.float32) + 8388608.0
-        part = tl.zeros([M_PAD, BLOCK_N, BLOCK_W], dtype=tl.float32)
-        for i in tl.static_range(8):
-            x = _input(
-                X, R, NormW, x_rows, r_rows, w_at * 8 + i, mask_m[:, None] & w_ok[None, :], rstd, K,
-                PROLOGUE, HAS_RESIDUAL,
-            )  # fmt: skip
-            qi = (((packed >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zf
-            part += qi[None, :, :] * x.to(tl.float32)[:, None, :]
-        acc += part * s[None, :, :]
-    return tl.sum(acc, axis=2)
 
 
 @triton.jit
@@ -174,7 +97,7 @@ def _gemv_kernel(
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + offs_k
             mask = mask_m[:, None] & (cols < K)[None, :]
-            h = _residual_sum(X, R, x_rows, r_rows, cols, mask, HAS_RESIDUAL)
+            h = residual_sum(X, R, x_rows, r_rows, cols, mask, HAS_RESIDUAL)
             if HAS_RESIDUAL:
                 if pid == 0:  # the new residual stream, written once
                     tl.store(ROut + (offs_m * stride_rom)[:, None] + cols[None, :], h, mask=mask)
@@ -184,7 +107,7 @@ def _gemv_kernel(
     k_start = 0
     pre = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
     if USE_PDL and not W_INT4:
-        x_pre = _input(
+        x_pre = gemv_input(
             X, R, NormW, x_rows, r_rows, offs_p, mask_m[:, None] & (offs_p < K)[None, :], rstd, K,
             PROLOGUE, HAS_RESIDUAL,
         )  # fmt: skip
@@ -196,7 +119,7 @@ def _gemv_kernel(
         acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
     if W_INT4:  # BLOCK_K counts words here; the products come out whole
         k_start = K
-        pre = _int4_rows(
+        pre = int4_rows(
             X, R, NormW, x_rows, r_rows, W, WScale, WZero, offs_n, mask_n, mask_m, rstd, K, num_groups, group_size,
             M_PAD, BLOCK_N, BLOCK_K, PROLOGUE, HAS_RESIDUAL,
         )  # fmt: skip
@@ -204,14 +127,16 @@ def _gemv_kernel(
         cols = k0 + offs_k
         if EVEN_K:
             w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None], other=0.0)
-            x = _input(X, R, NormW, x_rows, r_rows, cols, mask_m[:, None], rstd, K, PROLOGUE, HAS_RESIDUAL)
+            x = gemv_input(
+                X, R, NormW, x_rows, r_rows, cols, mask_m[:, None], rstd, K, PROLOGUE, HAS_RESIDUAL
+            )
         else:
             in_k = cols < K
             w = tl.load(w_rows + cols[None, :], mask=mask_n[:, None] & in_k[None, :], other=0.0)
-            x = _input(
+            x = gemv_input(
                 X, R, NormW, x_rows, r_rows, cols, mask_m[:, None] & in_k[None, :], rstd, K, PROLOGUE, HAS_RESIDUAL
             )  # fmt: skip
-        acc = _accumulate(acc, w, x, LANE_ACC)
+        acc = accumulate(acc, w, x, LANE_ACC)
     if LANE_ACC:
         y = tl.sum(acc, axis=2) + pre  # [M_PAD, BLOCK_N]
     else:
