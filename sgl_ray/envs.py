@@ -25,6 +25,9 @@ class Env:
     """Overrides the default model path used when none is given (``SGL_RAY_DEFAULT_MODEL``)."""
     log_level: str
     """Logging level of the ``sgl_ray`` logger (``SGL_RAY_LOG_LEVEL``, default ``WARNING``)."""
+    gemv_configs: Path | None = None
+    """A JSON file of one-row GEMV launch shapes measured on this card (``SGL_RAY_GEMV_CONFIGS``), written by
+    ``sgl-ray bench quant-kernels --tune --save FILE``; its entries take precedence over the built-in tables."""
 
 
 def get_env() -> Env:
@@ -33,4 +36,7 @@ def get_env() -> Env:
         cache_dir=Path(os.environ.get("SGL_RAY_CACHE_DIR") or _cache_home()),
         default_model=os.environ.get("SGL_RAY_DEFAULT_MODEL") or None,
         log_level=os.environ.get("SGL_RAY_LOG_LEVEL", "WARNING").upper(),
+        gemv_configs=Path(os.environ["SGL_RAY_GEMV_CONFIGS"])
+        if os.environ.get("SGL_RAY_GEMV_CONFIGS")
+        else None,
     )

@@ -14,7 +14,8 @@ Every call reads the next of several copies of the weights (more bytes than the 
 captured in a CUDA graph, and the figure is the median of repeats. ``GB/s`` counts the bytes held (weights,
 scales, zero points); ``of copy`` is that over the device-to-device copy rate measured in the same run. Each
 kernel's output is checked against the dequantized weights before it is timed. ``--tune`` prints the fastest
-launch shape per projection as rows for the kernels' ``GEMV_TABLE``.
+launch shape per projection as rows for the kernels' ``GEMV_TABLE``; ``--save FILE`` writes them as a file that
+``SGL_RAY_GEMV_CONFIGS=FILE`` makes later runs on this card use (:mod:`sgl_ray.layers.gemv_overrides`).
 
 Example (on a CUDA device)::
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -195,6 +197,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--tune", action="store_true", help="print the fastest launch shape per projection")
+    p.add_argument("--save", default="", help="with --tune: write the fastest shapes to this JSON file")
     p.add_argument(
         "--gemm-rows", default="", help="comma-separated token counts for the GEMM rows (e.g. 256,4096)"
     )
@@ -245,6 +248,21 @@ def run(ns: argparse.Namespace) -> int:
                     print(
                         f"    ({n}, {k}): {best[name][kind]['config']},  # {name} {best[name][kind]['us']:.1f} us"
                     )
+        if ns.save:
+            from sgl_ray.layers import gemv_overrides
+
+            saved = {
+                kind: {
+                    SHAPES[ns.shape][name]: tuple(rows[kind]["config"])
+                    for name, rows in best.items()
+                    if kind in rows
+                }
+                for kind in gemv_overrides.KINDS
+            }
+            Path(ns.save).write_text(
+                gemv_overrides.dump({kind: rows for kind, rows in saved.items() if rows})
+            )
+            print(f"saved to {ns.save}")
     return 0
 
 

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sgl_ray.layers import gemv_overrides
 from sgl_ray.layers.triton_gemv_epilogues import (
     NormOfInput,
     RotaryStore,
@@ -211,11 +212,14 @@ def weight_kind(weight: torch.Tensor) -> str:
 
 
 def gemv_config(n: int, k: int, kind: str = "float") -> GemvConfig:
-    """The launch shape for an ``[N, K]`` weight read as ``kind`` (:func:`weight_kind`): a measured entry of
-    ``QUANTIZED_CONFIGS``, else the float shapes, measured on an H200 over the 8B shapes at batch 1 (PDL on):
-    narrow outputs (O, down: N 4096) do best with 8 rows of W per program and long K chunks, the rest with 2 rows
+    """The launch shape for an ``[N, K]`` weight read as ``kind`` (:func:`weight_kind`): a measured entry of a
+    saved file (:mod:`sgl_ray.layers.gemv_overrides`) or of ``QUANTIZED_CONFIGS``, else the float shapes,
+    measured on an H200 over the 8B shapes at batch 1 (PDL on): narrow outputs (O, down: N 4096) do best with 8 rows of W per program and long K chunks, the rest with 2 rows
     per single-warp program. Quantized weights keep the float shapes' bytes per step."""
-    config = QUANTIZED_CONFIGS.get((kind, n, k)) if kind != "float" else None
+    if kind == "float":
+        return NARROW_CONFIG if n <= 4096 else DEFAULT_CONFIG
+    saved = gemv_overrides.tuned(f"{kind}-fused", n, k)
+    config = GemvConfig(*saved) if saved else QUANTIZED_CONFIGS.get((kind, n, k))
     return config or (NARROW_CONFIG if n <= 4096 else DEFAULT_CONFIG)
 
 

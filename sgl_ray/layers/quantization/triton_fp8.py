@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sgl_ray.layers import gemv_overrides
 from sgl_ray.layers.quantization.fp8 import quantize_fp8_groups, quantize_fp8_rows
 from sgl_ray.layers.triton_pdl import launch_args, pdl_enter, use_pdl
 
@@ -112,8 +113,10 @@ DEFAULT_GEMV = Fp8GemvConfig(block_n=4, block_k=1024, num_warps=2, num_stages=4)
 
 
 def gemv_config(n: int, k: int) -> Fp8GemvConfig:
-    """The one-row GEMV's launch shape for an ``[N, K]`` weight: the table's entry, else the default."""
-    return GEMV_TABLE.get((n, k), DEFAULT_GEMV)
+    """The one-row GEMV's launch shape for an ``[N, K]`` weight: a saved measurement
+    (:mod:`sgl_ray.layers.gemv_overrides`), else the table's entry, else the default."""
+    saved = gemv_overrides.tuned("fp8", n, k)
+    return Fp8GemvConfig(*saved) if saved else GEMV_TABLE.get((n, k), DEFAULT_GEMV)
 
 
 @triton.jit

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sgl_ray.layers import gemv_overrides
 from sgl_ray.layers.triton_pdl import launch_args, pdl_enter, use_pdl
 
 GEMV_MAX_ROWS = 4
@@ -210,8 +211,10 @@ DEFAULT_GEMV = Int4GemvConfig(block_n=4, block_w=64, num_warps=1, num_stages=4)
 
 
 def gemv_config(n: int, k: int) -> Int4GemvConfig:
-    """The one-row GEMV's launch shape for an ``[N, K]`` weight: the table's entry, else the default."""
-    return GEMV_TABLE.get((n, k), DEFAULT_GEMV)
+    """The one-row GEMV's launch shape for an ``[N, K]`` weight: a saved measurement
+    (:mod:`sgl_ray.layers.gemv_overrides`), else the table's entry, else the default."""
+    saved = gemv_overrides.tuned("int4", n, k)
+    return Int4GemvConfig(*saved) if saved else GEMV_TABLE.get((n, k), DEFAULT_GEMV)
 
 
 def _tile_k(group_size: int, cap: int) -> int:
