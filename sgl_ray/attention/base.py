@@ -26,7 +26,10 @@ A backend computes attention for one layer of a batch whose requests each add ``
 * ``batch.tree_mask`` (speculative tree verification; backends with ``supports_tree_mask``): an extend request
   ``r`` with ``offsets[r] >= 0`` has new token ``i`` see new token ``j`` iff ``mask[offsets[r] + i * n + j]``
   (``n``: its extend length; the draft tree's ancestors-or-self) instead of iff ``j <= i``, its whole prefix as
-  usual. Not with a sliding window (an ``UnsupportedFeatureError`` at the layer).
+  usual. Such a token sits at position ``prefix_len[r] + depth(i)`` (``depth``: its count of ancestors-or-self
+  less one; :func:`new_token_positions`), and a sliding window compares positions as for causal tokens: with
+  window ``W`` it sees prefix key ``j`` iff ``j > prefix_len[r] + depth(i) - W`` and new token ``j`` iff the mask
+  says so and ``depth(j) > depth(i) - W``.
 * ``batch.multimodal.image_spans`` (models whose image tokens attend to each other in both directions, Gemma 3;
   backends with ``supports_image_spans``): per request, the ``[start, end)`` positions of the images its new
   tokens reach, each image whole within the step (prefill chunks end at image edges) or begun in the cached
@@ -76,6 +79,39 @@ def image_key_ends(batch: ForwardBatch, r: int, prefix: int, seq_len: int) -> np
         if lo < hi:
             ends[lo - prefix : hi - prefix] = hi
     return ends
+
+
+def new_token_positions(batch: ForwardBatch) -> torch.Tensor:
+    """[T] int64 on the batch's device: each new token's position among its request's new tokens — its index, or,
+    in a draft tree (``batch.tree_mask``), its depth: the row sum of its mask row less one (the tree's
+    ancestors-or-self).
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool).reshape(-1)  # two children
+        >>> tree = TreeMask(mask, np.array([-1, 0]))  # request 0 causal, request 1 the tree
+        >>> batch = SimpleNamespace(extend_lens_cpu=np.array([2, 3]), tree_mask=tree, input_ids=torch.zeros(5))
+        >>> new_token_positions(batch).tolist()
+        [0, 1, 0, 1, 1]
+    """
+    ext = np.asarray(batch.extend_lens_cpu, dtype=np.int64)
+    starts = np.cumsum(ext) - ext
+    dev = batch.input_ids.device
+    pos = torch.from_numpy(np.arange(int(ext.sum())) - np.repeat(starts, ext)).to(dev)
+    tree = batch.tree_mask
+    if tree is None or not (tree.offsets >= 0).any():
+        return pos
+    reqs = np.flatnonzero(tree.offsets >= 0)
+    n = ext[reqs]  # [Bt] rows of each tree, each row n wide in the flat mask
+    rows = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # row index within its tree
+    row_start = np.repeat(tree.offsets[reqs], n) + rows * np.repeat(n, n)  # [R] first entry of each row
+    total = torch.cumsum(tree.mask.to(torch.int64), 0)
+    total = torch.cat([total.new_zeros(1), total])  # total[e]: set entries before e
+    ends = torch.from_numpy(row_start + np.repeat(n, n)).to(dev)
+    depth = total[ends] - total[torch.from_numpy(row_start).to(dev)] - 1
+    pos[torch.from_numpy(np.repeat(starts[reqs], n) + rows).to(dev)] = depth
+    return pos
 
 
 class AttentionBackend(ABC):

@@ -7,8 +7,9 @@ one with a causal mask offset by their cached prefix. A model that attends bidir
 Layers with a sliding window, attention sinks or soft-capped scores (see ``sgl_ray.layers.attention``) run on a
 variant of the step's metadata built on their first call and kept for the step (``_Metadata.variant``): decode rows
 gather only the keys inside the window; extends are cut into query chunks, each with the keys its window reaches
-and an explicit mask. With sinks or a cap the softmax is computed explicitly (``attend_explicit``); without, SDPA
-takes the mask.
+and an explicit mask; a draft tree's rows (speculative verification, ``batch.tree_mask``) keep theirs, cut by the
+window at their tree positions (prefix + depth, ``_windowed_tree``). With sinks or a cap the softmax is computed
+explicitly (``attend_explicit``); without, SDPA takes the mask.
 
 An FP8 pool (``kv_cache_dtype``) is read as stored: the gathered keys and values are widened to the query's dtype,
 the layer's K scale multiplies the score scale and its V scale the output (``_attend``).
@@ -25,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from sgl_ray.attention.base import AttentionBackend, image_key_ends
-from sgl_ray.errors import UnsupportedFeatureError
 from sgl_ray.mem_cache.kv_pool import KVScale
 
 if TYPE_CHECKING:
@@ -73,17 +73,11 @@ class _Metadata:
             decode = self.decode
             if decode is not None and window is not None:
                 decode = _windowed_decode(decode, self.req_to_token, window)
-            if window is not None and any(part.tree for part in self.extends):
-                raise UnsupportedFeatureError(
-                    "speculative_eagle_topk > 1: tree drafts of a model with sliding-window layers are not "
-                    "supported; use speculative_eagle_topk=1",
-                    param="speculative_eagle_topk",
-                )
             extends = [
                 chunk
                 for part in self.extends
                 for chunk in (
-                    [part]  # a draft tree: a few rows, its mask already explicit
+                    [_windowed_tree(part, window)]  # a draft tree: a few rows, its mask already explicit
                     if part.tree
                     else _extend_chunks(
                         part, int(part.kv_slots.shape[0]) - part.num_tokens, window, num_heads
@@ -109,6 +103,25 @@ def _windowed_decode(dec: _DecodePart, req_to_token: torch.Tensor, window: int) 
         slots = slots.masked_fill(~valid_dev, 0)  # read the reserved slot 0, never a stale one
         mask = valid_dev[:, None, None, :]
     return _DecodePart(dec.token_idx, slots, mask, dec.pool_rows, lens)
+
+
+def _windowed_tree(part: _ExtendPart, window: int | None) -> _ExtendPart:
+    """A draft tree's part (its mask: the whole prefix, then the tree's ancestors-or-self) for a layer with
+    ``window``: row ``i`` sits at position ``P + depth(i)`` (``P``: the prefix length; a row's depth is its count
+    of ancestors-or-self less one), so it sees prefix key ``j`` iff ``j > P + depth(i) - window`` and its ancestor
+    ``a`` iff ``depth(a) > depth(i) - window``. Keys before ``P - window + 1`` are seen by no row (depths are
+    at least 0) and are not gathered."""
+    if window is None:
+        return part
+    assert part.mask is not None
+    n = part.num_tokens
+    prefix = int(part.kv_slots.shape[0]) - n
+    depth = part.mask[:, prefix:].sum(dim=1) - 1  # [n]
+    lo = max(0, prefix - window + 1)
+    k_pos = torch.cat([torch.arange(lo, prefix, device=depth.device), prefix + depth])  # [L]
+    q_pos = prefix + depth  # [n]
+    mask = part.mask[:, lo:] & (k_pos[None, :] > q_pos[:, None] - window)  # [n, L]
+    return _ExtendPart(part.token_start, n, part.kv_slots[lo:], mask, tree=True)
 
 
 def _extend_chunks(part: _ExtendPart, prefix: int, window: int | None, num_heads: int) -> list[_ExtendPart]:

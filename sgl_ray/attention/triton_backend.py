@@ -8,7 +8,9 @@ sinks and score cap (``RadixAttention.sliding_window`` / ``.sinks`` / ``.logit_c
 handed to the kernels, so the same metadata (and CUDA graph) serves every layer, as are an FP8 pool's per-layer
 K/V scales (``kv_cache_dtype``; see ``triton_kernels``). A step whose requests reach into images that attend to
 each other both ways (Gemma 3: ``batch.multimodal.image_spans``) ships one more array in the same copy, the end of
-each token's image (``triton_extend``'s ``HAS_IMAGES``); decode rows need none (nothing follows their token).
+each token's image (``triton_extend``'s ``HAS_IMAGES``); decode rows need none (nothing follows their token). A
+step verifying draft trees gives its windowed layers each token's position among its request's new tokens (a tree
+row's depth, ``base.new_token_positions``), built on the first such layer and kept for the step.
 
 Example (on a CUDA machine; the model runner does this through ``create_attention_backend``)::
 
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from sgl_ray.attention.base import AttentionBackend, image_key_ends
+from sgl_ray.attention.base import AttentionBackend, image_key_ends, new_token_positions
 from sgl_ray.attention.triton_extend import EXTEND_BLOCK_M, extend_attention
 from sgl_ray.attention.triton_kernels import (
     DecodeConfig,
@@ -33,7 +35,7 @@ from sgl_ray.attention.triton_kernels import (
     decode_config,
     short_decode_len,
 )
-from sgl_ray.errors import UnsupportedFeatureError, UnsupportedModelError
+from sgl_ray.errors import UnsupportedModelError
 from sgl_ray.transfer import to_device
 
 if TYPE_CHECKING:
@@ -90,10 +92,13 @@ class _ExtendPart:
     image_end: torch.Tensor | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Metadata:
     decode: _DecodePart | None
     extend: _ExtendPart | None
+    # [T] int32 each token row's position among its request's new tokens (a draft tree's rows: their depth), set
+    # by the first windowed layer of a step with draft trees (base.new_token_positions)
+    new_pos: torch.Tensor | None = None
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -240,12 +245,11 @@ class TritonAttentionBackend(AttentionBackend):
                 v_scale=kv_scale.v,
             )
         if meta.extend is not None:
+            new_pos = None
             if meta.extend.tree_mask is not None and layer.sliding_window is not None:
-                raise UnsupportedFeatureError(
-                    "speculative_eagle_topk > 1: tree drafts of a model with sliding-window layers are not "
-                    "supported; use speculative_eagle_topk=1",
-                    param="speculative_eagle_topk",
-                )
+                if meta.new_pos is None:  # a tree row's window reaches back from its depth, not its index
+                    meta.new_pos = new_token_positions(batch).to(torch.int32)
+                new_pos = meta.new_pos
             extend_attention(
                 q,
                 k,
@@ -265,6 +269,7 @@ class TritonAttentionBackend(AttentionBackend):
                 tree_mask=meta.extend.tree_mask,
                 blk_tree=meta.extend.blk_tree,
                 image_end=meta.extend.image_end,
+                new_pos=new_pos,
             )
         return out.view(num_tokens, h * d)
 

@@ -23,6 +23,11 @@ read it, whether a prefix was computed in this step or an earlier one.
 With draft trees (``HAS_TREE``, speculative verification) a block whose request has a tree mask
 (``attention.base.TreeMask``; ``blk_tree``: its offset, -1 for causal requests) takes the visibility of new keys
 from the mask instead of ``j <= i``; the causal loop bound still holds, since an ancestor comes before its node.
+A tree row sits at position ``prefix + depth``, not ``prefix + i``; with a window as well (``HAS_POS``) each row
+reads its position among the request's new tokens from ``new_pos`` (its depth; its index in a causal request) and
+the window compares positions: prefix key ``j`` is seen iff ``j > prefix + pos(i) - window``, new key ``a`` iff
+``pos(a) > pos(i) - window``. Both loops start at the first key the block's smallest position reaches (a new key's
+index is at least its position, so no seen key comes before).
 
 With images whose tokens see each other both ways (``HAS_IMAGES``, Gemma 3; ``attention.base.image_key_ends``)
 each query row ``i`` reads ``image_end[row]``, the end of its image counted among the request's new tokens (0 for
@@ -45,14 +50,14 @@ EXTEND_BLOCK_M = 64  # queries per program; the unit of the backend's block tabl
 # fmt: off
 @triton.jit
 def _extend_kernel(
-    Q, Knew, Vnew, K, V, Out, Sinks, TreeMask, blk_tree, ImageEnd,
+    Q, Knew, Vnew, K, V, Out, Sinks, TreeMask, blk_tree, ImageEnd, NewPos,
     req_to_token, req_pool_idxs, blk_row, blk_token, blk_qstart, blk_prefix, blk_len,
     qk_scale, v_scale, group, window, logit_cap,
     stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_r2t,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_CAP: tl.constexpr,
-    NEW_FROM_POOL: tl.constexpr, HAS_TREE: tl.constexpr, HAS_IMAGES: tl.constexpr,
+    NEW_FROM_POOL: tl.constexpr, HAS_TREE: tl.constexpr, HAS_IMAGES: tl.constexpr, HAS_POS: tl.constexpr,
 ):
     # fmt: on
     head = tl.program_id(0)
@@ -74,13 +79,22 @@ def _extend_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
+    # Each row's position among the request's new tokens: its index, or (HAS_POS: draft trees under a window)
+    # its depth. The loops start where the block's smallest position reaches (a new key's index is at least its
+    # position).
+    q_pos = offs_m
+    pos_min = q_start
+    if HAS_POS:
+        q_pos = tl.load(NewPos + token0 + offs_m, mask=mask_m, other=0)
+        pos_min = tl.min(tl.where(mask_m, q_pos, n_new), 0)
+
     # Cached prefix, fully visible without a window (each block holds a valid key, so m_i turns finite at once).
     slot_row = req_to_token + req * stride_r2t
     p_start = 0
     n_start = 0
-    if HAS_WINDOW:  # the first key the block's first query sees, among the prefix / among the new tokens
-        p_start = tl.maximum(prefix + q_start - window + 1, 0)
-        n_start = tl.maximum(q_start - window + 1, 0)
+    if HAS_WINDOW:  # the first key the block's nearest query sees, among the prefix / among the new tokens
+        p_start = tl.maximum(prefix + pos_min - window + 1, 0)
+        n_start = tl.maximum(pos_min - window + 1, 0)
     for n0 in range(p_start, prefix, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < prefix
@@ -89,8 +103,8 @@ def _extend_kernel(
         k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
         visible = mask_n[None, :]
-        if HAS_WINDOW:  # prefix key n is at distance prefix + i - n from query i
-            visible = visible & (offs_n[None, :] > (prefix + offs_m)[:, None] - window)
+        if HAS_WINDOW:  # prefix key n is at distance prefix + q_pos - n from the query
+            visible = visible & (offs_n[None, :] > (prefix + q_pos)[:, None] - window)
         m_i, l_i, acc = online_softmax_step(
             q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE, HAS_WINDOW, logit_cap, HAS_CAP
         )
@@ -122,7 +136,10 @@ def _extend_kernel(
             own = tl.load(TreeMask + tree_off + offs_m[:, None] * n_new + offs_n[None, :], mask=in_tree, other=0)
             visible = tl.where(row_in[:, None], in_tree & (own != 0), visible)
         if HAS_WINDOW:
-            visible = visible & (offs_n[None, :] > offs_m[:, None] - window)
+            k_pos = offs_n
+            if HAS_POS:
+                k_pos = tl.load(NewPos + token0 + offs_n, mask=mask_n, other=0)
+            visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
         m_i, l_i, acc = online_softmax_step(
             q, k, v, visible, qk_scale, m_i, l_i, acc, IEEE, HAS_WINDOW, logit_cap, HAS_CAP
         )
@@ -153,6 +170,8 @@ def extend_attention(
     blk_tree: torch.Tensor | None = None,  # [NB] int32 each block's request's offset in tree_mask, -1: causal
     image_end: torch.Tensor | None = None,  # [T] int32 per token row: its image's end among its request's new
     # tokens, 0 outside images (attention.base.image_key_ends)
+    new_pos: torch.Tensor | None = None,  # [T] int32 per token row: its position among its request's new tokens
+    # (a draft tree's rows: their depth); read with a window only
 ) -> None:
     num_blocks = blocks.shape[1]
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -163,7 +182,7 @@ def extend_attention(
     _extend_kernel[(num_heads, num_blocks)](
         q, k, v, k_buf, v_buf, out, q if sinks is None else sinks,
         q if tree_mask is None else tree_mask, blk_len if blk_tree is None else blk_tree,
-        blk_len if image_end is None else image_end,
+        blk_len if image_end is None else image_end, blk_len if new_pos is None else new_pos,
         req_to_token, req_pool_idxs, blk_row, blk_token, blk_qstart, blk_prefix, blk_len,
         scale * k_scale * LOG2E, v_scale, num_heads // k_buf.shape[1], window or 0, (logit_cap or 0.0) * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -172,7 +191,7 @@ def extend_attention(
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=EXTEND_BLOCK_M,
         BLOCK_N=32 if wide else 64, IEEE=ieee, HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
         HAS_CAP=logit_cap is not None, NEW_FROM_POOL=k_buf.dtype != q.dtype, HAS_TREE=tree_mask is not None,
-        HAS_IMAGES=image_end is not None,
+        HAS_IMAGES=image_end is not None, HAS_POS=new_pos is not None and window is not None,
         num_warps=4, num_stages=1 if head_dim > 128 and ieee else 2,
     )
     # fmt: on

@@ -48,7 +48,8 @@ def dequantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype = torch.floa
 
 class KVPool:
     """``k_buffers[layer]`` and ``v_buffers[layer]`` are ``[num_slots, num_kv_heads, head_dim]`` of ``dtype``: the
-    model's dtype, or an FP8 type with ``scales[layer]`` (default 1.0; a pool of another dtype has scales 1.0)."""
+    model's dtype, or an FP8 type with ``scales[layer]`` (default 1.0; a pool of another dtype has scales 1.0).
+    Hybrid pools: ``[swa_num_slots, ...]`` for the layers with ``swa_layers[layer]``, indexed by SWA slot."""
 
     def __init__(
         self,
@@ -59,7 +60,8 @@ class KVPool:
         dtype: torch.dtype,
         device: torch.device,
         scales: Sequence[KVScale] | None = None,
-        layer_num_slots: Sequence[int] | None = None,
+        swa_layers: Sequence[bool] | None = None,
+        swa_num_slots: int = 0,
     ) -> None:
         self.num_slots = num_slots
         self.head_dim = head_dim
@@ -72,10 +74,14 @@ class KVPool:
             raise ValueError(f"KV scales must be positive, got {list(scales)}")
         use_scales = self.is_fp8 and scales is not None
         self.scales: list[KVScale] = list(scales) if use_scales else [KVScale()] * num_layers
-        # Hybrid pools: the windowed layers' buffers have their own (smaller) slot space, see mem_cache.hybrid_swa
-        rows = list(layer_num_slots) if layer_num_slots is not None else [num_slots] * num_layers
-        if len(rows) != num_layers:
-            raise ValueError(f"slot counts for {len(rows)} layers, pool of {num_layers}")
+        # Hybrid pools: the windowed layers' buffers (``swa_layers[i]``) have their own slot space of
+        # ``swa_num_slots`` slots, see mem_cache.hybrid_swa
+        self.swa_layers = tuple(swa_layers) if swa_layers is not None else (False,) * num_layers
+        if len(self.swa_layers) != num_layers:
+            raise ValueError(f"SWA flags for {len(self.swa_layers)} layers, pool of {num_layers}")
+        if any(self.swa_layers) and swa_num_slots < 1:
+            raise ValueError("windowed layers in their own slot space need swa_num_slots")
+        rows = [swa_num_slots if swa else num_slots for swa in self.swa_layers]
         # Uninitialised except the reserved slot 0: padded reads hit it and must stay finite (masked scores times
         # NaN would still be NaN); every other slot is written before it is read.
         self.k_buffers = [torch.empty((n, num_kv_heads, head_dim), dtype=dtype, device=device) for n in rows]

@@ -169,9 +169,8 @@ class ModelRunner:
                 kv_dtype,
                 self.device,
                 self.kv_scales.for_layers(range(self.model.model.start, self.model.model.end)),
-                None
-                if swa_layers is None
-                else [capacity.swa_num_slots if w else capacity.num_slots for w in swa_layers],
+                swa_layers,
+                capacity.swa_num_slots if swa_layers is not None else 0,
             )
             if swa_layers is not None:  # full slot -> the windowed layers' slot (0: none), see _apply_swa_map
                 self.full_to_swa = torch.zeros(capacity.num_slots, dtype=torch.int64, device=self.device)
@@ -229,17 +228,16 @@ class ModelRunner:
 
     def _hybrid_swa_layers(self) -> list[bool] | None:
         """Which local layers keep their KV in the windowed layers' own pool (``mem_cache.hybrid_swa``), or None
-        when the pools are not split: every layer or none has a window, ``disable_hybrid_swa_memory``, speculative
-        decoding (a draft model reads the same slots), multi-head latent attention, pipeline stages, an
-        attention backend that reads one slot space only (FlashInfer), or CUDA decode graphs (the windowed
-        layers' slots are translated outside graphs, so on CUDA the pools split only with
-        ``disable_cuda_graph``: graphs are kept, as decode speed is the default's priority)."""
+        when the pools are not split: every layer or none has a window, ``disable_hybrid_swa_memory``, multi-head
+        latent attention, pipeline stages, an attention backend that reads one slot space only (FlashInfer), or CUDA
+        decode graphs (the windowed layers' slots are translated outside graphs, so on CUDA the pools split only
+        with ``disable_cuda_graph``: graphs are kept, as decode speed is the default's priority). A draft model keeps
+        its own single pool (``SpecWorker.init_memory``)."""
         from sgl_ray.attention.torch_backend import TorchAttentionBackend
         from sgl_ray.attention.triton_backend import TritonAttentionBackend
 
         if (
             self.args.disable_hybrid_swa_memory
-            or self.args.speculative_algorithm is not None
             or self.config.kv_latent_dim
             or self.shard.pp_size > 1
             or not isinstance(self.attn_backend, (TorchAttentionBackend, TritonAttentionBackend))
@@ -276,7 +274,12 @@ class ModelRunner:
             per_token = self.config.kv_bytes_per_token(
                 self.shard.tp.world_size, kv_cache_dtype(self.args, self.config)
             )
-            capacity = self.spec.scale_capacity(capacity, per_token, self.args.max_total_tokens is not None)
+            if capacity.swa_num_slots:  # hybrid pools: the windowed layers' share is held for fewer tokens
+                held = 1.0 - swa_fraction + swa_fraction * capacity.swa_num_slots / capacity.num_slots
+                per_token = max(1, int(per_token * held))
+            capacity = self.spec.scale_capacity(
+                capacity, per_token, self.args.max_total_tokens is not None, self.args.page_size
+            )
         return capacity
 
     def _load_model(self, weights) -> torch.nn.Module:

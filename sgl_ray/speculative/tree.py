@@ -22,7 +22,9 @@ child whose token is ``t_c`` while there is one. Drafts are deterministic (the d
 sampling from the target and checking the tree: seeded or greedy, the output is token for token the one decoding
 without speculation gives. The accepted path's KV is then copied to the entry's first rows' slots (row ``i`` of the
 path to chunk row ``i``; a path node's row is at least its depth, so copying in depth order never overwrites a
-source), which is where the scheduler's rollback (``KVCacheManager.truncate``) expects it::
+source), which is where the scheduler's rollback (``KVCacheManager.truncate``) expects it. In hybrid pools
+(``mem_cache.hybrid_swa``) the windowed layers' KV moves the same way between the rows' SWA slots (the chunk's
+pages each map to their own SWA page)::
 
     chunk rows:   x   n_1  n_2  n_3  n_4  n_5         accepted path x -> n_2 -> n_5 (depths 0, 1, 2)
     after copy:   x   n_2  n_5  ...                   rows 0 .. 2 kept, the rest freed by the rollback
@@ -228,10 +230,17 @@ def accept_tree(target_tokens: torch.Tensor, tree: DraftTree) -> TreeVerified:
     return TreeVerified(path_t, accepted, torch.stack(emitted, dim=1))
 
 
-def pool_buffers(pool: Any) -> list[torch.Tensor]:
-    """A KV pool's per-slot tensors: every layer's K and V (``KVPool``) or latents (``MLAKVPool``)."""
+def pool_buffers(pool: Any, swa: bool = False) -> list[torch.Tensor]:
+    """A KV pool's per-slot tensors of one slot space: every layer's K and V (``KVPool``) or latents
+    (``MLAKVPool``); in hybrid pools (``KVPool.swa_layers``, ``mem_cache.hybrid_swa``) the full-attention layers'
+    (indexed by full slot), or with ``swa`` the windowed layers' (indexed by SWA slot)."""
     latents = getattr(pool, "latent_buffers", None)
-    return list(latents) if latents is not None else [*pool.k_buffers, *pool.v_buffers]
+    if latents is not None:
+        return [] if swa else list(latents)
+    in_swa = pool.swa_layers
+    return [
+        b for bufs in (pool.k_buffers, pool.v_buffers) for b, w in zip(bufs, in_swa, strict=True) if w == swa
+    ]
 
 
 def move_path(

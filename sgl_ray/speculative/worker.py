@@ -53,6 +53,9 @@ class SpecWorker:
         self._chunk_slots: torch.Tensor | None = (
             None  # [Bv, N + 1] KV slots of the verify rows of a tree step
         )
+        self._swa_chunk_slots: torch.Tensor | None = (
+            None  # the same in the windowed layers' slots (hybrid pools)
+        )
         self._sampler = Sampler()  # draws tree rows again at their tree positions
 
     @classmethod
@@ -86,18 +89,29 @@ class SpecWorker:
         if isinstance(self.draft, EagleDraft):
             self.draft.capture(batch, hidden)
 
-    def scale_capacity(self, capacity: KVCapacity, target_kv_bytes: int, explicit: bool) -> KVCapacity:
+    def scale_capacity(
+        self, capacity: KVCapacity, target_kv_bytes: int, explicit: bool, page_size: int = 1
+    ) -> KVCapacity:
         """The target's planned capacity with room for the draft model's KV of every slot (unless the size was
-        given explicitly, ``max_total_tokens``: then both pools take it)."""
+        given explicitly, ``max_total_tokens``: then both pools take it). ``target_kv_bytes``: the target's KV bytes
+        per slot (hybrid pools: per full slot, the windowed layers' share scaled by their pool's size); both of its
+        pools shrink alike, to whole pages."""
         if self.draft is None or explicit:
             return capacity
         draft_bytes = self.draft.kv_bytes_per_token
-        slots = capacity.num_slots * target_kv_bytes // (target_kv_bytes + draft_bytes)
-        return dataclasses.replace(capacity, num_slots=max(2, slots))
+
+        def scaled(slots: int) -> int:
+            kept = slots * target_kv_bytes // (target_kv_bytes + draft_bytes)
+            return max(2 * page_size, kept - kept % page_size)
+
+        swa = scaled(capacity.swa_num_slots) if capacity.swa_num_slots else 0
+        return dataclasses.replace(capacity, num_slots=scaled(capacity.num_slots), swa_num_slots=swa)
 
     def init_memory(self, capacity: KVCapacity, req_table: ReqToTokenTable) -> None:
+        """The draft model's memory: a pool at the target's full slots (every token of its own layers, windowed
+        ones too, even where the target's windowed layers keep theirs apart: ``mem_cache.hybrid_swa``)."""
         if self.draft is not None:
-            self.draft.init_memory(capacity, req_table)
+            self.draft.init_memory(dataclasses.replace(capacity, swa_num_slots=0), req_table)
 
     def before_forward(self, plan: StepPlan, input_ids: torch.Tensor) -> torch.Tensor:
         """Apply the plan to the draft model (admissions, its KV pass, drafting) and return the target's input ids
@@ -129,7 +143,10 @@ class SpecWorker:
         batch.positions = tree_positions(batch.positions, tree, starts, plan.prefix_lens[verify])
         batch.tree_mask = tree_mask(tree, verify, plan.batch_size)
         cols = np.minimum(np.arange(tree.parents.shape[1] + 1)[None, :], tree.sizes[:, None])
-        self._chunk_slots = batch.out_cache_loc[to_device(starts[:, None] + cols, batch.out_cache_loc.device)]
+        rows = to_device(starts[:, None] + cols, batch.out_cache_loc.device)
+        self._chunk_slots = batch.out_cache_loc[rows]
+        swa_loc = batch.swa_out_cache_loc  # hybrid pools: the windowed layers' slots of the same rows
+        self._swa_chunk_slots = swa_loc[rows] if swa_loc is not None else None
 
     def admit_only(self, plan: StepPlan) -> None:
         """A plan without tokens: only its request-slot changes reach the draft model."""
@@ -162,5 +179,7 @@ class SpecWorker:
         if self.draft is not None:
             buffers += self.draft.moved_buffers
         move_path(buffers, self._chunk_slots, path, accepted)
-        self._chunk_slots = None
+        if self._swa_chunk_slots is not None:  # hybrid pools: the windowed layers' KV, in their own slots
+            move_path(pool_buffers(pool, swa=True), self._swa_chunk_slots, path, accepted)
+        self._chunk_slots = self._swa_chunk_slots = None
         return verified
