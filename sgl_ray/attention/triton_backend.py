@@ -10,7 +10,10 @@ K/V scales (``kv_cache_dtype``; see ``triton_kernels``). A step whose requests r
 each other both ways (Gemma 3: ``batch.multimodal.image_spans``) ships one more array in the same copy, the end of
 each token's image (``triton_extend``'s ``HAS_IMAGES``); decode rows need none (nothing follows their token). A
 step verifying draft trees gives its windowed layers each token's position among its request's new tokens (a tree
-row's depth, ``base.new_token_positions``), built on the first such layer and kept for the step.
+row's depth, ``base.new_token_positions``), built on the first such layer and kept for the step. In hybrid KV
+pools (``mem_cache.hybrid_swa``) a windowed layer stores at ``batch.swa_out_cache_loc`` and its kernels read the
+request table through ``batch.full_to_swa`` (``triton_kernels.load_slots``): the metadata is the same for every
+layer, and a step translates only its new tokens' slots.
 
 Example (on a CUDA machine; the model runner does this through ``create_attention_backend``)::
 
@@ -214,9 +217,11 @@ class TritonAttentionBackend(AttentionBackend):
         h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
         q = q.view(num_tokens, h, d)
         k, v = k.view(-1, kvh, d), v.view(-1, kvh, d)
-        loc, req_to_token, req_pool_idxs = batch.kv_indices(layer)  # hybrid pools: windowed layers' own slots
+        # Hybrid pools: a windowed layer stores at its own slots and reads the (full) table through the map
+        slot_map = batch.slot_map(layer)
+        req_to_token, req_pool_idxs = batch.req_to_token, batch.req_pool_idxs
         if not kv_stored:
-            batch.kv_pool.set_kv(layer.layer_id, loc, k, v)
+            batch.kv_pool.set_kv(layer.layer_id, batch.store_loc(layer), k, v)
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
         kv_scale = batch.kv_pool.scales[layer.layer_id]  # 1.0 but for an FP8 pool
         meta: _Metadata = batch.attn_metadata
@@ -243,6 +248,7 @@ class TritonAttentionBackend(AttentionBackend):
                 logit_cap=layer.logit_cap,
                 k_scale=kv_scale.k,
                 v_scale=kv_scale.v,
+                slot_map=slot_map,
             )
         if meta.extend is not None:
             new_pos = None
@@ -270,6 +276,7 @@ class TritonAttentionBackend(AttentionBackend):
                 blk_tree=meta.extend.blk_tree,
                 image_end=meta.extend.image_end,
                 new_pos=new_pos,
+                slot_map=slot_map,
             )
         return out.view(num_tokens, h * d)
 

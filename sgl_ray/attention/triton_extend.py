@@ -15,6 +15,9 @@ see nothing of a block before its own window starts (``online_softmax_step``'s `
 (``HAS_SINKS``) join each row's denominator at the end; soft-capped scores (``HAS_CAP``) are capped before the
 mask. Layers with none of them compile to the plain kernel.
 
+A windowed layer of hybrid KV pools (``HAS_SLOT_MAP``) reads every slot of ``req_to_token`` through the map to its
+own pool, as the decode kernel does (``triton_kernels.load_slots``).
+
 With an FP8 pool (``NEW_FROM_POOL``) the new tokens' keys and values are read back from the pool, where the
 backend has just stored them, rather than from ``k``/``v``: every key is then what the pool holds (the layer's K
 scale folded into ``qk_scale``, its V scale applied to the output), as the decode kernel and the torch backend
@@ -42,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sgl_ray.attention.triton_kernels import LOG2E, online_softmax_step, sink_term
+from sgl_ray.attention.triton_kernels import LOG2E, load_slots, online_softmax_step, sink_term
 
 EXTEND_BLOCK_M = 64  # queries per program; the unit of the backend's block table
 
@@ -50,7 +53,7 @@ EXTEND_BLOCK_M = 64  # queries per program; the unit of the backend's block tabl
 # fmt: off
 @triton.jit
 def _extend_kernel(
-    Q, Knew, Vnew, K, V, Out, Sinks, TreeMask, blk_tree, ImageEnd, NewPos,
+    Q, Knew, Vnew, K, V, Out, Sinks, TreeMask, blk_tree, ImageEnd, NewPos, SlotMap,
     req_to_token, req_pool_idxs, blk_row, blk_token, blk_qstart, blk_prefix, blk_len,
     qk_scale, v_scale, group, window, logit_cap,
     stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh,
@@ -58,6 +61,7 @@ def _extend_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_CAP: tl.constexpr,
     NEW_FROM_POOL: tl.constexpr, HAS_TREE: tl.constexpr, HAS_IMAGES: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_SLOT_MAP: tl.constexpr,
 ):
     # fmt: on
     head = tl.program_id(0)
@@ -98,7 +102,7 @@ def _extend_kernel(
     for n0 in range(p_start, prefix, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < prefix
-        slots = tl.load(slot_row + offs_n, mask=mask_n, other=0).to(tl.int64)
+        slots = load_slots(slot_row, offs_n, mask_n, SlotMap, HAS_SLOT_MAP)
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -121,7 +125,7 @@ def _extend_kernel(
         mask_n = offs_n < n_new
         kv_mask = mask_n[:, None] & mask_d[None, :]
         if NEW_FROM_POOL:  # as stored (FP8), at the slots of positions prefix + n
-            slots = tl.load(slot_row + prefix + offs_n, mask=mask_n, other=0).to(tl.int64)
+            slots = load_slots(slot_row + prefix, offs_n, mask_n, SlotMap, HAS_SLOT_MAP)
             k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
         else:
@@ -172,6 +176,7 @@ def extend_attention(
     # tokens, 0 outside images (attention.base.image_key_ends)
     new_pos: torch.Tensor | None = None,  # [T] int32 per token row: its position among its request's new tokens
     # (a draft tree's rows: their depth); read with a window only
+    slot_map: torch.Tensor | None = None,  # [num_slots] int64 the table's slot -> the pool's (hybrid pools)
 ) -> None:
     num_blocks = blocks.shape[1]
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -183,7 +188,7 @@ def extend_attention(
         q, k, v, k_buf, v_buf, out, q if sinks is None else sinks,
         q if tree_mask is None else tree_mask, blk_len if blk_tree is None else blk_tree,
         blk_len if image_end is None else image_end, blk_len if new_pos is None else new_pos,
-        req_to_token, req_pool_idxs, blk_row, blk_token, blk_qstart, blk_prefix, blk_len,
+        req_to_token if slot_map is None else slot_map, req_to_token, req_pool_idxs, blk_row, blk_token, blk_qstart, blk_prefix, blk_len,
         scale * k_scale * LOG2E, v_scale, num_heads // k_buf.shape[1], window or 0, (logit_cap or 0.0) * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1), out.stride(0), out.stride(1),
@@ -192,6 +197,6 @@ def extend_attention(
         BLOCK_N=32 if wide else 64, IEEE=ieee, HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
         HAS_CAP=logit_cap is not None, NEW_FROM_POOL=k_buf.dtype != q.dtype, HAS_TREE=tree_mask is not None,
         HAS_IMAGES=image_end is not None, HAS_POS=new_pos is not None and window is not None,
-        num_warps=4, num_stages=1 if head_dim > 128 and ieee else 2,
+        HAS_SLOT_MAP=slot_map is not None, num_warps=4, num_stages=1 if head_dim > 128 and ieee else 2,
     )
     # fmt: on

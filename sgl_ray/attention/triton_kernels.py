@@ -24,6 +24,13 @@ before the window. A layer with sinks (``HAS_SINKS``) adds
 ``2^(sink * log2(e) - max)`` to the softmax denominator once: in stage 2, or at the end of stage 1 when it writes the
 output directly. The flags are ``tl.constexpr``: layers without them compile to the kernels they had before.
 
+A windowed layer of hybrid KV pools (``mem_cache.hybrid_swa``) keeps its KV in a pool of its own, indexed by other
+slots than the full pool's that ``req_to_token`` holds. With ``HAS_SLOT_MAP`` the kernels read each slot through
+the runner's ``full_to_swa`` map, ``slot = full_to_swa[req_to_token[req, pos]]`` (``load_slots``), so a step needs
+no translated copy of the table (a per-step gather of every request's row, and a shape that changes with the
+longest sequence). The map is written, like the table, before the forward pass starts, so it may be read before
+the wait for the previous kernel too.
+
 An FP8 pool (``kv_cache_dtype``) is loaded as stored and widened to the query's dtype in ``online_softmax_step``
 (exact); the layer's K scale is folded into ``qk_scale`` and its V scale multiplies each split's normalised output
 (the merge is linear in them), so the loop does no extra work per key. Without FP8 both scales are 1.0.
@@ -99,17 +106,27 @@ def sink_term(sink, m):
     return tl.exp2(sink.to(tl.float32) * 1.4426950408889634 - m)
 
 
+@triton.jit
+def load_slots(slot_row, offs, mask, SlotMap, HAS_SLOT_MAP: tl.constexpr):
+    """The pool slots of positions ``offs`` of a request's ``req_to_token`` row (masked positions: slot 0), read
+    through ``SlotMap`` with ``HAS_SLOT_MAP`` (a hybrid pool's windowed layer: full slot -> its own slot)."""
+    slots = tl.load(slot_row + offs, mask=mask, other=0).to(tl.int64)
+    if HAS_SLOT_MAP:
+        slots = tl.load(SlotMap + slots, mask=mask, other=0).to(tl.int64)
+    return slots
+
+
 # fmt: off
 @triton.jit
 def _decode_stage1(
-    Q, K, V, Out, PartO, PartLse, Sinks,
+    Q, K, V, Out, PartO, PartLse, Sinks, SlotMap,
     req_to_token, req_pool_idxs, dec_row, dec_token, dec_len,
     qk_scale, v_scale, num_splits, group, window, logit_cap,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_r2t, stride_pi, stride_ph,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_CAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SLOT_MAP: tl.constexpr,
 ):
     # fmt: on
     split = tl.program_id(0)
@@ -143,7 +160,7 @@ def _decode_stage1(
         # previous kernel instead of following it.
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        slots = tl.load(slot_row + offs_n, mask=mask_n, other=0).to(tl.int64)
+        slots = load_slots(slot_row, offs_n, mask_n, SlotMap, HAS_SLOT_MAP)
         early = (offs_n < seq_len - 1)[:, None] & mask_d[None, :]
         k_first = tl.load(k_head + slots[:, None] * stride_kt + offs_d[None, :], mask=early, other=0.0)
         v_first = tl.load(v_head + slots[:, None] * stride_vt + offs_d[None, :], mask=early, other=0.0)
@@ -167,7 +184,7 @@ def _decode_stage1(
     for n0 in range(n_first, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        slots = tl.load(slot_row + offs_n, mask=mask_n, other=0).to(tl.int64)
+        slots = load_slots(slot_row, offs_n, mask_n, SlotMap, HAS_SLOT_MAP)
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_head + slots[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_head + slots[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -286,6 +303,7 @@ def decode_attention(
     logit_cap: float | None = None,  # the layer's score soft cap (None: none)
     k_scale: float = 1.0,  # an FP8 pool's scales: a stored key means key * k_scale
     v_scale: float = 1.0,
+    slot_map: torch.Tensor | None = None,  # [num_slots] int64 the table's slot -> the pool's (hybrid pools)
 ) -> None:
     num_decode = dec_row.shape[0]
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -305,14 +323,14 @@ def decode_attention(
     # fmt: off
     _decode_stage1[(num_splits, num_kv_heads, num_decode)](
         q, k_buf, v_buf, out, part_o, part_lse, q if sinks is None else sinks,
-        req_to_token, req_pool_idxs, dec_row, dec_token, dec_len,
+        req_to_token if slot_map is None else slot_map, req_to_token, req_pool_idxs, dec_row, dec_token, dec_len,
         scale * k_scale * LOG2E, v_scale, num_splits, group, window or 0, (logit_cap or 0.0) * LOG2E,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         out.stride(0), out.stride(1), req_to_token.stride(0), num_heads * num_splits, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         DIRECT=direct, IEEE=ieee, USE_PDL=pdl, PREFETCH=config.prefetch,
         HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None, HAS_CAP=logit_cap is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages, **launch_args(pdl),
+        HAS_SLOT_MAP=slot_map is not None, num_warps=config.num_warps, num_stages=config.num_stages, **launch_args(pdl),
     )
     # fmt: on
     if not direct:

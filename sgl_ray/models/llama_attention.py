@@ -135,7 +135,7 @@ class LlamaAttention(nn.Module):
         k_cache, v_cache = batch.kv_pool.get_kv(self.attn.layer_id)
         p = self.qkv_proj
         store = cuda_ops().RotaryStore(
-            *cos_sin, batch.out_cache_loc, k_cache, v_cache, p.num_heads, p.num_kv_heads
+            *cos_sin, batch.store_loc(self.attn), k_cache, v_cache, p.num_heads, p.num_kv_heads
         )
         if self.q_norm is None:
             return store

@@ -17,6 +17,11 @@ sequence lengths from device memory and use a launch grid fixed at capture time.
 A backend may ask for more than one graph per batch size (``graph_seq_lens``), each captured for a longest
 sequence; a replay takes the first that fits its batch (Triton: one for short sequences at one or two requests).
 
+With hybrid KV pools (``mem_cache.hybrid_swa``) the batch carries the runner's ``full_to_swa`` map (a persistent
+tensor it updates in place between steps): the captured region translates the step's ``out_cache_loc`` through it
+(``ForwardBatch.translate_swa``) and the windowed layers' kernels read the request table through it, so every replay
+sees the map as the step's plan left it.
+
 With LoRA enabled (and a LoRA backend that supports graphs), a second ladder is captured with the adapter
 kernels in it; decode batches where some request uses an adapter replay from that one. A decode batch sorted by
 adapter has at most one segment per adapter slot, so the segment grid is fixed by the slot count.
@@ -74,8 +79,11 @@ class CudaGraphRunner:
         context_length: int,
         lora: LoRAWeights | None = None,
         moe_backend: MoEBackend | None = None,
+        full_to_swa: torch.Tensor | None = None,
     ) -> None:
+        """``full_to_swa``: hybrid KV pools' map from full slots to the windowed layers' (read at every replay)."""
         self.model = model
+        self.full_to_swa = full_to_swa
         self.moe_backend = moe_backend
         self.attn_backend = attn_backend
         self.kv_pool = kv_pool
@@ -141,6 +149,7 @@ class CudaGraphRunner:
             req_to_token=self.req_to_token,
             attn_backend=self.attn_backend,
             moe_backend=self.moe_backend,
+            full_to_swa=self.full_to_swa,
         )
         batch.attn_metadata = self.attn_backend.graph_metadata(batch, max_len)
         return batch
@@ -148,7 +157,9 @@ class CudaGraphRunner:
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         ids = batch.input_ids  # FUTURE_TOKEN entries: the slot's token sampled by the previous step
         ids = torch.where(ids == FUTURE_TOKEN, self.last_tokens[batch.req_pool_idxs], ids)
-        return self.model.compute_logits(self.model(dataclasses.replace(batch, input_ids=ids)))
+        batch = dataclasses.replace(batch, input_ids=ids)
+        batch.translate_swa()  # hybrid pools: inside the graph, so a replay reads the map as it is then
+        return self.model.compute_logits(self.model(batch))
 
     @torch.inference_mode()
     def _capture(self, bs: int, with_lora: bool, max_len: int) -> None:

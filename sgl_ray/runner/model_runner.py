@@ -211,6 +211,7 @@ class ModelRunner:
                 model_config.context_length,
                 self.lora,
                 self.moe_backend,
+                self.full_to_swa,
             )
         return self.info
 
@@ -229,10 +230,9 @@ class ModelRunner:
     def _hybrid_swa_layers(self) -> list[bool] | None:
         """Which local layers keep their KV in the windowed layers' own pool (``mem_cache.hybrid_swa``), or None
         when the pools are not split: every layer or none has a window, ``disable_hybrid_swa_memory``, multi-head
-        latent attention, pipeline stages, an attention backend that reads one slot space only (FlashInfer), or CUDA
-        decode graphs (the windowed layers' slots are translated outside graphs, so on CUDA the pools split only
-        with ``disable_cuda_graph``: graphs are kept, as decode speed is the default's priority). A draft model keeps
-        its own single pool (``SpecWorker.init_memory``)."""
+        latent attention, pipeline stages, or an attention backend that reads one slot space only (FlashInfer). CUDA
+        decode graphs keep working with split pools (the Triton kernels read the windowed layers' slots through the
+        map, see ``CudaGraphRunner``). A draft model keeps its own single pool (``SpecWorker.init_memory``)."""
         from sgl_ray.attention.torch_backend import TorchAttentionBackend
         from sgl_ray.attention.triton_backend import TritonAttentionBackend
 
@@ -241,7 +241,6 @@ class ModelRunner:
             or self.config.kv_latent_dim
             or self.shard.pp_size > 1
             or not isinstance(self.attn_backend, (TorchAttentionBackend, TritonAttentionBackend))
-            or (self.device.type == "cuda" and not self.args.disable_cuda_graph)
         ):
             return None
         windowed = [w is not None for w in self._layer_windows()]
@@ -251,7 +250,8 @@ class ModelRunner:
 
     def _use_cuda_graphs(self) -> bool:
         """Graphs for decode on CUDA, unless disabled; pipeline stages exchange activations outside them, and an
-        EAGLE head reads every step's hidden states."""
+        EAGLE head reads every step's hidden states. Hybrid KV pools replay too: the captured step translates its
+        slots through the runner's map (``CudaGraphRunner``)."""
         return (
             self.device.type == "cuda"
             and not self.args.disable_cuda_graph
@@ -259,7 +259,6 @@ class ModelRunner:
             and self.attn_backend.supports_cuda_graph
             and (self.moe_backend is None or self.moe_backend.supports_cuda_graph)
             and (self.spec is None or not self.spec.needs_hidden)
-            and self.full_to_swa is None  # hybrid pools translate the windowed layers' slots outside graphs
         )
 
     def plan_capacity(self) -> KVCapacity:
@@ -522,7 +521,7 @@ class ModelRunner:
             moe_backend=self.moe_backend,
             full_to_swa=self.full_to_swa,
         )
-        batch.translate_swa()  # hybrid pools: the windowed layers' slots, once per step
+        batch.translate_swa()  # hybrid pools: the new tokens' slots in the windowed layers' pool
         if self.spec is not None:  # draft trees: their rows' positions and attention mask
             self.spec.prepare_batch(plan, batch)
         self.attn_backend.init_forward_metadata(batch)
