@@ -259,11 +259,13 @@ class OpenAIIngress(ServerRoutes):
         lp: P.LogprobOptions,
         lora: str | None = None,
         priority: int | None = None,
+        grammar_param: str | None = None,
     ) -> AsyncIterator:
         """``(choice index, RequestOutput)`` for every prompt × sample (choice index ``prompt_index * n +
         sample``), from one replica call routed on the first prompt (resumed on another replica if that one is
         lost: :mod:`sgl_ray.deployments.resume`); ``running`` can abort them. Closing the iterator cancels the
-        stream (aborting its requests)."""
+        stream (aborting its requests). A grammar the engine rejects is a 400 naming ``grammar_param``, the
+        request field it came from."""
         payload = {
             "prompts": prompts,
             "sampling_params": params,
@@ -278,10 +280,11 @@ class OpenAIIngress(ServerRoutes):
         try:
             async for item in items:
                 yield item
-        except SglRayError:
-            raise
         except Exception as e:
-            raise unwrap(e) from None
+            err = P.grammar_error_for(unwrap(e), grammar_param)
+            if err is e:
+                raise
+            raise err from None
         finally:
             await items.aclose()
 
@@ -307,7 +310,8 @@ class OpenAIIngress(ServerRoutes):
         ids, params, parsing = await self._off_loop(model.pre.chat, req, fetched)
 
         async def build(running: Running) -> Reply:
-            outs = self._outputs(model, running, [ids], params, P.logprob_options(req), lora, req.priority)
+            lp = P.logprob_options(req)
+            outs = self._outputs(model, running, [ids], params, lp, lora, req.priority, req.grammar_param)
             outputs = await primed(outs, req.stream, params)
             kw = {"model": model.model_id, "token_texts": model.token_texts, "parsing": parsing}
             if req.stream:
@@ -326,7 +330,9 @@ class OpenAIIngress(ServerRoutes):
             with P.responses_errors():  # the chat path's 400s, in the Responses API's field names
                 ids, params, parsing = await self._off_loop(lambda: model.pre.chat(req.to_chat()))
                 no_logprobs = P.LogprobOptions(False, 0, -1)
-                outs = self._outputs(model, running, [ids], params, no_logprobs, lora)
+                outs = self._outputs(
+                    model, running, [ids], params, no_logprobs, lora, None, req.grammar_param
+                )
                 outputs = await primed(outs, req.stream, params)
             draft = P.ResponseDraft(req, model.model_id)
             assembler = (P.ResponseStreamAssembler if req.stream else P.ResponseBuilder)(draft, parsing)
@@ -339,7 +345,8 @@ class OpenAIIngress(ServerRoutes):
         prompts, prompt_texts, params = await self._off_loop(model.pre.completion, req)
 
         async def build(running: Running) -> Reply:
-            outs = self._outputs(model, running, prompts, params, P.logprob_options(req), lora, req.priority)
+            lp = P.logprob_options(req)
+            outs = self._outputs(model, running, prompts, params, lp, lora, req.priority, req.grammar_param)
             outputs = await primed(outs, req.stream, params)
             kw: dict[str, Any] = {
                 "model": model.model_id,

@@ -141,8 +141,9 @@ class IngressAdapters:
         return name
 
     async def check(self, name: str | None) -> None:
+        """A 404 unless ``name`` (``/generate``'s ``lora_path``) is None or a loaded adapter."""
         if name is not None and not await self.known(name):
-            raise not_found(name)
+            raise not_found(name, param="lora_path")
 
     async def known(self, name: str) -> bool:
         """Whether ``name`` is a loaded adapter (asking the registry once when this replica does not know it)."""

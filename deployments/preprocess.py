@@ -121,7 +121,10 @@ class Preprocessor:
             ids = self.images.attach(ids, images, names, self.vocab_size)  # type: ignore[union-attr]
         P.check_prompt_length(len(ids), self.context_length)
         params = P.to_sampling_params(req, self.vocab_size, self.context_length, len(ids))
-        return ChatInputs(ids, P.output_params(req, params, parsing), parsing)
+        # A reasoning parser's structural tag compiles the grammar here: its errors name the request's field.
+        with P.grammar_errors(req.grammar_param):
+            params = P.output_params(req, params, parsing)
+        return ChatInputs(ids, params, parsing)
 
     def completion(self, req: P.CompletionRequest) -> CompletionInputs:
         texts, token_lists = req.prompt_batch()
@@ -165,6 +168,9 @@ class Preprocessor:
         else:
             per_prompt = [(sp or SamplingParams()).normalized()] * num_prompts
             sequences = num_prompts * per_prompt[0].n if per_prompt else 0
+        # Each distinct parameter set's token ids (stop_token_ids, logit_bias) against the vocabulary.
+        for params in per_prompt if isinstance(sp, list) else per_prompt[:1]:
+            params.validate(self.vocab_size)
         self.limits.check_sequences(sequences, param="sampling_params")
         if texts is not None:
             for text in texts:

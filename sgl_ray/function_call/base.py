@@ -206,8 +206,13 @@ def json_schema_format(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _first_line(e: Exception) -> str:
+    """The first line of xgrammar's message without its ``[time] file.cc:line:`` prefix."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text.split("] ", 1)[-1] if text.startswith("[") else text
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+        if ": " in text and ".cc:" in text.split(": ", 1)[0]:
+            text = text.split(": ", 1)[1]
+    return text
 
 
 def tags_format(

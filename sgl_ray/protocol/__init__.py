@@ -48,6 +48,7 @@ from sgl_ray.protocol.decoding import (
     REQUEST_TYPES,
     RequestKind,
     decode_request,
+    decode_struct,
     too_deep,
     validation_error,
 )
@@ -124,7 +125,13 @@ from sgl_ray.protocol.sampling import (
     logprob_options,
     to_sampling_params,
 )
-from sgl_ray.protocol.structured import JsonSchemaFormat, ResponseFormat, grammar_fields
+from sgl_ray.protocol.structured import (
+    JsonSchemaFormat,
+    ResponseFormat,
+    grammar_error_for,
+    grammar_errors,
+    grammar_fields,
+)
 from sgl_ray.protocol.tool_prompt import ToolFormat, ToolPrompt, tool_prompt
 from sgl_ray.protocol.tools import ToolChoice, ToolPlan, parse_function, parse_tool_choice, parse_tools
 
@@ -164,6 +171,8 @@ __all__ = [
     "parse_tools",
     "JsonSchemaFormat",
     "ResponseFormat",
+    "grammar_error_for",
+    "grammar_errors",
     "grammar_fields",
     "CONTEXT_LENGTH_EXCEEDED",
     "MAX_CHAT_TOP_LOGPROBS",
@@ -213,6 +222,7 @@ __all__ = [
     "check_prompt_length",
     "completion_logprobs",
     "decode_request",
+    "decode_struct",
     "encode",
     "error_body",
     "internal_error_body",

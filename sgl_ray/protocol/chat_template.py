@@ -8,9 +8,10 @@ expect). Template failures caused by the messages (a template's ``raise_exceptio
 400s with ``param="messages"``.
 
 ``chat_template_kwargs`` are template variables only: the ones that would steer the tokenizer (``tokenize``,
-``truncation``, …, :data:`RESERVED_TEMPLATE_KWARGS`) are 400s, and ``chat_template`` (a template sent by the client,
-which then runs on the server) is a 400 unless the server trusts request templates (vLLM's
-``--trust-request-chat-template``).
+``truncation``, …, :data:`RESERVED_TEMPLATE_KWARGS`) are 400s, as is ``messages`` (the server renders the request's
+own); ``tools`` and ``documents``, which templates loop over, must be arrays of objects; and ``chat_template`` (a
+template sent by the client, which then runs on the server) is a 400 unless the server trusts request templates
+(vLLM's ``--trust-request-chat-template``).
 """
 
 from __future__ import annotations
@@ -44,13 +45,18 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 )
 """``apply_chat_template`` arguments that are not template variables: the server sets them (a client's truncation
 or padding would also change the tokenizer that every request shares)."""
+SERVER_TEMPLATE_VARIABLES = frozenset({"messages"})
+"""Template variables the server fills from the request's own fields."""
+LIST_TEMPLATE_VARIABLES = frozenset({"tools", "documents"})
+"""Template variables that templates loop over (each item an object)."""
 
 
 def check_template_kwargs(
     template_kwargs: Mapping[str, Any] | None, *, trust_request_chat_template: bool = False
 ) -> None:
-    """Raise a 400 (``param="chat_template_kwargs"``) for a key that is not a template variable, and for
-    ``chat_template`` unless ``trust_request_chat_template``.
+    """Raise a 400 (``param="chat_template_kwargs"``) for a key that is not a template variable or that the server
+    sets, for ``tools`` or ``documents`` that are not arrays of objects, and for ``chat_template`` unless
+    ``trust_request_chat_template``.
 
     >>> check_template_kwargs({"enable_thinking": False})
     >>> try:
@@ -59,7 +65,7 @@ def check_template_kwargs(
     ...     print(e.param)
     chat_template_kwargs
     """
-    for key in template_kwargs or {}:
+    for key, value in (template_kwargs or {}).items():
         if key == "chat_template" and not trust_request_chat_template:
             raise InvalidRequestError(
                 "Invalid 'chat_template_kwargs': a chat template sent with the request is disabled on this "
@@ -69,6 +75,18 @@ def check_template_kwargs(
         if key in RESERVED_TEMPLATE_KWARGS:
             raise InvalidRequestError(
                 f"Invalid 'chat_template_kwargs': '{key}' is not a template variable (the server sets it).",
+                param="chat_template_kwargs",
+            )
+        if key in SERVER_TEMPLATE_VARIABLES:
+            raise InvalidRequestError(
+                f"Invalid 'chat_template_kwargs': '{key}' is set by the server from the request.",
+                param="chat_template_kwargs",
+            )
+        if key in LIST_TEMPLATE_VARIABLES and not (
+            isinstance(value, list) and all(isinstance(item, dict) for item in value)
+        ):
+            raise InvalidRequestError(
+                f"Invalid type for 'chat_template_kwargs.{key}': expected an array of objects.",
                 param="chat_template_kwargs",
             )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 import msgspec.inspect as mi
@@ -42,11 +42,15 @@ MAX_JSON_DEPTH = 128
 """How deep a free-form value of a request (``chat_template_kwargs``, ``tools``, a JSON schema, …) may nest, counted
 from the body's top level. The typed parts of a request have a fixed depth; a free-form value deeper than this
 would reach Python's recursion limit in the code that walks it later (templates, schema compilers)."""
-# Decoders are stateless and thread-safe; building one compiles the type once.
-_DECODERS = {kind: msgspec.json.Decoder(t) for kind, t in REQUEST_TYPES.items()}
+S = TypeVar("S", bound=msgspec.Struct)
 
-# "<detail> - at `$.a.b[0]`"
-_AT_PATH = re.compile(r"^(?P<detail>.*) - at `\$(?P<path>[^`]*)`$", re.DOTALL)
+# "<detail> - at `$.a.b[0]`", or for a dict key "<detail> - at `key` in `$.a.b`"
+_AT_PATH = re.compile(r"^(?P<detail>.*) - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`$", re.DOTALL)
+# a \uD800-\uDFFF escape that is not half of a high-low pair (the backslash before it not itself escaped)
+_HIGH, _LOW = rb"\\u[dD][89abAB][0-9a-fA-F]{2}", rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+_LONE_SURROGATE = re.compile(
+    rb"(?<!\\)(?:\\\\)*(?:" + _HIGH + rb"(?!" + _LOW + rb")|(?<!" + _HIGH + rb")" + _LOW + rb")"
+)
 _MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
 _TOP_KEY = re.compile(r"^\.(?P<key>[A-Za-z_][A-Za-z0-9_]*)")
 
@@ -76,12 +80,28 @@ def decode_request(kind: RequestKind, body: bytes) -> AnyRequest | ResponsesRequ
         ...
         sgl_ray.errors.InvalidRequestError: Invalid type for 'messages': expected `array`, got `int`.
     """
-    decoder = _DECODERS.get(kind)
-    if decoder is None:
-        raise ValueError(f"unknown request kind {kind!r}; expected one of {sorted(_DECODERS)}")
+    cls = REQUEST_TYPES.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown request kind {kind!r}; expected one of {sorted(REQUEST_TYPES)}")
+    req = decode_struct(cls, body)
+    req.check()
+    return req
+
+
+def decode_struct(cls: type[S], body: bytes) -> S:
+    """Decode a JSON body into ``cls`` (any request ``Struct``) and check its depth, every problem an
+    :class:`~sgl_ray.errors.InvalidRequestError` as for :func:`decode_request` (which also runs ``check()``).
+
+    >>> class Ping(msgspec.Struct):
+    ...     name: str
+    >>> decode_struct(Ping, b'{"name": 1}')
+    Traceback (most recent call last):
+    ...
+    sgl_ray.errors.InvalidRequestError: Invalid type for 'name': expected `str`, got `int`.
+    """
     not_utf8 = "We could not parse the JSON body of your request: it is not valid UTF-8."
     try:
-        req = decoder.decode(body)
+        req = _decoder(cls).decode(body)
     except UnicodeDecodeError:  # msgspec before 0.23
         raise InvalidRequestError(not_utf8) from None
     except RecursionError:  # msgspec stops at Python's recursion limit (about 1,000 levels here)
@@ -91,12 +111,22 @@ def decode_request(kind: RequestKind, body: bytes) -> AnyRequest | ResponsesRequ
     except msgspec.DecodeError as e:
         if "utf-8" in str(e).lower():  # msgspec 0.23: "Invalid UTF-8 encoded string"
             raise InvalidRequestError(not_utf8) from None
+        if _LONE_SURROGATE.search(body):  # msgspec may call this "Input data was truncated"
+            raise InvalidRequestError(
+                "We could not parse the JSON body of your request: it has an unpaired UTF-16 surrogate escape "
+                "(\\ud800 to \\udfff escapes must come as a high-low pair)."
+            ) from None
         raise InvalidRequestError(
             f"We could not parse the JSON body of your request ({e}). The API expects a JSON object."
         ) from None
     check_depth(req)
-    req.check()
     return req
+
+
+@functools.cache
+def _decoder(cls: type) -> msgspec.json.Decoder:
+    """One decoder per type (stateless and thread-safe; building one compiles the type)."""
+    return msgspec.json.Decoder(cls)
 
 
 def too_deep(limit: int | None = None) -> InvalidRequestError:
@@ -161,10 +191,10 @@ def validation_error(msgspec_message: str) -> InvalidRequestError:
     >>> e.param, e.message
     ('messages', "Invalid type for 'messages[0].content': expected `str`, got `int`.")
     """
-    detail, path = msgspec_message, ""
+    detail, path, key = msgspec_message, "", False
     m = _AT_PATH.match(msgspec_message)
     if m:
-        detail, path = m["detail"], m["path"]
+        detail, path, key = m["detail"], m["path"], bool(m["key"])
     missing = _MISSING.match(detail)
     if missing:
         full = _join(path, missing["field"])
@@ -174,6 +204,10 @@ def validation_error(msgspec_message: str) -> InvalidRequestError:
             return InvalidRequestError(f"The request body must be a JSON object ({_lower_first(detail)}).")
         return InvalidRequestError(f"Invalid request: {detail}.")
     shown = path.lstrip(".")
+    if key:
+        return InvalidRequestError(
+            f"Invalid key in '{shown}': {_lower_first(detail)}.", param=_top_key(shown) or shown
+        )
     if detail.startswith("Expected "):
         return InvalidRequestError(
             f"Invalid type for '{shown}': {_lower_first(detail)}.", param=_top_key(shown)

@@ -135,6 +135,14 @@ class _SamplingFields(_Body, kw_only=True):
         """``choice`` or its alias ``guided_choice``."""
         return self.choice if self.choice is not None else self.guided_choice
 
+    @property
+    def grammar_param(self) -> str | None:
+        """The field the output grammar comes from (what a grammar the compiler rejects is a 400 about), or None."""
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format"
+        names = ("json_schema", "regex", "ebnf", "choice", "guided_choice")
+        return next((name for name in names if getattr(self, name) is not None), None)
+
     def _check_shared(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError(

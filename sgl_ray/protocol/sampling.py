@@ -53,9 +53,15 @@ def logprob_options(req: ChatCompletionRequest | CompletionRequest) -> LogprobOp
 
 
 def check_prompt_length(prompt_len: int, context_length: int, *, param: str = "messages") -> None:
-    """Raise a ``context_length_exceeded`` 400 unless the prompt leaves room for at least one token."""
+    """Raise a 400 for an empty prompt (a text that encodes to no tokens: the model needs at least one), and a
+    ``context_length_exceeded`` 400 unless the prompt leaves room for at least one token."""
+    what = "messages" if param == "messages" else "prompt"
+    if prompt_len == 0:
+        raise InvalidRequestError(
+            f"Invalid '{param}': the prompt is empty (it encodes to no tokens; at least one is needed).",
+            param=param,
+        )
     if prompt_len >= context_length:
-        what = "messages" if param == "messages" else "prompt"
         raise InvalidRequestError(
             f"This model's maximum context length is {context_length} tokens. However, your {what} resulted "
             f"in {prompt_len} tokens. Please reduce the length of the {what}.",

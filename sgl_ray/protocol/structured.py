@@ -4,18 +4,29 @@
 {"name", "schema", "strict"}}`` to the given schema (the schema is enforced whatever ``strict`` says);
 ``{"type": "text"}`` is unconstrained. ``choice`` (vLLM's ``guided_choice``) makes the output exactly one of a
 list of strings, through an EBNF grammar of the alternatives.
+
+A grammar the compiler rejects is a 400 raised under the engine's field name (``json_schema``, ``structural_tag``,
+…); :func:`grammar_error_for` renames it to the request field the grammar came from (``response_format``,
+``choice``, the Responses API's ``text``).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
 from sgl_ray.errors import InvalidRequestError
 
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
+GRAMMAR_KINDS = frozenset({"json_schema", "regex", "ebnf", "structural_tag"})
+"""The engine's grammar fields (see :class:`~sgl_ray.sampling.params.SamplingParams`)."""
+E = TypeVar("E", bound=BaseException)
+# where in a request field its grammar is, for error messages
+_GRAMMAR_PATHS = {"response_format": "response_format.json_schema.schema", "text": "text.format.schema"}
 
 
 class JsonSchemaFormat(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
@@ -71,3 +82,36 @@ def grammar_fields(
         else:
             out[name] = value if isinstance(value, str) else json.dumps(value)
     return out
+
+
+def grammar_error_for(e: E, param: str | None) -> E | InvalidRequestError:
+    """``e`` named for the request field ``param`` that the output grammar came from, if ``e`` is a 400 about the
+    grammar under an engine field name (the compiler rejected it); else ``e`` itself.
+
+    >>> e = InvalidRequestError('json_schema: Unsupported type "bogus"', param="json_schema")
+    >>> print(grammar_error_for(e, "response_format").message)
+    Invalid 'response_format.json_schema.schema': Unsupported type "bogus"
+    """
+    if (
+        param is None
+        or not isinstance(e, InvalidRequestError)
+        or e.param not in GRAMMAR_KINDS
+        or e.param == param
+    ):
+        return e
+    message = e.message
+    if f"'{param}'" not in message:
+        message = f"Invalid '{_GRAMMAR_PATHS.get(param, param)}': " + message.removeprefix(f"{e.param}: ")
+    return InvalidRequestError(message, param=param, code=e.code)
+
+
+@contextmanager
+def grammar_errors(param: str | None) -> Iterator[None]:
+    """Raise the grammar 400s of the block as :func:`grammar_error_for` names them."""
+    try:
+        yield
+    except InvalidRequestError as e:
+        renamed = grammar_error_for(e, param)
+        if renamed is e:
+            raise
+        raise renamed from None

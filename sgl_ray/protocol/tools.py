@@ -71,6 +71,8 @@ def parse_function(fn: dict[str, Any], where: str) -> Tool:
         raise InvalidRequestError(
             f"Invalid type for '{where}.description': expected a string.", param="tools"
         )
+    if fn.get("strict") is not None and not isinstance(fn["strict"], bool):
+        raise InvalidRequestError(f"Invalid type for '{where}.strict': expected a boolean.", param="tools")
     return Tool(name, params)
 
 

@@ -15,6 +15,11 @@ pytestmark = [pytest.mark.serve, pytest.mark.slow]
 CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"
 MSG = [{"role": "user", "content": "hi"}]
+BOGUS = {"name": "out", "schema": {"type": "bogus"}}  # valid JSON, but no JSON schema
+BOGUS_TOOL = {
+    "type": "function",
+    "function": {"name": "f", "parameters": {"type": "object", "properties": "x"}},
+}
 
 
 def _post(url: str, body: bytes, key: str | None = API_KEY) -> tuple[int, dict]:
@@ -65,6 +70,49 @@ BAD = [
         400,
         "max_tokens",
     ),
+    # streamed: refused before the stream starts, not an error event inside a 200
+    (COMP, _j({"model": "smollm2", "prompt": "", "stream": True}), 400, "prompt"),  # encodes to no tokens
+    ("/generate", _j({"text": "", "stream": True}), 400, "text"),
+    (
+        "/generate",
+        _j({"text": "hi", "stream": True, "sampling_params": {"stop_token_ids": [10**9]}}),
+        400,
+        "stop_token_ids",
+    ),
+    # a grammar the compiler rejects names the field it came from
+    (
+        CHAT,
+        _j(
+            {
+                "model": "smollm2",
+                "messages": MSG,
+                "response_format": {"type": "json_schema", "json_schema": BOGUS},
+            }
+        ),
+        400,
+        "response_format",
+    ),
+    (
+        "/v1/responses",
+        _j({"model": "smollm2", "input": "hi", "text": {"format": {"type": "json_schema", **BOGUS}}}),
+        400,
+        "text",
+    ),
+    (
+        CHAT,
+        _j({"model": "smollm2", "messages": MSG, "tools": [BOGUS_TOOL], "tool_choice": "required"}),
+        400,
+        "tools",
+    ),
+    (
+        CHAT,
+        _j({"model": "smollm2", "messages": MSG, "chat_template_kwargs": {"messages": []}}),
+        400,
+        "chat_template_kwargs",
+    ),
+    (CHAT, b'{"model": "smollm2", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, None),
+    ("/generate", _j({"text": "hi", "lora_path": "nope"}), 404, "lora_path"),
+    ("/v1/load_lora_adapter", _j({"lora_name": 5, "lora_path": "x"}), 400, "lora_name"),
 ]
 
 
@@ -74,6 +122,7 @@ def test_bad_request_gets_openai_error_and_server_survives(serve_url, path, body
     assert code == status
     err = payload["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert ".cc:" not in err["message"] and "Traceback" not in err["message"], err  # no internals
     if param is not None:
         assert err["param"] == param
     ok, good = _post(serve_url + CHAT, _j({"model": "smollm2", "messages": MSG, "max_tokens": 2}))

@@ -240,6 +240,15 @@ BAD = [
     ("generate", body_of(input_ids=[[1], 2]), "input_ids", None, 5),
     ("generate", body_of(text="a", sampling_params={"temperature": "x"}), "sampling_params", None, 5),
     ("generate", body_of(text="a", top_logprobs_num=30), "top_logprobs_num", None, 5),
+    ("generate", body_of(text="a", sampling_params={"logit_bias": {"x": 1}}), "sampling_params", None, 5),
+    ("completion", body_of(prompt="x"), "prompt", None, 0),  # a text that encodes to no tokens
+    (
+        "chat",
+        body_of(messages=M, tools=[{"type": "function", "function": {"name": "f", "strict": "y"}}]),
+        "tools",
+        None,
+        5,
+    ),
 ]
 
 
@@ -275,6 +284,34 @@ def test_error_messages_read_like_openai():
         P.decode_request("chat", b'{"messages": [{"role": "user", "content": "\xc3\x28"}]}')
     with pytest.raises(ValueError, match="unknown request kind"):
         P.decode_request("embeddings", b"{}")  # type: ignore[call-overload]
+    for body in (rb'{"messages": [], "user": "\ud800"}', rb'{"messages": [], "user": "x\udc00\ud800"}'):
+        with pytest.raises(InvalidRequestError, match="unpaired UTF-16 surrogate escape"):
+            P.decode_request("chat", body)
+    assert P.decode_request("tokenize", rb'{"text": "\ud83d\ude00 \\ud800"}').text == "\U0001f600 \\ud800"
+    with pytest.raises(InvalidRequestError, match=r"Invalid key in 'sampling_params.logit_bias'"):
+        P.decode_request("generate", body_of(text="a", sampling_params={"logit_bias": {"x": 1}}))
+
+
+def test_grammar_errors_name_the_field_the_grammar_came_from():
+    engine_error = InvalidRequestError('json_schema: Unsupported type "bogus"', param="json_schema")
+    renamed = P.grammar_error_for(engine_error, "response_format")
+    assert (renamed.param, renamed.message) == (
+        "response_format",
+        "Invalid 'response_format.json_schema.schema': Unsupported type \"bogus\"",
+    )
+    assert P.grammar_error_for(engine_error, "json_schema") is engine_error  # the request's own field
+    assert P.grammar_error_for(engine_error, None) is engine_error
+    other = InvalidRequestError("bad n", param="n")
+    assert P.grammar_error_for(other, "response_format") is other
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}
+    assert chat_request(response_format=fmt).grammar_param == "response_format"
+    assert chat_request(guided_choice=["a"]).grammar_param == "guided_choice"
+    assert chat_request().grammar_param is None
+    text_format = {"format": {"type": "json_schema", "schema": {}}}
+    assert P.decode_request("responses", body_of(input="hi", text=text_format)).grammar_param == "text"
+    with pytest.raises(InvalidRequestError) as info, P.grammar_errors("choice"):
+        raise InvalidRequestError("ebnf: parser error", param="ebnf")
+    assert (info.value.param, info.value.message) == ("choice", "Invalid 'choice': parser error")
 
 
 def test_prompt_id_checks():

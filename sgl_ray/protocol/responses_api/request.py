@@ -38,6 +38,7 @@ _MEDIA_PARTS = ("input_image", "input_file", "input_audio", "image_url")
 _STATEFUL = "this server stores no responses: send the whole conversation in 'input' (stateless)"
 # chat field → the Responses API field it came from
 _RENAMES = {
+    "response_format.json_schema.schema": "text.format.schema",  # before its prefix "response_format"
     "max_completion_tokens": "max_output_tokens",
     "messages": "input",
     "response_format": "text",
@@ -147,6 +148,12 @@ class ResponsesRequest(_Body, kw_only=True):
             chat_template_kwargs=self.chat_template_kwargs,
             separate_reasoning=self.separate_reasoning,
         )
+
+    @property
+    def grammar_param(self) -> str | None:
+        """``text`` when ``text.format`` constrains the output (see ``ChatCompletionRequest.grammar_param``)."""
+        fmt = self.text.format if self.text is not None else None
+        return "text" if fmt is not None and fmt.type != "text" else None
 
     def response_format(self) -> ResponseFormat | None:
         fmt = self.text.format if self.text is not None else None
