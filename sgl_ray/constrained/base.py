@@ -25,6 +25,23 @@ class GrammarSpec(NamedTuple):
     value: str  # the schema / regex / grammar / structural-tag JSON text ("" for json_object)
 
 
+def compiler_message(e: Exception) -> str:
+    """The first line of a grammar compiler's error without its ``[time] file.cc:line:`` prefix or an internal
+    ``Check failed: (...) is false:`` assertion text, for a user-facing 400.
+
+    >>> compiler_message(RuntimeError("[12:00:01] /src/json.cc:51: Check failed: (x) is false: bad schema\\nmore"))
+    'bad schema'
+    """
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+        if ": " in text and ".cc:" in text.split(": ", 1)[0]:
+            text = text.split(": ", 1)[1]
+    if text.startswith("Check failed:") and " is false: " in text:
+        text = text.split(" is false: ", 1)[1]
+    return text or type(e).__name__
+
+
 def bitmask_width(vocab_size: int) -> int:
     """int32 words per bitmask row."""
     return (vocab_size + 31) // 32

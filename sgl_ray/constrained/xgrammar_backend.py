@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import xgrammar as xgr
 
-from sgl_ray.constrained.base import GrammarBackend, GrammarMatcher, GrammarSpec
+from sgl_ray.constrained.base import GrammarBackend, GrammarMatcher, GrammarSpec, compiler_message
 from sgl_ray.errors import InvalidRequestError
 
 
@@ -65,7 +65,7 @@ class XGrammarBackend(GrammarBackend):
                 _check_json(spec.value)
                 return self._compiler.compile_structural_tag(spec.value)
         except (RuntimeError, ValueError, TypeError) as e:
-            raise InvalidRequestError(f"{spec.kind}: {_clean(e)}", param=spec.kind) from None
+            raise InvalidRequestError(f"{spec.kind}: {compiler_message(e)}", param=spec.kind) from None
         raise InvalidRequestError(f"unknown grammar kind {spec.kind!r}", param="grammar")
 
     def matcher(self, compiled: Any) -> GrammarMatcher:
@@ -130,13 +130,3 @@ def _check_json(text: str) -> None:
         raise ValueError(f"not valid JSON: {e}") from None
     if not isinstance(schema, (dict, bool)):
         raise ValueError("a JSON schema must be an object or a boolean")
-
-
-def _clean(e: Exception) -> str:
-    """xgrammar's messages start with a ``[time] file:line:`` prefix; keep the message."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if text.startswith("[") and "] " in text:
-        text = text.split("] ", 1)[1]
-        if ": " in text and ".cc:" in text.split(": ", 1)[0]:
-            text = text.split(": ", 1)[1]
-    return text

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
+from sgl_ray.constrained.base import compiler_message
 from sgl_ray.errors import InvalidRequestError
 
 
@@ -200,19 +201,9 @@ def json_schema_format(schema: dict[str, Any]) -> dict[str, Any]:
         grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
     except (RuntimeError, ValueError, TypeError) as e:
         raise InvalidRequestError(
-            f"Invalid JSON schema in 'tools': {_first_line(e)}", param="tools"
+            f"Invalid JSON schema in 'tools': {compiler_message(e)}", param="tools"
         ) from None
     return {"type": "grammar", "grammar": str(grammar)}
-
-
-def _first_line(e: Exception) -> str:
-    """The first line of xgrammar's message without its ``[time] file.cc:line:`` prefix."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if text.startswith("[") and "] " in text:
-        text = text.split("] ", 1)[1]
-        if ": " in text and ".cc:" in text.split(": ", 1)[0]:
-            text = text.split(": ", 1)[1]
-    return text
 
 
 def tags_format(
