@@ -49,6 +49,7 @@ from sgl_ray.errors import InvalidRequestError, ModelNotFoundError, SglRayError
 from sgl_ray.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
+RESPONSES_PATH = "/v1/responses"
 
 Handler = Callable[[Request], Awaitable[Response]]
 ReplyBuilder = Callable[[Any, float], Awaitable[Reply]]
@@ -126,7 +127,7 @@ class OpenAIIngress(ServerRoutes):
         self.routes: dict[tuple[str, str], Handler] = {
             ("POST", "/v1/chat/completions"): self._http("chat", self._chat_reply),
             ("POST", "/v1/completions"): self._http("completion", self._completion_reply),
-            ("POST", "/v1/responses"): self._http("responses", self._responses_reply),
+            ("POST", RESPONSES_PATH): self._http("responses", self._responses_reply),
             ("POST", "/generate"): self._http("generate", self._generate_reply),
             **self.server_routes(),
         }
@@ -148,6 +149,16 @@ class OpenAIIngress(ServerRoutes):
                 if any(p == path for _, p in self.routes):
                     raise HTTPError(
                         405, f"Method {method} is not allowed on {path}.", "invalid_request_error"
+                    )
+                if path.startswith(
+                    RESPONSES_PATH + "/"
+                ):  # retrieve / delete / cancel / input_items of a response
+                    response_id = path[len(RESPONSES_PATH) + 1 :].split("/", 1)[0]
+                    raise HTTPError(
+                        404,
+                        f"Response with id '{response_id}' not found: this server stores no responses (every "
+                        "response says store: false); send the whole conversation as 'input'.",
+                        "invalid_request_error",
                     )
                 raise HTTPError(404, f"Unknown route {path}.", "not_found_error")
             if path not in UNAUTHENTICATED:

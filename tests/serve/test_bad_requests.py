@@ -62,6 +62,7 @@ BAD = [
     (COMP, _j({"model": "smollm2", "prompt": [10**9]}), 400, "prompt"),
     (COMP, _j({"model": "smollm2", "prompt": "hi", "suffix": "x"}), 400, "suffix"),
     ("/v1/nowhere", _j({}), 404, None),
+    ("/v1/responses/resp_123/cancel", _j({}), 404, None),  # stateless: no stored response to act on
     ("/generate", _j({"text": "hi", "sampling_params": {"temperature": -1}}), 400, None),
     ("/generate", _j({"text": "hi", "sampling_params": {"max_tokenz": 4}}), 400, None),  # unknown key
     (
