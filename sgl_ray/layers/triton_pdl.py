@@ -7,8 +7,8 @@ The contract every such kernel keeps: it calls ``gdc_wait`` (which returns once 
 its writes are visible) before it reads or writes any buffer another kernel touches: activations, the KV pool,
 and any output buffer, which the allocator may just have taken back from a kernel still running. Only work on
 data that no kernel still running writes may come first: the GEMV streams its first weight tiles before it
-waits, and decode attention reads the step's index arrays, which host-to-device copies fill before the forward
-pass's first kernel (launched plainly, so it starts only once they are done; every dependent launch after it
+waits, and decode attention reads the step's index arrays (and hybrid pools' slot map, ``full_to_swa``), which
+host-to-device copies and the map's writes fill before the forward pass's first kernel (launched plainly, so it starts only once they are done; every dependent launch after it
 starts later), and, for one or two short requests, the keys and values that earlier steps cached (all but this
 step's own token).
 

@@ -7,7 +7,8 @@ Two slot spaces, each a :class:`PagedAllocator` with the same page size:
 
 Every full page that holds live SWA KV maps to one SWA page (:class:`SWASlotMap`; token ``s`` of the full pool
 lives at SWA slot ``map[s // P] * P + s % P``). The runner keeps the same map on the device, token by token, from
-the writes the scheduler ships with each step, and translates the windowed layers' slots through it once per step.
+the writes the scheduler ships with each step: a step translates its new tokens' slots through it, and the
+windowed layers' kernels read the request table through it (``ForwardBatch.translate_swa``, ``slot_map``).
 
 :class:`HybridSWARadixCache` is the prefix cache over both pools. Its nodes always hold live full KV; a node whose
 SWA KV was freed is an *SWA tombstone* (``swa_dead``). Rules:
