@@ -14,6 +14,7 @@ from ray import serve
 
 from sgl_ray.deployments.lora import ReplicaAdapters
 from sgl_ray.deployments.resume import astream_resumed
+from sgl_ray.deployments.running import Rejected
 from sgl_ray.entrypoints.engine import Engine
 from sgl_ray.scheduler.output import RequestOutput
 
@@ -44,7 +45,8 @@ class LLMServer:
         ``logprob_start_len``, ``lora_name`` (an adapter or None), ``priority`` and ``lora_sync`` (the ingress's
         copy of the app's adapter registry, an ``AdapterSnapshot``, applied first when newer than this replica's).
         Yields ``(choice index, RequestOutput delta)`` with choice index ``prompt_index * n + sample``, as the
-        engine produces them.
+        engine produces them; a request the engine refuses (a 4xx error) ends the stream with a
+        :class:`~sgl_ray.deployments.running.Rejected`.
         Cancelling the stream aborts every request and frees its KV.
 
         All prompts of one HTTP request come in one call (Serve propagates the caller's request id to nested
@@ -104,7 +106,11 @@ class LLMServer:
                 if item is None:
                     live -= 1
                 elif isinstance(item, BaseException):
-                    raise item
+                    rejected = Rejected.of(item)
+                    if rejected is None:
+                        raise item
+                    yield rejected
+                    return
                 else:
                     yield item
         finally:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from sgl_ray.errors import InvalidRequestError
+from sgl_ray.errors import InvalidRequestError, SglRayError
 from sgl_ray.scheduler.output import RequestOutput
 
 ABORTED = {"type": "abort", "message": "Aborted by /abort_request."}
@@ -87,6 +87,21 @@ class RunningRequests:
         return len(self._by_rid)
 
 
+class Rejected(NamedTuple):
+    """A replica's answer that the request itself is at fault (an ``SglRayError`` with a 4xx status), sent down its
+    stream as a value: raised in the replica, Ray Serve would log it with a traceback at ERROR and count a failed
+    request. :func:`abortable` raises the error on the ingress's side."""
+
+    error: SglRayError
+
+    @staticmethod
+    def of(e: BaseException) -> Rejected | None:
+        """``e`` (or the user's exception a Ray task error carries) as a rejection when it is the user's error, else
+        None."""
+        cause = getattr(e, "cause", None) or e
+        return Rejected(cause) if isinstance(cause, SglRayError) and 400 <= cause.status_code < 500 else None
+
+
 async def abortable(
     stream: Any,
     running: Running,
@@ -102,7 +117,10 @@ async def abortable(
     running.attach(stream)
     try:
         try:
-            async for index, out in stream:
+            async for item in stream:
+                if isinstance(item, Rejected):
+                    raise item.error
+                index, out = item
                 last[index] = out
                 yield index, out
         except Exception:

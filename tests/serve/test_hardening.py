@@ -298,3 +298,24 @@ def test_cli_flags_reach_the_app_and_bad_values_stop_the_build(smollm2_path):
     for bad in ({"max_sequences_per_request": 0}, {"max_prompt_chars": -1}, {"tokenizer_threads": 0}):
         with pytest.raises(InvalidRequestError):
             build_openai_app({"model_path": smollm2_path, **bad})
+
+
+def test_a_request_the_engine_refuses_ends_the_replica_stream_as_a_value(serve_url):
+    """A 4xx the engine raises comes back from the replica as a ``Rejected`` item, not a raised exception (which
+    Serve logs with a traceback at ERROR and counts as a failed request); the ingress still answers with it."""
+    from ray import serve
+
+    from sgl_ray.deployments.running import Rejected
+    from sgl_ray.sampling.params import SamplingParams
+
+    server = serve.get_deployment_handle("LLMServer", app_name="main")
+    payload = {
+        "prompts": [[1, 2, 3]],
+        "sampling_params": SamplingParams(max_new_tokens=2),
+        "lora_name": "nope",
+    }
+    items = list(server.options(stream=True).generate.remote(payload))
+    assert len(items) == 1 and isinstance(items[0], Rejected), items
+    assert items[0].error.status_code == 400 and items[0].error.param == "lora_path"
+    ok = list(server.options(stream=True).generate.remote({**payload, "lora_name": None}))
+    assert ok and ok[-1][1].finished  # the replica keeps serving
