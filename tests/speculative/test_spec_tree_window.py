@@ -96,3 +96,20 @@ def test_standalone_tree_on_windowed_target_greedy_identical(gpt_oss_pair, promp
         assert_pool_restored(engine)
         stats = engine.get_stats()
         assert stats["kv_swa_free"] == stats["kv_swa_capacity"] and (stats["kv_swa_capacity"] > 0) == hybrid
+
+
+def test_tree_on_hybrid_pools_over_tensor_parallel_shards(ray_cluster, gpt_oss_pair, prompts_and_plain):
+    """The same trees over two Ray shard actors (TP 2): each shard moves its windowed layers' KV in its own SWA
+    slots, and the output is still decoding's without speculation."""
+    prompts, want = prompts_and_plain
+    target, draft = gpt_oss_pair
+    spec = {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": draft}
+    tree = {"speculative_eagle_topk": 3, "speculative_num_steps": 3, "speculative_num_draft_tokens": 8}
+    with sgl_ray.Engine(target, tp_size=2, max_total_tokens=1024, **COMMON, **spec, **tree) as engine:
+        outs = engine.generate(input_ids=prompts, sampling_params=GREEDY)
+        assert [o["output_ids"] for o in outs] == want
+        verify_ct, proposed, accepted = _counts(outs)
+        assert verify_ct > 0 and 0 < accepted < proposed
+        assert_pool_restored(engine)
+        stats = engine.get_stats()
+        assert stats["kv_swa_capacity"] > 0 and stats["kv_swa_free"] == stats["kv_swa_capacity"]
