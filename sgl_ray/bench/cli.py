@@ -39,6 +39,7 @@ from sgl_ray.bench.quant_accuracy import add_quant_accuracy_args
 from sgl_ray.bench.quantized import add_gguf_quantized_args
 from sgl_ray.bench.report import format_header, format_table, plot, to_record, write_jsonl
 from sgl_ray.bench.serving import BACKENDS, ServingConfig, ServingResult, run_serving_benchmark
+from sgl_ray.bench.spec_verify import add_spec_verify_args
 from sgl_ray.bench.speculative import add_speculative_args
 from sgl_ray.bench.structured import add_structured_args
 from sgl_ray.bench.vision import add_vision_args
@@ -52,8 +53,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
         dest="bench_command",
         required=True,
         metavar=(
-            "{offline,serving,roofline,step-profile,lora,structured,gguf-quantized,quant-accuracy,speculative,moe-kernels,"
-            "window-kv,vision}"
+            "{offline,serving,roofline,step-profile,lora,structured,gguf-quantized,quant-accuracy,speculative,"
+            "spec-verify,moe-kernels,window-kv,vision}"
         ),
     )
     offline = sub.add_parser(
@@ -108,6 +109,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     add_gguf_quantized_args(sub)
     add_quant_accuracy_args(sub)
     add_speculative_args(sub)
+    add_spec_verify_args(sub)
     add_window_kv_args(sub)
     add_vision_args(sub)
     moe = sub.add_parser(

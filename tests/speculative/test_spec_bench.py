@@ -21,3 +21,30 @@ def test_bench_runs_both_modes_side_by_side(tiny_llama_path):
     assert on.verify_steps == 4 and on.accept_length == 4.0 and on.accept_rate == 1.0  # 1 + 2 x 4 tokens each
     assert "greedy outputs identical: yes" in format_speculative([off, on], identical)
     assert run.engine_args["speculative_algorithm"] == "STANDALONE"
+
+
+def test_verify_cost_bench_times_each_draft_count(tiny_llama_path):
+    """``sgl-ray bench spec-verify`` on the tiny Llama: a row per draft count, each step sampling every row it
+    ran (checked inside), and workloads that cannot run refused."""
+    import argparse
+
+    import pytest
+
+    from sgl_ray.bench.cli import add_bench_args
+    from sgl_ray.bench.spec_verify import format_report, run_spec_verify
+
+    parser = argparse.ArgumentParser()
+    add_bench_args(parser)
+    ns = parser.parse_args(["spec-verify", "--context", "8", "--drafts", "2,5"])
+    assert (ns.bench_command, ns.context, ns.drafts) == ("spec-verify", 8, "2,5")
+
+    args = EngineArgs(model_path=tiny_llama_path, max_total_tokens=512)
+    report = run_spec_verify(args, context=40, drafts=[1, 3, 7], repeats=2)
+    assert report.context == 40 and not report.decode_graph and report.decode_ms > 0
+    assert [r.drafts for r in report.rows] == [1, 3, 7]
+    assert all(r.ms > 0 and abs(r.ratio - r.ms / report.decode_ms) < 1e-9 for r in report.rows)
+    assert "x decode" in format_report(report)
+    with pytest.raises(ValueError, match="does not fit"):
+        run_spec_verify(args, context=600, drafts=[4], repeats=1)
+    with pytest.raises(ValueError, match="leave --speculative-algorithm unset"):
+        run_spec_verify(args.replace(speculative_algorithm="NGRAM"), context=40, drafts=[4], repeats=1)
