@@ -5,7 +5,9 @@ The image tokens' embeddings come from the tower (the runner's :class:`~sgl_ray.
 computes and caches them per image, and hands each step's rows in ``batch.multimodal``); every other row embeds its
 token. M-RoPE rotates the head's frequency bands ``mrope_section`` with the temporal, height and width position
 of the token; a text token has all three equal, which is plain rotary, so text-only batches take the decoder's
-usual path (and its fused CUDA kernels) unchanged.
+usual path (and its fused CUDA kernels) unchanged, and so do steps whose rows all lie past their prompts: a
+generated token rotates as plain rotary at ``position + mrope_delta`` (``batch.rope_offset``), which keeps decode
+steps of image requests in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def forward_with_images(
 
 class MRotaryEmbedding(RotaryEmbedding):
     """Rotary whose band ``i`` of ``mrope_section`` (in frequency pairs) turns with position component ``i % 3`` of
-    the token; the batch's ``multimodal.mrope_positions`` [3, T] give them (without it, all are the position)."""
+    the token; the batch's ``multimodal.mrope_positions`` [3, T] give them. Without it all three are the position
+    plus ``batch.rope_offset`` (when set: each request's ``mrope_delta``), which is plain rotary at that position."""
 
     def __init__(
         self, head_dim: int, rope_parameters: dict, max_position: int, mrope_section: list[int]
@@ -56,8 +59,11 @@ class MRotaryEmbedding(RotaryEmbedding):
 
     def cos_sin_for(self, batch: ForwardBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         mm = batch.multimodal
-        if mm is None:
-            return super().cos_sin_for(batch, dtype)
+        if mm is None or mm.mrope_positions is None:
+            if batch.rope_offset is None:
+                return super().cos_sin_for(batch, dtype)
+            # rows past their prompts: three equal components, plain rotary at position + mrope_delta
+            return self.cos_sin(batch.positions + batch.rope_offset, dtype)
         pos = mm.mrope_positions  # [3, T]
         pick = self.component.view(1, 1, -1).expand(1, pos.shape[1], -1)  # [1, T, rotary_dim]
         cos = self.cos_cache[pos].gather(0, pick).squeeze(0).unsqueeze(1)  # [T, 1, rotary_dim]
@@ -73,6 +79,8 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
     """
 
     vision_tower = Qwen2VisionTransformer
+    # decode steps of image requests read ``batch.rope_offset`` (CUDA graphs keep a buffer for it)
+    uses_rope_offset = True
     # the tower's tensors load as they are named (not through the decoder's fused q/k/v and gate/up parameters)
     weight_remap = staticmethod(lambda name: (name, None) if name.startswith("visual.") else None)
 

@@ -5,9 +5,12 @@
 A step covers positions ``[prefix, prefix + extend)`` of each request. The rows of that range inside an image take
 that image's embedding rows (so a prefill chunk may start or end inside an image, and a prefix-cache hit may end
 inside one); the model (``embed_images``) turns an image into its rows. Under M-RoPE (Qwen2-VL) rows inside the
-prompt take its M-RoPE positions and rows after it ``position + mrope_delta``, so every step of such a request needs
-the batch; a model with plain positions (LLaVA: ``mrope_positions`` of shape [3, 0]) needs it only for steps whose
-rows reach into an image, and its other steps (all its decode steps) run as text.
+prompt take its M-RoPE positions [3, T] from the batch, so a step that reaches into a prompt needs it. A row after
+the prompt sits at ``position + mrope_delta`` in all three components, which is plain rotary at that position: a
+step whose M-RoPE rows all lie past their prompts (every decode step) needs no batch, only a per-request offset
+(:meth:`MultimodalState.rope_offsets`, ``ForwardBatch.rope_offset``), and so replays CUDA graphs like text. A
+model with plain positions (LLaVA: ``mrope_positions`` of shape [3, 0]) needs the batch only for steps whose rows
+reach into an image, and its other steps (all its decode steps) run as text.
 
 A model whose image tokens attend to each other in both directions (``bidirectional_images``: Gemma 3) also gets
 ``image_spans``: per request of the step, the ``[start, end)`` positions of the images its rows reach, for the
@@ -69,6 +72,7 @@ class MultimodalState:
     >>> state = MultimodalState(model, device)  # doctest: +SKIP
     >>> state.admit(plan)  # doctest: +SKIP
     >>> batch.multimodal = state.step(plan)  # doctest: +SKIP
+    >>> offsets = state.rope_offsets(plan)  # [B] or None: steps without a batch  # doctest: +SKIP
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, cache_tokens: int = 1 << 16) -> None:
@@ -90,15 +94,30 @@ class MultimodalState:
                 self.requests[new.req_pool_idx] = new.multimodal.owned()  # kept: copied out of the plan
 
     def involves(self, plan: StepPlan) -> bool:
-        """Whether the step needs a :class:`MultimodalBatch`: a request of it has M-RoPE positions, or rows of it
-        fall inside an image."""
+        """Whether the step needs a :class:`MultimodalBatch`: rows of an M-RoPE request of it lie inside its
+        prompt, or rows of it fall inside an image (which, under M-RoPE, lies inside the prompt)."""
         if not self.requests:
             return False
         for idx, prefix in zip(plan.req_pool_idxs, plan.prefix_lens, strict=True):
             mm = self.requests.get(int(idx))
-            if mm is not None and (uses_mrope(mm) or prefix < images_end(mm)):
+            if mm is not None and prefix < max(mm.mrope_positions.shape[1], images_end(mm)):
                 return True
         return False
+
+    def rope_offsets(self, plan: StepPlan) -> np.ndarray | None:
+        """For a step that does not :meth:`involve <involves>` images: [B] int64 what each request adds to its
+        rows' positions for the rotary — an M-RoPE request's ``mrope_delta`` (its rows all lie past its prompt),
+        0 for the others; None when every offset is 0."""
+        if not self.requests:
+            return None
+        offsets = None
+        for r, idx in enumerate(plan.req_pool_idxs):
+            mm = self.requests.get(int(idx))
+            if mm is not None and mm.mrope_delta and uses_mrope(mm):
+                if offsets is None:
+                    offsets = np.zeros(len(plan.req_pool_idxs), dtype=np.int64)
+                offsets[r] = mm.mrope_delta
+        return offsets
 
     def step(self, plan: StepPlan) -> MultimodalBatch | None:
         if not self.involves(plan):

@@ -7,6 +7,7 @@ size of a ladder (largest first, all in one memory pool) and replays it: one lau
 Static inputs live in one int64 device buffer, filled by one host-to-device copy per step::
 
     [5, max_bs]: row 0 input_ids | row 1 positions | row 2 out_cache_loc | row 3 req_pool_idxs | row 4 seq_lens
+        (+ row 5 rope_offset for models that read it: M-RoPE's ``mrope_delta`` of each image request, else 0)
         columns 0 .. bs-1: the real requests;  bs .. graph_bs-1: padding (token 0 at position 0, written to the
         reserved KV slot 0, reading one cached token of request slot 0 — harmless, and the rows are dropped)
     [3, lora_slots] (with LoRA): start | length | slot of the batch's adapter segments (unused ones: length 0)
@@ -47,7 +48,7 @@ from sgl_ray.scheduler.plan import FUTURE_TOKEN
 
 logger = logging.getLogger(__name__)
 
-_INPUT, _POS, _LOC, _REQ, _SEQ = range(5)
+_INPUT, _POS, _LOC, _REQ, _SEQ, _ROPE = range(6)
 _SEG_START, _SEG_LEN, _SEG_SLOT = range(3)
 _Key = tuple[int, bool, int]  # a graph's batch size, whether it has the LoRA kernels, its longest sequence
 
@@ -65,7 +66,8 @@ class CudaGraphRunner:
     """Example (inside :class:`~sgl_ray.runner.model_runner.ModelRunner` on a CUDA device)::
 
     >>> graphs = CudaGraphRunner(model, backend, kv_pool, req_table.table, last_tokens, 64, 8192)  # doctest: +SKIP
-    >>> if graphs.can_run(batch_size): logits = graphs.replay(plan)  # doctest: +SKIP  # [bs, vocab] fp32
+    >>> if graphs.can_run(batch_size):  # doctest: +SKIP
+    ...     logits = graphs.replay(ids, positions, out_cache_loc, req_pool_idxs)  # [bs, vocab] fp32
     """
 
     def __init__(
@@ -95,9 +97,12 @@ class CudaGraphRunner:
         self.lora = lora if lora is not None and lora.ctx.backend.supports_cuda_graph else None
         self.lora_slots = lora.num_slots if self.lora is not None else 0
         device = req_to_token.device
-        n_ints, n_segs = 5 * self.max_bs, 3 * self.lora_slots
+        # M-RoPE models: the rotary's offset per request (``ForwardBatch.rope_offset``); others have no such row
+        self.rope_offset = bool(getattr(model, "uses_rope_offset", False))
+        self._rows = 6 if self.rope_offset else 5
+        n_ints, n_segs = self._rows * self.max_bs, 3 * self.lora_slots
         self._flat = torch.zeros(n_ints + n_segs, dtype=torch.int64, device=device)
-        self.ints = self._flat[:n_ints].view(5, self.max_bs)
+        self.ints = self._flat[:n_ints].view(self._rows, self.max_bs)
         self.ints[_SEQ].fill_(1)
         self.segs = self._flat[n_ints:].view(3, self.lora_slots)
         # Two host buffers in turn: with overlap scheduling a step is filled while the previous one's copy may
@@ -150,6 +155,7 @@ class CudaGraphRunner:
             attn_backend=self.attn_backend,
             moe_backend=self.moe_backend,
             full_to_swa=self.full_to_swa,
+            rope_offset=ints[_ROPE, :bs] if self.rope_offset else None,
         )
         batch.attn_metadata = self.attn_backend.graph_metadata(batch, max_len)
         return batch
@@ -205,10 +211,12 @@ class CudaGraphRunner:
         out_cache_loc: np.ndarray,
         req_pool_idxs: np.ndarray,
         lora_slots: np.ndarray | None = None,
+        rope_offsets: np.ndarray | None = None,
     ) -> torch.Tensor:
         """Enqueue one decode step of ``bs`` requests (one new token each; ``lora_slots``: each one's adapter
-        slot, -1 none; see :meth:`can_run`). Returns the logits ``[bs, vocab]`` (a view of the graph's output
-        buffer: valid until the next replay)."""
+        slot, -1 none; see :meth:`can_run`; ``rope_offsets``: what each adds to its position for the rotary, None:
+        0, only for a model that reads ``ForwardBatch.rope_offset``). Returns the logits ``[bs, vocab]`` (a view
+        of the graph's output buffer: valid until the next replay)."""
         bs = len(input_ids)
         gbs = self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
         turn = self.num_replays % 2
@@ -216,17 +224,22 @@ class CudaGraphRunner:
             copied.synchronize()  # two steps back: long done unless the device is far behind
         host_t = self._hosts[turn]
         flat = host_t.numpy()
-        host = flat[: 5 * self.max_bs].reshape(5, self.max_bs)
+        rows = self._rows
+        host = flat[: rows * self.max_bs].reshape(rows, self.max_bs)
         host[_INPUT, :bs] = input_ids
         host[_POS, :bs] = positions
         host[_LOC, :bs] = out_cache_loc
         host[_REQ, :bs] = req_pool_idxs
         host[_SEQ, :bs] = positions + 1
+        if self.rope_offset:
+            host[_ROPE, :bs] = 0 if rope_offsets is None else rope_offsets
+        elif rope_offsets is not None:
+            raise ValueError("rotary offsets for a model that does not read them")
         host[:, bs:gbs] = 0
         host[_SEQ, bs:gbs] = 1
         with_lora = lora_slots is not None and bool((lora_slots >= 0).any())
         if with_lora:
-            segs = flat[5 * self.max_bs :].reshape(3, self.lora_slots)
+            segs = flat[rows * self.max_bs :].reshape(3, self.lora_slots)
             segs[:] = 0
             runs = decode_segments(lora_slots)
             segs[:, : len(runs[0])] = runs

@@ -42,6 +42,9 @@ class ForwardBatch:
     # EAGLE-3: the model appends the residual stream at the input of its ``capture_layers`` here ([T, hidden] each)
     captured_hidden: list[torch.Tensor] | None = None
     multimodal: Any = None  # multimodal.runner.MultimodalBatch of a step with image requests (VL models)
+    # M-RoPE models, steps without ``multimodal``: [T] added to ``positions`` for the rotary only (a generated token
+    # of an image request rotates at position + mrope_delta); never read for KV slots or sequence lengths
+    rope_offset: torch.Tensor | None = None
     # Hybrid KV pools (mem_cache.hybrid_swa): the full pool's slot -> the windowed layers' slot ([num_slots], the
     # runner's persistent map, updated in place), and the new tokens' slots in the windowed layers' pool
     full_to_swa: torch.Tensor | None = None

@@ -414,7 +414,11 @@ class ModelRunner:
             input_ids = self.spec.before_forward(plan, self._h2d(plan.input_ids))
         graphs = self.cuda_graphs
         slots = plan.lora_slots if self.lora is not None else None
-        with_images = self.multimodal is not None and self.multimodal.involves(plan)  # M-RoPE: not in graphs
+        # Image requests: a step reaching into a prompt takes a MultimodalBatch (images, M-RoPE positions) and runs
+        # eagerly; one past the prompts needs only M-RoPE's per-request rotary offsets, which graphs take too.
+        mm = self.multimodal
+        with_images = mm is not None and mm.involves(plan)
+        rope_offsets = mm.rope_offsets(plan) if mm is not None and not with_images else None  # [B] or None
         if (
             graphs is not None
             and plan.is_plain_decode()
@@ -422,13 +426,15 @@ class ModelRunner:
             and graphs.can_run(plan.batch_size, slots)
         ):
             logits = graphs.replay(
-                plan.input_ids, plan.prefix_lens, plan.out_cache_loc, plan.req_pool_idxs, slots
+                plan.input_ids, plan.prefix_lens, plan.out_cache_loc, plan.req_pool_idxs, slots, rope_offsets
             )
             return self._sample_or_defer(plan, logits, logits[:0])
         batch, sample_rows, logprob_rows = self._build_batch(plan, input_ids)
         if with_images:
-            assert self.multimodal is not None
-            batch.multimodal = self.multimodal.step(plan)
+            assert mm is not None
+            batch.multimodal = mm.step(plan)
+        elif rope_offsets is not None:
+            batch.rope_offset = self._h2d(np.repeat(rope_offsets, plan.extend_lens))  # [T]
         shard = self.shard
         intermediate = None
         if not shard.is_first_stage:

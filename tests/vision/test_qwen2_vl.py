@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -242,3 +243,39 @@ def test_async_generate_with_images(engine) -> None:
     assert got["output_ids"] == engine.generate(prompt, GREEDY, image_data=image)["output_ids"]
     with pytest.raises(InvalidImageError, match="cannot decode"):
         asyncio.run(engine.async_generate(prompt, GREEDY, image_data=b"junk"))
+
+
+def test_decode_steps_take_rotary_offsets_not_mrope_positions(engine, reference, monkeypatch) -> None:
+    """Prefill chunks (inside the prompt) take the [3, T] M-RoPE positions; every decode step of the image request
+    takes no MultimodalBatch, only its ``mrope_delta`` as a rotary offset, and the tokens still equal
+    transformers'. Without the offset they would not: the test sees the decode steps' rotary."""
+    prompt, image = PROMPTS["one image"][0], draw(11)
+    _, mm_inputs = engine.image_processor.process(engine.tokenizer.encode(prompt), [image])
+    prompt_len, delta = mm_inputs.mrope_positions.shape[1], mm_inputs.mrope_delta
+    assert delta != 0
+    state = engine._core.runner.multimodal
+    steps: list[tuple[np.ndarray, np.ndarray, object]] = []
+    offsets: list[tuple[np.ndarray, np.ndarray | None]] = []
+    step, rope_offsets = state.step, state.rope_offsets
+
+    def recorded_step(plan):
+        steps.append((plan.prefix_lens.copy(), plan.extend_lens.copy(), out := step(plan)))
+        return out
+
+    def recorded_offsets(plan):
+        offsets.append((plan.prefix_lens.copy(), out := rope_offsets(plan)))
+        return out
+
+    monkeypatch.setattr(state, "step", recorded_step)
+    monkeypatch.setattr(state, "rope_offsets", recorded_offsets)
+    want = hf_greedy(reference, prompt, [image])
+    assert engine.generate(prompt, GREEDY, image_data=image)["output_ids"] == want
+    assert steps and all((prefix + ext <= prompt_len).all() for prefix, ext, _ in steps)
+    assert all(batch.mrope_positions.shape == (3, int(ext.sum())) for _, ext, batch in steps)
+    last_prefix, last_ext, _ = steps[-1]
+    assert last_prefix.tolist() == [prompt_len - int(last_ext.sum())]  # chunks up to the prompt's last row
+    assert all(int(ext.sum()) > 1 for _, ext, _ in steps)  # prefill chunks only
+    decode = [out for prefix, out in offsets if (prefix >= prompt_len).all()]
+    assert len(decode) == MAX_NEW - 1 and all(out is not None and out.tolist() == [delta] for out in decode)
+    monkeypatch.setattr(state, "rope_offsets", lambda plan: None)  # decode at the plain positions: wrong
+    assert engine.generate(prompt, GREEDY, image_data=image)["output_ids"] != want

@@ -1,5 +1,6 @@
-"""Qwen2-VL on CUDA (the fused rotary kernels take M-RoPE's per-token cos/sin; steps with images skip CUDA
-graphs): greedy tokens equal transformers' in float32 on the same card, and a bf16 engine runs image and text
+"""Qwen2-VL on CUDA (the fused rotary kernels take M-RoPE's per-token cos/sin; prefill steps of image prompts run
+eagerly, their decode steps replay CUDA graphs with each request's ``mrope_delta`` as a rotary offset): greedy tokens
+equal transformers' in float32 on the same card and the eager engine's, and a bf16 engine runs image and text
 requests together. Token-id prompts: the GPU machine has no tokenizer to download."""
 
 from __future__ import annotations
@@ -64,3 +65,29 @@ def test_cuda_bf16_mixed_batch_runs(path: str) -> None:
         )
     assert all(len(o["output_ids"]) == GREEDY["max_new_tokens"] for o in outs)
     assert outs[0]["output_ids"] == outs[2]["output_ids"]
+
+
+def test_cuda_graphs_replay_image_decode_steps(path: str) -> None:
+    """Every request has an image: before rotary offsets no step of theirs replayed a graph."""
+    prompts = [[5, 6, *IMG, 7, 8, 9], [10, *IMG, 11, *IMG, 12], [13, *IMG]]
+    images = [[draw(1)], [draw(2, (112, 56)), draw(3)], [draw(5, (56, 112))]]
+    got: dict[bool, list[list[int]]] = {}
+    for disable in (True, False):
+        with sgl_ray.Engine(
+            path,
+            device="cuda",
+            dtype="float32",
+            skip_tokenizer_init=True,
+            page_size=1,
+            disable_cuda_graph=disable,
+        ) as llm:
+            graphs = llm._core.runner.cuda_graphs
+            assert (graphs is None) == disable
+            before = 0 if graphs is None else graphs.num_replays
+            outs = llm.generate(input_ids=prompts, sampling_params=GREEDY, image_data=images)
+            got[disable] = [o["output_ids"] for o in outs]
+            if graphs is not None:
+                assert graphs.rope_offset  # the captured steps read the offsets' row
+                assert graphs.num_replays - before >= GREEDY["max_new_tokens"] - 2
+    assert got[False] == got[True]
+    assert all(len(ids) == GREEDY["max_new_tokens"] for ids in got[False])
