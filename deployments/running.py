@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, NamedTuple
 
+from sgl_ray.deployments.responses import unwrap
 from sgl_ray.errors import InvalidRequestError, SglRayError
 from sgl_ray.scheduler.output import RequestOutput
 
@@ -98,7 +99,7 @@ class Rejected(NamedTuple):
     def of(e: BaseException) -> Rejected | None:
         """``e`` (or the user's exception a Ray task error carries) as a rejection when it is the user's error, else
         None."""
-        cause = getattr(e, "cause", None) or e
+        cause = unwrap(e)
         return Rejected(cause) if isinstance(cause, SglRayError) and 400 <= cause.status_code < 500 else None
 
 
