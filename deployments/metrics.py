@@ -103,6 +103,7 @@ class Metrics:
             f"# TYPE {name} gauge",
             f"{name} {hit}",
         ]
+        lines += _speculation(engines)
         for _, engine in engines[:1]:
             lines += _expert_tokens(engine.get("expert_tokens"))
         return "\n".join(lines) + "\n"
@@ -119,6 +120,33 @@ _GAUGES: tuple[tuple[str, str, Callable[[dict[str, Any]], float]], ...] = (
     ("sgl_ray_num_waiting_requests", "Requests waiting (one replica).", lambda e: e.get("num_waiting", 0)),
     ("sgl_ray_kv_cache_usage", "Share of KV slots in use.", _kv_usage),
 )
+
+
+# name, the engine stat it reports, type, help: speculative decoding, one replica
+_SPECULATION = (
+    ("sgl_ray_spec_verify_steps_total", "spec_verify_steps", "counter", "Speculative verify steps."),
+    ("sgl_ray_spec_proposed_drafts_total", "spec_proposed_drafts", "counter", "Draft tokens proposed."),
+    ("sgl_ray_spec_accepted_drafts_total", "spec_accepted_drafts", "counter", "Draft tokens accepted."),
+    (
+        "sgl_ray_spec_accept_length",
+        "spec_accept_length",
+        "gauge",
+        "Tokens per verify step, the bonus one included.",
+    ),
+)
+
+
+def _speculation(engines: list[tuple[str | None, dict[str, Any]]]) -> list[str]:
+    """Models with ``speculative_algorithm``: verify steps, drafts proposed and accepted, and the accept length of
+    one replica (as ``get_stats()`` reports them)."""
+    speculating = [(model, engine) for model, engine in engines if engine.get("spec_algorithm")]
+    lines: list[str] = []
+    for name, key, kind, help_text in _SPECULATION if speculating else ():
+        lines += [f"# HELP {name} {help_text} (one replica)", f"# TYPE {name} {kind}"]
+        for model, engine in speculating:
+            label = f'{{model="{model}"}}' if model is not None else ""
+            lines.append(f"{name}{label} {engine.get(key, 0)}")
+    return lines
 
 
 def _expert_tokens(load: dict[str, list[int]] | None) -> list[str]:

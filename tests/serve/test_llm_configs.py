@@ -32,7 +32,8 @@ applications:
           deployment_config:
             autoscaling_config: {{min_replicas: 1, max_replicas: 1, target_ongoing_requests: 2}}
         - model_loading_config: {{model_id: {qwen}, model_source: {qwen_path}}}
-          engine_kwargs: {{max_total_tokens: 4096, enable_prefix_caching: true, trust_remote_code: true}}
+          engine_kwargs: {{max_total_tokens: 4096, enable_prefix_caching: true, trust_remote_code: true,
+                          speculative_algorithm: NGRAM}}
           deployment_config: {{num_replicas: 1}}
     deployments:
       - name: LLMServer:tiny--qwen3_0
@@ -110,6 +111,10 @@ def test_two_models_routed_by_model(multi, hf_reference, peft_reference):
             client.completions.create(model=f"{LLAMA}:no-such-adapter", prompt="Hi", max_tokens=1)
         metrics = http.get("/metrics").text
         assert f'sgl_ray_num_running_requests{{model="{QWEN}"}}' in metrics
+        # the NGRAM model's verify steps (every decode step of a speculating request is one); none for the other
+        steps = [line for line in metrics.splitlines() if line.startswith("sgl_ray_spec_verify_steps_total")]
+        assert len(steps) == 1 and steps[0].startswith(f'sgl_ray_spec_verify_steps_total{{model="{QWEN}"}} ')
+        assert int(steps[0].split()[-1]) > 0 and "# TYPE sgl_ray_spec_accept_length gauge" in metrics
 
 
 @pytest.mark.serve
