@@ -31,7 +31,7 @@ from sgl_ray.errors import EngineDeadError, StepLostError
 from sgl_ray.model_loader import load_tokenizer, resolve_model
 from sgl_ray.parallel import ParallelLayout
 from sgl_ray.scheduler.output import RequestOutput
-from sgl_ray.scheduler.plan import StepOutput, StepPlan
+from sgl_ray.scheduler.plan import StepDrafts, StepOutput, StepPlan
 from sgl_ray.scheduler.request import Req
 
 logger = logging.getLogger(__name__)
@@ -184,10 +184,20 @@ class _GroupExecutor(StepExecutor):
             raise self.owner._rebuild(e) from e
 
     def give_mask(self, handle, vocab_mask):
-        """Queue a deferred step's masks for the group's next call (nothing is sent here)."""
+        """A deferred step's masks: queued for the group's next call (overlap), or sent at once (masks built from
+        the step's drafts)."""
         group, inner = self._current(handle)
-        group.give_mask(inner, vocab_mask)
-        return handle
+        try:
+            return group, group.give_mask(inner, vocab_mask)
+        except RayError as e:
+            raise self.owner._rebuild(e) from e
+
+    def drafts(self, handle) -> StepDrafts:
+        group, inner = self._current(handle)
+        try:
+            return group.drafts(inner)
+        except RayError as e:
+            raise self.owner._rebuild(e) from e
 
     def _current(self, handle) -> tuple[ShardGroup, Any]:
         group, inner = handle

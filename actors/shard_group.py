@@ -26,6 +26,11 @@ deferred step under them, then launches the plan (which may read that step's tok
 
 No plan goes out while a step waits for its masks (the runner holds one deferred step at a time), and a deferred
 step's output is waited for only after its masks were given.
+
+Without overlap (speculative decoding), a plan whose constrained requests get drafts from the shards' own drafter
+(``drafts_deferred``) takes two calls: the shards draft and run the forward pass, and the output rank answers with
+the drafts (:meth:`ShardGroup.drafts`); the masks built from them go out in a call of their own
+(:meth:`ShardGroup.give_mask`), which answers with the step's output.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.parallel import ParallelLayout
 from sgl_ray.runner.memory import KVCapacity
 from sgl_ray.runner.model_runner import RunnerInfo
-from sgl_ray.scheduler.plan import StepOutput, StepPlan
+from sgl_ray.scheduler.plan import StepDrafts, StepOutput, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +156,7 @@ class ShardGroup:
         lagged, a step runs while the next is planned); ``wait`` takes the handle, in submission order."""
         assert self.dag is not None, "start() first"
         if not self.lagged:
-            return self.dag.execute(plan), time.perf_counter()
+            return self.dag.execute(plan), time.perf_counter(), plan.step_id
         assert self._masks_due is None, "give_mask() for the deferred step before sending another plan"
         step = LaggedStep(plan.step_id)
         self._send(plan, self._tail)
@@ -160,18 +165,32 @@ class ShardGroup:
             self._masks_due = step
         return step
 
-    def give_mask(self, step: LaggedStep, vocab_mask: np.ndarray | None) -> None:
-        """The masks of a step sent with ``mask_deferred`` (lagged only); they go out with the next call."""
-        assert self.lagged and step is self._masks_due, "this step does not wait for masks"
+    def give_mask(self, handle, vocab_mask: np.ndarray | None):
+        """The masks of a step sent with ``mask_deferred``; returns the handle to wait on. Lagged: they go out with
+        the next call. Otherwise (a plan with ``drafts_deferred``, whose :meth:`drafts` were read): they go out
+        now, in a call of their own."""
+        if not self.lagged:
+            assert self.dag is not None, "start() first"
+            _, sent, step_id = handle
+            return self.dag.execute(DeferredMasks.pack(step_id, vocab_mask)), sent, step_id
+        assert handle is self._masks_due, "this step does not wait for masks"
         self._masks_due = None
-        self._masks = DeferredMasks.pack(step.step_id, vocab_mask)
+        self._masks = DeferredMasks.pack(handle.step_id, vocab_mask)
+        return handle
+
+    def drafts(self, handle) -> StepDrafts:
+        """The drafts a plan sent with ``drafts_deferred`` answers with (not lagged: speculation runs without
+        overlap scheduling); :meth:`give_mask` sends its masks next."""
+        assert not self.lagged, "drafts_deferred in a lagged group"
+        ref, _, _ = handle
+        return owned(ray.get(ref, timeout=self.step_timeout_s)[self.layout.output_rank])
 
     def wait(self, handle) -> StepOutput:
         """The answer of a submitted plan, from the last stage's first tensor-parallel rank. Raises whatever Ray
         raises when a shard is gone (the caller rebuilds the group)."""
         if self.lagged:
             return self._wait_lagged(handle)
-        ref, sent = handle
+        ref, sent, _ = handle
         out = owned(ray.get(ref, timeout=self.step_timeout_s)[self.layout.output_rank])  # see owned()
         if self.layout.pp_size == 1:  # with micro-batches in flight, wall time is not one step's
             self.control_overhead_s.append(time.perf_counter() - sent - out.compute_s)

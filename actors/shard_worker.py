@@ -20,7 +20,7 @@ from sgl_ray.parallel import ParallelLayout, free_port, init_shard_context, node
 from sgl_ray.runner.memory import KVCapacity
 from sgl_ray.runner.model_runner import ModelRunner, PendingStep, RunnerInfo
 from sgl_ray.runner.trace import gpu_idle_fraction
-from sgl_ray.scheduler.plan import StepOutput, StepPlan
+from sgl_ray.scheduler.plan import StepDrafts, StepOutput, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class ShardWorker:
         self.rank = rank
         self.layout = layout
         self.runner: ModelRunner | None = None
-        self._pending: PendingStep | None = None  # launched by the last ``step`` call, not yet collected
+        self._pending: PendingStep | None = None  # launched by the last ``step`` call (or waiting for masks)
         self._digest = 0  # see output_digest
 
     def _record(self, out: StepOutput) -> StepOutput:
@@ -139,10 +139,25 @@ class ShardWorker:
         assert self.runner is not None
         return self.runner.init_memory(capacity)
 
-    def execute(self, plan: StepPlan) -> StepOutput | None:
-        """Run one step; only the output rank answers with its output (the others' would travel for nothing)."""
+    def execute(self, msg: StepPlan | DeferredMasks) -> StepOutput | StepDrafts | None:
+        """Run one step; only the output rank answers with its output (the others' would travel for nothing).
+
+        A plan with ``drafts_deferred`` (speculative decoding under a grammar, drafts from the runner's drafter)
+        runs its drafts and forward pass and answers with the drafts; the next call brings the masks built from
+        them (:class:`DeferredMasks`), and the step is sampled under them and answered as usual."""
         assert self.runner is not None
-        out = self._record(self.runner.execute(owned(plan)))
+        if isinstance(msg, DeferredMasks):
+            pending, self._pending = self._pending, None
+            assert pending is not None and pending.awaits_mask and pending.step_id == msg.step_id, (
+                f"masks for step {msg.step_id}, but no step waits for them"
+            )
+            out = self._record(self.runner.collect(self.runner.sample_deferred(pending, msg.unpack())))
+        else:
+            pending = self.runner.launch(owned(msg))
+            if pending.awaits_mask:
+                self._pending = pending
+                return pending.drafts if self.rank == self.layout.output_rank else None
+            out = self._record(self.runner.collect(pending))
         return out if self.rank == self.layout.output_rank else None
 
     def step(self, call: ShardCall) -> LaggedReply:

@@ -206,11 +206,7 @@ class InProcessCore(SchedulerCalls, EngineCore):
             kv_swa_slots=info.swa_num_slots,
         )
         runner = self.runner
-        executor = (
-            OverlapExecutor(runner.launch, runner.collect, runner.sample_deferred)
-            if overlap
-            else StepExecutor(runner.execute)
-        )
+        executor = OverlapExecutor(runner.launch, runner.collect, runner.sample_deferred, overlap=overlap)
         self.loop = EngineLoop(self.scheduler, executor)
 
     def add(self, reqs: list[Req], sink: OutputSink) -> None:

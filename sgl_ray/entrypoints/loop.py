@@ -17,7 +17,7 @@ from typing import Any
 from sgl_ray.errors import EngineDeadError, SglRayError, StepLostError
 from sgl_ray.scheduler.batch import ScheduledBatch
 from sgl_ray.scheduler.output import RequestOutput
-from sgl_ray.scheduler.plan import StepOutput, StepPlan
+from sgl_ray.scheduler.plan import StepDrafts, StepOutput, StepPlan
 from sgl_ray.scheduler.request import Req
 from sgl_ray.scheduler.scheduler import Scheduler
 
@@ -72,21 +72,27 @@ class StepExecutor:
         """For a plan submitted with ``mask_deferred``: its token masks; returns the handle to wait on."""
         raise NotImplementedError(f"{type(self).__name__} does not take deferred masks")
 
+    def drafts(self, handle: Any) -> StepDrafts:
+        """For a plan submitted with ``drafts_deferred``: what the runner's drafter proposed (its masks follow
+        from them, through :meth:`give_mask`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not answer with drafts")
+
 
 class OverlapExecutor(StepExecutor):
-    """Two steps in flight on one device: ``launch`` enqueues a step's work and returns at once, ``collect`` waits
-    for its results (see ``ModelRunner.launch``); ``sample_deferred`` samples a step whose masks came later."""
-
-    depth = 2
-    overlap = True
+    """Steps on one device through ``launch``, which enqueues a step's work and returns at once, and ``collect``,
+    which waits for its results (see ``ModelRunner.launch``); ``sample_deferred`` samples a step whose masks came
+    later. ``overlap``: two steps in flight; else one (a step may still wait for masks built from its drafts)."""
 
     def __init__(
         self,
         launch: Callable[[StepPlan], Any],
         collect: Callable[[Any], StepOutput],
         sample_deferred: Callable[[Any, Any], Any] | None = None,
+        overlap: bool = True,
     ) -> None:
         self._launch, self._collect, self._sample_deferred = launch, collect, sample_deferred
+        self.overlap = overlap
+        self.depth = 2 if overlap else 1
 
     def submit(self, plan: StepPlan) -> Any:
         return self._launch(plan)
@@ -97,6 +103,10 @@ class OverlapExecutor(StepExecutor):
     def give_mask(self, handle: Any, vocab_mask: Any) -> Any:
         assert self._sample_deferred is not None
         return self._sample_deferred(handle, vocab_mask)
+
+    def drafts(self, handle: Any) -> StepDrafts:
+        assert handle.drafts is not None, "the step was not launched with drafts_deferred"
+        return handle.drafts
 
 
 class EngineLoop:
@@ -199,6 +209,8 @@ class EngineLoop:
                         batch = sched.schedule(1 if ex.overlap else ex.depth)
                         if batch.worth_running:
                             in_flight.append((batch, ex.submit(batch.plan)))
+                            if batch.plan.drafts_deferred:  # its masks follow from the runner's drafts
+                                in_flight[-1] = _with_draft_masks(ex, *in_flight[-1])
                             self.max_in_flight = max(self.max_in_flight, len(in_flight))
                             if len(in_flight) < ex.depth and batch.entries:
                                 continue  # fill the pipeline before waiting
@@ -248,3 +260,8 @@ class EngineLoop:
 def _with_masks(ex: StepExecutor, batch: ScheduledBatch, handle: Any) -> tuple[ScheduledBatch, Any]:
     """Give a deferred step its masks; no name in the loop keeps its handle (and, once read, its output) after."""
     return batch, ex.give_mask(handle, batch.deferred_mask())
+
+
+def _with_draft_masks(ex: StepExecutor, batch: ScheduledBatch, handle: Any) -> tuple[ScheduledBatch, Any]:
+    """Give a step launched with ``drafts_deferred`` the masks built from its drafts."""
+    return batch, ex.give_mask(handle, batch.draft_masks(ex.drafts(handle)))

@@ -36,7 +36,7 @@ from sgl_ray.runner.step_sampling import rows_before_end, sample_step
 from sgl_ray.runner.trace import StepTrace, TracedStep
 from sgl_ray.sampling.sampler import Sampler
 from sgl_ray.sampling.state import Admission, SamplingState
-from sgl_ray.scheduler.plan import FUTURE_TOKEN, StepOutput, StepPlan
+from sgl_ray.scheduler.plan import FUTURE_TOKEN, StepDrafts, StepOutput, StepPlan
 from sgl_ray.speculative.worker import SpecWorker
 from sgl_ray.transfer import to_device
 
@@ -57,6 +57,7 @@ class PendingStep:
     awaits_mask: bool = (
         False  # launched with ``mask_deferred``: give it to :meth:`ModelRunner.sample_deferred`
     )
+    drafts: StepDrafts | None = None  # launched with ``drafts_deferred``: what the masks are built from
 
 
 @dataclass(frozen=True)
@@ -333,14 +334,20 @@ class ModelRunner:
     def launch(self, plan: StepPlan) -> PendingStep:
         """Enqueue a step's device work and return without waiting for it (overlap scheduling); :meth:`collect`
         returns its output. Steps run in launch order, and a step may read the token its request slot's previous
-        step sampled (``plan.FUTURE_TOKEN`` inputs)."""
+        step sampled (``plan.FUTURE_TOKEN`` inputs). A plan with ``mask_deferred`` runs its forward pass and waits
+        for :meth:`sample_deferred`; with ``drafts_deferred`` too, the answer carries the step's drafts, which its
+        masks are built from."""
         t0 = time.perf_counter()
         assert self._awaiting_mask is None, "the previous step still waits for its masks (sample_deferred)"
         self._trace_start = None
         with torch.inference_mode():
             results = self._launch(plan)
         if self._awaiting_mask is not None:
-            return PendingStep(plan.step_id, {}, None, t0, awaits_mask=True)
+            drafts = None
+            if plan.drafts_deferred:
+                assert self.spec is not None, "drafts_deferred on a runner without speculative decoding"
+                drafts = self.spec.pending_drafts(plan.step_id)
+            return PendingStep(plan.step_id, {}, None, t0, awaits_mask=True, drafts=drafts)
         return self._copy_out(plan, results, t0)
 
     def sample_deferred(self, pending: PendingStep, vocab_mask: np.ndarray | None) -> PendingStep:

@@ -12,7 +12,7 @@ from sgl_ray.lora.pool import AdapterPool
 from sgl_ray.scheduler.grammar import GrammarTracker
 from sgl_ray.scheduler.kv_manager import KVCacheManager
 from sgl_ray.scheduler.output import RequestOutput
-from sgl_ray.scheduler.plan import FUTURE_TOKEN, NewRequest, StepOutput, StepPlan
+from sgl_ray.scheduler.plan import DRAFT_TOKEN, FUTURE_TOKEN, NewRequest, StepDrafts, StepOutput, StepPlan
 from sgl_ray.scheduler.request import Req
 
 Sampled = tuple[int, float | None, np.ndarray | None, np.ndarray | None]  # token, logprob, top ids, top vals
@@ -136,6 +136,10 @@ class ScheduledBatch:
             if any(e.req.grammar is not None and e.prefix_len >= e.req.num_tokens for e in entries):
                 # a constrained request runs ahead: its mask follows once the token in flight is accepted
                 plan.mask_deferred, self._grammars = True, grammars
+            elif any(e.req.grammar is not None and e.drafts and e.drafts[0] == DRAFT_TOKEN for e in entries):
+                # the runner's drafter proposes a constrained request's drafts: its rows' masks follow from them
+                plan.mask_deferred = plan.drafts_deferred = True
+                self._grammars = grammars
             else:
                 plan.vocab_mask = grammars.masks(entries)
         plan.input_ids = np.fromiter(_input_ids(entries), i64, int(plan.extend_lens.sum()))
@@ -168,6 +172,22 @@ class ScheduledBatch:
         processed (their tokens accepted by the grammars)."""
         assert self._grammars is not None, "this batch's masks were not deferred"
         return self._grammars.masks(self.entries)
+
+    def draft_masks(self, drafts: StepDrafts) -> np.ndarray | None:
+        """The token masks of a plan launched with ``drafts_deferred``, from what the runner's drafter proposed:
+        each constrained verify entry's rows under the grammar after the drafts before them
+        (:meth:`GrammarTracker.verify_masks`), every other row as usual."""
+        grammars = self._grammars
+        assert grammars is not None and self.plan.drafts_deferred, "this batch's masks do not wait for drafts"
+        verify = [e for e in self.entries if e.drafts]  # the drafts' rows, in batch order
+        assert len(verify) == len(drafts.tokens), (len(verify), drafts.tokens.shape)
+        for j, e in enumerate(verify):
+            if e.req.grammar is None or e.drafts[0] != DRAFT_TOKEN:
+                continue
+            n = len(e.drafts)
+            parents = drafts.parents[j, :n] if drafts.parents is not None else None
+            e.row_masks = grammars.verify_masks(e.req, drafts.tokens[j, :n], parents)
+        return grammars.masks(self.entries)
 
     @property
     def worth_running(self) -> bool:

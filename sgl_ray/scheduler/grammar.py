@@ -29,6 +29,8 @@ from sgl_ray.errors import InvalidRequestError
 from sgl_ray.scheduler.kv_manager import KVCacheManager
 from sgl_ray.scheduler.request import FinishReason, Req, ReqStatus
 
+_UNDO = -1
+
 
 class GrammarTracker:
     """Example::
@@ -145,6 +147,40 @@ class GrammarTracker:
         if taken:
             m.rollback(taken)
         return drafts[:taken], masks[: taken + 1]
+
+    def verify_masks(self, req: Req, tokens: np.ndarray, parents: np.ndarray | None = None) -> np.ndarray:
+        """The masks of a verify chunk's rows ``[x, n_1..n_N]`` once a runner-side drafter proposed the nodes
+        ``tokens`` ([N]; a chain when ``parents`` is None, else each node's parent row, 0 the root ``x``): row ``i``
+        allows what the grammar allows after the tokens on the way to it. A row the grammar cannot reach (a node
+        after one it rejects, or after the grammar completed) allows every token: its parent's mask rules its token
+        out, so it is never emitted. The matcher is left as it was."""
+        m = req.grammar
+        assert m is not None and self._manager is not None
+        n = len(tokens)
+        masks = np.full((n + 1, self.width), -1, dtype=np.int32)
+        if parents is None:
+            parents = np.arange(n)  # node i (row i + 1) follows row i
+        children: list[list[int]] = [[] for _ in range(n + 1)]
+        for i, parent in enumerate(parents[:n].tolist()):
+            children[parent].append(i + 1)
+        fill = self._manager.fill_bitmasks
+        fill([m], masks, [0])
+        stack = children[0][
+            ::-1
+        ]  # rows to visit, depth first; _UNDO: leave the subtree of the last accepted node
+        while stack:
+            row = stack.pop()
+            if row == _UNDO:
+                m.rollback(1)
+                continue
+            if not m.accept_token(int(tokens[row - 1])):
+                continue
+            stack.append(_UNDO)
+            if m.is_terminated():  # the request ends at this node: its row's token is never used
+                continue
+            fill([m], masks, [row])
+            stack.extend(children[row][::-1])
+        return masks
 
     def may_jump(self, req: Req) -> bool:
         """Whether jump-forward may append tokens to ``req`` after a sampled token."""

@@ -83,6 +83,9 @@ class StepPlan(msgspec.Struct, kw_only=True):
     mask_deferred: bool = (
         False  # the runner samples only once it is given vocab_mask (ModelRunner.sample_deferred)
     )
+    # With ``mask_deferred`` and a runner-side drafter (STANDALONE, EAGLE): the masks depend on the drafts, so the
+    # runner answers the launch with them (:class:`StepDrafts`) before it is given the masks.
+    drafts_deferred: bool = False
     # Speculative decoding: drafts of each request (its chunk is [last token, drafts...], every row sampled and
     # verified on the runner: see sgl_ray.speculative.verify); empty when the plan verifies none.
     draft_lens: np.ndarray = msgspec.field(default_factory=_empty)  # [B]
@@ -104,6 +107,17 @@ class StepPlan(msgspec.Struct, kw_only=True):
     def sample_row_counts(self) -> np.ndarray:
         """[B] how many trailing rows of each request's chunk are sampled."""
         return self.sample_counts if len(self.sample_counts) else self.sample.astype(_I64)
+
+
+class StepDrafts(msgspec.Struct, kw_only=True):
+    """What a runner's drafter proposed for a step launched with ``drafts_deferred``, for the scheduler to build
+    the verify rows' grammar masks from. One row per verify entry (``draft_lens > 0``), in batch order."""
+
+    step_id: int
+    tokens: (
+        np.ndarray
+    )  # [Bv, K] chain drafts d_1..d_k, or a tree's nodes (chunk rows 1..N); padding past each
+    parents: np.ndarray | None = None  # [Bv, N] trees: the chunk row of each node's parent (0: the root x)
 
 
 class StepOutput(msgspec.Struct, kw_only=True):

@@ -220,7 +220,7 @@ class Scheduler(StepResults):
                 self.config.min_new_token_ratio, self.new_token_ratio - self.config.new_token_ratio_decay
             )
         batch.finalize(self.kv, self.lora, self.grammars)
-        self.num_deferred_mask_steps += batch.plan.mask_deferred
+        self.num_deferred_mask_steps += batch.plan.mask_deferred and not batch.plan.drafts_deferred
         return batch
 
     def _schedule_prefills(self, batch: ScheduledBatch, retracted: bool) -> None:

@@ -10,9 +10,15 @@ list, the prefix cache and preemption only ever see accepted tokens. This is the
 ``scheduler.grammar`` with drafts in place of forced tokens, and the same ``KVCacheManager.truncate``.
 
 Which requests speculate: those whose sampling does not depend on each token's counts (no penalties, no
-``min_new_tokens``); with a draft model (STANDALONE) or an EAGLE head, not constrained ones either (their drafts
-would need the grammar's mask at every draft step); with tree drafts, not those asking for top logprobs. The
-others decode one token per step in the same batches.
+``min_new_tokens``); with tree drafts, not those asking for top logprobs. The others decode one token per step in
+the same batches.
+
+Under a grammar, a verify row samples under the grammar's mask after the drafts before it. NGRAM drafts are known
+here, so they are cut at the first token the grammar rejects and the masks go out with the plan. A runner-side
+drafter (STANDALONE, EAGLE, MTP) proposes its drafts during the step: the plan goes out with ``drafts_deferred``,
+the runner answers with the drafts once the target's forward pass ran, and the masks built from them
+(``GrammarTracker.verify_masks``: every row of a chain or tree, by walking it with the matcher) come back before
+it samples — one more exchange with the runner in such steps.
 
 With tree drafts (``speculative.tree``) the chunk is ``[x, n_1..n_N]``, the tree's nodes parents first; the runner
 copies the accepted path's KV to the slots of the chunk's first rows, so settling is the same as for a chain.
@@ -86,9 +92,8 @@ class Speculation:
         p = r.sampling
         if p.needs_penalties or p.min_new_tokens > 0:
             return False
-        if self.config.is_tree and r.return_logprob and r.top_logprobs_num > 0:
-            return False  # the sampler's top logprobs are of a tree's rows, not of the accepted path's
-        return not (self.config.uses_draft_model and p.grammar is not None)
+        # the sampler's top logprobs are of a tree's rows, not of the accepted path's
+        return not (self.config.is_tree and r.return_logprob and r.top_logprobs_num > 0)
 
     def propose(self, r: Req) -> tuple[list[int], np.ndarray | None] | None:
         """Drafts for a decoding request's next step and, under a grammar, its rows' masks; None if it does not

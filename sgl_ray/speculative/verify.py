@@ -22,7 +22,8 @@ It keeps ``m`` drafts and emits ``m + 1`` tokens, written over its rows: ``d_1..
   requests are reproducible.
 
 ``p`` and ``q`` are the distributions the sampler draws from: temperature, top-k, top-p, min-p and logit bias
-applied (:func:`processed_logprobs`).
+applied (:func:`processed_logprobs`); ``p`` under the row's grammar mask for constrained requests (``q``, the
+draft model's, is unconstrained: drafts the grammar rejects have ``p = 0`` and are rejected).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from sgl_ray.sampling import noise
+from sgl_ray.sampling.bitmask import apply_token_bitmask_
 from sgl_ray.sampling.filters import select_candidates
 from sgl_ray.sampling.penalties import process_logits
 from sgl_ray.sampling.state import SamplingState
@@ -105,7 +107,7 @@ def verify(
         sel = np.flatnonzero(sampled_np)
         sel_dev = to_device(sel, device)
         keep_s, rows_s = _rejection_sample(
-            logits[rows[sel_dev]],  # [Bs, K+1, V]
+            _masked(logits, rows[sel_dev], plan.vocab_mask),  # [Bs, K+1, V]
             t[sel_dev],
             d[sel_dev],
             drafts.log_probs[sel_dev],
@@ -130,6 +132,17 @@ def verify(
         lse = torch.logsumexp(logits[flat].float(), dim=-1)
         logprobs[flat] = logits[flat].float().gather(1, tokens[flat, None]).squeeze(1) - lse
     return Verified(tokens, logprobs, emitted)
+
+
+def _masked(logits: torch.Tensor, rows: torch.Tensor, vocab_mask: np.ndarray | None) -> torch.Tensor:
+    """``logits[rows]`` (any shape of sampled-row indices), -inf where the row's grammar mask forbids the token:
+    the target's distribution the sampler drew from (structured outputs)."""
+    out = logits[rows]
+    if vocab_mask is None:
+        return out
+    flat = rows.reshape(-1)
+    mask = to_device(vocab_mask, logits.device)[flat]
+    return apply_token_bitmask_(out.reshape(len(flat), -1), mask).view(out.shape)
 
 
 def _rejection_sample(
@@ -200,7 +213,8 @@ def verify_tree(
     resample: Callable[[torch.Tensor, np.ndarray, torch.Tensor], torch.Tensor],
 ) -> tuple[Verified, torch.Tensor, torch.Tensor]:
     """Accept the draft trees of the plan's verify entries (``speculative.tree``). ``resample(logits, slots,
-    positions)`` draws the sampler's tokens again for sampled entries' rows at their tree positions. Returns the
+    positions)`` draws the sampler's tokens again for sampled entries' rows at their tree positions (their logits
+    already under the rows' grammar masks). Returns the
     verification, the accepted paths ([Bv, D + 1] chunk rows) and the accepted node counts ([Bv])."""
     device = tokens.device
     counts = plan.sample_row_counts()
@@ -216,7 +230,9 @@ def verify_tree(
         sel = to_device(sampled, device)
         flat = rows[sel].reshape(-1)
         positions = to_device(plan.prefix_lens[verify_idx][sampled], device)[:, None] + tree.depths[sel] + 1
-        drawn = resample(logits[flat], np.repeat(slots_np[sampled], n + 1), positions.reshape(-1))
+        drawn = resample(
+            _masked(logits, flat, plan.vocab_mask), np.repeat(slots_np[sampled], n + 1), positions.reshape(-1)
+        )
         target = target.clone()
         target[sel] = drawn.view(len(sampled), n + 1)
     walk = accept_tree(target, tree)

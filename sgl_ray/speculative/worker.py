@@ -17,7 +17,7 @@ import torch
 
 from sgl_ray.errors import UnsupportedFeatureError
 from sgl_ray.sampling.sampler import Sampler
-from sgl_ray.scheduler.plan import StepPlan
+from sgl_ray.scheduler.plan import StepDrafts, StepPlan
 from sgl_ray.speculative.config import SpeculativeConfig
 from sgl_ray.speculative.draft_model import DraftModel
 from sgl_ray.speculative.eagle import EagleDraft
@@ -147,6 +147,14 @@ class SpecWorker:
         self._chunk_slots = batch.out_cache_loc[rows]
         swa_loc = batch.swa_out_cache_loc  # hybrid pools: the windowed layers' slots of the same rows
         self._swa_chunk_slots = swa_loc[rows] if swa_loc is not None else None
+
+    def pending_drafts(self, step_id: int) -> StepDrafts:
+        """The drafts of the step in progress, on the host (a step whose grammar masks are built from them)."""
+        d = self._drafts
+        if d is None:
+            return StepDrafts(step_id=step_id, tokens=np.zeros((0, 0), dtype=np.int64))
+        parents = d.tree.parents.cpu().numpy() if d.tree is not None else None
+        return StepDrafts(step_id=step_id, tokens=d.tokens.cpu().numpy(), parents=parents)
 
     def admit_only(self, plan: StepPlan) -> None:
         """A plan without tokens: only its request-slot changes reach the draft model."""

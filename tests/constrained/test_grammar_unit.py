@@ -233,3 +233,45 @@ def test_bitmask_and_masked_sampling_on_gpu_match_cpu() -> None:
         st.set_request(slot, SamplingParams(temperature=0.0), seed=slot, eos_token_ids=[], prompt_ids=[1])
     out = Sampler().sample(logits.cuda(), torch.arange(4), torch.full((4,), 5), st, vocab_mask=bitmask.cuda())
     assert out.next_token_ids.cpu().tolist() == cpu.argmax(-1).tolist()
+
+
+def test_verify_masks_of_a_draft_tree(tokenizer) -> None:
+    """The masks of a verify chunk built from a drafter's tree: each row's is the grammar's after the path to it
+    (checked against a matcher fed that path), a row under a node the grammar rejects allows everything, and the
+    request's matcher is left as it was."""
+    from sgl_ray.scheduler.grammar import GrammarTracker
+
+    tracker = GrammarTracker(tokenizer, vocab_size=len(tokenizer))
+    params = SamplingParams(regex="(yes|no|maybe)( (yes|no|maybe))*")
+    req = Req("r", prompt_ids=[1, 2], sampling=params, seed=0, eos_token_ids=(tokenizer.eos_token_id,))
+    tracker.start(req)
+    req.grammar_compile.result()
+    assert tracker.ready(req)
+    ids = {w: tokenizer.encode(w, add_special_tokens=False) for w in ("yes", " no", " maybe", "#")}
+    assert all(len(v) == 1 for v in ids.values())
+    yes, no, maybe, bad = (ids[w][0] for w in ("yes", " no", " maybe", "#"))
+    # rows: 0 root; 1 yes, 2 '#' (rejected), 3 yes>no, 4 yes>maybe, 5 '#'>yes (unreachable), 6 yes>no>maybe
+    tokens = np.array([yes, bad, no, maybe, yes, maybe])
+    parents = np.array([0, 0, 1, 1, 2, 3])
+    before = np.zeros((1, tracker.width), dtype=np.int32)
+    tracker._manager.fill_bitmasks([req.grammar], before, [0])
+    masks = tracker.verify_masks(req, tokens, parents)
+
+    def after(path: list[int]) -> np.ndarray:
+        m = tracker._manager.matcher(req.grammar_compile.result())
+        assert all(m.accept_token(t) for t in path)
+        out = np.zeros((1, tracker.width), dtype=np.int32)
+        tracker._manager.fill_bitmasks([m], out, [0])
+        return out[0]
+
+    assert np.array_equal(masks[0], before[0])
+    for row, path in {1: [yes], 3: [yes, no], 4: [yes, maybe], 6: [yes, no, maybe]}.items():
+        assert np.array_equal(masks[row], after(path)), row
+    assert (masks[[2, 5]] == -1).all()  # never emitted: their parents' masks rule them out
+    assert not np.array_equal(masks[1], masks[0])
+    again = np.zeros((1, tracker.width), dtype=np.int32)
+    tracker._manager.fill_bitmasks([req.grammar], again, [0])
+    assert np.array_equal(again, before)  # the matcher is where it was
+    chain = tracker.verify_masks(req, np.array([yes, no, bad, maybe]))  # a chain: each node after the last
+    assert np.array_equal(chain[:3], masks[[0, 1, 3]]) and (chain[3:] == -1).all()
+    tracker.shutdown()

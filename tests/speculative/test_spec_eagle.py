@@ -17,7 +17,7 @@ from sgl_ray.errors import InvalidRequestError, ModelLoadError
 
 from ..conftest import _TINY_SHAPE
 from .eagle_heads import ReferenceHead, copy_head_of, copy_target, record_drafts, save_eagle_head
-from .test_spec_engine import assert_pool_restored
+from .test_spec_engine import assert_pool_restored, constrained_params
 
 K = 3
 GREEDY = {"temperature": 0.0, "max_new_tokens": 20, "ignore_eos": True}
@@ -190,6 +190,24 @@ def test_seeded_sampling_identical(engines):
     got = engines.get("copy").generate(input_ids=prompts, sampling_params=sampled)
     assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
     assert _spec_counts(got)[2] > 0
+
+
+@pytest.mark.parametrize("name", ["copy", "eagle3"])
+def test_constrained_outputs_identical(engines, name):
+    """Under a grammar the head still drafts; each verify row samples under the grammar's mask after the drafts
+    before it (built once the runner answers with the drafts). The copy head's drafts mostly hold where the
+    grammar allows them."""
+    prompts = _prompts(4, seed=12)
+    params = constrained_params(20)
+    want = engines.get(name, spec=False).generate(input_ids=prompts, sampling_params=params)
+    engine = engines.get(name)
+    got = engine.generate(input_ids=prompts, sampling_params=params)
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
+    assert all(o["meta_info"]["spec_verify_ct"] > 0 for o in got)
+    if name == "copy":
+        meta = got[1]["meta_info"]
+        assert meta["spec_accepted_drafts"] > meta["spec_proposed_drafts"] // 3
+    assert_pool_restored(engine)
 
 
 def test_loading_errors(tiny_llama_path, tmp_path):

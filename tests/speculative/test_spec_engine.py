@@ -9,7 +9,9 @@ perturbed copy of the target (some drafts kept, some rejected and rolled back)."
 
 from __future__ import annotations
 
+import json
 import random
+import re
 
 import pytest
 
@@ -218,22 +220,74 @@ def test_logprobs_match(engines, spec):
 
 
 def test_requests_that_do_not_speculate(engines):
-    """Penalties and min_new_tokens depend on each token's counts, and a draft model does not draft under a
-    grammar: such requests decode one token per step, in the same batches as speculating ones, with the same
-    outputs as without speculation."""
+    """Penalties and min_new_tokens depend on each token's counts: such requests decode one token per step, in
+    the same batches as speculating ones, with the same outputs as without speculation."""
     plain, engine = engines.get(None), engines.get("self")
     prompts = _prompts(2, seed=7)
-    params = [
-        {**GREEDY, "repetition_penalty": 1.3},
-        {**GREEDY, "min_new_tokens": 4},
-        {**GREEDY, "regex": "[a-z]+( [a-z]+)*"},
-        GREEDY,
-    ]
-    ids = prompts[:1] * 3 + prompts[1:]
+    params = [{**GREEDY, "repetition_penalty": 1.3}, {**GREEDY, "min_new_tokens": 4}, GREEDY]
+    ids = prompts[:1] * 2 + prompts[1:]
     want = plain.generate(input_ids=ids, sampling_params=params)
     got = engine.generate(input_ids=ids, sampling_params=params)
     assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
-    assert [_spec(o)["spec_verify_ct"] for o in got[:3]] == [0, 0, 0] and _spec(got[3])["spec_verify_ct"] > 0
+    assert [_spec(o)["spec_verify_ct"] for o in got[:2]] == [0, 0] and _spec(got[2])["spec_verify_ct"] > 0
+    assert_pool_restored(engine)
+
+
+WORDS = "[a-z]+( [a-z]+)*"  # restrictive: most of a random model's unconstrained drafts break it
+NO_MARKUP = "[^<>#{}]*"  # permissive: most drafts pass
+SCHEMA = {
+    "type": "object",
+    "properties": {"id": {"type": "integer"}, "name": {"type": "string"}},
+    "required": ["id", "name"],
+}
+
+
+def constrained_params(new: int = NEW) -> list[dict]:
+    greedy = {**GREEDY, "max_new_tokens": new}
+    return [
+        {**greedy, "regex": WORDS},
+        {**greedy, "regex": NO_MARKUP},
+        {**greedy, "json_schema": json.dumps(SCHEMA)},
+        greedy,
+    ]
+
+
+@pytest.mark.parametrize("spec", ["self", "perturbed", "ngram"])
+def test_constrained_requests_speculate(engines, spec):
+    """Under a grammar every verify row samples under the grammar's mask after the drafts before it: a draft
+    model's drafts come back from the runner before the step samples, and the masks are built from them. Greedy
+    outputs equal decoding without speculation, constrained and unconstrained requests in one batch."""
+    plain, engine = engines.get(None), engines.get(spec)
+    prompts = _prompts(4, seed=9)
+    params = constrained_params()
+    want = plain.generate(input_ids=prompts, sampling_params=params)
+    got = engine.generate(input_ids=prompts, sampling_params=params)
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
+    assert re.fullmatch(WORDS + " ?", got[0]["text"]) and re.fullmatch(NO_MARKUP, got[1]["text"])
+    assert all(_spec(o)["spec_verify_ct"] > 0 for o in got)
+    if spec == "self":  # the target drafts for itself: its draft holds wherever the grammar allows its argmax
+        meta = _spec(got[1])
+        assert meta["spec_accepted_drafts"] > meta["spec_proposed_drafts"] // 2
+    assert_pool_restored(engine)
+
+
+def test_constrained_sampling_follows_the_grammar(engines):
+    """Sampled requests of a draft model under a grammar: the acceptance test and the residual draw use the
+    target's distribution under the row's mask, so every output is in the grammar; seeded ones repeat."""
+    engine = engines.get("perturbed")
+    prompts = _prompts(6, seed=10)
+    sampled = {"temperature": 0.9, "max_new_tokens": NEW, "ignore_eos": True, "seed": 3}
+    params = [{**sampled, "regex": WORDS}, {**sampled, "regex": "(yes|no|maybe)( (yes|no|maybe))*"}] * 3
+    got = engine.generate(input_ids=prompts, sampling_params=params)
+    assert all(re.fullmatch(WORDS + " ?", o["text"]) for o in got[::2])
+    for o in got[1::2]:  # whole words, the last maybe cut short by max_new_tokens
+        *words, last = o["text"].split(" ")
+        assert set(words) <= {"yes", "no", "maybe"} and any(
+            w.startswith(last) for w in ("yes", "no", "maybe")
+        )
+    assert sum(_spec(o)["spec_verify_ct"] for o in got) > 0
+    again = engine.generate(input_ids=prompts, sampling_params=params)
+    assert [o["output_ids"] for o in again] == [o["output_ids"] for o in got]
     assert_pool_restored(engine)
 
 

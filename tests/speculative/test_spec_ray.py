@@ -1,6 +1,6 @@
 """Speculative decoding over the Ray shard actors with two tensor-parallel shards: NGRAM and EAGLE. Greedy outputs
-are token-identical to transformers on the same weights, seeded sampled ones to the in-process engine without
-speculation; every shard of the group emits the same tokens and accepted lengths (their output digests agree); the
+are token-identical to transformers on the same weights (under grammars: to the in-process engine), seeded sampled
+ones to the in-process engine without speculation; every shard of the group emits the same tokens and accepted lengths (their output digests agree); the
 KV pool is back where it started after the requests. Pipeline parallelism is refused at start with a typed error.
 
 Each engine start costs most of these tests' time (three actors each importing torch), so there are two: one per
@@ -9,6 +9,7 @@ drafter, shared by the tests of that drafter."""
 from __future__ import annotations
 
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from sgl_ray.errors import UnsupportedFeatureError
 
 from ..conftest import GreedyReference, _hf_model
 from .eagle_heads import copy_head_of, copy_target
-from .test_spec_engine import assert_pool_restored
+from .test_spec_engine import WORDS, assert_pool_restored, constrained_params
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -135,16 +136,24 @@ def test_eagle_greedy_over_tensor_parallel_shards(ray_cluster, smollm2_path, tmp
         chunked_prefill_size=16,  # prompts in chunks, mixed with other requests' verify steps
         max_total_tokens=2048,
     )
+    constrained = constrained_params(NEW)
     with sgl_ray.Engine(target, **spec) as one:
         alone = one.generate(input_ids=prompts, sampling_params=GREEDY)
+        alone_constrained = one.generate(input_ids=prompts[:4], sampling_params=constrained)
+    counts = ("spec_verify_ct", "spec_proposed_drafts", "spec_accepted_drafts")
     with sgl_ray.Engine(target, tp_size=2, **spec) as engine:
         outs = engine.generate(input_ids=prompts, sampling_params=GREEDY)
         for ids, out, one in zip(prompts, outs, alone, strict=True):
             assert out["output_ids"] == one["output_ids"] == reference(ids, NEW)
-            counts = ("spec_verify_ct", "spec_proposed_drafts", "spec_accepted_drafts")
             assert [out["meta_info"][k] for k in counts] == [one["meta_info"][k] for k in counts]
         verify_ct, proposed, accepted = _spec_counts(outs)
         assert verify_ct > 0 and proposed // 3 < accepted < proposed
+        # under grammars: the output shard answers with the drafts, the masks built from them go to every shard
+        outs = engine.generate(input_ids=prompts[:4], sampling_params=constrained)
+        for out, one in zip(outs, alone_constrained, strict=True):
+            assert out["output_ids"] == one["output_ids"] and out["meta_info"]["spec_verify_ct"] > 0
+            assert [out["meta_info"][k] for k in counts] == [one["meta_info"][k] for k in counts]
+        assert re.fullmatch(WORDS + " ?", outs[0]["text"])
         _assert_shards_agree(engine)
         assert_pool_restored(engine)
 

@@ -7,6 +7,7 @@ target — with the KV pool back where it started. (Sampling: test_spec_sampling
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from sgl_ray.speculative.config import SpeculativeConfig
 from sgl_ray.speculative.tree import DraftTree, accept_tree, ancestor_masks, search_tree
 
 from .eagle_heads import copy_head_of, copy_target, save_eagle_head
-from .test_spec_engine import assert_pool_restored
+from .test_spec_engine import WORDS, assert_pool_restored, constrained_params
 
 NEW = 20
 GREEDY = {"temperature": 0.0, "max_new_tokens": NEW, "ignore_eos": True}
@@ -122,6 +123,32 @@ def test_standalone_tree_greedy_identical(plain, tiny_llama_path, tiny_draft_pat
         if draft == tiny_llama_path:
             assert engine.get_stats()["num_preemptions"] > 0
             assert accepted >= verify_ct  # the depth-1 argmax is the target's: at least one per step
+        assert_pool_restored(engine)
+
+
+def test_trees_under_a_grammar(plain, tiny_llama_path, tiny_draft_path):
+    """Constrained requests draft trees too: the runner answers with each tree, and every node's row samples
+    under the grammar's mask after the path to it. Greedy outputs equal decoding without speculation; sampled
+    ones (each node's token drawn again at its position, under its mask) stay in the grammar."""
+    prompts = _prompts(4, seed=4)
+    params = constrained_params(NEW)
+    want = plain.generate(input_ids=prompts, sampling_params=params)
+    sampled = {"temperature": 0.9, "max_new_tokens": NEW, "ignore_eos": True, "seed": 8, "regex": WORDS}
+    with sgl_ray.Engine(
+        tiny_llama_path,
+        max_total_tokens=4096,
+        speculative_algorithm="STANDALONE",
+        speculative_draft_model_path=tiny_llama_path,
+        speculative_eagle_topk=3,
+        speculative_num_steps=3,
+    ) as engine:
+        got = engine.generate(input_ids=prompts, sampling_params=params)
+        assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
+        assert all(o["meta_info"]["spec_verify_ct"] > 0 for o in got)
+        meta = got[1]["meta_info"]  # the permissive grammar: the target's own argmax child mostly holds
+        assert meta["spec_accepted_drafts"] >= meta["spec_verify_ct"] // 2
+        for o in engine.generate(input_ids=prompts, sampling_params=sampled):
+            assert re.fullmatch(WORDS + " ?", o["text"]) and o["meta_info"]["spec_verify_ct"] > 0
         assert_pool_restored(engine)
 
 
