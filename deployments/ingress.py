@@ -379,7 +379,8 @@ class OpenAIIngress(ServerRoutes):
         model = self._model(req.model)
         await model.lora.check(req.lora_path)
         fetched = await model.pre.fetch_images(req)
-        calls, batch = await self._off_loop(model.pre.generate, req, fetched)
+        with P.sampling_params_errors():  # the checks against the vocabulary, worded as check()'s
+            calls, batch = await self._off_loop(model.pre.generate, req, fetched)
         reasoning = model.reasoning_parser if req.separate_reasoning else None
         lp = P.LogprobOptions(req.return_logprob, req.top_logprobs_num, req.logprob_start_len)
         total = sum(len(ids) * params.n for ids, params in calls)

@@ -41,6 +41,7 @@ from sgl_ray.protocol.chat_parsing import (
     output_params,
 )
 from sgl_ray.protocol.chat_template import check_template_kwargs, message_dicts, render_chat
+from sgl_ray.protocol.checks import INT64_MAX, INT64_MIN, MAX_STOP_SEQUENCE_CHARS
 from sgl_ray.protocol.choices import UsageTracker, visible_logprobs
 from sgl_ray.protocol.completion_output import CompletionResponseBuilder, CompletionStreamAssembler
 from sgl_ray.protocol.decoding import (
@@ -64,6 +65,9 @@ from sgl_ray.protocol.requests import (
     GenerateRequest,
     StreamOptions,
     TokenizeRequest,
+    check_native_params,
+    sampling_params_error,
+    sampling_params_errors,
 )
 from sgl_ray.protocol.responses import (
     CHAT_SSE,
@@ -179,6 +183,12 @@ __all__ = [
     "MAX_COMPLETION_LOGPROBS",
     "MAX_N",
     "MAX_STOP_SEQUENCES",
+    "MAX_STOP_SEQUENCE_CHARS",
+    "INT64_MAX",
+    "INT64_MIN",
+    "check_native_params",
+    "sampling_params_error",
+    "sampling_params_errors",
     "REQUEST_TYPES",
     "SSE_DONE",
     "AssistantMessage",

@@ -3,13 +3,16 @@
 Invariant: :func:`decode_request` either returns a request that passed its ``check()`` or raises
 :class:`~sgl_ray.errors.InvalidRequestError` (never a msgspec, Unicode or recursion error: a body nested deeper
 than the decoder follows, or than :data:`MAX_JSON_DEPTH` in a free-form field, is a 400 too). ``param`` is the top-level field
-the problem is in (``$.messages[0].content`` → ``"messages"``), or ``None`` when the body as a whole is bad.
+the problem is in (``$.messages[0].content`` → ``"messages"``), or ``None`` when the body as a whole is bad; inside a
+field a request type lists in its ``nested_params`` (``/generate``'s ``sampling_params``), the field under it
+(``$.sampling_params[0].top_k`` → ``"top_k"``), as the checks of its values name it.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Collection
 from typing import Any, Literal, TypeVar, overload
 
 import msgspec
@@ -53,6 +56,7 @@ _LONE_SURROGATE = re.compile(
 )
 _MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
 _TOP_KEY = re.compile(r"^\.(?P<key>[A-Za-z_][A-Za-z0-9_]*)")
+_INNER_KEY = re.compile(r"^(?:\[\d+\])?\.(?P<key>[A-Za-z_][A-Za-z0-9_]*)")  # "[0].top_k" or ".top_k"
 
 
 @overload
@@ -107,7 +111,7 @@ def decode_struct(cls: type[S], body: bytes) -> S:
     except RecursionError:  # msgspec stops at Python's recursion limit (about 1,000 levels here)
         raise too_deep() from None
     except msgspec.ValidationError as e:
-        raise validation_error(str(e)) from None
+        raise validation_error(str(e), nested=getattr(cls, "nested_params", ())) from None
     except msgspec.DecodeError as e:
         if "utf-8" in str(e).lower():  # msgspec 0.23: "Invalid UTF-8 encoded string"
             raise InvalidRequestError(not_utf8) from None
@@ -184,12 +188,15 @@ def _may_nest(t: mi.Type) -> bool:
     return False
 
 
-def validation_error(msgspec_message: str) -> InvalidRequestError:
-    """Translate a msgspec ``ValidationError`` message into an OpenAI-style error with ``param``.
+def validation_error(msgspec_message: str, *, nested: Collection[str] = ()) -> InvalidRequestError:
+    """Translate a msgspec ``ValidationError`` message into an OpenAI-style error with ``param``: the top-level
+    field, or for one in ``nested``, the field under it.
 
     >>> e = validation_error("Expected `str`, got `int` - at `$.messages[0].content`")
     >>> e.param, e.message
     ('messages', "Invalid type for 'messages[0].content': expected `str`, got `int`.")
+    >>> validation_error("Expected `int`, got `str` - at `$.sampling_params[1].n`", nested=["sampling_params"]).param
+    'n'
     """
     detail, path, key = msgspec_message, "", False
     m = _AT_PATH.match(msgspec_message)
@@ -198,7 +205,7 @@ def validation_error(msgspec_message: str) -> InvalidRequestError:
     missing = _MISSING.match(detail)
     if missing:
         full = _join(path, missing["field"])
-        return InvalidRequestError(f"Missing required parameter: '{full}'.", param=_top_key(full))
+        return InvalidRequestError(f"Missing required parameter: '{full}'.", param=_param_of(full, nested))
     if not path:
         if detail.startswith("Expected `object`"):
             return InvalidRequestError(f"The request body must be a JSON object ({_lower_first(detail)}).")
@@ -206,13 +213,15 @@ def validation_error(msgspec_message: str) -> InvalidRequestError:
     shown = path.lstrip(".")
     if key:
         return InvalidRequestError(
-            f"Invalid key in '{shown}': {_lower_first(detail)}.", param=_top_key(shown) or shown
+            f"Invalid key in '{shown}': {_lower_first(detail)}.", param=_param_of(shown, nested) or shown
         )
     if detail.startswith("Expected "):
         return InvalidRequestError(
-            f"Invalid type for '{shown}': {_lower_first(detail)}.", param=_top_key(shown)
+            f"Invalid type for '{shown}': {_lower_first(detail)}.", param=_param_of(shown, nested)
         )
-    return InvalidRequestError(f"Invalid value for '{shown}': {_lower_first(detail)}.", param=_top_key(shown))
+    return InvalidRequestError(
+        f"Invalid value for '{shown}': {_lower_first(detail)}.", param=_param_of(shown, nested)
+    )
 
 
 def _join(path: str, field: str) -> str:
@@ -223,6 +232,16 @@ def _join(path: str, field: str) -> str:
 def _top_key(path: str) -> str | None:
     m = _TOP_KEY.match("." + path.lstrip("."))
     return m["key"] if m else None
+
+
+def _param_of(path: str, nested: Collection[str]) -> str | None:
+    """The ``param`` of a problem at ``path``: its top-level key, or in a ``nested`` one, the key under it."""
+    top = _top_key(path)
+    if top is not None and top in nested:
+        inner = _INNER_KEY.match(path.lstrip(".")[len(top) :])
+        if inner:
+            return inner["key"]
+    return top
 
 
 def _lower_first(s: str) -> str:

@@ -7,23 +7,33 @@ Invariants:
 * Every optional OpenAI field is nullable (``"temperature": null`` means "use the default"), as in OpenAI's spec;
   defaults are resolved in :mod:`sgl_ray.protocol.sampling`, not here.
 * ``check()`` holds the model-independent semantic checks (content parts, prompt shapes, flags that need other
-  flags); ranges that need the model (vocabulary, context length) are checked by ``to_sampling_params``.
+  flags, integers without a model-given bound held to int64: :mod:`sgl_ray.protocol.checks`); ranges that need the
+  model (vocabulary, context length) are checked by ``to_sampling_params``.
   :func:`~sgl_ray.protocol.decoding.decode_request` runs ``check()`` on every request it returns.
+* ``/generate``'s ``sampling_params`` are the engine's own :class:`SamplingParams`: a 400 about one of its fields
+  names that field as ``param`` (``max_new_tokens``, ``stop_token_ids``), whether its type or its value is wrong,
+  and the message names where it is (``Invalid 'sampling_params.max_new_tokens': ...``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar, Literal
 
 import msgspec
 
 from sgl_ray.errors import InvalidRequestError
+from sgl_ray.protocol.checks import INT64_MAX, INT64_MIN, check_stop_sequences, int_in
 from sgl_ray.protocol.structured import ResponseFormat
 from sgl_ray.protocol.tools import check_message_tool_calls, parse_tool_choice, parse_tools
 from sgl_ray.sampling.params import SamplingParams
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 _IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
+_ENGINE_FIELDS = frozenset(SamplingParams.__struct_fields__)
+_ENGINE_ALIASES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}  # engine field → its alias
+MAX_TOP_LOGPROBS_NUM = 20  # /generate's top_logprobs_num, and completions' prompt_logprobs
 
 
 class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
@@ -158,6 +168,11 @@ class _SamplingFields(_Body, kw_only=True):
             )
         if self.rid is not None and not self.rid:
             raise InvalidRequestError("Invalid 'rid': an empty string.", param="rid")
+        # a top_k below -1 is the engine's to refuse; one at or above the vocabulary size keeps every token
+        if self.top_k is not None:
+            int_in(self.top_k, "top_k", high=INT64_MAX)
+        if self.priority is not None:
+            int_in(self.priority, "priority", INT64_MIN, INT64_MAX)
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
@@ -272,8 +287,8 @@ class CompletionRequest(_SamplingFields, kw_only=True):
             raise InvalidRequestError("Invalid 'prompt': a token-id prompt is empty.", param="prompt")
         if self.suffix:
             raise InvalidRequestError("'suffix' is not supported.", param="suffix")
-        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
-            raise InvalidRequestError("'prompt_logprobs' must be in [0, 20].", param="prompt_logprobs")
+        if self.prompt_logprobs is not None:
+            int_in(self.prompt_logprobs, "prompt_logprobs", 0, MAX_TOP_LOGPROBS_NUM)
         self._check_shared()
 
 
@@ -283,6 +298,10 @@ class GenerateRequest(_Body, kw_only=True):
 
     ``rid`` names the request (its results' ``meta_info.id``) for ``/abort_request``; ``priority`` orders it under
     ``schedule_policy="priority"``; ``model`` picks one of an app's models (default: its first).
+
+    ``check()`` validates each ``sampling_params`` as the engine will (bar the vocabulary, which needs the model),
+    plus stop-string lengths and int64 bounds; its 400s name the engine field as ``param`` (see the module
+    docstring).
 
     Example::
 
@@ -307,6 +326,9 @@ class GenerateRequest(_Body, kw_only=True):
     # vision-language models: a prompt's images (one or a list; for a batch, one entry per prompt) as data: URLs
     image_data: Any = None
 
+    nested_params: ClassVar[tuple[str, ...]] = ("sampling_params",)
+    """Fields whose own fields a 400 names as its ``param`` (read by :func:`~sgl_ray.protocol.decode_struct`)."""
+
     def check(self) -> None:
         if (self.text is None) == (self.input_ids is None):
             raise InvalidRequestError("Pass exactly one of 'text' or 'input_ids'.", param="text")
@@ -321,12 +343,18 @@ class GenerateRequest(_Body, kw_only=True):
                 "Invalid 'input_ids': expected a non-empty array of token ids or of non-empty token-id arrays.",
                 param="input_ids",
             )
-        if not 0 <= self.top_logprobs_num <= 20:
-            raise InvalidRequestError("'top_logprobs_num' must be in [0, 20].", param="top_logprobs_num")
-        if self.logprob_start_len < -1:
-            raise InvalidRequestError("'logprob_start_len' must be >= -1.", param="logprob_start_len")
+        int_in(self.top_logprobs_num, "top_logprobs_num", 0, MAX_TOP_LOGPROBS_NUM)
+        int_in(self.logprob_start_len, "logprob_start_len", -1, INT64_MAX)
+        if self.priority is not None:
+            int_in(self.priority, "priority", INT64_MIN, INT64_MAX)
         if self.rid is not None and not self.rid:
             raise InvalidRequestError("Invalid 'rid': an empty string.", param="rid")
+        sp = self.sampling_params
+        if isinstance(sp, list):
+            for i, params in enumerate(sp):
+                check_native_params(params, f"sampling_params[{i}]")
+        elif sp is not None:
+            check_native_params(sp, "sampling_params")
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :meth:`sgl_ray.Engine.generate` (the engine validates sampling params against
@@ -340,6 +368,57 @@ class GenerateRequest(_Body, kw_only=True):
             "top_logprobs_num": self.top_logprobs_num,
             "stream": self.stream,
         }
+
+
+def check_native_params(params: SamplingParams, where: str = "sampling_params") -> None:
+    """Raise a 400 for engine sampling parameters the engine would refuse (vocabulary aside), a stop string that is
+    empty or longer than :data:`~sgl_ray.protocol.checks.MAX_STOP_SEQUENCE_CHARS`, or a ``max_new_tokens``
+    (``max_tokens``) or ``top_k`` beyond int64; ``where`` is where they are in the request
+    (``sampling_params``, ``sampling_params[2]``)."""
+    check_stop_sequences(params.stop, f"{where}.stop")
+    for name in ("max_new_tokens", "max_tokens", "top_k"):
+        value = getattr(params, name)
+        if value is not None:
+            int_in(value, name, high=INT64_MAX, where=f"{where}.{name}")
+    try:
+        params.normalized()
+    except InvalidRequestError as e:
+        # the engine folds max_tokens/min_tokens into its own fields: name the field the request set
+        alias = _ENGINE_ALIASES.get(e.param or "")
+        if alias is not None and getattr(params, alias) is not None and e.message.startswith(f"{e.param}: "):
+            e = InvalidRequestError(f"{alias}: {e.message[len(e.param or '') + 2 :]}", param=alias)
+        raise sampling_params_error(e, where) from None
+
+
+def sampling_params_error(err: InvalidRequestError, where: str = "sampling_params") -> InvalidRequestError:
+    """The engine's 400 about one of its sampling parameters (``"top_k: must be ..."``, param ``top_k``) worded
+    as the other 400s are: ``Invalid 'sampling_params.top_k': must be ...``, still naming ``top_k`` as the param
+    (as a type error there does). Any other error is returned as it is.
+
+    >>> e = sampling_params_error(InvalidRequestError("n: must be in [1, 128], got 0", param="n"))
+    >>> e.message, e.param
+    ("Invalid 'sampling_params.n': must be in [1, 128], got 0", 'n')
+    """
+    param = err.param or ""
+    prefix = f"{param}: "
+    if param not in _ENGINE_FIELDS or not err.message.startswith(prefix):
+        return err
+    return InvalidRequestError(
+        f"Invalid '{where}.{param}': {err.message[len(prefix) :]}", param=param, code=err.code
+    )
+
+
+@contextmanager
+def sampling_params_errors(where: str = "sampling_params") -> Iterator[None]:
+    """Re-raise the engine's 400s about its sampling parameters as :func:`sampling_params_error` words them (what
+    ``/generate`` wraps its checks against the model in)."""
+    try:
+        yield
+    except InvalidRequestError as e:
+        err = sampling_params_error(e, where)
+        if err is e:
+            raise
+        raise err from None
 
 
 class TokenizeRequest(_Body, kw_only=True):

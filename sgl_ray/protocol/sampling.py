@@ -3,7 +3,10 @@
 Limits (OpenAI's, where it has one): ``temperature`` in [0, 2]; ``top_p`` in (0, 1]; penalties in [-2, 2];
 ``n`` in [1, 128]; chat ``top_logprobs`` in [0, 20] and only with ``logprobs: true``; completions ``logprobs``
 in [0, 5]; ``logit_bias`` keys are token ids of this vocabulary with values in [-100, 100]; ``seed`` in
-[0, 2**63). ``stop`` takes up to 16 non-empty strings (OpenAI allows 4; we allow more, as vLLM/SGLang do).
+[0, 2**63). ``stop`` takes up to 16 non-empty strings (OpenAI allows 4; we allow more, as vLLM/SGLang do) of
+at most 1024 characters each (:data:`~sgl_ray.protocol.checks.MAX_STOP_SEQUENCE_CHARS`). ``top_k`` and ``priority``
+must fit int64 (checked when the request is decoded: :mod:`sgl_ray.protocol.checks`); a ``top_k`` at or above the
+vocabulary size keeps every token.
 
 Token budget: the prompt must leave room in the context (``prompt_len < context_length``) and
 ``prompt_len + max_tokens <= context_length``; both fail with code ``context_length_exceeded``. A chat request
@@ -18,12 +21,20 @@ from typing import NamedTuple
 import msgspec
 
 from sgl_ray.errors import InvalidRequestError
+from sgl_ray.protocol.checks import (
+    INT64_MAX,
+    MAX_STOP_SEQUENCES,
+    check_stop_sequences,
+    float_in,
+    int_in,
+)
 from sgl_ray.protocol.requests import ChatCompletionRequest, CompletionRequest
 from sgl_ray.protocol.structured import grammar_fields
 from sgl_ray.sampling.params import SamplingParams
 
 MAX_N = 128
-MAX_STOP_SEQUENCES = 16
+# MAX_STOP_SEQUENCES (16 stop strings per request) and MAX_STOP_SEQUENCE_CHARS (1024 characters per stop string)
+# are defined in sgl_ray.protocol.checks, whose stop checks /generate shares.
 MAX_CHAT_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
@@ -123,30 +134,30 @@ def to_sampling_params(
         max_param, max_tokens = req.max_tokens_param, req.requested_max_tokens
         if max_tokens is None:
             max_tokens = context_length - prompt_len
-        _int_at_least(max_tokens, max_param, 1)
+        int_in(max_tokens, max_param, 1)
         if req.top_logprobs is not None:
-            _int_in(req.top_logprobs, "top_logprobs", 0, MAX_CHAT_TOP_LOGPROBS)
+            int_in(req.top_logprobs, "top_logprobs", 0, MAX_CHAT_TOP_LOGPROBS)
     else:
         max_param, max_tokens = "max_tokens", req.max_tokens if req.max_tokens is not None else 16
-        _int_at_least(max_tokens, max_param, 0)
+        int_in(max_tokens, max_param, 0)
         if req.logprobs is not None:
-            _int_in(req.logprobs, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
+            int_in(req.logprobs, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
     check_token_budget(prompt_len, max_tokens, context_length, param=max_param, what=prompt_param)
 
     if req.n is not None:
-        _int_in(req.n, "n", 1, MAX_N)
+        int_in(req.n, "n", 1, MAX_N)
     if req.temperature is not None:
-        _float_in(req.temperature, "temperature", 0.0, 2.0)
+        float_in(req.temperature, "temperature", 0.0, 2.0)
     if req.top_p is not None:
-        _float_in(req.top_p, "top_p", 0.0, 1.0, low_open=True)
+        float_in(req.top_p, "top_p", 0.0, 1.0, low_open=True)
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(req, name)
         if value is not None:
-            _float_in(value, name, -2.0, 2.0)
+            float_in(value, name, -2.0, 2.0)
     if req.seed is not None:
-        _int_in(req.seed, "seed", 0, 2**63 - 1)
+        int_in(req.seed, "seed", 0, INT64_MAX)
     if req.min_tokens is not None:
-        _int_in(req.min_tokens, "min_tokens", 0, max_tokens)
+        int_in(req.min_tokens, "min_tokens", 0, max_tokens)
 
     fields: dict[str, object] = {
         "max_new_tokens": max_tokens,
@@ -188,8 +199,7 @@ def _stop_list(stop: str | list[str] | None) -> list[str] | None:
             f"sequences, but got {len(stops)} instead.",
             param="stop",
         )
-    if any(s == "" for s in stops):
-        raise InvalidRequestError("Invalid 'stop': stop sequences must be non-empty strings.", param="stop")
+    check_stop_sequences(stop, "stop")
     return stops or None
 
 
@@ -217,42 +227,3 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, flo
             )
         out[tid] = float(value)
     return out
-
-
-def _int_at_least(value: int, param: str, low: int) -> None:
-    if value < low:
-        raise InvalidRequestError(
-            f"Invalid '{param}': integer below minimum value. Expected a value >= {low}, but got {value} "
-            "instead.",
-            param=param,
-            code="integer_below_min_value",
-        )
-
-
-def _int_in(value: int, param: str, low: int, high: int) -> None:
-    _int_at_least(value, param, low)
-    if value > high:
-        raise InvalidRequestError(
-            f"Invalid '{param}': integer above maximum value. Expected a value <= {high}, but got {value} "
-            "instead.",
-            param=param,
-            code="integer_above_max_value",
-        )
-
-
-def _float_in(value: float, param: str, low: float, high: float, *, low_open: bool = False) -> None:
-    if value < low or (low_open and value == low):
-        op = ">" if low_open else ">="
-        raise InvalidRequestError(
-            f"Invalid '{param}': decimal below minimum value. Expected a value {op} {low:g}, but got {value:g} "
-            "instead.",
-            param=param,
-            code="decimal_below_min_value",
-        )
-    if value > high:
-        raise InvalidRequestError(
-            f"Invalid '{param}': decimal above maximum value. Expected a value <= {high:g}, but got {value:g} "
-            "instead.",
-            param=param,
-            code="decimal_above_max_value",
-        )

@@ -57,13 +57,36 @@ BAD = [
     ),
     (CHAT, _j({"model": "smollm2", "messages": MSG, "stop": [""]}), 400, "stop"),
     (CHAT, _j({"model": "smollm2", "messages": MSG, "stop": ["a"] * 40}), 400, "stop"),
+    (
+        CHAT,
+        _j({"model": "smollm2", "messages": MSG, "stop": ["a", "x" * 5000]}),
+        400,
+        "stop",
+    ),  # past the length cap
+    (CHAT, _j({"model": "smollm2", "messages": MSG, "top_k": 2**70}), 400, "top_k"),  # past int64
+    (CHAT, _j({"model": "smollm2", "messages": MSG, "priority": -(2**70)}), 400, "priority"),
     (CHAT, _j({"model": "smollm2", "messages": [{"role": "user", "content": "x " * 9000}]}), 400, "messages"),
     (COMP, _j({"model": "smollm2", "prompt": "hi", "logprobs": 50}), 400, "logprobs"),
     (COMP, _j({"model": "smollm2", "prompt": [10**9]}), 400, "prompt"),
     (COMP, _j({"model": "smollm2", "prompt": "hi", "suffix": "x"}), 400, "suffix"),
     ("/v1/nowhere", _j({}), 404, None),
     ("/v1/responses/resp_123/cancel", _j({}), 404, None),  # stateless: no stored response to act on
-    ("/generate", _j({"text": "hi", "sampling_params": {"temperature": -1}}), 400, None),
+    (
+        "/v1/responses",
+        _j({"model": "smollm2", "input": [{"type": "reasoning", "summary": []}]}),
+        400,
+        "input",
+    ),
+    ("/generate", _j({"text": "hi", "sampling_params": {"temperature": -1}}), 400, "temperature"),
+    ("/generate", _j({"text": "hi", "sampling_params": {"top_k": 2**70}}), 400, "top_k"),
+    ("/generate", _j({"text": "hi", "sampling_params": {"stop": "x" * 5000}}), 400, "stop"),
+    (
+        "/generate",
+        _j({"text": "hi", "return_logprob": True, "logprob_start_len": 2**70}),
+        400,
+        "logprob_start_len",
+    ),
+    ("/generate", _j({"text": "hi", "priority": 2**70}), 400, "priority"),
     ("/generate", _j({"text": "hi", "sampling_params": {"max_tokenz": 4}}), 400, None),  # unknown key
     (
         "/generate",
@@ -128,6 +151,22 @@ def test_bad_request_gets_openai_error_and_server_survives(serve_url, path, body
         assert err["param"] == param
     ok, good = _post(serve_url + CHAT, _j({"model": "smollm2", "messages": MSG, "max_tokens": 2}))
     assert ok == 200 and good["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_generate_names_a_sampling_param_alike_for_every_kind_of_error(serve_url):
+    """A wrong type, a wrong value and an id outside the vocabulary (checked with the model) all name the field."""
+    bodies = [
+        {"stop_token_ids": "x"},  # type
+        {"stop_token_ids": [-1]},  # value
+        {"stop_token_ids": [10**9]},  # outside the vocabulary
+    ]
+    for sampling_params in bodies:
+        code, payload = _post(serve_url + "/generate", _j({"text": "hi", "sampling_params": sampling_params}))
+        err = payload["error"]
+        assert code == 400 and err["param"] == "stop_token_ids", err
+        assert err["message"].startswith(
+            ("Invalid 'sampling_params.", "Invalid type for 'sampling_params.")
+        ), err
 
 
 def test_missing_key_and_oversized_body(serve_url):

@@ -201,6 +201,8 @@ BAD = [
     ("chat", body_of(messages=M, stop=""), "stop", None, 5),
     ("chat", body_of(messages=M, stop=["a", ""]), "stop", None, 5),
     ("chat", body_of(messages=M, stop=[str(i) for i in range(17)]), "stop", None, 5),
+    ("chat", body_of(messages=M, stop="x" * 1025), "stop", "string_above_max_length", 5),
+    ("chat", body_of(messages=M, stop=["a", "x" * 2**20]), "stop", "string_above_max_length", 5),
     ("chat", body_of(messages=M, stop=[1]), "stop", None, 5),
     ("chat", body_of(messages=M, temperature=2.5), "temperature", "decimal_above_max_value", 5),
     ("chat", body_of(messages=M, temperature=-0.1), "temperature", "decimal_below_min_value", 5),
@@ -219,6 +221,9 @@ BAD = [
     ("chat", body_of(messages=M, logit_bias=[1]), "logit_bias", None, 5),
     ("chat", body_of(messages=M, max_tokens=4, min_tokens=5), "min_tokens", "integer_above_max_value", 5),
     ("chat", body_of(messages=M, top_k=-5), "top_k", None, 5),
+    ("chat", body_of(messages=M, top_k=2**63), "top_k", "integer_above_max_value", 5),
+    ("chat", body_of(messages=M, priority=2**70), "priority", "integer_above_max_value", 5),
+    ("chat", body_of(messages=M, priority=-(2**63) - 1), "priority", "integer_below_min_value", 5),
     ("chat", body_of(messages=M, repetition_penalty=0), "repetition_penalty", None, 5),
     ("chat", body_of(messages=M, stop_token_ids=[VOCAB]), "stop_token_ids", None, 5),
     ("completion", body_of(model="m"), "prompt", None, 5),
@@ -234,13 +239,45 @@ BAD = [
     ("completion", body_of(prompt="x", max_tokens=CTX - 4), "max_tokens", "context_length_exceeded", 5),
     ("completion", body_of(prompt="x"), "prompt", "context_length_exceeded", CTX),
     ("completion", body_of(prompt="x", echo="yes"), "echo", None, 5),
+    ("completion", body_of(prompt="x", prompt_logprobs=21), "prompt_logprobs", "integer_above_max_value", 5),
+    ("completion", body_of(prompt="x", top_k=2**70), "top_k", "integer_above_max_value", 5),
+    ("responses", body_of(input="hi", top_k=2**70), "top_k", "integer_above_max_value", 5),
+    ("responses", body_of(input="hi", stop=["x" * 1025]), "stop", "string_above_max_length", 5),
+    ("responses", body_of(input=[{"type": "reasoning", "summary": []}]), "input", None, 5),
     ("generate", body_of(sampling_params={}), "text", None, 5),
     ("generate", body_of(text="a", input_ids=[1]), "text", None, 5),
     ("generate", body_of(input_ids=[]), "input_ids", None, 5),
     ("generate", body_of(input_ids=[[1], 2]), "input_ids", None, 5),
-    ("generate", body_of(text="a", sampling_params={"temperature": "x"}), "sampling_params", None, 5),
-    ("generate", body_of(text="a", top_logprobs_num=30), "top_logprobs_num", None, 5),
-    ("generate", body_of(text="a", sampling_params={"logit_bias": {"x": 1}}), "sampling_params", None, 5),
+    # /generate: a 400 about a sampling parameter names that field, for a wrong type as for a wrong value
+    ("generate", body_of(text="a", sampling_params={"temperature": "x"}), "temperature", None, 5),
+    ("generate", body_of(text="a", top_logprobs_num=30), "top_logprobs_num", "integer_above_max_value", 5),
+    ("generate", body_of(text="a", sampling_params={"logit_bias": {"x": 1}}), "logit_bias", None, 5),
+    ("generate", body_of(text="a", sampling_params={"max_tokenz": 1}), "sampling_params", None, 5),
+    ("generate", body_of(text="a", logprob_start_len=-2), "logprob_start_len", "integer_below_min_value", 5),
+    (
+        "generate",
+        body_of(text="a", logprob_start_len=2**70),
+        "logprob_start_len",
+        "integer_above_max_value",
+        5,
+    ),
+    ("generate", body_of(text="a", priority=2**70), "priority", "integer_above_max_value", 5),
+    ("generate", body_of(text="a", sampling_params={"top_k": 2**70}), "top_k", "integer_above_max_value", 5),
+    (
+        "generate",
+        body_of(text=["a", "b"], sampling_params=[{}, {"max_new_tokens": 2**63}]),
+        "max_new_tokens",
+        "integer_above_max_value",
+        5,
+    ),
+    (
+        "generate",
+        body_of(text="a", sampling_params={"stop": "x" * 1025}),
+        "stop",
+        "string_above_max_length",
+        5,
+    ),
+    ("generate", body_of(text="a", sampling_params={"stop": ["a", ""]}), "stop", None, 5),
     ("completion", body_of(prompt="x"), "prompt", None, 0),  # a text that encodes to no tokens
     (
         "chat",
@@ -256,8 +293,13 @@ BAD = [
 def test_bad_requests_are_400s_naming_the_param(kind, body, param, code, prompt_len):
     with pytest.raises(InvalidRequestError) as info:
         req = P.decode_request(kind, body)
-        if kind != "generate":
+        if kind == "responses":  # served on the chat path, its 400s in the Responses API's names
+            with P.responses_errors():
+                P.to_sampling_params(req.to_chat(), VOCAB, CTX, prompt_len)
+        elif kind != "generate":
             P.to_sampling_params(req, VOCAB, CTX, prompt_len)
+        else:  # /generate: every check without the model is the request's own
+            pytest.fail(f"decoded without an error: {req}")
     err = info.value
     assert (err.status_code, err.param, err.code) == (400, param, code), err.message
     assert err.message and "Traceback" not in err.message
@@ -319,3 +361,137 @@ def test_prompt_id_checks():
     with pytest.raises(InvalidRequestError) as info:
         P.check_prompt_ids([1, VOCAB], VOCAB)
     assert info.value.param == "prompt"
+
+
+# --- stop strings, int64 bounds, /generate's param names, reasoning-only input ---------------------------------
+
+
+def test_stop_strings_are_capped_in_length_on_every_route():
+    limit = P.MAX_STOP_SEQUENCE_CHARS
+    assert 256 <= limit <= 4096  # generous for a stop sequence; bounded for the engine's stop checker
+    longest = "x" * limit
+    assert P.to_sampling_params(chat_request(stop=["a", longest]), VOCAB, CTX, 5).stop == ["a", longest]
+    native = P.decode_request("generate", body_of(text="a", sampling_params={"stop": longest}))
+    assert native.engine_kwargs()["sampling_params"].stop == longest
+    with pytest.raises(InvalidRequestError) as info:
+        P.to_sampling_params(chat_request(stop=["a", longest + "x"]), VOCAB, CTX, 5)
+    assert (info.value.param, info.value.code, info.value.message) == (
+        "stop",
+        "string_above_max_length",
+        f"Invalid 'stop[1]': string too long. Expected a string with maximum length {limit}, but got a string "
+        f"with length {limit + 1} instead.",
+    )
+    with pytest.raises(InvalidRequestError, match=r"^Invalid 'sampling_params\[1\].stop': string too long"):
+        P.decode_request("generate", body_of(text=["a", "b"], sampling_params=[{}, {"stop": longest + "x"}]))
+    # an empty stop string would match before any text: a 400 on every route, never an instantly ended request
+    for make in (
+        lambda: P.to_sampling_params(chat_request(stop=["a", ""]), VOCAB, CTX, 5),
+        lambda: P.decode_request("generate", body_of(text="a", sampling_params={"stop": ["a", ""]})),
+    ):
+        with pytest.raises(InvalidRequestError, match=r"stop\[1\]': an empty string") as info:
+            make()
+        assert info.value.param == "stop"
+
+
+BIG = 2**70  # past int64 (and uint64): never to reach numpy or torch
+M_LP = {"messages": [USER], "logprobs": True}
+# (kind, body without the field, field, the param the 400 names; None: the field's own name)
+INT_FIELDS = [
+    *(("chat", {"messages": [USER]}, f, None) for f in ("n", "seed", "top_k", "min_tokens", "priority")),
+    *(("chat", {"messages": [USER]}, f, None) for f in ("max_tokens", "max_completion_tokens")),
+    ("chat", M_LP, "top_logprobs", None),
+    *(("completion", {"prompt": "x"}, f, None) for f in ("n", "logprobs", "prompt_logprobs", "max_tokens")),
+    *(("completion", {"prompt": "x"}, f, None) for f in ("top_k", "priority", "seed", "min_tokens")),
+    *(("responses", {"input": "hi"}, f, None) for f in ("max_output_tokens", "seed", "top_k")),
+    *(("generate", {"text": "a"}, f, None) for f in ("logprob_start_len", "top_logprobs_num", "priority")),
+    *(
+        ("generate", {"text": "a"}, f"sampling_params.{f}", f)
+        for f in ("max_new_tokens", "max_tokens", "top_k", "n", "seed")
+    ),
+    ("generate", {"text": "a"}, "sampling_params.min_new_tokens", "min_new_tokens"),
+    ("generate", {"text": "a"}, "sampling_params.min_tokens", "min_tokens"),
+]
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("kind, base, field, param", INT_FIELDS)
+def test_integers_past_int64_are_400s_naming_the_param(kind, base, field, param, sign):
+    body = dict(base)
+    if field.startswith("sampling_params."):
+        body["sampling_params"] = {field.split(".", 1)[1]: sign * BIG}
+    else:
+        body[field] = sign * BIG
+    with pytest.raises(InvalidRequestError) as info:
+        req = P.decode_request(kind, body_of(**body))
+        if kind == "responses":
+            with P.responses_errors():
+                P.to_sampling_params(req.to_chat(), VOCAB, CTX, 5)
+        elif kind != "generate":
+            P.to_sampling_params(req, VOCAB, CTX, 5)
+    err = info.value
+    assert err.status_code == 400 and err.param == (param or field), err.message
+    assert err.message.startswith(("Invalid '", "This model's maximum context length")), err.message
+
+
+def test_top_k_past_the_vocabulary_keeps_every_token():
+    # the engine clamps a top_k at or above the vocabulary size to all tokens; only int64 is a hard bound
+    assert P.to_sampling_params(chat_request(top_k=2**63 - 1), VOCAB, CTX, 5).top_k == 2**63 - 1
+    assert P.decode_request("chat", body_of(messages=[USER], priority=-(2**63))).priority == -(2**63)
+
+
+@pytest.mark.parametrize(
+    "field, wrong_type, wrong_value",
+    [
+        ("max_new_tokens", "4", -1),
+        ("temperature", "hot", -1),
+        ("n", 1.5, 0),
+        ("top_k", "all", -5),
+        ("stop", 5, ""),
+        ("stop_regex", 5, "("),
+        ("max_tokens", "4", 2**64),
+    ],
+)
+def test_generate_names_a_sampling_param_alike_for_type_and_value_errors(field, wrong_type, wrong_value):
+    for value in (wrong_type, wrong_value):
+        for sampling_params, where in (
+            ({field: value}, "sampling_params"),
+            ([{}, {field: value}], "sampling_params[1]"),
+        ):
+            with pytest.raises(InvalidRequestError) as info:
+                P.decode_request("generate", body_of(text=["a", "b"], sampling_params=sampling_params))
+            err = info.value
+            assert err.param == field, err.message
+            assert err.message.startswith(
+                (f"Invalid '{where}.{field}'", f"Invalid type for '{where}.{field}'")
+            )
+
+
+def test_engine_errors_about_sampling_params_are_reworded_keeping_the_param():
+    # what /generate's checks against the vocabulary raise (the ingress wraps them in sampling_params_errors)
+    engine = InvalidRequestError(
+        "stop_token_ids: token id 99 is outside the vocabulary", param="stop_token_ids"
+    )
+    with pytest.raises(InvalidRequestError) as info, P.sampling_params_errors():
+        raise engine
+    assert (info.value.param, info.value.message) == (
+        "stop_token_ids",
+        "Invalid 'sampling_params.stop_token_ids': token id 99 is outside the vocabulary",
+    )
+    budget = InvalidRequestError("This model's maximum context length is 8 tokens.", param="max_new_tokens")
+    image = InvalidRequestError("image_data: 9 images, over the limit of 4", param="image_data")
+    for other in (budget, image):
+        assert P.sampling_params_error(other) is other
+
+
+def test_responses_input_of_only_reasoning_items():
+    reasoning = {"type": "reasoning", "id": "rs_1", "summary": []}
+    for body in (
+        body_of(input=[reasoning]),
+        body_of(input=[reasoning, reasoning], instructions="Be brief."),
+    ):
+        with pytest.raises(InvalidRequestError) as info:
+            P.decode_request("responses", body)
+        assert info.value.param == "input"
+        assert "only reasoning items" in info.value.message and "empty array" not in info.value.message
+    ok = P.decode_request("responses", body_of(input=[reasoning, {"role": "user", "content": "Hi"}]))
+    assert [m.role for m in ok.to_chat().messages] == ["user"]

@@ -10,7 +10,7 @@ Input items: a message (``{"role", "content"}``, ``type: "message"`` optional; r
 ``developer``, ``assistant``; content a string or ``input_text``/``output_text`` parts), a ``function_call`` (an
 earlier call of the model: it joins the assistant turn before it), a ``function_call_output`` (a tool result:
 a ``tool`` message answering its ``call_id``, which must be a ``function_call`` of the input), and ``reasoning``
-items of earlier outputs (dropped, as chat templates drop past reasoning).
+items of earlier outputs (dropped, as chat templates drop past reasoning; an input of nothing else is a 400).
 
 Stateless: nothing is stored. ``store`` is accepted either way; ``previous_response_id``, ``conversation``,
 ``prompt``, ``background: true``, ``truncation: "auto"``, built-in tools and item references are 400s naming the
@@ -243,6 +243,12 @@ def input_messages(items: list[dict[str, Any]]) -> list[ChatMessage]:
                 "function_call_output and reasoning are).",
                 param="input",
             )
+    if not messages:  # only reasoning items, which are dropped
+        raise InvalidRequestError(
+            "Invalid 'input': there is nothing to answer. The array holds only reasoning items, which are "
+            "dropped; send at least one message, function_call or function_call_output item.",
+            param="input",
+        )
     return messages
 
 
