@@ -12,6 +12,7 @@ from sgl_ray.errors import InvalidRequestError
 
 _MAX_STOP_STRINGS = 64
 _MAX_N = 128
+_INT64_MAX = 2**63 - 1  # integer fields end up in int64 arrays and tensors
 _GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
 
 
@@ -75,6 +76,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
             value = getattr(self, alias)
             if value is None:
                 continue
+            if not isinstance(value, int) or not (0 <= value <= _INT64_MAX):
+                raise InvalidRequestError(
+                    f"{alias}: must be a non-negative integer below 2**63, got {value!r}", param=alias
+                )
             current = max_new if name == "max_new_tokens" else min_new
             if current != default and current != value:
                 raise InvalidRequestError(
@@ -117,16 +122,18 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
         def bad(param: str, msg: str) -> InvalidRequestError:
             return InvalidRequestError(f"{param}: {msg}", param=param)
 
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise bad("max_new_tokens", f"must be a non-negative integer, got {self.max_new_tokens!r}")
-        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
-            raise bad("min_new_tokens", f"must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if not isinstance(self.max_new_tokens, int) or not (0 <= self.max_new_tokens <= _INT64_MAX):
+            got = self.max_new_tokens
+            raise bad("max_new_tokens", f"must be a non-negative integer below 2**63, got {got!r}")
+        if not isinstance(self.min_new_tokens, int) or not (0 <= self.min_new_tokens <= self.max_new_tokens):
+            raise bad("min_new_tokens", f"must be in [0, max_new_tokens], got {self.min_new_tokens!r}")
         if not (self.temperature >= 0.0) or self.temperature > 100.0:
             raise bad("temperature", f"must be in [0, 100], got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
             raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1 or self.top_k == 0:
-            raise bad("top_k", f"must be -1 (disabled) or a positive integer, got {self.top_k}")
+        if not isinstance(self.top_k, int) or self.top_k < -1 or self.top_k == 0 or self.top_k > _INT64_MAX:
+            # a top_k at or above the vocabulary size keeps every token
+            raise bad("top_k", f"must be -1 (disabled) or a positive integer below 2**63, got {self.top_k!r}")
         if not (0.0 <= self.min_p <= 1.0):
             raise bad("min_p", f"must be in [0, 1], got {self.min_p}")
         if not (-2.0 <= self.frequency_penalty <= 2.0):
@@ -135,8 +142,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
             raise bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
         if not (0.0 < self.repetition_penalty <= 2.0):
             raise bad("repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty}")
-        if not (1 <= self.n <= _MAX_N):
-            raise bad("n", f"must be in [1, {_MAX_N}], got {self.n}")
+        if not isinstance(self.n, int) or not (1 <= self.n <= _MAX_N):
+            raise bad("n", f"must be in [1, {_MAX_N}], got {self.n!r}")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > _MAX_STOP_STRINGS:
             raise bad("stop", f"at most {_MAX_STOP_STRINGS} stop strings")
@@ -153,12 +160,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
             except regex.error as e:
                 raise bad("stop_regex", f"{pattern!r} is not a valid regular expression ({e})") from None
         for tid in self.stop_token_ids or []:
-            if tid < 0 or (vocab_size is not None and tid >= vocab_size):
+            if not isinstance(tid, int):
+                raise bad("stop_token_ids", f"token ids must be integers, got {tid!r}")
+            if tid < 0 or tid > _INT64_MAX or (vocab_size is not None and tid >= vocab_size):
                 raise bad("stop_token_ids", f"token id {tid} is outside the vocabulary")
-        if self.seed is not None and not (0 <= self.seed < 2**63):
-            raise bad("seed", f"must be in [0, 2**63), got {self.seed}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not (0 <= self.seed <= _INT64_MAX)):
+            raise bad("seed", f"must be in [0, 2**63), got {self.seed!r}")
         for tid, bias in (self.logit_bias or {}).items():
-            if int(tid) < 0 or (vocab_size is not None and int(tid) >= vocab_size):
+            if int(tid) < 0 or int(tid) > _INT64_MAX or (vocab_size is not None and int(tid) >= vocab_size):
                 raise bad("logit_bias", f"token id {tid} is outside the vocabulary")
             if not (-100.0 <= float(bias) <= 100.0):
                 raise bad("logit_bias", f"bias for token {tid} must be in [-100, 100], got {bias}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import string
+import tracemalloc
 
 import pytest
 
@@ -142,3 +144,88 @@ def test_randomized_concatenation_invariant(no_stop_trim: bool) -> None:
             emitted += checker.flush()
         assert emitted == expected, (stops, deltas)
         assert checker.stopped == any(s in text for s in stops)
+
+
+def _brute_force(text: str, stops: list[str], no_stop_trim: bool) -> tuple[str, bool, str | None]:
+    """Read ``text`` one character at a time and stop at the first one where stop strings end (the longest
+    wins): ``(output, stopped, matched)``."""
+    for end in range(1, len(text) + 1):
+        ending = [s for s in stops if s and text[:end].endswith(s)]
+        if ending:
+            stop = max(ending, key=len)
+            return (text[:end] if no_stop_trim else text[: end - len(stop)]), True, stop
+    return text, False, None
+
+
+def _related_stops(rng: random.Random, alphabet: str) -> list[str]:
+    """A few random stop strings plus prefixes, suffixes and infixes of them (and the odd duplicate or "")."""
+    roots = ["".join(rng.choices(alphabet, k=rng.randint(1, 6))) for _ in range(rng.randint(1, 3))]
+    stops = list(roots)
+    for root in roots:
+        for _ in range(rng.randint(0, 3)):
+            i = rng.randrange(len(root))
+            j = rng.randint(i + 1, len(root))
+            stops.append(rng.choice([root[:j], root[i:], root[i:j]]))
+    if rng.random() < 0.1:
+        stops.append(rng.choice(["", stops[0]]))
+    rng.shuffle(stops)
+    return stops
+
+
+@pytest.mark.parametrize("no_stop_trim", [False, True])
+def test_randomized_equivalence_with_brute_force(no_stop_trim: bool) -> None:
+    rng = random.Random(2024)
+    for case in range(2500):
+        alphabet = ("ab", "abc", "ab\xff", "x\U0001f6d1")[case % 4]
+        stops = _related_stops(rng, alphabet)
+        text = "".join(rng.choices(alphabet, k=rng.randint(0, 40)))
+        cuts = sorted(rng.choices(range(len(text) + 1), k=rng.randint(0, 10)))  # repeats: empty deltas
+        deltas = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        expected, expected_stop, expected_match = _brute_force(text, stops, no_stop_trim)
+
+        checker = StopChecker(stops, no_stop_trim=no_stop_trim)
+        emitted, fed = "", ""
+        for delta in deltas:
+            fed += delta
+            piece, stopped = checker.feed(delta)
+            emitted += piece
+            assert expected.startswith(emitted), (stops, deltas)
+            if stopped:
+                break
+            assert emitted + checker.held == fed
+            assert len(checker.held) == _longest_held(fed, stops), (stops, deltas)
+        emitted += checker.flush()
+        assert (emitted, checker.stopped, checker.matched) == (expected, expected_stop, expected_match), (
+            stops,
+            deltas,
+        )
+
+
+def test_checkers_of_the_same_stop_strings_keep_their_own_state() -> None:
+    first, second = StopChecker(["<|end|>", "<|eot|>"]), StopChecker(["<|end|>", "<|eot|>"])
+    assert first.feed("a <|e") == ("a ", False)
+    assert second.feed("b <|eo") == ("b ", False)
+    assert first.feed("nd|>") == ("", True) and first.matched == "<|end|>"
+    assert second.feed("t|> c") == ("", True) and second.matched == "<|eot|>"
+    third = StopChecker(["<|end|>", "<|eot|>"])
+    assert third.feed("|>") == ("|>", False) and third.held == ""
+
+
+def test_many_checkers_of_long_stop_strings_stay_small() -> None:
+    """128 sequences of a request with 64 stop strings of 1024 characters: the matcher is built once and each
+    checker keeps O(longest stop) state (keeping every prefix of every stop took ~37 MiB per checker)."""
+    rng = random.Random(64)
+    stops = ["".join(rng.choices(string.ascii_letters, k=1024)) for _ in range(64)]
+    almost = stops[5][:-1]
+    tracemalloc.start()
+    try:
+        checkers = [StopChecker(stops) for _ in range(128)]
+        for checker in checkers:
+            assert checker.feed(almost) == ("", False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert all(checker.held == almost for checker in checkers)
+    assert checkers[0].feed(stops[5][-1] + "tail") == ("", True) and checkers[0].matched == stops[5]
+    assert checkers[1].feed("!") == (almost + "!", False)
+    assert peak < 32 * 2**20, f"{peak / 2**20:.1f} MiB"
