@@ -241,6 +241,27 @@ class EngineArgs:
     speculative_ngram_max_match_window_size: int = field(
         default=12, metadata={"help": "NGRAM: longest suffix of the tokens looked up"}
     )
+    speculative_ngram_min_bfs_breadth: int = field(
+        default=1, metadata={"help": "NGRAM trees: children per node kept after the longest match"}
+    )
+    speculative_ngram_max_bfs_breadth: int | None = field(
+        default=None,
+        metadata={
+            "help": "NGRAM trees: children per node kept after the shortest match; 1: chains from the request's "
+            "own tokens (default 10; 1 with the flashinfer attention backend)"
+        },
+    )
+    speculative_ngram_match_type: str = field(
+        default="BFS",
+        metadata={"help": "NGRAM trees: BFS (most recent continuations first) | PROB (most frequent first)"},
+    )
+    speculative_ngram_branch_length: int = field(
+        default=18, metadata={"help": "NGRAM trees: the longest n-gram the cache keeps"}
+    )
+    speculative_ngram_capacity: int = field(
+        default=1_000_000,
+        metadata={"help": "NGRAM trees: n-gram cache size in trie nodes (least recent dropped)"},
+    )
 
     def __post_init__(self) -> None:
         def bad(param: str, msg: str) -> InvalidRequestError:

@@ -154,7 +154,7 @@ def scheduler_stats(s: Scheduler) -> dict[str, Any]:
         "peak_running": kv.peak_running,
         "num_preemptions": s.num_preemptions,
         "num_deferred_mask_steps": s.num_deferred_mask_steps,
-        **(s.speculation.stats.to_dict(s.speculation.config) if s.speculation is not None else {}),
+        **(s.speculation.stats_dict() if s.speculation is not None else {}),
     }
 
 

@@ -35,6 +35,7 @@ class BatchEntry:
     spec: bool = False
     drafts: list[int] = field(default_factory=list)  # ids, or DRAFT_TOKEN (the draft model writes it)
     row_masks: np.ndarray | None = None  # [len(drafts) + 1, W] grammar masks of its rows
+    draft_parents: list[int] | None = None  # an NGRAM tree: each node's parent row (0: the request's token)
     num_emitted: int = 1  # tokens its rows emit (kept drafts + 1), from the runner
     rows: tuple[int, int] = (0, 0)  # its sampled rows in the step's output
 
@@ -92,14 +93,29 @@ class ScheduledBatch:
                 entry.input_lp_start, entry.input_lp_count = lo, hi - lo + 1
         self.entries.append(entry)
 
-    def add_verify(self, req: Req, drafts: list[int], row_masks: np.ndarray | None = None) -> None:
+    def add_verify(
+        self,
+        req: Req,
+        drafts: list[int],
+        row_masks: np.ndarray | None = None,
+        parents: list[int] | None = None,
+    ) -> None:
         """Schedule a decode step of ``req`` that also verifies ``drafts`` (its KV slots already allocated): the
         chunk ``[last token, drafts...]``, every row sampled."""
         prefix = req.num_computed + req.inflight_tokens
         n = 1 + len(drafts)
         self.entries.append(
             BatchEntry(
-                req, prefix, n, True, False, num_sample=n, spec=True, drafts=drafts, row_masks=row_masks
+                req,
+                prefix,
+                n,
+                True,
+                False,
+                num_sample=n,
+                spec=True,
+                drafts=drafts,
+                row_masks=row_masks,
+                draft_parents=parents,
             )
         )
         req.in_flight = True
@@ -132,6 +148,17 @@ class ScheduledBatch:
             )
         if any(e.drafts for e in entries):
             plan.draft_lens = np.fromiter((len(e.drafts) for e in entries), i64, len(entries))
+            if any(e.draft_parents is not None for e in entries):  # NGRAM trees
+                plan.draft_parents = np.fromiter(
+                    (
+                        p
+                        for e in entries
+                        if e.drafts
+                        for p in (e.draft_parents if e.draft_parents is not None else range(len(e.drafts)))
+                    ),
+                    i64,
+                    int(plan.draft_lens.sum()),
+                )
         if grammars is not None:
             if any(e.req.grammar is not None and e.prefix_len >= e.req.num_tokens for e in entries):
                 # a constrained request runs ahead: its mask follows once the token in flight is accepted

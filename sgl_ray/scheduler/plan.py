@@ -89,6 +89,9 @@ class StepPlan(msgspec.Struct, kw_only=True):
     # Speculative decoding: drafts of each request (its chunk is [last token, drafts...], every row sampled and
     # verified on the runner: see sgl_ray.speculative.verify); empty when the plan verifies none.
     draft_lens: np.ndarray = msgspec.field(default_factory=_empty)  # [B]
+    # NGRAM trees: each draft's parent row in its request's chunk (0: the request's token), drafts parents first;
+    # empty for chains.
+    draft_parents: np.ndarray = msgspec.field(default_factory=_empty)  # [sum draft_lens]
 
     @property
     def batch_size(self) -> int:

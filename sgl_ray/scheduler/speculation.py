@@ -26,6 +26,7 @@ copies the accepted path's KV to the slots of the chunk's first rows, so settlin
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -35,6 +36,7 @@ from sgl_ray.scheduler.plan import DRAFT_TOKEN, StepOutput
 from sgl_ray.scheduler.request import FinishReason, Req
 from sgl_ray.speculative.config import SpeculativeConfig
 from sgl_ray.speculative.ngram import ngram_drafts
+from sgl_ray.speculative.ngram_cache import NgramCache
 
 if TYPE_CHECKING:
     from sgl_ray.scheduler.batch import BatchEntry
@@ -43,6 +45,16 @@ if TYPE_CHECKING:
     from sgl_ray.scheduler.output import OutputProcessor
 
 Logprob = tuple[float | None, int]
+
+
+class Proposal(NamedTuple):
+    """A speculating request's drafts for its next step (``DRAFT_TOKEN`` placeholders when the runner's drafter
+    writes them), under a grammar the masks of its verify rows, and for an NGRAM tree each node's parent row (0:
+    the request's newest token; the nodes come parents first)."""
+
+    drafts: list[int]
+    row_masks: np.ndarray | None = None
+    parents: list[int] | None = None
 
 
 class Settled(NamedTuple):
@@ -79,7 +91,7 @@ class Speculation:
     """Example::
 
     >>> spec = Speculation(SpeculativeConfig("NGRAM", 4), context_length=2048, grammars=tracker)  # doctest: +SKIP
-    >>> drafts, masks = spec.propose(req)  # a decoding request: up to 3 drafts  # doctest: +SKIP
+    >>> drafts, masks, parents = spec.propose(req)  # a decoding request: up to 3 drafts  # doctest: +SKIP
     """
 
     def __init__(self, config: SpeculativeConfig, context_length: int, grammars: GrammarTracker) -> None:
@@ -87,6 +99,26 @@ class Speculation:
         self.context_length = context_length
         self.grammars = grammars
         self.stats = SpecStats()
+        self.ngram: NgramCache | None = None  # NGRAM trees: the engine's n-gram cache
+        # each request's place in the cache: (cursors, tokens recorded); gone with the request
+        self._ngram_state: weakref.WeakKeyDictionary[Req, tuple[list[Any], int]] = weakref.WeakKeyDictionary()
+        if config.ngram_tree:
+            self.ngram = NgramCache(
+                config.ngram_capacity,
+                config.ngram_branch_length,
+                config.ngram_min_window,
+                config.ngram_max_window,
+                config.ngram_min_breadth,
+                config.ngram_max_breadth,
+                config.ngram_match_type,
+            )
+
+    def stats_dict(self) -> dict[str, Any]:
+        """The engine-wide counters (``get_stats()``), with the n-gram cache's size for NGRAM trees."""
+        out = self.stats.to_dict(self.config)
+        if self.ngram is not None:
+            out["spec_ngram_cache_nodes"] = self.ngram.num_nodes
+        return out
 
     def eligible(self, r: Req) -> bool:
         p = r.sampling
@@ -95,23 +127,43 @@ class Speculation:
         # the sampler's top logprobs are of a tree's rows, not of the accepted path's
         return not (self.config.is_tree and r.return_logprob and r.top_logprobs_num > 0)
 
-    def propose(self, r: Req) -> tuple[list[int], np.ndarray | None] | None:
-        """Drafts for a decoding request's next step and, under a grammar, its rows' masks; None if it does not
-        speculate. No more drafts than ``max_new_tokens`` and the context leave room for after its next token."""
+    def propose(self, r: Req) -> Proposal | None:
+        """Drafts for a decoding request's next step; None if it does not speculate. No draft goes further than
+        ``max_new_tokens`` and the context leave room for after its next token."""
         if not self.eligible(r):
             return None
-        limit = min(
-            self.config.max_drafts, r.remaining_new_tokens - 1, self.context_length - r.num_tokens - 1
-        )
+        room = min(r.remaining_new_tokens - 1, self.context_length - r.num_tokens - 1)  # deepest draft
+        limit = min(self.config.max_drafts, room)
         if limit <= 0:
-            return [], None
+            return Proposal([])
         if self.config.uses_draft_model:
-            return [DRAFT_TOKEN] * limit, None
-        drafts = ngram_drafts(_tokens(r), limit, self.config.ngram_min_window, self.config.ngram_max_window)
-        if r.grammar is not None and drafts:
-            drafts, masks = self.grammars.draft_masks(r, drafts)
-            return drafts, masks if drafts else None
-        return drafts, None
+            return Proposal([DRAFT_TOKEN] * limit)
+        tokens = _tokens(r)
+        cfg = self.config
+        if self.ngram is not None:
+            self._record(r, tokens)
+            nodes, parents = self.ngram.draft_tree(tokens, cfg.max_drafts, room)
+            masks = None
+            if r.grammar is not None and nodes:
+                masks = self.grammars.verify_masks(r, np.asarray(nodes), np.asarray(parents))
+            return Proposal(nodes, masks, parents)
+        chain = ngram_drafts(tokens, limit, cfg.ngram_min_window, cfg.ngram_max_window)
+        if r.grammar is not None and chain:
+            chain, masks = self.grammars.draft_masks(r, chain)
+            return Proposal(chain, masks if chain else None)
+        return Proposal(chain)
+
+    def _record(self, r: Req, tokens: np.ndarray) -> None:
+        """Bring the n-gram cache up to date with ``r``'s output (from the end of its prompt on)."""
+        assert self.ngram is not None
+        state = self._ngram_state.get(r)
+        tail = self.ngram.branch_length - 1
+        if state is None or state[1] > len(tokens):  # new, or tokens taken back (a rejected jump-forward)
+            start = max(len(r.prompt_ids) - tail, 0) if state is None else max(len(tokens) - tail, 0)
+            cursors: list[Any] = []
+        else:
+            cursors, start = state
+        self._ngram_state[r] = (self.ngram.extend(cursors, tokens[start:].tolist()), len(tokens))
 
     def settle(
         self,

@@ -46,11 +46,22 @@ class SpeculativeConfig:
     ngram_max_window: int = 12
     topk: int = 1  # children per expanded node of a draft tree; 1: chain drafts
     num_steps: int = 0  # draft passes (the tree's depth) of a draft model or EAGLE head
+    # NGRAM trees from the n-gram cache (speculative.ngram_cache); max breadth 1: chains from the request's tokens
+    ngram_min_breadth: int = 1
+    ngram_max_breadth: int = 1
+    ngram_match_type: str = "BFS"
+    ngram_branch_length: int = 18
+    ngram_capacity: int = 1_000_000
 
     @property
     def is_tree(self) -> bool:
         """Tree drafts (``speculative.tree``) rather than chains."""
-        return self.topk > 1
+        return self.topk > 1 or self.ngram_tree
+
+    @property
+    def ngram_tree(self) -> bool:
+        """NGRAM drafts trees from the engine's n-gram cache (``speculative.ngram_cache``)."""
+        return self.algorithm == "NGRAM" and self.ngram_max_breadth > 1
 
     @property
     def max_drafts(self) -> int:
@@ -93,8 +104,8 @@ class SpeculativeConfig:
             )
         if topk > 1 and algo == "NGRAM":
             raise UnsupportedFeatureError(
-                f"speculative_eagle_topk={topk}: NGRAM drafts chains only (topk 1); tree drafts come from "
-                "STANDALONE, EAGLE and EAGLE3",
+                f"speculative_eagle_topk={topk}: NGRAM shapes its trees with speculative_ngram_min/max_bfs_breadth "
+                "(speculative_eagle_topk belongs to STANDALONE, EAGLE and EAGLE3)",
                 param="speculative_eagle_topk",
             )
         if topk > 1 and args.attention_backend == "flashinfer":
@@ -119,6 +130,7 @@ class SpeculativeConfig:
                 f"speculative_ngram_min/max_match_window_size: need 1 <= min <= max, got {lo} and {hi}",
                 param="speculative_ngram_min_match_window_size",
             )
+        breadth = _ngram_tree_options(args) if algo == "NGRAM" else (1, 1)
         draft_path = args.speculative_draft_model_path
         if algo == "NGRAM":
             if draft_path is not None:
@@ -174,4 +186,49 @@ class SpeculativeConfig:
             ngram_max_window=hi,
             topk=topk,
             num_steps=0 if algo == "NGRAM" else steps,
+            ngram_min_breadth=breadth[0],
+            ngram_max_breadth=breadth[1],
+            ngram_match_type=args.speculative_ngram_match_type.upper(),
+            ngram_branch_length=args.speculative_ngram_branch_length,
+            ngram_capacity=args.speculative_ngram_capacity,
         )
+
+
+def _ngram_tree_options(args: Any) -> tuple[int, int]:
+    """NGRAM's (min, max) BFS breadth, its other tree options checked. The default max breadth is SGLang's 10
+    (trees), or 1 (chains) with the flashinfer attention backend, which has no tree attention mask."""
+    lo, hi = args.speculative_ngram_min_bfs_breadth, args.speculative_ngram_max_bfs_breadth
+    if hi is None:
+        hi = max(lo, 1 if args.attention_backend == "flashinfer" else 10)
+    if lo < 1 or hi < lo:
+        raise InvalidRequestError(
+            f"speculative_ngram_min/max_bfs_breadth: need 1 <= min <= max, got {lo} and {hi}",
+            param="speculative_ngram_min_bfs_breadth",
+        )
+    if hi > 1 and args.attention_backend == "flashinfer":
+        raise UnsupportedFeatureError(
+            f"speculative_ngram_max_bfs_breadth={hi}: NGRAM trees need a tree attention mask, which the flashinfer "
+            "attention backend does not have; set speculative_ngram_max_bfs_breadth=1 (chains) or use "
+            "attention_backend='triton'",
+            param="speculative_ngram_max_bfs_breadth",
+        )
+    match_type = args.speculative_ngram_match_type
+    if not isinstance(match_type, str) or match_type.upper() not in ("BFS", "PROB"):
+        raise InvalidRequestError(
+            f"speculative_ngram_match_type must be 'BFS' or 'PROB', got {match_type!r}",
+            param="speculative_ngram_match_type",
+        )
+    window = args.speculative_ngram_max_match_window_size
+    if args.speculative_ngram_branch_length <= window:
+        raise InvalidRequestError(
+            f"speculative_ngram_branch_length={args.speculative_ngram_branch_length} must exceed "
+            f"speculative_ngram_max_match_window_size={window} (a match needs tokens after it)",
+            param="speculative_ngram_branch_length",
+        )
+    if args.speculative_ngram_capacity < args.speculative_ngram_branch_length:
+        raise InvalidRequestError(
+            f"speculative_ngram_capacity={args.speculative_ngram_capacity} must hold one n-gram of "
+            f"speculative_ngram_branch_length={args.speculative_ngram_branch_length} nodes",
+            param="speculative_ngram_capacity",
+        )
+    return lo, hi

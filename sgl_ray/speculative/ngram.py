@@ -28,28 +28,42 @@ def ngram_drafts(tokens: np.ndarray, k: int, min_window: int = 1, max_window: in
         >>> ngram_drafts(np.array([1, 2, 3]), k=3)  # no earlier occurrence of the last token
         []
     """
-    n = len(tokens)
-    if k <= 0 or n < 2:
+    ends, length = ngram_matches(tokens, max_window)
+    if len(ends) == 0 or k <= 0:
         return []
-    last = tokens[-1]
-    ends = np.flatnonzero(tokens[:-1] == last)  # [C] candidate ends of an earlier occurrence
-    if len(ends) == 0:
-        return []
-    length = np.ones(len(ends), dtype=np.int64)  # match length of each candidate so far
-    alive = np.ones(len(ends), dtype=bool)
-    for j in range(1, min(max_window, n - 1)):
-        back = ends - j
-        ok = back >= 0
-        alive &= ok
-        alive[ok] &= tokens[back[ok]] == tokens[n - 1 - j]
-        if not alive.any():
-            break
-        length += alive
     best = int(length.max())
     if best < min_window:
         return []
     e = int(ends[np.flatnonzero(length == best)[-1]])  # the most recent of the longest
-    period = n - 1 - e  # the proposal repeats with this period once it runs past the end of ``tokens``
+    return continuation(tokens, e, k)
+
+
+def ngram_matches(tokens: np.ndarray, max_window: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """The earlier places the suffix of ``tokens`` occurred: their last positions ``e`` (ascending) and how many
+    tokens of the suffix each matches (1 .. ``max_window``)."""
+    n = len(tokens)
+    if n < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    last = tokens[-1]
+    ends = np.flatnonzero(tokens[:-1] == last)  # [C] candidate ends of an earlier occurrence
+    length = np.ones(len(ends), dtype=np.int64)  # match length of each candidate so far
+    alive = np.ones(len(ends), dtype=bool)
+    for j in range(1, min(max_window, n - 1)):
+        if not alive.any():
+            break
+        back = ends - j
+        ok = back >= 0
+        alive &= ok
+        alive[ok] &= tokens[back[ok]] == tokens[n - 1 - j]
+        length += alive
+    return ends, length
+
+
+def continuation(tokens: np.ndarray, e: int, k: int) -> list[int]:
+    """The ``k`` tokens after position ``e``; past the end of ``tokens`` the run repeats with its period (the
+    pattern that brought the suffix back)."""
+    n = len(tokens)
+    period = n - 1 - e
     out: list[int] = []
     for j in range(k):
         pos = e + 1 + j

@@ -65,14 +65,27 @@ class Verified(NamedTuple):
 
 
 def ngram_drafts_of(plan: StepPlan, device: torch.device) -> Drafts:
-    """The drafts a plan carries in its ``input_ids`` (after each verify entry's first token)."""
+    """The drafts a plan carries in its ``input_ids`` (after each verify entry's first token), and with
+    ``draft_parents`` (NGRAM trees) the tree they form."""
     lens = plan.draft_lens
     verify = np.flatnonzero(lens > 0)
     k = int(lens.max())
     starts = np.cumsum(plan.extend_lens) - plan.extend_lens
     cols = np.arange(k)
     pos = np.minimum(starts[verify, None] + 1 + cols[None, :], (starts + plan.extend_lens)[verify, None] - 1)
-    return Drafts(to_device(plan.input_ids[pos], device), None)
+    tokens = to_device(plan.input_ids[pos], device)  # [Bv, K]
+    if not len(plan.draft_parents):
+        return Drafts(tokens, None)
+    sizes = lens[verify]
+    node = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # each draft's column
+    owner = np.repeat(np.arange(len(verify)), sizes)
+    parents = np.zeros((len(verify), k), dtype=np.int64)  # padding past a tree's size: children of the root
+    parents[owner, node] = plan.draft_parents
+    depths = np.zeros((len(verify), k + 1), dtype=np.int64)
+    for c in range(k):  # parents first: a node's parent row is already done
+        depths[:, c + 1] = np.take_along_axis(depths, parents[:, c : c + 1], axis=1)[:, 0] + 1
+    tree = DraftTree(tokens, to_device(parents, device), to_device(depths, device), sizes)
+    return Drafts(tokens, None, tree)
 
 
 def verify(

@@ -60,3 +60,18 @@ def small_vocab_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str
     target = save_tiny_model(config, tmp_path_factory.mktemp("small_vocab_target"), None)
     draft = perturbed_copy(target, tmp_path_factory.mktemp("small_vocab_draft"), noise=0.15, seed=7)
     return target, draft
+
+
+@pytest.fixture(scope="session")
+def ngram_target(tiny_llama_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny Llama with its attention and MLP outputs scaled down (x0.01): the current token decides most of
+    the next one, so a continuation repeated in the prompt is often repeated again (NGRAM drafts that hold), while
+    attention still decides others (drafts rejected and rolled back)."""
+    dst = tmp_path_factory.mktemp("ngram_target")
+    shutil.copytree(tiny_llama_path, dst, dirs_exist_ok=True)
+    weights = load_file(str(Path(tiny_llama_path) / "model.safetensors"))
+    scaled = {
+        k: v * 0.01 if k.endswith(("o_proj.weight", "down_proj.weight")) else v for k, v in weights.items()
+    }
+    save_file(scaled, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return str(dst)

@@ -23,6 +23,17 @@ def test_effective_settings():
         1,
         12,
     )
+    # NGRAM: trees from the n-gram cache by default (SGLang's breadths), chains with a max breadth of 1 or
+    # (by default) on the flashinfer backend, which has no tree mask
+    assert (ngram.is_tree, ngram.ngram_min_breadth, ngram.ngram_max_breadth, ngram.ngram_match_type) == (
+        True,
+        1,
+        10,
+        "BFS",
+    )
+    for chain in ({"speculative_ngram_max_bfs_breadth": 1}, {"attention_backend": "flashinfer"}):
+        cfg = SpeculativeConfig.from_args(EngineArgs(speculative_algorithm="NGRAM", **chain))
+        assert not cfg.is_tree and cfg.ngram_max_breadth == 1
     draft = dict(speculative_algorithm="STANDALONE", speculative_draft_model_path="/some/model")
     assert SpeculativeConfig.from_args(EngineArgs(**draft)).num_draft_tokens == 4  # 3 steps by default
     assert SpeculativeConfig.from_args(EngineArgs(**draft, speculative_num_steps=5)).max_drafts == 5
@@ -71,6 +82,35 @@ def test_effective_settings():
             },
             InvalidRequestError,
             "speculative_ngram_min_match_window_size",
+        ),
+        (
+            {"speculative_algorithm": "NGRAM", "speculative_ngram_max_bfs_breadth": 0},
+            InvalidRequestError,
+            "speculative_ngram_min_bfs_breadth",
+        ),
+        (
+            {"speculative_algorithm": "NGRAM", "speculative_ngram_match_type": "DFS"},
+            InvalidRequestError,
+            "speculative_ngram_match_type",
+        ),
+        (
+            {"speculative_algorithm": "NGRAM", "speculative_ngram_branch_length": 12},
+            InvalidRequestError,
+            "speculative_ngram_branch_length",
+        ),
+        (
+            {"speculative_algorithm": "NGRAM", "speculative_ngram_capacity": 5},
+            InvalidRequestError,
+            "speculative_ngram_capacity",
+        ),
+        (
+            {
+                "speculative_algorithm": "NGRAM",
+                "attention_backend": "flashinfer",
+                "speculative_ngram_max_bfs_breadth": 4,
+            },
+            UnsupportedFeatureError,
+            "speculative_ngram_max_bfs_breadth",
         ),
         ({"speculative_algorithm": "STANDALONE"}, InvalidRequestError, "speculative_draft_model_path"),
         (

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import random
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 import ray
-from safetensors.torch import load_file, save_file
 
 import sgl_ray
 from sgl_ray.configs.engine_args import EngineArgs
@@ -61,21 +58,6 @@ def _spec_counts(outs: list[dict]) -> tuple[int, int, int]:
         sum(m["spec_proposed_drafts"] for m in metas),
         sum(m["spec_accepted_drafts"] for m in metas),
     )
-
-
-@pytest.fixture(scope="module")
-def ngram_target(tiny_llama_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The tiny Llama with its attention and MLP outputs scaled down (x0.01): the current token decides most of
-    the next one, so a continuation repeated in the prompt is often repeated again (NGRAM drafts that hold), while
-    attention still decides others (drafts rejected and rolled back)."""
-    dst = tmp_path_factory.mktemp("ngram_target")
-    shutil.copytree(tiny_llama_path, dst, dirs_exist_ok=True)
-    weights = load_file(str(Path(tiny_llama_path) / "model.safetensors"))
-    scaled = {
-        k: v * 0.01 if k.endswith(("o_proj.weight", "down_proj.weight")) else v for k, v in weights.items()
-    }
-    save_file(scaled, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return str(dst)
 
 
 @pytest.fixture(scope="module")
