@@ -15,6 +15,8 @@ from sgl_ray.scheduler.request import Req, RequestGroup
 
 _SEED_MIX = 0x9E3779B97F4A7C15
 _SEED_MASK = (1 << 63) - 1
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # integers reach the scheduler's int64 arrays and tensors
+_MAX_TOP_LOGPROBS_NUM = 20
 
 
 def child_seed(seed: int, index: int) -> int:
@@ -51,15 +53,34 @@ class RequestSpec:
     rid: str = field(default_factory=lambda: uuid.uuid4().hex)
     multimodal: Any = None  # multimodal.MultimodalInputs of input_ids (expanded image placeholders)
 
-    def to_reqs(self, eos_token_ids: tuple[int, ...], rng: random.Random, vocab_size: int) -> list[Req]:
-        p = self.params.normalized()
-        p.validate(vocab_size)
-        if self.top_logprobs_num < 0 or self.top_logprobs_num > 20:
-            raise InvalidRequestError("top_logprobs_num must be in [0, 20]", param="top_logprobs_num")
-        if any(t < 0 or t >= vocab_size for t in self.input_ids):
+    def check(self, vocab_size: int) -> None:
+        """Raise :class:`InvalidRequestError` naming the first bad field other than the sampling parameters:
+        ``top_logprobs_num`` in [0, 20], ``logprob_start_len`` in [-1, 2**63), ``priority`` within int64 (each an
+        ``int``, not a bool), and ``input_ids`` a list of ``int`` token ids in ``[0, vocab_size)``."""
+        _check_int(self.top_logprobs_num, "top_logprobs_num", 0, _MAX_TOP_LOGPROBS_NUM)
+        _check_int(self.logprob_start_len, "logprob_start_len", -1, _INT64_MAX, high_shown="2**63 - 1")
+        _check_int(self.priority, "priority", _INT64_MIN, _INT64_MAX, "-2**63", "2**63 - 1")
+        ids = self.input_ids
+        if not isinstance(ids, (list, tuple)):
+            raise InvalidRequestError(
+                f"input_ids must be a list of token ids, got {type(ids).__name__}", param="input_ids"
+            )
+        bad_type = _non_token_type(ids)
+        if bad_type is not None:
+            raise InvalidRequestError(
+                f"input_ids must hold integer token ids, got {bad_type.__name__}", param="input_ids"
+            )
+        if ids and (min(ids) < 0 or max(ids) >= min(vocab_size, _INT64_MAX + 1)):
             raise InvalidRequestError(
                 "input_ids contain a token id outside the vocabulary", param="input_ids"
             )
+
+    def to_reqs(self, eos_token_ids: tuple[int, ...], rng: random.Random, vocab_size: int) -> list[Req]:
+        """The ``n`` scheduler requests of this prompt; raises :class:`InvalidRequestError` (before building any)
+        for a bad field or sampling parameter."""
+        p = self.params.normalized()
+        p.validate(vocab_size)
+        self.check(vocab_size)
         mm = self.multimodal
         prompt_ids = mm.keyed_ids(self.input_ids, vocab_size) if mm is not None else self.input_ids
         base_seed = p.seed if p.seed is not None else rng.getrandbits(63)
@@ -155,18 +176,55 @@ def normalize_batch(
     if prompt is not None:
         if isinstance(prompt, str):
             return [prompt], None, False
-        if not prompt or not all(isinstance(p, str) for p in prompt):
+        if not _is_sequence(prompt) or not prompt or not all(isinstance(p, str) for p in prompt):
             raise InvalidRequestError(
                 "prompt must be a string or a non-empty list of strings", param="prompt"
             )
         return list(prompt), None, True
     assert input_ids is not None
-    if input_ids and all(isinstance(t, int) for t in input_ids):
+    if not _is_sequence(input_ids) or not input_ids:
+        pass  # an int, a dict, a numpy array (ambiguous truth), a generator: none is a list of token ids
+    elif _non_token_type(input_ids) is None:
         return None, [list(input_ids)], False  # type: ignore[arg-type]
-    if input_ids and all(
-        isinstance(x, (list, tuple)) and all(isinstance(t, int) for t in x) for x in input_ids
-    ):
+    elif all(isinstance(x, (list, tuple)) and _non_token_type(x) is None for x in input_ids):
         return None, [list(x) for x in input_ids], True  # type: ignore[union-attr]
     raise InvalidRequestError(
         "input_ids must be a list of ints or a list of lists of ints", param="input_ids"
+    )
+
+
+def _is_int(x: Any) -> bool:
+    """An ``int`` and not a bool (nor a float or a numpy integer)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _non_token_type(ids: Sequence[Any]) -> type | None:
+    """The type of an element of ``ids`` that is no token id (see :func:`_is_int`), or None if all are (the types
+    are collected at C speed: prompts can be long)."""
+    for kind in set(map(type, ids)):
+        if not issubclass(kind, int) or issubclass(kind, bool):
+            return kind
+    return None
+
+
+def _is_sequence(x: Any) -> bool:
+    """A list-like of prompts or token ids: not a string (of characters) or bytes (of ints), nor a mapping, set,
+    generator or numpy array (not a ``Sequence``; and an array's truth value is an error)."""
+    return isinstance(x, Sequence) and not isinstance(x, (str, bytes, bytearray))
+
+
+def _check_int(
+    value: Any, param: str, low: int, high: int, low_shown: str | None = None, high_shown: str | None = None
+) -> None:
+    """An :class:`InvalidRequestError` naming ``param`` unless ``value`` is an ``int`` in ``[low, high]``."""
+    if _is_int(value) and low <= value <= high:
+        return
+    if not _is_int(value):
+        got = type(value).__name__
+    elif value.bit_length() <= 128:
+        got = str(value)
+    else:  # str() of a huge integer is slow, or an error past sys.get_int_max_str_digits()
+        got = f"an integer of {value.bit_length()} bits"
+    raise InvalidRequestError(
+        f"{param} must be an integer in [{low_shown or low}, {high_shown or high}], got {got}", param=param
     )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import operator
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -101,7 +104,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
             stop=list(stop) if stop else None,
             stop_regex=[self.stop_regex] if isinstance(self.stop_regex, str) else (self.stop_regex or None),
             top_k=-1 if self.top_k in (0, -1) else self.top_k,
-            logit_bias={int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            logit_bias=_token_biases(self.logit_bias) if self.logit_bias else None,
             json_schema=json.dumps(self.json_schema)
             if isinstance(self.json_schema, dict)
             else self.json_schema,
@@ -166,10 +169,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
                 raise bad("stop_token_ids", f"token id {tid} is outside the vocabulary")
         if self.seed is not None and (not isinstance(self.seed, int) or not (0 <= self.seed <= _INT64_MAX)):
             raise bad("seed", f"must be in [0, 2**63), got {self.seed!r}")
-        for tid, bias in (self.logit_bias or {}).items():
-            if int(tid) < 0 or int(tid) > _INT64_MAX or (vocab_size is not None and int(tid) >= vocab_size):
-                raise bad("logit_bias", f"token id {tid} is outside the vocabulary")
-            if not (-100.0 <= float(bias) <= 100.0):
+        for tid, bias in _token_biases(self.logit_bias).items():
+            if tid < 0 or tid > _INT64_MAX or (vocab_size is not None and tid >= vocab_size):
+                raise bad("logit_bias", f"token id {_shown(tid)} is outside the vocabulary")
+            if not (-100.0 <= bias <= 100.0):
                 raise bad("logit_bias", f"bias for token {tid} must be in [-100, 100], got {bias}")
         grammars = [k for k in _GRAMMAR_FIELDS if getattr(self, k) is not None]
         if len(grammars) > 1:
@@ -195,3 +198,56 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
     @property
     def needs_penalties(self) -> bool:
         return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+def _token_biases(bias: Any) -> dict[int, float]:
+    """``logit_bias`` as ``{token id: bias}``, or :class:`InvalidRequestError` (param ``logit_bias``) for anything
+    but a mapping of token ids (integers, or strings of one as JSON keys are) to numbers (or strings of one). The
+    range of ids and biases is :meth:`SamplingParams.validate`'s to check; a bias that is not finite is an error
+    here.
+
+    >>> _token_biases({"50256": -100, 7: 2.5})
+    {50256: -100.0, 7: 2.5}
+    >>> _token_biases({"abc": 1.0})
+    Traceback (most recent call last):
+    ...
+    sgl_ray.errors.InvalidRequestError: logit_bias: key 'abc' is not a token id (an integer, or a string of one)
+    """
+
+    def bad(msg: str) -> InvalidRequestError:
+        return InvalidRequestError(f"logit_bias: {msg}", param="logit_bias")
+
+    if not bias:
+        return {}
+    if not isinstance(bias, Mapping):
+        raise bad(f"must be an object mapping token ids to biases, got {type(bias).__name__}")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            if isinstance(key, bool):
+                raise TypeError
+            tid = int(key) if isinstance(key, str) else operator.index(key)  # not a float: 5.7 is no token id
+        except (TypeError, ValueError):
+            raise bad(f"key {_shown(key)} is not a token id (an integer, or a string of one)") from None
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad(f"bias for token {_shown(tid)} must be a number, got {_shown(value)}") from None
+        except OverflowError:  # an integer beyond any float
+            raise bad(f"bias for token {_shown(tid)} must be in [-100, 100], got {_shown(value)}") from None
+        if not math.isfinite(number):
+            raise bad(f"bias for token {_shown(tid)} must be a finite number, got {_shown(value)}")
+        out[tid] = number
+    return out
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` for a message, cut to about ``limit`` characters (an integer of thousands of digits has no
+    ``repr`` at all)."""
+    try:
+        text = repr(value)
+    except ValueError:  # past sys.get_int_max_str_digits()
+        return f"<{type(value).__name__} too long to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

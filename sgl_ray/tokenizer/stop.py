@@ -333,43 +333,117 @@ def _shared_matcher(stops: tuple[str, ...]) -> _StopMatcher:
 
 
 class _RegexStops:
-    """The stop patterns of one request and the text they are searched in (everything fed so far)."""
+    """The stop patterns of one request, and as much of the text fed so far as they can still need.
+
+    Each search finds, for each pattern, its first (leftmost) match in the whole text fed so far, as if searched
+    from the start every time; the first-ending of those wins. The text so far has no match yet (else the request
+    would have stopped), so a new match must end in the new delta, or just before it with an assertion (a
+    lookahead, ``$``, ``\\b``) that looks into it: for a pattern whose matches have a bounded length ``w`` and whose
+    lookarounds see a bounded distance ("windowed", see :func:`_extent`), it starts at most ``w`` plus its lookahead
+    reach (plus a margin) before the delta, so searching from there gives the same first match. That search also
+    reads the text its lookbehinds (and ``\\b``) see before that start, plus one more character, so that ``^`` and
+    ``\\A`` never mistake the window's first character for the start of the text. So a request whose patterns are
+    all windowed keeps and searches O(window + delta) characters per feed, however long the output grows.
+
+    A pattern that is not windowed (unbounded matches such as ``[0-9]+``, an unbounded lookaround, or syntax only
+    the ``regex`` module knows) is searched over the whole text fed so far on every feed, as an unbounded pattern
+    always was: O(text so far) time per feed (quadratic over a long stream), and all of the text is kept (O(output)
+    memory per sequence) for as long as such a pattern is in the request.
+    """
 
     def __init__(self, patterns: Sequence[str]) -> None:
-        self._patterns = [(p, regex.compile(p)) for p in dict.fromkeys(patterns)]
-        widths = [_max_width(p) for p, _ in self._patterns]
+        self._patterns = [(p, regex.compile(p), _extent(p)) for p in dict.fromkeys(patterns)]
+        widths = [_max_width(p) for p in dict.fromkeys(patterns)]
         self._bounded = all(w is not None for w in widths)
         self._width = max((w or 0 for w in widths), default=0)
         self.hold = max(self._width - 1, 0) if self._bounded else 0
-        self._seen = ""  # text fed before the current one, up to the held tail
+        self._total = 0  # characters fed so far
+        self._start = 0  # where in them ``_kept`` starts
+        self._kept = ""  # the end of the text fed so far: all that a later search can read
+        self._keep = self._keep_chars()
+
+    def _keep_chars(self) -> int | None:
+        """How many of the last characters fed the patterns can still need: the largest window, None for all."""
+        if any(ext is None for _, _, ext in self._patterns):
+            return None
+        return max((ext.window for _, _, ext in self._patterns if ext is not None), default=0)
 
     def search(self, text: str, held: int) -> tuple[int, int, str] | None:
         """The first-ending match in everything fed so far, as ``(start, end, pattern)`` relative to ``text`` (the
         held tail plus the new delta; ``held`` of its characters were fed before). A match that starts in
         released text is clamped to ``text``'s start: released text is never retracted."""
-        released = self._seen[: len(self._seen) - held] if held else self._seen
-        full = released + text
-        # A new match ends in the new delta or (lookarounds, anchors) just before it, so it starts no earlier
-        # than one match width before it; an unbounded pattern must look at everything.
-        pos = max(0, len(released) - self._width) if self._bounded else 0
+        delta = text[held:]
+        boundary = self._total  # where the delta starts in the text fed so far
+        # The window: from the earliest character any pattern can read (all of the text for one not windowed).
+        window_start = 0 if self._keep is None else max(0, boundary - self._keep)
+        window = self._kept[window_start - self._start :] + delta
         best: tuple[int, int, str] | None = None
-        for pattern, compiled in list(self._patterns):
+        for entry in list(self._patterns):
+            pattern, compiled, ext = entry
+            pos = 0 if ext is None else max(0, boundary - ext.lead)
             try:
-                m = compiled.search(full, pos, timeout=REGEX_SEARCH_TIMEOUT_S)
+                m = compiled.search(window, max(pos - window_start, 0), timeout=REGEX_SEARCH_TIMEOUT_S)
             except TimeoutError:
                 logger.warning(
                     "stop_regex %r took over %ss on one search: dropped", pattern, REGEX_SEARCH_TIMEOUT_S
                 )
-                self._patterns.remove((pattern, compiled))
+                self._patterns.remove(entry)
+                self._keep = self._keep_chars()
                 continue
-            if m is not None and (best is None or (m.end(), m.start()) < (best[1], best[0])):
-                best = (m.start(), m.end(), pattern)
-        self._seen = full
+            if m is not None:
+                start, end = m.start() + window_start, m.end() + window_start
+                if best is None or (end, start) < (best[1], best[0]):
+                    best = (start, end, pattern)
+        self._total = boundary + len(delta)
+        # No earlier than the window's start: the kept text only ever shrinks to what the patterns still need.
+        keep_from = 0 if self._keep is None else max(0, self._total - self._keep)
+        self._start, self._kept = keep_from, window[keep_from - window_start :]
         if best is None:
             return None
         start, end, pattern = best
-        base = len(released)
+        base = boundary - held  # where ``text`` starts
         return max(start - base, 0), max(end - base, 0), pattern
+
+
+class _Extent(NamedTuple):
+    """How far a windowed pattern reaches from the start of a new delta (see :class:`_RegexStops`)."""
+
+    lead: int
+    """A new match starts at most this many characters before the delta: its longest match plus its lookahead
+    reach, plus 2 (``$``, ``\\b`` and ``\\B`` look at the next character, or whether there is one)."""
+    window: int
+    """The characters before the delta its search reads: ``lead`` plus its lookbehind reach, plus 2 (``\\b`` looks
+    one character back, and one more keeps ``^`` and ``\\A`` off the window's first character)."""
+
+
+@functools.lru_cache(maxsize=256)
+def _extent(pattern: str) -> _Extent | None:
+    """How far a new match of ``pattern`` reaches from the start of a new delta, if its matches and lookarounds
+    each stay within :data:`MAX_HELD_REGEX_CHARS`, else None (search all of the text). A lookaround's reach is
+    bounded by the sum of the longest matches of all the lookarounds in that direction (nested or not)."""
+    try:
+        from re import _constants, _parser  # type: ignore[attr-defined]
+
+        parsed = _parser.parse(pattern)
+        _, high = parsed.getwidth()
+        reach = {1: 0, -1: 0}  # lookahead, lookbehind
+        todo: list = [parsed]
+        while todo:
+            node = todo.pop()
+            if isinstance(node, _parser.SubPattern):
+                for op, av in node.data:
+                    if op in (_constants.ASSERT, _constants.ASSERT_NOT):
+                        direction, sub = av
+                        reach[1 if direction > 0 else -1] += sub.getwidth()[1]
+                    todo.append(av)
+            elif isinstance(node, (list, tuple)):
+                todo.extend(node)
+    except Exception:  # syntax only the regex module knows, or another Python's internals: not windowed
+        return None
+    if max(high, reach[1], reach[-1]) > MAX_HELD_REGEX_CHARS:
+        return None
+    lead = high + reach[1] + 2
+    return _Extent(lead, lead + reach[-1] + 2)
 
 
 def _max_width(pattern: str) -> int | None:

@@ -3,6 +3,9 @@ and a bad one raises ``InvalidRequestError`` naming it."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 
 from sgl_ray.entrypoints.requests import to_sampling_params
@@ -62,3 +65,52 @@ def test_int64_limits_and_top_k_beyond_the_vocabulary_are_valid() -> None:
     with pytest.raises(InvalidRequestError) as info:
         SamplingParams(top_k=-2).normalized()
     assert info.value.param == "top_k"
+
+
+@pytest.mark.parametrize(
+    "bias",
+    [
+        {"abc": 1.0},
+        {"5.5": 1.0},
+        {5.5: 1.0},  # not silently token 5
+        {True: 1.0},
+        {(1, 2): 1.0},
+        {None: 1.0},
+        {5: "x"},
+        {5: math.nan},
+        {5: math.inf},
+        {5: -math.inf},
+        {5: "nan"},
+        {5: {"nested": 1.0}},
+        {5: [1.0]},
+        {5: None},
+        {5: True},
+        {5: 10**400},  # beyond any float
+        {5: 100.5},
+        {2**63: 1.0},
+        [5, 1.0],
+        "5",
+    ],
+)
+def test_malformed_logit_bias_names_its_field(bias) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(logit_bias=bias).normalized()
+    assert info.value.param == "logit_bias"
+    assert str(info.value).startswith("logit_bias: ")
+    with pytest.raises(InvalidRequestError) as info:  # validate() takes params that were never normalized
+        SamplingParams(logit_bias=bias).validate(32000)
+    assert info.value.param == "logit_bias"
+
+
+def test_logit_bias_takes_token_ids_as_integers_or_strings() -> None:
+    bias = {"5": 1, 7: -100, " 9 ": 100.0, np.int64(11): np.float32(0.5), 12: "2.5"}
+    p = SamplingParams(logit_bias=bias).normalized()
+    assert p.logit_bias == {5: 1.0, 7: -100.0, 9: 100.0, 11: 0.5, 12: 2.5}
+    assert all(type(k) is int and type(v) is float for k, v in p.logit_bias.items())
+    p.validate(vocab_size=32000)
+    assert to_sampling_params({"logit_bias": {"5": 2}}).normalized().logit_bias == {5: 2.0}
+    with pytest.raises(InvalidRequestError) as info:
+        p.validate(vocab_size=12)
+    assert info.value.param == "logit_bias"
+    with pytest.raises(InvalidRequestError):  # from a dict, msgspec's type check comes first
+        to_sampling_params({"logit_bias": {"abc": 1.0}})
