@@ -260,7 +260,9 @@ class EngineArgs:
     )
     speculative_ngram_capacity: int = field(
         default=1_000_000,
-        metadata={"help": "NGRAM trees: n-gram cache size in trie nodes (least recent dropped)"},
+        metadata={
+            "help": "NGRAM trees: n-gram cache size in trie nodes, ~160 bytes each (least recent dropped)"
+        },
     )
 
     def __post_init__(self) -> None:

@@ -100,8 +100,10 @@ class Speculation:
         self.grammars = grammars
         self.stats = SpecStats()
         self.ngram: NgramCache | None = None  # NGRAM trees: the engine's n-gram cache
-        # each request's place in the cache: (cursors, tokens recorded); gone with the request
-        self._ngram_state: weakref.WeakKeyDictionary[Req, tuple[list[Any], int]] = weakref.WeakKeyDictionary()
+        # each request's place in the cache: (cursors, tokens recorded, the cache's epoch); gone with the request
+        self._ngram_state: weakref.WeakKeyDictionary[Req, tuple[list[int], int, int]] = (
+            weakref.WeakKeyDictionary()
+        )
         if config.ngram_tree:
             self.ngram = NgramCache(
                 config.ngram_capacity,
@@ -155,15 +157,20 @@ class Speculation:
 
     def _record(self, r: Req, tokens: np.ndarray) -> None:
         """Bring the n-gram cache up to date with ``r``'s output (from the end of its prompt on)."""
-        assert self.ngram is not None
+        cache = self.ngram
+        assert cache is not None
         state = self._ngram_state.get(r)
-        tail = self.ngram.branch_length - 1
-        if state is None or state[1] > len(tokens):  # new, or tokens taken back (a rejected jump-forward)
-            start = max(len(r.prompt_ids) - tail, 0) if state is None else max(len(tokens) - tail, 0)
-            cursors: list[Any] = []
+        tail = cache.branch_length - 1  # tokens before the first new one that the new n-grams start in
+        cursors: list[int] = []
+        if state is None:  # a new request: its output, after the end of its prompt
+            start = max(len(r.prompt_ids) - tail, 0)
+        elif state[1] > len(tokens):  # tokens taken back (a rejected jump-forward): from the tail again
+            start = max(len(tokens) - tail, 0)
+        elif state[2] != cache.epoch:  # an eviction may have dropped its cursors: walk them again
+            start = max(state[1] - tail, 0)
         else:
-            cursors, start = state
-        self._ngram_state[r] = (self.ngram.extend(cursors, tokens[start:].tolist()), len(tokens))
+            cursors, start = state[0], state[1]
+        self._ngram_state[r] = (cache.extend(cursors, tokens[start:].tolist()), len(tokens), cache.epoch)
 
     def settle(
         self,

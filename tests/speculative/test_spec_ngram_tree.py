@@ -28,12 +28,12 @@ def _cache(**kw) -> NgramCache:
 
 def _dump(cache: NgramCache) -> dict[tuple[int, ...], int]:
     """Every n-gram in the cache and its count."""
-    out, stack = {}, [((), cache.root)]
+    out, stack = {}, [((), 0)]
     while stack:
         path, node = stack.pop()
-        for t, child in node.children.items():
-            out[(*path, t)] = child.freq
-            stack.append(((*path, t), child))
+        for token, _, count, child in cache._kids(node):
+            out[(*path, token)] = count
+            stack.append(((*path, token), child))
     return out
 
 
@@ -96,13 +96,40 @@ def test_capacity_drops_the_least_recent_ngrams():
     rng = random.Random(0)
     old = [rng.randrange(100, 200) for _ in range(40)]
     cursors = cache.extend([], old)
-    assert cache.num_nodes <= 60
+    assert cache.num_nodes <= 60 and cache.epoch == 1
     recent = [rng.randrange(300, 400) for _ in range(6)]
-    cache.extend(cursors, recent)
+    cache.extend([], old[-5:] + recent)  # cursors of an earlier epoch are walked again from the tail
     assert cache.num_nodes <= 60
     grams = _dump(cache)
-    assert tuple(recent) in grams  # the newest n-gram stays
+    assert len(grams) == cache.num_nodes == len(cache._child)  # every node reachable, no orphan
+    assert (
+        tuple(recent[-3:]) in grams and (recent[-1],) in grams
+    )  # the n-grams ending at the newest token stay
     assert (old[0], old[1]) not in grams  # the oldest went
+    assert cursors  # (they named nodes of the first epoch)
+
+
+def test_the_scheduler_walks_a_request_again_after_an_eviction():
+    """A request's cursors from before an eviction are not reused (their ids may be dropped or reused): its next
+    tokens still extend the n-grams that end at its newest token."""
+    cfg = SpeculativeConfig.from_args(
+        EngineArgs(
+            speculative_algorithm="NGRAM",
+            speculative_ngram_capacity=40,
+            speculative_ngram_branch_length=13,
+        )
+    )
+    spec = Speculation(cfg, context_length=4096, grammars=None)
+    rng = random.Random(3)
+    r = Req("r", prompt_ids=[1, 2], sampling=SamplingParams(max_new_tokens=512), seed=0)
+    for _ in range(30):
+        r.output_ids.extend(rng.randrange(100, 120) for _ in range(3))
+        spec.propose(r)
+        grams = _dump(spec.ngram)
+        assert len(grams) == spec.ngram.num_nodes <= 40
+        tail = tuple(([1, 2] + r.output_ids)[-3:])
+        assert tail in grams  # the newest n-grams are in
+    assert spec.ngram.epoch > 3
 
 
 def test_scheduler_proposes_trees_from_other_requests_outputs():
