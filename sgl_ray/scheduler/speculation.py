@@ -144,7 +144,9 @@ class Speculation:
         cfg = self.config
         if self.ngram is not None:
             self._record(r, tokens)
-            nodes, parents = self.ngram.draft_tree(tokens, cfg.max_drafts, room)
+            # a tree reaches no deeper than a chain may, and its chunk (one row per node) fits the context too
+            width = min(cfg.max_drafts, self.context_length - r.num_tokens - 1)
+            nodes, parents = self.ngram.draft_tree(tokens, width, room)
             masks = None
             if r.grammar is not None and nodes:
                 masks = self.grammars.verify_masks(r, np.asarray(nodes), np.asarray(parents))

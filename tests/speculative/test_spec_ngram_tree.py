@@ -239,3 +239,25 @@ def test_a_later_branch_is_accepted(plain, ngram_target):
             assert_pool_restored(engine)
     # the tree: one verify step emits the 3 tokens after the prefill's (2 drafts kept); the chain loses a step
     assert accepted[10] == (1, 2) and accepted[1][0] > 1
+
+
+def test_trees_stay_inside_the_context(ngram_target):
+    """Near the end of the context a tree is no wider than the positions left (its chunk has a row per node) and
+    no deeper than a chain could go; outputs still equal decoding without speculation up to the context's end."""
+    cfg = SpeculativeConfig.from_args(EngineArgs(speculative_algorithm="NGRAM"))
+    spec = Speculation(cfg, context_length=40, grammars=None)
+    r = Req("r", prompt_ids=[5, 6, 7, 8, 5, 6, 9, 8, 5, 6, 7] * 3 + [5], sampling=SamplingParams(), seed=0)
+    drafts, _, parents = spec.propose(r)  # 34 tokens: rows for at most 40 - 34 - 1 = 5 nodes
+    assert 0 < len(drafts) <= 5 and max(parents) < len(drafts)
+    base = _prompts(1, seed=11)[0][:8]
+    greedy = {"temperature": 0.0, "max_new_tokens": 64, "ignore_eos": True}
+    outs = {}
+    for spec_opts in ({}, {"speculative_algorithm": "NGRAM"}):
+        with sgl_ray.Engine(ngram_target, context_length=48, max_total_tokens=512, **spec_opts) as engine:
+            if not spec_opts:  # a prompt that repeats its own continuation, so that drafts hold
+                cont = engine.generate(input_ids=base, sampling_params={**greedy, "max_new_tokens": 8})
+                prompt = base + cont["output_ids"] + base
+            outs[bool(spec_opts)] = engine.generate(input_ids=prompt, sampling_params=greedy)
+    assert outs[True]["output_ids"] == outs[False]["output_ids"]
+    assert len(prompt) + len(outs[True]["output_ids"]) == 48  # to the context's end
+    assert outs[True]["meta_info"]["spec_accepted_drafts"] > 0
