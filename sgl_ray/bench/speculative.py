@@ -1,7 +1,8 @@
 """``sgl-ray bench speculative``: speculative decoding on vs off on copy-heavy prompts, side by side in one run.
 
 Both engines (the same model and options, one with ``speculative_algorithm``, NGRAM unless given) run the same
-chat prompts that ask the model to repeat or lightly edit a given text, greedy. Each prompt runs alone (batch 1)
+chat prompts about a given text, greedy: ``--task copy`` (repeat it, the default), ``edit`` (fix its typos, or
+rewrite it in the past tense), ``summarize`` or ``continue`` (comma-separated: each in turn). Each prompt runs alone (batch 1)
 and streams; decode tok/s is the tokens after the first over the time after the first (so prefill is left out).
 The engines take turns over ``--rounds`` rounds (the machines are noisy) and the best round of each is reported,
 with the accept length (tokens per verify step, the bonus token included) and the accept rate. The greedy outputs
@@ -10,6 +11,7 @@ of both must be identical token for token: the command fails otherwise.
 Example::
 
     sgl-ray bench speculative                                   # SmolLM2, NGRAM, CPU
+    sgl-ray bench speculative --task copy,edit,summarize,continue
     sgl-ray bench speculative --speculative-num-draft-tokens 6 --max-new-tokens 96 --rounds 3
     sgl-ray bench speculative --speculative-algorithm STANDALONE --speculative-draft-model-path /models/draft
 """
@@ -38,10 +40,24 @@ PASSAGES = (
     "Each planet in the solar system follows its own orbit around the Sun. Mercury is the closest and the "
     "fastest, while Neptune is the farthest and takes about one hundred and sixty five years to go around.",
 )
-TASKS = (
-    "Repeat the following text exactly:\n{text}",
-    "Copy the following paragraph word for word:\n{text}",
-)
+TASKS = {  # chat prompts per workload: a passage to repeat, edit, summarize or continue
+    "copy": (
+        "Repeat the following text exactly:\n{text}",
+        "Copy the following paragraph word for word:\n{text}",
+    ),
+    "edit": (
+        "Fix the spelling mistakes in the following text and write out the corrected text in full:\n{typos}",
+        "Rewrite the following text in the past tense, changing nothing else:\n{text}",
+    ),
+    "summarize": (
+        "Summarize the following text in two sentences:\n{text}",
+        "Write a short summary of this paragraph:\n{text}",
+    ),
+    "continue": (
+        "Continue the following text with a few more sentences:\n{text}",
+        "Here is the start of a story. Repeat it and then continue it:\n{text}",
+    ),
+}
 
 
 @dataclass
@@ -71,7 +87,15 @@ def add_speculative_args(sub: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
     EngineArgs.add_cli_args(p)
-    p.add_argument("--num-prompts", type=int, default=6, help="prompts (passages cycle through the tasks)")
+    p.add_argument(
+        "--task",
+        default="copy",
+        help=f"workloads, comma-separated: {', '.join(TASKS)} (a passage to repeat, fix or rewrite, summarize, "
+        "continue)",
+    )
+    p.add_argument(
+        "--num-prompts", type=int, default=6, help="prompts (passages cycle through the task's prompts)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=128, help="token limit of each request")
     p.add_argument("--rounds", type=int, default=2, help="timed rounds per mode, alternating (best reported)")
     p.add_argument(
@@ -80,16 +104,36 @@ def add_speculative_args(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(bench_func=_run)
 
 
-def copy_prompts(tokenizer: Any, n: int) -> list[list[int]]:
-    """``n`` chat prompts asking to repeat a passage (token ids, chat template applied)."""
+def task_prompts(tokenizer: Any, n: int, task: str = "copy") -> list[list[int]]:
+    """``n`` chat prompts of ``task`` (a key of :data:`TASKS`) over the passages (token ids, chat template
+    applied)."""
+    templates = TASKS[task]
     out = []
     for i in range(n):
-        text = TASKS[(i // len(PASSAGES)) % len(TASKS)].format(text=PASSAGES[i % len(PASSAGES)])
+        passage = PASSAGES[i % len(PASSAGES)]
+        text = templates[(i // len(PASSAGES)) % len(templates)].format(
+            text=passage, typos=with_typos(passage)
+        )
         chat = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
         )
         out.append(tokenizer.encode(chat, add_special_tokens=False))
     return out
+
+
+def with_typos(text: str, every: int = 5) -> str:
+    """``text`` with two inner letters swapped in every ``every``-th word of five letters or more.
+
+    >>> with_typos("alpha bravo charlie delta echoes foxtrot", every=2)
+    'alpha barvo charlie dleta echoes fotxrot'
+    """
+    words = text.split(" ")
+    for i in range(every - 1, len(words), every):
+        w = words[i]
+        if len(w) >= 5 and w.isalpha():
+            k = len(w) // 2
+            words[i] = w[: k - 1] + w[k] + w[k - 1] + w[k + 1 :]
+    return " ".join(words)
 
 
 def _round(engine: Any, prompts: list[list[int]], max_new_tokens: int) -> tuple[float, float, list[dict]]:
@@ -126,9 +170,9 @@ def _result(mode: str, decode_s: float, wall_s: float, results: list[dict], stat
     )
 
 
-def run_speculative(args: EngineArgs, num_prompts: int, max_new_tokens: int, rounds: int):
-    """Both modes, ``rounds`` alternating timed rounds after one warm-up each. Returns (run info, [off, on],
-    whether the greedy outputs were identical)."""
+def run_speculative(args: EngineArgs, num_prompts: int, max_new_tokens: int, rounds: int, task: str = "copy"):
+    """Both modes on ``task``'s prompts, ``rounds`` alternating timed rounds after one warm-up each. Returns (run
+    info, [off, on], whether the greedy outputs were identical)."""
     import sgl_ray
 
     spec_fields = {f.name for f in fields(EngineArgs) if f.name.startswith("speculative_")}
@@ -141,7 +185,7 @@ def run_speculative(args: EngineArgs, num_prompts: int, max_new_tokens: int, rou
             dtype=str(plain.model_config.dtype).removeprefix("torch."),
             engine_args={k: v for k, v in on.items() if k != "model_path"},
         )
-        prompts = copy_prompts(plain.tokenizer, num_prompts)
+        prompts = task_prompts(plain.tokenizer, num_prompts, task)
         engines = {"off": plain, on["speculative_algorithm"]: spec}
         best: dict[str, ModeResult] = {}
         outputs: dict[str, list[list[int]]] = {}
@@ -195,15 +239,23 @@ def format_speculative(results: list[ModeResult], identical: bool) -> str:
 
 def _run(ns: argparse.Namespace) -> int:
     args = EngineArgs.from_cli_args(ns)
-    run, results, identical = run_speculative(args, ns.num_prompts, ns.max_new_tokens, ns.rounds)
-    record = run.record(
-        "speculative-copy",
-        {"num_prompts": ns.num_prompts, "max_new_tokens": ns.max_new_tokens, "rounds": ns.rounds},
-        modes={r.mode: r.to_dict() for r in results},
-        identical=identical,
-    )
-    write_jsonl(ns.output_file, [record])
-    print(format_header(run))
-    print(format_speculative(results, identical))
-    print(f"1 record appended to {ns.output_file}")
-    return 0 if identical else 1
+    tasks = [t.strip() for t in ns.task.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise SystemExit(f"--task: {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}")
+    failed = False
+    for task in tasks:
+        run, results, identical = run_speculative(args, ns.num_prompts, ns.max_new_tokens, ns.rounds, task)
+        record = run.record(
+            f"speculative-{task}",
+            {"num_prompts": ns.num_prompts, "max_new_tokens": ns.max_new_tokens, "rounds": ns.rounds},
+            modes={r.mode: r.to_dict() for r in results},
+            identical=identical,
+        )
+        write_jsonl(ns.output_file, [record])
+        print(format_header(run))
+        print(f"task: {task}")
+        print(format_speculative(results, identical))
+        failed |= not identical
+    print(f"{len(tasks)} record{'s' if len(tasks) > 1 else ''} appended to {ns.output_file}")
+    return 1 if failed else 0

@@ -48,3 +48,28 @@ def test_verify_cost_bench_times_each_draft_count(tiny_llama_path):
         run_spec_verify(args, context=600, drafts=[4], repeats=1)
     with pytest.raises(ValueError, match="leave --speculative-algorithm unset"):
         run_spec_verify(args.replace(speculative_algorithm="NGRAM"), context=40, drafts=[4], repeats=1)
+
+
+def test_bench_tasks_build_their_prompts(smollm2_path):
+    """Each workload of ``--task`` asks about the passages in its own words; ``edit`` hands over a passage with
+    typos to fix."""
+    import argparse
+
+    from sgl_ray.bench.cli import add_bench_args
+    from sgl_ray.bench.speculative import PASSAGES, TASKS, task_prompts, with_typos
+    from sgl_ray.model_loader import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(smollm2_path))
+    texts = {}
+    for task in TASKS:
+        prompts = task_prompts(tokenizer, 7, task)
+        assert len(prompts) == 7 and len({tuple(p) for p in prompts}) == 7
+        texts[task] = [tokenizer.decode(p) for p in prompts]
+    assert PASSAGES[0] in texts["copy"][0] and PASSAGES[0] in texts["summarize"][0]
+    assert with_typos(PASSAGES[0]) != PASSAGES[0] and with_typos(PASSAGES[0]) in texts["edit"][0]
+    assert (
+        texts["copy"][6] != texts["copy"][0] and PASSAGES[0] in texts["copy"][6]
+    )  # the task's second wording
+    parser = argparse.ArgumentParser()
+    add_bench_args(parser)
+    assert parser.parse_args(["speculative", "--task", "edit,summarize"]).task == "edit,summarize"
