@@ -13,7 +13,13 @@ from typing import Any
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.configs.model_config import ModelConfig, resolve_dtype
 from sgl_ray.entrypoints.core import EngineCore, InProcessCore, create_ray_core
-from sgl_ray.entrypoints.requests import RequestSpec, ResultBuilder, normalize_batch, to_sampling_params
+from sgl_ray.entrypoints.requests import (
+    RequestSpec,
+    ResultBuilder,
+    normalize_batch,
+    per_prompt_lora_names,
+    to_sampling_params,
+)
 from sgl_ray.errors import InvalidRequestError
 from sgl_ray.lora.adapter import check_adapter, parse_lora_paths, resolve_max_rank
 from sgl_ray.model_loader import (
@@ -120,20 +126,17 @@ class Engine:
         token_lists, images = attach_images(self.image_processor, list(token_lists), image_data, is_batch)
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(token_lists):
-                raise InvalidRequestError("sampling_params list must match the number of prompts")
+                raise InvalidRequestError(
+                    "sampling_params list must match the number of prompts", param="sampling_params"
+                )
             params = [to_sampling_params(p) for p in sampling_params]
         else:
             params = [to_sampling_params(sampling_params)] * len(token_lists)
-        if self.tokenizer is None and any(p.stop for p in params):
+        if self.tokenizer is None and any(p.stop is not None and len(p.stop) > 0 for p in params):
             raise InvalidRequestError(
                 "stop strings need a tokenizer (skip_tokenizer_init is set)", param="stop"
             )
-        if lora_path is None or isinstance(lora_path, str):
-            loras = [lora_path] * len(token_lists)
-        elif len(lora_path) != len(token_lists):
-            raise InvalidRequestError("lora_path list must match the number of prompts", param="lora_path")
-        else:
-            loras = list(lora_path)
+        loras = per_prompt_lora_names(lora_path, len(token_lists))
         specs = [
             RequestSpec(
                 ids, p, return_logprob, logprob_start_len, top_logprobs_num, priority, lora, multimodal=mm

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sgl_ray.errors import InvalidRequestError
-from sgl_ray.sampling.params import SamplingParams
+from sgl_ray.sampling.params import SamplingParams, shown_value
 from sgl_ray.scheduler.output import RequestOutput
 from sgl_ray.scheduler.request import Req, RequestGroup
 
@@ -49,17 +49,31 @@ class RequestSpec:
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     priority: int = 0
-    lora_name: str | None = None
+    lora_name: str | None = None  # ``generate``'s lora_path: a loaded adapter's name, None: the base model
     rid: str = field(default_factory=lambda: uuid.uuid4().hex)
     multimodal: Any = None  # multimodal.MultimodalInputs of input_ids (expanded image placeholders)
 
     def check(self, vocab_size: int) -> None:
         """Raise :class:`InvalidRequestError` naming the first bad field other than the sampling parameters:
-        ``top_logprobs_num`` in [0, 20], ``logprob_start_len`` in [-1, 2**63), ``priority`` within int64 (each an
-        ``int``, not a bool), and ``input_ids`` a list of ``int`` token ids in ``[0, vocab_size)``."""
+        ``return_logprob`` a bool, ``top_logprobs_num`` in [0, 20], ``logprob_start_len`` in [-1, 2**63),
+        ``priority`` within int64 (each an ``int``, not a bool), ``lora_name`` a string or None (param
+        ``lora_path``, the ``generate`` argument), and ``input_ids`` a non-empty list of ``int`` token ids in
+        ``[0, vocab_size)`` (an empty one is param ``prompt``, as the scheduler names it: a text prompt can encode
+        to no tokens)."""
+        if not isinstance(self.return_logprob, bool):
+            raise InvalidRequestError(
+                f"return_logprob must be a bool, got {type(self.return_logprob).__name__}",
+                param="return_logprob",
+            )
         _check_int(self.top_logprobs_num, "top_logprobs_num", 0, _MAX_TOP_LOGPROBS_NUM)
         _check_int(self.logprob_start_len, "logprob_start_len", -1, _INT64_MAX, high_shown="2**63 - 1")
         _check_int(self.priority, "priority", _INT64_MIN, _INT64_MAX, "-2**63", "2**63 - 1")
+        lora = self.lora_name
+        if lora is not None and not isinstance(lora, str):
+            raise InvalidRequestError(
+                f"lora_path must be a LoRA adapter's name (a string) or None, got {type(lora).__name__}",
+                param="lora_path",
+            )
         ids = self.input_ids
         if not isinstance(ids, (list, tuple)):
             raise InvalidRequestError(
@@ -70,7 +84,11 @@ class RequestSpec:
             raise InvalidRequestError(
                 f"input_ids must hold integer token ids, got {bad_type.__name__}", param="input_ids"
             )
-        if ids and (min(ids) < 0 or max(ids) >= min(vocab_size, _INT64_MAX + 1)):
+        if not ids:  # what the scheduler would reject only once the request is queued
+            raise InvalidRequestError(
+                "the prompt is empty (it has no tokens; at least one is needed)", param="prompt"
+            )
+        if min(ids) < 0 or max(ids) >= min(vocab_size, _INT64_MAX + 1):
             raise InvalidRequestError(
                 "input_ids contain a token id outside the vocabulary", param="input_ids"
             )
@@ -170,7 +188,9 @@ class ResultBuilder:
 def normalize_batch(
     prompt: str | Sequence[str] | None, input_ids: Sequence[int] | Sequence[Sequence[int]] | None
 ) -> tuple[list[str] | None, list[list[int]] | None, bool]:
-    """Returns (prompts, token lists, is_batch); exactly one of the first two is set."""
+    """Returns (prompts, token lists, is_batch); exactly one of the first two is set. An empty token list is an
+    error (the model needs at least one token); an empty text prompt is not (a tokenizer may add a BOS token: if
+    it encodes to no tokens, :meth:`RequestSpec.check` rejects it)."""
     if (prompt is None) == (input_ids is None):
         raise InvalidRequestError("pass exactly one of prompt or input_ids", param="prompt")
     if prompt is not None:
@@ -182,15 +202,52 @@ def normalize_batch(
             )
         return list(prompt), None, True
     assert input_ids is not None
-    if not _is_sequence(input_ids) or not input_ids:
+    if not _is_sequence(input_ids):
         pass  # an int, a dict, a numpy array (ambiguous truth), a generator: none is a list of token ids
+    elif not input_ids:
+        raise InvalidRequestError("input_ids is empty: a prompt needs at least one token", param="input_ids")
     elif _non_token_type(input_ids) is None:
         return None, [list(input_ids)], False  # type: ignore[arg-type]
     elif all(isinstance(x, (list, tuple)) and _non_token_type(x) is None for x in input_ids):
+        empty = next((i for i, x in enumerate(input_ids) if not x), None)
+        if empty is not None:  # the scheduler would reject it only once the batch is queued
+            raise InvalidRequestError(
+                f"input_ids[{empty}] is empty: a prompt needs at least one token", param="input_ids"
+            )
         return None, [list(x) for x in input_ids], True  # type: ignore[union-attr]
     raise InvalidRequestError(
         "input_ids must be a list of ints or a list of lists of ints", param="input_ids"
     )
+
+
+def per_prompt_lora_names(lora_path: Any, count: int) -> list[str | None]:
+    """The adapter of each of ``count`` prompts from ``generate``'s ``lora_path``: None (the base model) or one
+    adapter name for all, or a list (tuple) of one name or None per prompt; else :class:`InvalidRequestError`
+    naming ``lora_path``.
+
+    >>> per_prompt_lora_names("sql", 2), per_prompt_lora_names(["sql", None], 2)
+    (['sql', 'sql'], ['sql', None])
+    """
+    if lora_path is None or isinstance(lora_path, str):
+        return [lora_path] * count
+    if not isinstance(lora_path, (list, tuple)):
+        raise InvalidRequestError(
+            "lora_path must be a LoRA adapter's name (a string), None, or a list of those (one per prompt), "
+            f"got {type(lora_path).__name__}",
+            param="lora_path",
+        )
+    if len(lora_path) != count:
+        raise InvalidRequestError(
+            f"lora_path list must match the number of prompts (it has {len(lora_path)} entries for {count})",
+            param="lora_path",
+        )
+    for i, name in enumerate(lora_path):
+        if name is not None and not isinstance(name, str):
+            raise InvalidRequestError(
+                f"lora_path[{i}] must be a LoRA adapter's name (a string) or None, got {type(name).__name__}",
+                param="lora_path",
+            )
+    return list(lora_path)
 
 
 def _is_int(x: Any) -> bool:
@@ -219,12 +276,7 @@ def _check_int(
     """An :class:`InvalidRequestError` naming ``param`` unless ``value`` is an ``int`` in ``[low, high]``."""
     if _is_int(value) and low <= value <= high:
         return
-    if not _is_int(value):
-        got = type(value).__name__
-    elif value.bit_length() <= 128:
-        got = str(value)
-    else:  # str() of a huge integer is slow, or an error past sys.get_int_max_str_digits()
-        got = f"an integer of {value.bit_length()} bits"
+    got = shown_value(value) if _is_int(value) else type(value).__name__  # a huge integer by its size
     raise InvalidRequestError(
         f"{param} must be an integer in [{low_shown or low}, {high_shown or high}], got {got}", param=param
     )

@@ -17,6 +17,7 @@ _MAX_STOP_STRINGS = 64
 _MAX_N = 128
 _INT64_MAX = 2**63 - 1  # integer fields end up in int64 arrays and tensors
 _GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
+_LISTS = (list, tuple, set, frozenset)  # stop, stop_regex, stop_token_ids: None, a string or these
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -81,17 +82,20 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
                 continue
             if not isinstance(value, int) or not (0 <= value <= _INT64_MAX):
                 raise InvalidRequestError(
-                    f"{alias}: must be a non-negative integer below 2**63, got {value!r}", param=alias
+                    f"{alias}: must be a non-negative integer below 2**63, got {shown_value(value)}",
+                    param=alias,
                 )
             current = max_new if name == "max_new_tokens" else min_new
             if current != default and current != value:
                 raise InvalidRequestError(
-                    f"{alias}: set either {alias} or {name}, not both ({value} vs {current})", param=alias
+                    f"{alias}: set either {alias} or {name}, not both ({value} vs {shown_value(current)})",
+                    param=alias,
                 )
             if name == "max_new_tokens":
                 max_new = value
             else:
                 min_new = value
+        _check_shapes(self)
         stop = self.stop
         if isinstance(stop, str):
             stop = [stop]
@@ -105,12 +109,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
             stop_regex=[self.stop_regex] if isinstance(self.stop_regex, str) else (self.stop_regex or None),
             top_k=-1 if self.top_k in (0, -1) else self.top_k,
             logit_bias=_token_biases(self.logit_bias) if self.logit_bias else None,
-            json_schema=json.dumps(self.json_schema)
-            if isinstance(self.json_schema, dict)
-            else self.json_schema,
-            structural_tag=json.dumps(self.structural_tag)
-            if isinstance(self.structural_tag, dict)
-            else self.structural_tag,
+            json_schema=_json_text(self.json_schema, "json_schema"),
+            structural_tag=_json_text(self.structural_tag, "structural_tag"),
         )
         p.validate()
         return p
@@ -126,27 +126,24 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
             return InvalidRequestError(f"{param}: {msg}", param=param)
 
         if not isinstance(self.max_new_tokens, int) or not (0 <= self.max_new_tokens <= _INT64_MAX):
-            got = self.max_new_tokens
-            raise bad("max_new_tokens", f"must be a non-negative integer below 2**63, got {got!r}")
+            got = shown_value(self.max_new_tokens)
+            raise bad("max_new_tokens", f"must be a non-negative integer below 2**63, got {got}")
         if not isinstance(self.min_new_tokens, int) or not (0 <= self.min_new_tokens <= self.max_new_tokens):
-            raise bad("min_new_tokens", f"must be in [0, max_new_tokens], got {self.min_new_tokens!r}")
-        if not (self.temperature >= 0.0) or self.temperature > 100.0:
-            raise bad("temperature", f"must be in [0, 100], got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
+            raise bad(
+                "min_new_tokens", f"must be in [0, max_new_tokens], got {shown_value(self.min_new_tokens)}"
+            )
+        for param, low, high, low_open in _NUMBER_RANGES:
+            value = getattr(self, param)
+            if not _number_in(value, low, high, low_open):
+                interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+                raise bad(param, f"must be a number in {interval}, got {shown_value(value)}")
         if not isinstance(self.top_k, int) or self.top_k < -1 or self.top_k == 0 or self.top_k > _INT64_MAX:
             # a top_k at or above the vocabulary size keeps every token
-            raise bad("top_k", f"must be -1 (disabled) or a positive integer below 2**63, got {self.top_k!r}")
-        if not (0.0 <= self.min_p <= 1.0):
-            raise bad("min_p", f"must be in [0, 1], got {self.min_p}")
-        if not (-2.0 <= self.frequency_penalty <= 2.0):
-            raise bad("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
-        if not (-2.0 <= self.presence_penalty <= 2.0):
-            raise bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
-        if not (0.0 < self.repetition_penalty <= 2.0):
-            raise bad("repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty}")
+            got = shown_value(self.top_k)
+            raise bad("top_k", f"must be -1 (disabled) or a positive integer below 2**63, got {got}")
         if not isinstance(self.n, int) or not (1 <= self.n <= _MAX_N):
-            raise bad("n", f"must be in [1, {_MAX_N}], got {self.n!r}")
+            raise bad("n", f"must be in [1, {_MAX_N}], got {shown_value(self.n)}")
+        _check_shapes(self)
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > _MAX_STOP_STRINGS:
             raise bad("stop", f"at most {_MAX_STOP_STRINGS} stop strings")
@@ -161,17 +158,19 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
             try:
                 regex.compile(pattern)
             except regex.error as e:
-                raise bad("stop_regex", f"{pattern!r} is not a valid regular expression ({e})") from None
+                raise bad(
+                    "stop_regex", f"{shown_value(pattern)} is not a valid regular expression ({e})"
+                ) from None
         for tid in self.stop_token_ids or []:
             if not isinstance(tid, int):
-                raise bad("stop_token_ids", f"token ids must be integers, got {tid!r}")
+                raise bad("stop_token_ids", f"token ids must be integers, got {shown_value(tid)}")
             if tid < 0 or tid > _INT64_MAX or (vocab_size is not None and tid >= vocab_size):
-                raise bad("stop_token_ids", f"token id {tid} is outside the vocabulary")
+                raise bad("stop_token_ids", f"token id {shown_value(tid)} is outside the vocabulary")
         if self.seed is not None and (not isinstance(self.seed, int) or not (0 <= self.seed <= _INT64_MAX)):
-            raise bad("seed", f"must be in [0, 2**63), got {self.seed!r}")
+            raise bad("seed", f"must be in [0, 2**63), got {shown_value(self.seed)}")
         for tid, bias in _token_biases(self.logit_bias).items():
             if tid < 0 or tid > _INT64_MAX or (vocab_size is not None and tid >= vocab_size):
-                raise bad("logit_bias", f"token id {_shown(tid)} is outside the vocabulary")
+                raise bad("logit_bias", f"token id {shown_value(tid)} is outside the vocabulary")
             if not (-100.0 <= bias <= 100.0):
                 raise bad("logit_bias", f"bias for token {tid} must be in [-100, 100], got {bias}")
         grammars = [k for k in _GRAMMAR_FIELDS if getattr(self, k) is not None]
@@ -228,26 +227,85 @@ def _token_biases(bias: Any) -> dict[int, float]:
                 raise TypeError
             tid = int(key) if isinstance(key, str) else operator.index(key)  # not a float: 5.7 is no token id
         except (TypeError, ValueError):
-            raise bad(f"key {_shown(key)} is not a token id (an integer, or a string of one)") from None
+            raise bad(f"key {shown_value(key)} is not a token id (an integer, or a string of one)") from None
         try:
             if isinstance(value, bool):
                 raise TypeError
             number = float(value)
         except (TypeError, ValueError):
-            raise bad(f"bias for token {_shown(tid)} must be a number, got {_shown(value)}") from None
+            raise bad(
+                f"bias for token {shown_value(tid)} must be a number, got {shown_value(value)}"
+            ) from None
         except OverflowError:  # an integer beyond any float
-            raise bad(f"bias for token {_shown(tid)} must be in [-100, 100], got {_shown(value)}") from None
+            raise bad(
+                f"bias for token {shown_value(tid)} must be in [-100, 100], got {shown_value(value)}"
+            ) from None
         if not math.isfinite(number):
-            raise bad(f"bias for token {_shown(tid)} must be a finite number, got {_shown(value)}")
+            raise bad(f"bias for token {shown_value(tid)} must be a finite number, got {shown_value(value)}")
         out[tid] = number
     return out
 
 
-def _shown(value: Any, limit: int = 40) -> str:
-    """``repr(value)`` for a message, cut to about ``limit`` characters (an integer of thousands of digits has no
-    ``repr`` at all)."""
+def shown_value(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters; an integer of more than 128 bits is
+    shown by its size (its ``repr`` is slow, and an error past ``sys.get_int_max_str_digits()``).
+
+    >>> shown_value(2**63), shown_value(-(10**5000)), shown_value("x" * 50)
+    ('9223372036854775808', 'a negative integer of 16610 bits', "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...")
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"{'a negative' if value < 0 else 'an'} integer of {value.bit_length()} bits"
     try:
         text = repr(value)
-    except ValueError:  # past sys.get_int_max_str_digits()
+    except Exception:  # a container of a huge integer, a broken __repr__: no message may fail to build
         return f"<{type(value).__name__} too long to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# (field, low, high, whether low itself is excluded): the float fields and their ranges
+_NUMBER_RANGES = (
+    ("temperature", 0.0, 100.0, False),
+    ("top_p", 0.0, 1.0, True),
+    ("min_p", 0.0, 1.0, False),
+    ("frequency_penalty", -2.0, 2.0, False),
+    ("presence_penalty", -2.0, 2.0, False),
+    ("repetition_penalty", 0.0, 2.0, True),
+)
+
+
+def _number_in(value: Any, low: float, high: float, low_open: bool) -> bool:
+    """Whether ``value`` is in the interval: False for NaN, and for what does not compare with numbers (a string,
+    None, an array) instead of a ``TypeError``."""
+    try:
+        return bool((low < value if low_open else low <= value) and value <= high)
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_shapes(p: SamplingParams) -> None:
+    """:class:`InvalidRequestError` unless ``stop`` and ``stop_regex`` are None, a string or a list (tuple, set) of
+    them, and ``stop_token_ids`` None or a list (tuple, set): a ``SamplingParams`` built in Python has no type
+    checks, and these are measured, iterated and tested for truth (an array's truth is an error) before
+    :meth:`SamplingParams.validate` checks their items."""
+    for param, text_ok in (("stop", True), ("stop_regex", True), ("stop_token_ids", False)):
+        value = getattr(p, param)
+        if value is None or (text_ok and isinstance(value, str)) or isinstance(value, _LISTS):
+            continue
+        kinds = "a string or a list of strings" if text_ok else "a list of token ids"
+        raise InvalidRequestError(f"{param}: must be {kinds}, got {type(value).__name__}", param=param)
+
+
+def _json_text(value: Any, param: str) -> Any:
+    """A ``json_schema`` or ``structural_tag`` object as JSON text (anything else as it is: ``validate`` checks
+    it), or :class:`InvalidRequestError` naming ``param`` if it has no JSON form."""
+    if not isinstance(value, dict):
+        return value
+    try:
+        return json.dumps(value)
+    except TypeError as e:  # "Object of type ... is not JSON serializable"
+        raise InvalidRequestError(f"{param}: the object has no JSON form ({e})", param=param) from None
+    except (ValueError, RecursionError):  # a cycle, an integer too long for str(), deep nesting
+        raise InvalidRequestError(
+            f"{param}: the object has no JSON form (a cycle, too deep, or an integer too long to write)",
+            param=param,
+        ) from None

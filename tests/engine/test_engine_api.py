@@ -162,6 +162,11 @@ def test_abandoned_stream_is_aborted_and_engine_keeps_serving(engine):
         ({"input_ids": list(range(100, 9000))}, "prompt"),
         ({"prompt": "hi", "input_ids": [1]}, "prompt"),
         ({"prompt": ""}, "prompt"),
+        ({"prompt": "hi", "lora_path": 5}, "lora_path"),
+        ({"prompt": ["a", "b"], "lora_path": {"x": 1, "y": 2}}, "lora_path"),
+        ({"prompt": ["a", "b"], "sampling_params": [GREEDY]}, "sampling_params"),
+        ({"prompt": "hi", "priority": 2**70}, "priority"),
+        ({"input_ids": [[1, 2], []]}, "input_ids"),
     ],
 )
 def test_bad_requests_raise_typed_errors(engine, kwargs, param):

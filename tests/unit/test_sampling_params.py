@@ -114,3 +114,112 @@ def test_logit_bias_takes_token_ids_as_integers_or_strings() -> None:
     assert info.value.param == "logit_bias"
     with pytest.raises(InvalidRequestError):  # from a dict, msgspec's type check comes first
         to_sampling_params({"logit_bias": {"abc": 1.0}})
+
+
+HUGE = 10**5000  # past Python's int-to-str limit (4300 digits): str() or repr() of it raises ValueError
+
+_INT_FIELDS = ("max_new_tokens", "min_new_tokens", "top_k", "n", "seed", "max_tokens", "min_tokens")
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+)
+
+
+@pytest.mark.parametrize("value", [HUGE, -HUGE], ids=["huge", "-huge"])  # pytest cannot str() them
+@pytest.mark.parametrize("param", _INT_FIELDS + _FLOAT_FIELDS)
+def test_an_integer_too_long_to_print_still_gets_its_error(param: str, value: int) -> None:
+    """Building the message must not fail: the value is shown by its size."""
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**{param: value}).normalized()
+    assert info.value.param == param
+    assert str(info.value) == info.value.message
+    assert "integer of 16610 bits" in info.value.message
+
+
+def test_integers_too_long_to_print_from_a_dict_and_in_lists() -> None:
+    cases = [
+        ({"max_new_tokens": HUGE}, "max_new_tokens"),
+        ({"max_tokens": -HUGE}, "max_tokens"),
+        (
+            {"max_tokens": 5, "max_new_tokens": HUGE},
+            "max_tokens",
+        ),  # both set: the conflict message shows both
+        ({"stop_token_ids": [HUGE]}, "stop_token_ids"),
+        ({"json_schema": {"type": "string", "maxLength": HUGE}}, "json_schema"),
+        ({"structural_tag": {"begin": HUGE}}, "structural_tag"),
+    ]
+    for fields, param in cases:
+        with pytest.raises(InvalidRequestError) as info:
+            to_sampling_params(fields).normalized().validate(32000)
+        assert info.value.param == param
+
+
+@pytest.mark.parametrize("value", ["0.5", None, [0.5], np.array([0.5, 0.7])])
+@pytest.mark.parametrize("param", _FLOAT_FIELDS)
+def test_a_number_field_that_is_no_number_names_itself(param: str, value) -> None:
+    """``SamplingParams`` built in Python are not type-checked: a comparison must not raise ``TypeError``."""
+    for check in (lambda p: p.normalized(), lambda p: p.validate(32000)):
+        with pytest.raises(InvalidRequestError) as info:
+            check(SamplingParams(**{param: value}))
+        assert info.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"stop": 5}, "stop"),
+        ({"stop": np.array(["a", "b"])}, "stop"),
+        ({"stop_regex": 5}, "stop_regex"),
+        ({"stop_regex": {"a": 1}}, "stop_regex"),
+        ({"stop_token_ids": 5}, "stop_token_ids"),
+        ({"stop_token_ids": np.array([1, 2])}, "stop_token_ids"),
+    ],
+)
+def test_a_field_of_the_wrong_shape_names_itself(fields: dict, param: str) -> None:
+    for check in (lambda p: p.normalized(), lambda p: p.validate(32000)):
+        with pytest.raises(InvalidRequestError) as info:
+            check(SamplingParams(**fields))
+        assert info.value.param == param
+
+
+def test_a_grammar_object_with_no_json_form_names_itself() -> None:
+    cycle: dict = {"type": "object"}
+    cycle["self"] = cycle
+    for param, value in (
+        ("json_schema", {"type": object()}),
+        ("json_schema", cycle),
+        ("structural_tag", cycle),
+    ):
+        with pytest.raises(InvalidRequestError) as info:
+            SamplingParams(**{param: value}).normalized()
+        assert info.value.param == param
+
+
+def test_accepted_shapes_and_numbers_still_normalize() -> None:
+    p = SamplingParams(
+        stop=("a", "b"),
+        stop_regex=["x+"],
+        stop_token_ids=(3, 4),
+        temperature=np.float32(0.5),
+        top_p=1,
+        repetition_penalty=np.float64(1.5),
+        json_schema={"type": "object"},
+    ).normalized()
+    p.validate(32000)
+    assert (p.stop, p.stop_regex, p.json_schema) == (["a", "b"], ["x+"], '{"type": "object"}')
+    assert SamplingParams(stop={"a"}, stop_token_ids={7}).normalized().stop == ["a"]
+
+
+def test_shown_value_keeps_small_values_and_sizes_huge_integers() -> None:
+    from sgl_ray.sampling.params import shown_value
+
+    assert shown_value(2**128 - 1) == str(2**128 - 1)
+    assert shown_value(2**128) == "an integer of 129 bits"
+    assert shown_value(-HUGE) == "a negative integer of 16610 bits"
+    assert shown_value([HUGE]) == "<list too long to show>"
+    assert shown_value("abc") == "'abc'"
+    assert shown_value(True) == "True"
