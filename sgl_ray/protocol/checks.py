@@ -25,9 +25,9 @@ INT64_MAX = 2**63 - 1
 MAX_STOP_SEQUENCES = 16
 """Stop strings per request on the OpenAI routes (OpenAI allows 4; vLLM and SGLang more)."""
 MAX_STOP_SEQUENCE_CHARS = 1024
-"""Characters per stop string, on every route. Generous for a stop sequence, and it bounds the engine's work: the
-stop checker keeps every prefix of every stop string (memory quadratic in the length, per sequence generated) and
-holds back up to that many characters of a stream."""
+"""Characters per stop string, on every route. Generous for a stop sequence, and it bounds the engine's work: a
+stream holds back up to that many characters that could still become a stop string, and the stop-string automaton
+grows with the strings' total length."""
 
 
 def int_in(
