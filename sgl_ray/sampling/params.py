@@ -80,7 +80,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
             value = getattr(self, alias)
             if value is None:
                 continue
-            if not isinstance(value, int) or not (0 <= value <= _INT64_MAX):
+            if not _is_int(value) or not (0 <= value <= _INT64_MAX):
                 raise InvalidRequestError(
                     f"{alias}: must be a non-negative integer below 2**63, got {shown_value(value)}",
                     param=alias,
@@ -125,10 +125,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
         def bad(param: str, msg: str) -> InvalidRequestError:
             return InvalidRequestError(f"{param}: {msg}", param=param)
 
-        if not isinstance(self.max_new_tokens, int) or not (0 <= self.max_new_tokens <= _INT64_MAX):
+        if not _is_int(self.max_new_tokens) or not (0 <= self.max_new_tokens <= _INT64_MAX):
             got = shown_value(self.max_new_tokens)
             raise bad("max_new_tokens", f"must be a non-negative integer below 2**63, got {got}")
-        if not isinstance(self.min_new_tokens, int) or not (0 <= self.min_new_tokens <= self.max_new_tokens):
+        if not _is_int(self.min_new_tokens) or not (0 <= self.min_new_tokens <= self.max_new_tokens):
             raise bad(
                 "min_new_tokens", f"must be in [0, max_new_tokens], got {shown_value(self.min_new_tokens)}"
             )
@@ -137,11 +137,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
             if not _number_in(value, low, high, low_open):
                 interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
                 raise bad(param, f"must be a number in {interval}, got {shown_value(value)}")
-        if not isinstance(self.top_k, int) or self.top_k < -1 or self.top_k == 0 or self.top_k > _INT64_MAX:
+        if not _is_int(self.top_k) or self.top_k < -1 or self.top_k == 0 or self.top_k > _INT64_MAX:
             # a top_k at or above the vocabulary size keeps every token
             got = shown_value(self.top_k)
             raise bad("top_k", f"must be -1 (disabled) or a positive integer below 2**63, got {got}")
-        if not isinstance(self.n, int) or not (1 <= self.n <= _MAX_N):
+        if not _is_int(self.n) or not (1 <= self.n <= _MAX_N):
             raise bad("n", f"must be in [1, {_MAX_N}], got {shown_value(self.n)}")
         _check_shapes(self)
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -162,11 +162,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
                     "stop_regex", f"{shown_value(pattern)} is not a valid regular expression ({e})"
                 ) from None
         for tid in self.stop_token_ids or []:
-            if not isinstance(tid, int):
+            if not _is_int(tid):
                 raise bad("stop_token_ids", f"token ids must be integers, got {shown_value(tid)}")
             if tid < 0 or tid > _INT64_MAX or (vocab_size is not None and tid >= vocab_size):
                 raise bad("stop_token_ids", f"token id {shown_value(tid)} is outside the vocabulary")
-        if self.seed is not None and (not isinstance(self.seed, int) or not (0 <= self.seed <= _INT64_MAX)):
+        if self.seed is not None and (not _is_int(self.seed) or not (0 <= self.seed <= _INT64_MAX)):
             raise bad("seed", f"must be in [0, 2**63), got {shown_value(self.seed)}")
         for tid, bias in _token_biases(self.logit_bias).items():
             if tid < 0 or tid > _INT64_MAX or (vocab_size is not None and tid >= vocab_size):
@@ -273,9 +273,16 @@ _NUMBER_RANGES = (
 )
 
 
+def _is_int(value: Any) -> bool:
+    """An integer field's value: an ``int``, not a bool (``True`` is no count or token id)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _number_in(value: Any, low: float, high: float, low_open: bool) -> bool:
-    """Whether ``value`` is in the interval: False for NaN, and for what does not compare with numbers (a string,
-    None, an array) instead of a ``TypeError``."""
+    """Whether ``value`` is in the interval: False for NaN, a bool, and what does not compare with numbers (a
+    string, None, an array) instead of a ``TypeError``."""
+    if isinstance(value, bool):
+        return False
     try:
         return bool((low < value if low_open else low <= value) and value <= high)
     except (TypeError, ValueError):

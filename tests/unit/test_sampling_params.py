@@ -223,3 +223,33 @@ def test_shown_value_keeps_small_values_and_sizes_huge_integers() -> None:
     assert shown_value([HUGE]) == "<list too long to show>"
     assert shown_value("abc") == "'abc'"
     assert shown_value(True) == "True"
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "max_new_tokens",
+        "min_new_tokens",
+        "top_k",
+        "n",
+        "seed",
+        "temperature",
+        "top_p",
+        "min_p",
+        "frequency_penalty",
+        "presence_penalty",
+        "repetition_penalty",
+    ],
+)
+def test_bools_are_not_numbers(field):
+    """``True`` is 1 to Python, but no count, seed or probability: a typed error naming the field (the HTTP routes
+    refuse it while decoding JSON; this is the Python API)."""
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**{field: True}).normalized()
+    assert e.value.param == field
+
+
+def test_bool_stop_token_ids_are_refused():
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(stop_token_ids=[2, True]).validate()
+    assert e.value.param == "stop_token_ids"
