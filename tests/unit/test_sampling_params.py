@@ -225,22 +225,7 @@ def test_shown_value_keeps_small_values_and_sizes_huge_integers() -> None:
     assert shown_value(True) == "True"
 
 
-@pytest.mark.parametrize(
-    "field",
-    [
-        "max_new_tokens",
-        "min_new_tokens",
-        "top_k",
-        "n",
-        "seed",
-        "temperature",
-        "top_p",
-        "min_p",
-        "frequency_penalty",
-        "presence_penalty",
-        "repetition_penalty",
-    ],
-)
+@pytest.mark.parametrize("field", [*_INT_FIELDS, *_FLOAT_FIELDS])
 def test_bools_are_not_numbers(field):
     """``True`` is 1 to Python, but no count, seed or probability: a typed error naming the field (the HTTP routes
     refuse it while decoding JSON; this is the Python API)."""
