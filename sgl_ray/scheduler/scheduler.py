@@ -304,6 +304,8 @@ class Scheduler(StepResults):
         budget = self._prefill_budget()
         cands = [r for r in self.running if not r.is_decoding and not r.in_flight and r.req_pool_idx >= 0]
         for r in sorted(cands, key=lambda r: not r.jump_tokens):  # jump-forward extends first, whole
+            if r.req_pool_idx < 0:
+                continue  # preempted below to make room for an earlier candidate
             remaining = r.num_tokens - r.num_computed
             n = min(remaining, budget) if self.config.chunked_prefill_size else remaining
             n = _fit_images(r, r.num_computed, n)
