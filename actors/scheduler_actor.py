@@ -5,11 +5,12 @@ Requests arrive as token ids with sampling parameters (``add_requests``); result
 through ``get_outputs`` (a long poll that returns everything produced since the last call). When a shard dies
 the group is rebuilt and every running request resumes from the tokens it already generated.
 
-With one pipeline stage and no speculative decoding, overlap scheduling (on unless ``disable_overlap_schedule``)
+With one pipeline stage, overlap scheduling (on unless ``disable_overlap_schedule``; not with NGRAM speculation)
 keeps two steps in flight: the group is driven "lagged" (see :mod:`sgl_ray.actors.shard_group`), so a shard
 launches step N+1 before it waits for step N, and the scheduler plans step N+2 while N+1 runs. Constrained
 requests run ahead too: a step planned before its token masks exist is launched with ``mask_deferred``, and its
-masks follow with the next call to the shards.
+masks follow with the next call to the shards. Speculating requests run ahead of their verify steps: the shards
+start the next chunk where the rejected drafts did (``ModelRunner._resolve_ahead``).
 Pipelines keep one micro-batch per stage in flight.
 """
 
@@ -25,7 +26,7 @@ from ray.exceptions import RayError
 
 from sgl_ray.actors.shard_group import ShardGroup
 from sgl_ray.configs.engine_args import EngineArgs
-from sgl_ray.entrypoints.core import SchedulerCalls, new_scheduler, scheduler_stats
+from sgl_ray.entrypoints.core import SchedulerCalls, new_scheduler, overlap_schedule, scheduler_stats
 from sgl_ray.entrypoints.loop import EngineLoop, StepExecutor
 from sgl_ray.errors import EngineDeadError, StepLostError
 from sgl_ray.model_loader import load_tokenizer, resolve_model
@@ -54,10 +55,7 @@ class GlobalScheduler(SchedulerCalls):
     def __init__(self, args: EngineArgs, max_rebuilds: int = 3) -> None:
         self.args = args
         self.layout = ParallelLayout(args.tp_size, args.pp_size, args.ep_size)
-        # A speculative verify step's next input is known only once its drafts are settled: one step at a time.
-        self.overlap = (
-            args.pp_size == 1 and not args.disable_overlap_schedule and args.speculative_algorithm is None
-        )
+        self.overlap = args.pp_size == 1 and overlap_schedule(args)
         self.max_rebuilds = max_rebuilds
         self.num_rebuilds = 0
 

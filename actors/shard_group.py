@@ -27,10 +27,13 @@ deferred step under them, then launches the plan (which may read that step's tok
 No plan goes out while a step waits for its masks (the runner holds one deferred step at a time), and a deferred
 step's output is waited for only after its masks were given.
 
-Without overlap (speculative decoding), a plan whose constrained requests get drafts from the shards' own drafter
-(``drafts_deferred``) takes two calls: the shards draft and run the forward pass, and the output rank answers with
-the drafts (:meth:`ShardGroup.drafts`); the masks built from them go out in a call of their own
-(:meth:`ShardGroup.give_mask`), which answers with the step's output.
+A plan whose constrained requests get drafts from the shards' own drafter (speculative decoding,
+``drafts_deferred``) is answered with those drafts first: the shards draft and run the forward pass, and the output
+rank answers with the drafts (:meth:`ShardGroup.drafts`), the masks built from them go out next
+(:meth:`ShardGroup.give_mask`). Without overlap that is a call of its own, which answers with the step's output;
+lagged, the drafts come with the answer of the call that sent the plan (the output of the step before), and the
+masks travel with the next call as above. Speculating requests run ahead of their verify steps like any other:
+each shard starts the next chunk where the rejected drafts did (``ModelRunner._resolve_ahead``).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class LaggedStep:
 
     step_id: int
     output: StepOutput | None = None
+    drafts: StepDrafts | None = None  # sent with ``drafts_deferred``: filled in when the call that sent it is read
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class _Call:
     ref: object  # the compiled graph's reference to this call's answers
     sent: float
     carries: LaggedStep | None  # the step whose output this call answers
+    launches: LaggedStep | None = None  # the step whose plan it sent (its drafts come back with this answer)
 
 
 class ShardGroup:
@@ -159,7 +164,7 @@ class ShardGroup:
             return self.dag.execute(plan), time.perf_counter(), plan.step_id
         assert self._masks_due is None, "give_mask() for the deferred step before sending another plan"
         step = LaggedStep(plan.step_id)
-        self._send(plan, self._tail)
+        self._send(plan, self._tail, step)
         self._tail = step
         if plan.mask_deferred:
             self._masks_due = step
@@ -179,9 +184,13 @@ class ShardGroup:
         return handle
 
     def drafts(self, handle) -> StepDrafts:
-        """The drafts a plan sent with ``drafts_deferred`` answers with (not lagged: speculation runs without
-        overlap scheduling); :meth:`give_mask` sends its masks next."""
-        assert not self.lagged, "drafts_deferred in a lagged group"
+        """The drafts a plan sent with ``drafts_deferred`` answers with; :meth:`give_mask` sends its masks next.
+        Lagged, they come with the answer of the call that sent the plan (the output of the step before it)."""
+        if self.lagged:
+            while handle.drafts is None:
+                assert self._calls, "drafts of a step this group never sent with drafts_deferred"
+                self._read_call()
+            return handle.drafts
         ref, _, _ = handle
         return owned(ray.get(ref, timeout=self.step_timeout_s)[self.layout.output_rank])
 
@@ -196,10 +205,10 @@ class ShardGroup:
             self.control_overhead_s.append(time.perf_counter() - sent - out.compute_s)
         return out
 
-    def _send(self, plan: StepPlan | None, carries: LaggedStep | None) -> None:
+    def _send(self, plan: StepPlan | None, carries: LaggedStep | None, launches: LaggedStep | None = None) -> None:
         assert self.dag is not None, "start() first"
         call, self._masks = ShardCall(plan, self._masks), None
-        self._calls.append(_Call(self.dag.execute(call), time.perf_counter(), carries))
+        self._calls.append(_Call(self.dag.execute(call), time.perf_counter(), carries, launches))
 
     def _wait_lagged(self, step: LaggedStep) -> StepOutput:
         assert step is not self._masks_due, "give_mask() first: this step samples once its masks come"
@@ -208,13 +217,19 @@ class ShardGroup:
             self._tail = None
         while step.output is None:
             assert self._calls, "waited for a step this group never sent"
-            call = self._calls.popleft()
-            reply = ray.get(call.ref, timeout=self.step_timeout_s)[self.layout.output_rank]
-            if call.carries is not None:
-                assert reply.output is not None, "the shards lost track of the step in flight"
-                call.carries.output = owned(reply.output)  # the handle may be kept: see owned()
-                self.control_overhead_s.append(time.perf_counter() - call.sent - reply.call_s)
+            self._read_call()
         return step.output
+
+    def _read_call(self) -> None:
+        """Read the answer of the oldest call not read yet (answers are read strictly in order)."""
+        call = self._calls.popleft()
+        reply = ray.get(call.ref, timeout=self.step_timeout_s)[self.layout.output_rank]
+        if call.carries is not None:
+            assert reply.output is not None, "the shards lost track of the step in flight"
+            call.carries.output = owned(reply.output)  # the handle may be kept: see owned()
+            self.control_overhead_s.append(time.perf_counter() - call.sent - reply.call_s)
+        if reply.drafts is not None and call.launches is not None:
+            call.launches.drafts = owned(reply.drafts)
 
     def execute(self, plan: StepPlan) -> StepOutput:
         return self.wait(self.submit(plan))

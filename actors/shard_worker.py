@@ -87,10 +87,12 @@ class ShardCall(msgspec.Struct, frozen=True):
 class LaggedReply(NamedTuple):
     """What :meth:`ShardWorker.step` answers: the output of the step launched by the *previous* call (None when
     nothing was pending, and always on ranks other than the output rank), and the seconds spent in this call (for
-    control-path accounting)."""
+    control-path accounting); with ``drafts``, what the runner's drafter proposed for the plan this call launched
+    with ``drafts_deferred`` (its masks come with the next call)."""
 
     output: StepOutput | None
     call_s: float
+    drafts: StepDrafts | None = None
 
 
 class ShardWorker:
@@ -168,7 +170,8 @@ class ShardWorker:
         tokens (ranks sample identically).
 
         A step launched with ``mask_deferred`` has run its forward pass but not sampled: the next call brings its
-        masks, and it is sampled under them first, before anything launched after it reads its tokens."""
+        masks, and it is sampled under them first, before anything launched after it reads its tokens. With
+        ``drafts_deferred`` too, this call's answer carries the drafts those masks are built from."""
         assert self.runner is not None
         t0 = time.perf_counter()
         if call.masks is not None:
@@ -182,8 +185,9 @@ class ShardWorker:
         previous, self._pending = self._pending, launched
         output = self._record(self.runner.collect(previous)) if previous is not None else None
         if self.rank != self.layout.output_rank:  # only the output rank's answer is read
-            output = None
-        return LaggedReply(output, time.perf_counter() - t0)
+            return LaggedReply(None, time.perf_counter() - t0)
+        drafts = launched.drafts if launched is not None else None
+        return LaggedReply(output, time.perf_counter() - t0, drafts)
 
     def start_step_trace(self) -> None:
         """Record the device time span of every step from now on (CUDA only; see ``gpu_idle_fraction``)."""

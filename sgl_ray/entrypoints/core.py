@@ -63,6 +63,14 @@ class EngineCore(ABC):
     def shutdown(self) -> None: ...
 
 
+def overlap_schedule(args: EngineArgs) -> bool:
+    """Whether steps are planned while the previous one runs (``disable_overlap_schedule`` off). Not with NGRAM
+    speculation: its drafts are looked up in the tokens the scheduler has, which lack those still in flight (a
+    drafter on the runner, a draft model or an EAGLE head, sees them)."""
+    spec = SpeculativeConfig.from_args(args)
+    return not args.disable_overlap_schedule and (spec is None or spec.uses_draft_model)
+
+
 def scheduler_config(
     args: EngineArgs,
     num_slots: int,
@@ -191,8 +199,7 @@ class InProcessCore(SchedulerCalls, EngineCore):
     def __init__(self, args: EngineArgs, model_config: ModelConfig, weights, tokenizer: Any) -> None:
         self.runner = ModelRunner(args, model_config, weights)
         info = self.runner.info
-        # A verify step's next input is known only once its drafts are settled: speculation steps one at a time.
-        overlap = not args.disable_overlap_schedule and args.speculative_algorithm is None
+        overlap = overlap_schedule(args)
         self.scheduler = new_scheduler(
             args,
             info.num_slots,

@@ -224,7 +224,7 @@ class EngineLoop:
                             continue
                     batch, handle = in_flight.popleft()
                     outputs = sched.process(batch, ex.wait(handle))
-                    if in_flight and in_flight[0][0].plan.mask_deferred:  # its masks follow from those tokens
+                    if in_flight and _awaits_token_masks(in_flight[0][0].plan):  # they follow from those tokens
                         in_flight[0] = _with_masks(ex, *in_flight[0])
                 except StepLostError:
                     in_flight.clear()
@@ -255,6 +255,12 @@ class EngineLoop:
         for sink in set(self._sinks.values()):
             sink(err)
         self._sinks.clear()
+
+
+def _awaits_token_masks(plan: StepPlan) -> bool:
+    """Whether a plan in flight waits for masks that follow from the tokens of the step before it (those of a
+    ``drafts_deferred`` plan were built from its drafts as soon as it was launched)."""
+    return plan.mask_deferred and not plan.drafts_deferred
 
 
 def _with_masks(ex: StepExecutor, batch: ScheduledBatch, handle: Any) -> tuple[ScheduledBatch, Any]:

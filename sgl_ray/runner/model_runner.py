@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 import torch
 
@@ -141,6 +142,8 @@ class ModelRunner:
         self._awaiting_mask: tuple[StepPlan, torch.Tensor, torch.Tensor] | None = (
             None  # (plan, logits, input)
         )
+        # The last step launched, if it verified drafts: (its plan, its emitted counts on the host, their event)
+        self._last_verify: tuple[StepPlan, torch.Tensor, torch.cuda.Event | None] | None = None
         if allocate:
             self.init_memory(capacity)
 
@@ -340,6 +343,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         assert self._awaiting_mask is None, "the previous step still waits for its masks (sample_deferred)"
         self._trace_start = None
+        if len(plan.ahead_drafts):
+            plan = self._resolve_ahead(plan)
         with torch.inference_mode():
             results = self._launch(plan)
         if self._awaiting_mask is not None:
@@ -370,7 +375,42 @@ class ModelRunner:
             event.record()
             if trace and self._trace_start is not None:
                 self.step_trace.append(TracedStep(plan.batch_size, plan.num_tokens, self._trace_start, event))
+        emitted = host.get("spec_emitted")
+        self._last_verify = (plan, emitted, event) if emitted is not None and len(plan.draft_lens) else None
         return PendingStep(plan.step_id, host, event, t0)
+
+    def _resolve_ahead(self, plan: StepPlan) -> StepPlan:
+        """A plan built while the previous step ran (overlap scheduling with speculation): each entry planned
+        after a verify step of its request (``plan.ahead_drafts``) starts where that step's rejected drafts did,
+        in their KV slots, not where a step keeping every draft would have left it. Reads that step's emitted
+        counts, so it waits for the step to finish (the scheduler's work for this plan overlapped it)."""
+        ahead = plan.ahead_drafts
+        last = self._last_verify
+        assert last is not None, "a plan runs ahead of a verify step this runner did not run last"
+        prev, emitted_t, event = last
+        if event is not None:
+            event.synchronize()
+        verified = prev.draft_lens > 0
+        by_slot = np.full(self.info.max_reqs, -1, dtype=np.int64)  # drafts the previous step rejected
+        by_slot[prev.req_pool_idxs[verified]] = (prev.draft_lens + 1 - emitted_t.numpy())[verified]
+        rows = np.flatnonzero(ahead > 0)
+        rejected = np.zeros(plan.batch_size, dtype=np.int64)
+        rejected[rows] = by_slot[plan.req_pool_idxs[rows]]
+        assert (rejected >= 0).all() and (rejected <= ahead).all(), "ahead of a step with other drafts"
+        out_cache_loc = plan.out_cache_loc.copy()
+        starts = np.cumsum(plan.extend_lens) - plan.extend_lens
+        ahead_end = np.cumsum(ahead)
+        for i in np.flatnonzero(rejected):  # the rejected drafts' slots first, then the plan's own
+            n, lo = int(plan.extend_lens[i]), int(starts[i])
+            reused = plan.ahead_slots[ahead_end[i] - rejected[i] : ahead_end[i]]
+            out_cache_loc[lo : lo + n] = np.concatenate([reused, plan.out_cache_loc[lo : lo + n]])[:n]
+        return msgspec.structs.replace(
+            plan,
+            prefix_lens=plan.prefix_lens - rejected,
+            out_cache_loc=out_cache_loc,
+            ahead_drafts=_NO_TOKENS,
+            ahead_slots=_NO_TOKENS,
+        )
 
     def collect(self, pending: PendingStep) -> StepOutput:
         assert not pending.awaits_mask, "sample_deferred() first"
@@ -418,7 +458,10 @@ class ModelRunner:
         if self.spec is not None:
             if self.spec.draft is not None:  # its passes read the positions this plan writes
                 self._write_table(plan)
-            input_ids = self.spec.before_forward(plan, self._h2d(plan.input_ids))
+            ids = self._h2d(plan.input_ids)
+            if (plan.input_ids == FUTURE_TOKEN).any():  # run ahead: the previous step's token of the slot
+                ids = self._input_ids(plan, self._h2d(plan.req_pool_idxs), plan.extend_lens)
+            input_ids = self.spec.before_forward(plan, ids)
         graphs = self.cuda_graphs
         slots = plan.lora_slots if self.lora is not None else None
         # Image requests: a step reaching into a prompt takes a MultimodalBatch (images, M-RoPE positions) and runs

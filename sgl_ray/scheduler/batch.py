@@ -37,6 +37,10 @@ class BatchEntry:
     row_masks: np.ndarray | None = None  # [len(drafts) + 1, W] grammar masks of its rows
     draft_parents: list[int] | None = None  # an NGRAM tree: each node's parent row (0: the request's token)
     num_emitted: int = 1  # tokens its rows emit (kept drafts + 1), from the runner
+    # Planned while the request's previous step, verifying this many drafts, was in flight (overlap scheduling):
+    # ``prefix_len`` assumes that step keeps them all, the runner moves it back by those it rejects.
+    ahead_drafts: int = 0
+    ahead: bool = False  # planned while a step of the request was in flight (overlap scheduling)
     rows: tuple[int, int] = (0, 0)  # its sampled rows in the step's output
 
     @property
@@ -101,7 +105,8 @@ class ScheduledBatch:
         parents: list[int] | None = None,
     ) -> None:
         """Schedule a decode step of ``req`` that also verifies ``drafts`` (its KV slots already allocated): the
-        chunk ``[last token, drafts...]``, every row sampled."""
+        chunk ``[last token, drafts...]``, every row sampled. With a step of ``req`` in flight (overlap
+        scheduling), the chunk starts where it would if that step kept every draft it verifies."""
         prefix = req.num_computed + req.inflight_tokens
         n = 1 + len(drafts)
         self.entries.append(
@@ -116,11 +121,14 @@ class ScheduledBatch:
                 drafts=drafts,
                 row_masks=row_masks,
                 draft_parents=parents,
+                ahead_drafts=req.inflight_drafts,
+                ahead=req.in_flight,
             )
         )
         req.in_flight = True
         req.inflight_tokens += n
         req.inflight_samples += 1
+        req.inflight_drafts += len(drafts)
 
     def finalize(
         self, kv: KVCacheManager, lora: AdapterPool | None = None, grammars: GrammarTracker | None = None
@@ -146,6 +154,11 @@ class ScheduledBatch:
             plan.sample_counts = np.fromiter(
                 (e.num_sample if e.sample else 0 for e in entries), i64, len(entries)
             )
+        if any(e.ahead_drafts for e in entries):  # the slots of the drafts in flight before each such entry
+            plan.ahead_drafts = np.fromiter((e.ahead_drafts for e in entries), i64, len(entries))
+            plan.ahead_slots = np.concatenate(
+                [e.req.kv_slots.view()[e.prefix_len - e.ahead_drafts : e.prefix_len] for e in entries]
+            ).astype(i64)
         if any(e.drafts for e in entries):
             plan.draft_lens = np.fromiter((len(e.drafts) for e in entries), i64, len(entries))
             if any(e.draft_parents is not None for e in entries):  # NGRAM trees
@@ -228,6 +241,7 @@ class ScheduledBatch:
             r = e.req
             r.inflight_tokens -= e.extend_len
             r.inflight_samples -= e.sample
+            r.inflight_drafts -= len(e.drafts)
             r.in_flight = r.inflight_tokens > 0
             if e.input_lp_count and result.input_logprobs is not None:
                 e.input_logprobs = result.input_logprobs[lp : lp + e.input_lp_count].tolist()
@@ -259,8 +273,8 @@ class ScheduledBatch:
 def _input_ids(entries: list[BatchEntry]) -> Iterator[int]:
     for e in entries:
         r = e.req
-        if e.drafts:  # a verify chunk: the last token, then the drafts
-            yield r.output_ids[-1]
+        if e.drafts:  # a verify chunk: the last token (still in flight: the runner's), then the drafts
+            yield FUTURE_TOKEN if e.prefix_len >= r.num_tokens else r.output_ids[-1]
             yield from e.drafts
         elif e.extend_len == 1:
             pos = e.prefix_len

@@ -335,6 +335,19 @@ class KVCacheManager:
         req.kv_slots.truncate(n)
         req.num_computed = n
 
+    def drop_tail(self, req: Req, n: int, num_computed: int) -> None:
+        """Forget the last ``n`` of the request's slots, now ``num_computed`` tokens have KV. Overlap scheduling
+        with speculation: the step in flight after a verify step starts where the rejected drafts were, so its
+        worst-case slots past them are not needed. Whole pages past the rest are freed."""
+        slots = req.kv_slots.view()
+        end = len(slots) - n
+        assert num_computed <= end and num_computed >= req.tree_len
+        keep = -(-end // self.page_size) * self.page_size
+        if len(slots) > keep:
+            self._free(slots[keep:].copy())
+        req.kv_slots.truncate(end)
+        req.num_computed = num_computed
+
     def _free(self, slots: np.ndarray) -> None:
         """Free a request's own full slots (and, hybrid pools, their SWA pages)."""
         if self.slot_map is not None:

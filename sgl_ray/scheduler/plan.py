@@ -93,6 +93,13 @@ class StepPlan(msgspec.Struct, kw_only=True):
     # empty for chains.
     draft_parents: np.ndarray = msgspec.field(default_factory=_empty)  # [sum draft_lens]
 
+    # Overlap scheduling with speculation: entries planned while their request's previous step (``ahead_drafts``
+    # drafts verified) was in flight. Their ``prefix_lens`` and ``out_cache_loc`` assume that step keeps every
+    # draft; the runner moves each back by the drafts it rejected, reusing their KV slots (``ahead_slots``: the
+    # slots of those drafts' positions, entry after entry). Empty when no entry is ahead of a verify step.
+    ahead_drafts: np.ndarray = msgspec.field(default_factory=_empty)  # [B]
+    ahead_slots: np.ndarray = msgspec.field(default_factory=_empty)  # [sum ahead_drafts]
+
     @property
     def batch_size(self) -> int:
         return len(self.extend_lens)

@@ -127,6 +127,7 @@ class Req:
     in_flight: bool = False  # part of a scheduled batch whose results are not processed yet
     inflight_tokens: int = 0  # tokens being computed by batches in flight
     inflight_samples: int = 0  # tokens those batches will sample (not yet in output_ids)
+    inflight_drafts: int = 0  # draft tokens those batches verify (their KV is kept only where accepted)
     lora_slot: int = -1  # runner slot of the adapter while running
     # Structured outputs (scheduler side only; see scheduler.grammar).
     grammar_compile: Any = None  # Future of the compiled grammar
@@ -174,9 +175,11 @@ class Req:
 
     @property
     def is_decoding(self) -> bool:
-        """Every token but the last has KV once the batches in flight finish (then one decode step follows)."""
+        """Every token but the last has KV once the batches in flight finish (then one decode step follows). Drafts
+        in flight do not count: their KV stays only where they are accepted."""
         return (
-            self.num_computed + self.inflight_tokens == self.num_tokens + self.inflight_samples - 1
+            self.num_computed + self.inflight_tokens - self.inflight_drafts
+            == self.num_tokens + self.inflight_samples - 1
             and len(self.output_ids) + self.inflight_samples > 0
         )
 

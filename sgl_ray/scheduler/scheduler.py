@@ -182,7 +182,7 @@ class Scheduler(StepResults):
             self.lora.reset_slots()
         resumed = sorted(self.running, key=lambda r: r.admit_seq)
         for r in resumed + self.waiting:
-            r.in_flight, r.inflight_tokens, r.inflight_samples = False, 0, 0
+            r.in_flight, r.inflight_tokens, r.inflight_samples, r.inflight_drafts = False, 0, 0, 0
             r.kv_slots.clear()
             r.req_pool_idx, r.cache_node, r.tree_len, r.num_computed = -1, None, 0, 0
             r.lora_slot = -1
@@ -292,6 +292,19 @@ class Scheduler(StepResults):
         the step in flight verifies forced tokens: rejecting some of them moves the next position back."""
         if not r.can_run_ahead or r.jump_tokens:
             return False
+        spec = self.speculation
+        if spec is not None:
+            # Not under a grammar: a plan's masks can wait for the tokens in flight or for the runner's drafts,
+            # not both. A speculating request: its drafts come from the runner's drafter, which sees the tokens
+            # in flight (NGRAM's would be guesses from before them), and its next chunk fits the context even if
+            # the step in flight keeps every draft.
+            if r.sampling.grammar is not None:
+                return False
+            if spec.eligible(r):
+                return (
+                    spec.config.uses_draft_model
+                    and r.num_tokens + r.inflight_drafts + 1 < self.config.context_length
+                )
         return r.sampling.grammar is None or (
             self.config.defer_grammar_masks and not (r.jump_next and self.grammars.may_jump(r))
         )

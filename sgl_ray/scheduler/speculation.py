@@ -73,6 +73,7 @@ class SpecStats:
     emitted_tokens: int = 0  # tokens those steps' verification emitted (kept drafts + 1 each)
     proposed_drafts: int = 0
     accepted_drafts: int = 0
+    overlapped_steps: int = 0  # verify steps planned while the request's previous step ran (overlap scheduling)
 
     def to_dict(self, config: SpeculativeConfig) -> dict[str, Any]:
         return {
@@ -84,6 +85,7 @@ class SpecStats:
             "spec_accept_rate": self.accepted_drafts / self.proposed_drafts if self.proposed_drafts else 0.0,
             "spec_proposed_drafts": self.proposed_drafts,
             "spec_accepted_drafts": self.accepted_drafts,
+            "spec_overlapped_steps": self.overlapped_steps,
         }
 
 
@@ -134,7 +136,12 @@ class Speculation:
         ``max_new_tokens`` and the context leave room for after its next token."""
         if not self.eligible(r):
             return None
-        room = min(r.remaining_new_tokens - 1, self.context_length - r.num_tokens - 1)  # deepest draft
+        # With a step in flight (overlap scheduling): the context must hold the chunk even if that step keeps every
+        # draft; drafts past max_new_tokens are only wasted, so they are cut as if it keeps none.
+        pending = r.inflight_samples + r.inflight_drafts
+        room = min(
+            r.remaining_new_tokens - r.inflight_samples - 1, self.context_length - r.num_tokens - pending - 1
+        )
         limit = min(self.config.max_drafts, room)
         if limit <= 0:
             return Proposal([])
@@ -198,7 +205,10 @@ class Speculation:
             text += piece
             if finish is not None:
                 break
-        kv.truncate(r, base + len(tokens))  # keep the KV of x and the kept drafts; free the rest
+        if r.inflight_tokens:  # its next step runs already, over the rejected drafts' positions (overlap)
+            kv.drop_tail(r, entry.extend_len - len(tokens), base + len(tokens))
+        else:
+            kv.truncate(r, base + len(tokens))  # keep the KV of x and the kept drafts; free the rest
         r.decode_steps += 1
         r.spec_verify_ct += 1
         r.spec_proposed_drafts += len(entry.drafts)
@@ -208,6 +218,7 @@ class Speculation:
         st.emitted_tokens += entry.num_emitted
         st.proposed_drafts += len(entry.drafts)
         st.accepted_drafts += entry.num_emitted - 1
+        st.overlapped_steps += entry.ahead
         logprobs = top = None
         if r.return_logprob and result.logprobs is not None:
             lo = entry.rows[0]

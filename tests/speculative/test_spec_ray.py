@@ -1,6 +1,7 @@
-"""Speculative decoding over the Ray shard actors with two tensor-parallel shards: NGRAM and EAGLE. Greedy outputs
-are token-identical to transformers on the same weights (under grammars: to the in-process engine), seeded sampled
-ones to the in-process engine without speculation; every shard of the group emits the same tokens and accepted lengths (their output digests agree); the
+"""Speculative decoding over the Ray shard actors with two tensor-parallel shards: NGRAM and EAGLE (with overlap
+scheduling: the shards run lagged, and a constrained step's drafts come back with the answer of the call that sent
+it). Greedy outputs are token-identical to transformers on the same weights (under grammars: to the in-process
+engine), seeded sampled ones to the in-process engine without speculation; every shard of the group emits the same tokens and accepted lengths (their output digests agree); the
 KV pool is back where it started after the requests. Pipeline parallelism is refused at start with a typed error.
 
 Each engine start costs most of these tests' time (three actors each importing torch), so there are two: one per
@@ -81,6 +82,7 @@ def test_ngram_greedy_over_tensor_parallel_shards(ngram_engine, ngram_reference)
     assert verify_ct > 0 and 0 < accepted < proposed  # drafts kept and drafts rolled back
     stats = ngram_engine.get_stats()
     assert stats["spec_algorithm"] == "NGRAM" and stats["spec_accepted_drafts"] >= accepted
+    assert not stats["overlap_schedule"]  # NGRAM's drafts are looked up in the tokens the scheduler has
     _assert_shards_agree(ngram_engine)
     assert_pool_restored(ngram_engine)
 
@@ -136,6 +138,8 @@ def test_eagle_greedy_over_tensor_parallel_shards(ray_cluster, smollm2_path, tmp
             assert out["output_ids"] == one["output_ids"] and out["meta_info"]["spec_verify_ct"] > 0
             assert [out["meta_info"][k] for k in counts] == [one["meta_info"][k] for k in counts]
         assert re.fullmatch(WORDS + " ?", outs[0]["text"])
+        stats = engine.get_stats()  # the shards ran lagged: verify steps planned while the previous one ran
+        assert stats["overlap_schedule"] and stats["spec_overlapped_steps"] > 0, stats
         _assert_shards_agree(engine)
         assert_pool_restored(engine)
 
