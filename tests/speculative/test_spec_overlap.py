@@ -11,6 +11,7 @@ back where it started after every test. NGRAM, whose drafts are looked up by the
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -18,15 +19,13 @@ import sgl_ray
 from sgl_ray.configs.engine_args import EngineArgs
 from sgl_ray.entrypoints.core import overlap_schedule
 
-from .test_spec_engine import WORDS, assert_pool_restored, constrained_params
+from .test_spec_engine import WORDS, Engines, assert_pool_restored, constrained_params
 
 NEW = 20
 GREEDY = {"temperature": 0.0, "max_new_tokens": NEW, "ignore_eos": True}
 SEEDED = {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": NEW, "ignore_eos": True, "seed": 5}
-SHAPES = {
-    "chain": dict(speculative_num_steps=3),
-    "tree": dict(speculative_num_steps=3, speculative_eagle_topk=2, speculative_num_draft_tokens=6),
-}
+STEPS = 4  # the perturbed draft model's speculative_num_steps (test_spec_engine)
+SHAPES = {"chain": {}, "tree": dict(speculative_eagle_topk=2, speculative_num_draft_tokens=6)}
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:
@@ -34,40 +33,17 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(1000, 40000) for _ in range(rng.randrange(4, 40))] for _ in range(n)]
 
 
-class Engines:
-    """name -> engine, built on first use; every one is checked for leaked KV when the module ends."""
-
-    def __init__(self, target: str, draft: str) -> None:
-        self.target, self.draft = target, draft
-        self._engines: dict[tuple, sgl_ray.Engine] = {}
-
-    def get(self, shape: str | None, overlap: bool = True, **options) -> sgl_ray.Engine:
-        key = (shape, overlap, tuple(sorted(options.items())))
-        if key not in self._engines:
-            spec = {}
-            if shape is not None:
-                spec = dict(
-                    speculative_algorithm="STANDALONE",
-                    speculative_draft_model_path=self.draft,
-                    **SHAPES[shape],
-                )
-            self._engines[key] = sgl_ray.Engine(
-                self.target,
-                disable_overlap_schedule=not overlap,
-                **{"max_total_tokens": 4096, **options, **spec},
-            )
-        return self._engines[key]
-
-    def close(self) -> None:
-        for engine in self._engines.values():
-            engine.shutdown()
-
-
 @pytest.fixture(scope="module")
 def engines(tiny_llama_path, tiny_draft_path):
     e = Engines(tiny_llama_path, tiny_draft_path)
     yield e
     e.close()
+
+
+def _get(engines: Engines, shape: str | None, overlap: bool = True, **options) -> sgl_ray.Engine:
+    """A perturbed draft model drafting chains or trees (``shape``; None: no speculation)."""
+    options = {**options, **(SHAPES[shape] if shape else {}), "disable_overlap_schedule": not overlap}
+    return engines.get("perturbed" if shape else None, **options)
 
 
 def _ids(outs: list[dict]) -> list[list[int]]:
@@ -85,9 +61,9 @@ def test_outputs_equal_overlap_off_and_no_speculation(engines, shape):
     sampling is reproducible; it equals overlap off up to the last steps (near max_new_tokens a step planned
     ahead carries another number of drafts, and a draft model's sampled output depends on its drafts: only its
     distribution does not)."""
-    prompts = _prompts(6, seed=1)
-    plain = engines.get(None, overlap=False)
-    on, off = engines.get(shape), engines.get(shape, overlap=False)
+    prompts = _prompts(4, seed=1)
+    plain = _get(engines, None, overlap=False)
+    on, off = _get(engines, shape), _get(engines, shape, overlap=False)
     before = _overlapped(on)
     for params in (GREEDY, SEEDED):
         got = on.generate(input_ids=prompts, sampling_params=params)
@@ -97,7 +73,7 @@ def test_outputs_equal_overlap_off_and_no_speculation(engines, shape):
             assert _ids(got) == _ids(plain.generate(input_ids=prompts, sampling_params=params))
         else:
             assert _ids(got) == _ids(on.generate(input_ids=prompts, sampling_params=params))
-            head = NEW - SHAPES[shape]["speculative_num_steps"] - 2  # before the last verify steps
+            head = NEW - STEPS - 2  # before the last verify steps
             assert [ids[:head] for ids in _ids(got)] == [ids[:head] for ids in _ids(want)]
         metas = [o["meta_info"] for o in got]
         proposed = sum(m["spec_proposed_drafts"] for m in metas)
@@ -114,8 +90,8 @@ def test_preemption_and_pages(engines, shape, page_size, pool):
     """A pool too small for the batch, prefill chunks of 8: requests are preempted (never while a step of theirs
     runs) and resumed; worst-case slots past rejected drafts are given back inside partly used pages too."""
     prompts = _prompts(10, seed=2)
-    want = engines.get(None, overlap=False).generate(input_ids=prompts, sampling_params=GREEDY)
-    engine = engines.get(shape, max_total_tokens=pool, chunked_prefill_size=8, page_size=page_size)
+    want = _get(engines, None, overlap=False).generate(input_ids=prompts, sampling_params=GREEDY)
+    engine = _get(engines, shape, max_total_tokens=pool, chunked_prefill_size=8, page_size=page_size)
     got = engine.generate(input_ids=prompts, sampling_params=GREEDY)
     assert _ids(got) == _ids(want)
     stats = engine.get_stats()
@@ -126,7 +102,7 @@ def test_preemption_and_pages(engines, shape, page_size, pool):
 def test_lengths_and_stops_while_running_ahead(engines):
     """max_new_tokens and stop tokens that end a request inside an accepted run, while its next step already
     runs: that step's result is dropped and its KV freed; the output is what decoding without speculation gives."""
-    plain, engine = engines.get(None, overlap=False), engines.get("chain")
+    plain, engine = _get(engines, None, overlap=False), _get(engines, "chain")
     prompts = _prompts(6, seed=3)
     full = plain.generate(input_ids=prompts, sampling_params=GREEDY)
     params = [
@@ -146,9 +122,9 @@ def test_lengths_and_stops_while_running_ahead(engines):
 
 def test_abort_while_running_ahead(engines):
     """A stream abandoned mid-way is aborted with a step of it in flight; the others finish unchanged."""
-    engine = engines.get("chain")
+    engine = _get(engines, "chain")
     prompts = _prompts(3, seed=4)
-    want = engines.get(None, overlap=False).generate(input_ids=prompts[1:], sampling_params=GREEDY)
+    want = _get(engines, None, overlap=False).generate(input_ids=prompts[1:], sampling_params=GREEDY)
     stream = engine.generate(input_ids=prompts[0], sampling_params={**GREEDY, "max_new_tokens": 400}, stream=True)
     next(stream)
     next(stream)
@@ -164,7 +140,7 @@ def test_constrained_requests_among_running_ahead_ones(engines):
     """Constrained requests wait for their tokens (no run-ahead under a grammar) but still speculate: their
     drafts come back from the runner and their masks are built from them while other requests' steps run
     ahead."""
-    plain, engine = engines.get(None, overlap=False), engines.get("chain")
+    plain, engine = _get(engines, None, overlap=False), _get(engines, "chain")
     prompts = _prompts(8, seed=5)
     params = constrained_params(NEW) * 2
     want = plain.generate(input_ids=prompts, sampling_params=params)
@@ -173,8 +149,6 @@ def test_constrained_requests_among_running_ahead_ones(engines):
     assert _ids(got) == _ids(want)
     assert all(o["meta_info"]["spec_verify_ct"] > 0 for o in got)
     assert _overlapped(engine) > before
-    import re
-
     assert re.fullmatch(WORDS + " ?", got[0]["text"])
     assert_pool_restored(engine)
 
