@@ -24,8 +24,9 @@ def sample_step(
     """Sample the ``plan.sample`` rows of ``logits`` ([S, vocab]) and compute prompt logprobs from
     ``input_logits`` ([L, vocab]); returns device tensors named as ``StepOutput``'s fields. Updates ``state`` and
     each sampled slot's entry of ``last_tokens``. Host-side request slots keep the sampler free of device syncs.
-    With ``spec``, the drafts of the plan's verify entries are accepted or rejected (``speculative.verify``) and
-    each request's token is its last emitted one."""
+    With ``spec``, each verify row samples counting the drafts before it as emitted, the drafts are accepted or
+    rejected (``speculative.verify``), each request's token is its last emitted one, and ``state`` records every
+    token a verify entry emits."""
     device = last_tokens.device
 
     def h2d(array: np.ndarray) -> torch.Tensor:
@@ -43,6 +44,7 @@ def sample_step(
         top_n = plan.top_logprobs_num[row_req]
         k = int(top_n.max()) if len(top_n) else -1
         mask = h2d(plan.vocab_mask) if plan.vocab_mask is not None else None
+        offsets = spec.sampling_offsets(plan, state) if spec is not None else None
         res = sampler.sample(
             logits,
             slots,
@@ -52,11 +54,13 @@ def sample_step(
             return_logprobs=k >= 0,
             vocab_mask=mask,
             slots_dev=slots_dev,
+            offsets=offsets,
         )
         row_tokens, row_logprobs = res.next_token_ids, res.logprobs
         verified = spec.verify(plan, logits, row_tokens, row_logprobs, state) if spec is not None else None
-        if verified is not None:  # speculative verify rows now hold the tokens they emit
+        if verified is not None:  # verify rows now hold the tokens they emit; the state counts each of them
             row_tokens, row_logprobs = verified.tokens, verified.logprobs
+            state.update(slots_dev, row_tokens, _emitted_rows(plan, verified.emitted))
         tokens = row_tokens
         if len(row_req) != plan.sample.sum():  # verification rows: a request's token is its last emitted one
             has = counts > 0
@@ -64,7 +68,8 @@ def sample_step(
             if verified is not None:
                 last = last - (h2d(counts[has]) - verified.emitted[h2d(np.flatnonzero(has))])
             slots_dev, tokens = slots_dev[last], tokens[last]
-        state.update(slots_dev, tokens)
+        if verified is None:
+            state.update(slots_dev, tokens)
         last_tokens[slots_dev] = tokens
         out["next_token_ids"] = row_tokens
         if verified is not None:
@@ -82,6 +87,19 @@ def sample_step(
         if k > 0:
             out["input_top_vals"], out["input_top_ids"] = logp.topk(k, dim=-1)
     return out
+
+
+def _emitted_rows(plan: StepPlan, emitted: torch.Tensor) -> torch.Tensor:
+    """[S] bool on ``emitted``'s device: the sampled rows whose tokens are emitted — a verify entry's first
+    ``emitted[b]`` rows (``emitted`` [B]), the last row of any other entry."""
+    dev = emitted.device
+    counts = plan.sample_row_counts()
+    before_end = rows_before_end(counts)
+    col = np.repeat(counts, counts) - 1 - before_end  # [S] each row's index in its entry's rows
+    row_req = np.repeat(np.arange(plan.batch_size), counts)
+    in_verify = np.repeat(plan.draft_lens > 0, counts)
+    first = to_device(col, dev) < emitted[to_device(row_req, dev)]
+    return torch.where(to_device(in_verify, dev), first, to_device(before_end == 0, dev))
 
 
 def rows_before_end(counts: np.ndarray) -> np.ndarray:

@@ -7,13 +7,16 @@ frequency / presence penalties. Semantics follow HF (repetition) and OpenAI / vL
   * frequency ``f`` and presence ``p``, over output tokens only: ``l - f * count - p * (count > 0)``.
 
 Every function works on a whole batch at once; rows whose request does not use a processor carry neutral
-coefficients, so no per-row branching is needed.
+coefficients, so no per-row branching is needed. A row may count tokens beyond its slot's state (the drafts before
+a speculative verify row: :mod:`~sgl_ray.sampling.offsets`): they are added to its gathered output counts and to
+its number of generated tokens.
 """
 
 from __future__ import annotations
 
 import torch
 
+from sgl_ray.sampling.offsets import RowOffsets
 from sgl_ray.sampling.state import BatchPlan, SamplingState
 
 
@@ -51,22 +54,32 @@ def apply_frequency_presence(
 
 
 def process_logits(
-    logits: torch.Tensor, state: SamplingState, slots: torch.Tensor, plan: BatchPlan
+    logits: torch.Tensor,
+    state: SamplingState,
+    slots: torch.Tensor,
+    plan: BatchPlan,
+    offsets: RowOffsets | None = None,
 ) -> torch.Tensor:
     """Run every processor the batch needs; may modify ``logits`` [B, V] (float32) in place and returns the result.
 
-    ``slots`` [B] int64 on the state's device.
+    ``slots`` [B] int64 on the state's device (may repeat: rows of one request); ``offsets``: tokens rows count as
+    emitted beyond their slot's state.
     """
     if plan.logit_bias:
         apply_logit_bias(logits, state.bias_ids[slots], state.bias_vals[slots])
     if plan.min_new_tokens:
-        active = state.num_generated[slots] < state.min_new_tokens[slots]
+        generated = state.num_generated[slots]  # [B]
+        if offsets is not None:
+            generated = generated + offsets.generated
+        active = generated < state.min_new_tokens[slots]
         apply_min_new_tokens(logits, state.stop_ids[slots], state.stop_valid[slots], active)
     if plan.needs_penalties:
         assert state.output_counts is not None and state.prompt_mask is not None, (
             "penalty buffers not allocated"
         )
-        counts = state.output_counts[slots]  # [B, V] int32
+        counts = state.output_counts[slots]  # [B, V] int32, a gathered copy
+        if offsets is not None:
+            counts.index_put_((offsets.rows, offsets.tokens), offsets.weights, accumulate=True)
         if plan.repetition:
             seen = state.prompt_mask[slots] | (counts > 0)  # [B, V]
             logits = apply_repetition_penalty(logits, seen, state.repetition_penalty[slots])

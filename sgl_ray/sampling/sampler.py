@@ -9,6 +9,7 @@ import torch
 from sgl_ray.sampling import noise
 from sgl_ray.sampling.bitmask import apply_token_bitmask_
 from sgl_ray.sampling.filters import select_candidates
+from sgl_ray.sampling.offsets import RowOffsets
 from sgl_ray.sampling.penalties import process_logits
 from sgl_ray.sampling.state import BatchPlan, SamplingState
 from sgl_ray.transfer import to_device
@@ -64,15 +65,17 @@ class Sampler:
         return_logprobs: bool = True,
         vocab_mask: torch.Tensor | None = None,
         slots_dev: torch.Tensor | None = None,
+        offsets: RowOffsets | None = None,
     ) -> SampleOutput:
         """Sample one token per row (``return_logprobs=False`` skips the log-softmax work: ``logprobs`` is None).
 
-        logits [B, V] (any float dtype; V == state.vocab_size); slots [B] int64 request slots (distinct; pass them
-        on the host to plan without a device sync); positions [B] int64, the sequence position of the token being
-        sampled; top_logprobs_num [B] ints or one int (its max over the batch is read on the host);
-        vocab_mask [B, ceil(V/32)] int32 packed allowed tokens (structured outputs), applied before every other
-        step; slots_dev: ``slots`` already on the device, where the caller has them. The caller's ``logits`` are
-        never modified.
+        logits [B, V] (any float dtype; V == state.vocab_size); slots [B] int64 request slots (pass them on the
+        host to plan without a device sync; a request's verify rows repeat its slot); positions [B] int64, the
+        sequence position of the token being sampled; top_logprobs_num [B] ints or one int (its max over the batch
+        is read on the host); vocab_mask [B, ceil(V/32)] int32 packed allowed tokens (structured outputs), applied
+        before every other step; slots_dev: ``slots`` already on the device, where the caller has them; offsets:
+        tokens rows count as already emitted (speculative verify rows, :mod:`~sgl_ray.sampling.offsets`). The
+        caller's ``logits`` are never modified.
         """
         if logits.shape[-1] != state.vocab_size:
             raise ValueError(f"logits have {logits.shape[-1]} columns, the sampling state {state.vocab_size}")
@@ -91,7 +94,7 @@ class Sampler:
             if vocab_mask is not None:
                 x = apply_token_bitmask_(raw.clone(), vocab_mask)
             if plan.needs_processing:
-                x = process_logits(x.clone() if x is raw else x, state, slots_dev, plan)
+                x = process_logits(x.clone() if x is raw else x, state, slots_dev, plan, offsets)
             if plan.all_greedy:
                 next_ids = x.argmax(dim=-1)
             else:

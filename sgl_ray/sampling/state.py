@@ -260,23 +260,34 @@ class SamplingState:
     def _to_device(self, host: np.ndarray) -> torch.Tensor:
         return to_device(host, self.device)
 
-    def update(self, slots: torch.Tensor, next_token_ids: torch.Tensor) -> None:
-        """Record one sampled token per row: ``slots`` [B] (distinct), ``next_token_ids`` [B]; no host sync."""
+    def update(
+        self, slots: torch.Tensor, next_token_ids: torch.Tensor, emitted: torch.Tensor | None = None
+    ) -> None:
+        """Record sampled tokens, no host sync: row ``i``'s ``next_token_ids[i]`` to slot ``slots[i]`` (both [B]).
+        Without ``emitted`` every row once, slots distinct; with it ([B] bool) only the rows where it is set, and a
+        slot may have several (a speculative verify entry's emitted tokens)."""
         slots = slots.to(self.device, torch.int64, non_blocking=True)
         tokens = next_token_ids.to(self.device, torch.int64, non_blocking=True)
-        self.num_generated.index_add_(
-            0, slots, torch.ones(slots.shape, dtype=torch.int64, device=self.device)
-        )
+        if emitted is None:
+            n = torch.ones(slots.shape, dtype=torch.int64, device=self.device)
+        else:
+            n = emitted.to(self.device, torch.int64, non_blocking=True)
+        self.num_generated.index_add_(0, slots, n)
         if self.output_counts is not None:
             # Bumped for every row (a B-element scatter); only penalty slots' rows are ever read.
-            ones = torch.ones(slots.shape, dtype=torch.int32, device=self.device)
-            self.output_counts.index_put_((slots, tokens), ones, accumulate=True)
+            self.output_counts.index_put_((slots, tokens), n.to(torch.int32), accumulate=True)
 
     # ---- planning ----------------------------------------------------------------------------------------------
 
     def greedy_slots(self, slots: np.ndarray) -> np.ndarray:
         """[B] bool: whether each slot's request is greedy (read on the host, no device sync)."""
         return self._flags["greedy"][slots]
+
+    def reads_output(self, slots: np.ndarray) -> np.ndarray:
+        """[B] bool: whether each slot's sampling depends on the tokens it generated (penalties, ``min_new_tokens``);
+        read on the host."""
+        f = self._flags
+        return (f["repetition"] | f["frequency_presence"] | f["min_new_tokens"])[slots]
 
     def plan(self, slots: torch.Tensor | np.ndarray) -> BatchPlan:
         """The passes needed by the batch whose rows read ``slots`` (host tensor preferred: no device sync)."""

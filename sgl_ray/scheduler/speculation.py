@@ -9,9 +9,9 @@ rolls the KV back to the tokens kept — the slots of rejected drafts return to 
 list, the prefix cache and preemption only ever see accepted tokens. This is the jump-forward verification of
 ``scheduler.grammar`` with drafts in place of forced tokens, and the same ``KVCacheManager.truncate``.
 
-Which requests speculate: those whose sampling does not depend on each token's counts (no penalties, no
-``min_new_tokens``); with tree drafts, not those asking for top logprobs. The others decode one token per step in
-the same batches.
+Which requests speculate: every decoding request but, with tree drafts, those asking for top logprobs (those decode
+one token per step in the same batches). Penalties and ``min_new_tokens`` speculate too: the runner samples each
+verify row counting the drafts before it as emitted tokens (``speculative.verify``).
 
 Under a grammar, a verify row samples under the grammar's mask after the drafts before it. NGRAM drafts are known
 here, so they are cut at the first token the grammar rejects and the masks go out with the plan. A runner-side
@@ -125,9 +125,8 @@ class Speculation:
         return out
 
     def eligible(self, r: Req) -> bool:
-        p = r.sampling
-        if p.needs_penalties or p.min_new_tokens > 0:
-            return False
+        """Whether a decoding request speculates. Penalties and ``min_new_tokens`` do: each verify row counts the
+        drafts before it as emitted (``speculative.verify``)."""
         # the sampler's top logprobs are of a tree's rows, not of the accepted path's
         return not (self.config.is_tree and r.return_logprob and r.top_logprobs_num > 0)
 

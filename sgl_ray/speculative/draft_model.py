@@ -12,8 +12,10 @@ every token the target computes is computed by the draft model too. So each step
 
 Pass ``i`` writes the slot the target's verify writes for the same position, and the rollback of rejected drafts
 frees both together. Greedy requests draft the argmax; sampled ones draw from the draft model's processed
-distribution ``q`` (same temperature/top-k/top-p/min-p) with a seed derived from the request's, and ``q`` is kept
-for the acceptance test (``speculative.verify``).
+distribution ``q`` (same temperature/top-k/top-p/min-p/logit bias) with a seed derived from the request's, and
+``q`` is kept for the acceptance test (``speculative.verify``). The draft model's sampling state holds each request
+without penalties or ``min_new_tokens`` (it never sees the emitted tokens): the acceptance rule is exact for any
+``q`` the drafts were drawn from, and ``q`` is then the same in the draw and in the test.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import numpy as np
 import torch
 
 from sgl_ray.errors import InvalidRequestError
 from sgl_ray.runner.forward_batch import ForwardBatch
+from sgl_ray.sampling.params import SamplingParams
 from sgl_ray.sampling.state import Admission
 from sgl_ray.scheduler.plan import StepPlan
 from sgl_ray.speculative.tree import BranchRows, TreeShape, place_tree, scratch_slots, search_tree
@@ -49,6 +53,16 @@ _SEED_MASK = (1 << 63) - 1
 def draft_seed(seed: int) -> int:
     """The draft model's seed for a request: its own noise, independent of the target's."""
     return ((seed ^ _SEED_MIX) * 0x9E3779B97F4A7C15 + 1) & _SEED_MASK
+
+
+def draft_sampling(params: SamplingParams) -> SamplingParams:
+    """A request's sampling in the draft model: the same, less what reads its emitted tokens (penalties,
+    ``min_new_tokens``), which the draft model's state never counts."""
+    if not params.needs_penalties and params.min_new_tokens == 0:
+        return params
+    return msgspec.structs.replace(
+        params, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, min_new_tokens=0
+    )
 
 
 def check_draft_vocabulary(target_vocab_size: int, draft_hf_config: Any, path: str) -> None:
@@ -182,7 +196,9 @@ class DraftModel:
         state.clear_requests(plan.freed_req_pool_idxs)
         state.set_requests(
             [
-                Admission(r.req_pool_idx, r.sampling, draft_seed(r.seed), r.eos_token_ids, [], [])
+                Admission(
+                    r.req_pool_idx, draft_sampling(r.sampling), draft_seed(r.seed), r.eos_token_ids, [], []
+                )
                 for r in plan.new_requests
             ]
         )

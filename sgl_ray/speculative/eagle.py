@@ -16,9 +16,11 @@ position ``p`` and ``x_{p+1}`` is known, so the head lags the target by one step
   Pass ``j`` writes the head's KV at the slot of the verify's row ``j - 1``; the next step's extend rewrites it.
 
 Drafts are the head's argmax (deterministic drafts: ``speculative.verify`` keeps the target's distribution for
-sampled requests too). A newly admitted request (a cached prefix, or a resume after preemption) starts its frontier
-at 0: the head recomputes its rows over the whole cached prefix (one layer per token), since cached draft rows can
-be missing (the last step of the request that left them) or built on another continuation.
+sampled requests too, penalties and ``min_new_tokens`` included: they act on the target's verify rows only, so the
+head has no sampling state to keep in step). A newly admitted request (a cached prefix, or a resume after
+preemption) starts its frontier at 0: the head recomputes its rows over the whole cached prefix (one layer per
+token), since cached draft rows can be missing (the last step of the request that left them) or built on another
+continuation.
 """
 
 from __future__ import annotations

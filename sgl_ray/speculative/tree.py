@@ -17,14 +17,15 @@ after verification does).
 **Verification.** A verify entry runs ``[x, n_1 .. n_N]`` (``x``: its newest token, the root; ``n_i`` the nodes,
 parents first): row ``i`` sits at position ``P + depth(i)`` and sees the request's prefix, its ancestors and
 itself (``attention.base.TreeMask``). Acceptance walks from the root: at node ``c`` the target's token ``t_c`` (the
-sampler's token at position ``P + depth(c) + 1``; the argmax when greedy) is emitted, and the walk moves to the
-child whose token is ``t_c`` while there is one. Drafts are deterministic (the drafter's top-k), so this is
-sampling from the target and checking the tree: seeded or greedy, the output is token for token the one decoding
-without speculation gives. The accepted path's KV is then copied to the entry's first rows' slots (row ``i`` of the
-path to chunk row ``i``; a path node's row is at least its depth, so copying in depth order never overwrites a
-source), which is where the scheduler's rollback (``KVCacheManager.truncate``) expects it. In hybrid pools
-(``mem_cache.hybrid_swa``) the windowed layers' KV moves the same way between the rows' SWA slots (the chunk's
-pages each map to their own SWA page)::
+sampler's token at position ``P + depth(c) + 1``, the path to ``c`` counted as emitted for penalties and
+``min_new_tokens``; the argmax when greedy) is emitted, and the walk moves to the child whose token is ``t_c``
+while there is one. Drafts are deterministic (the drafter's top-k), so this is sampling from the target and
+checking the tree: seeded or greedy, the output is token for token the one decoding without speculation gives.
+The accepted path's KV is then copied to the entry's first rows' slots (row ``i`` of the path to chunk row ``i``;
+a path node's row is at least its depth, so copying in depth order never overwrites a source), which is where
+the scheduler's rollback (``KVCacheManager.truncate``) expects it. In hybrid pools (``mem_cache.hybrid_swa``) the
+windowed layers' KV moves the same way between the rows' SWA slots (the chunk's pages each map to their own SWA
+page)::
 
     chunk rows:   x   n_1  n_2  n_3  n_4  n_5         accepted path x -> n_2 -> n_5 (depths 0, 1, 2)
     after copy:   x   n_2  n_5  ...                   rows 0 .. 2 kept, the rest freed by the rollback
@@ -136,9 +137,13 @@ def ancestor_masks(tree: DraftTree) -> torch.Tensor:
     return mask
 
 
-def tree_mask(tree: DraftTree, verify: np.ndarray, batch_size: int) -> TreeMask:
-    """The attention mask of a step whose entries ``verify`` ([Bv]) verify ``tree`` (chunks of ``sizes + 1``)."""
-    masks = ancestor_masks(tree)
+def tree_mask(
+    tree: DraftTree, verify: np.ndarray, batch_size: int, masks: torch.Tensor | None = None
+) -> TreeMask:
+    """The attention mask of a step whose entries ``verify`` ([Bv]) verify ``tree`` (chunks of ``sizes + 1``);
+    ``masks``: the tree's :func:`ancestor_masks`, where the caller has them."""
+    if masks is None:
+        masks = ancestor_masks(tree)
     rows = tree.sizes + 1  # [Bv]
     flat = torch.cat([masks[b, :r, :r].reshape(-1) for b, r in enumerate(rows.tolist())])
     offsets = np.full(batch_size, -1, dtype=np.int64)

@@ -24,6 +24,14 @@ It keeps ``m`` drafts and emits ``m + 1`` tokens, written over its rows: ``d_1..
 ``p`` and ``q`` are the distributions the sampler draws from: temperature, top-k, top-p, min-p and logit bias
 applied (:func:`processed_logprobs`); ``p`` under the row's grammar mask for constrained requests (``q``, the
 draft model's, is unconstrained: drafts the grammar rejects have ``p = 0`` and are rejected).
+
+Penalties and ``min_new_tokens``: ``p_i`` is the distribution after ``d_1..d_i``, so row ``i`` counts those drafts
+as emitted tokens (frequency and presence counts, the repetition penalty's seen set, and ``num_generated + i``
+for the ``min_new_tokens`` mask) — :func:`draft_paths` builds these offsets (:mod:`sgl_ray.sampling.offsets`) for
+the sampler's draw of every row, the acceptance test's ``p`` and a tree's draws again; for trees row ``i`` counts
+the node's ancestors and itself. After verification the sampling state records all ``m + 1`` emitted tokens.
+``q`` needs no such care: the rule is exact for any ``q`` the drafts were drawn from (the draft model samples
+without penalties).
 """
 
 from __future__ import annotations
@@ -37,10 +45,11 @@ import torch
 from sgl_ray.sampling import noise
 from sgl_ray.sampling.bitmask import apply_token_bitmask_
 from sgl_ray.sampling.filters import select_candidates
+from sgl_ray.sampling.offsets import ChunkPaths, RowOffsets, chain_paths
 from sgl_ray.sampling.penalties import process_logits
 from sgl_ray.sampling.state import SamplingState
 from sgl_ray.scheduler.plan import StepPlan
-from sgl_ray.speculative.tree import DraftTree, accept_tree
+from sgl_ray.speculative.tree import DraftTree, accept_tree, ancestor_masks
 from sgl_ray.transfer import to_device
 
 # "Token ids" no vocabulary has: the accept test's and the residual draw's uniforms are hashes of their own
@@ -88,6 +97,51 @@ def ngram_drafts_of(plan: StepPlan, device: torch.device) -> Drafts:
     return Drafts(tokens, None, tree)
 
 
+def draft_paths(
+    plan: StepPlan, drafts: Drafts, state: SamplingState, ancestors: torch.Tensor | None = None
+) -> ChunkPaths | None:
+    """The drafts each row of the plan's verify entries counts as emitted (see the module note), for the entries
+    whose sampling reads them; None when none does. ``ancestors``: a tree step's ``ancestor_masks``, where the
+    caller has them."""
+    verify_idx = np.flatnonzero(plan.draft_lens > 0)  # [Bv]
+    counted = np.flatnonzero(state.reads_output(plan.req_pool_idxs[verify_idx]))  # [Bc]
+    if len(counted) == 0:
+        return None
+    index = np.full(len(verify_idx), -1, dtype=np.int64)
+    index[counted] = np.arange(len(counted))
+    dev = drafts.tokens.device
+    sel = to_device(counted, dev)
+    drafted = drafts.tokens[sel]  # [Bc, K]
+    tokens = torch.cat([torch.zeros_like(drafted[:, :1]), drafted], dim=1)  # [Bc, K + 1]; column 0: x
+    if drafts.tree is None:
+        path = to_device(chain_paths(plan.draft_lens[verify_idx][counted], tokens.shape[1]), dev)
+    else:
+        masks = ancestors if ancestors is not None else ancestor_masks(drafts.tree)
+        path = masks[sel].clone()  # [Bc, N + 1, N + 1] ancestors and the node itself
+        path[:, :, 0] = False
+    return ChunkPaths(index, tokens, path)
+
+
+def verify_row_offsets(plan: StepPlan, paths: ChunkPaths) -> RowOffsets:
+    """The offsets of the plan's sampled rows: a verify entry's row ``i`` is column ``i`` of its chunk."""
+    counts = plan.sample_row_counts()
+    verify_idx = np.flatnonzero(plan.draft_lens > 0)
+    start = (np.cumsum(counts) - counts)[verify_idx]  # [Bv] first sampled row of each verify entry
+    n = counts[verify_idx]
+    cols = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    entries = np.repeat(np.arange(len(verify_idx)), n)
+    return paths.offsets(np.repeat(start, n) + cols, entries, cols, int(counts.sum()))
+
+
+def _chunk_offsets(paths: ChunkPaths | None, entries: np.ndarray, cols: np.ndarray) -> RowOffsets | None:
+    """The offsets of rows ``[E, C]`` of chunk columns ``cols`` ([E, C]) of verify entries ``entries`` ([E])."""
+    if paths is None:
+        return None
+    c = cols.shape[1]
+    n = len(entries) * c
+    return paths.offsets(np.arange(n), np.repeat(entries, c), cols.reshape(-1), n)
+
+
 def verify(
     plan: StepPlan,
     logits: torch.Tensor,
@@ -95,9 +149,11 @@ def verify(
     logprobs: torch.Tensor | None,
     state: SamplingState,
     drafts: Drafts,
+    paths: ChunkPaths | None = None,
 ) -> Verified:
     """Accept the drafts of the plan's verify entries (see the module note). ``logits`` [S, V] and ``tokens`` [S]
-    are the sampled rows (each request's last ``sample_row_counts()`` rows) and the sampler's tokens for them."""
+    are the sampled rows (each request's last ``sample_row_counts()`` rows) and the sampler's tokens for them;
+    ``paths``: the drafts the rows count as emitted (:func:`draft_paths`), which the sampler counted too."""
     device = tokens.device
     counts = plan.sample_row_counts()
     lens = plan.draft_lens
@@ -128,6 +184,7 @@ def verify(
             state,
             slots_np[sel],
             to_device((plan.prefix_lens + 1)[verify_idx][sel], device),
+            _chunk_offsets(paths, sel, np.minimum(cols[None, :], lens[verify_idx][sel, None])),
         )
         keep = keep.clone()
         keep[sel_dev] = keep_s
@@ -167,6 +224,7 @@ def _rejection_sample(
     state: SamplingState,
     slots_np: np.ndarray,  # [Bs]
     first_pos: torch.Tensor,  # [Bs] position of d_1
+    offsets: RowOffsets | None,  # of the [Bs * (K+1)] target rows
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The min(1, p/q) rule for sampled entries of a draft model. Returns (kept [Bs, K], emitted rows [Bs, K+1]):
     rows before the first rejection hold the drafts, the row of the first rejection its residual draw (the bonus
@@ -174,7 +232,8 @@ def _rejection_sample(
     bs, k1, v = logits.shape
     k = k1 - 1
     dev = logits.device
-    log_p = processed_logprobs(logits.reshape(bs * k1, v), state, np.repeat(slots_np, k1)).view(bs, k1, v)
+    log_p = processed_logprobs(logits.reshape(bs * k1, v), state, np.repeat(slots_np, k1), offsets)
+    log_p = log_p.view(bs, k1, v)
     seed_key = state.seed_key[to_device(slots_np, dev)]  # [Bs]
     pos = first_pos[:, None] + torch.arange(k1, device=dev)[None, :]  # [Bs, K+1] d_1 .. d_k + 1
     keys = noise.row_keys(seed_key[:, None].expand(bs, k1).reshape(-1), pos.reshape(-1)).view(bs, k1)
@@ -201,15 +260,17 @@ def _rejection_sample(
     return keep, rows
 
 
-def processed_logprobs(logits: torch.Tensor, state: SamplingState, slots_np: np.ndarray) -> torch.Tensor:
+def processed_logprobs(
+    logits: torch.Tensor, state: SamplingState, slots_np: np.ndarray, offsets: RowOffsets | None = None
+) -> torch.Tensor:
     """[R, V] log of the distribution the sampler draws row ``i`` from (``slots_np[i]``'s temperature, top-k,
-    top-p, min-p and logit bias; -inf outside the kept set). Rows of sampled, not greedy, requests without
-    penalties."""
+    top-p, min-p, logit bias, penalties and ``min_new_tokens`` mask, with ``offsets``: the tokens each row counts
+    as emitted; -inf outside the kept set). Rows of sampled, not greedy, requests."""
     slots = to_device(slots_np, logits.device)
     plan = state.plan(slots_np)
     x = logits.float()
     if plan.needs_processing:
-        x = process_logits(x.clone() if x is logits else x, state, slots, plan)
+        x = process_logits(x.clone() if x is logits else x, state, slots, plan, offsets)
     z = x / state.temperature[slots].unsqueeze(1)  # a new tensor: the caller's logits stay as they were
     cutoff = select_candidates(z, state, slots, plan, truncate=False).cutoff
     z.masked_fill_(z < cutoff, float("-inf"))
@@ -223,12 +284,14 @@ def verify_tree(
     logprobs: torch.Tensor | None,
     state: SamplingState,
     tree: DraftTree,
-    resample: Callable[[torch.Tensor, np.ndarray, torch.Tensor], torch.Tensor],
+    resample: Callable[[torch.Tensor, np.ndarray, torch.Tensor, RowOffsets | None], torch.Tensor],
+    paths: ChunkPaths | None = None,
 ) -> tuple[Verified, torch.Tensor, torch.Tensor]:
     """Accept the draft trees of the plan's verify entries (``speculative.tree``). ``resample(logits, slots,
-    positions)`` draws the sampler's tokens again for sampled entries' rows at their tree positions (their logits
-    already under the rows' grammar masks). Returns the
-    verification, the accepted paths ([Bv, D + 1] chunk rows) and the accepted node counts ([Bv])."""
+    positions, offsets)`` draws the sampler's tokens again for sampled entries' rows at their tree positions
+    (their logits already under the rows' grammar masks; ``offsets``: the nodes each row counts as emitted, from
+    ``paths``, see :func:`draft_paths`). Returns the verification, the accepted paths ([Bv, D + 1] chunk rows) and
+    the accepted node counts ([Bv])."""
     device = tokens.device
     counts = plan.sample_row_counts()
     verify_idx = np.flatnonzero(plan.draft_lens > 0)  # [Bv]
@@ -243,8 +306,12 @@ def verify_tree(
         sel = to_device(sampled, device)
         flat = rows[sel].reshape(-1)
         positions = to_device(plan.prefix_lens[verify_idx][sampled], device)[:, None] + tree.depths[sel] + 1
+        cols = np.minimum(np.arange(n + 1)[None, :], tree.sizes[sampled, None])  # [Bs, N + 1]
         drawn = resample(
-            _masked(logits, flat, plan.vocab_mask), np.repeat(slots_np[sampled], n + 1), positions.reshape(-1)
+            _masked(logits, flat, plan.vocab_mask),
+            np.repeat(slots_np[sampled], n + 1),
+            positions.reshape(-1),
+            _chunk_offsets(paths, sampled, cols),
         )
         target = target.clone()
         target[sel] = drawn.view(len(sampled), n + 1)

@@ -1,9 +1,10 @@
 """The runner side of speculative decoding: drafts before the target's forward pass, verification after sampling.
 
 The :class:`~sgl_ray.runner.model_runner.ModelRunner` calls :meth:`SpecWorker.before_forward` once a plan's
-bookkeeping is applied, runs the target over the returned input ids, samples every verify row, and hands the
-sampled tokens to :meth:`SpecWorker.verify`. NGRAM plans carry their drafts in ``input_ids``; a draft model
-(STANDALONE) or an EAGLE head writes them here. An EAGLE head also reads the target's hidden states of every
+bookkeeping is applied, runs the target over the returned input ids, samples every verify row (each counting the
+drafts before it as emitted where its request's sampling reads them: :meth:`SpecWorker.sampling_offsets`), and
+hands the sampled tokens to :meth:`SpecWorker.verify`. NGRAM plans carry their drafts in ``input_ids``; a draft
+model (STANDALONE) or an EAGLE head writes them here. An EAGLE head also reads the target's hidden states of every
 forward pass (:meth:`SpecWorker.after_forward`).
 """
 
@@ -22,8 +23,23 @@ from sgl_ray.speculative.config import SpeculativeConfig
 from sgl_ray.speculative.draft_model import DraftModel
 from sgl_ray.speculative.eagle import EagleDraft
 from sgl_ray.speculative.mtp import MtpDraft
-from sgl_ray.speculative.tree import TreeShape, move_path, pool_buffers, tree_mask, tree_positions
-from sgl_ray.speculative.verify import Drafts, Verified, ngram_drafts_of, verify, verify_tree
+from sgl_ray.speculative.tree import (
+    TreeShape,
+    ancestor_masks,
+    move_path,
+    pool_buffers,
+    tree_mask,
+    tree_positions,
+)
+from sgl_ray.speculative.verify import (
+    Drafts,
+    Verified,
+    draft_paths,
+    ngram_drafts_of,
+    verify,
+    verify_row_offsets,
+    verify_tree,
+)
 from sgl_ray.transfer import to_device
 
 if TYPE_CHECKING:
@@ -34,6 +50,7 @@ if TYPE_CHECKING:
     from sgl_ray.mem_cache.kv_pool import KVPool, ReqToTokenTable
     from sgl_ray.runner.forward_batch import ForwardBatch
     from sgl_ray.runner.memory import KVCapacity
+    from sgl_ray.sampling.offsets import ChunkPaths, RowOffsets
     from sgl_ray.sampling.state import SamplingState
 
 
@@ -56,6 +73,8 @@ class SpecWorker:
         self._swa_chunk_slots: torch.Tensor | None = (
             None  # the same in the windowed layers' slots (hybrid pools)
         )
+        self._ancestors: torch.Tensor | None = None  # [Bv, N + 1, N + 1] a tree step's ancestor masks
+        self._paths: ChunkPaths | None = None  # the drafts the step's verify rows count as emitted
         self._sampler = Sampler()  # draws tree rows again at their tree positions
 
     @classmethod
@@ -116,7 +135,7 @@ class SpecWorker:
     def before_forward(self, plan: StepPlan, input_ids: torch.Tensor) -> torch.Tensor:
         """Apply the plan to the draft model (admissions, its KV pass, drafting) and return the target's input ids
         with every verify entry's drafts in place."""
-        self._drafts = None
+        self._drafts = self._ancestors = self._paths = None
         if self.draft is not None:
             self.draft.admit(plan)
             self._drafts, input_ids = self.draft.draft(plan, input_ids)
@@ -141,7 +160,8 @@ class SpecWorker:
         verify = np.flatnonzero(plan.draft_lens > 0)
         starts = (np.cumsum(plan.extend_lens) - plan.extend_lens)[verify]
         batch.positions = tree_positions(batch.positions, tree, starts, plan.prefix_lens[verify])
-        batch.tree_mask = tree_mask(tree, verify, plan.batch_size)
+        self._ancestors = ancestor_masks(tree)
+        batch.tree_mask = tree_mask(tree, verify, plan.batch_size, self._ancestors)
         cols = np.minimum(np.arange(tree.parents.shape[1] + 1)[None, :], tree.sizes[:, None])
         rows = to_device(starts[:, None] + cols, batch.out_cache_loc.device)
         self._chunk_slots = batch.out_cache_loc[rows]
@@ -161,6 +181,15 @@ class SpecWorker:
         if self.draft is not None:
             self.draft.admit(plan)
 
+    def sampling_offsets(self, plan: StepPlan, state: SamplingState) -> RowOffsets | None:
+        """Before the step samples: the drafts each of its sampled rows counts as emitted (``sampling.offsets``),
+        or None when no verify entry's sampling reads them (penalties, ``min_new_tokens``)."""
+        self._paths = None
+        if self._drafts is None:
+            return None
+        self._paths = draft_paths(plan, self._drafts, state, self._ancestors)
+        return verify_row_offsets(plan, self._paths) if self._paths is not None else None
+
     def verify(
         self,
         plan: StepPlan,
@@ -171,16 +200,23 @@ class SpecWorker:
     ) -> Verified | None:
         """Accept the step's drafts (None when it has no verify entry)."""
         drafts, self._drafts = self._drafts, None
+        paths, self._paths, self._ancestors = self._paths, None, None
         if drafts is None:
             return None
         if drafts.tree is None:
-            return verify(plan, logits, tokens, logprobs, state, drafts)
+            return verify(plan, logits, tokens, logprobs, state, drafts, paths)
 
-        def resample(rows: torch.Tensor, slots: np.ndarray, positions: torch.Tensor) -> torch.Tensor:
-            out = self._sampler.sample(rows, torch.from_numpy(slots), positions, state, return_logprobs=False)
+        def resample(
+            rows: torch.Tensor, slots: np.ndarray, positions: torch.Tensor, offsets: RowOffsets | None
+        ) -> torch.Tensor:
+            out = self._sampler.sample(
+                rows, torch.from_numpy(slots), positions, state, return_logprobs=False, offsets=offsets
+            )
             return out.next_token_ids
 
-        verified, path, accepted = verify_tree(plan, logits, tokens, logprobs, state, drafts.tree, resample)
+        verified, path, accepted = verify_tree(
+            plan, logits, tokens, logprobs, state, drafts.tree, resample, paths
+        )
         assert self._kv_pool is not None and self._chunk_slots is not None
         pool = self._kv_pool
         buffers = pool_buffers(pool)

@@ -260,10 +260,12 @@ def test_eagle3_capture_layers():
 def test_captured_states_on_cuda(heads):
     """On CUDA (bf16; one-row decode steps take the folded-norm layer step where its kernels apply): the EAGLE-3
     head's input captured from each target step (``fc`` over three layer inputs) is transformers' fp32
-    reference, row by row. A request with a penalty does not speculate, so its decode steps are one-row steps."""
+    reference, row by row. With tree drafts a request asking for top logprobs does not speculate, so its decode
+    steps are one-row steps."""
     target, head = heads["eagle3"]
     reference = ReferenceHead(target, head["speculative_draft_model_path"], "EAGLE3", (0, 1, 2))
-    with sgl_ray.Engine(target, device="cuda", max_total_tokens=4096, **head) as engine:
+    tree = {**head, "speculative_eagle_topk": 2}
+    with sgl_ray.Engine(target, device="cuda", max_total_tokens=4096, **tree) as engine:
         draft = engine._core.runner.spec.draft
         rows: dict[int, torch.Tensor] = {}
         real = draft.capture
@@ -277,8 +279,8 @@ def test_captured_states_on_cuda(heads):
 
         draft.capture = recording
         prompt = _prompts(1, seed=9)[0]
-        params = {**GREEDY, "max_new_tokens": 10, "repetition_penalty": 1.1}
-        out = engine.generate(input_ids=prompt, sampling_params=params)
+        params = {**GREEDY, "max_new_tokens": 10}
+        out = engine.generate(input_ids=prompt, sampling_params=params, return_logprob=True, top_logprobs_num=1)
         assert out["meta_info"]["spec_verify_ct"] == 0
     seq = prompt + out["output_ids"]
     with torch.no_grad():

@@ -219,9 +219,10 @@ def test_logprobs_match(engines, spec):
         assert [i for _, i in top] == [i for _, i in top2]
 
 
-def test_requests_that_do_not_speculate(engines):
-    """Penalties and min_new_tokens depend on each token's counts: such requests decode one token per step, in
-    the same batches as speculating ones, with the same outputs as without speculation."""
+def test_penalised_requests_speculate_beside_others(engines):
+    """Penalties and min_new_tokens depend on each token's counts: their verify rows count the drafts before
+    them (tests/speculative/test_spec_penalties.py has the cases where that decides the output). In one batch with
+    a plain request, every one speculates with the outputs of decoding without speculation."""
     plain, engine = engines.get(None), engines.get("self")
     prompts = _prompts(2, seed=7)
     params = [{**GREEDY, "repetition_penalty": 1.3}, {**GREEDY, "min_new_tokens": 4}, GREEDY]
@@ -229,7 +230,7 @@ def test_requests_that_do_not_speculate(engines):
     want = plain.generate(input_ids=ids, sampling_params=params)
     got = engine.generate(input_ids=ids, sampling_params=params)
     assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
-    assert [_spec(o)["spec_verify_ct"] for o in got[:2]] == [0, 0] and _spec(got[2])["spec_verify_ct"] > 0
+    assert all(_spec(o)["spec_verify_ct"] > 0 for o in got)
     assert_pool_restored(engine)
 
 
