@@ -102,7 +102,11 @@ class EngineArgs:
     )
     disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode eagerly on CUDA"})
     cuda_graph_max_bs: int = field(
-        default=256, metadata={"help": "largest decode batch captured in a CUDA graph"}
+        default=256,
+        metadata={
+            "help": "largest decode batch captured in a CUDA graph (token rows: a speculative verify step of "
+            "chains replays them with a row per token)"
+        },
     )
     disable_overlap_schedule: bool = field(
         default=False, metadata={"help": "build each step only after the previous one finished"}

@@ -206,7 +206,7 @@ class CudaGraphRunner:
 
     def replay(
         self,
-        input_ids: np.ndarray,
+        input_ids: np.ndarray | torch.Tensor,
         positions: np.ndarray,
         out_cache_loc: np.ndarray,
         req_pool_idxs: np.ndarray,
@@ -215,8 +215,9 @@ class CudaGraphRunner:
     ) -> torch.Tensor:
         """Enqueue one decode step of ``bs`` requests (one new token each; ``lora_slots``: each one's adapter
         slot, -1 none; see :meth:`can_run`; ``rope_offsets``: what each adds to its position for the rotary, None:
-        0, only for a model that reads ``ForwardBatch.rope_offset``). Returns the logits ``[bs, vocab]`` (a view
-        of the graph's output buffer: valid until the next replay)."""
+        0, only for a model that reads ``ForwardBatch.rope_offset``). ``input_ids`` may be a device tensor (a draft
+        model's decode passes feed the tokens they just drafted): it is copied in on the device. Returns the logits
+        ``[bs, vocab]`` (a view of the graph's output buffer: valid until the next replay)."""
         bs = len(input_ids)
         gbs = self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
         turn = self.num_replays % 2
@@ -226,7 +227,8 @@ class CudaGraphRunner:
         flat = host_t.numpy()
         rows = self._rows
         host = flat[: rows * self.max_bs].reshape(rows, self.max_bs)
-        host[_INPUT, :bs] = input_ids
+        on_device = isinstance(input_ids, torch.Tensor)
+        host[_INPUT, :bs] = 0 if on_device else input_ids
         host[_POS, :bs] = positions
         host[_LOC, :bs] = out_cache_loc
         host[_REQ, :bs] = req_pool_idxs
@@ -247,6 +249,8 @@ class CudaGraphRunner:
         self._copied[turn] = event = torch.cuda.Event()
         event.record()
         ints = self.ints
+        if on_device:
+            ints[_INPUT, :bs].copy_(input_ids)
         self.req_to_token[ints[_REQ, :bs], ints[_POS, :bs]] = ints[_LOC, :bs]
         lens = self.seq_lens[gbs]
         key = gbs, with_lora, lens[bisect.bisect_left(lens, int(positions.max()) + 1)]

@@ -205,13 +205,16 @@ class ModelRunner:
             capacity.max_reqs,
         )
         if self._use_cuda_graphs():
+            # verify steps of chains replay them too, a row per token: up to num_draft_tokens rows a request
+            spec = self.spec
+            rows = spec.config.num_draft_tokens if spec is not None and not spec.config.is_tree else 1
             self.cuda_graphs = CudaGraphRunner(
                 self.model,
                 self.attn_backend,
                 self.kv_pool,
                 self.req_table.table,
                 self.last_tokens,
-                min(self.args.cuda_graph_max_bs, capacity.max_reqs),
+                min(self.args.cuda_graph_max_bs, capacity.max_reqs * rows),
                 model_config.context_length,
                 self.lora,
                 self.moe_backend,
@@ -469,16 +472,21 @@ class ModelRunner:
         mm = self.multimodal
         with_images = mm is not None and mm.involves(plan)
         rope_offsets = mm.rope_offsets(plan) if mm is not None and not with_images else None  # [B] or None
-        if (
-            graphs is not None
-            and plan.is_plain_decode()
-            and not with_images
-            and graphs.can_run(plan.batch_size, slots)
-        ):
-            logits = graphs.replay(
-                plan.input_ids, plan.prefix_lens, plan.out_cache_loc, plan.req_pool_idxs, slots, rope_offsets
-            )
-            return self._sample_or_defer(plan, logits, logits[:0])
+        rows = self._graph_rows(plan) if graphs is not None and not with_images else None
+        if rows is not None:  # decode steps, and verify steps of chains: one decode row per token
+            assert graphs is not None
+            ext = plan.extend_lens
+            row_slots = np.repeat(slots, ext) if slots is not None else None
+            if graphs.can_run(plan.num_tokens, row_slots):
+                logits = graphs.replay(
+                    input_ids if input_ids is not None else plan.input_ids,
+                    rows,
+                    plan.out_cache_loc,
+                    np.repeat(plan.req_pool_idxs, ext),
+                    row_slots,
+                    np.repeat(rope_offsets, ext) if rope_offsets is not None else None,
+                )
+                return self._sample_or_defer(plan, logits, logits[:0])
         batch, sample_rows, logprob_rows = self._build_batch(plan, input_ids)
         if with_images:
             assert mm is not None
@@ -508,6 +516,14 @@ class ModelRunner:
         rows = self._h2d(np.concatenate([sample_rows, logprob_rows]))
         logits = self.model.compute_logits(hidden[rows])  # [S + L, vocab]
         return self._sample_or_defer(plan, logits[: len(sample_rows)], logits[len(sample_rows) :])
+
+    def _graph_rows(self, plan: StepPlan) -> np.ndarray | None:
+        """The positions of a plan that can replay the decode graphs (``StepPlan.decode_rows``), None if it can't:
+        a verify step of draft trees needs its tree mask."""
+        spec = self.spec
+        if spec is not None and spec.config.is_tree and len(plan.draft_lens) and plan.draft_lens.any():
+            return None
+        return plan.decode_rows()
 
     def _apply_swa_map(self, pages: np.ndarray, values: np.ndarray) -> None:
         """Hybrid pools: full page ``pages[i]`` now maps to the windowed layers' page ``values[i]`` (0: none, its

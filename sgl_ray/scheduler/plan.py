@@ -108,11 +108,17 @@ class StepPlan(msgspec.Struct, kw_only=True):
     def num_tokens(self) -> int:
         return len(self.input_ids)
 
-    def is_plain_decode(self) -> bool:
-        """Every request adds one token and samples it, and no prompt logprobs are asked for."""
-        return bool(
-            (self.extend_lens == 1).all() and self.sample.all() and (self.input_logprob_start < 0).all()
-        )
+    def decode_rows(self) -> np.ndarray | None:
+        """[T] each token's position when every row of the plan is a decode of one token (every row sampled, no
+        prompt logprobs): plain decode steps, and speculative verify steps of chains, whose row ``i`` attends to
+        the request's positions up to its own, as a decode at that position does. None otherwise."""
+        if (self.input_logprob_start >= 0).any() or len(self.draft_parents):
+            return None
+        ext = self.extend_lens
+        if not (self.sample_row_counts() == ext).all():
+            return None
+        starts = np.cumsum(ext) - ext
+        return np.repeat(self.prefix_lens - starts, ext) + np.arange(self.num_tokens)
 
     def sample_row_counts(self) -> np.ndarray:
         """[B] how many trailing rows of each request's chunk are sampled."""

@@ -10,6 +10,9 @@ every token the target computes is computed by the draft model too. So each step
 2. runs pass ``i = 1 .. k`` over the verify entries, a decode of ``d_i`` at position ``L + i`` (``L``: the
    position of ``x``), whose logits give ``d_{i+1}``; the last pass only writes ``d_k``'s KV.
 
+On CUDA the chain passes ``1 .. k`` replay CUDA graphs of the draft model's decode step (``CudaGraphRunner`` over
+the shared request table; the drafted tokens are copied in on the device); pass 0 and tree searches run eagerly.
+
 Pass ``i`` writes the slot the target's verify writes for the same position, and the rollback of rejected drafts
 frees both together. Greedy requests draft the argmax; sampled ones draw from the draft model's processed
 distribution ``q`` (same temperature/top-k/top-p/min-p/logit bias) with a seed derived from the request's, and
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 
 from sgl_ray.errors import InvalidRequestError
+from sgl_ray.runner.cuda_graph import CudaGraphRunner
 from sgl_ray.runner.forward_batch import ForwardBatch
 from sgl_ray.sampling.params import SamplingParams
 from sgl_ray.sampling.state import Admission
@@ -152,9 +156,11 @@ class DraftModel:
     >>> drafts, target_ids = draft.draft(plan, plan_ids)  # each step, before the target's forward  # doctest: +SKIP
     """
 
-    def __init__(self, runner: ModelRunner, tree: TreeShape | None = None) -> None:
+    def __init__(self, runner: ModelRunner, tree: TreeShape | None = None, graph_max_bs: int = 0) -> None:
         self.runner = runner
         self.tree = tree  # tree drafts (speculative.tree); None: chains
+        self.graph_max_bs = graph_max_bs  # > 0: chain decode passes replay CUDA graphs up to this batch size
+        self.graphs: CudaGraphRunner | None = None
 
     @classmethod
     def load(cls, args: EngineArgs, target: ModelConfig, tree: TreeShape | None = None) -> DraftModel:
@@ -171,7 +177,8 @@ class DraftModel:
         config = ModelConfig(hf_config, target.dtype, target.context_length)
         runner = ModelRunner(draft_runner_args(args, path), config, WeightStream(source), allocate=False)
         logger.info("draft model %s: %.1f MiB of weights", path, runner.weight_bytes / 2**20)
-        return cls(runner, tree)
+        graphs = runner.device.type == "cuda" and not args.disable_cuda_graph and tree is None
+        return cls(runner, tree, args.cuda_graph_max_bs if graphs else 0)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -189,6 +196,28 @@ class DraftModel:
             self.frontier = np.zeros(capacity.max_reqs, dtype=np.int64)  # first position without draft KV
         self.runner.init_memory(capacity)
         self.runner.req_table = req_table
+        if self.graph_max_bs > 0:
+            self._capture_graphs(capacity.max_reqs)
+
+    def _capture_graphs(self, max_reqs: int) -> None:
+        """CUDA graphs of the draft model's decode step over the target's request table (chains: each decode pass
+        of a step is one replay; graph bugs here could only cost acceptance, never the target's tokens, as long
+        as the table writes are those of the target's plan)."""
+        r = self.runner
+        moe = r.moe_backend
+        if not r.attn_backend.supports_cuda_graph or (moe is not None and not moe.supports_cuda_graph):
+            return
+        no_future = torch.zeros(max_reqs, dtype=torch.int64, device=r.device)  # drafts are never FUTURE_TOKEN
+        self.graphs = CudaGraphRunner(
+            r.model,
+            r.attn_backend,
+            r.kv_pool,
+            r.req_table.table,
+            no_future,
+            min(self.graph_max_bs, max_reqs),
+            r.config.context_length,
+            moe_backend=moe,
+        )
 
     def admit(self, plan: StepPlan) -> None:
         """The plan's request-slot changes, in the draft model's sampling state."""
@@ -257,10 +286,9 @@ class DraftModel:
             step = active[lens[verify][active] >= i + 1]
             b = verify[step]
             need = np.flatnonzero(lens[b] > i + 1)  # their logits give d_{i+2}
-            logits = self._forward(
+            logits = self._decode(
                 tokens[to_device(step, dev), i],
                 prefix[b] + i + 1,
-                np.ones(len(b), dtype=np.int64),
                 plan.req_pool_idxs[b],
                 plan.out_cache_loc[starts[b] + i + 1],
                 need,
@@ -340,6 +368,23 @@ class DraftModel:
             slots_dev=to_device(slots, dev),
         )
         return out.next_token_ids
+
+    def _decode(
+        self,
+        input_ids: torch.Tensor,
+        positions: np.ndarray,
+        req_pool_idxs: np.ndarray,
+        out_cache_loc: np.ndarray,
+        logit_rows: np.ndarray,
+    ) -> torch.Tensor:
+        """A decode pass (one token per request at ``positions``): a graph replay where one fits, else
+        :meth:`_forward`; the logits of rows ``logit_rows``."""
+        graphs = self.graphs
+        if graphs is not None and graphs.can_run(len(req_pool_idxs)):
+            logits = graphs.replay(input_ids, positions, out_cache_loc, req_pool_idxs)
+            return logits[to_device(logit_rows, logits.device)]
+        ones = np.ones(len(req_pool_idxs), dtype=np.int64)
+        return self._forward(input_ids, positions, ones, req_pool_idxs, out_cache_loc, logit_rows)
 
     def _forward(
         self,
