@@ -10,7 +10,7 @@ keeps two steps in flight: the group is driven "lagged" (see :mod:`sgl_ray.actor
 launches step N+1 before it waits for step N, and the scheduler plans step N+2 while N+1 runs. Constrained
 requests run ahead too: a step planned before its token masks exist is launched with ``mask_deferred``, and its
 masks follow with the next call to the shards. Speculating requests run ahead of their verify steps: the shards
-start the next chunk where the rejected drafts did (``ModelRunner._resolve_ahead``).
+start the next chunk where the rejected drafts did (``runner.ahead``).
 Pipelines keep one micro-batch per stage in flight.
 """
 

@@ -33,7 +33,7 @@ rank answers with the drafts (:meth:`ShardGroup.drafts`), the masks built from t
 (:meth:`ShardGroup.give_mask`). Without overlap that is a call of its own, which answers with the step's output;
 lagged, the drafts come with the answer of the call that sent the plan (the output of the step before), and the
 masks travel with the next call as above. Speculating requests run ahead of their verify steps like any other:
-each shard starts the next chunk where the rejected drafts did (``ModelRunner._resolve_ahead``).
+each shard starts the next chunk where the rejected drafts did (``runner.ahead``).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class LaggedStep:
 
     step_id: int
     output: StepOutput | None = None
-    drafts: StepDrafts | None = None  # sent with ``drafts_deferred``: filled in when the call that sent it is read
+    drafts: StepDrafts | None = None  # with ``drafts_deferred``: set when the call that sent it is read
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,9 @@ class ShardGroup:
             self.control_overhead_s.append(time.perf_counter() - sent - out.compute_s)
         return out
 
-    def _send(self, plan: StepPlan | None, carries: LaggedStep | None, launches: LaggedStep | None = None) -> None:
+    def _send(
+        self, plan: StepPlan | None, carries: LaggedStep | None, launches: LaggedStep | None = None
+    ) -> None:
         assert self.dag is not None, "start() first"
         call, self._masks = ShardCall(plan, self._masks), None
         self._calls.append(_Call(self.dag.execute(call), time.perf_counter(), carries, launches))

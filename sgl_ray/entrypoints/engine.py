@@ -34,7 +34,7 @@ from sgl_ray.multimodal.processor import attach_images, create_processor
 from sgl_ray.sampling.params import SamplingParams
 from sgl_ray.scheduler.output import RequestOutput
 from sgl_ray.scheduler.request import Req
-from sgl_ray.speculative.draft_model import check_draft_tokenizer
+from sgl_ray.speculative.draft_runner import check_draft_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -224,7 +224,9 @@ class EngineLoop:
                             continue
                     batch, handle = in_flight.popleft()
                     outputs = sched.process(batch, ex.wait(handle))
-                    if in_flight and _awaits_token_masks(in_flight[0][0].plan):  # they follow from those tokens
+                    if in_flight and _awaits_token_masks(
+                        in_flight[0][0].plan
+                    ):  # they follow from those tokens
                         in_flight[0] = _with_masks(ex, *in_flight[0])
                 except StepLostError:
                     in_flight.clear()

@@ -11,7 +11,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import msgspec
 import numpy as np
 import torch
 
@@ -30,6 +29,7 @@ from sgl_ray.model_loader.quantized import quantized_weights
 from sgl_ray.model_loader.weights import WeightStream, fill_random_weights
 from sgl_ray.models.registry import get_model_class
 from sgl_ray.multimodal.runner import MultimodalState
+from sgl_ray.runner.ahead import resolve_ahead
 from sgl_ray.runner.cuda_graph import CudaGraphRunner
 from sgl_ray.runner.forward_batch import ForwardBatch
 from sgl_ray.runner.memory import KVCapacity, kv_cache_dtype, plan_kv_capacity
@@ -383,37 +383,15 @@ class ModelRunner:
         return PendingStep(plan.step_id, host, event, t0)
 
     def _resolve_ahead(self, plan: StepPlan) -> StepPlan:
-        """A plan built while the previous step ran (overlap scheduling with speculation): each entry planned
-        after a verify step of its request (``plan.ahead_drafts``) starts where that step's rejected drafts did,
-        in their KV slots, not where a step keeping every draft would have left it. Reads that step's emitted
-        counts, so it waits for the step to finish (the scheduler's work for this plan overlapped it)."""
-        ahead = plan.ahead_drafts
+        """A plan built while the previous step ran (overlap scheduling with speculation): see ``runner.ahead``.
+        Reads that step's emitted counts, so it waits for the step to finish (the scheduler's work for this plan
+        overlapped it)."""
         last = self._last_verify
         assert last is not None, "a plan runs ahead of a verify step this runner did not run last"
-        prev, emitted_t, event = last
+        previous, emitted, event = last
         if event is not None:
             event.synchronize()
-        verified = prev.draft_lens > 0
-        by_slot = np.full(self.info.max_reqs, -1, dtype=np.int64)  # drafts the previous step rejected
-        by_slot[prev.req_pool_idxs[verified]] = (prev.draft_lens + 1 - emitted_t.numpy())[verified]
-        rows = np.flatnonzero(ahead > 0)
-        rejected = np.zeros(plan.batch_size, dtype=np.int64)
-        rejected[rows] = by_slot[plan.req_pool_idxs[rows]]
-        assert (rejected >= 0).all() and (rejected <= ahead).all(), "ahead of a step with other drafts"
-        out_cache_loc = plan.out_cache_loc.copy()
-        starts = np.cumsum(plan.extend_lens) - plan.extend_lens
-        ahead_end = np.cumsum(ahead)
-        for i in np.flatnonzero(rejected):  # the rejected drafts' slots first, then the plan's own
-            n, lo = int(plan.extend_lens[i]), int(starts[i])
-            reused = plan.ahead_slots[ahead_end[i] - rejected[i] : ahead_end[i]]
-            out_cache_loc[lo : lo + n] = np.concatenate([reused, plan.out_cache_loc[lo : lo + n]])[:n]
-        return msgspec.structs.replace(
-            plan,
-            prefix_lens=plan.prefix_lens - rejected,
-            out_cache_loc=out_cache_loc,
-            ahead_drafts=_NO_TOKENS,
-            ahead_slots=_NO_TOKENS,
-        )
+        return resolve_ahead(plan, previous, emitted.numpy(), self.info.max_reqs)
 
     def collect(self, pending: PendingStep) -> StepOutput:
         assert not pending.awaits_mask, "sample_deferred() first"

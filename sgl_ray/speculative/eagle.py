@@ -35,7 +35,7 @@ import torch
 from sgl_ray.errors import InvalidRequestError, UnsupportedFeatureError
 from sgl_ray.runner.forward_batch import ForwardBatch
 from sgl_ray.scheduler.plan import StepPlan
-from sgl_ray.speculative.draft_model import draft_batch, draft_runner_args
+from sgl_ray.speculative.draft_runner import draft_batch, draft_runner_args
 from sgl_ray.speculative.tree import BranchRows, TreeShape, place_tree, scratch_slots, search_tree
 from sgl_ray.speculative.verify import Drafts
 from sgl_ray.transfer import to_device

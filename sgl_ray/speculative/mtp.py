@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from sgl_ray.errors import InvalidRequestError
-from sgl_ray.speculative.draft_model import draft_runner_args
+from sgl_ray.speculative.draft_runner import draft_runner_args
 from sgl_ray.speculative.eagle import EagleDraft
 
 if TYPE_CHECKING:

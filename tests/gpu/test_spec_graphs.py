@@ -64,7 +64,9 @@ def test_draft_and_verify_steps_replay_graphs(pair, algorithm):
         before = runner.cuda_graphs.num_replays
         got = engine.generate(input_ids=prompts, sampling_params=GREEDY)
         assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
-        assert [[o["meta_info"][k] for k in COUNTS] for o in got] == [[o["meta_info"][k] for k in COUNTS] for o in ref]
+        assert [[o["meta_info"][k] for k in COUNTS] for o in got] == [
+            [o["meta_info"][k] for k in COUNTS] for o in ref
+        ]
         verify_steps = engine.get_stats()["spec_verify_steps"]
         assert sum(o["meta_info"]["spec_accepted_drafts"] for o in got) > 0
         # every decode step of the batch is a verify step of chains: each one a replay of the target's graphs

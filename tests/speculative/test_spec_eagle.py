@@ -280,7 +280,9 @@ def test_captured_states_on_cuda(heads):
         draft.capture = recording
         prompt = _prompts(1, seed=9)[0]
         params = {**GREEDY, "max_new_tokens": 10}
-        out = engine.generate(input_ids=prompt, sampling_params=params, return_logprob=True, top_logprobs_num=1)
+        out = engine.generate(
+            input_ids=prompt, sampling_params=params, return_logprob=True, top_logprobs_num=1
+        )
         assert out["meta_info"]["spec_verify_ct"] == 0
     seq = prompt + out["output_ids"]
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """Overlap scheduling with speculative decoding, in-process: the scheduler plans a request's next verify step while
 its current one runs, as if every draft in flight were kept; the runner starts the chunk where the rejected drafts
-did, in their KV slots (``ModelRunner._resolve_ahead``), and the scheduler frees the worst-case slots it did not
+did, in their KV slots (``runner.ahead``), and the scheduler frees the worst-case slots it did not
 need (``KVCacheManager.drop_tail``).
 
 Greedy and seeded outputs equal those with ``disable_overlap_schedule`` and those without speculation, for draft
@@ -105,12 +105,13 @@ def test_lengths_and_stops_while_running_ahead(engines):
     plain, engine = _get(engines, None, overlap=False), _get(engines, "chain")
     prompts = _prompts(6, seed=3)
     full = plain.generate(input_ids=prompts, sampling_params=GREEDY)
-    params = [
-        {**GREEDY, "max_new_tokens": n} for n in (1, 2, 5, 7)
-    ] + [  # a stop token first seen mid-output
-        {**GREEDY, "stop_token_ids": [next(t for i, t in enumerate(ids) if i >= 6 and t not in ids[:i])]}
-        for ids in _ids(full[4:])
-    ]
+    params = (
+        [{**GREEDY, "max_new_tokens": n} for n in (1, 2, 5, 7)]
+        + [  # a stop token first seen mid-output
+            {**GREEDY, "stop_token_ids": [next(t for i, t in enumerate(ids) if i >= 6 and t not in ids[:i])]}
+            for ids in _ids(full[4:])
+        ]
+    )
     want = plain.generate(input_ids=prompts, sampling_params=params)
     got = engine.generate(input_ids=prompts, sampling_params=params)
     assert _ids(got) == _ids(want)
@@ -125,7 +126,9 @@ def test_abort_while_running_ahead(engines):
     engine = _get(engines, "chain")
     prompts = _prompts(3, seed=4)
     want = _get(engines, None, overlap=False).generate(input_ids=prompts[1:], sampling_params=GREEDY)
-    stream = engine.generate(input_ids=prompts[0], sampling_params={**GREEDY, "max_new_tokens": 400}, stream=True)
+    stream = engine.generate(
+        input_ids=prompts[0], sampling_params={**GREEDY, "max_new_tokens": 400}, stream=True
+    )
     next(stream)
     next(stream)
     got = engine.generate(input_ids=prompts[1:], sampling_params=GREEDY)

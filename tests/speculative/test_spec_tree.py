@@ -110,7 +110,12 @@ def test_standalone_tree_greedy_identical(plain, tiny_llama_path, tiny_draft_pat
             tiny_llama_path,
             # overlap off: with it, the pool also holds the worst case of the steps in flight, and a verify step
             # planned when it is full carries no drafts (the count below is of steps with drafts)
-            {"max_total_tokens": 80, "chunked_prefill_size": 8, "page_size": 4, "disable_overlap_schedule": True},
+            {
+                "max_total_tokens": 80,
+                "chunked_prefill_size": 8,
+                "page_size": 4,
+                "disable_overlap_schedule": True,
+            },
         )
     )
     with sgl_ray.Engine(

@@ -25,7 +25,9 @@ def _prefill(runner, prompts: list[list[int]]) -> None:
         StepPlan(
             step_id=1,
             new_requests=[
-                NewRequest(req_pool_idx=s, sampling=greedy, seed=0, eos_token_ids=[], prompt_ids=[], output_ids=[])
+                NewRequest(
+                    req_pool_idx=s, sampling=greedy, seed=0, eos_token_ids=[], prompt_ids=[], output_ids=[]
+                )
                 for s in SLOTS
             ],
             req_pool_idxs=np.array(SLOTS, dtype=_I64),
@@ -110,7 +112,9 @@ def test_plans_that_are_not_decode_rows():
     assert every.decode_rows().tolist() == [3, 4, 4]
     logprobs = {**base, "input_logprob_start": np.array([0, -1], dtype=_I64)}
     assert StepPlan(**logprobs, sample_counts=np.array([2, 1], dtype=_I64)).decode_rows() is None
-    tree = StepPlan(**base, sample_counts=np.array([2, 1], dtype=_I64), draft_lens=np.array([1, 0], dtype=_I64))
+    tree = StepPlan(
+        **base, sample_counts=np.array([2, 1], dtype=_I64), draft_lens=np.array([1, 0], dtype=_I64)
+    )
     assert tree.decode_rows() is not None  # chains: decode rows
     tree.draft_parents = np.zeros(1, dtype=_I64)  # an NGRAM tree needs its mask
     assert tree.decode_rows() is None
