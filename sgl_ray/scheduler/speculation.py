@@ -104,8 +104,9 @@ class Speculation:
         self.grammars = grammars
         self.stats = SpecStats()
         self.ngram: NgramCache | None = None  # NGRAM trees: the engine's n-gram cache
-        # each request's place in the cache: (cursors, tokens recorded, the cache's epoch); gone with the request
-        self._ngram_state: weakref.WeakKeyDictionary[Req, tuple[list[int], int, int]] = (
+        # each request's place in the cache: (cursors, tokens recorded, the cache's epoch, the last tokens recorded);
+        # gone with the request
+        self._ngram_state: weakref.WeakKeyDictionary[Req, tuple[list[int], int, int, np.ndarray]] = (
             weakref.WeakKeyDictionary()
         )
         if config.ngram_tree:
@@ -174,13 +175,16 @@ class Speculation:
         cursors: list[int] = []
         if state is None:  # a new request: its output, after the end of its prompt
             start = max(len(r.prompt_ids) - tail, 0)
-        elif state[1] > len(tokens):  # tokens taken back (a rejected jump-forward): from the tail again
-            start = max(len(tokens) - tail, 0)
+        elif (changed := _first_change(tokens, state[1], state[3])) < state[1]:
+            # tokens taken back (a rejected jump-forward), maybe grown again: the cursors end in the old ones
+            start = max(changed - tail, 0)
         elif state[2] != cache.epoch:  # an eviction may have dropped its cursors: walk them again
             start = max(state[1] - tail, 0)
         else:
             cursors, start = state[0], state[1]
-        self._ngram_state[r] = (cache.extend(cursors, tokens[start:].tolist()), len(tokens), cache.epoch)
+        n = len(tokens)
+        recent = tokens[max(n - tail, 0) :].copy()
+        self._ngram_state[r] = (cache.extend(cursors, tokens[start:].tolist()), n, cache.epoch, recent)
 
     def settle(
         self,
@@ -237,6 +241,17 @@ class Speculation:
             elif k > 0:
                 top = [[] for _ in rows]
         return Settled(tokens, text, finish, logprobs, top)
+
+
+def _first_change(tokens: np.ndarray, n: int, recent: np.ndarray) -> int:
+    """The first position where ``tokens`` differ from what was recorded when it had ``n`` tokens, the last of
+    which were ``recent`` (positions before those are taken as unchanged); ``n`` if none."""
+    lo = n - len(recent)
+    m = min(n, len(tokens))
+    if m < lo:
+        return m
+    diff = np.flatnonzero(tokens[lo:m] != recent[: m - lo])
+    return lo + int(diff[0]) if len(diff) else m
 
 
 def _tokens(r: Req) -> np.ndarray:

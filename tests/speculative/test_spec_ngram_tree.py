@@ -132,6 +132,33 @@ def test_the_scheduler_walks_a_request_again_after_an_eviction():
     assert spec.ngram.epoch > 3
 
 
+@pytest.mark.parametrize("regrown", [2, 3])
+def test_tokens_taken_back_and_grown_again_are_walked_again(regrown):
+    """Jump-forward tokens rejected and as many (or more) other tokens grown before the next proposal: the
+    request's cursors ended in the old tokens, so the cache walks it again from before the change; the new
+    tokens extend the n-grams of what precedes them, and nothing continues the taken-back tokens."""
+    cfg = SpeculativeConfig.from_args(
+        EngineArgs(
+            speculative_algorithm="NGRAM",
+            speculative_ngram_branch_length=4,
+            speculative_ngram_max_match_window_size=3,
+        )
+    )
+    spec = Speculation(cfg, context_length=4096, grammars=None)
+    r = Req("r", prompt_ids=[1, 2], sampling=SamplingParams(max_new_tokens=64), seed=0)
+    r.output_ids = [10, 11, 12, 13]
+    spec.propose(r)
+    del r.output_ids[-2:]  # 12 13 taken back
+    r.output_ids += [20, 21, 22][:regrown]
+    spec.propose(r)
+    grams = _dump(spec.ngram)
+    assert (10, 11, 20, 21) in grams and (11, 20, 21) in grams
+    assert not any(g[:2] in ((12, 20), (13, 20)) or g[:3] == (11, 12, 20) for g in grams)
+    r.output_ids.append(30)  # cursors again valid: the next token goes on the new path
+    spec.propose(r)
+    assert tuple(r.output_ids[-3:]) in _dump(spec.ngram)
+
+
 def test_scheduler_proposes_trees_from_other_requests_outputs():
     """Two requests' outputs go into the engine's cache; a third whose text ends like theirs, with no earlier
     occurrence of its own, gets a tree with both continuations (the most recent first)."""
