@@ -439,10 +439,8 @@ class ModelRunner:
         if self.spec is not None:
             if self.spec.draft is not None:  # its passes read the positions this plan writes
                 self._write_table(plan)
-            ids = self._h2d(plan.input_ids)
-            if (plan.input_ids == FUTURE_TOKEN).any():  # run ahead: the previous step's token of the slot
-                ids = self._input_ids(plan, self._h2d(plan.req_pool_idxs), plan.extend_lens)
-            input_ids = self.spec.before_forward(plan, ids)
+            # planned ahead: FUTURE_TOKEN inputs are the slot's previous token, which the drafter reads too
+            input_ids = self.spec.before_forward(plan, self._input_ids(plan, None, plan.extend_lens))
         graphs = self.cuda_graphs
         slots = plan.lora_slots if self.lora is not None else None
         # Image requests: a step reaching into a prompt takes a MultimodalBatch (images, M-RoPE positions) and runs
@@ -588,10 +586,13 @@ class ModelRunner:
     def _h2d(self, array: np.ndarray) -> torch.Tensor:
         return to_device(array, self.device)
 
-    def _input_ids(self, plan: StepPlan, req_idxs: torch.Tensor, ext: np.ndarray) -> torch.Tensor:
-        """The plan's token ids, with ``FUTURE_TOKEN`` entries replaced by their slot's last sampled token."""
+    def _input_ids(self, plan: StepPlan, req_idxs: torch.Tensor | None, ext: np.ndarray) -> torch.Tensor:
+        """The plan's token ids, with ``FUTURE_TOKEN`` entries replaced by their slot's last sampled token
+        (``req_idxs``: the plan's request slots on the device, where the caller has them)."""
         ids = self._h2d(plan.input_ids)
         if (plan.input_ids == FUTURE_TOKEN).any():
+            if req_idxs is None:
+                req_idxs = self._h2d(plan.req_pool_idxs)
             per_token = torch.repeat_interleave(req_idxs, self._h2d(ext), output_size=plan.num_tokens)
             ids = torch.where(ids == FUTURE_TOKEN, self.last_tokens[per_token], ids)
         return ids

@@ -73,9 +73,7 @@ class SpecStats:
     emitted_tokens: int = 0  # tokens those steps' verification emitted (kept drafts + 1 each)
     proposed_drafts: int = 0
     accepted_drafts: int = 0
-    overlapped_steps: int = (
-        0  # verify steps planned while the request's previous step ran (overlap scheduling)
-    )
+    overlapped_steps: int = 0  # verify steps planned while the request's previous step ran (overlap)
 
     def to_dict(self, config: SpeculativeConfig) -> dict[str, Any]:
         return {
